@@ -1,0 +1,1 @@
+"""Frame-by-frame XMem inference with sensory, working and long-term memory."""

@@ -1,0 +1,1 @@
+"""The XMem network: encoders, decoder and the maths of memory reading."""

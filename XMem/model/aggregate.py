@@ -1,0 +1,21 @@
+"""Soft aggregation (from STM): merge independent per-object probabilities into one softmax."""
+from __future__ import annotations
+
+import torch
+
+_EPS = 1e-7
+
+
+def aggregate(prob: torch.Tensor, dim: int, return_logits: bool = False):
+    """Add a background channel in front along `dim` and renormalise all channels.
+
+    Each object's probability is treated as an independent sigmoid output; the
+    background is the chance that no object is present. The odds are clamped
+    away from 0 and 1 so the logits stay finite, then a softmax makes the
+    channels sum to one. Returns the probabilities, or (logits, probabilities).
+    """
+    background = torch.prod(1 - prob, dim=dim, keepdim=True)
+    with_bg = torch.cat([background, prob], dim=dim).clamp(_EPS, 1 - _EPS)
+    logits = torch.log(with_bg / (1 - with_bg))
+    prob = torch.softmax(logits, dim=dim)
+    return (logits, prob) if return_logits else prob

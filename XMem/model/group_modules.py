@@ -1,0 +1,61 @@
+"""Layers for per-object features shaped (batch, objects, channels, H, W).
+
+Every object of a frame goes through the same weights, so these layers fold
+the object axis into the batch axis, run an ordinary 2-D op, and unfold it.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def per_object(op: Callable[[torch.Tensor], torch.Tensor], g: torch.Tensor) -> torch.Tensor:
+    """Apply a (N, C, H, W) operation to (B, K, C, H, W) features."""
+    batch, objects = g.shape[:2]
+    out = op(g.flatten(0, 1))
+    return out.view(batch, objects, *out.shape[1:])
+
+
+def upsample_objects(g: torch.Tensor, ratio: float = 2) -> torch.Tensor:
+    """Bilinear upsampling of every object's features."""
+    return per_object(lambda x: F.interpolate(x, scale_factor=ratio, mode="bilinear", align_corners=False), g)
+
+
+def downsample_objects(g: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
+    """Area (average) downsampling of every object's features."""
+    return per_object(lambda x: F.interpolate(x, scale_factor=ratio, mode="area"), g)
+
+
+def prepend_to_objects(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Concatenate image features (B, C, H, W) in front of each object's channels."""
+    return torch.cat([x.unsqueeze(1).expand(-1, g.shape[1], -1, -1, -1), g], dim=2)
+
+
+def add_to_objects(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Add image features (B, C, H, W) to each object's features."""
+    return x.unsqueeze(1) + g
+
+
+class GConv2D(nn.Conv2d):
+    """A Conv2d applied to each object independently."""
+
+    def forward(self, g: torch.Tensor) -> torch.Tensor:
+        return per_object(super().forward, g)
+
+
+class GroupResBlock(nn.Module):
+    """Pre-activation residual block over per-object features, projecting the skip if widths differ."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.downsample = None if in_dim == out_dim else GConv2D(in_dim, out_dim, kernel_size=3, padding=1)
+        self.conv1 = GConv2D(in_dim, out_dim, kernel_size=3, padding=1)
+        self.conv2 = GConv2D(out_dim, out_dim, kernel_size=3, padding=1)
+
+    def forward(self, g: torch.Tensor) -> torch.Tensor:
+        out = self.conv2(F.relu(self.conv1(F.relu(g))))
+        skip = g if self.downsample is None else self.downsample(g)
+        return out + skip

@@ -1,0 +1,340 @@
+"""Web app: upload a video, click the objects, track them, download the results.
+
+`python app.py` serves on http://127.0.0.1:7860. This file is the page layout
+and its event wiring only; editing state and logic live in
+`tracker.interactive`, tracking in the `Tracker` the CLI uses too.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import html
+import logging
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import gradio as gr
+
+from tracker.cli import _add_model_flags as add_model_flags
+from tracker.errors import Cancelled, TrackerError
+from tracker.exports import CUTOUT_KINDS
+from tracker.interactive import VIDEO_SUFFIXES, EditSession, Limits, SessionStore, Style, frame_caption
+from tracker.pipeline import MemoryOptions, TrackOptions
+from tracker.render import overlay_colours
+from tracker.session import Tracker
+from tracker.weights import UNTRAINED_WARNING
+
+log = logging.getLogger("tracker.app")
+
+MODES = [("Positive point (object)", "positive"), ("Negative point (background)", "negative"),
+         ("Box (click two corners)", "box")]
+HELP = """**1.** Upload a video. **2.** Click the object (the mask updates after every click); use
+*Add object* for more. **3.** Press **Track**. **4.** To correct, move to a frame where a mask is
+wrong, click there and press **Track** again: earlier frames keep their result."""
+CSS = """
+#frame-image img { cursor: crosshair; }
+#untrained-banner { background: #b91c1c; color: #fff; padding: 10px 14px; border-radius: 6px; font-weight: 600; }
+.swatch { display: inline-block; width: 0.9em; height: 0.9em; border-radius: 2px; margin: 0 0.3em 0 0.8em;
+          vertical-align: -0.1em; border: 1px solid #0004; }
+.legend .current { font-weight: 700; text-decoration: underline; }
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python app.py", description="Track anything you click: the web app.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
+    parser.add_argument("--max-upload-mb", type=float, default=1024, help="largest upload accepted (MB)")
+    parser.add_argument("--max-frames", type=int, default=18000, help="longest video accepted, in frames")
+    parser.add_argument("--max-seconds", type=float, default=600, help="longest video accepted, in seconds")
+    parser.add_argument("--max-pixels", type=int, default=3840 * 2160, help="largest frame accepted (width x height)")
+    add_model_flags(parser)
+    return parser
+
+
+def show_errors(outputs: int) -> Callable:
+    """Turn a handler's errors into a readable status line (its first output) and a toast; never a traceback.
+
+    The handler's other outputs stay as they are.
+    """
+    def wrap(handler: Callable) -> Callable:
+        @functools.wraps(handler)
+        def guarded(*args, **kwargs):
+            try:
+                return handler(*args, **kwargs)
+            except TrackerError as exc:
+                message = str(exc)
+            except Exception as exc:  # a bug: keep the page alive and the details in the server log
+                log.exception("handler %s failed", handler.__name__)
+                message = f"internal error ({type(exc).__name__}); the server log has the details"
+            gr.Warning(message)
+            status = f"Error: {message}"
+            return status if outputs == 1 else (status, *[gr.skip()] * (outputs - 1))
+        return guarded
+    return wrap
+
+
+def object_choices(session: EditSession) -> dict:
+    return gr.update(choices=[(f"Object {i}", i) for i in session.objects], value=session.current)
+
+
+def legend(session: EditSession) -> str:
+    items = []
+    colours = overlay_colours()
+    for object_id in session.objects:
+        r, g, b = (int(c) for c in colours[object_id])
+        current = ' class="current"' if object_id == session.current else ""
+        items.append(f'<span class="swatch" style="background: rgb({r},{g},{b})"></span>'
+                     f"<span{current}>Object {object_id}</span>")
+    return f'<div class="legend">{"".join(items)}</div>'
+
+
+def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_mb: float) -> gr.Blocks:
+    """The page; every handler finds its user's EditSession through the browser session key."""
+
+    def session_of(request: gr.Request) -> EditSession:
+        return store.get(request.session_hash)
+
+    def shown(session: EditSession, frame: int, alpha: float, outline: float):
+        image, time_s = session.render(int(frame), Style(alpha=float(alpha), outline=int(outline)))
+        return image, frame_caption(int(frame), session.require_video(), time_s)
+
+    with gr.Blocks(title="Track anything you click", analytics_enabled=False, delete_cache=(3600, 4 * 3600)) as demo:
+        gr.Markdown("# Track anything you click\nSAM turns clicks into masks, XMem follows them through the video.")
+        if tracker.untrained:
+            gr.HTML(f"⚠ {html.escape(UNTRAINED_WARNING)}.", elem_id="untrained-banner")
+        gr.Markdown(f"Device **{html.escape(tracker.device_name)}** · SAM backend **{tracker.sam.name}**",
+                    elem_id="device-info")
+        with gr.Row():
+            with gr.Column(scale=2, min_width=320):
+                video_input = gr.Video(label="Video", sources=["upload"], elem_id="video-input", height=260)
+                gr.Markdown(f"{', '.join(VIDEO_SUFFIXES)} · up to {max_upload_mb:g} MB, "
+                            f"{limits.max_seconds:g} s, {limits.max_frames} frames", elem_id="upload-limits")
+                gr.Markdown(HELP)
+                point_mode = gr.Radio(MODES, value="positive", label="Click adds", elem_id="point-mode")
+                with gr.Row(equal_height=True):
+                    object_select = gr.Dropdown(label="Clicks go to", choices=[], elem_id="object-select",
+                                                interactive=True, scale=2, min_width=140)
+                    with gr.Column(scale=1, min_width=120):
+                        add_object = gr.Button("Add object", elem_id="add-object", size="sm")
+                        remove_object = gr.Button("Remove object", elem_id="remove-object", variant="stop", size="sm")
+                object_legend = gr.HTML("", elem_id="object-legend")
+                with gr.Row():
+                    undo = gr.Button("Undo last click", elem_id="undo-point")
+                    clear = gr.Button("Clear object on this frame", elem_id="clear-object")
+                with gr.Accordion("Settings", open=False, elem_id="settings"):
+                    size = gr.Slider(0, 1080, value=480, step=8, label="Processing resolution (shorter side, px; "
+                                     "0 = original)", elem_id="processing-size")
+                    mem_every = gr.Slider(1, 30, value=MemoryOptions().mem_every, step=1,
+                                          label="Memory interval (frames between memory updates)",
+                                          elem_id="memory-interval")
+                    alpha = gr.Slider(0, 1, value=0.5, step=0.05, label="Overlay opacity", elem_id="overlay-opacity")
+                    outline = gr.Slider(0, 10, value=2, step=1, label="Outline width (px)", elem_id="outline-width")
+                    gr.Textbox(tracker.sam.name, label="SAM backend (chosen at startup: --sam-backend)",
+                               interactive=False, elem_id="sam-backend")
+            with gr.Column(scale=3, min_width=400):
+                frame_image = gr.Image(label="Click the object", interactive=False, elem_id="frame-image",
+                                       type="numpy", format="png", buttons=[])
+                frame_slider = gr.Slider(0, 1, value=0, step=1, label="Frame", elem_id="frame-slider",
+                                         interactive=False)
+                frame_info = gr.Markdown("No video yet", elem_id="frame-info")
+                with gr.Row():
+                    track_button = gr.Button("Track", variant="primary", elem_id="track-button", scale=2)
+                    cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel-button", interactive=False,
+                                              scale=1)
+                    full_rerun = gr.Checkbox(False, label="Full re-run (re-track earlier frames too)",
+                                             elem_id="full-rerun", scale=2)
+                status = gr.Textbox("Upload a video to start.", label="Status", interactive=False, lines=2,
+                                    elem_id="status")
+        with gr.Row():
+            with gr.Column(scale=3):
+                result_video = gr.Video(label="Tracked video", interactive=False, elem_id="result-video")
+            with gr.Column(scale=2):
+                metrics = gr.Markdown("", elem_id="metrics")
+                result_files = gr.File(label="Downloads", file_count="multiple", interactive=False,
+                                       elem_id="result-files")
+                cutout_objects = gr.CheckboxGroup([], label="Cut-out: objects to keep", elem_id="cutout-objects")
+                cutout_kind = gr.Radio([(kind.label, key) for key, kind in CUTOUT_KINDS.items()],
+                                       value=next(iter(CUTOUT_KINDS)), label="Cut-out format", elem_id="cutout-format")
+                cutout_button = gr.Button("Make cut-out video", elem_id="cutout-button")
+
+        style = [alpha, outline]
+        results = [result_video, result_files, metrics, cutout_objects]
+
+        @show_errors(outputs=10)
+        def on_upload(path: str | None, alpha_value: float, outline_value: float, request: gr.Request):
+            session = session_of(request)
+            if path is None:
+                session.reset()
+                return ("Upload a video to start.", None, gr.update(value=0, maximum=1, interactive=False),
+                        "No video yet", gr.update(choices=[], value=None), "", None, None, "",
+                        gr.update(choices=[], value=[]))
+            info = session.open_video(path, limits)
+            image, caption = shown(session, 0, alpha_value, outline_value)
+            message = (f"Loaded {info.width}x{info.height}, {info.frame_count} frames, {info.duration:.1f} s. "
+                       "Click the object to track.")
+            return (message, image, gr.update(value=0, maximum=max(info.frame_count - 1, 1), interactive=True),
+                    caption, object_choices(session), legend(session), None, None, "",
+                    gr.update(choices=[], value=[]))
+
+        upload_outputs = [status, frame_image, frame_slider, frame_info, object_select, object_legend, *results]
+        video_input.upload(on_upload, [video_input, *style], upload_outputs, concurrency_limit=4)
+        video_input.clear(on_upload, [video_input, *style], upload_outputs, concurrency_limit=4)
+
+        @show_errors(outputs=3)
+        def on_frame(frame: int, alpha_value: float, outline_value: float, request: gr.Request):
+            session = session_of(request)
+            if session.info is None:
+                return gr.skip(), gr.skip(), gr.skip()
+            image, caption = shown(session, frame, alpha_value, outline_value)
+            return gr.skip(), image, caption
+
+        for trigger in (frame_slider.change, alpha.release, outline.release):
+            trigger(on_frame, [frame_slider, *style], [status, frame_image, frame_info], show_progress="hidden",
+                    concurrency_limit=4)
+
+        @show_errors(outputs=2)
+        def on_click(frame: int, mode: str, alpha_value: float, outline_value: float, event: gr.SelectData,
+                     request: gr.Request):
+            session = session_of(request)
+            x, y = event.index
+            message = session.click(int(frame), (float(x), float(y)), mode)
+            return message, shown(session, frame, alpha_value, outline_value)[0]
+
+        # SAM runs one request at a time: the backends (TensorRT above all) are not re-entrant.
+        sam_queue = dict(concurrency_limit=1, concurrency_id="sam")
+        frame_image.select(on_click, [frame_slider, point_mode, *style], [status, frame_image],
+                           show_progress="minimal", **sam_queue)
+
+        def editing(action: Callable[[EditSession, int], str]) -> Callable:
+            @show_errors(outputs=2)
+            def handler(frame: int, alpha_value: float, outline_value: float, request: gr.Request):
+                session = session_of(request)
+                message = action(session, int(frame))
+                return message, shown(session, frame, alpha_value, outline_value)[0]
+            return handler
+
+        undo.click(editing(EditSession.undo), [frame_slider, *style], [status, frame_image], **sam_queue)
+        clear.click(editing(EditSession.clear), [frame_slider, *style], [status, frame_image], **sam_queue)
+
+        @show_errors(outputs=3)
+        def on_add_object(request: gr.Request):
+            session = session_of(request)
+            object_id = session.add_object()
+            return f"object {object_id} added: its clicks now go to it", object_choices(session), legend(session)
+
+        add_object.click(on_add_object, None, [status, object_select, object_legend], concurrency_limit=4)
+
+        @show_errors(outputs=2)
+        def on_select_object(object_id: int | None, request: gr.Request):
+            session = session_of(request)
+            if object_id is None or session.info is None:
+                return gr.skip(), gr.skip()
+            session.select_object(int(object_id))
+            return f"clicks go to object {object_id}", legend(session)
+
+        object_select.input(on_select_object, object_select, [status, object_legend], concurrency_limit=4)
+
+        @show_errors(outputs=4)
+        def on_remove_object(object_id: int | None, frame: int, alpha_value: float, outline_value: float,
+                             request: gr.Request):
+            session = session_of(request)
+            if object_id is None:
+                raise TrackerError("pick the object to remove first")
+            session.remove_object(int(object_id))
+            return (f"object {object_id} removed; the next Track re-runs the whole video", object_choices(session),
+                    legend(session), shown(session, frame, alpha_value, outline_value)[0])
+
+        remove_object.click(on_remove_object, [object_select, frame_slider, *style],
+                            [status, object_select, object_legend, frame_image], concurrency_limit=4)
+
+        def on_begin(request: gr.Request):
+            try:
+                session_of(request).begin_job()
+            except TrackerError as exc:
+                raise gr.Error(str(exc), print_exception=False) from None
+            return "Waiting for the tracker…", gr.update(interactive=False), gr.update(interactive=True)
+
+        @show_errors(outputs=6)
+        def on_track(full: bool, size_value: float, mem_value: float, alpha_value: float, outline_value: float,
+                     frame: int, request: gr.Request, progress=gr.Progress()):
+            session = session_of(request)
+            options = TrackOptions(size=int(size_value), memory=MemoryOptions(mem_every=int(mem_value)),
+                                   alpha=float(alpha_value), outline=int(outline_value))
+            try:
+                record = session.track(options, full=bool(full),
+                                       progress=lambda fraction, text: progress(fraction, desc=text))
+            except Cancelled:
+                return ("Cancelled: nothing of that run was kept; the app is ready.",
+                        gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip())
+            finally:
+                session.end_job()
+            warnings = "".join(f"\n⚠ {w}" for w in record.warnings)
+            files = session.result_files()
+            return (f"Done: {record.summary}.{warnings}", str(record.overlay), files, f"**{record.summary}**",
+                    gr.update(choices=[(f"Object {i}", i) for i in sorted(record.objects)],
+                              value=sorted(record.objects)),
+                    shown(session, frame, alpha_value, outline_value)[0])
+
+        job_buttons = [track_button, cancel_button]
+        (track_button.click(on_begin, None, [status, *job_buttons], queue=False)
+         .success(on_track, [full_rerun, size, mem_every, *style, frame_slider], [status, *results, frame_image],
+                  concurrency_limit=1, concurrency_id="track")
+         .then(lambda: (gr.update(interactive=True), gr.update(interactive=False)), None, job_buttons,
+               queue=False))
+
+        def on_cancel(request: gr.Request):
+            running = session_of(request).request_cancel()
+            return "Cancelling…" if running else "Nothing is running."
+
+        cancel_button.click(on_cancel, None, status, queue=False)
+
+        @show_errors(outputs=2)
+        def on_cutout(objects: Sequence[int], kind: str, request: gr.Request, progress=gr.Progress()):
+            session = session_of(request)
+            session.export_cutout(objects, kind, progress=lambda fraction, text: progress(fraction, desc=text))
+            return "Cut-out ready in the downloads.", session.result_files()
+
+        cutout_button.click(on_cutout, [cutout_objects, cutout_kind], [status, result_files],
+                            concurrency_limit=1, concurrency_id="export")
+
+        def on_unload(request: gr.Request) -> None:
+            store.close(request.session_hash)
+
+        demo.unload(on_unload)
+    return demo
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        tracker = Tracker(args.sam_checkpoint, args.xmem_checkpoint, device=args.device,
+                          sam_backend=args.sam_backend, download=not args.no_download)
+    except TrackerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"device {tracker.device_name}, SAM backend {tracker.sam.name}", file=sys.stderr)
+    if tracker.untrained:
+        print(f"WARNING: {UNTRAINED_WARNING}", file=sys.stderr)
+    limits = Limits(max_frames=args.max_frames, max_seconds=args.max_seconds, max_pixels=args.max_pixels)
+    store = SessionStore(Path(tempfile.mkdtemp(prefix="tracker-app-")), tracker)
+    demo = build_app(tracker, store, limits, args.max_upload_mb)
+    # Stopping the server (Ctrl-C or SIGTERM) removes every session's files.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        demo.queue(default_concurrency_limit=1).launch(
+            server_name=args.host, server_port=args.port, share=args.share, allowed_paths=[],
+            max_file_size=f"{int(args.max_upload_mb * 1024)}kb", ssr_mode=False, css=CSS, footer_links=[])
+    finally:
+        store.close_all()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Small synthetic clips for the tests, written with PyAV (no ffmpeg command needed).
+
+A clip shows a textured background with a bright disc moving across it, so
+trackers have an object to follow and every frame differs from the next.
+`clip_frame` gives the exact picture a frame was made from (before lossy
+compression), in display orientation, for comparisons.
+"""
+from __future__ import annotations
+
+import itertools
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+DISC_RADIUS_FRACTION = 0.15  # of the shorter side
+DISC_COLOUR = (255, 240, 40)
+AUDIO_RATE = 44100
+
+# Frame intervals (in nominal frames) that make a clip's timing clearly variable.
+VFR_INTERVALS = (1, 1, 2, 1, 3)
+
+
+def disc_centre(index: int, frames: int, width: int, height: int) -> tuple[float, float]:
+    """(x, y) of the disc in frame `index`: left to right along a gentle arc."""
+    progress = index / max(frames - 1, 1)
+    x = width * (0.25 + 0.5 * progress)
+    y = height * (0.5 + 0.15 * np.sin(2 * np.pi * progress))
+    return float(x), float(y)
+
+
+def disc_radius(width: int, height: int) -> float:
+    return DISC_RADIUS_FRACTION * min(width, height)
+
+
+def clip_frame(index: int, frames: int, width: int, height: int, moving_object: bool = True) -> np.ndarray:
+    """The display picture of frame `index` (HxWx3 uint8 RGB)."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    image = np.empty((height, width, 3), np.float32)
+    image[..., 0] = 60 + 40 * np.sin(x / 7.0) + 20 * np.cos(y / 5.0)
+    image[..., 1] = 80 + 30 * np.sin((x + y) / 9.0)
+    image[..., 2] = 100 + 50 * ((x // 16 + y // 16) % 2)
+    if moving_object:
+        cx, cy = disc_centre(index, frames, width, height)
+        inside = (x - cx) ** 2 + (y - cy) ** 2 <= disc_radius(width, height) ** 2
+        image[inside] = DISC_COLOUR
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def frame_pts(frames: int, vfr: bool) -> list[int]:
+    """Timestamps in units of one nominal frame interval (uneven when `vfr`)."""
+    steps = [VFR_INTERVALS[i % len(VFR_INTERVALS)] if vfr else 1 for i in range(frames - 1)]
+    return list(itertools.accumulate(steps, initial=0))
+
+
+def make_clip(path: str | Path, *, frames: int = 30, width: int = 160, height: int = 120, fps: int = 25,
+              audio: bool = True, audio_codec: str = "aac", rotation: int = 0, codec: str = "libx264", pix_fmt: str = "yuv420p",
+              vfr: bool = False, moving_object: bool = True, gop: int = 12, bframes: int = 2,
+              faststart: bool = False) -> Path:
+    """Write a clip whose display size is width x height and return its path.
+
+    `rotation` (0/90/180/270, clockwise, as a phone records portrait video) stores
+    the picture turned the other way with a display matrix that turns it back,
+    so decoders that honour the matrix show `clip_frame` again. Odd sizes need a
+    pixel format without chroma subsampling (e.g. yuv444p) or VP9. Timestamps
+    use a 1/(fps*100) time base; with `vfr` the frame intervals vary.
+    """
+    path = Path(path)
+    options = {"g": str(gop), "bf": str(bframes), "preset": "veryfast"} if codec == "libx264" else {}
+    if codec == "libvpx-vp9":
+        options = {"deadline": "realtime", "cpu-used": "8", "g": str(gop)}
+    time_base = Fraction(1, fps * 100)
+    container = av.open(str(path), "w", options={"movflags": "+faststart"} if faststart else {})
+    try:
+        video = container.add_stream(codec, rate=fps, options=options)
+        coded_w, coded_h = (height, width) if rotation in (90, 270) else (width, height)
+        video.width, video.height, video.pix_fmt = coded_w, coded_h, pix_fmt
+        video.codec_context.time_base = time_base
+        if rotation:
+            video.set_display_rotation(-rotation)  # PyAV takes counter-clockwise degrees
+        sound = _add_sine_stream(container, audio_codec) if audio else None
+        ticks = frame_pts(frames, vfr)
+        ends = ticks[1:] + [ticks[-1] + 1]
+        for index, (tick, end) in enumerate(zip(ticks, ends)):
+            picture = np.rot90(clip_frame(index, frames, width, height, moving_object), k=rotation // 90)
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(picture), format="rgb24")
+            frame.pts, frame.duration, frame.time_base = tick * 100, (end - tick) * 100, time_base
+            container.mux(video.encode(frame))
+        container.mux(video.encode())
+        if sound is not None:
+            _write_sine(container, sound, seconds=ends[-1] / fps)
+    finally:
+        container.close()
+    return path
+
+
+def _add_sine_stream(container: av.container.OutputContainer, codec: str = "aac") -> av.AudioStream:
+    stream = container.add_stream(codec, rate=AUDIO_RATE)
+    stream.layout = "mono"
+    return stream
+
+
+def _write_sine(container: av.container.OutputContainer, stream: av.AudioStream, seconds: float) -> None:
+    samples = np.arange(round(seconds * AUDIO_RATE))
+    wave = (0.3 * np.sin(2 * np.pi * 440 * samples / AUDIO_RATE)).astype(np.float32)
+    for start in range(0, len(wave), 1024):
+        frame = av.AudioFrame.from_ndarray(wave[None, start:start + 1024], format="flt", layout="mono")
+        frame.sample_rate, frame.pts = AUDIO_RATE, start
+        container.mux(stream.encode(frame))
+    container.mux(stream.encode())
+
+
+def make_audio_only(path: str | Path, seconds: float = 1.0) -> Path:
+    """An MP4 (M4A) file with an AAC sine and no video stream."""
+    path = Path(path)
+    with av.open(str(path), "w", format="mp4") as container:
+        _write_sine(container, _add_sine_stream(container), seconds)
+    return path
+
+
+def make_text_file(path: str | Path) -> Path:
+    """Plain text under a video name, as a confused upload would be."""
+    path = Path(path)
+    path.write_text("this is not a video\n" * 20)
+    return path
+
+
+def make_empty_file(path: str | Path) -> Path:
+    path = Path(path)
+    path.write_bytes(b"")
+    return path
+
+
+def truncated_copy(source: str | Path, path: str | Path, keep: float = 0.6) -> Path:
+    """The first `keep` fraction of the bytes of `source`, like an interrupted upload.
+
+    Make the source with `faststart=True` so its index survives the cut.
+    """
+    path = Path(path)
+    data = Path(source).read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+def top_level_atoms(path: str | Path) -> list[str]:
+    """The box types at the top of an MP4 file, in file order (e.g. ['ftyp', 'moov', 'mdat'])."""
+    data = Path(path).read_bytes()
+    atoms, offset = [], 0
+    while offset + 8 <= len(data):
+        size = int.from_bytes(data[offset:offset + 4], "big")
+        kind = data[offset + 4:offset + 8].decode("latin-1")
+        if size == 1:  # 64-bit size follows the type
+            size = int.from_bytes(data[offset + 8:offset + 16], "big")
+        atoms.append(kind)
+        if size < 8:
+            break
+        offset += size
+    return atoms
+
+
+def blanked_media_copy(source: str | Path, path: str | Path) -> Path:
+    """A copy of an MP4 with every byte of its media data zeroed: valid index, nothing decodable."""
+    data = bytearray(Path(source).read_bytes())
+    offset = 0
+    while offset + 8 <= len(data):
+        size = int.from_bytes(data[offset:offset + 4], "big")
+        if data[offset + 4:offset + 8] == b"mdat":
+            data[offset + 8:offset + size] = bytes(size - 8)
+        offset += max(size, 8)
+    path = Path(path)
+    path.write_bytes(bytes(data))
+    return path

@@ -1,0 +1,146 @@
+"""End to end: `python -m tracker` on generated clips with untrained weights, as a user runs it.
+
+Untrained weights make the masks meaningless, so these tests check what the
+pipeline guarantees: the files, their timing and streams, and that the masks
+on prompted frames are exactly what SAM gives for the prompt.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from io import BytesIO
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.media import make_clip
+from tracker.prompts import ObjectPrompt
+from tracker.video import probe, read_frame
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tracker", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+def weights_flags(checkpoints: dict[str, Path]) -> list[str]:
+    return ["--sam-checkpoint", checkpoints["sam"], "--xmem-checkpoint", checkpoints["xmem"], "--device", "cpu",
+            "--no-download"]
+
+
+def zip_labels(path: Path) -> dict[str, np.ndarray]:
+    with zipfile.ZipFile(path) as archive:
+        out = {}
+        for name in archive.namelist():
+            image = Image.open(BytesIO(archive.read(name)))
+            assert image.mode == "P", name
+            out[name] = np.array(image)
+        return out
+
+
+def stream_facts(path: Path) -> dict:
+    with av.open(str(path)) as container:
+        video = container.streams.video[0]
+        frames = sum(1 for _ in container.decode(video))
+        return {"codec": video.codec_context.name, "pix_fmt": video.codec_context.pix_fmt, "frames": frames,
+                "audio": len(container.streams.audio)}
+
+
+@pytest.fixture(scope="module")
+def rotated_clip(tmp_path_factory) -> Path:
+    """Odd display size 121x161 (stored 161x121 turned by 90 degrees), audio, 12 frames."""
+    return make_clip(tmp_path_factory.mktemp("clips") / "phone.mp4", frames=12, width=121, height=161, fps=25,
+                     rotation=90, pix_fmt="yuv444p", audio=True)
+
+
+def test_track_writes_video_and_masks(rotated_clip, untrained_checkpoints, cpu_tracker, tmp_path):
+    out, masks = tmp_path / "out" / "tracked.mp4", tmp_path / "masks.zip"
+    done = run_cli("track", rotated_clip, "--point", "60,80", "--out", out, "--masks", masks, "--size", "96",
+                   *weights_flags(untrained_checkpoints))
+    assert done.returncode == 0, done.stderr
+    assert "UNTRAINED WEIGHTS" in done.stderr
+    assert "12 frames in" in done.stdout and "FPS" in done.stdout
+
+    source, result = probe(rotated_clip), probe(out)
+    assert (result.width, result.height) == (source.width, source.height) == (121, 161)
+    assert result.frame_count == source.frame_count == 12
+    assert result.fps == source.fps
+    assert result.duration == pytest.approx(source.duration, abs=0.05)
+    facts = stream_facts(out)
+    assert facts == {"codec": "h264", "pix_fmt": "yuv420p", "frames": 12, "audio": 1}
+    with out.open("rb") as f:  # faststart: the index comes before the media data
+        head = f.read(4096)
+    assert head.find(b"moov") < head.find(b"mdat") or b"mdat" not in head
+
+    labels = zip_labels(masks)
+    assert sorted(labels) == [f"{i:05d}.png" for i in range(12)]
+    assert all(v.shape == (161, 121) for v in labels.values())
+    expected = cpu_tracker.segment(cpu_tracker.sam.embed(read_frame(rotated_clip, 0).image),
+                                   ObjectPrompt(1, 0, [(60, 80)], [1]))
+    assert np.array_equal(labels["00000.png"] == 1, expected)
+    assert set(np.unique(np.concatenate([v.ravel() for v in labels.values()]))) <= {0, 1}
+
+
+def test_prompts_file_on_later_frames(untrained_checkpoints, cpu_tracker, tmp_path):
+    """Object 1 from frame 4 (tracked both ways), object 2 joins at frame 7 (forward only)."""
+    clip = make_clip(tmp_path / "clip.mp4", frames=10, width=96, height=64, audio=False)
+    prompts = {"objects": [{"id": 1, "frame": 4, "points": [[40, 30]], "labels": [1]},
+                           {"id": 2, "frame": 7, "box": [5, 5, 30, 40]}]}
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    masks = tmp_path / "m.zip"
+    done = run_cli("track", clip, "--prompts", tmp_path / "prompts.json", "--out", tmp_path / "o.mp4",
+                   "--masks", masks, *weights_flags(untrained_checkpoints))
+    assert done.returncode == 0, done.stderr
+    labels = zip_labels(masks)
+    assert len(labels) == 10
+    for frame, prompt in ((4, ObjectPrompt(1, 4, [(40, 30)], [1])), (7, ObjectPrompt(2, 7, [], [], (5, 5, 30, 40)))):
+        sam = cpu_tracker.segment(cpu_tracker.sam.embed(read_frame(clip, frame).image), prompt)
+        assert np.array_equal(labels[f"{frame:05d}.png"] == prompt.object_id, sam)
+    assert not any((labels[f"{i:05d}.png"] == 2).any() for i in range(7)), "object 2 appears before its frame"
+    assert stream_facts(tmp_path / "o.mp4")["frames"] == 10
+
+
+@pytest.mark.parametrize("case, args, message", [
+    ("text", ["--point", "5,5"], "video"),
+    ("outside", ["--point", "500,5"], "outside"),
+    ("frame", ["--point", "5,5", "--frame", "99"], "past the end"),
+    ("prompts", ["--prompts", "{bad}"], "not valid JSON"),
+])
+def test_bad_input_exits_2_with_one_line(case, args, message, untrained_checkpoints, tmp_path):
+    clip = tmp_path / "clip.mp4"
+    if case == "text":
+        clip.write_text("this is not a video\n")
+    else:
+        make_clip(clip, frames=3, width=64, height=48, audio=False)
+    bad_prompts = tmp_path / "bad.json"
+    bad_prompts.write_text("{not json")
+    args = [str(bad_prompts) if a == "{bad}" else a for a in args]
+    out = tmp_path / "out.mp4"
+    done = run_cli("track", clip, *args, "--out", out, *weights_flags(untrained_checkpoints))
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], done.stderr
+    assert "Traceback" not in done.stderr
+    assert not out.exists() and list(tmp_path.glob("out*")) == []
+
+
+def test_missing_checkpoint_names_url_and_path(tmp_path):
+    clip = make_clip(tmp_path / "clip.mp4", frames=2, width=32, height=32, audio=False)
+    done = run_cli("track", clip, "--point", "5,5", "--sam-checkpoint", tmp_path / "none.pth", "--device", "cpu",
+                   "--no-download")
+    assert done.returncode == 2
+    assert "none.pth" in done.stderr and "https://dl.fbaipublicfiles.com/segment_anything/" in done.stderr
+
+
+def test_untrained_weights_command(tmp_path):
+    done = run_cli("weights", "untrained", tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "UNTRAINED" in done.stdout
+    assert {p.name for p in tmp_path.glob("*.pth")} == {"sam_vit_b_untrained.pth", "XMem_untrained.pth"}

@@ -1,0 +1,387 @@
+"""The web app's editing logic without a browser: clicks, previews, objects, corrections, re-tracking, sessions.
+
+SAM is replaced by `DiscSam` (a disc around each click, exactly predictable and
+instant); XMem, the video I/O and the writers are the real ones on the CPU
+with untrained weights.
+"""
+from __future__ import annotations
+
+import copy
+import threading
+import zipfile
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from media import make_clip
+from tracker.errors import Cancelled, PromptError, TrackerError, VideoError
+from tracker.interactive import (Clicks, EditSession, Limits, ProgressClock, RunRecord, SessionStore, display_scale,
+                                 format_seconds, frame_caption, mask_to_logits, plan_passes)
+from tracker.pipeline import TrackOptions
+from tracker.render import CHROMA_GREEN, MaskZipReader
+from tracker.sam import ImageEmbedding, SamBackend, SamPrediction, resized_shape, to_frame_coords, upscale_masks
+from tracker.video import VideoInfo, probe
+
+W, H, FRAMES = 160, 120, 8
+RADIUS = 12
+OPTIONS = TrackOptions(size=0)
+
+
+class DiscSam(SamBackend):
+    """A stand-in for SAM: the prior mask, plus discs at positive clicks and the box, minus discs at negative ones."""
+
+    name = "disc"
+
+    def __init__(self):
+        self.embedded: list[tuple[int, ...]] = []
+
+    def _embed(self, image: np.ndarray) -> ImageEmbedding:
+        self.embedded.append(image.shape)
+        height, width = image.shape[:2]
+        return ImageEmbedding(torch.zeros(1, 256, 64, 64), (height, width), resized_shape(height, width))
+
+    def _decode(self, emb, prompt, multimask: bool) -> SamPrediction:
+        height, width = emb.original_size
+        yy, xx = np.mgrid[0:height, 0:width]
+        mask = np.zeros((height, width), bool)
+        if prompt.mask_input is not None:
+            logits = upscale_masks(torch.from_numpy(prompt.mask_input)[None], emb.input_size, emb.original_size)
+            mask = logits[0, 0].numpy() > 0
+        if prompt.box is not None:
+            (x0, y0), (x1, y1) = to_frame_coords(prompt.box.reshape(2, 2), emb.original_size)
+            mask |= (xx >= x0) & (xx <= x1) & (yy >= y0) & (yy <= y1)
+        for (x, y), label in zip(to_frame_coords(prompt.points, emb.original_size), prompt.labels):
+            disc = (xx - x) ** 2 + (yy - y) ** 2 <= RADIUS ** 2
+            mask = mask | disc if label == 1 else mask & ~disc
+        count = 3 if multimask else 1
+        return SamPrediction(np.repeat(mask[None], count, 0), np.linspace(0.9, 0.5, count, dtype=np.float32),
+                             np.zeros((count, 256, 256), np.float32))
+
+
+def disc(x: float, y: float, shape=(H, W), radius=RADIUS) -> np.ndarray:
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    return (xx - x) ** 2 + (yy - y) ** 2 <= radius ** 2
+
+
+@pytest.fixture(scope="module")
+def disc_tracker(cpu_tracker):
+    """The real CPU tracker (XMem, writers) with DiscSam in place of SAM."""
+    tracker = copy.copy(cpu_tracker)
+    tracker.sam = DiscSam()
+    return tracker
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> Path:
+    return make_clip(tmp_path_factory.mktemp("clips") / "clip.mp4", frames=FRAMES, width=W, height=H)
+
+
+@pytest.fixture
+def session(tmp_path, disc_tracker, clip) -> EditSession:
+    edit = EditSession(tmp_path / "session", disc_tracker)
+    edit.open_video(clip, Limits())
+    return edit
+
+
+def to_display(session: EditSession, x: float, y: float) -> tuple[float, float]:
+    scale = display_scale(session.info)
+    return x * scale, y * scale
+
+
+def click(session: EditSession, frame: int, x: float, y: float, mode: str = "positive") -> str:
+    return session.click(frame, to_display(session, x, y), mode)
+
+
+def info_of(width: int, height: int, frames: int = 10, seconds: float = 1.0) -> VideoInfo:
+    return VideoInfo(Path("x.mp4"), width, height, frames, Fraction(10), seconds, Fraction(1, 1000), 0, "h264",
+                     "yuv420p", False)
+
+
+# -- pure helpers ------------------------------------------------------------
+
+@pytest.mark.parametrize("height, width", [(120, 160), (480, 270), (1080, 1920)])
+def test_mask_to_logits_round_trips_through_sams_upscaling(height, width):
+    mask = disc(width * 0.4, height * 0.6, (height, width), radius=min(height, width) / 4)
+    logits = mask_to_logits(mask)
+    assert logits.shape == (1, 256, 256) and logits.dtype == np.float32
+    assert logits.max() == pytest.approx(10) and logits.min() == pytest.approx(-10)
+    back = upscale_masks(torch.from_numpy(logits)[None], resized_shape(height, width), (height, width))[0, 0] > 0
+    iou = (back.numpy() & mask).sum() / (back.numpy() | mask).sum()
+    assert iou > 0.93
+    # The padding beyond the resized frame is background.
+    rows, cols = (np.array(resized_shape(height, width)) + 3) // 4
+    assert (logits[0, rows:, :] < 0).all() and (logits[0, :, cols:] < 0).all()
+
+
+def test_clicks_accumulate_points_and_make_boxes_from_two_corners():
+    clicks = Clicks().with_point((5, 6), 1).with_point((7, 8), 0)
+    assert clicks.points == ((5, 6), (7, 8)) and clicks.labels == (1, 0) and clicks.selects
+    corner = clicks.with_corner((50, 10))
+    assert corner.corner == (50, 10) and corner.box is None
+    boxed = corner.with_corner((20, 40))
+    assert boxed.box == (20, 10, 50, 40) and boxed.corner is None
+    assert boxed.prompt(3, 4).box == (20, 10, 50, 40) and boxed.prompt(3, 4).frame == 4
+    assert Clicks().with_corner((1, 1)).selects is False
+    with pytest.raises(PromptError, match="opposite corners"):
+        Clicks().with_corner((10, 10)).with_corner((10, 30))
+
+
+def record(prompts: dict, objects=None) -> RunRecord:
+    return RunRecord(Path("v.mp4"), Path("m.zip"), "", [], prompts,
+                     frozenset(objects if objects is not None else {o for _, o in prompts}))
+
+
+def test_plan_passes():
+    a, b, c = ("a",), ("b",), ("c",)
+    everything = frozenset({1, 2})
+    # No previous run, or asked for: the whole video, then each corrected frame on top.
+    assert plan_passes({(0, 1): a}, [], frozenset({1}), None, full=False) == [None]
+    assert plan_passes({(0, 1): a, (9, 1): b}, [9], frozenset({1}), record({(0, 1): a}), full=True) == [None, 9]
+    last = record({(0, 1): a, (3, 2): b})
+    # From the earliest change; later corrections get their own pass, earlier ones are kept as they are.
+    assert plan_passes({(0, 1): a, (3, 2): b, (7, 1): c}, [7], everything, last, full=False) == [7]
+    assert plan_passes({(0, 1): a, (3, 2): c, (7, 1): c, (2, 1): c}, [2, 7], everything,
+                       record({(0, 1): a, (3, 2): b, (7, 1): c, (2, 1): c}), full=False) == [3, 7]
+    # A prompt taken away counts as a change there.
+    assert plan_passes({(0, 1): a, (3, 2): b}, [], everything, record({(0, 1): a, (3, 2): b, (5, 1): c}),
+                       full=False) == [5]
+    # A new or removed object, or nothing changed: the whole video again.
+    assert plan_passes({(0, 1): a, (3, 2): b, (4, 3): c}, [], frozenset({1, 2, 3}), last, full=False) == [None]
+    assert plan_passes({(0, 1): a}, [], frozenset({1}), last, full=False) == [None]
+    assert plan_passes({(0, 1): a, (3, 2): b}, [], everything, last, full=False) == [None]
+
+
+def test_limits_name_the_flag_that_refuses():
+    Limits(max_frames=10, max_seconds=1, max_pixels=160 * 120).check(info_of(160, 120, 10, 1.0))
+    with pytest.raises(VideoError, match="--max-frames"):
+        Limits(max_frames=9).check(info_of(160, 120, 10))
+    with pytest.raises(VideoError, match="--max-seconds"):
+        Limits(max_seconds=0.5).check(info_of(160, 120, 10, 1.0))
+    with pytest.raises(VideoError, match="--max-pixels"):
+        Limits(max_pixels=160 * 119).check(info_of(160, 120))
+
+
+def test_progress_clock_reports_overall_fraction_and_eta():
+    reports = []
+    clock = ProgressClock(2, lambda fraction, text: reports.append((fraction, text)))
+    clock.update(0, 0, 10)
+    clock.update(1, 5, 10)
+    assert reports[0][0] == 0 and "ETA …" in reports[0][1]
+    assert reports[1][0] == pytest.approx(0.75)
+    assert reports[1][1].startswith("Tracking pass 2/2: frame 5/10 · ETA ")
+    assert format_seconds(7.4) == "0:07" and format_seconds(3909) == "1:05:09"
+
+
+def test_frame_caption_and_display_scale():
+    assert frame_caption(12, info_of(160, 120, frames=300), 0.48) == "Frame 12 / 299 · 0:00.480"
+    assert display_scale(info_of(160, 120)) == 4.0  # small frames are shown larger, to be easy to click
+    assert display_scale(info_of(1920, 1080)) == pytest.approx(1280 / 1920)
+    assert display_scale(info_of(1000, 500)) == 1.0
+
+
+# -- an editing session ------------------------------------------------------
+
+def test_open_video_stores_it_under_a_fixed_name_and_checks_limits(tmp_path, disc_tracker, clip):
+    session = EditSession(tmp_path / "s", disc_tracker)
+    upload = tmp_path / "../etc passwd; rm -rf.MP4"
+    upload.write_bytes(clip.read_bytes())
+    info = session.open_video(upload, Limits())
+    assert session.video == tmp_path / "s" / "input.mp4" and info.frame_count == FRAMES
+    assert session.objects == [1] and session.current == 1
+    with pytest.raises(VideoError, match="--max-frames"):
+        session.open_video(clip, Limits(max_frames=FRAMES - 1))
+    assert session.info is None and not (tmp_path / "s" / "input.mp4").exists()
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(VideoError, match=r"\.txt is not a video"):
+        session.open_video(text, Limits())
+    with pytest.raises(TrackerError, match="upload a video first"):
+        session.click(0, (1, 1), "positive")
+
+
+def test_clicks_update_the_mask_from_one_embedding_per_frame(session, disc_tracker):
+    embedded = len(disc_tracker.sam.embedded)
+    click(session, 0, 40, 60)
+    assert np.array_equal(session.labels(0) == 1, disc(40, 60))
+    click(session, 0, 60, 60)
+    assert np.array_equal(session.labels(0) == 1, disc(40, 60) | disc(60, 60))
+    message = click(session, 0, 50, 60, "negative")
+    assert "3 point(s)" in message
+    assert np.array_equal(session.labels(0) == 1, (disc(40, 60) | disc(60, 60)) & ~disc(50, 60))
+    assert len(disc_tracker.sam.embedded) == embedded + 1  # further clicks only decode
+    image, time_s = session.render(0)
+    assert image.shape == (H * 4, W * 4, 3) and time_s == 0.0
+    session.undo(0)
+    assert np.array_equal(session.labels(0) == 1, disc(40, 60) | disc(60, 60))
+    session.clear(0)
+    assert not session.labels(0).any()
+    assert "nothing to undo" in session.undo(0)
+
+
+def test_box_mode_negative_only_and_frame_checks(session):
+    assert "opposite corner" in click(session, 2, 20, 20, "box")
+    assert not session.labels(2).any()
+    click(session, 2, 60, 50, "box")
+    assert (session.labels(2) == 1).sum() == 41 * 31
+    session.clear(2)
+    assert "negative points alone select nothing" in click(session, 3, 20, 20, "negative")
+    with pytest.raises(PromptError, match=f"frames 0..{FRAMES - 1}"):
+        session.click(FRAMES, (1, 1), "positive")
+    with pytest.raises(PromptError, match="unknown click mode"):
+        session.click(0, (1, 1), "lasso")
+
+
+def test_objects_have_their_own_ids_and_clicks(session):
+    click(session, 0, 40, 60)
+    assert session.add_object() == 2 and session.current == 2
+    click(session, 0, 120, 40)
+    labels = session.labels(0)
+    assert np.array_equal(labels == 1, disc(40, 60)) and np.array_equal(labels == 2, disc(120, 40))
+    session.select_object(1)
+    click(session, 0, 40, 90)
+    assert np.array_equal(session.labels(0) == 1, disc(40, 60) | disc(40, 90))
+    session.remove_object(2)
+    assert session.objects == [1] and not (session.labels(0) == 2).any()
+    with pytest.raises(PromptError, match="last object"):
+        session.remove_object(1)
+    with pytest.raises(PromptError, match="does not exist"):
+        session.select_object(2)
+    assert session.add_object() == 2  # ids are reused only when no result holds them
+
+
+def zip_members(path: Path) -> dict[str, bytes]:
+    with zipfile.ZipFile(path) as archive:
+        return {name: archive.read(name) for name in archive.namelist()}
+
+
+def test_track_then_correct_keeps_earlier_frames_and_uses_the_correction(session):
+    click(session, 0, 45, 60)
+    session.add_object()
+    click(session, 0, 20, 100, "box")
+    click(session, 0, 140, 115, "box")
+    reports = []
+    first = session.track(OPTIONS, progress=lambda fraction, text: reports.append(fraction))
+    assert first.objects == {1, 2} and reports[-1] == pytest.approx(1.0)
+    assert session.result_files() == [str(first.overlay), str(first.masks)]
+    assert probe(first.overlay).frame_count == FRAMES
+    before = zip_members(first.masks)
+    assert sorted(before) == [f"{i:05d}.png" for i in range(FRAMES)]
+    with MaskZipReader(first.masks) as masks:
+        assert np.array_equal(masks[0] == 1, disc(45, 60))  # the prompt frame holds SAM's masks
+        assert set(np.unique(masks[0])) == {0, 1, 2}
+        tracked = masks[4] == 1
+
+    # A click on frame 4 corrects object 1's tracked mask there (SAM gets it as mask_input).
+    session.select_object(1)
+    click(session, 4, 100, 30)
+    assert session.edits[(4, 1)].refine
+    prior = upscale_masks(torch.from_numpy(mask_to_logits(tracked))[None], resized_shape(H, W), (H, W))[0, 0] > 0
+    corrected = session.labels(4) == 1
+    assert np.array_equal(corrected, prior.numpy() | disc(100, 30))
+
+    # Another working resolution would change every tracked frame; only those from the correction on do.
+    second = session.track(TrackOptions(size=64))
+    assert not first.masks.exists(), "the previous run's files are replaced"
+    after = zip_members(second.masks)
+    assert sorted(after) == sorted(before)
+    assert all(after[f"{i:05d}.png"] == before[f"{i:05d}.png"] for i in range(4)), "earlier frames keep their masks"
+    assert any(after[f"{i:05d}.png"] != before[f"{i:05d}.png"] for i in range(5, FRAMES))
+    with MaskZipReader(second.masks) as masks:
+        assert np.array_equal(masks[4] == 1, corrected)  # the correction is the new memory frame
+    assert session.result.prompts[(4, 1)] == session.edits[(4, 1)].clicks.tracked_part
+    assert np.array_equal(session.labels(4) == 1, corrected)
+
+    # Asked for, a full re-run tracks from the first prompts again and applies the correction on top.
+    third = session.track(OPTIONS, full=True)
+    with MaskZipReader(third.masks) as masks:
+        assert np.array_equal(masks[0] == 1, disc(45, 60))
+        assert (masks[4] == 1)[disc(100, 30)].all()
+
+
+def test_cancel_keeps_the_previous_result_and_leaves_nothing(session):
+    click(session, 0, 45, 60)
+    first = session.track(OPTIONS)
+    session.add_object()
+    click(session, 0, 120, 40)
+    session.begin_job()
+    stop_after = threading.Event()
+
+    def cancel_on_third_frame(fraction: float, text: str) -> None:
+        if "frame 3/" in text:
+            assert session.request_cancel()
+            stop_after.set()
+
+    with pytest.raises(Cancelled):
+        session.track(OPTIONS, progress=cancel_on_third_frame)
+    session.end_job()
+    assert stop_after.is_set()
+    assert session.result is first and first.masks.exists() and first.overlay.exists()
+    assert sorted(p.name for p in (session.directory / "runs").iterdir()) == [first.masks.parent.name]
+    assert session.request_cancel() is False  # nothing runs now: a stray Cancel changes nothing
+    second = session.track(OPTIONS)
+    assert second.objects == {1, 2}
+
+
+def test_no_upload_while_tracking_and_no_track_without_clicks(session, clip):
+    with pytest.raises(PromptError, match="click an object first"):
+        session.track(OPTIONS)
+    session.begin_job()
+    with pytest.raises(TrackerError, match="tracking job is running"):
+        session.open_video(clip, Limits())
+    with pytest.raises(TrackerError, match="tracking job is running"):
+        session.begin_job()
+    session.end_job()
+
+
+def test_cutouts_keep_only_the_chosen_objects(session):
+    with pytest.raises(TrackerError, match="track the video first"):
+        session.export_cutout([1], "green")
+    click(session, 0, 45, 60)
+    session.add_object()
+    click(session, 0, 120, 40)
+    run = session.track(OPTIONS)
+    green = session.export_cutout([1], "green")
+    transparent = session.export_cutout([1, 2], "transparent")
+    assert session.result_files() == [str(run.overlay), str(run.masks), str(green), str(transparent)]
+    with pytest.raises(PromptError, match="at least one object"):
+        session.export_cutout([], "green")
+
+    with av.open(str(green)) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264" and container.streams.audio
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+    assert len(frames) == FRAMES
+    labels = MaskZipReader(run.masks)[0]
+    far_from_objects = ~np.isin(labels, [1]) & ~disc(45, 60, radius=RADIUS + 4)
+    assert np.abs(frames[0][far_from_objects].astype(int) - CHROMA_GREEN).mean() < 12
+
+    with av.open(str(transparent)) as container:
+        stream = container.streams.video[0]
+        assert container.format.name.startswith("matroska") or "webm" in container.format.name
+        assert stream.codec_context.name in ("vp9", "libvpx-vp9")
+        assert sum(1 for _ in container.demux(stream) if _.size) == FRAMES
+
+
+def test_session_store_isolates_and_removes_sessions(tmp_path, disc_tracker, clip):
+    store = SessionStore(tmp_path / "root", disc_tracker, idle_seconds=3600)
+    one, two = store.get("browser-1"), store.get("browser-2")
+    assert one is store.get("browser-1") and one is not two
+    assert one.directory != two.directory and one.directory.parent == two.directory.parent == tmp_path / "root"
+    assert "browser" not in one.directory.name  # the client's key never becomes a path
+    one.open_video(clip, Limits())
+    assert two.info is None
+    store.close("browser-1")
+    assert not one.directory.exists() and len(store) == 1
+    store.close("never-seen")
+    two.last_used -= 7200
+    store.close_idle()
+    assert len(store) == 0 and not two.directory.exists()
+    with pytest.raises(TrackerError, match="reload the page"):
+        store.get(None)
+    three = store.get("browser-3")
+    store.close_all()
+    assert not three.directory.exists() and not (tmp_path / "root").exists()

@@ -1,0 +1,125 @@
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from tracker.errors import Cancelled
+from tracker.pipeline import (FramePrep, ThreadedSink, labels_at, prefetch, shrink_mask, stamp, working_size)
+
+
+@pytest.mark.parametrize("size, expected", [
+    ((1920, 1080, 480), (853, 480)),
+    ((1080, 1920, 480), (480, 853)),
+    ((640, 360, 480), (640, 360)),  # never upscaled
+    ((1281, 721, 0), (1281, 721)),  # 0 keeps the original
+    ((161, 121, 100), (133, 100)),
+])
+def test_working_size(size, expected):
+    assert working_size(*size) == expected
+
+
+def test_frame_prep_resizes_as_uint8_and_normalises():
+    prep = FramePrep(torch.device("cpu"), (40, 30))
+    image = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    small = prep.resize(prep.upload(image))
+    assert small.shape == (30, 40, 3) and small.dtype == torch.uint8
+    normalised = prep.normalise(small)
+    assert normalised.shape == (3, 30, 40)
+    back = (normalised * prep.std + prep.mean) * 255
+    assert torch.allclose(back, small.permute(2, 0, 1).float(), atol=1e-3)
+    flat = np.full((60, 80, 3), 77, np.uint8)  # resizing a flat picture keeps its value exactly
+    assert (prep.resize(prep.upload(flat)) == 77).all()
+
+
+def test_labels_at_upsamples_and_maps_channels_to_ids():
+    prob = torch.zeros(3, 4, 4)
+    prob[0] = 1
+    prob[1, :, :2] = 2  # channel 1 on the left half
+    prob[2, 3, 3] = 3  # channel 2 in one corner
+    lookup = torch.tensor([0, 7, 9], dtype=torch.uint8)
+    labels = labels_at(prob, (8, 8), lookup)
+    assert labels.shape == (8, 8) and labels.dtype == torch.uint8
+    assert (labels[:, :3] == 7).all() and labels[7, 7] == 9 and labels[0, 7] == 0
+
+
+def test_stamp_puts_prompt_masks_over_tracked_labels():
+    labels = torch.tensor([[1, 1, 2], [0, 0, 2]], dtype=torch.uint8)
+    new = torch.tensor([[False, False, False], [True, True, False]])
+    out = stamp(labels, {1: new})
+    assert out.tolist() == [[0, 0, 2], [1, 1, 2]]
+
+
+def test_shrink_mask_keeps_large_regions():
+    mask = torch.zeros(40, 40, dtype=torch.bool)
+    mask[:20] = True
+    small = shrink_mask(mask, (10, 10))
+    assert small.dtype == torch.float32 and small[:5].eq(1).all() and small[5:].eq(0).all()
+
+
+def test_prefetch_yields_in_order_and_reraises():
+    assert list(prefetch(iter(range(50)), depth=3, stop=threading.Event())) == list(range(50))
+
+    def broken():
+        yield 1
+        raise ValueError("bad frame")
+
+    with pytest.raises(ValueError, match="bad frame"):
+        list(prefetch(broken(), depth=2, stop=threading.Event()))
+
+
+def test_prefetch_stops_its_thread_when_the_consumer_leaves():
+    stop = threading.Event()
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    for item in prefetch(endless(), depth=2, stop=stop):
+        if item == 3:
+            break
+    assert stop.is_set()
+    count = len(produced)
+    threading.Event().wait(0.3)
+    assert len(produced) <= count + 1
+
+
+def test_threaded_sink_writes_finishes_and_reports_errors():
+    written, finished, discarded = [], [], []
+    sink = ThreadedSink("t", lambda i: written.append(i), lambda: finished.append(1), lambda: discarded.append(1))
+    for i in range(20):
+        sink.put(i)
+    sink.close()
+    assert written == list(range(20)) and finished == [1] and not discarded
+
+    def fail(i):
+        raise OSError("disk full")
+
+    sink = ThreadedSink("t", fail, lambda: finished.append(2), lambda: discarded.append(2))
+    with pytest.raises(OSError, match="disk full"):
+        for i in range(50):
+            sink.put(i)
+            threading.Event().wait(0.01)
+    sink.abort()
+    assert 2 not in finished and discarded == [2]
+
+    sink = ThreadedSink("t", fail, lambda: finished.append(3), lambda: discarded.append(3))
+    sink.put(0)
+    with pytest.raises(OSError, match="disk full"):
+        sink.close()
+    assert 3 not in finished and discarded == [2, 3]
+
+
+def test_threaded_sink_abort_discards():
+    events = []
+    sink = ThreadedSink("t", lambda i: events.append(i), lambda: events.append("finish"),
+                        lambda: events.append("discard"))
+    sink.put(1)
+    sink.abort()
+    assert events[-1] == "discard" and "finish" not in events
+    with pytest.raises(Cancelled):
+        sink.put(2)

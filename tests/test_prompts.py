@@ -1,0 +1,79 @@
+import json
+
+import pytest
+
+from tracker.errors import PromptError
+from tracker.prompts import (ObjectPrompt, check_prompts, load_prompts, parse_box, parse_xy, prompts_from_json,
+                             prompts_to_json)
+
+
+def test_parse_point_and_box():
+    assert parse_xy("320,180") == (320.0, 180.0)
+    assert parse_box("1,2,30.5,40") == (1.0, 2.0, 30.5, 40.0)
+    for bad in ("320", "a,b", "1,2,3"):
+        with pytest.raises(PromptError, match="X,Y"):
+            parse_xy(bad)
+    with pytest.raises(PromptError, match="X0,Y0,X1,Y1"):
+        parse_box("1,2,3")
+
+
+def test_json_round_trip_and_defaults(tmp_path):
+    data = {"objects": [{"id": 1, "frame": 0, "points": [[10, 20]], "labels": [1], "box": None},
+                        {"id": 2, "frame": 5, "box": [1, 2, 30, 40]},
+                        {"id": 3, "points": [[5, 6], [7, 8]]}]}
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(data))
+    prompts = load_prompts(path)
+    assert prompts[1] == ObjectPrompt(2, 5, [], [], (1.0, 2.0, 30.0, 40.0))
+    assert prompts[2].labels == [1, 1] and prompts[2].frame == 0
+    assert prompts_from_json(prompts_to_json(prompts)) == prompts
+
+
+@pytest.mark.parametrize("data, message", [
+    ([1, 2], '"objects" list'),
+    ({"objects": [{"id": 1, "points": [[1, 2, 3]]}]}, r"objects\[0\] is malformed"),
+    ({"objects": [{"id": "one", "points": [[1, 2]]}]}, r"objects\[0\] is malformed"),
+    ({"objects": [{"id": 1.5, "points": [[1, 2]]}]}, r"objects\[0\] is malformed"),
+    ({"objects": [{"id": 1, "box": [1, 2, 3]}]}, r"objects\[0\] is malformed"),
+    ({"objects": [{"id": 1, "pionts": [[1, 2]]}]}, "unknown keys"),
+    ({"objects": ["x"]}, "must be a JSON object"),
+])
+def test_malformed_json_is_named(data, message):
+    with pytest.raises(PromptError, match=message):
+        prompts_from_json(data)
+
+
+def test_unreadable_prompt_files(tmp_path):
+    with pytest.raises(PromptError, match="does not exist"):
+        load_prompts(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(PromptError, match="not valid JSON"):
+        load_prompts(bad)
+
+
+@pytest.mark.parametrize("prompt, message", [
+    (ObjectPrompt(1, 0, [(160, 10)], [1]), r"outside the 160x120 frame; x must be in 0..159"),
+    (ObjectPrompt(1, 0, [(-1, 10)], [1]), "outside"),
+    (ObjectPrompt(1, 30, [(10, 10)], [1]), r"frame 30 is past the end; the video has frames 0..29"),
+    (ObjectPrompt(1, 0, [], [], (10, 10, 10, 50)), "zero area"),
+    (ObjectPrompt(1, 0, [], [], (10, 10, 200, 50)), "outside"),
+    (ObjectPrompt(1, 0, [(10, 10)], [0]), "negative points alone"),
+    (ObjectPrompt(1, 0, [], []), "at least one point or a box"),
+    (ObjectPrompt(0, 0, [(10, 10)], [1]), "between 1 and 255"),
+    (ObjectPrompt(1, 0, [(10, 10)], [2]), "must be 1"),
+    (ObjectPrompt(1, 0, [(10, 10)], []), "1 points but 0 labels"),
+])
+def test_prompt_checks(prompt, message):
+    with pytest.raises(PromptError, match=message):
+        check_prompts([prompt], width=160, height=120, frame_count=30)
+
+
+def test_valid_prompts_pass_and_duplicates_fail():
+    ok = [ObjectPrompt(1, 0, [(0, 0), (159, 119)], [1, 0]), ObjectPrompt(2, 29, [], [], (0, 0, 160, 120)),
+          ObjectPrompt(1, 10, [(5, 5)], [1])]
+    check_prompts(ok, 160, 120, 30)
+    with pytest.raises(PromptError, match="two prompts on frame 0"):
+        check_prompts(ok + [ObjectPrompt(1, 0, [(3, 3)], [1])], 160, 120, 30)
+    with pytest.raises(PromptError, match="no object selected"):
+        check_prompts([], 160, 120, 30)

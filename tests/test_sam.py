@@ -1,0 +1,270 @@
+import copy
+import importlib
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tracker import sam
+from tracker.errors import PromptError, TrackerError, WeightsError
+from tracker.segment_anything_compat import SamOnnxModel
+
+FRAME_H, FRAME_W = 48, 64
+
+
+def _frame(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A smooth gradient with noise: something to resize that is neither flat nor pure noise."""
+    y, x = np.mgrid[0:height, 0:width]
+    image = np.stack([x * 255.0 / width, y * 255.0 / height, 128 + 100 * np.sin(x / 7 + y / 11)], axis=-1)
+    image += np.random.default_rng(seed).normal(0, 20, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """SAM's own ResizeLongestSide and SamPredictor.
+
+    Both modules import torchvision, which is absent here; if so they get
+    torchvision's documented PIL path (to_pil_image, then a bilinear resize to
+    (h, w)) for the duration of this module.
+    """
+    added = []
+    try:
+        importlib.import_module("torchvision.transforms.functional")
+    except ImportError:
+        functional = types.ModuleType("torchvision.transforms.functional")
+        functional.to_pil_image = Image.fromarray
+        functional.resize = lambda image, size: image.resize((size[1], size[0]), Image.BILINEAR)
+        for name, module in (("torchvision", types.ModuleType("torchvision")),
+                             ("torchvision.transforms", types.ModuleType("torchvision.transforms")),
+                             ("torchvision.transforms.functional", functional)):
+            sys.modules[name] = module
+            added.append(name)
+    for name in ("segment_anything.utils.transforms", "segment_anything.predictor"):
+        if name not in sys.modules:
+            added.append(name)
+    transforms = importlib.import_module("segment_anything.utils.transforms")
+    predictor = importlib.import_module("segment_anything.predictor")
+    yield types.SimpleNamespace(ResizeLongestSide=transforms.ResizeLongestSide, SamPredictor=predictor.SamPredictor)
+    for name in added:
+        sys.modules.pop(name, None)
+
+
+@pytest.fixture(scope="module")
+def backend(untrained_checkpoints):
+    return sam.load_sam(untrained_checkpoints["sam"], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def embedded(backend):
+    """The only encoder run of this module: the frame's embedding and the tensor the encoder was fed."""
+    fed = []
+    hook = backend.model.image_encoder.register_forward_pre_hook(lambda _module, args: fed.append(args[0].clone()))
+    try:
+        emb = backend.embed(_frame(FRAME_H, FRAME_W))
+    finally:
+        hook.remove()
+    return emb, fed[0]
+
+
+def _reference_input(reference, model, image):
+    """What SamPredictor.set_image hands to the image encoder."""
+    resized = reference.ResizeLongestSide(1024).apply_image(image)
+    x = torch.as_tensor(resized).permute(2, 0, 1).contiguous()[None]
+    return model.preprocess(x)
+
+
+@pytest.mark.parametrize("height, width", [(48, 64), (480, 640), (1080, 1920), (2000, 999), (333, 333)])
+def test_preprocess_is_exactly_sams(reference, backend, height, width):
+    image = _frame(height, width)
+    x, input_size = sam.preprocess(image)
+    expected = _reference_input(reference, backend.model, image)
+    assert x.shape == (1, 3, 1024, 1024) and x.dtype == torch.float32
+    assert torch.equal(x, expected)
+    assert input_size == reference.ResizeLongestSide.get_preprocess_shape(height, width, 1024)
+    assert max(input_size) == 1024 and torch.all(x[..., input_size[0]:, :] == 0)
+
+
+@pytest.mark.parametrize("height, width", [(48, 64), (720, 1280), (2160, 3840), (1000, 1000)])
+def test_on_device_resize_is_within_tolerance_of_pil(height, width):
+    image = _frame(height, width, seed=1)
+    pil, on_device = sam.resize_image(image, "pil"), sam.resize_image(image, "torch")
+    assert pil.shape == on_device.shape
+    assert (pil - on_device).abs().max().item() <= sam.RESIZE_TOLERANCE
+
+
+def test_coordinate_transforms_match_sam_and_round_trip(reference):
+    resize = reference.ResizeLongestSide(1024)
+    xy = np.array([[0.0, 0.0], [10.5, 20.25], [63.0, 47.0]])
+    box = np.array([5.0, 6.0, 40.0, 30.0])
+    for size in [(48, 64), (480, 640), (1080, 1920), (2000, 999)]:
+        ours = sam.to_model_coords(xy, size)
+        np.testing.assert_array_equal(ours, resize.apply_coords(xy, size).astype(np.float32))
+        np.testing.assert_allclose(sam.to_frame_coords(ours, size), xy, rtol=1e-6, atol=1e-4)
+        prompt = sam.prepare_prompt(xy, [1, 0, 1], box, None, size)
+        np.testing.assert_array_equal(prompt.points, ours)
+        np.testing.assert_array_equal(prompt.box, resize.apply_boxes(box[None], size)[0].astype(np.float32))
+
+
+def test_embed_feeds_the_encoder_sams_input(reference, backend, embedded):
+    emb, fed = embedded
+    assert torch.equal(fed, _reference_input(reference, backend.model, _frame(FRAME_H, FRAME_W)))
+    assert emb.features.shape == (1, 256, 64, 64) and emb.features.dtype == torch.float32
+    assert emb.original_size == (FRAME_H, FRAME_W) and emb.input_size == (768, 1024)
+
+
+PROMPTS = [
+    dict(points=[[20, 10]], labels=[1], multimask=True),
+    dict(points=[[20, 10], [50.5, 40]], labels=[1, 0]),
+    dict(points=None, labels=None, box=[5, 6, 40, 30]),
+    dict(points=[[20, 10]], labels=[1], box=[5, 6, 40, 30], multimask=True),
+]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_decode_equals_sams_predictor(reference, backend, embedded, prompt):
+    emb, _ = embedded
+    predictor = reference.SamPredictor(backend.model)
+    predictor.features, predictor.is_image_set = emb.features, True
+    predictor.original_size, predictor.input_size = emb.original_size, emb.input_size
+    prompt = dict(prompt, multimask=prompt.get("multimask", False))
+    for mask_input in (None, np.random.default_rng(0).normal(0, 3, (1, 256, 256)).astype(np.float32)):
+        ours = backend.decode(emb, prompt["points"], prompt["labels"], prompt.get("box"), mask_input,
+                              multimask=prompt["multimask"])
+        points = None if prompt["points"] is None else np.array(prompt["points"], dtype=np.float64)
+        labels = None if prompt["labels"] is None else np.array(prompt["labels"])
+        box = None if prompt.get("box") is None else np.array(prompt["box"], dtype=np.float64)
+        masks, scores, low_res = predictor.predict(points, labels, box, mask_input, prompt["multimask"])
+        assert ours.masks.shape == (3 if prompt["multimask"] else 1, FRAME_H, FRAME_W)
+        assert ours.masks.dtype == bool and ours.low_res_logits.shape[1:] == (256, 256)
+        np.testing.assert_array_equal(ours.masks, masks)
+        np.testing.assert_array_equal(ours.scores, scores)
+        np.testing.assert_array_equal(ours.low_res_logits, low_res)
+
+
+def test_point_prompt_is_what_sams_onnx_decoder_takes(backend, embedded):
+    emb, _ = embedded
+    onnx_model = SamOnnxModel(backend.model, return_single_mask=False)
+    orig_size = torch.tensor(emb.original_size, dtype=torch.float32)
+    for points, labels, box in (([[20, 10], [3, 40]], [1, 0], None), ([[20, 10]], [1], [5, 6, 40, 30])):
+        prompt = sam.prepare_prompt(points, labels, box, None, emb.original_size)
+        coords, point_labels = prompt.point_prompt()
+        with torch.inference_mode():
+            _, scores, low_res = onnx_model(emb.features, torch.from_numpy(coords), torch.from_numpy(point_labels),
+                                            torch.zeros(1, 1, 256, 256), torch.zeros(1), orig_size)
+        single = backend.decode(emb, points, labels, box)
+        multi = backend.decode(emb, points, labels, box, multimask=True)
+        torch.testing.assert_close(torch.from_numpy(single.scores), scores[0, :1])
+        torch.testing.assert_close(torch.from_numpy(multi.scores), scores[0, 1:])
+        torch.testing.assert_close(torch.from_numpy(multi.low_res_logits), low_res[0, 1:])
+
+
+class _Recording(sam.SamBackend):
+    """Passes decodes to a real backend and remembers the multimask choice."""
+
+    name = "recording"
+
+    def __init__(self, inner):
+        self.inner, self.multimask = inner, []
+
+    def _embed(self, image):
+        return self.inner._embed(image)
+
+    def _decode(self, emb, prompt, multimask):
+        self.multimask.append(multimask)
+        return self.inner._decode(emb, prompt, multimask)
+
+
+def test_segment_policy(backend, embedded):
+    emb, _ = embedded
+    recording = _Recording(backend)
+    mask, score = sam.segment(recording, emb, [[20, 10]], [1])
+    candidates = backend.decode(emb, [[20, 10]], [1], multimask=True)
+    best = int(np.argmax(candidates.scores))
+    assert recording.multimask == [True]
+    assert mask.shape == (FRAME_H, FRAME_W) and mask.dtype == bool
+    np.testing.assert_array_equal(mask, candidates.masks[best])
+    assert score == pytest.approx(float(candidates.scores[best]))
+    for kwargs in (dict(points=[[20, 10], [40, 30]], labels=[1, 1]), dict(points=[[20, 10]], labels=[0]),
+                   dict(points=[[20, 10]], labels=[1], box=[5, 6, 40, 30]),
+                   dict(points=[[20, 10]], labels=[1], mask_input=candidates.low_res_logits[best][None]),
+                   dict(points=None, labels=None, box=[5, 6, 40, 30])):
+        mask, _ = sam.segment(recording, emb, **kwargs)
+        assert recording.multimask[-1] is False and mask.shape == (FRAME_H, FRAME_W)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(points=[[64, 10]], labels=[1]), r"click \(64, 10\) is outside the 64x48 frame"),
+    (dict(points=[[10, -0.5]], labels=[1]), r"click \(10, -0.5\) is outside the 64x48 frame"),
+    (dict(points=[[float("nan"), 3]], labels=[1]), "outside the 64x48 frame"),
+    (dict(points=None, labels=None, box=[10, 10, 10, 30]), r"box \(10, 10, 10, 30\) has no area in the 64x48"),
+    (dict(points=None, labels=None, box=[10, 30, 20, 5]), "has no area in the 64x48 frame"),
+    (dict(points=None, labels=None, box=[10, 10, 65, 30]), "is outside the 64x48 frame"),
+    (dict(points=None, labels=None, box=[1, 2, 3]), "x0,y0,x1,y1 in pixels of the 64x48 frame"),
+    (dict(points=[[1, 2, 3]], labels=[1]), "x,y pairs in pixels of the 64x48 frame"),
+    (dict(points=[[1, 2]], labels=[1, 0]), "1 clicks but 2 labels"),
+    (dict(points=[[1, 2]], labels=[2]), r"1 \(object\) or 0 \(background\)"),
+    (dict(points=[], labels=[]), "at least one click or a box"),
+    (dict(points=[[1, 2]], labels=[1], mask_input=np.zeros((256, 256))), "1x256x256 logits"),
+])
+def test_bad_prompts_raise_prompt_error(backend, kwargs, message):
+    emb = sam.ImageEmbedding(torch.zeros(1, 256, 64, 64), (FRAME_H, FRAME_W), (768, 1024))
+    with pytest.raises(PromptError, match=message):
+        backend.decode(emb, **kwargs)
+
+
+def test_embed_rejects_non_rgb_uint8(backend):
+    for image in (np.zeros((4, 4), np.uint8), np.zeros((4, 4, 3), np.float32), np.zeros((4, 4, 4), np.uint8)):
+        with pytest.raises(ValueError, match="HxWx3 uint8 RGB"):
+            backend.embed(image)
+
+
+def test_backend_selection(monkeypatch, backend, untrained_checkpoints):
+    assert isinstance(backend, sam.TorchSam) and backend.name == "torch" and backend.resize == "pil"
+    assert not backend.model.training and backend.device == torch.device("cpu")
+    assert "torch" in sam.available_backends("cpu")
+    with pytest.raises(TrackerError, match="SAM backend 'nope' is unknown; choose one of: auto, torch"):
+        sam.load_sam(untrained_checkpoints["sam"], "cpu", backend="nope")
+    with pytest.raises(WeightsError, match="not in the SAM ViT-B layout"):
+        sam.load_sam(untrained_checkpoints["xmem"], "cpu")
+
+    monkeypatch.setattr(sam, "_BACKENDS", dict(sam._BACKENDS))
+    loaded = []
+    sam.register_backend("absent", lambda *a: loaded.append(("absent", a)), available=lambda d: False, priority=9)
+    sam.register_backend("fast", lambda *a: loaded.append(("fast", a)) or "fast", available=lambda d: True,
+                         priority=5)
+    assert sam.available_backends("cpu")[0] == "fast"
+    assert sam.load_sam("x.pth", "cpu") == "fast"
+    assert loaded == [("fast", (Path("x.pth"), torch.device("cpu"), torch.float32))]
+    with pytest.raises(TrackerError, match="'absent' is not available on cpu"):
+        sam.load_sam("x.pth", "cpu", backend="absent")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message when no GPU is present")
+def test_asking_for_cuda_without_a_gpu_is_a_user_error():
+    assert sam.resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(TrackerError, match="CUDA was requested"):
+        sam.resolve_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("resize, dtype, tolerance", [
+    ("pil", torch.float32, 2e-3),  # CUDA kernels only (4e-4 seen on an H100)
+    ("torch", torch.float32, 1e-2),  # plus the on-device resize (4e-3 seen)
+    ("torch", torch.bfloat16, 3e-2),  # plus the bf16 encoder (9e-3 seen)
+])
+def test_cuda_backend_agrees_with_cpu(backend, embedded, resize, dtype, tolerance):
+    emb, _ = embedded
+    gpu = sam.TorchSam(copy.deepcopy(backend.model), "cuda", dtype=dtype, resize=resize)
+    gpu_emb = gpu.embed(_frame(FRAME_H, FRAME_W))
+    assert gpu_emb.features.dtype == torch.float32 and gpu_emb.input_size == emb.input_size
+    error = (gpu_emb.features.cpu() - emb.features).norm() / emb.features.norm()
+    assert error < tolerance
+    gpu_pred = gpu.decode(emb, [[20, 10]], [1], multimask=True)
+    cpu_pred = backend.decode(emb, [[20, 10]], [1], multimask=True)
+    np.testing.assert_allclose(gpu_pred.low_res_logits, cpu_pred.low_res_logits, atol=1e-2, rtol=1e-3)
+    np.testing.assert_allclose(gpu_pred.scores, cpu_pred.scores, atol=1e-3)

@@ -1,0 +1,249 @@
+import shutil
+import subprocess
+import threading
+
+import av
+import numpy as np
+import pytest
+
+from media import (blanked_media_copy, clip_frame, disc_centre, make_audio_only, make_clip, make_empty_file,
+                   make_text_file, top_level_atoms, truncated_copy)
+from tracker.errors import VideoError
+from tracker.video import VideoWriter, iter_frames, probe, read_frame
+
+FRAMES, WIDTH, HEIGHT, FPS = 30, 160, 120, 25
+
+
+@pytest.fixture(scope="module")
+def media_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("media")
+
+
+@pytest.fixture(scope="module")
+def clip(media_dir):
+    """H.264 with B-frames (keyframe every 12 frames), AAC audio, index at the front."""
+    return make_clip(media_dir / "clip.mp4", frames=FRAMES, width=WIDTH, height=HEIGHT, fps=FPS, faststart=True)
+
+
+@pytest.fixture(scope="module")
+def vfr_clip(media_dir):
+    return make_clip(media_dir / "vfr.mp4", frames=20, vfr=True)
+
+
+def close_to(image: np.ndarray, expected: np.ndarray, tolerance: float = 8.0) -> bool:
+    return image.shape == expected.shape and np.abs(image.astype(float) - expected).mean() < tolerance
+
+
+def encode_copy(source, output, **writer_options):
+    info = probe(source)
+    with VideoWriter(output, info, audio_from=source if info.has_audio else None, **writer_options) as writer:
+        for frame in iter_frames(source):
+            writer.write(frame.image, frame.pts, frame.time)
+    return output
+
+
+def test_probe_reports_the_clip(clip):
+    info = probe(clip)
+    assert (info.width, info.height, info.frame_count) == (WIDTH, HEIGHT, FRAMES)
+    assert info.fps == FPS
+    assert info.duration == pytest.approx(FRAMES / FPS)
+    assert (info.rotation, info.codec, info.pix_fmt, info.has_audio) == (0, "h264", "yuv420p", True)
+    with av.open(str(clip)) as container:
+        assert info.time_base == container.streams.video[0].time_base
+
+
+def test_frames_decode_in_order_with_their_timestamps(clip):
+    frames = list(iter_frames(clip))
+    assert [f.index for f in frames] == list(range(FRAMES))
+    assert [f.time for f in frames] == pytest.approx([i / FPS for i in range(FRAMES)])
+    assert all(f.image.dtype == np.uint8 and f.image.shape == (HEIGHT, WIDTH, 3) for f in frames)
+    assert all(close_to(f.image, clip_frame(f.index, FRAMES, WIDTH, HEIGHT)) for f in frames)
+
+
+@pytest.mark.skipif(shutil.which("ffprobe") is None, reason="ffprobe is not installed")
+def test_frame_count_agrees_with_ffprobe(clip, vfr_clip):
+    for path in (clip, vfr_clip):
+        counted = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0",
+                                  "-show_entries", "stream=nb_read_frames", "-of", "csv=p=0", str(path)],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+        assert probe(path).frame_count == int(counted)
+
+
+@pytest.mark.parametrize("rotation", [90, 180, 270])
+def test_rotation_is_applied_on_decode(media_dir, rotation):
+    path = make_clip(media_dir / f"rotated{rotation}.mp4", frames=3, width=WIDTH, height=HEIGHT, audio=False,
+                     rotation=rotation)
+    with av.open(str(path)) as container:  # stored the other way round, or the test proves nothing
+        stored = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    expected = clip_frame(1, 3, WIDTH, HEIGHT)
+    assert not close_to(stored, expected)
+    info = probe(path)
+    assert (info.rotation, info.width, info.height) == (rotation, WIDTH, HEIGHT)
+    frame = read_frame(path, 1)
+    assert close_to(frame.image, expected)
+
+
+def test_ten_bit_video_decodes_to_8_bit_rgb(media_dir):
+    path = make_clip(media_dir / "ten_bit.mp4", frames=3, pix_fmt="yuv420p10le", audio=False)
+    assert probe(path).pix_fmt == "yuv420p10le"
+    frame = next(iter_frames(path))
+    assert frame.image.dtype == np.uint8
+    assert close_to(frame.image, clip_frame(0, 3, WIDTH, HEIGHT))
+
+
+def test_read_frame_equals_the_decoded_frame_with_b_frames(clip):
+    with av.open(str(clip)) as container:
+        decode_order = [p.pts for p in container.demux(video=0) if p.size]
+    assert decode_order != sorted(decode_order), "the clip should have B-frames"
+    middle = 17  # between the keyframes at 12 and 24
+    frames = list(iter_frames(clip))
+    frame = read_frame(clip, middle)
+    assert (frame.index, frame.pts, frame.time) == (middle, frames[middle].pts, frames[middle].time)
+    assert np.array_equal(frame.image, frames[middle].image)
+    assert not np.array_equal(frame.image, frames[middle - 1].image)
+
+
+def test_read_frame_and_partial_iteration_follow_variable_timestamps(vfr_clip):
+    frames = list(iter_frames(vfr_clip))
+    part = list(iter_frames(vfr_clip, 13, 17))
+    assert [f.index for f in part] == [13, 14, 15, 16]
+    assert [f.pts for f in part] == [f.pts for f in frames[13:17]]
+    assert np.array_equal(read_frame(vfr_clip, 14).image, frames[14].image)
+
+
+def test_read_frame_past_the_end_is_a_clear_error(clip):
+    with pytest.raises(VideoError, match="frame 30"):
+        read_frame(clip, FRAMES)
+
+
+def test_round_trip_keeps_count_rate_duration_size_and_audio(clip, tmp_path):
+    output = encode_copy(clip, tmp_path / "out.mp4")
+    before, after = probe(clip), probe(output)
+    assert (after.frame_count, after.fps, after.width, after.height) == (FRAMES, FPS, WIDTH, HEIGHT)
+    assert after.duration == pytest.approx(before.duration)
+    assert after.pix_fmt == "yuv420p" and after.has_audio
+    for original, copy in zip(iter_frames(clip), iter_frames(output)):
+        assert copy.time == pytest.approx(original.time)
+        assert close_to(copy.image, original.image, tolerance=3.0)
+    with av.open(str(clip)) as source, av.open(str(output)) as result:
+        source_audio, result_audio = source.streams.audio[0], result.streams.audio[0]
+        assert result_audio.codec.canonical_name == "aac"
+        assert float(result_audio.duration * result_audio.time_base) == pytest.approx(
+            float(source_audio.duration * source_audio.time_base), abs=0.05)
+        copied = [bytes(p) for p in result.demux(result_audio) if p.size][:10]
+        original = [bytes(p) for p in source.demux(source_audio) if p.size][:10]
+        assert copied == original  # remuxed, not re-encoded
+
+
+def test_audio_mp4_cannot_hold_is_converted_to_aac(media_dir, tmp_path):
+    source = make_clip(media_dir / "pcm.mkv", frames=10, audio_codec="pcm_s16le")
+    output = encode_copy(source, tmp_path / "pcm_out.mp4")
+    with av.open(str(output)) as result:
+        audio = result.streams.audio[0]
+        assert audio.codec.canonical_name == "aac"
+        assert float(audio.duration * audio.time_base) == pytest.approx(10 / FPS, abs=0.05)
+
+
+def test_variable_frame_rate_stays_variable(vfr_clip, tmp_path):
+    output = encode_copy(vfr_clip, tmp_path / "vfr_out.mp4")
+    before = [f.time for f in iter_frames(vfr_clip)]
+    after = [f.time for f in iter_frames(output)]
+    assert len(set(np.round(np.diff(before), 6))) > 1
+    assert after == pytest.approx(before, abs=1e-6)
+    assert probe(output).duration == pytest.approx(probe(vfr_clip).duration)
+
+
+def test_odd_size_is_kept_exactly(media_dir, tmp_path):
+    source = make_clip(media_dir / "odd.mp4", frames=4, width=161, height=121, pix_fmt="yuv444p", audio=False)
+    output = encode_copy(source, tmp_path / "odd_out.mp4")
+    info = probe(output)
+    assert (info.width, info.height, info.frame_count, info.pix_fmt) == (161, 121, 4, "yuv444p")
+    assert close_to(next(iter_frames(output)).image, clip_frame(0, 4, 161, 121))
+
+
+def test_index_is_written_before_the_media_data(clip, tmp_path):
+    atoms = top_level_atoms(encode_copy(clip, tmp_path / "fast.mp4"))
+    assert atoms.index("moov") < atoms.index("mdat")
+
+
+def test_abort_and_errors_leave_no_file(clip, tmp_path):
+    info = probe(clip)
+    frame = next(iter_frames(clip))
+    writer = VideoWriter(tmp_path / "aborted.mp4", info)
+    writer.write(frame.image, frame.pts, frame.time)
+    assert not (tmp_path / "aborted.mp4").exists()
+    writer.abort()
+    with pytest.raises(RuntimeError):
+        with VideoWriter(tmp_path / "failed.mp4", info, audio_from=clip) as failing:
+            failing.write(frame.image, frame.pts, frame.time)
+            raise RuntimeError("tracking failed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_output_folders_are_created(clip, tmp_path):
+    output = encode_copy(clip, tmp_path / "a" / "b" / "out.mp4")
+    assert probe(output).frame_count == FRAMES
+
+
+def test_unusable_output_folder_is_a_clear_error(clip, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(VideoError, match="cannot write to"):
+        VideoWriter(blocker / "out.mp4", probe(clip))
+
+
+def test_writer_runs_in_another_thread(clip, tmp_path):
+    info = probe(clip)
+    writer = VideoWriter(tmp_path / "threaded.mp4", info)
+    frames = list(iter_frames(clip, 0, 10))
+
+    def encode() -> None:
+        for frame in frames:
+            writer.write(frame.image, frame.pts, frame.time)
+        writer.close()
+
+    worker = threading.Thread(target=encode)
+    worker.start()
+    worker.join()
+    assert probe(tmp_path / "threaded.mp4").frame_count == 10
+
+
+def test_vp9_cutout_keeps_its_alpha(clip, tmp_path):
+    info = probe(clip)
+    cx, cy = disc_centre(0, FRAMES, WIDTH, HEIGHT)
+    y, x = np.mgrid[0:HEIGHT, 0:WIDTH]
+    inside = (x - cx) ** 2 + (y - cy) ** 2 < 20 ** 2
+    with VideoWriter(tmp_path / "cutout.webm", info, codec="libvpx-vp9", crf=30) as writer:
+        for frame in iter_frames(clip):
+            rgba = np.dstack([frame.image, np.where(inside, 255, 0).astype(np.uint8)])
+            writer.write(rgba, frame.pts, frame.time)
+    with av.open(str(tmp_path / "cutout.webm")) as container:
+        decoder = av.CodecContext.create("libvpx-vp9", "r")  # FFmpeg's own vp9 decoder drops alpha
+        decoded = [f for p in container.demux(video=0) for f in decoder.decode(p)]
+    assert len(decoded) == FRAMES and decoded[0].format.name == "yuva420p"
+    alpha = decoded[5].to_ndarray(format="rgba")[..., 3]
+    assert alpha[inside].mean() > 250 and alpha[~inside].mean() < 5
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d / "missing.mp4", "no such video file"),
+    (lambda d: make_empty_file(d / "empty.mp4"), "empty"),
+    (lambda d: make_text_file(d / "notes.mp4"), "not a video"),
+    (lambda d: make_audio_only(d / "song.mp4"), "only audio"),
+    (lambda d: blanked_media_copy(make_clip(d / "src.mp4", frames=3, audio=False), d / "blank.mp4"),
+     "no frame .* can be decoded"),
+])
+def test_unusable_inputs_are_clear_errors(tmp_path, make, message):
+    with pytest.raises(VideoError, match=message):
+        probe(make(tmp_path))
+
+
+def test_truncated_file_decodes_what_is_there(clip, tmp_path):
+    damaged = truncated_copy(clip, tmp_path / "cut.mp4", keep=0.6)
+    info = probe(damaged)
+    assert info.frame_count == FRAMES  # what the index promises
+    frames = list(iter_frames(damaged))
+    assert 0 < len(frames) < FRAMES
+    assert all(close_to(f.image, clip_frame(f.index, FRAMES, WIDTH, HEIGHT)) for f in frames)
+    with pytest.raises(VideoError, match="cannot be decoded"):
+        read_frame(damaged, FRAMES - 1)

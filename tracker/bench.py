@@ -1,0 +1,220 @@
+"""`python -m tracker bench`: how fast each stage runs, fast path beside plain fp32.
+
+Speed does not depend on training, so the benchmark writes untrained weights in
+the official layouts and its own synthetic H.264 clips (with audio). Warm-up
+runs are excluded, CUDA is synchronised around every timed call, and each
+figure is a median.
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import av
+import numpy as np
+import torch
+
+from XMem.inference.inference_core import InferenceCore
+
+from .pipeline import FramePrep, MemoryOptions, TrackOptions, autocast_for, prefetch
+from .prompts import ObjectPrompt
+from .session import Tracker
+from .video import VideoWriter, iter_frames, probe
+from .weights import write_untrained
+
+
+@dataclass
+class Profile:
+    """Sizes and counts for one benchmark run."""
+
+    frame_sizes: dict[str, tuple[int, int]]  # name -> (width, height) of the generated clips
+    clip_frames: int
+    work_size: int  # shorter side of XMem's working resolution
+    repeats: int  # timed calls for the SAM figures
+    xmem_steps: int
+
+    @classmethod
+    def for_device(cls, device: torch.device, frames: int | None) -> "Profile":
+        if device.type == "cuda":
+            return cls({"720p": (1280, 720), "1080p": (1920, 1080)}, frames or 300, 480, 50, 200)
+        return cls({"240p": (426, 240)}, frames or 30, 240, 3, 30)
+
+
+@dataclass
+class Results:
+    rows: dict[str, dict[str, str]] = field(default_factory=dict)  # measure -> mode -> value
+
+    def add(self, measure: str, mode: str, value: str) -> None:
+        self.rows.setdefault(measure, {})[mode] = value
+
+    def table(self, modes: list[str]) -> str:
+        lines = ["| measure | " + " | ".join(modes) + " |", "|---" * (len(modes) + 1) + "|"]
+        for measure, values in self.rows.items():
+            lines.append(f"| {measure} | " + " | ".join(values.get(m, "") for m in modes) + " |")
+        return "\n".join(lines)
+
+
+def median_ms(call: Callable[[], object], repeats: int, device: torch.device, warmup: int = 2) -> float:
+    """Median wall time of `call` in milliseconds, CUDA synchronised, warm-up excluded."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        began = time.perf_counter()
+        call()
+        _sync(device)
+        times.append((time.perf_counter() - began) * 1000)
+    return statistics.median(times)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_clip(path: Path, width: int, height: int, frames: int, fps: int = 30) -> Path:
+    """An H.264 clip with a moving disc over a textured background and an AAC sine track."""
+    rng = np.random.default_rng(0)
+    texture = rng.integers(0, 255, (height // 16 + 2, width // 16 + 2, 3), dtype=np.uint8)
+    background = np.repeat(np.repeat(texture, 16, 0), 16, 1)[:height, :width]
+    yy, xx = np.mgrid[0:height, 0:width]
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=fps, options={"preset": "ultrafast", "crf": "23"})
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        audio = container.add_stream("aac", rate=48000)
+        audio.layout = "mono"
+        samples_per_frame = 48000 // fps
+        for i in range(frames):
+            image = np.roll(background, i * 2, axis=1).copy()
+            cx, cy = width * (0.2 + 0.6 * i / max(frames, 1)), height / 2
+            image[(xx - cx) ** 2 + (yy - cy) ** 2 < (height / 6) ** 2] = (230, 60, 40)
+            container.mux(video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+            t = (np.arange(samples_per_frame) + i * samples_per_frame) / 48000
+            tone = (0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None]
+            chunk = av.AudioFrame.from_ndarray(tone, format="fltp", layout="mono")
+            chunk.sample_rate, chunk.pts = 48000, i * samples_per_frame
+            container.mux(audio.encode(chunk))
+        container.mux(video.encode())
+        container.mux(audio.encode())
+    return path
+
+
+def bench_sam(tracker: Tracker, width: int, height: int, repeats: int, results: Results, mode: str) -> None:
+    image = np.random.default_rng(1).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    results.add("SAM encoder ms (1024x1024 input)", mode,
+                f"{median_ms(lambda: tracker.sam.embed(image), repeats, tracker.device):.1f}")
+    embedding = tracker.sam.embed(image)
+    click = ObjectPrompt(1, 0, [(width / 2, height / 2)], [1])
+    results.add("SAM decoder ms per click", mode,
+                f"{median_ms(lambda: tracker.segment(embedding, click), repeats * 4, tracker.device):.2f}")
+
+
+def bench_xmem(tracker: Tracker, profile: Profile, objects: int, precision: str, results: Results,
+               mode: str) -> None:
+    """Median time of one XMem step at the working resolution (a 16:9 frame)."""
+    width = round(profile.work_size * 16 / 9)
+    prep = FramePrep(tracker.device, (width, profile.work_size))
+    generator = torch.Generator().manual_seed(0)
+    frames = [prep.normalise(torch.randint(0, 255, (profile.work_size, width, 3), generator=generator,
+                                           dtype=torch.uint8).to(tracker.device)) for _ in range(8)]
+    mask = torch.zeros(objects, profile.work_size, width, device=tracker.device)
+    for k in range(objects):
+        mask[k, :, k * width // objects:(k + 1) * width // objects] = 1
+    core = InferenceCore(tracker.xmem, MemoryOptions().xmem_config(tracker.xmem))
+    core.set_all_labels(list(range(1, objects + 1)))
+    times = []
+    with torch.inference_mode(), autocast_for(tracker.device, precision):
+        core.step(frames[0], mask)
+        for i in range(profile.xmem_steps):
+            _sync(tracker.device)
+            began = time.perf_counter()
+            core.step(frames[i % len(frames)])
+            _sync(tracker.device)
+            times.append((time.perf_counter() - began) * 1000)
+    skip = min(10, len(times) // 5)  # warm-up
+    results.add(f"XMem step ms, {objects} object{'s' * (objects > 1)} at {profile.work_size}p", mode,
+                f"{statistics.median(times[skip:]):.2f}")
+
+
+def bench_file(tracker: Tracker, clip: Path, name: str, profile: Profile, precision: str, results: Results,
+               mode: str, out_dir: Path) -> None:
+    """File-to-file FPS: decode, SAM on frame 0, XMem, render, encode with audio."""
+    info = probe(clip)
+    prompt = ObjectPrompt(1, 0, [(info.width * 0.2, info.height / 2)], [1])
+    options = TrackOptions(size=profile.work_size, precision=precision)
+    if tracker.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(tracker.device)
+    result = tracker.track(clip, [prompt], output=out_dir / f"{name}_{mode}.mp4", options=options)
+    results.add(f"file to file FPS, {name} ({info.frame_count} frames)", mode, f"{result.fps:.1f}")
+    if result.peak_gpu_bytes is not None:
+        results.add(f"peak GPU memory GiB, {name}", mode, f"{result.peak_gpu_bytes / 2**30:.2f}")
+
+
+def bench_codec_ceiling(clip: Path, name: str, out_dir: Path, results: Results, mode: str) -> None:
+    """Decode + encode alone with the same settings: the most the full pipeline can reach."""
+    info = probe(clip)
+    began = time.perf_counter()
+    writer = VideoWriter(out_dir / f"{name}_copy.mp4", info, audio_from=clip)
+    for frame in prefetch(iter_frames(clip), depth=4, stop=threading.Event()):
+        writer.write(frame.image, frame.pts, frame.time)
+    writer.close()
+    results.add(f"decode + encode only FPS, {name}", mode, f"{info.frame_count / (time.perf_counter() - began):.1f}")
+
+
+def run(device: str, frames: int | None, sam_backend: str) -> str:
+    tracker_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                  ("cpu" if device == "auto" else device))
+    profile = Profile.for_device(tracker_device, frames)
+    modes = ["fast", "fp32"] if tracker_device.type == "cuda" else ["fp32"]
+    results = Results()
+    with tempfile.TemporaryDirectory(prefix="tracker-bench-") as tmp:
+        tmp = Path(tmp)
+        checkpoints = write_untrained(tmp / "weights")
+        clips = {name: make_clip(tmp / f"{name}.mp4", w, h, profile.clip_frames)
+                 for name, (w, h) in profile.frame_sizes.items()}
+        for mode in modes:
+            precision = "auto" if mode == "fast" else "fp32"
+            backend = sam_backend if mode == "fast" else "torch"
+            tracker = Tracker(checkpoints["sam"], checkpoints["xmem"], device=str(tracker_device),
+                              sam_backend=backend, download=False)
+            results.add("SAM backend", mode, tracker.sam.name)
+            results.add("XMem precision", mode, precision if precision != "auto" else "auto (bf16)")
+            w, h = next(iter(profile.frame_sizes.values()))
+            bench_sam(tracker, w, h, profile.repeats, results, mode)
+            for objects in (1, 3):
+                bench_xmem(tracker, profile, objects, precision, results, mode)
+            for name, clip in clips.items():
+                bench_file(tracker, clip, name, profile, precision, results, mode, tmp)
+                if mode == modes[0]:
+                    bench_codec_ceiling(clip, name, tmp, results, mode)
+            del tracker
+        results.add("peak RSS GiB (whole run)", modes[0],
+                    f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f}")
+    gpu = torch.cuda.get_device_name(tracker_device) if tracker_device.type == "cuda" else "CPU"
+    header = (f"device: {gpu}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
+              f"PyAV {av.__version__}; working resolution {profile.work_size}p; untrained weights "
+              f"(speed only); medians")
+    return header + "\n\n" + results.table(modes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tracker bench", description=__doc__)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--frames", type=int, help="frames per generated clip (default 300 on GPU, 30 on CPU)")
+    parser.add_argument("--sam-backend", default="auto", choices=["auto", "torch", "onnx", "tensorrt"])
+    args = parser.parse_args(argv)
+    print(run(args.device, args.frames, args.sam_backend))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""`python -m tracker`: track a video from the command line, manage weights."""
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from pathlib import Path
+from typing import Sequence
+
+from .errors import TrackerError
+from .pipeline import MemoryOptions, TrackOptions
+from .prompts import NEGATIVE, POSITIVE, ObjectPrompt, load_prompts, parse_box, parse_xy
+
+OUTPUT_DIR = Path("output")
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cuda or cpu")
+    parser.add_argument("--sam-checkpoint", type=Path, help="SAM ViT-B checkpoint (default: models/, downloaded)")
+    parser.add_argument("--xmem-checkpoint", type=Path, help="XMem checkpoint (default: models/, downloaded)")
+    parser.add_argument("--sam-backend", default="auto", choices=["auto", "torch", "onnx", "tensorrt"])
+    parser.add_argument("--no-download", action="store_true", help="fail instead of downloading missing weights")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tracker", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    track = commands.add_parser("track", help="track clicked objects through a video")
+    track.add_argument("video", type=Path)
+    track.add_argument("--point", action="append", default=[], metavar="X,Y", help="a click on the object")
+    track.add_argument("--negative", action="append", default=[], metavar="X,Y", help="a click on background")
+    track.add_argument("--box", metavar="X0,Y0,X1,Y1", help="a box around the object")
+    track.add_argument("--frame", type=int, default=0, help="frame the clicks are on (default 0)")
+    track.add_argument("--prompts", type=Path, metavar="FILE.json", help="several objects (see README)")
+    track.add_argument("--out", type=Path, help="overlay video (default output/<name>_tracked.mp4)")
+    track.add_argument("--masks", type=Path, metavar="ZIP", help="also write one palettised PNG per frame")
+    track.add_argument("--size", type=int, default=480, help="shorter side of the working resolution (0: original)")
+    track.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
+    track.add_argument("--outline", type=int, default=2, help="outline width in pixels")
+    track.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better)")
+    track.add_argument("--preset", default="veryfast", help="libx264 preset")
+    defaults = MemoryOptions()
+    for name in ("mem_every", "top_k", "min_mid_term_frames", "max_mid_term_frames", "num_prototypes",
+                 "max_long_term_elements", "deep_update_every"):
+        track.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name),
+                           help=f"XMem memory setting (default {getattr(defaults, name)})")
+    _add_model_flags(track)
+
+    weights = commands.add_parser("weights", help="download or generate checkpoints")
+    actions = weights.add_subparsers(dest="action", required=True)
+    actions.add_parser("download", help="fetch the official SAM ViT-B and XMem checkpoints into models/")
+    untrained = actions.add_parser("untrained", help="write untrained checkpoints in the official layouts")
+    untrained.add_argument("directory", type=Path)
+
+    bench = commands.add_parser("bench", add_help=False, help="print the speed table (python -m tracker bench -h)")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def prompts_from_args(args: argparse.Namespace) -> list[ObjectPrompt]:
+    """The prompts file, or one object from --point/--negative/--box/--frame."""
+    clicks = args.point or args.negative or args.box
+    if args.prompts and clicks:
+        raise TrackerError("give either --prompts or --point/--negative/--box, not both")
+    if args.prompts:
+        return load_prompts(args.prompts)
+    points = [parse_xy(p) for p in args.point] + [parse_xy(p, "negative point") for p in args.negative]
+    labels = [POSITIVE] * len(args.point) + [NEGATIVE] * len(args.negative)
+    box = parse_box(args.box) if args.box else None
+    return [ObjectPrompt(object_id=1, frame=args.frame, points=points, labels=labels, box=box)]
+
+
+def _track(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .session import Tracker
+
+    prompts = prompts_from_args(args)
+    output = args.out or OUTPUT_DIR / f"{args.video.stem}_tracked.mp4"
+    memory = MemoryOptions(**{name: getattr(args, name) for name in vars(MemoryOptions())
+                              if hasattr(args, name)})
+    options = TrackOptions(size=args.size, memory=memory, alpha=args.alpha, outline=args.outline,
+                           crf=args.crf, preset=args.preset)
+    tracker = Tracker(args.sam_checkpoint, args.xmem_checkpoint, device=args.device,
+                      sam_backend=args.sam_backend, download=not args.no_download)
+    print(f"device {tracker.device_name}, SAM backend {tracker.sam.name}", file=sys.stderr)
+    if tracker.untrained:
+        from .weights import UNTRAINED_WARNING
+        print(f"WARNING: {UNTRAINED_WARNING}", file=sys.stderr)
+    bar = tqdm(total=None, unit="frame", file=sys.stderr, dynamic_ncols=True)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    cancel = threading.Event()
+    try:
+        result = tracker.track(args.video, prompts, output=output, masks=args.masks, options=options,
+                               cancel=cancel, progress=progress)
+    finally:
+        bar.close()
+    print(result.summary())
+    for path in (result.output, result.masks):
+        if path is not None:
+            print(f"wrote {path}")
+    for warning in result.warnings:
+        print(f"WARNING: {warning}", file=sys.stderr)
+    return 0
+
+
+def _weights(args: argparse.Namespace) -> int:
+    from . import weights
+
+    if args.action == "download":
+        for path in weights.download_all(progress=True).values():
+            print(f"ok {path}")
+    else:
+        for path in weights.write_untrained(args.directory).values():
+            print(f"wrote {path} (UNTRAINED: for tests and offline demos only)")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"track": _track, "weights": _weights, "bench": _bench}[args.command](args)
+    except TrackerError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130

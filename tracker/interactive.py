@@ -1,0 +1,691 @@
+"""Per-user editing behind the web app: a video, objects, clicks and boxes per frame, SAM previews, re-tracking.
+
+Each browser session owns one `EditSession` (its own directory, prompts and
+results); `SessionStore` maps the web framework's session key to it and
+removes the files of sessions that end or go idle. Nothing here imports the
+UI toolkit, so the whole editing flow is testable without a browser.
+
+Corrections: a click on a frame where an object already has a tracked mask
+refines that mask (SAM gets it as `mask_input`). Re-tracking then starts at
+the earliest changed frame: earlier frames keep the previous result, the
+corrected frame becomes a new memory frame, and corrections on later frames
+are applied again on top of the new tracking, one pass each.
+"""
+from __future__ import annotations
+
+import math
+import secrets
+import shutil
+import threading
+import time
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from .errors import Cancelled, PromptError, TrackerError, VideoError
+from .pipeline import TrackOptions
+from .prompts import NEGATIVE, POSITIVE, ObjectPrompt
+from .exports import CUTOUT_KINDS, export_cutout
+from .render import MaskZipReader, encode_mask, mask_name, overlay, overlay_colours
+from .sam import IMAGE_SIZE, LOW_RES_SIZE, ImageEmbedding, resized_shape
+from .session import PreviousRun, Tracker, TrackResult
+from .video import VideoInfo, probe, read_frame
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi")
+POINT_MODES = ("positive", "negative", "box")
+MAX_OBJECT_ID = 255
+DISPLAY_LONG_SIDE = (640, 1280)  # frames are shown with their longer side in this range; clicks map back
+EMBEDDING_CACHE_SIZE = 3  # SAM embeddings kept per session (about 4 MB each)
+MASK_INPUT_LOGIT = 10.0  # |logit| SAM gets for "surely object" / "surely background" in a prior mask
+
+Key = tuple[int, int]  # (frame, object id)
+ProgressReport = Callable[[float, str], None]  # (fraction 0..1, description)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the app accepts; None means no limit."""
+
+    max_frames: int | None = None
+    max_seconds: float | None = None
+    max_pixels: int | None = None
+
+    def check(self, info: VideoInfo) -> None:
+        """Refuse a video above a limit, naming the limit."""
+        if self.max_frames is not None and info.frame_count > self.max_frames:
+            raise VideoError(f"the video has {info.frame_count} frames; this app accepts at most "
+                             f"{self.max_frames} (--max-frames): trim it and upload again")
+        if self.max_seconds is not None and info.duration > self.max_seconds:
+            raise VideoError(f"the video lasts {info.duration:.1f} s; this app accepts at most "
+                             f"{self.max_seconds:g} s (--max-seconds): trim it and upload again")
+        if self.max_pixels is not None and info.width * info.height > self.max_pixels:
+            raise VideoError(f"the video is {info.width}x{info.height} ({info.width * info.height} pixels); "
+                             f"this app accepts at most {self.max_pixels} pixels per frame (--max-pixels): "
+                             "scale it down and upload again")
+
+
+def mask_to_logits(mask: np.ndarray, magnitude: float = MASK_INPUT_LOGIT) -> np.ndarray:
+    """An HxW bool mask -> SAM's (1, 256, 256) `mask_input` logits.
+
+    SAM's low-resolution grid covers the 1024x1024 padded input at a quarter of
+    its resolution, with the resized frame in the top-left corner. The mask is
+    resized onto that grid; each cell's object fraction maps linearly to
+    [-magnitude, +magnitude], and the padding is surely background.
+    """
+    height, width = mask.shape
+    resized_h, resized_w = resized_shape(height, width)
+    scale = IMAGE_SIZE // LOW_RES_SIZE
+    grid_h, grid_w = math.ceil(resized_h / scale), math.ceil(resized_w / scale)
+    resized = Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255).resize((resized_w, resized_h), Image.BILINEAR)
+    padded = np.zeros((grid_h * scale, grid_w * scale), dtype=np.float32)
+    padded[:resized_h, :resized_w] = np.asarray(resized, dtype=np.float32) / 255
+    fraction = padded.reshape(grid_h, scale, grid_w, scale).mean(axis=(1, 3))
+    logits = np.full((1, LOW_RES_SIZE, LOW_RES_SIZE), -magnitude, dtype=np.float32)
+    logits[0, :grid_h, :grid_w] = (2 * fraction - 1) * magnitude
+    return logits
+
+
+@dataclass(frozen=True)
+class Clicks:
+    """One object's clicks and box on one frame, plus the first corner of a box being drawn."""
+
+    points: tuple[tuple[float, float], ...] = ()
+    labels: tuple[int, ...] = ()
+    box: tuple[float, float, float, float] | None = None
+    corner: tuple[float, float] | None = None
+
+    def with_point(self, xy: tuple[float, float], label: int) -> Clicks:
+        return replace(self, points=self.points + (xy,), labels=self.labels + (label,))
+
+    def with_corner(self, xy: tuple[float, float]) -> Clicks:
+        """The first click of a box keeps a corner; the second makes the box."""
+        if self.corner is None:
+            return replace(self, corner=xy)
+        (x0, y0), (x1, y1) = self.corner, xy
+        if abs(x1 - x0) < 1 or abs(y1 - y0) < 1:
+            raise PromptError("the two box corners are on the same row or column: click two opposite corners")
+        return replace(self, box=(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)), corner=None)
+
+    @property
+    def selects(self) -> bool:
+        """Whether SAM can make a mask from these clicks (a pending corner alone cannot)."""
+        return bool(self.points) or self.box is not None
+
+    @property
+    def tracked_part(self) -> tuple:
+        """What tracking sees; a pending corner is not part of it."""
+        return self.points, self.labels, self.box
+
+    def prompt(self, object_id: int, frame: int) -> ObjectPrompt:
+        return ObjectPrompt(object_id, frame, list(self.points), list(self.labels), self.box)
+
+
+@dataclass
+class Edit:
+    """Clicks for one object on one frame, how to read them, and SAM's mask for them.
+
+    `refine` is set when the object already had a tracked mask on the frame when
+    the first click came: the clicks then correct that mask instead of making
+    one from nothing.
+    """
+
+    refine: bool
+    clicks: Clicks = field(default_factory=Clicks)
+    history: list[Clicks] = field(default_factory=list)
+    mask: np.ndarray | None = None
+
+
+@dataclass
+class RunRecord:
+    """A finished tracking run and the prompts it used."""
+
+    overlay: Path
+    masks: Path
+    summary: str
+    warnings: list[str]
+    prompts: dict[Key, tuple]  # key -> Clicks.tracked_part
+    objects: frozenset[int]
+
+
+def plan_passes(prompts: Mapping[Key, tuple], refine_frames: Sequence[int], objects: frozenset[int],
+                last: RunRecord | None, full: bool) -> list[int | None]:
+    """The tracking passes for a Track press: None = the whole video, n = from frame n on a previous result.
+
+    A partial re-run starts at the earliest frame whose prompts changed since
+    `last`; each later frame with corrections gets its own pass so that those
+    corrections refine the new tracking. Anything that changes which objects
+    exist needs the whole video.
+    """
+    if last is None or full or objects != last.objects:
+        return [None, *sorted(set(refine_frames))]
+    changed = {key for key in prompts.keys() | last.prompts.keys() if prompts.get(key) != last.prompts.get(key)}
+    if not changed:
+        return [None, *sorted(set(refine_frames))]
+    start = min(frame for frame, _ in changed)
+    return [start, *sorted({frame for frame in refine_frames if frame > start})]
+
+
+def run_summary(results: Sequence[TrackResult]) -> str:
+    """The metrics line of a Track press: one pass as the tracker reports it, several added up."""
+    if len(results) == 1:
+        return results[0].summary()
+    peaks = [r.peak_gpu_bytes for r in results if r.peak_gpu_bytes is not None]
+    total = TrackResult(frames=sum(r.frames for r in results), expected_frames=sum(r.expected_frames for r in results),
+                        seconds=sum(r.seconds for r in results), device=results[-1].device,
+                        sam_backend=results[-1].sam_backend, peak_gpu_bytes=max(peaks) if peaks else None)
+    return f"{len(results)} passes: {total.summary()}"
+
+
+def format_seconds(seconds: float) -> str:
+    """0:07, 1:05:09."""
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def frame_caption(index: int, info: VideoInfo, time_s: float) -> str:
+    """'Frame 12 / 299 · 0:00.480' (frames counted from 0)."""
+    minutes, secs = divmod(max(0.0, time_s), 60)
+    return f"Frame {index} / {info.frame_count - 1} · {int(minutes)}:{secs:06.3f}"
+
+
+class ProgressClock:
+    """Turns per-pass (done, total) frame counts into one fraction and a line with an ETA."""
+
+    def __init__(self, passes: int, report: ProgressReport):
+        self.passes = passes
+        self.report = report
+        self.began = time.perf_counter()
+
+    def update(self, index: int, done: int, total: int) -> None:
+        fraction = (index + done / max(total, 1)) / self.passes
+        elapsed = time.perf_counter() - self.began
+        eta = f"ETA {format_seconds(elapsed * (1 - fraction) / fraction)}" if fraction > 0 else "ETA …"
+        which = f"pass {index + 1}/{self.passes}: " if self.passes > 1 else ""
+        self.report(fraction, f"Tracking {which}frame {done}/{total} · {eta}")
+
+
+@dataclass(frozen=True)
+class Style:
+    """How masks are drawn over frames."""
+
+    alpha: float = 0.5
+    outline: int = 2
+
+
+class EditSession:
+    """One user's video, objects, clicks, previews and results, in a directory of its own.
+
+    Methods lock the session, except that a tracking job holds the lock only to
+    read the prompts at its start and to store its result at its end, so the
+    page stays usable (and Cancel reachable) while it runs.
+    """
+
+    def __init__(self, directory: Path, tracker: Tracker):
+        self.directory = directory
+        self.tracker = tracker
+        self.lock = threading.RLock()
+        self.cancel = threading.Event()
+        self.job_running = False
+        self.last_used = time.monotonic()
+        self.video: Path | None = None
+        self.info: VideoInfo | None = None
+        self.objects: list[int] = []
+        self.current: int | None = None
+        self.edits: dict[Key, Edit] = {}
+        self.result: RunRecord | None = None
+        self.cutouts: dict[str, Path] = {}
+        self._result_reader: MaskZipReader | None = None
+        self._embeddings: OrderedDict[int, ImageEmbedding] = OrderedDict()
+        self._runs = 0
+        directory.mkdir(parents=True, exist_ok=True)
+
+    # -- video -----------------------------------------------------------
+    def open_video(self, upload: str | Path, limits: Limits) -> VideoInfo:
+        """Take an uploaded file (copied in under a fixed name) and start editing it from scratch."""
+        upload = Path(upload)
+        suffix = upload.suffix.lower()
+        if suffix not in VIDEO_SUFFIXES:
+            raise VideoError(f"{suffix or 'a file without extension'} is not a video this app takes; "
+                             f"upload one of: {', '.join(VIDEO_SUFFIXES)}")
+        with self.lock:
+            self._require_idle()
+            self._forget_video()
+            self.video = self.directory / f"input{suffix}"
+            _link_or_copy(upload, self.video)
+            try:
+                info = probe(self.video)
+                limits.check(info)
+            except TrackerError:
+                self._forget_video()
+                raise
+            self.info = info
+            self.objects, self.current = [1], 1
+            return info
+
+    def _forget_video(self) -> None:
+        if self.video is not None:
+            self.video.unlink(missing_ok=True)
+        self.video = self.info = self.result = self._result_reader = None
+        self.objects, self.current, self.edits, self.cutouts = [], None, {}, {}
+        self._embeddings.clear()
+        shutil.rmtree(self.directory / "runs", ignore_errors=True)
+        shutil.rmtree(self.directory / "cutouts", ignore_errors=True)
+
+    def reset(self) -> None:
+        """Forget the video and everything made from it (the upload was removed)."""
+        with self.lock:
+            self._require_idle()
+            self._forget_video()
+
+    def require_video(self) -> VideoInfo:
+        if self.info is None:
+            raise TrackerError("upload a video first")
+        return self.info
+
+    def _require_idle(self) -> None:
+        if self.job_running:
+            raise TrackerError("a tracking job is running: wait for it or press Cancel first")
+
+    # -- objects ---------------------------------------------------------
+    def add_object(self) -> int:
+        """A new object with the next free id (and so its own colour); it becomes the current one."""
+        with self.lock:
+            self.require_video()
+            used = set(self.objects) | (set(self.result.objects) if self.result else set())
+            new_id = max(used, default=0) + 1
+            if new_id > MAX_OBJECT_ID:
+                raise PromptError(f"at most {MAX_OBJECT_ID} objects can be tracked at once")
+            self.objects.append(new_id)
+            self.current = new_id
+            return new_id
+
+    def select_object(self, object_id: int) -> None:
+        with self.lock:
+            if object_id not in self.objects:
+                raise PromptError(f"object {object_id} does not exist; pick one from the list")
+            self.current = object_id
+
+    def remove_object(self, object_id: int) -> None:
+        """Drop an object and all its clicks; it disappears from the display (the next Track reruns all)."""
+        with self.lock:
+            if object_id not in self.objects:
+                raise PromptError(f"object {object_id} does not exist")
+            if len(self.objects) == 1:
+                raise PromptError("the last object cannot be removed; clear its clicks instead")
+            self.objects.remove(object_id)
+            self.edits = {key: edit for key, edit in self.edits.items() if key[1] != object_id}
+            if self.current == object_id:
+                self.current = self.objects[-1]
+
+    # -- clicks ----------------------------------------------------------
+    def click(self, frame: int, display_xy: tuple[float, float], mode: str) -> str:
+        """A click on the displayed frame: add a point (or a box corner) to the current object, update its mask."""
+        if mode not in POINT_MODES:
+            raise PromptError(f"unknown click mode {mode!r}; use one of {', '.join(POINT_MODES)}")
+        with self.lock:
+            info = self._check_frame(frame)
+            if self.current is None:
+                raise PromptError("add an object first")
+            xy = self._to_frame_xy(display_xy, info)
+            key = (frame, self.current)
+            edit = self.edits.get(key) or Edit(refine=self._tracked_mask(frame, self.current).any())
+            if mode == "box":
+                clicks = edit.clicks.with_corner(xy)
+            else:
+                clicks = edit.clicks.with_point(xy, POSITIVE if mode == "positive" else NEGATIVE)
+            edit.history.append(edit.clicks)
+            edit.clicks = clicks
+            self.edits[key] = edit
+            self._update_mask(frame, self.current, edit)
+            return self._describe(frame, self.current, edit)
+
+    def undo(self, frame: int) -> str:
+        """Take back the current object's last click on this frame."""
+        with self.lock:
+            self._check_frame(frame)
+            key = (frame, self.current)
+            edit = self.edits.get(key)
+            if edit is None or not edit.history:
+                return f"nothing to undo for object {self.current} on frame {frame}"
+            edit.clicks = edit.history.pop()
+            if not edit.history:
+                del self.edits[key]
+                return f"object {self.current} has no clicks on frame {frame}"
+            self._update_mask(frame, self.current, edit)
+            return self._describe(frame, self.current, edit)
+
+    def clear(self, frame: int) -> str:
+        """Remove all of the current object's clicks on this frame."""
+        with self.lock:
+            self._check_frame(frame)
+            self.edits.pop((frame, self.current), None)
+            return f"cleared object {self.current} on frame {frame}"
+
+    def _update_mask(self, frame: int, object_id: int, edit: Edit) -> None:
+        if not edit.clicks.selects:
+            edit.mask = None
+            return
+        prior = self._tracked_mask(frame, object_id) if edit.refine else None
+        edit.mask = self._segment(frame, object_id, edit.clicks, prior)
+
+    def _segment(self, frame: int, object_id: int, clicks: Clicks, prior: np.ndarray | None) -> np.ndarray:
+        mask_input = mask_to_logits(prior) if prior is not None and prior.any() else None
+        return self.tracker.segment(self._embedding(frame), clicks.prompt(object_id, frame), mask_input=mask_input)
+
+    def _embedding(self, frame: int) -> ImageEmbedding:
+        """SAM's embedding of a frame, cached so that further clicks there only run the decoder."""
+        if frame in self._embeddings:
+            self._embeddings.move_to_end(frame)
+            return self._embeddings[frame]
+        embedding = self.tracker.sam.embed(read_frame(self.video, frame).image)
+        self._embeddings[frame] = embedding
+        while len(self._embeddings) > EMBEDDING_CACHE_SIZE:
+            self._embeddings.popitem(last=False)
+        return embedding
+
+    def _describe(self, frame: int, object_id: int, edit: Edit) -> str:
+        clicks = edit.clicks
+        what = "correcting" if edit.refine else "object"
+        parts = [f"{len(clicks.points)} point(s)"] + (["a box"] if clicks.box else [])
+        text = f"{what} {object_id} on frame {frame}: {', '.join(parts)}"
+        if clicks.corner is not None:
+            return text + "; click the opposite corner of the box"
+        if not edit.refine and clicks.box is None and POSITIVE not in clicks.labels:
+            return text + "; negative points alone select nothing: add a positive point or a box"
+        return text
+
+    def _check_frame(self, frame: int) -> VideoInfo:
+        info = self.require_video()
+        if not 0 <= frame < info.frame_count:
+            raise PromptError(f"frame {frame} does not exist; the video has frames 0..{info.frame_count - 1}")
+        return info
+
+    @staticmethod
+    def _to_frame_xy(display_xy: tuple[float, float], info: VideoInfo) -> tuple[float, float]:
+        scale = display_scale(info)
+        x = min(max(display_xy[0] / scale, 0.0), info.width - 1.0)
+        y = min(max(display_xy[1] / scale, 0.0), info.height - 1.0)
+        return x, y
+
+    def _tracked_mask(self, frame: int, object_id: int) -> np.ndarray:
+        return self._tracked_labels(frame) == object_id
+
+    def _tracked_labels(self, frame: int) -> np.ndarray:
+        info = self.require_video()
+        if self._result_reader is None:
+            return np.zeros((info.height, info.width), dtype=np.uint8)
+        labels = np.asarray(self._result_reader[frame])
+        return np.where(np.isin(labels, self.objects), labels, 0).astype(np.uint8)
+
+    # -- display ---------------------------------------------------------
+    def labels(self, frame: int) -> np.ndarray:
+        """The frame's object ids as the user should see them: tracked masks, overridden by clicked ones."""
+        with self.lock:
+            labels = self._tracked_labels(frame)
+            for (edit_frame, object_id), edit in self.edits.items():
+                if edit_frame == frame and edit.mask is not None:
+                    labels[labels == object_id] = 0
+                    labels[edit.mask] = object_id
+            return labels
+
+    def render(self, frame: int, style: Style = Style()) -> tuple[np.ndarray, float]:
+        """The frame with masks, clicks and boxes drawn, at display size, and its time in seconds."""
+        with self.lock:
+            info = self._check_frame(frame)
+            decoded = read_frame(self.video, frame)
+            labels = self.labels(frame)
+            clicks = {object_id: edit.clicks for (f, object_id), edit in self.edits.items() if f == frame}
+        size = display_size(info)
+        image = np.array(Image.fromarray(decoded.image).resize(size, Image.BILINEAR))
+        small = np.array(Image.fromarray(labels).resize(size, Image.NEAREST))
+        drawn = overlay(torch.from_numpy(image), torch.from_numpy(small), alpha=style.alpha, outline=style.outline)
+        return draw_clicks(drawn.numpy(), clicks, display_scale(info)), decoded.time
+
+    # -- tracking --------------------------------------------------------
+    def begin_job(self) -> None:
+        """Mark a job as wanted (before it waits in the queue) so that Cancel can reach it."""
+        with self.lock:
+            self.require_video()
+            self._require_idle()
+            self.cancel.clear()
+            self.job_running = True
+
+    def end_job(self) -> None:
+        with self.lock:
+            self.job_running = False
+            self.cancel.clear()
+
+    def request_cancel(self) -> bool:
+        """Stop the running job at its next frame; False when nothing runs."""
+        with self.lock:
+            if self.job_running:
+                self.cancel.set()
+            return self.job_running
+
+    def track(self, options: TrackOptions, *, full: bool = False,
+              progress: ProgressReport | None = None) -> RunRecord:
+        """Track every object through the video (or re-track from the earliest change) and keep the result.
+
+        On cancel or error nothing of this run stays; the previous result is kept.
+        """
+        with self.lock:
+            self.require_video()
+            plain = {key: edit.clicks for key, edit in self.edits.items() if not edit.refine and edit.clicks.selects}
+            refine = {key: edit.clicks for key, edit in self.edits.items() if edit.refine and edit.clicks.selects}
+            snapshot = {key: clicks.tracked_part for key, clicks in {**plain, **refine}.items()}
+            objects = frozenset(object_id for _, object_id in snapshot)
+            passes = plan_passes(snapshot, [frame for frame, _ in refine], objects, self.result, full)
+            previous = self.result
+            self._runs += 1
+            run_dir = self.directory / "runs" / str(self._runs)
+        if not plain:
+            raise PromptError("click an object first: every object needs a click or a box on some frame")
+        prompts = [clicks.prompt(object_id, frame) for (frame, object_id), clicks in sorted(plain.items())]
+        clock = ProgressClock(len(passes), progress or (lambda fraction, text: None))
+        run_dir.mkdir(parents=True)
+        results: list[TrackResult] = []
+        try:
+            masks = previous.masks if previous is not None else None
+            corrected: dict[Key, np.ndarray] = {}
+            for index, start in enumerate(passes):
+                if self.cancel.is_set():
+                    raise Cancelled("tracking was cancelled")
+                last = index == len(passes) - 1
+                earlier = None
+                if start is not None:
+                    fixes = {object_id: clicks for (frame, object_id), clicks in refine.items() if frame == start}
+                    base = masks
+                    if fixes:
+                        base, fixed = self._correct(masks, start, fixes, run_dir / f"corrected-{index}.zip")
+                        corrected.update({(start, object_id): mask for object_id, mask in fixed.items()})
+                    earlier = PreviousRun(base, start)
+                output = run_dir / "tracked.mp4" if last else None
+                results.append(self.tracker.track(
+                    self.video, prompts, output=output, masks=run_dir / f"masks-{index}.zip", options=options,
+                    cancel=self.cancel, progress=lambda done, total, i=index: clock.update(i, done, total),
+                    previous=earlier))
+                masks = run_dir / f"masks-{index}.zip"
+        except BaseException:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        final_masks = masks.rename(run_dir / "masks.zip")
+        for stale in run_dir.glob("*-*.zip"):
+            stale.unlink()
+        record = RunRecord(overlay=results[-1].output, masks=final_masks, summary=run_summary(results),
+                           warnings=list(results[-1].warnings), prompts=snapshot, objects=objects)
+        with self.lock:
+            old = self.result
+            self.result, self._result_reader, self.cutouts = record, MaskZipReader(final_masks), {}
+            for key, mask in corrected.items():
+                if key in self.edits:
+                    self.edits[key].mask = mask
+            if old is not None:
+                shutil.rmtree(old.masks.parent, ignore_errors=True)
+        return record
+
+    def _correct(self, masks: Path, frame: int, fixes: Mapping[int, Clicks],
+                 destination: Path) -> tuple[Path, dict[int, np.ndarray]]:
+        """A masks zip for frames 0..frame whose `frame` has the corrections applied on the tracked masks there."""
+        with MaskZipReader(masks) as reader:
+            labels = np.array(reader[frame], dtype=np.uint8)
+        fixed = {}
+        with self.lock:  # shares the embedding cache with clicks
+            for object_id, clicks in fixes.items():
+                mask = self._segment(frame, object_id, clicks, labels == object_id)
+                labels[labels == object_id] = 0
+                labels[mask] = object_id
+                fixed[object_id] = mask
+        copy_masks_until(masks, frame, labels, destination)
+        return destination, fixed
+
+    # -- outputs ---------------------------------------------------------
+    def result_files(self) -> list[str]:
+        """What the user can download: the overlay video, the masks zip and any cut-outs of the last run."""
+        with self.lock:
+            if self.result is None:
+                return []
+            return [str(path) for path in (self.result.overlay, self.result.masks, *self.cutouts.values())]
+
+    def export_cutout(self, object_ids: Sequence[int], kind: str,
+                      progress: ProgressReport | None = None) -> Path:
+        """A cut-out video of the chosen objects of the last run (see tracker.exports)."""
+        with self.lock:
+            record = self.result
+            if record is None:
+                raise TrackerError("track the video first; the cut-out is made from the tracked masks")
+            if kind not in CUTOUT_KINDS:
+                raise TrackerError(f"unknown cut-out kind {kind!r}; use one of {', '.join(CUTOUT_KINDS)}")
+            folder = self.directory / "cutouts"
+            folder.mkdir(exist_ok=True)
+            video = self.video
+        report = progress or (lambda fraction, text: None)
+        path = export_cutout(video, record.masks, object_ids, folder / CUTOUT_KINDS[kind].filename, kind,
+                             cancel=self.cancel,
+                             progress=lambda done, total: report(done / total, f"Cut-out: frame {done}/{total}"))
+        with self.lock:
+            if self.result is record:
+                self.cutouts[kind] = path
+        return path
+
+    def close(self) -> None:
+        """Stop any job and remove everything the session wrote."""
+        self.cancel.set()
+        with self.lock:
+            self._embeddings.clear()
+            self._result_reader = None
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def copy_masks_until(source: Path, frame: int, labels: np.ndarray, destination: Path) -> None:
+    """Write a masks zip with `source`'s entries for frames before `frame` (copied as they are) and `labels` at `frame`."""
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(destination, "w", zipfile.ZIP_STORED) as dst:
+        for name in map(mask_name, range(frame)):
+            dst.writestr(src.getinfo(name), src.read(name))
+        dst.writestr(mask_name(frame), encode_mask(labels))
+
+
+def display_scale(info: VideoInfo) -> float:
+    """Display pixels per frame pixel: large frames shrink, small ones grow (to be easy to click)."""
+    shortest, longest = DISPLAY_LONG_SIDE
+    side = max(info.width, info.height)
+    return min(longest / side, max(1.0, shortest / side))
+
+
+def display_size(info: VideoInfo) -> tuple[int, int]:
+    scale = display_scale(info)
+    return max(1, round(info.width * scale)), max(1, round(info.height * scale))
+
+
+def draw_clicks(image: np.ndarray, clicks: Mapping[int, Clicks], scale: float) -> np.ndarray:
+    """Points (green object, red background), boxes and a pending box corner drawn in display pixels."""
+    picture = Image.fromarray(image)
+    draw = ImageDraw.Draw(picture)
+    radius = max(3, round(max(image.shape[:2]) / 160))
+    colours = overlay_colours()
+    for object_id, object_clicks in clicks.items():
+        colour = tuple(int(c) for c in colours[object_id])
+        if object_clicks.box is not None:
+            x0, y0, x1, y1 = (v * scale for v in object_clicks.box)
+            draw.rectangle((x0, y0, x1, y1), outline=colour, width=max(2, radius // 2))
+            draw.rectangle((x0 + 1, y0 + 1, x1 - 1, y1 - 1), outline=(255, 255, 255), width=1)
+        for (x, y), label in zip(object_clicks.points, object_clicks.labels):
+            fill = (40, 220, 60) if label == POSITIVE else (235, 40, 40)
+            draw.ellipse((x * scale - radius, y * scale - radius, x * scale + radius, y * scale + radius),
+                         fill=fill, outline=(255, 255, 255), width=max(1, radius // 3))
+        if object_clicks.corner is not None:
+            x, y = (v * scale for v in object_clicks.corner)
+            draw.line((x - 2 * radius, y, x + 2 * radius, y), fill=(255, 255, 255), width=2)
+            draw.line((x, y - 2 * radius, x, y + 2 * radius), fill=(255, 255, 255), width=2)
+    return np.asarray(picture)
+
+
+def _link_or_copy(source: Path, destination: Path) -> None:
+    """Hard-link when on the same file system (uploads can be large), copy otherwise."""
+    destination.unlink(missing_ok=True)
+    try:
+        destination.hardlink_to(source)
+    except OSError:
+        shutil.copyfile(source, destination)
+
+
+class SessionStore:
+    """Browser session key -> EditSession, each in a random directory under `root`.
+
+    Sessions end when the page closes (the app calls `close`), when idle longer
+    than `idle_seconds` with no job running, or when the app stops (`close_all`).
+    """
+
+    def __init__(self, root: Path, tracker: Tracker, idle_seconds: float = 4 * 3600):
+        self.root = root
+        self.tracker = tracker
+        self.idle_seconds = idle_seconds
+        self._sessions: dict[str, EditSession] = {}
+        self._lock = threading.Lock()
+        root.mkdir(parents=True, exist_ok=True)
+
+    def get(self, key: str | None) -> EditSession:
+        """The session for a key, created on first use."""
+        if not key:
+            raise TrackerError("this request has no browser session; reload the page")
+        self.close_idle()
+        with self._lock:
+            session = self._sessions.get(key)
+            if session is None:
+                session = EditSession(self.root / secrets.token_hex(8), self.tracker)
+                self._sessions[key] = session
+            session.last_used = time.monotonic()
+            return session
+
+    def close(self, key: str | None) -> None:
+        with self._lock:
+            session = self._sessions.pop(key, None) if key else None
+        if session is not None:
+            session.close()
+
+    def close_idle(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            idle = [key for key, session in self._sessions.items()
+                    if not session.job_running and now - session.last_used > self.idle_seconds]
+            stale = [self._sessions.pop(key) for key in idle]
+        for session in stale:
+            session.close()
+
+    def close_all(self) -> None:
+        with self._lock:
+            sessions = list(self._sessions.values())
+            self._sessions.clear()
+        for session in sessions:
+            session.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __len__(self) -> int:
+        return len(self._sessions)

@@ -1,0 +1,385 @@
+"""The streaming tracking loop: frames in, XMem at working resolution, label maps out.
+
+Nothing here holds a whole video: frames are decoded in a background thread,
+each is resized and normalised on the compute device, stepped through XMem,
+and turned into a full-resolution label map that the caller renders and
+writes before the next frame arrives. Frames before the first prompted one are
+tracked backwards from it through a disk cache.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import queue
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from XMem.inference.inference_core import InferenceCore
+
+from .errors import Cancelled, TrackerError
+from .video import Frame, VideoInfo, iter_frames
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class MemoryOptions:
+    """XMem's memory settings, defaults as in the reference implementation."""
+
+    mem_every: int = 5
+    top_k: int = 30
+    min_mid_term_frames: int = 5
+    max_mid_term_frames: int = 10
+    num_prototypes: int = 128
+    max_long_term_elements: int = 10000
+    deep_update_every: int = -1
+    enable_long_term: bool = True
+    enable_long_term_count_usage: bool = True
+
+    def xmem_config(self, network: torch.nn.Module) -> dict:
+        """The reference's config dict, with the dimensions the loaded network has."""
+        return dict(
+            vars(self),
+            enable_short_term=True,
+            key_dim=network.key_dim,
+            value_dim=network.value_dim,
+            hidden_dim=network.hidden_dim,
+        )
+
+
+@dataclass
+class TrackOptions:
+    """How a video is tracked and rendered."""
+
+    size: int = 480  # shorter side of the working resolution; <= 0 keeps the original
+    memory: MemoryOptions = field(default_factory=MemoryOptions)
+    alpha: float = 0.5  # overlay opacity
+    outline: int = 2  # outline width in pixels, 0 for none
+    crf: int = 18
+    preset: str = "veryfast"
+    precision: str = "auto"  # XMem on CUDA: "fp32", "bf16", "fp16", or "auto" (the fastest that matches fp32)
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+FAST_PRECISION = "bf16"
+
+
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed precision for the network on CUDA; the CPU path always runs in fp32."""
+    if precision == "auto":
+        precision = FAST_PRECISION
+    if precision not in PRECISIONS:
+        raise TrackerError(f"unknown precision {precision!r}; use auto, fp32, bf16 or fp16")
+    dtype = PRECISIONS[precision]
+    if device.type != "cuda" or dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def working_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(w, h) with the shorter side scaled down to `size`; never upscaled."""
+    short = min(width, height)
+    if size <= 0 or short <= size:
+        return width, height
+    scale = size / short
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+class FramePrep:
+    """Uploads a frame and makes XMem's input from it on the compute device.
+
+    The frame is resized to the working size as 8-bit pixels (as the reference
+    does through PIL) so that a cached resized frame gives exactly the same
+    network input as a freshly decoded one.
+    """
+
+    def __init__(self, device: torch.device, work_size: tuple[int, int], dtype: torch.dtype = torch.float32):
+        self.device = device
+        self.work_w, self.work_h = work_size
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device, dtype=dtype).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=device, dtype=dtype).view(3, 1, 1)
+        self.dtype = dtype
+
+    def upload(self, image: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(image))
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
+
+    def resize(self, image: torch.Tensor) -> torch.Tensor:
+        """HxWx3 uint8 -> hxwx3 uint8 at the working size."""
+        if image.shape[:2] == (self.work_h, self.work_w):
+            return image
+        chw = image.permute(2, 0, 1).unsqueeze(0).float()
+        small = F.interpolate(chw, size=(self.work_h, self.work_w), mode="bilinear",
+                              align_corners=False, antialias=True)
+        return small.round_().clamp_(0, 255).to(torch.uint8)[0].permute(1, 2, 0)
+
+    def normalise(self, small: torch.Tensor) -> torch.Tensor:
+        """hxwx3 uint8 -> 3xhxw ImageNet-normalised float."""
+        return (small.permute(2, 0, 1).to(self.dtype) / 255 - self.mean) / self.std
+
+
+class Propagator:
+    """Steps XMem through frames in one direction, feeding prompt masks where they exist.
+
+    Objects get XMem channels 1..K in the order they first appear in this pass;
+    an object joins at its first keyframe (the reference's ``valid_labels``), and
+    a later keyframe for a known object replaces its mask there (a correction).
+    """
+
+    def __init__(self, network: torch.nn.Module, config: dict, keyframes: Mapping[int, Mapping[int, torch.Tensor]],
+                 order: list[int]):
+        self.core = InferenceCore(network, copy.deepcopy(config))
+        self.keyframes = keyframes
+        self.channel: dict[int, int] = {}
+        for index in order:
+            for object_id in keyframes.get(index, {}):
+                self.channel.setdefault(object_id, len(self.channel) + 1)
+        self.object_ids = [0] + list(self.channel)  # channel -> object id
+        self.seen: list[int] = []
+
+    def step(self, index: int, image: torch.Tensor, end: bool) -> torch.Tensor:
+        """(K+1)xhxw probabilities for this frame (K = objects seen so far in this pass)."""
+        prompts = self.keyframes.get(index)
+        if not prompts:
+            if not self.seen:
+                raise RuntimeError("propagation must start on a prompted frame")
+            return self.core.step(image, end=end)
+        for object_id in prompts:
+            if object_id not in self.seen:
+                self.seen.append(object_id)
+        labels = [self.channel[o] for o in self.seen]
+        self.core.set_all_labels(labels)
+        mask = image.new_zeros((len(labels),) + tuple(image.shape[-2:]))
+        for object_id, object_mask in prompts.items():
+            mask[self.channel[object_id] - 1] = object_mask.to(mask)
+        valid = sorted(self.channel[o] for o in prompts)
+        return self.core.step(image, mask, valid, end=end)
+
+    def lookup(self, device: torch.device) -> torch.Tensor:
+        """Channel index -> object id, as a uint8 lookup table."""
+        return torch.tensor(self.object_ids, dtype=torch.uint8, device=device)
+
+
+def labels_at(prob: torch.Tensor, size: tuple[int, int], lookup: torch.Tensor) -> torch.Tensor:
+    """Probabilities at working size -> HxW uint8 object ids at `size` (h, w)."""
+    if tuple(prob.shape[-2:]) != size:
+        prob = F.interpolate(prob.unsqueeze(0).float(), size=size, mode="bilinear", align_corners=False)[0]
+    return lookup[prob.argmax(0)]
+
+
+def stamp(labels: torch.Tensor, masks: Mapping[int, torch.Tensor]) -> torch.Tensor:
+    """Put full-resolution prompt masks over tracked labels on a keyframe."""
+    for object_id, mask in masks.items():
+        mask = mask.to(labels.device)
+        labels = torch.where(labels == object_id, torch.zeros_like(labels), labels)
+        labels = torch.where(mask, torch.full_like(labels, object_id), labels)
+    return labels
+
+
+@dataclass
+class TrackedFrame:
+    """One output frame: the decoded picture and its object-id map, on the compute device."""
+
+    index: int
+    pts: int | None
+    time: float
+    image: torch.Tensor  # HxWx3 uint8
+    labels: torch.Tensor  # HxW uint8, 0 = background
+
+    def mask(self, object_id: int) -> np.ndarray:
+        """Boolean HxW mask of one object."""
+        return (self.labels == object_id).cpu().numpy()
+
+
+def prefetch(items: Iterable, depth: int, stop: threading.Event) -> Iterator:
+    """Run an iterator in a background thread, `depth` items ahead (decode overlaps compute)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def worker() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as exc:  # handed to the consumer, which re-raises
+            q.put(exc)
+
+    thread = threading.Thread(target=worker, name="decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def shrink_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A full-resolution bool mask at the working size (h, w), as 0/1 floats."""
+    if tuple(mask.shape) == size:
+        return mask.float()
+    small = F.interpolate(mask[None, None].float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+    return (small[0, 0] >= 0.5).float()
+
+
+def track_frames(
+    network: torch.nn.Module,
+    info: VideoInfo,
+    keyframes: Mapping[int, Mapping[int, np.ndarray]],
+    options: TrackOptions,
+    device: torch.device,
+    *,
+    cancel: threading.Event | None = None,
+    progress: ProgressFn | None = None,
+    earlier: Callable[[int], np.ndarray] | None = None,
+) -> Iterator[TrackedFrame]:
+    """Yield every frame of the video, in order, with its tracked label map.
+
+    `keyframes` maps frame index -> object id -> full-resolution bool mask (from
+    SAM). Tracking starts at the earliest keyframe, runs backwards to frame 0
+    (through a disk cache, never all frames in RAM) and then forwards to the end.
+    With `earlier` (frame index -> label map of a previous run), frames before
+    the first keyframe keep those labels instead of being tracked backwards.
+    """
+    cancel = cancel or threading.Event()
+    full_size = (info.height, info.width)
+    prep = FramePrep(device, working_size(info.width, info.height, options.size))
+    work_size = (prep.work_h, prep.work_w)
+    config = options.memory.xmem_config(network)
+    full_masks = {f: {o: torch.from_numpy(np.asarray(m, dtype=bool)).to(device) for o, m in objs.items()}
+                  for f, objs in keyframes.items()}
+    work_masks = {f: {o: shrink_mask(m, work_size) for o, m in objs.items()} for f, objs in full_masks.items()}
+    start = min(keyframes)
+    total = (0 if earlier else start) + info.frame_count
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        if cancel.is_set():
+            raise Cancelled("tracking was cancelled")
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    with tempfile.TemporaryDirectory(prefix="tracker-") as tmp, torch.inference_mode(), \
+            autocast_for(device, options.precision):
+        if earlier is None and start > 0:
+            backward = _track_backward(network, config, info, prep, start, work_masks[start], Path(tmp), tick)
+            earlier = backward.__getitem__
+        forward = Propagator(network, config, work_masks, order=sorted(work_masks))
+        lookup = forward.lookup(device)
+        last = info.frame_count - 1
+        for frame in prefetch(iter_frames(info.path), depth=4, stop=threading.Event()):
+            image = prep.upload(frame.image)
+            if frame.index < start:
+                labels = torch.from_numpy(np.asarray(earlier(frame.index))).to(device)
+            else:
+                prob = forward.step(frame.index, prep.normalise(prep.resize(image)), end=frame.index >= last)
+                labels = labels_at(prob, full_size, lookup)
+                if frame.index in full_masks:
+                    labels = stamp(labels, full_masks[frame.index])
+            tick()
+            yield TrackedFrame(frame.index, frame.pts, frame.time, image, labels)
+
+
+def _track_backward(network: torch.nn.Module, config: dict, info: VideoInfo, prep: FramePrep, start: int,
+                    masks: Mapping[int, torch.Tensor], tmp: Path, tick: Callable[[], None]) -> np.ndarray:
+    """Label maps of frames 0..start-1, tracked from `start` towards frame 0, as a disk-backed array."""
+    frames = np.lib.format.open_memmap(tmp / "frames.npy", mode="w+", dtype=np.uint8,
+                                       shape=(start + 1, prep.work_h, prep.work_w, 3))
+    decoded = 0
+    for frame in prefetch(iter_frames(info.path, 0, start + 1), depth=4, stop=threading.Event()):
+        frames[frame.index] = prep.resize(prep.upload(frame.image)).cpu().numpy()
+        decoded += 1
+    if decoded != start + 1:
+        raise TrackerError(f"only {decoded} frames decode before the prompt frame {start}; the video is damaged")
+    labels = np.lib.format.open_memmap(tmp / "labels.npy", mode="w+", dtype=np.uint8,
+                                       shape=(start, info.height, info.width))
+    propagator = Propagator(network, config, {start: masks}, order=[start])
+    lookup = propagator.lookup(prep.device)
+    for index in range(start, -1, -1):
+        image = prep.normalise(torch.from_numpy(np.array(frames[index])).to(prep.device))
+        prob = propagator.step(index, image, end=index == 0)
+        if index < start:
+            labels[index] = labels_at(prob, (info.height, info.width), lookup).cpu().numpy()
+            tick()
+    return labels
+
+
+class ThreadedSink:
+    """Feeds a writer from its own thread so encoding overlaps tracking.
+
+    `consume(item)` runs in the thread; an exception there is re-raised by the
+    next `put` or by `close`. `finish` runs in the thread after the last item,
+    `discard` cleans up after a failure.
+    """
+
+    def __init__(self, name: str, consume: Callable, finish: Callable[[], None], discard: Callable[[], None],
+                 depth: int = 8):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._consume, self._finish, self._discard = consume, finish, discard
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    _END = object()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                break
+            if self._error is None:
+                try:
+                    self._consume(*item)
+                except BaseException as exc:  # handed to the producer
+                    self._error = exc
+        if self._error is None:
+            try:
+                self._finish()
+            except BaseException as exc:
+                self._error = exc
+
+    def put(self, *item) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(item)
+
+    def close(self) -> None:
+        """Wait for every item to be written and the file finished; re-raise a writer error."""
+        self._queue.put(self._END)
+        self._thread.join()
+        if self._error is not None:
+            self._discard()
+            raise self._error
+
+    def abort(self) -> None:
+        """Stop without finishing; the partial output is removed."""
+        self._error = self._error or Cancelled("aborted")
+        self._queue.put(self._END)
+        self._thread.join()
+        self._discard()

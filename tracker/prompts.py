@@ -1,0 +1,155 @@
+"""What the user asked for: clicks and boxes per object and frame, checked against the video."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .errors import PromptError
+
+POSITIVE, NEGATIVE = 1, 0
+
+
+@dataclass
+class ObjectPrompt:
+    """Clicks and/or a box that pick one object on one frame.
+
+    An object may have prompts on several frames: the earliest introduces it,
+    later ones correct the tracked mask there.
+    """
+
+    object_id: int
+    frame: int = 0
+    points: list[tuple[float, float]] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    box: tuple[float, float, float, float] | None = None
+
+    def __post_init__(self) -> None:
+        self.points = [(float(x), float(y)) for x, y in self.points]
+        self.labels = [int(v) for v in self.labels]
+        if self.box is not None:
+            self.box = tuple(float(v) for v in self.box)  # type: ignore[assignment]
+
+    def check(self, width: int, height: int, frame_count: int) -> None:
+        """Raise PromptError when the prompt cannot apply to a video of this size and length."""
+        who = f"object {self.object_id}"
+        if not 1 <= self.object_id <= 255:
+            raise PromptError(f"{who}: object ids must be between 1 and 255")
+        if not 0 <= self.frame < frame_count:
+            raise PromptError(
+                f"{who}: prompt frame {self.frame} is past the end; the video has frames 0..{frame_count - 1}"
+            )
+        if not self.points and self.box is None:
+            raise PromptError(f"{who}: give at least one point or a box")
+        if len(self.labels) != len(self.points):
+            raise PromptError(f"{who}: {len(self.points)} points but {len(self.labels)} labels")
+        if any(v not in (POSITIVE, NEGATIVE) for v in self.labels):
+            raise PromptError(f"{who}: point labels must be 1 (object) or 0 (background)")
+        if self.box is None and POSITIVE not in self.labels:
+            raise PromptError(f"{who}: negative points alone select nothing; add a positive point or a box")
+        for x, y in self.points:
+            if not (0 <= x < width and 0 <= y < height):
+                raise PromptError(
+                    f"{who}: point ({x:g}, {y:g}) is outside the {width}x{height} frame; "
+                    f"x must be in 0..{width - 1} and y in 0..{height - 1}"
+                )
+        if self.box is not None:
+            x0, y0, x1, y1 = self.box
+            if not (0 <= min(x0, x1) and max(x0, x1) <= width and 0 <= min(y0, y1) and max(y0, y1) <= height):
+                raise PromptError(f"{who}: box {self.box} is outside the {width}x{height} frame")
+            if abs(x1 - x0) < 1 or abs(y1 - y0) < 1:
+                raise PromptError(f"{who}: box {self.box} has zero area; drag two distinct corners")
+
+
+def check_prompts(prompts: Sequence[ObjectPrompt], width: int, height: int, frame_count: int) -> None:
+    """Check every prompt and that no object is prompted twice on the same frame."""
+    if not prompts:
+        raise PromptError("no object selected: give a point (--point X,Y), a box or a prompts file")
+    seen: set[tuple[int, int]] = set()
+    for prompt in prompts:
+        prompt.check(width, height, frame_count)
+        key = (prompt.object_id, prompt.frame)
+        if key in seen:
+            raise PromptError(f"object {prompt.object_id} has two prompts on frame {prompt.frame}; merge them")
+        seen.add(key)
+
+
+def parse_xy(text: str, what: str = "point") -> tuple[float, float]:
+    """'320,180' -> (320.0, 180.0)."""
+    values = _floats(text, 2, what, "X,Y")
+    return values[0], values[1]
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    """'10,20,200,150' -> (10.0, 20.0, 200.0, 150.0)."""
+    x0, y0, x1, y1 = _floats(text, 4, "box", "X0,Y0,X1,Y1")
+    return x0, y0, x1, y1
+
+
+def _floats(text: str, count: int, what: str, form: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != count:
+        raise PromptError(f"{what} {text!r} is not of the form {form}")
+    return values
+
+
+def prompts_from_json(data: object) -> list[ObjectPrompt]:
+    """Read ``{"objects": [{"id": 1, "frame": 0, "points": [[x, y]], "labels": [1], "box": null}]}``."""
+    if not isinstance(data, dict) or not isinstance(data.get("objects"), list):
+        raise PromptError('prompts must be a JSON object with an "objects" list')
+    prompts = []
+    for n, item in enumerate(data["objects"]):
+        where = f"objects[{n}]"
+        if not isinstance(item, dict):
+            raise PromptError(f"{where} must be a JSON object")
+        unknown = set(item) - {"id", "frame", "points", "labels", "box"}
+        if unknown:
+            raise PromptError(f"{where} has unknown keys {sorted(unknown)}")
+        try:
+            points = [(float(x), float(y)) for x, y in item.get("points") or []]
+            labels = item.get("labels")
+            labels = [int(v) for v in labels] if labels is not None else [POSITIVE] * len(points)
+            box = item.get("box")
+            box = tuple(float(v) for v in box) if box is not None else None
+            if box is not None and len(box) != 4:
+                raise ValueError("box needs 4 numbers")
+            prompts.append(
+                ObjectPrompt(object_id=_int(item.get("id", n + 1)), frame=_int(item.get("frame", 0)),
+                             points=points, labels=labels, box=box)
+            )
+        except (TypeError, ValueError) as exc:
+            raise PromptError(f"{where} is malformed ({exc}); see the prompts file format in the README") from None
+    return prompts
+
+
+def _int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise ValueError(f"{value!r} is not a whole number")
+    return int(value)
+
+
+def load_prompts(path: str | Path) -> list[ObjectPrompt]:
+    """Read a prompts JSON file, with a clear error for a missing or malformed file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PromptError(f"prompts file {path} does not exist") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PromptError(f"prompts file {path} is not valid JSON ({exc})") from None
+    return prompts_from_json(data)
+
+
+def prompts_to_json(prompts: Iterable[ObjectPrompt]) -> dict:
+    """The inverse of prompts_from_json, for saving what the user clicked."""
+    return {
+        "objects": [
+            {"id": p.object_id, "frame": p.frame, "points": [list(xy) for xy in p.points],
+             "labels": list(p.labels), "box": list(p.box) if p.box else None}
+            for p in prompts
+        ]
+    }

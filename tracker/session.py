@@ -1,0 +1,216 @@
+"""The tracking session: models loaded once, prompts turned into masks, videos tracked to files.
+
+`Tracker` is the one entry point the CLI, the web app and scripts share:
+
+    tracker = Tracker(device="auto")
+    result = tracker.track("clip.mp4", [ObjectPrompt(1, points=[(320, 180)], labels=[1])],
+                           output="output/clip_tracked.mp4", masks="output/clip_masks.zip")
+"""
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from XMem.inference.inference_core import DEFAULT_CONFIG
+from XMem.model.network import XMem, dims_from_state_dict
+
+from . import weights
+from .errors import TrackerError
+from .pipeline import ProgressFn, ThreadedSink, TrackedFrame, TrackOptions, track_frames
+from .prompts import ObjectPrompt, check_prompts
+from .render import MaskZipReader, MaskZipWriter, overlay
+from .sam import ImageEmbedding, SamBackend, load_sam, resolve_device, segment
+from .video import VideoInfo, VideoWriter, probe, read_frame
+
+
+
+def load_xmem(checkpoint: Path, device: torch.device) -> XMem:
+    """XMem with the checkpoint's weights, strictly checked against the official layout."""
+    state = weights.load_checkpoint(checkpoint)
+    weights.verify_layout(state, "xmem", source=checkpoint)
+    network = XMem(dict(DEFAULT_CONFIG, **dims_from_state_dict(state)))
+    network.load_weights(state)
+    return network.to(device).eval()
+
+
+@dataclass(frozen=True)
+class PreviousRun:
+    """A finished run to build on: frames before `from_frame` keep its masks, tracking restarts there."""
+
+    masks: Path  # its masks zip
+    from_frame: int
+
+
+@dataclass
+class TrackResult:
+    """What a tracking run produced and how fast."""
+
+    frames: int
+    expected_frames: int
+    seconds: float
+    device: str
+    sam_backend: str
+    peak_gpu_bytes: int | None = None
+    output: Path | None = None
+    masks: Path | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def lost_frames(self) -> int:
+        return max(0, self.expected_frames - self.frames)
+
+    def summary(self) -> str:
+        parts = [f"{self.frames} frames in {self.seconds:.1f} s ({self.fps:.1f} FPS)",
+                 f"device {self.device}", f"SAM backend {self.sam_backend}"]
+        if self.peak_gpu_bytes is not None:
+            parts.append(f"peak GPU memory {self.peak_gpu_bytes / 2**30:.2f} GiB")
+        if self.lost_frames:
+            parts.append(f"{self.lost_frames} of {self.expected_frames} frames could not be decoded (damaged file)")
+        return ", ".join(parts)
+
+
+class Tracker:
+    """SAM and XMem, loaded once and shared; one tracking job runs on the device at a time."""
+
+    def __init__(self, sam_checkpoint: str | Path | None = None, xmem_checkpoint: str | Path | None = None, *,
+                 device: str = "auto", sam_backend: str = "auto", download: bool = True):
+        self.device = resolve_device(device)
+        sam_path = weights.resolve_checkpoint("sam", sam_checkpoint, download=download)
+        xmem_path = weights.resolve_checkpoint("xmem", xmem_checkpoint, download=download)
+        self.weights_status = {"sam": weights.checkpoint_status(sam_path, "sam_vit_b"),
+                               "xmem": weights.checkpoint_status(xmem_path, "xmem")}
+        self.sam: SamBackend = load_sam(sam_path, str(self.device), sam_backend)
+        self.xmem = load_xmem(xmem_path, self.device)
+        self.lock = threading.Lock()
+
+    @property
+    def untrained(self) -> bool:
+        return "untrained" in self.weights_status.values()
+
+    @property
+    def device_name(self) -> str:
+        if self.device.type == "cuda":
+            return f"cuda ({torch.cuda.get_device_name(self.device)})"
+        return "cpu"
+
+    def segment(self, embedding: ImageEmbedding, prompt: ObjectPrompt,
+                mask_input: np.ndarray | None = None) -> np.ndarray:
+        """The HxW bool mask SAM gives for one object's clicks/box on an embedded frame."""
+        points = np.asarray(prompt.points, dtype=np.float32).reshape(-1, 2)
+        labels = np.asarray(prompt.labels, dtype=np.int64)
+        box = np.asarray(prompt.box, dtype=np.float32) if prompt.box is not None else None
+        mask, _ = segment(self.sam, embedding, points, labels, box=box, mask_input=mask_input)
+        return mask
+
+    def prompt_masks(self, info: VideoInfo, prompts: Sequence[ObjectPrompt]) -> dict[int, dict[int, np.ndarray]]:
+        """Frame -> object id -> SAM mask, one embedding per prompted frame."""
+        keyframes: dict[int, dict[int, np.ndarray]] = {}
+        for frame_index in sorted({p.frame for p in prompts}):
+            embedding = self.sam.embed(read_frame(info.path, frame_index).image)
+            keyframes[frame_index] = {p.object_id: self.segment(embedding, p)
+                                      for p in prompts if p.frame == frame_index}
+        return keyframes
+
+    def iter_tracked(self, video: str | Path, prompts: Sequence[ObjectPrompt], options: TrackOptions | None = None,
+                     *, cancel: threading.Event | None = None,
+                     progress: ProgressFn | None = None) -> Iterator[TrackedFrame]:
+        """Every frame of the video with its object-id map, in order, streamed."""
+        info = probe(video)
+        check_prompts(prompts, info.width, info.height, info.frame_count)
+        keyframes = self.prompt_masks(info, prompts)
+        yield from track_frames(self.xmem, info, keyframes, options or TrackOptions(), self.device,
+                                cancel=cancel, progress=progress)
+
+    def track(self, video: str | Path, prompts: Sequence[ObjectPrompt], *, output: str | Path | None = None,
+              masks: str | Path | None = None, options: TrackOptions | None = None,
+              cancel: threading.Event | None = None, progress: ProgressFn | None = None,
+              previous: PreviousRun | None = None) -> TrackResult:
+        """Track the prompted objects through the video and write the overlay MP4 and/or the masks zip.
+
+        Files appear at their paths only once complete; on any error or cancel
+        nothing is left behind. With `previous`, only frames from
+        `previous.from_frame` on are tracked again (a correction there becomes
+        a new memory frame); earlier frames keep the previous masks.
+        """
+        options = options or TrackOptions()
+        info = probe(video)
+        check_prompts(prompts, info.width, info.height, info.frame_count)
+        with self.lock, ExitStack() as stack:
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            began = time.perf_counter()
+            keyframes, earlier = self._plan(info, prompts, previous)
+            sinks = self._open_sinks(info, output, masks, options)
+            stack.callback(lambda: [sink.abort() for sink in sinks if sink is not None])
+            video_sink, zip_sink = sinks
+            frames = 0
+            for tracked in track_frames(self.xmem, info, keyframes, options, self.device,
+                                        cancel=cancel, progress=progress, earlier=earlier):
+                if video_sink is not None:
+                    rendered = overlay(tracked.image, tracked.labels, alpha=options.alpha, outline=options.outline)
+                    video_sink.put(rendered.cpu().numpy(), tracked.pts, tracked.time)
+                if zip_sink is not None:
+                    zip_sink.put(tracked.index, tracked.labels.cpu().numpy())
+                frames += 1
+            for sink in sinks:
+                if sink is not None:
+                    sink.close()
+            stack.pop_all()
+            peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+            result = TrackResult(frames=frames, expected_frames=info.frame_count,
+                                 seconds=time.perf_counter() - began, device=self.device_name,
+                                 sam_backend=self.sam.name, peak_gpu_bytes=peak,
+                                 output=Path(output) if output else None, masks=Path(masks) if masks else None)
+        if self.untrained:
+            result.warnings.append(weights.UNTRAINED_WARNING)
+        return result
+
+    def _plan(self, info: VideoInfo, prompts: Sequence[ObjectPrompt], previous: PreviousRun | None
+              ) -> tuple[dict[int, dict[int, np.ndarray]], Callable[[int], np.ndarray] | None]:
+        """Keyframe masks, and where frames before the first keyframe get their labels from."""
+        if previous is None:
+            return self.prompt_masks(info, prompts), None
+        start = previous.from_frame
+        keyframes = self.prompt_masks(info, [p for p in prompts if p.frame >= start])
+        earlier = MaskZipReader(previous.masks)
+        base = earlier[start]
+        tracked = {int(o): base == o for o in np.unique(base) if o}
+        keyframes[start] = {**tracked, **keyframes.get(start, {})}
+        if not keyframes[start]:
+            raise TrackerError(f"frame {start} has no object to track from; add a prompt there")
+        return keyframes, earlier.__getitem__
+
+    @staticmethod
+    def _open_sinks(info: VideoInfo, output: str | Path | None, masks: str | Path | None,
+                    options: TrackOptions) -> list[ThreadedSink | None]:
+        if output is None and masks is None:
+            raise TrackerError("nothing to write: give an output video path and/or a masks zip path")
+        video_sink = zip_sink = None
+        if output is not None:
+            writer = VideoWriter(output, info, audio_from=info.path if info.has_audio else None,
+                                 crf=options.crf, preset=options.preset)
+            video_sink = ThreadedSink("encode", writer.write, writer.close, writer.abort)
+        if masks is not None:
+            zipper = MaskZipWriter(masks)
+            zip_sink = ThreadedSink("masks", zipper.write, zipper.close, zipper.abort)
+        return [video_sink, zip_sink]
+
+
+def track_video(video: str | Path, prompts: Sequence[ObjectPrompt], *, output: str | Path | None = None,
+                masks: str | Path | None = None, options: TrackOptions | None = None, device: str = "auto",
+                sam_checkpoint: str | Path | None = None, xmem_checkpoint: str | Path | None = None,
+                sam_backend: str = "auto") -> TrackResult:
+    """One call from a script: load the models, track, write the files."""
+    tracker = Tracker(sam_checkpoint, xmem_checkpoint, device=device, sam_backend=sam_backend)
+    return tracker.track(video, prompts, output=output, masks=masks, options=options)

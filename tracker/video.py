@@ -1,0 +1,501 @@
+"""Video files in and out with PyAV (FFmpeg's libraries; no ffmpeg command needed).
+
+Frames come out in display orientation (the container's rotation applied) as
+8-bit RGB with their original timestamps, one at a time. `VideoWriter` puts
+them back with the same timestamps, so frame count, frame rate, size and
+duration of the output match the input, and copies the audio alongside.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterator
+
+import av
+import numpy as np
+
+from .errors import VideoError
+
+log = logging.getLogger(__name__)
+
+UNSPECIFIED_COLORSPACE = 2  # AVCOL_SPC_UNSPECIFIED
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the tracker needs to know about a video before decoding it.
+
+    `width`/`height` are the display size (after rotation). `rotation` is the
+    clockwise turn in degrees that decoding applies to the stored picture
+    (a phone's portrait video is usually 90). `frame_count` is exact: video
+    packets counted, or the container's complete index when it lists more
+    (then the file is damaged and decoding stops early).
+    """
+
+    path: Path
+    width: int
+    height: int
+    frame_count: int
+    fps: Fraction
+    duration: float
+    time_base: Fraction
+    rotation: int
+    codec: str
+    pix_fmt: str
+    has_audio: bool
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One decoded frame: index in presentation order, RGB picture, original timestamp."""
+
+    index: int
+    image: np.ndarray  # HxWx3 uint8 RGB, display orientation
+    pts: int | None  # in VideoInfo.time_base
+    time: float  # seconds
+
+
+@dataclass(frozen=True)
+class _Timeline:
+    """The video packets of a file, from one demux pass (no decoding)."""
+
+    pts: np.ndarray  # sorted presentation timestamps; empty when the container has none
+    keyframes: np.ndarray  # (K, 2): presentation and decoding timestamp of each keyframe, sorted
+    counted: int  # packets read
+    declared: int  # frames the container's index lists (0 when it keeps none)
+    length: Fraction  # seconds from the start of the first frame to the end of the last one
+
+
+def probe(path: str | Path) -> VideoInfo:
+    """Read a video's properties, decoding only its first frame.
+
+    Raises VideoError, with what to do, for anything the tracker cannot use.
+    """
+    path = Path(path)
+    with _open(path) as container:
+        stream = _video_stream(container, path)
+        first = next(_decoded(container, stream), None)
+        if first is None:
+            raise VideoError(f"{path.name}: no frame of its video stream can be decoded; "
+                             "the file is damaged or uses an unsupported codec, re-export it as H.264 MP4")
+        rotation = _clockwise(first)
+        height, width = (first.width, first.height) if rotation in (90, 270) else (first.height, first.width)
+        codec, pix_fmt = stream.codec.canonical_name, first.format.name
+        has_audio = bool(container.streams.audio)
+        time_base = stream.time_base or Fraction(1, av.time_base)
+    with _open(path) as container:
+        timeline = _scan(container, _video_stream(container, path))
+    frame_count = max(timeline.counted, timeline.declared)
+    if timeline.counted < timeline.declared:
+        log.warning("%s: only %d of the %d frames its index lists are present; the file is truncated",
+                    path.name, timeline.counted, timeline.declared)
+    fps = frame_count / timeline.length  # the average rate, exact for a constant one
+    return VideoInfo(path=path, width=width, height=height, frame_count=frame_count, fps=fps,
+                     duration=float(timeline.length), time_base=Fraction(time_base), rotation=rotation, codec=codec,
+                     pix_fmt=pix_fmt, has_audio=has_audio)
+
+
+def iter_frames(path: str | Path, start: int = 0, stop: int | None = None) -> Iterator[Frame]:
+    """Frames `start` .. `stop`-1 (all by default), decoded one at a time.
+
+    A damaged tail ends the iteration quietly after the last good frame (a
+    warning is logged); compare the count with `probe(path).frame_count`.
+    Starting later than frame 0 seeks to the keyframe before `start`.
+    """
+    path = Path(path)
+    if stop is not None and stop <= start:
+        return
+    with _open(path) as container:
+        stream = _video_stream(container, path)
+        frames = _decoded(container, stream) if start == 0 else _decoded_from(container, stream, path, start)
+        fallback_rate = stream.average_rate or Fraction(25)
+        for index, frame in enumerate(frames, start):
+            if stop is not None and index >= stop:
+                return
+            time = float(frame.time) if frame.pts is not None else float(index / fallback_rate)
+            yield Frame(index, _display_rgb(frame), frame.pts, time)
+
+
+def read_frame(path: str | Path, index: int) -> Frame:
+    """The frame `iter_frames` yields at `index`, found by seeking (exact with B-frames and VFR)."""
+    frame = next(iter_frames(path, index, index + 1), None)
+    if frame is None:
+        raise VideoError(f"{Path(path).name}: frame {index} cannot be decoded (the video is shorter or damaged); "
+                         "choose an earlier frame")
+    return frame
+
+
+def _open(path: Path) -> av.container.InputContainer:
+    if not path.is_file():
+        raise VideoError(f"{path}: no such video file; check the path")
+    if path.stat().st_size == 0:
+        raise VideoError(f"{path.name} is empty (0 bytes); upload or copy the video again")
+    try:
+        return av.open(str(path), "r")
+    except (av.FFmpegError, OSError) as exc:
+        raise VideoError(f"{path.name} is not a video FFmpeg can read ({exc.__class__.__name__}); "
+                         "use a common format such as MP4, MOV, MKV or WebM") from exc
+
+
+def _video_stream(container: av.container.InputContainer, path: Path) -> av.VideoStream:
+    streams = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+    if not streams:
+        what = "only audio" if container.streams.audio else "no video stream"
+        raise VideoError(f"{path.name} has {what}; choose a file with a video track")
+    stream = streams[0]
+    stream.thread_type = "AUTO"
+    return stream
+
+
+def _decoded(container: av.container.InputContainer, stream: av.VideoStream) -> Iterator[av.VideoFrame]:
+    """Decoded frames in presentation order; stops at the first unreadable packet."""
+    decoded = 0
+    try:
+        for packet in container.demux(stream):
+            for frame in packet.decode():
+                decoded += 1
+                yield frame
+    except (av.FFmpegError, EOFError) as exc:
+        log.warning("%s: decoding stopped after %d frames: %s", container.name, decoded, exc)
+
+
+def _decoded_from(container: av.container.InputContainer, stream: av.VideoStream, path: Path,
+                  index: int) -> Iterator[av.VideoFrame]:
+    """Decoded frames from the one at `index` on, starting at the nearest keyframe that works.
+
+    Frames are identified by timestamp, so B-frames and variable frame rates
+    cannot shift the index. Without timestamps, or when no seek lands before
+    the frame, decoding starts at the beginning and counts.
+    """
+    timeline = _scan(container, stream)
+    if index >= timeline.counted:
+        return
+    if len(timeline.pts) == timeline.counted:
+        target = int(timeline.pts[index])
+        before = timeline.keyframes[timeline.keyframes[:, 0] <= target]
+        for _, seek_to in before[::-1][:3]:
+            try:  # by decoding timestamp: MPEG-TS seeks ahead of a presentation timestamp
+                container.seek(int(seek_to), stream=stream, backward=True, any_frame=False)
+            except av.FFmpegError:
+                break
+            frames = _decoded(container, stream)
+            for frame in frames:
+                if frame.pts is None or frame.pts > target:
+                    break  # the target was skipped: try an earlier keyframe
+                if frame.pts == target:
+                    yield frame
+                    yield from frames
+                    return
+        log.warning("%s: seeking to frame %d failed; decoding from the start", path.name, index)
+    with _open(path) as fresh:
+        yield from itertools.islice(_decoded(fresh, _video_stream(fresh, path)), index, None)
+
+
+def _scan(container: av.container.InputContainer, stream: av.VideoStream) -> _Timeline:
+    """Count the video packets and collect their timestamps: one demux pass, no decoding.
+
+    The length runs from the first frame's timestamp to the last one's plus the
+    typical frame interval; packet durations are not used because MP4 muxers
+    store decoding-order gaps there. A truncated file keeps its declared length.
+    """
+    declared = sum(1 for entry in stream.index_entries if not entry.is_discard)
+    pts: list[int] = []
+    keyframes: list[tuple[int, int]] = []
+    counted = 0
+    try:
+        for packet in container.demux(stream):
+            if packet.size == 0:  # the end-of-stream marker
+                continue
+            if packet.is_keyframe and packet.pts is not None:  # discarded ones too: a cut file starts there
+                keyframes.append((packet.pts, packet.pts if packet.dts is None else packet.dts))
+            if packet.is_discard:
+                continue
+            counted += 1
+            if packet.pts is not None:
+                pts.append(packet.pts)
+    except (av.FFmpegError, EOFError) as exc:
+        log.warning("%s: reading stopped after %d video packets: %s", container.name, counted, exc)
+    time_base = stream.time_base or Fraction(1, av.time_base)
+    ordered = np.sort(np.asarray(pts, dtype=np.int64))
+    nominal = 1 / stream.average_rate if stream.average_rate else Fraction(1, 25)
+    if len(ordered) > 1:
+        interval = int(round(float(np.median(np.diff(ordered))))) * time_base or nominal
+        length = (int(ordered[-1]) - int(ordered[0])) * time_base + interval
+    else:
+        length = max(counted, 1) * nominal
+    if counted < declared and stream.duration:
+        length = max(length, stream.duration * time_base)
+    return _Timeline(pts=ordered, keyframes=np.asarray(sorted(keyframes), dtype=np.int64).reshape(-1, 2),
+                     counted=counted, declared=declared, length=Fraction(length))
+
+
+def _clockwise(frame: av.VideoFrame) -> int:
+    """The display matrix's rotation as a clockwise quarter turn (PyAV reports counter-clockwise)."""
+    return int(round(-frame.rotation / 90)) % 4 * 90
+
+
+def _display_rgb(frame: av.VideoFrame) -> np.ndarray:
+    """8-bit RGB in display orientation, whatever the stored pixel format and bit depth."""
+    untagged_hd = frame.colorspace == UNSPECIFIED_COLORSPACE and frame.height >= 720
+    options = {"src_colorspace": "itu709"} if untagged_hd else {}  # what players assume for HD
+    image = frame.to_ndarray(format="rgb24", **options)
+    turns = _clockwise(frame) // 90
+    return np.ascontiguousarray(np.rot90(image, k=-turns)) if turns else image
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where one output codec goes: container format and how audio is carried."""
+
+    format: str
+    audio_copy: frozenset[str]  # audio codecs the container takes as they are
+    audio_encoder: str  # what other audio is converted to
+
+
+_TARGETS = {
+    "libx264": _Target("mp4", frozenset({"aac", "mp3", "alac", "opus", "flac", "ac3", "eac3"}), "aac"),
+    "libvpx-vp9": _Target("webm", frozenset({"opus", "vorbis"}), "libopus"),
+}
+
+# BT.709, limited range: what players assume for untagged HD; tagged so nobody has to guess.
+BT709 = 1
+LIMITED_RANGE = 1
+
+
+def _encoder_options(codec: str, crf: int, preset: str) -> dict[str, str]:
+    if codec == "libvpx-vp9":  # constant quality, fast enough to keep up with tracking
+        return {"crf": str(crf), "b": "0", "deadline": "realtime", "cpu-used": "8", "row-mt": "1"}
+    return {"crf": str(crf), "preset": preset}
+
+
+def output_pix_fmt(codec: str, width: int, height: int) -> str:
+    """The pixel format a writer uses.
+
+    H.264 in 4:2:0 cannot code an odd width or height (its chroma and cropping
+    work in 2-pixel units), so odd sizes are written as 4:4:4 H.264 (High 4:4:4
+    profile): the exact input size, but browsers (Safari, Firefox) may not play
+    it; VLC, mpv and FFmpeg-based players do. VP9 always carries alpha.
+    """
+    if codec == "libvpx-vp9":
+        return "yuva420p"
+    return "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
+
+
+class VideoWriter:
+    """Encodes frames to a file that appears at `path` only once `close()` succeeds.
+
+    Timestamps are the input's (shifted so the first frame is at 0), in the
+    input's time base, so variable frame rates stay variable. H.264 MP4s get
+    `+faststart` (index before the data, so browsers start playing at once).
+    Audio from `audio_from` is copied packet by packet when the container takes
+    its codec, otherwise re-encoded (AAC in MP4, Opus in WebM), and cut at the
+    end of the video. `libvpx-vp9` writes WebM with an alpha channel and takes
+    RGBA images (cut-outs on a transparent background).
+
+    One thread may `write` while another created the writer; calls are serialised.
+    """
+
+    def __init__(self, path: str | Path, info: VideoInfo, *, audio_from: str | Path | None = None, crf: int = 18,
+                 preset: str = "veryfast", codec: str = "libx264"):
+        if codec not in _TARGETS:
+            raise ValueError(f"unsupported codec {codec!r}; use one of {sorted(_TARGETS)}")
+        self.path = Path(path)
+        self.info = info
+        self._lock = threading.Lock()
+        self._first_pts: int | None = None
+        self._last_pts = -1
+        self._frames = 0
+        self._done = False
+        self._container: av.container.OutputContainer | None = None
+        self._audio: _AudioTrack | None = None
+        target = _TARGETS[codec]
+        self._temp = temporary_path_beside(self.path)
+        try:
+            options = {"movflags": "+faststart"} if target.format == "mp4" else {}
+            self._container = av.open(str(self._temp), "w", format=target.format, options=options)
+            self._video = self._add_video(codec, _encoder_options(codec, crf, preset))
+            self._audio = _AudioTrack.of(Path(audio_from), self._container, target) if audio_from else None
+            self._container.start_encoding()
+        except BaseException as exc:
+            self.abort()
+            if isinstance(exc, (av.FFmpegError, OSError, ValueError)):
+                raise VideoError(f"cannot start writing {self.path.name}: {exc}") from exc
+            raise
+
+    def _add_video(self, codec: str, options: dict[str, str]) -> av.VideoStream:
+        stream = self._container.add_stream(codec, rate=self.info.fps.limit_denominator(1_000_000), options=options)
+        stream.width, stream.height = self.info.width, self.info.height
+        stream.pix_fmt = output_pix_fmt(codec, self.info.width, self.info.height)
+        stream.codec_context.time_base = self.info.time_base
+        stream.codec_context.colorspace = stream.codec_context.color_primaries = BT709
+        stream.codec_context.color_trc = BT709
+        stream.codec_context.color_range = LIMITED_RANGE
+        return stream
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def write(self, image: np.ndarray, pts: int | None, time: float) -> None:
+        """Encode one HxWx3 RGB (or HxWx4 RGBA) uint8 frame shown at `pts` (input time base) or `time`."""
+        with self._lock:
+            if self._done:
+                raise VideoError(f"{self.path.name} is already closed")
+            if image.shape[:2] != (self.info.height, self.info.width) or image.dtype != np.uint8:
+                raise ValueError(f"expected a {self.info.height}x{self.info.width} uint8 image, "
+                                 f"got {image.shape} {image.dtype}")
+            stamp = pts if pts is not None else round(time / self.info.time_base)
+            if self._first_pts is None:
+                self._first_pts = stamp
+            stamp = max(stamp - self._first_pts, self._last_pts + 1)  # encoders need strictly rising times
+            rgb = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgba" if image.shape[2] == 4 else "rgb24")
+            frame = rgb.reformat(format=self._video.pix_fmt, dst_colorspace="itu709", dst_color_range="MPEG")
+            frame.pts, frame.time_base = stamp, self.info.time_base
+            try:
+                self._container.mux(self._video.encode(frame))
+                if self._audio is not None:
+                    self._audio.copy_until(self._seconds(stamp), self._seconds(self._first_pts))
+            except (av.FFmpegError, OSError) as exc:
+                raise VideoError(f"writing {self.path.name} failed: {exc}; check the free disk space") from exc
+            self._last_pts = stamp
+            self._frames += 1
+
+    def _seconds(self, stamp: int | None) -> float:
+        return float((stamp or 0) * self.info.time_base)
+
+    def close(self) -> None:
+        """Flush the encoder, finish the audio, move the index to the front and rename into place."""
+        with self._lock:
+            if self._done:
+                return
+            try:
+                self._container.mux(self._video.encode())
+                if self._audio is not None:
+                    self._audio.copy_until(self._end_seconds(), self._seconds(self._first_pts), final=True)
+                self._container.close()
+                self._temp.chmod(0o644)  # mkstemp makes it private; a finished video is not
+                os.replace(self._temp, self.path)
+            except (av.FFmpegError, OSError) as exc:
+                self._discard()
+                raise VideoError(f"finishing {self.path.name} failed: {exc}; check the free disk space") from exc
+            except BaseException:
+                self._discard()
+                raise
+            self._done = True
+
+    def _end_seconds(self) -> float:
+        """Where the video ends: the input's duration when every frame came, else one frame after the last."""
+        if self._frames >= self.info.frame_count:
+            return self.info.duration
+        return self._seconds(self._last_pts) + float(1 / self.info.fps)
+
+    def abort(self) -> None:
+        """Stop and remove everything written so far (nothing appears at `path`)."""
+        with self._lock:
+            if not self._done:
+                self._discard()
+
+    def _discard(self) -> None:
+        self._done = True
+        if self._container is not None:
+            try:
+                self._container.close()
+            except (av.FFmpegError, OSError):
+                pass  # the file is deleted next; a failed trailer does not matter
+        if self._audio is not None:
+            self._audio.close()
+        self._temp.unlink(missing_ok=True)
+
+
+# Encoders reject layouts without a channel order (as Matroska stores PCM); more than 8 channels are mixed to 2.
+_STANDARD_LAYOUTS = {1: "mono", 2: "stereo", 3: "3.0", 4: "quad", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
+
+
+class _AudioTrack:
+    """The first audio stream of a file, copied or re-encoded into an output as the video advances."""
+
+    @classmethod
+    def of(cls, source: Path, output: av.container.OutputContainer, target: _Target) -> _AudioTrack | None:
+        """The track, or None when the file has no audio."""
+        container = _open(source)
+        if not container.streams.audio:
+            container.close()
+            return None
+        return cls(container, output, target)
+
+    def __init__(self, container: av.container.InputContainer, output: av.container.OutputContainer,
+                 target: _Target):
+        self._input = container
+        self._source = container.streams.audio[0]
+        self._copy = self._source.codec.canonical_name in target.audio_copy
+        if self._copy:
+            self._stream = output.add_stream_from_template(self._source, opaque=True)
+        else:
+            rate = 48000 if target.audio_encoder == "libopus" else self._source.rate
+            layout = _STANDARD_LAYOUTS.get(self._source.layout.nb_channels, "stereo")
+            self._stream = output.add_stream(target.audio_encoder, rate=rate, layout=layout)
+        self._output = output
+        self._packets = self._input.demux(self._source)
+        self._pending: av.Packet | None = None
+
+    def copy_until(self, seconds: float, start: float, final: bool = False) -> None:
+        """Write the audio before `seconds` of output time; with `final`, close the input."""
+        try:
+            while True:
+                packet = self._pending or next(self._packets, None)
+                self._pending = None
+                if packet is None:
+                    break
+                if packet.pts is None:  # the end marker, or a packet that cannot be placed in time
+                    continue
+                begins = float(packet.pts * packet.time_base) - start
+                if begins >= seconds:
+                    self._pending = packet
+                    break
+                self._write(packet, start)  # earlier audio too: an AAC stream's priming packet comes first
+        except (av.FFmpegError, EOFError) as exc:
+            log.warning("%s: audio stopped early: %s", self._input.name, exc)
+            self._packets = iter(())
+        if final:
+            if not self._copy:
+                self._output.mux(self._stream.encode(None))
+            self.close()
+
+    def _write(self, packet: av.Packet, start: float) -> None:
+        shift = round(start / packet.time_base)
+        if self._copy:
+            packet.pts -= shift
+            if packet.dts is not None:
+                packet.dts -= shift
+            packet.stream = self._stream
+            self._output.mux(packet)
+            return
+        for frame in packet.decode():
+            frame.pts = None if frame.pts is None else frame.pts - shift
+            self._output.mux(self._stream.encode(frame))
+
+    def close(self) -> None:
+        self._input.close()
+
+
+def temporary_path_beside(path: Path) -> Path:
+    """An empty file next to `path`, so the final rename stays on one file system."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    except OSError as exc:
+        raise VideoError(f"cannot write to {path.parent}: {exc.strerror or exc}; "
+                         "choose a folder you can write to") from exc
+    os.close(handle)
+    return Path(name)
