@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import gradio as gr
 
-from tracker.cli import _add_model_flags as add_model_flags
+from tracker.cli import add_model_flags as add_model_flags
 from tracker.errors import Cancelled, TrackerError
 from tracker.exports import CUTOUT_KINDS
 from tracker.interactive import VIDEO_SUFFIXES, EditSession, Limits, SessionStore, Style, frame_caption
@@ -121,24 +121,27 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                                                 interactive=True, scale=2, min_width=140)
                     with gr.Column(scale=1, min_width=120):
                         add_object = gr.Button("Add object", elem_id="add-object", size="sm")
-                        remove_object = gr.Button("Remove object", elem_id="remove-object", variant="stop", size="sm")
+                        remove_object = gr.Button("Remove object", elem_id="remove-object", size="sm")
                 object_legend = gr.HTML("", elem_id="object-legend")
                 with gr.Row():
                     undo = gr.Button("Undo last click", elem_id="undo-point")
                     clear = gr.Button("Clear object on this frame", elem_id="clear-object")
                 with gr.Accordion("Settings", open=False, elem_id="settings"):
-                    size = gr.Slider(0, 1080, value=480, step=8, label="Processing resolution (shorter side, px; "
-                                     "0 = original)", elem_id="processing-size")
-                    mem_every = gr.Slider(1, 30, value=MemoryOptions().mem_every, step=1,
+                    defaults = TrackOptions()
+                    size = gr.Slider(0, 1080, value=defaults.size, step=8, label="Processing resolution (shorter "
+                                     "side, px; 0 = original)", elem_id="processing-size")
+                    mem_every = gr.Slider(1, 30, value=defaults.memory.mem_every, step=1,
                                           label="Memory interval (frames between memory updates)",
                                           elem_id="memory-interval")
-                    alpha = gr.Slider(0, 1, value=0.5, step=0.05, label="Overlay opacity", elem_id="overlay-opacity")
-                    outline = gr.Slider(0, 10, value=2, step=1, label="Outline width (px)", elem_id="outline-width")
+                    alpha = gr.Slider(0, 1, value=defaults.alpha, step=0.05, label="Overlay opacity",
+                                      elem_id="overlay-opacity")
+                    outline = gr.Slider(0, 10, value=defaults.outline, step=1, label="Outline width (px)",
+                                        elem_id="outline-width")
                     gr.Textbox(tracker.sam.name, label="SAM backend (chosen at startup: --sam-backend)",
                                interactive=False, elem_id="sam-backend")
             with gr.Column(scale=3, min_width=400):
                 frame_image = gr.Image(label="Click the object", interactive=False, elem_id="frame-image",
-                                       type="numpy", format="png", buttons=[])
+                                       type="numpy", format="webp", buttons=[])
                 frame_slider = gr.Slider(0, 1, value=0, step=1, label="Frame", elem_id="frame-slider",
                                          interactive=False)
                 frame_info = gr.Markdown("No video yet", elem_id="frame-info")
@@ -193,9 +196,10 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             image, caption = shown(session, frame, alpha_value, outline_value)
             return gr.skip(), image, caption
 
-        for trigger in (frame_slider.change, alpha.release, outline.release):
+        # Only what the user does redraws the frame (not the slider's reset on upload).
+        for trigger in (frame_slider.input, alpha.input, outline.input):
             trigger(on_frame, [frame_slider, *style], [status, frame_image, frame_info], show_progress="hidden",
-                    concurrency_limit=4)
+                    trigger_mode="always_last", concurrency_limit=4)
 
         @show_errors(outputs=2)
         def on_click(frame: int, mode: str, alpha_value: float, outline_value: float, event: gr.SelectData,
@@ -252,16 +256,23 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
         remove_object.click(on_remove_object, [object_select, frame_slider, *style],
                             [status, object_select, object_legend, frame_image], concurrency_limit=4)
 
+        # Track runs in two steps: an immediate one marks the job (so that Cancel reaches it even while it
+        # waits in the queue) and says whether it may run; the queued one tracks.
+        job_accepted = gr.State(False)
+
         def on_begin(request: gr.Request):
             try:
                 session_of(request).begin_job()
             except TrackerError as exc:
-                raise gr.Error(str(exc), print_exception=False) from None
-            return "Waiting for the tracker…", gr.update(interactive=False), gr.update(interactive=True)
+                gr.Warning(str(exc))
+                return f"Error: {exc}", False, gr.skip(), gr.skip()
+            return "Waiting for the tracker…", True, gr.update(interactive=False), gr.update(interactive=True)
 
         @show_errors(outputs=6)
-        def on_track(full: bool, size_value: float, mem_value: float, alpha_value: float, outline_value: float,
-                     frame: int, request: gr.Request, progress=gr.Progress()):
+        def on_track(accepted: bool, full: bool, size_value: float, mem_value: float, alpha_value: float,
+                     outline_value: float, frame: int, request: gr.Request, progress=gr.Progress()):
+            if not accepted:
+                return (gr.skip(),) * 6
             session = session_of(request)
             options = TrackOptions(size=int(size_value), memory=MemoryOptions(mem_every=int(mem_value)),
                                    alpha=float(alpha_value), outline=int(outline_value))
@@ -275,15 +286,17 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                 session.end_job()
             warnings = "".join(f"\n⚠ {w}" for w in record.warnings)
             files = session.result_files()
-            return (f"Done: {record.summary}.{warnings}", str(record.overlay), files, f"**{record.summary}**",
+            return (f"Done: {record.describe()}. {record.summary}.{warnings}", str(record.overlay), files,
+                    f"**{record.summary}**",
                     gr.update(choices=[(f"Object {i}", i) for i in sorted(record.objects)],
                               value=sorted(record.objects)),
                     shown(session, frame, alpha_value, outline_value)[0])
 
         job_buttons = [track_button, cancel_button]
-        (track_button.click(on_begin, None, [status, *job_buttons], queue=False)
-         .success(on_track, [full_rerun, size, mem_every, *style, frame_slider], [status, *results, frame_image],
-                  concurrency_limit=1, concurrency_id="track")
+        (track_button.click(on_begin, None, [status, job_accepted, *job_buttons], queue=False)
+         .then(on_track, [job_accepted, full_rerun, size, mem_every, *style, frame_slider],
+               [status, *results, frame_image], show_progress_on=status, concurrency_limit=1,
+               concurrency_id="track")
          .then(lambda: (gr.update(interactive=True), gr.update(interactive=False)), None, job_buttons,
                queue=False))
 
@@ -300,7 +313,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             return "Cut-out ready in the downloads.", session.result_files()
 
         cutout_button.click(on_cutout, [cutout_objects, cutout_kind], [status, result_files],
-                            concurrency_limit=1, concurrency_id="export")
+                            show_progress_on=status, concurrency_limit=1, concurrency_id="export")
 
         def on_unload(request: gr.Request) -> None:
             store.close(request.session_hash)

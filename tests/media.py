@@ -55,21 +55,25 @@ def frame_pts(frames: int, vfr: bool) -> list[int]:
 
 
 def make_clip(path: str | Path, *, frames: int = 30, width: int = 160, height: int = 120, fps: int = 25,
-              audio: bool = True, audio_codec: str = "aac", rotation: int = 0, codec: str = "libx264", pix_fmt: str = "yuv420p",
-              vfr: bool = False, moving_object: bool = True, gop: int = 12, bframes: int = 2,
-              faststart: bool = False) -> Path:
+              audio: bool = True, audio_codec: str = "aac", rotation: int = 0, codec: str = "libx264",
+              pix_fmt: str = "yuv420p", vfr: bool = False, moving_object: bool = True, gop: int = 12,
+              bframes: int = 2, faststart: bool = False) -> Path:
     """Write a clip whose display size is width x height and return its path.
 
     `rotation` (0/90/180/270, clockwise, as a phone records portrait video) stores
     the picture turned the other way with a display matrix that turns it back,
     so decoders that honour the matrix show `clip_frame` again. Odd sizes need a
-    pixel format without chroma subsampling (e.g. yuv444p) or VP9. Timestamps
-    use a 1/(fps*100) time base; with `vfr` the frame intervals vary.
+    pixel format without chroma subsampling (e.g. yuv444p) or VP9. H.264 gets
+    `bframes` B-frames and a keyframe every `gop` frames. Timestamps count in
+    1/(fps*100) s; with `vfr` the frame intervals vary. `audio_codec` must fit
+    the container (e.g. pcm_s16le needs .mkv or .mov).
     """
     path = Path(path)
-    options = {"g": str(gop), "bf": str(bframes), "preset": "veryfast"} if codec == "libx264" else {}
-    if codec == "libvpx-vp9":
-        options = {"deadline": "realtime", "cpu-used": "8", "g": str(gop)}
+    options = {"g": str(gop)}
+    if codec == "libx264":
+        options.update(bf=str(bframes), preset="veryfast")
+    elif codec == "libvpx-vp9":
+        options.update(deadline="realtime", **{"cpu-used": "8"})
     time_base = Fraction(1, fps * 100)
     container = av.open(str(path), "w", options={"movflags": "+faststart"} if faststart else {})
     try:

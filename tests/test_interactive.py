@@ -190,11 +190,11 @@ def test_open_video_stores_it_under_a_fixed_name_and_checks_limits(tmp_path, dis
     upload = tmp_path / "../etc passwd; rm -rf.MP4"
     upload.write_bytes(clip.read_bytes())
     info = session.open_video(upload, Limits())
-    assert session.video == tmp_path / "s" / "input.mp4" and info.frame_count == FRAMES
+    assert session.video == tmp_path / "s" / "upload.mp4" and info.frame_count == FRAMES
     assert session.objects == [1] and session.current == 1
     with pytest.raises(VideoError, match="--max-frames"):
         session.open_video(clip, Limits(max_frames=FRAMES - 1))
-    assert session.info is None and not (tmp_path / "s" / "input.mp4").exists()
+    assert session.info is None and not (tmp_path / "s" / "upload.mp4").exists()
     text = tmp_path / "notes.txt"
     text.write_text("hello")
     with pytest.raises(VideoError, match=r"\.txt is not a video"):
@@ -217,6 +217,9 @@ def test_clicks_update_the_mask_from_one_embedding_per_frame(session, disc_track
     assert image.shape == (H * 4, W * 4, 3) and time_s == 0.0
     session.undo(0)
     assert np.array_equal(session.labels(0) == 1, disc(40, 60) | disc(60, 60))
+    session.undo(0)
+    assert np.array_equal(session.labels(0) == 1, disc(40, 60))
+    click(session, 0, 60, 60)
     session.clear(0)
     assert not session.labels(0).any()
     assert "nothing to undo" in session.undo(0)
@@ -266,6 +269,7 @@ def test_track_then_correct_keeps_earlier_frames_and_uses_the_correction(session
     reports = []
     first = session.track(OPTIONS, progress=lambda fraction, text: reports.append(fraction))
     assert first.objects == {1, 2} and reports[-1] == pytest.approx(1.0)
+    assert first.describe() == "tracked the whole video"
     assert session.result_files() == [str(first.overlay), str(first.masks)]
     assert probe(first.overlay).frame_count == FRAMES
     before = zip_members(first.masks)
@@ -285,6 +289,7 @@ def test_track_then_correct_keeps_earlier_frames_and_uses_the_correction(session
 
     # Another working resolution would change every tracked frame; only those from the correction on do.
     second = session.track(TrackOptions(size=64))
+    assert second.describe() == "re-tracked from frame 4; frames before it kept their masks"
     assert not first.masks.exists(), "the previous run's files are replaced"
     after = zip_members(second.masks)
     assert sorted(after) == sorted(before)
@@ -297,6 +302,8 @@ def test_track_then_correct_keeps_earlier_frames_and_uses_the_correction(session
 
     # Asked for, a full re-run tracks from the first prompts again and applies the correction on top.
     third = session.track(OPTIONS, full=True)
+    assert third.describe() == "tracked the whole video; corrections on frame(s) 4 applied on top"
+    assert third.summary.startswith("2 passes: ")
     with MaskZipReader(third.masks) as masks:
         assert np.array_equal(masks[0] == 1, disc(45, 60))
         assert (masks[4] == 1)[disc(100, 30)].all()

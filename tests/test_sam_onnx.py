@@ -17,7 +17,7 @@ import torch
 
 from tracker import sam_onnx
 from tracker.errors import WeightsError
-from tracker.sam import ImageEmbedding, TorchSam, load_sam, prepare_prompt, resized_shape
+from tracker.sam import ImageEmbedding, TorchSam, load_model, load_sam, prepare_prompt, resized_shape
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def checkpoint(untrained_checkpoints, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def model(checkpoint):
-    return sam_onnx.load_sam_model(checkpoint)
+    return load_model(checkpoint)
 
 
 @pytest.fixture(scope="session")
@@ -166,6 +166,8 @@ def test_onnx_backend_needs_exports_of_this_checkpoint(checkpoint, onnx_backend,
     with pytest.raises(WeightsError, match=r"no ONNX encoder .*python export_sam_encoder.py --checkpoint"):
         load_sam(lone, "cpu", "onnx")
     assert "export_sam_encoder.py" in sam_onnx.onnx_ready(lone, torch.device("cpu"))
+    assert load_sam(lone, "cpu").name == "torch"  # auto: no exports, so PyTorch
+    assert load_sam(checkpoint, "cpu").name == "onnx"  # auto: exports present, the fastest CPU path
     encoder, decoder = sam_onnx.onnx_paths(checkpoint)
     with pytest.raises(WeightsError, match="exported from other weights"):
         sam_onnx.OnnxSam(encoder, decoder, checkpoint_sha256="0" * 64)
@@ -173,7 +175,7 @@ def test_onnx_backend_needs_exports_of_this_checkpoint(checkpoint, onnx_backend,
         sam_onnx.OnnxSam(encoder, encoder)
 
 
-def test_best_mask_decoder_follows_sams_rule_and_is_refused_by_backends(checkpoint, model, encoder_cli, tmp_path):
+def test_best_mask_decoder_follows_sams_rule_and_is_refused_by_backends(checkpoint, encoder_cli, tmp_path):
     """--no-multimask is SAM's own variant: best of three for a lone click (+ padding), else the single mask."""
     output = tmp_path / "best.onnx"
     report = sam_onnx.export_checked("decoder", checkpoint, output, multimask=False, log=lambda line: None)

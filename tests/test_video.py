@@ -153,12 +153,14 @@ def test_variable_frame_rate_stays_variable(vfr_clip, tmp_path):
     assert probe(output).duration == pytest.approx(probe(vfr_clip).duration)
 
 
-def test_odd_size_is_kept_exactly(media_dir, tmp_path):
+def test_odd_size_becomes_even_yuv420p_with_the_picture_intact(media_dir, tmp_path):
     source = make_clip(media_dir / "odd.mp4", frames=4, width=161, height=121, pix_fmt="yuv444p", audio=False)
     output = encode_copy(source, tmp_path / "odd_out.mp4")
     info = probe(output)
-    assert (info.width, info.height, info.frame_count, info.pix_fmt) == (161, 121, 4, "yuv444p")
-    assert close_to(next(iter_frames(output)).image, clip_frame(0, 4, 161, 121))
+    assert (info.width, info.height, info.frame_count, info.pix_fmt) == (162, 122, 4, "yuv420p")
+    image = next(iter_frames(output)).image
+    assert close_to(image[:121, :161], clip_frame(0, 4, 161, 121))
+    assert close_to(image[121:, :161], image[120:121, :161])  # the added row repeats the last one
 
 
 def test_index_is_written_before_the_media_data(clip, tmp_path):

@@ -1,4 +1,4 @@
-"""`python -m tracker bench`: how fast each stage runs, fast path beside plain fp32.
+"""`python -m tracker bench`: how fast each stage runs, in fp32 and (on CUDA) with bf16 XMem.
 
 Speed does not depend on training, so the benchmark writes untrained weights in
 the official layouts and its own synthetic H.264 clips (with audio). Warm-up
@@ -174,7 +174,7 @@ def run(device: str, frames: int | None, sam_backend: str) -> str:
     tracker_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                   ("cpu" if device == "auto" else device))
     profile = Profile.for_device(tracker_device, frames)
-    modes = ["fast", "fp32"] if tracker_device.type == "cuda" else ["fp32"]
+    modes = ["fp32", "bf16"] if tracker_device.type == "cuda" else ["fp32"]  # XMem precision per column
     results = Results()
     with tempfile.TemporaryDirectory(prefix="tracker-bench-") as tmp:
         tmp = Path(tmp)
@@ -182,12 +182,11 @@ def run(device: str, frames: int | None, sam_backend: str) -> str:
         clips = {name: make_clip(tmp / f"{name}.mp4", w, h, profile.clip_frames)
                  for name, (w, h) in profile.frame_sizes.items()}
         for mode in modes:
-            precision = "auto" if mode == "fast" else "fp32"
-            backend = sam_backend if mode == "fast" else "torch"
+            precision = mode
+            backend = sam_backend if mode == modes[0] else "torch"
             tracker = Tracker(checkpoints["sam"], checkpoints["xmem"], device=str(tracker_device),
                               sam_backend=backend, download=False)
             results.add("SAM backend", mode, tracker.sam.name)
-            results.add("XMem precision", mode, precision if precision != "auto" else "auto (bf16)")
             w, h = next(iter(profile.frame_sizes.values()))
             bench_sam(tracker, w, h, profile.repeats, results, mode)
             for objects in (1, 3):

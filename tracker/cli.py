@@ -14,7 +14,7 @@ from .prompts import NEGATIVE, POSITIVE, ObjectPrompt, load_prompts, parse_box, 
 OUTPUT_DIR = Path("output")
 
 
-def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cuda or cpu")
     parser.add_argument("--sam-checkpoint", type=Path, help="SAM ViT-B checkpoint (default: models/, downloaded)")
     parser.add_argument("--xmem-checkpoint", type=Path, help="XMem checkpoint (default: models/, downloaded)")
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "max_long_term_elements", "deep_update_every"):
         track.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name),
                            help=f"XMem memory setting (default {getattr(defaults, name)})")
-    _add_model_flags(track)
+    add_model_flags(track)
 
     weights = commands.add_parser("weights", help="download or generate checkpoints")
     actions = weights.add_subparsers(dest="action", required=True)
@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     untrained = actions.add_parser("untrained", help="write untrained checkpoints in the official layouts")
     untrained.add_argument("directory", type=Path)
 
-    bench = commands.add_parser("bench", add_help=False, help="print the speed table (python -m tracker bench -h)")
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    # Listed for --help; main() hands its arguments to tracker.bench unparsed.
+    commands.add_parser("bench", add_help=False, help="print the speed table (python -m tracker bench -h)")
     return parser
 
 
@@ -122,16 +122,15 @@ def _weights(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from .bench import main as bench_main
-
-    return bench_main(args.bench_args)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        return {"track": _track, "weights": _weights, "bench": _bench}[args.command](args)
+        return {"track": _track, "weights": _weights}[args.command](args)
     except TrackerError as exc:
         if args.debug:
             raise

@@ -29,13 +29,13 @@ import torch
 from PIL import Image, ImageDraw
 
 from .errors import Cancelled, PromptError, TrackerError, VideoError
+from .exports import CUTOUT_KINDS, export_cutout
 from .pipeline import TrackOptions
 from .prompts import NEGATIVE, POSITIVE, ObjectPrompt
-from .exports import CUTOUT_KINDS, export_cutout
 from .render import MaskZipReader, encode_mask, mask_name, overlay, overlay_colours
 from .sam import IMAGE_SIZE, LOW_RES_SIZE, ImageEmbedding, resized_shape
 from .session import PreviousRun, Tracker, TrackResult
-from .video import VideoInfo, probe, read_frame
+from .video import Frame, VideoInfo, probe, read_frame
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi")
 POINT_MODES = ("positive", "negative", "box")
@@ -151,6 +151,16 @@ class RunRecord:
     warnings: list[str]
     prompts: dict[Key, tuple]  # key -> Clicks.tracked_part
     objects: frozenset[int]
+    passes: list[int | None] = field(default_factory=lambda: [None])
+
+    def describe(self) -> str:
+        """What the run did, in the user's words."""
+        first, *later = self.passes
+        text = "tracked the whole video" if first is None else \
+            f"re-tracked from frame {first}; frames before it kept their masks"
+        if later:
+            text += f"; corrections on frame(s) {', '.join(map(str, later))} applied on top"
+        return text
 
 
 def plan_passes(prompts: Mapping[Key, tuple], refine_frames: Sequence[int], objects: frozenset[int],
@@ -244,6 +254,7 @@ class EditSession:
         self.cutouts: dict[str, Path] = {}
         self._result_reader: MaskZipReader | None = None
         self._embeddings: OrderedDict[int, ImageEmbedding] = OrderedDict()
+        self._decoded: Frame | None = None
         self._runs = 0
         directory.mkdir(parents=True, exist_ok=True)
 
@@ -258,7 +269,7 @@ class EditSession:
         with self.lock:
             self._require_idle()
             self._forget_video()
-            self.video = self.directory / f"input{suffix}"
+            self.video = self.directory / f"upload{suffix}"
             _link_or_copy(upload, self.video)
             try:
                 info = probe(self.video)
@@ -273,11 +284,21 @@ class EditSession:
     def _forget_video(self) -> None:
         if self.video is not None:
             self.video.unlink(missing_ok=True)
-        self.video = self.info = self.result = self._result_reader = None
-        self.objects, self.current, self.edits, self.cutouts = [], None, {}, {}
+        self._set_result(None)
+        self.video = self.info = self._decoded = None
+        self.objects, self.current, self.edits = [], None, {}
         self._embeddings.clear()
         shutil.rmtree(self.directory / "runs", ignore_errors=True)
+
+    def _set_result(self, record: RunRecord | None) -> None:
+        """Make `record` the current result; the previous one's files (and cut-outs made from it) go."""
+        if self._result_reader is not None:
+            self._result_reader.close()
+        if self.result is not None:
+            shutil.rmtree(self.result.masks.parent, ignore_errors=True)
         shutil.rmtree(self.directory / "cutouts", ignore_errors=True)
+        self.result, self.cutouts = record, {}
+        self._result_reader = MaskZipReader(record.masks) if record is not None else None
 
     def reset(self) -> None:
         """Forget the video and everything made from it (the upload was removed)."""
@@ -341,10 +362,10 @@ class EditSession:
                 clicks = edit.clicks.with_corner(xy)
             else:
                 clicks = edit.clicks.with_point(xy, POSITIVE if mode == "positive" else NEGATIVE)
+            edit.mask = self._mask(frame, self.current, clicks, edit.refine)
             edit.history.append(edit.clicks)
             edit.clicks = clicks
             self.edits[key] = edit
-            self._update_mask(frame, self.current, edit)
             return self._describe(frame, self.current, edit)
 
     def undo(self, frame: int) -> str:
@@ -353,13 +374,13 @@ class EditSession:
             self._check_frame(frame)
             key = (frame, self.current)
             edit = self.edits.get(key)
-            if edit is None or not edit.history:
+            if edit is None:
                 return f"nothing to undo for object {self.current} on frame {frame}"
-            edit.clicks = edit.history.pop()
-            if not edit.history:
+            if len(edit.history) == 1:
                 del self.edits[key]
                 return f"object {self.current} has no clicks on frame {frame}"
-            self._update_mask(frame, self.current, edit)
+            edit.mask = self._mask(frame, self.current, edit.history[-1], edit.refine)
+            edit.clicks = edit.history.pop()
             return self._describe(frame, self.current, edit)
 
     def clear(self, frame: int) -> str:
@@ -369,12 +390,11 @@ class EditSession:
             self.edits.pop((frame, self.current), None)
             return f"cleared object {self.current} on frame {frame}"
 
-    def _update_mask(self, frame: int, object_id: int, edit: Edit) -> None:
-        if not edit.clicks.selects:
-            edit.mask = None
-            return
-        prior = self._tracked_mask(frame, object_id) if edit.refine else None
-        edit.mask = self._segment(frame, object_id, edit.clicks, prior)
+    def _mask(self, frame: int, object_id: int, clicks: Clicks, refine: bool) -> np.ndarray | None:
+        """SAM's mask for the clicks (None while they select nothing), refining the tracked mask when asked."""
+        if not clicks.selects:
+            return None
+        return self._segment(frame, object_id, clicks, self._tracked_mask(frame, object_id) if refine else None)
 
     def _segment(self, frame: int, object_id: int, clicks: Clicks, prior: np.ndarray | None) -> np.ndarray:
         mask_input = mask_to_logits(prior) if prior is not None and prior.any() else None
@@ -385,11 +405,17 @@ class EditSession:
         if frame in self._embeddings:
             self._embeddings.move_to_end(frame)
             return self._embeddings[frame]
-        embedding = self.tracker.sam.embed(read_frame(self.video, frame).image)
+        embedding = self.tracker.sam.embed(self._frame(frame).image)
         self._embeddings[frame] = embedding
         while len(self._embeddings) > EMBEDDING_CACHE_SIZE:
             self._embeddings.popitem(last=False)
         return embedding
+
+    def _frame(self, index: int) -> Frame:
+        """A decoded frame; the last one is kept, as clicks redraw the same frame again and again."""
+        if self._decoded is None or self._decoded.index != index:
+            self._decoded = read_frame(self.video, index)
+        return self._decoded
 
     def _describe(self, frame: int, object_id: int, edit: Edit) -> str:
         clicks = edit.clicks
@@ -440,7 +466,7 @@ class EditSession:
         """The frame with masks, clicks and boxes drawn, at display size, and its time in seconds."""
         with self.lock:
             info = self._check_frame(frame)
-            decoded = read_frame(self.video, frame)
+            decoded = self._frame(frame)
             labels = self.labels(frame)
             clicks = {object_id: edit.clicks for (f, object_id), edit in self.edits.items() if f == frame}
         size = display_size(info)
@@ -520,15 +546,12 @@ class EditSession:
         for stale in run_dir.glob("*-*.zip"):
             stale.unlink()
         record = RunRecord(overlay=results[-1].output, masks=final_masks, summary=run_summary(results),
-                           warnings=list(results[-1].warnings), prompts=snapshot, objects=objects)
+                           warnings=list(results[-1].warnings), prompts=snapshot, objects=objects, passes=passes)
         with self.lock:
-            old = self.result
-            self.result, self._result_reader, self.cutouts = record, MaskZipReader(final_masks), {}
+            self._set_result(record)
             for key, mask in corrected.items():
                 if key in self.edits:
                     self.edits[key].mask = mask
-            if old is not None:
-                shutil.rmtree(old.masks.parent, ignore_errors=True)
         return record
 
     def _correct(self, masks: Path, frame: int, fixes: Mapping[int, Clicks],
@@ -579,13 +602,12 @@ class EditSession:
         """Stop any job and remove everything the session wrote."""
         self.cancel.set()
         with self.lock:
-            self._embeddings.clear()
-            self._result_reader = None
+            self._forget_video()
             shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def copy_masks_until(source: Path, frame: int, labels: np.ndarray, destination: Path) -> None:
-    """Write a masks zip with `source`'s entries for frames before `frame` (copied as they are) and `labels` at `frame`."""
+    """A masks zip with `source`'s entries for the frames before `frame` (copied as they are), `labels` at `frame`."""
     with zipfile.ZipFile(source) as src, zipfile.ZipFile(destination, "w", zipfile.ZIP_STORED) as dst:
         for name in map(mask_name, range(frame)):
             dst.writestr(src.getinfo(name), src.read(name))
@@ -608,7 +630,7 @@ def draw_clicks(image: np.ndarray, clicks: Mapping[int, Clicks], scale: float) -
     """Points (green object, red background), boxes and a pending box corner drawn in display pixels."""
     picture = Image.fromarray(image)
     draw = ImageDraw.Draw(picture)
-    radius = max(3, round(max(image.shape[:2]) / 160))
+    radius = max(4, round(max(image.shape[:2]) / 100))
     colours = overlay_colours()
     for object_id, object_clicks in clicks.items():
         colour = tuple(int(c) for c in colours[object_id])

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from XMem.inference.inference_core import InferenceCore
 
 from .errors import Cancelled, TrackerError
-from .video import Frame, VideoInfo, iter_frames
+from .video import VideoInfo, iter_frames
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -71,7 +71,11 @@ class TrackOptions:
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-FAST_PRECISION = "bf16"
+# What "auto" means on CUDA. bf16/fp16 run without overflow, but whether their
+# masks match fp32 can only be judged with trained weights (untrained ones give
+# near-uniform probabilities whose argmax flips with any rounding), so fp32
+# stays the default until that is measured.
+FAST_PRECISION = "fp32"
 
 
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

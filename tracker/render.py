@@ -12,7 +12,7 @@ import threading
 import zipfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ def davis_palette() -> np.ndarray:
 PALETTE = davis_palette()
 
 # Saturated colours of well separated hues, bright enough for dark footage; the
-# darker outline keeps them visible on light footage. Object k gets colour k-1.
+# darker outline keeps them visible on light footage. Object k gets the k-th colour.
 OVERLAY_COLOURS = (
     (255, 56, 56), (40, 200, 80), (30, 120, 255), (255, 200, 0), (190, 60, 255),
     (255, 130, 0), (0, 210, 210), (255, 40, 160), (150, 230, 0), (90, 90, 255),
@@ -77,8 +77,8 @@ def _blend_tables(device: torch.device, weight: int) -> tuple[torch.Tensor, torc
 def overlay(image: torch.Tensor, labels: torch.Tensor, *, alpha: float = 0.5, outline: int = 2) -> torch.Tensor:
     """Tint each object (label 1..255) with its colour and draw its edge.
 
-    `image` is HxWx3 uint8, `labels` HxW integer on the same device; returns a
-    new HxWx3 uint8 tensor. Background pixels are untouched; object pixels are
+    `image` is HxWx3 uint8, `labels` HxW integer (ids 0..255) on the same
+    device; returns a new HxWx3 uint8 tensor. Background pixels are untouched; object pixels are
     blended with the object's colour at `alpha`; the `outline` pixels inside an
     object nearest its boundary take the darker shade of that colour, opaque.
     """
@@ -102,10 +102,10 @@ def _boundary(ids: torch.Tensor, width: int) -> torch.Tensor:
     return _pool(ids, width, torch.maximum) != _pool(ids, width, torch.minimum)
 
 
-def _pool(values: torch.Tensor, width: int, extreme) -> torch.Tensor:
+def _pool(values: torch.Tensor, width: int, extreme: Callable[..., torch.Tensor]) -> torch.Tensor:
     """Max (or min) over the (2*width+1)^2 window at stride 1, windows cut at the image border.
 
-    Done as shifted element-wise maxima, one axis at a time: for byte labels
+    Done as element-wise extremes of shifted views, one axis at a time: for byte labels
     this is two orders of magnitude faster than F.max_pool2d on the CPU, and
     works on CUDA, where max_pool2d rejects integer tensors.
     """

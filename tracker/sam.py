@@ -177,6 +177,8 @@ class BackendEntry:
     load: Callable[[Path, torch.device, torch.dtype], SamBackend]
     available: Callable[[torch.device], bool]
     priority: int
+    # For "auto" only: None when the backend's files for this checkpoint and device are in place, else why not.
+    ready: Callable[[Path, torch.device], str | None] | None = None
 
 
 _BACKENDS: dict[str, BackendEntry] = {}
@@ -184,9 +186,10 @@ _OPTIONAL_BACKEND_MODULES = ("tracker.sam_onnx", "tracker.sam_tensorrt")
 
 
 def register_backend(name: str, load: Callable[[Path, torch.device, torch.dtype], SamBackend],
-                     available: Callable[[torch.device], bool], priority: int = 0) -> None:
-    """Make `name` selectable in `load_sam`; "auto" prefers higher priority among available backends."""
-    _BACKENDS[name] = BackendEntry(load, available, priority)
+                     available: Callable[[torch.device], bool], priority: int = 0,
+                     ready: Callable[[Path, torch.device], str | None] | None = None) -> None:
+    """Make `name` selectable in `load_sam`; "auto" prefers the ready available backend of highest priority."""
+    _BACKENDS[name] = BackendEntry(load, available, priority, ready)
 
 
 def available_backends(device: str | torch.device = "auto") -> list[str]:
@@ -203,7 +206,8 @@ def load_sam(checkpoint: str | Path, device: str | torch.device = "auto", backen
     dev = resolve_device(device)
     usable = available_backends(dev)
     if backend == "auto":
-        backend = usable[0]
+        backend = next(name for name in usable
+                       if _BACKENDS[name].ready is None or _BACKENDS[name].ready(Path(checkpoint), dev) is None)
     elif backend not in usable:
         known = "unknown" if backend not in _BACKENDS else f"not available on {dev.type}"
         raise TrackerError(f"SAM backend {backend!r} is {known}; choose one of: auto, {', '.join(usable)}")
@@ -342,12 +346,17 @@ def _scale_xy(xy: ArrayLike, original_size: tuple[int, int], inverse: bool) -> n
     return coords.astype(np.float32)
 
 
-def _load_torch(checkpoint: Path, device: torch.device, dtype: torch.dtype) -> TorchSam:
+def load_model(checkpoint: str | Path) -> Sam:
+    """The PyTorch SAM ViT-B of a checkpoint (layout checked), on the CPU in eval mode."""
     state = load_checkpoint(checkpoint)
     verify_layout(state, "sam_vit_b", source=checkpoint)
     model = build_model("sam_vit_b")
     model.load_state_dict(state)
-    return TorchSam(model, device, dtype=dtype)
+    return model.eval()
+
+
+def _load_torch(checkpoint: Path, device: torch.device, dtype: torch.dtype) -> TorchSam:
+    return TorchSam(load_model(checkpoint), device, dtype=dtype)
 
 
 def _import_optional_backends() -> None:

@@ -16,6 +16,7 @@ never pairs an export with other weights.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import logging
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tracker.errors import WeightsError
+from tracker.errors import TrackerError, WeightsError
 from tracker.sam import (
     IMAGE_SIZE,
     LOW_RES_SIZE,
@@ -42,6 +43,7 @@ from tracker.sam import (
     SamBackend,
     SamPrediction,
     TorchSam,
+    load_model,
     prepare_prompt,
     preprocess,
     register_backend,
@@ -49,7 +51,7 @@ from tracker.sam import (
     upscale_masks,
 )
 from tracker.segment_anything_compat import Sam, SamOnnxModel
-from tracker.weights import build_model, file_sha256, load_checkpoint, verify_layout
+from tracker.weights import checkpoint_warning, default_path, file_sha256
 
 Graph = Literal["encoder", "decoder"]
 
@@ -77,15 +79,6 @@ def onnx_paths(checkpoint: str | Path) -> tuple[Path, Path]:
     """Where the export CLIs put the encoder and decoder of a checkpoint by default: beside it."""
     folder = Path(checkpoint).parent
     return folder / "sam_vit_b_encoder.onnx", folder / "sam_vit_b_decoder.onnx"
-
-
-def load_sam_model(checkpoint: str | Path) -> Sam:
-    """The PyTorch SAM ViT-B of a checkpoint, on the CPU in eval mode (what gets exported)."""
-    state = load_checkpoint(checkpoint)
-    verify_layout(state, "sam_vit_b", source=checkpoint)
-    model = build_model("sam_vit_b")
-    model.load_state_dict(state)
-    return model.eval()
 
 
 class _HalfEncoder(nn.Module):
@@ -358,7 +351,7 @@ def export_checked(graph: Graph, checkpoint: str | Path, output: str | Path, *, 
     """
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    model = load_sam_model(checkpoint)
+    model = load_model(checkpoint)
     metadata = {META_CHECKPOINT_SHA256: file_sha256(checkpoint)}
     partial = output.with_name(output.name + ".partial")
     try:
@@ -387,11 +380,6 @@ def export_cli(graph: Graph, argv: Sequence[str] | None = None) -> int:
     0: written and verified; 1: the graph does not match PyTorch (nothing is
     written); 2: a problem the user can fix (message on stderr).
     """
-    import argparse
-
-    from tracker.errors import TrackerError
-    from tracker.weights import default_path
-
     parser = argparse.ArgumentParser(
         prog=f"export_sam_{graph}.py",
         description=f"Export the SAM ViT-B {graph} to ONNX, check it against PyTorch and optionally build a "
@@ -422,6 +410,9 @@ def export_cli(graph: Graph, argv: Sequence[str] | None = None) -> int:
             if graph == "decoder" and not args.multimask:
                 raise TrackerError("--engine needs the decoder with all mask candidates: drop --no-multimask")
             device = require_tensorrt()
+        warning = checkpoint_warning(args.checkpoint, "sam_vit_b")
+        if warning:
+            print(warning, file=sys.stderr)
         report = export_checked(graph, args.checkpoint, output, opset=args.opset, fp16=getattr(args, "fp16", False),
                                 multimask=getattr(args, "multimask", True))
         if not report.passed:
@@ -578,7 +569,7 @@ def onnxruntime_installed() -> bool:
 def onnx_ready(checkpoint: str | Path, device: torch.device) -> str | None:
     """Why backend "auto" should not pick ONNX Runtime here, or None when it should.
 
-    ONNX Runtime is the fastest CPU path (about 1.6x PyTorch for the encoder on
+    ONNX Runtime is the fastest CPU path (about 1.5x PyTorch for the encoder on
     two cores), so "auto" takes it on the CPU when both graphs of this
     checkpoint are exported; on a GPU, PyTorch (or TensorRT) is preferred.
     """
@@ -606,4 +597,5 @@ def load_onnx_backend(checkpoint: Path, device: torch.device, dtype: torch.dtype
     return OnnxSam(encoder, decoder, device, checkpoint_sha256=file_sha256(checkpoint))
 
 
-register_backend("onnx", load_onnx_backend, available=lambda device: onnxruntime_installed(), priority=-1)
+register_backend("onnx", load_onnx_backend, available=lambda device: onnxruntime_installed(), priority=10,
+                 ready=onnx_ready)

@@ -222,7 +222,8 @@ def build_engine(onnx_path: str | Path, engine: Path, metadata: EngineMetadata, 
             config.set_flag(trt.BuilderFlag.FP16)
         cache_file = timing_cache_path(engine.parent, metadata)
         cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
-        config.set_timing_cache(cache, False)  # False: refuse a cache of another device
+        if not config.set_timing_cache(cache, False):  # a cache from another device or build: start afresh
+            config.set_timing_cache(config.create_timing_cache(b""), False)
         if is_decoder:
             profile = builder.create_optimization_profile()
             for name, tail in (("point_coords", (2,)), ("point_labels", ())):
@@ -365,4 +366,5 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 register_backend("tensorrt", load_tensorrt_backend,
-                 available=lambda device: device.type == "cuda" and tensorrt_installed(), priority=-1)
+                 available=lambda device: device.type == "cuda" and tensorrt_installed(), priority=20,
+                 ready=engines_ready)

@@ -35,7 +35,9 @@ class VideoInfo:
     clockwise turn in degrees that decoding applies to the stored picture
     (a phone's portrait video is usually 90). `frame_count` is exact: video
     packets counted, or the container's complete index when it lists more
-    (then the file is damaged and decoding stops early).
+    (then the file is damaged and decoding stops early). `duration` runs from
+    the first frame's timestamp to the last one's plus the typical frame
+    interval; `fps` is frame_count / duration, exact for a constant rate.
     """
 
     path: Path
@@ -116,10 +118,10 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None) -> It
         frames = _decoded(container, stream) if start == 0 else _decoded_from(container, stream, path, start)
         fallback_rate = stream.average_rate or Fraction(25)
         for index, frame in enumerate(frames, start):
-            if stop is not None and index >= stop:
-                return
             time = float(frame.time) if frame.pts is not None else float(index / fallback_rate)
             yield Frame(index, _display_rgb(frame), frame.pts, time)
+            if stop is not None and index + 1 >= stop:
+                return
 
 
 def read_frame(path: str | Path, index: int) -> Frame:
@@ -139,7 +141,7 @@ def _open(path: Path) -> av.container.InputContainer:
     try:
         return av.open(str(path), "r")
     except (av.FFmpegError, OSError) as exc:
-        raise VideoError(f"{path.name} is not a video FFmpeg can read ({exc.__class__.__name__}); "
+        raise VideoError(f"{path.name} is not a video FFmpeg can read, or it is damaged; "
                          "use a common format such as MP4, MOV, MKV or WebM") from exc
 
 
@@ -274,17 +276,22 @@ def _encoder_options(codec: str, crf: int, preset: str) -> dict[str, str]:
     return {"crf": str(crf), "preset": preset}
 
 
-def output_pix_fmt(codec: str, width: int, height: int) -> str:
-    """The pixel format a writer uses.
+def output_pix_fmt(codec: str) -> str:
+    """The pixel format a writer uses: 4:2:0 H.264 that every browser plays; VP9 carries alpha."""
+    return "yuva420p" if codec == "libvpx-vp9" else "yuv420p"
 
-    H.264 in 4:2:0 cannot code an odd width or height (its chroma and cropping
-    work in 2-pixel units), so odd sizes are written as 4:4:4 H.264 (High 4:4:4
-    profile): the exact input size, but browsers (Safari, Firefox) may not play
-    it; VLC, mpv and FFmpeg-based players do. VP9 always carries alpha.
+
+def coded_size(codec: str, width: int, height: int) -> tuple[int, int]:
+    """The encoded (width, height).
+
+    H.264 in 4:2:0 cannot code an odd width or height (chroma and cropping work
+    in 2-pixel units), so an odd side gets one more row or column, a copy of the
+    last one. 4:4:4 would keep the odd size but browsers do not play it, and
+    the result must play in the page. VP9 codes any size.
     """
     if codec == "libvpx-vp9":
-        return "yuva420p"
-    return "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
+        return width, height
+    return width + width % 2, height + height % 2
 
 
 class VideoWriter:
@@ -330,8 +337,8 @@ class VideoWriter:
 
     def _add_video(self, codec: str, options: dict[str, str]) -> av.VideoStream:
         stream = self._container.add_stream(codec, rate=self.info.fps.limit_denominator(1_000_000), options=options)
-        stream.width, stream.height = self.info.width, self.info.height
-        stream.pix_fmt = output_pix_fmt(codec, self.info.width, self.info.height)
+        stream.width, stream.height = coded_size(codec, self.info.width, self.info.height)
+        stream.pix_fmt = output_pix_fmt(codec)
         stream.codec_context.time_base = self.info.time_base
         stream.codec_context.colorspace = stream.codec_context.color_primaries = BT709
         stream.codec_context.color_trc = BT709
@@ -359,7 +366,11 @@ class VideoWriter:
             if self._first_pts is None:
                 self._first_pts = stamp
             stamp = max(stamp - self._first_pts, self._last_pts + 1)  # encoders need strictly rising times
-            rgb = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgba" if image.shape[2] == 4 else "rgb24")
+            layout = "rgba" if image.shape[2] == 4 else "rgb24"
+            extra_rows, extra_cols = self._video.height - image.shape[0], self._video.width - image.shape[1]
+            if extra_rows or extra_cols:
+                image = np.pad(image, ((0, extra_rows), (0, extra_cols), (0, 0)), mode="edge")
+            rgb = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format=layout)
             frame = rgb.reformat(format=self._video.pix_fmt, dst_colorspace="itu709", dst_color_range="MPEG")
             frame.pts, frame.time_base = stamp, self.info.time_base
             try:

@@ -18,8 +18,20 @@ def get_similarity(memory_key: torch.Tensor, memory_shrinkage: torch.Tensor | No
     The query selection weights each key channel (XMem's anisotropic L2); the
     memory shrinkage sharpens or flattens each memory element's affinity. The
     squared distance is expanded into three matrix products so nothing of size
-    N x P x C_k is ever built.
+    N x P x C_k is ever built. Under mixed precision it still runs in fp32: the
+    expansion subtracts large, nearly equal terms, which half precision cannot.
     """
+    with torch.autocast(memory_key.device.type, enabled=False):
+        return _similarity(*(None if t is None else _at_least_fp32(t)
+                             for t in (memory_key, memory_shrinkage, query_key, query_selection)))
+
+
+def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def _similarity(memory_key: torch.Tensor, memory_shrinkage: torch.Tensor | None,
+                query_key: torch.Tensor, query_selection: torch.Tensor | None) -> torch.Tensor:
     key_dim = memory_key.shape[1]
     mk = memory_key.flatten(start_dim=2)
     qk = query_key.flatten(start_dim=2)

@@ -1,0 +1,292 @@
+"""The web app end to end in a real browser (Debian's Chromium, headless) against `python app.py` on the CPU.
+
+Weights are untrained, so masks are meaningless; what is checked is the flow:
+upload, clicks and their previews, objects, tracking, correction, downloads.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from media import make_clip, make_text_file
+from tracker.video import probe
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+SAM_SECONDS = 300  # an untrained SAM embedding on a busy 2-core CPU
+TRACK_SECONDS = 600
+W, H = 160, 120
+# Clicks whose untrained SAM masks overlap only partly, so both ids survive on the prompt frame.
+OBJECT_1, OBJECT_2 = (40, 60), (20, 20)
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="the browser tests need Debian's chromium package")
+
+
+@dataclass
+class AppServer:
+    url: str
+    process: subprocess.Popen
+    temp: Path  # the app's TMPDIR: its session folders and Gradio's cache live here
+    log: Path
+
+    def session_dirs(self) -> list[Path]:
+        return sorted(self.temp.glob("tracker-app-*/*"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def serve_app(checkpoints: dict[str, Path], temp: Path, *flags: str) -> Iterator[AppServer]:
+    """`python app.py` on a free port, as a user starts it; stopped with SIGTERM afterwards."""
+    temp.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log = temp / "app.log"
+    env = {**os.environ, "TMPDIR": str(temp), "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "app.py", "--device", "cpu", "--no-download", "--port", str(port),
+               "--sam-checkpoint", str(checkpoints["sam"]), "--xmem-checkpoint", str(checkpoints["xmem"]), *flags]
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+    server = AppServer(f"http://127.0.0.1:{port}/", process, temp, log)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"app.py exited with {process.returncode}:\n{log.read_text()}")
+            try:
+                with urllib.request.urlopen(server.url, timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"app.py did not answer within 180 s:\n{log.read_text()}")
+            time.sleep(0.5)
+        yield server
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def headless_chromium() -> Iterator:
+    """Debian's Chromium driven by Playwright (which never downloads a browser here)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    yield from headless_chromium()
+
+
+class AppPage:
+    """One browser tab on the app, driven through the elem_ids the app promises."""
+
+    def __init__(self, page, url: str):
+        self.page = page
+        page.set_viewport_size({"width": 1400, "height": 1100})
+        page.goto(url)
+        page.wait_for_selector("#status textarea")
+
+    def status(self) -> str:
+        return self.page.locator("#status textarea").input_value()
+
+    def wait_status(self, pattern: str, timeout: float = 60, unlike: str | None = None) -> str:
+        """Wait until the status box matches `pattern` (a regular expression) and differs from `unlike`."""
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern, self.status()) or self.status() == unlike:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"status {self.status()!r} never matched {pattern!r}")
+            time.sleep(0.2)
+        return self.status()
+
+    def upload(self, path: Path) -> str:
+        before = self.status()
+        self.page.locator("#video-input input[type=file]").set_input_files(str(path))
+        return self.wait_status(r"^(Loaded|Error)", unlike=before)
+
+    def frame_src(self) -> str:
+        return self.page.locator("#frame-image img").get_attribute("src")
+
+    def click_frame(self, x: float, y: float, expect: str, width: int = W, height: int = H) -> None:
+        """Click frame pixel (x, y) on the displayed frame and wait for the status to say `expect`."""
+        image = self.page.locator("#frame-image img")
+        box = image.bounding_box()
+        image.click(position={"x": (x + 0.5) * box["width"] / width, "y": (y + 0.5) * box["height"] / height})
+        self.wait_status(expect, SAM_SECONDS)
+
+    def choose(self, elem_id: str, label: str) -> None:
+        self.page.locator(f"#{elem_id}").get_by_label(label, exact=True).check()
+
+    def select_object(self, object_id: int) -> None:
+        self.page.locator("#object-select input").click()
+        self.page.get_by_role("option", name=f"Object {object_id}", exact=True).click()
+        self.wait_status(f"clicks go to object {object_id}")
+
+    def go_to_frame(self, index: int) -> None:
+        number = self.page.locator("#frame-slider input[type=number]")
+        number.fill(str(index))
+        number.press("Enter")
+        self.page.wait_for_function(
+            "text => document.querySelector('#frame-info').innerText.startsWith(text)", arg=f"Frame {index} /")
+
+    def track(self) -> str:
+        self.page.locator("#track-button").click()
+        self.wait_status("^Waiting for the tracker|^Error")
+        return self.wait_status(r"^(Done|Error|Cancelled)", TRACK_SECONDS)
+
+    def download(self, name: str, folder: Path) -> Path:
+        with self.page.expect_download() as download:
+            self.page.locator(f'#result-files a[download="{name}"]').click()
+        path = folder / name
+        download.value.save_as(path)
+        return path
+
+    def download_names(self) -> list[str]:
+        return [a.get_attribute("download") for a in self.page.locator("#result-files a[download]").all()]
+
+
+def mask_ids(masks: Path, index: int) -> set[int]:
+    with zipfile.ZipFile(masks) as archive, archive.open(f"{index:05d}.png") as member:
+        picture = Image.open(member)
+        assert picture.mode == "P"
+        return set(np.unique(np.asarray(picture)).tolist())
+
+
+def members(masks: Path) -> dict[str, bytes]:
+    with zipfile.ZipFile(masks) as archive:
+        return {name: archive.read(name) for name in archive.namelist()}
+
+
+@pytest.fixture(scope="module")
+def app(untrained_checkpoints, tmp_path_factory) -> Iterator[AppServer]:
+    with serve_app(untrained_checkpoints, tmp_path_factory.mktemp("app"), "--max-frames", "20",
+                   "--max-upload-mb", "1") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("clips")
+    make_clip(folder / "clip.mp4", frames=12, width=W, height=H)
+    make_clip(folder / "long.mp4", frames=25, width=W, height=H)
+    make_text_file(folder / "notes.mp4")
+    (folder / "big.mp4").write_bytes(os.urandom(1_300_000))
+    return folder
+
+
+def test_page_shows_every_control_and_refuses_what_it_cannot_take(app, browser, clips):
+    tab = AppPage(browser.new_page(), app.url)
+    page = tab.page
+    for elem_id in ("video-input", "frame-image", "frame-slider", "point-mode", "object-select", "add-object",
+                    "remove-object", "undo-point", "clear-object", "track-button", "cancel-button", "full-rerun",
+                    "result-video", "result-files", "cutout-objects", "cutout-format", "cutout-button", "settings",
+                    "status", "metrics"):
+        assert page.locator(f"#{elem_id}").count() == 1, elem_id
+    assert "UNTRAINED WEIGHTS" in page.locator("#untrained-banner").inner_text()
+    assert "cpu" in page.locator("#device-info").inner_text()
+
+    page.locator("#track-button").click()
+    tab.wait_status("^Error: upload a video first$")
+
+    assert re.match(r"Error: the video has 25 frames; this app accepts at most 20 \(--max-frames\)",
+                    tab.upload(clips / "long.mp4"))
+    page.locator("#video-input button[aria-label='Clear']").click()
+    assert tab.upload(clips / "notes.mp4").startswith("Error: upload.mp4 is not a video FFmpeg can read")
+    assert "Traceback" not in tab.status()
+
+    page.locator("#video-input button[aria-label='Clear']").click()
+    page.locator("#video-input input[type=file]").set_input_files(str(clips / "big.mp4"))
+    page.locator(".toast-body").filter(has_text="exceed the maximum allowed size of 1.0 Mb").wait_for()
+    assert tab.status() == "Upload a video to start."
+    assert not [path for folder in app.session_dirs() for path in folder.iterdir()], "refused uploads leave nothing"
+    page.close()
+
+
+def test_click_track_correct_and_download(app, browser, clips, tmp_path):
+    tab = AppPage(browser.new_page(), app.url)
+    assert tab.upload(clips / "clip.mp4") == "Loaded 160x120, 12 frames, 0.5 s. Click the object to track."
+    assert tab.page.locator("#frame-info").inner_text() == "Frame 0 / 11 · 0:00.000"
+    assert tab.track().startswith("Error: click an object first")
+
+    blank = tab.frame_src()
+    tab.click_frame(*OBJECT_1, expect="object 1 on frame 0: 1 point")
+    assert tab.frame_src() != blank, "the mask preview replaces the frame"
+    tab.page.locator("#add-object").click()
+    tab.wait_status("object 2 added")
+    one_object = tab.frame_src()
+    tab.click_frame(*OBJECT_2, expect="object 2 on frame 0: 1 point")
+    assert tab.frame_src() != one_object
+    assert re.fullmatch(r"\s*Object 1\s*Object 2\s*", tab.page.locator("#object-legend").inner_text())
+
+    started = time.monotonic()
+    done = tab.track()
+    assert done.startswith("Done: tracked the whole video. 12 frames in"), done
+    assert "UNTRAINED WEIGHTS" in done
+    metrics = tab.page.locator("#metrics").inner_text()
+    assert re.search(r"12 frames in [\d.]+ s \([\d.]+ FPS\), device cpu, SAM backend torch", metrics)
+    print(f"first track took {time.monotonic() - started:.1f} s")
+
+    video = tab.page.locator("#result-video video")
+    video.wait_for()
+    tab.page.wait_for_function("() => document.querySelector('#result-video video').readyState >= 1")
+    assert video.evaluate("v => v.duration") == pytest.approx(0.48, abs=0.05)
+    assert tab.download_names() == ["tracked.mp4", "masks.zip"]
+    overlay = tab.download("tracked.mp4", tmp_path)
+    info = probe(overlay)
+    assert (info.frame_count, info.width, info.height, info.codec, info.has_audio) == (12, W, H, "h264", True)
+    first_masks = members(tab.download("masks.zip", tmp_path))
+    assert sorted(first_masks) == [f"{i:05d}.png" for i in range(12)]
+    assert mask_ids(tmp_path / "masks.zip", 0) == {0, 1, 2}, "the prompt frame holds both objects"
+
+    # Correct object 1 on frame 6 with a background click, then re-track from there.
+    tab.go_to_frame(6)
+    tab.select_object(1)
+    tab.choose("point-mode", "Negative point (background)")
+    tab.click_frame(100, 100, expect="correcting 1 on frame 6: 1 point")
+    done = tab.track()
+    assert done.startswith("Done: re-tracked from frame 6; frames before it kept their masks."), done
+    second_masks = members(tab.download("masks.zip", tmp_path))
+    assert sorted(second_masks) == sorted(first_masks)
+    assert all(second_masks[f"{i:05d}.png"] == first_masks[f"{i:05d}.png"] for i in range(6))
+
+    # A green-screen cut-out of object 1.
+    tab.page.locator("#cutout-objects").get_by_label("Object 2", exact=True).uncheck()
+    tab.choose("cutout-format", "Green-screen MP4 (H.264)")
+    tab.page.locator("#cutout-button").click()
+    tab.wait_status("Cut-out ready", TRACK_SECONDS)
+    assert tab.download_names() == ["tracked.mp4", "masks.zip", "cutout_greenscreen.mp4"]
+    cutout = probe(tab.download("cutout_greenscreen.mp4", tmp_path))
+    assert (cutout.frame_count, cutout.codec) == (12, "h264")
+
+    tab.page.screenshot(path="/tmp/app_e2e.png", full_page=True)
+    tab.page.close()

@@ -1,0 +1,138 @@
+"""Several users at once: each browser session has its own video, prompts and results; Cancel; cleanup.
+
+Each user is a separate browser context (its own cookies and Gradio session)
+on one `python app.py`, as two people on two machines would be.
+"""
+from __future__ import annotations
+
+import re
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from media import make_clip
+from test_app import CHROMIUM, SAM_SECONDS, TRACK_SECONDS, AppPage, headless_chromium, serve_app
+from tracker.video import probe
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="the browser tests need Debian's chromium package")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    yield from headless_chromium()
+
+
+@pytest.fixture(scope="module")
+def app(untrained_checkpoints, tmp_path_factory):
+    with serve_app(untrained_checkpoints, tmp_path_factory.mktemp("app")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("clips")
+    make_clip(folder / "a.mp4", frames=12, width=160, height=120)
+    make_clip(folder / "b.mp4", frames=16, width=192, height=144)
+    make_clip(folder / "long.mp4", frames=60, width=160, height=120)
+    return folder
+
+
+def ids_on_frame(masks: Path, index: int) -> set[int]:
+    with zipfile.ZipFile(masks) as archive, archive.open(f"{index:05d}.png") as member:
+        return set(np.unique(np.asarray(Image.open(member))).tolist())
+
+
+def test_two_users_tracking_at_once_see_only_their_own_work(app, browser, clips, tmp_path):
+    alice = AppPage(browser.new_context().new_page(), app.url)
+    bob = AppPage(browser.new_context().new_page(), app.url)
+    assert alice.upload(clips / "a.mp4").startswith("Loaded 160x120, 12 frames")
+    assert bob.upload(clips / "b.mp4").startswith("Loaded 192x144, 16 frames")
+    alice.click_frame(40, 60, expect="object 1 on frame 0: 1 point")
+    bob.click_frame(60, 70, expect="object 1 on frame 0: 1 point", width=192, height=144)
+    bob.page.locator("#add-object").click()
+    bob.wait_status("object 2 added")
+    bob.click_frame(24, 24, expect="object 2 on frame 0: 1 point", width=192, height=144)
+
+    # Both press Track; the jobs share the tracker one after the other.
+    for user in (alice, bob):
+        user.page.locator("#track-button").click()
+    for user in (alice, bob):
+        assert user.wait_status(r"^(Done|Error)", TRACK_SECONDS).startswith("Done: tracked the whole video")
+
+    assert alice.page.locator("#frame-info").inner_text().startswith("Frame 0 / 11")
+    assert bob.page.locator("#frame-info").inner_text().startswith("Frame 0 / 15")
+    assert alice.page.locator("#object-select input").input_value() == "Object 1"
+    assert re.fullmatch(r"\s*Object 1\s*", alice.page.locator("#object-legend").inner_text())
+    assert alice.frame_src() != bob.frame_src()
+    links = {user: [a.get_attribute("href") for a in user.page.locator("#result-files a[download]").all()]
+             for user in (alice, bob)}
+    assert not set(links[alice]) & set(links[bob])
+
+    expected = {alice: (12, 160, 120), bob: (16, 192, 144)}
+    for user, (frames, width, height) in expected.items():
+        folder = tmp_path / ("alice" if user is alice else "bob")
+        folder.mkdir()
+        overlay = probe(user.download("tracked.mp4", folder))
+        assert (overlay.frame_count, overlay.width, overlay.height) == (frames, width, height)
+        masks = user.download("masks.zip", folder)
+        with zipfile.ZipFile(masks) as archive:
+            assert len(archive.namelist()) == frames
+    assert ids_on_frame(tmp_path / "alice" / "masks.zip", 0) <= {0, 1}
+    assert 2 in ids_on_frame(tmp_path / "bob" / "masks.zip", 0)
+    bob.page.screenshot(path="/tmp/app_sessions_bob.png", full_page=True)
+    alice.page.context.close()
+    bob.page.context.close()
+
+
+def test_cancel_stops_the_job_and_the_app_stays_usable(app, browser, clips, tmp_path):
+    user = AppPage(browser.new_context().new_page(), app.url)
+    user.upload(clips / "long.mp4")
+    user.click_frame(40, 60, expect="object 1 on frame 0: 1 point")
+    user.page.locator("#track-button").click()
+    user.page.locator("#status").get_by_text(re.compile(r"Tracking frame \d+/60")).wait_for(
+        timeout=SAM_SECONDS * 1000)
+    assert user.page.locator("#cancel-button").is_enabled() and not user.page.locator("#track-button").is_enabled()
+    pressed = time.monotonic()
+    user.page.locator("#cancel-button").click()
+    user.wait_status("^Cancelled: nothing of that run was kept", 30)
+    stopped = time.monotonic() - pressed
+    print(f"cancel took {stopped:.2f} s")
+    assert stopped < 5  # one frame of untrained XMem on a busy 2-core CPU, plus the page round trip
+    assert user.download_names() == [], "no partial result is offered"
+    assert user.page.locator("#result-video video").count() == 0
+    user.page.wait_for_function("() => !document.querySelector('#track-button').disabled")
+    user.page.screenshot(path="/tmp/app_cancelled.png", full_page=True)
+
+    # Still usable: edit and track again.
+    user.page.locator("#add-object").click()
+    user.wait_status("object 2 added")
+    assert user.track().startswith("Done: tracked the whole video. 60 frames")
+    assert probe(user.download("tracked.mp4", tmp_path)).frame_count == 60
+    user.page.context.close()
+
+
+def test_a_closed_page_leaves_no_files(app, browser, clips):
+    user = AppPage(browser.new_context().new_page(), app.url)
+    user.upload(clips / "a.mp4")
+    mine = [folder for folder in app.session_dirs() if (folder / "upload.mp4").exists()]
+    assert len(mine) == 1
+    user.page.context.close()
+    deadline = time.monotonic() + 30
+    while mine[0].exists():
+        assert time.monotonic() < deadline, "the session folder outlived its page"
+        time.sleep(0.5)
+
+
+def test_stopping_the_app_removes_every_session(untrained_checkpoints, browser, clips, tmp_path):
+    with serve_app(untrained_checkpoints, tmp_path / "app") as server:
+        user = AppPage(browser.new_context().new_page(), server.url)
+        user.upload(clips / "a.mp4")
+        assert server.session_dirs()
+        roots = list(server.temp.glob("tracker-app-*"))
+    assert server.process.returncode == 0
+    assert roots and not any(root.exists() for root in roots)
+    user.page.context.close()
