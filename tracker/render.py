@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from .errors import TrackerError
-from .video import temporary_path_beside
+from .video import AtomicWriter, temporary_path_beside
 
 
 def davis_palette() -> np.ndarray:
@@ -153,7 +153,7 @@ def encode_mask(labels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-class MaskZipWriter:
+class MaskZipWriter(AtomicWriter):
     """Writes one mask PNG per frame into a zip as frames arrive; the zip appears at `path` on `close()`.
 
     PNGs are already compressed, so members are stored. Usable from a writer
@@ -167,15 +167,6 @@ class MaskZipWriter:
         self._written: set[int] = set()
         self._lock = threading.Lock()
         self._done = False
-
-    def __enter__(self) -> MaskZipWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
     def write(self, index: int, labels: np.ndarray) -> None:
         """Add frame `index`'s HxW uint8 label map (0 background, k object id)."""

@@ -294,7 +294,20 @@ def coded_size(codec: str, width: int, height: int) -> tuple[int, int]:
     return width + width % 2, height + height % 2
 
 
-class VideoWriter:
+class AtomicWriter:
+    """`with` support for writers whose file appears only on `close()`: an error inside aborts instead."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class VideoWriter(AtomicWriter):
     """Encodes frames to a file that appears at `path` only once `close()` succeeds.
 
     Timestamps are the input's (shifted so the first frame is at 0), in the
@@ -344,15 +357,6 @@ class VideoWriter:
         stream.codec_context.color_trc = BT709
         stream.codec_context.color_range = LIMITED_RANGE
         return stream
-
-    def __enter__(self) -> VideoWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
     def write(self, image: np.ndarray, pts: int | None, time: float) -> None:
         """Encode one HxWx3 RGB (or HxWx4 RGBA) uint8 frame shown at `pts` (input time base) or `time`."""
