@@ -13,6 +13,7 @@ so through `available`.
 from __future__ import annotations
 
 import importlib
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -86,10 +87,18 @@ class SamBackend(ABC):
 
     name: ClassVar[str]
 
+    def __new__(cls, *args, **kwargs):
+        # One call at a time: the web app's clicks and a running job share the
+        # backend, and TensorRT execution contexts are not thread-safe.
+        backend = super().__new__(cls)
+        backend._lock = threading.Lock()
+        return backend
+
     def embed(self, image: np.ndarray) -> ImageEmbedding:
         """Encode an HxWx3 uint8 RGB frame (the expensive step, once per frame)."""
         check_image(image)
-        return self._embed(image)
+        with self._lock:
+            return self._embed(image)
 
     def decode(self, emb: ImageEmbedding, points: ArrayLike | None, labels: ArrayLike | None,
                box: ArrayLike | None = None, mask_input: ArrayLike | None = None,
@@ -99,7 +108,8 @@ class SamBackend(ABC):
         multimask=True returns SAM's three candidates, else one mask.
         """
         prompt = prepare_prompt(points, labels, box, mask_input, emb.original_size)
-        return self._decode(emb, prompt, multimask)
+        with self._lock:
+            return self._decode(emb, prompt, multimask)
 
     @abstractmethod
     def _embed(self, image: np.ndarray) -> ImageEmbedding: ...
