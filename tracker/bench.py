@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -20,15 +21,17 @@ from typing import Callable
 
 import av
 import numpy as np
+import psutil
 import torch
 
 from XMem.inference.inference_core import InferenceCore
 
 from .pipeline import FramePrep, MemoryOptions, TrackOptions, autocast_for, prefetch
 from .prompts import ObjectPrompt
+from .sam import resolve_device
 from .session import Tracker
 from .video import VideoWriter, iter_frames, probe
-from .weights import write_untrained
+from .weights import UNTRAINED_FILENAMES
 
 
 @dataclass
@@ -170,15 +173,66 @@ def bench_codec_ceiling(clip: Path, name: str, out_dir: Path, results: Results, 
     results.add(f"decode + encode only FPS, {name}", mode, f"{info.frame_count / (time.perf_counter() - began):.1f}")
 
 
-def run(device: str, frames: int | None, sam_backend: str) -> str:
-    tracker_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                  ("cpu" if device == "auto" else device))
+def bench_long(tracker: Tracker, clip: Path, profile: Profile, out_dir: Path, results: Results) -> None:
+    """Memory stays flat with video length: RSS and GPU memory at a tenth of the video and at its end."""
+    info = probe(clip)
+    early = max(1, info.frame_count // 10)
+    process = psutil.Process()
+    samples: dict[str, tuple[float, float]] = {}
+    cuda = tracker.device.type == "cuda"
+
+    def sample(done: int, total: int) -> None:
+        if done in (early, total):
+            gpu = torch.cuda.max_memory_allocated(tracker.device) / 2**30 if cuda else 0.0
+            samples["early" if done == early else "end"] = (process.memory_info().rss / 2**30, gpu)
+
+    prompt = ObjectPrompt(1, 0, [(info.width * 0.2, info.height / 2)], [1])
+    result = tracker.track(clip, [prompt], output=out_dir / "long.mp4", masks=out_dir / "long.zip",
+                           options=TrackOptions(size=profile.work_size), progress=sample)
+    name = f"{info.frame_count} frames, {info.height}p"
+    results.add(f"long video ({name}): file to file FPS", "value", f"{result.fps:.1f}")
+    results.add(f"RSS GiB at frame {early} / at the end", "value",
+                f"{samples['early'][0]:.2f} / {samples['end'][0]:.2f}")
+    if cuda:
+        results.add(f"peak GPU memory GiB by frame {early} / by the end", "value",
+                    f"{samples['early'][1]:.3f} / {samples['end'][1]:.3f}")
+    results.add("peak RSS GiB (whole run)", "value",
+                f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f}")
+
+
+def run_long(device: torch.device, frames: int) -> str:
+    profile = Profile.for_device(device, frames)
+    width, height = next(iter(profile.frame_sizes.values()))
+    results = Results()
+    with tempfile.TemporaryDirectory(prefix="tracker-bench-") as tmp:
+        tmp = Path(tmp)
+        checkpoints = _untrained_checkpoints(tmp / "weights")
+        tracker = Tracker(checkpoints["sam"], checkpoints["xmem"], device=str(device), download=False)
+        bench_long(tracker, make_clip(tmp / "long_in.mp4", width, height, frames), profile, tmp, results)
+    return _header(device, profile) + "\n\n" + results.table(["value"])
+
+
+def _untrained_checkpoints(directory: Path) -> dict[str, Path]:
+    """Write them in a child process, so that building them does not count in this process's peak RSS."""
+    subprocess.run([sys.executable, "-m", "tracker", "weights", "untrained", str(directory)], check=True,
+                   stdout=subprocess.DEVNULL)
+    return {name: directory / filename for name, filename in UNTRAINED_FILENAMES.items()}
+
+
+def _header(device: torch.device, profile: Profile) -> str:
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    return (f"device: {gpu}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
+            f"PyAV {av.__version__}; working resolution {profile.work_size}p; untrained weights "
+            f"(speed only); medians")
+
+
+def run(tracker_device: torch.device, frames: int | None, sam_backend: str) -> str:
     profile = Profile.for_device(tracker_device, frames)
     modes = ["fp32", "bf16"] if tracker_device.type == "cuda" else ["fp32"]  # XMem precision per column
     results = Results()
     with tempfile.TemporaryDirectory(prefix="tracker-bench-") as tmp:
         tmp = Path(tmp)
-        checkpoints = write_untrained(tmp / "weights")
+        checkpoints = _untrained_checkpoints(tmp / "weights")
         clips = {name: make_clip(tmp / f"{name}.mp4", w, h, profile.clip_frames)
                  for name, (w, h) in profile.frame_sizes.items()}
         for mode in modes:
@@ -198,11 +252,7 @@ def run(device: str, frames: int | None, sam_backend: str) -> str:
             del tracker
         results.add("peak RSS GiB (whole run)", modes[0],
                     f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f}")
-    gpu = torch.cuda.get_device_name(tracker_device) if tracker_device.type == "cuda" else "CPU"
-    header = (f"device: {gpu}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
-              f"PyAV {av.__version__}; working resolution {profile.work_size}p; untrained weights "
-              f"(speed only); medians")
-    return header + "\n\n" + results.table(modes)
+    return _header(tracker_device, profile) + "\n\n" + results.table(modes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,8 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--frames", type=int, help="frames per generated clip (default 300 on GPU, 30 on CPU)")
     parser.add_argument("--sam-backend", default="auto", choices=["auto", "torch", "onnx", "tensorrt"])
+    parser.add_argument("--long", type=int, metavar="FRAMES",
+                        help="instead: track one long clip and report memory early and at the end")
     args = parser.parse_args(argv)
-    print(run(args.device, args.frames, args.sam_backend))
+    device = resolve_device(args.device)
+    print(run_long(device, args.long) if args.long else run(device, args.frames, args.sam_backend))
     return 0
 
 

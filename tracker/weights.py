@@ -159,8 +159,10 @@ def build_model(layout: str) -> torch.nn.Module:
 
 @functools.cache
 def expected_layout(layout: str) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of a checkpoint for `layout`, taken from the network itself."""
-    return {key: tuple(value.shape) for key, value in build_model(layout).state_dict().items()}
+    """Key -> shape of a checkpoint for `layout`, taken from the network itself (built without memory)."""
+    with torch.device("meta"):
+        model = build_model(layout)
+    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
 
 
 def verify_layout(state_dict: Mapping[str, Any], layout: str, source: str | Path | None = None) -> None:
