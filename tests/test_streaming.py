@@ -1,0 +1,59 @@
+"""The pipeline streams: memory stays flat with length, and backward tracking equals tracking the reversed video."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+import psutil
+
+from tests.media import make_clip
+from tracker.pipeline import TrackOptions
+from tracker.prompts import ObjectPrompt
+from tracker.video import iter_frames
+
+
+def write_lossless(path: Path, frames: list[np.ndarray], fps: int = 25) -> Path:
+    """FFV1 in Matroska: decodes to exactly these pixels, so two clips can be compared frame for frame."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("ffv1", rate=fps)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "bgr0"
+        for image in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def test_backward_pass_equals_tracking_the_reversed_video(cpu_tracker, tmp_path):
+    source = make_clip(tmp_path / "src.mp4", frames=9, width=64, height=48, audio=False)
+    frames = [f.image for f in iter_frames(source)]
+    forward = write_lossless(tmp_path / "forward.mkv", frames)
+    backward = write_lossless(tmp_path / "reversed.mkv", frames[::-1])
+    assert [f.image for f in iter_frames(backward)][0].tobytes() == frames[-1].tobytes()
+
+    middle, last = 5, len(frames) - 1
+    options = TrackOptions(size=0)
+    point = ([(30.0, 24.0)], [1])
+    ahead = [f.labels.numpy() for f in cpu_tracker.iter_tracked(forward, [ObjectPrompt(1, middle, *point)], options)]
+    behind = [f.labels.numpy() for f in
+              cpu_tracker.iter_tracked(backward, [ObjectPrompt(1, last - middle, *point)], options)]
+    assert len(ahead) == len(behind) == len(frames)
+    for index in range(middle + 1):
+        assert np.array_equal(ahead[index], behind[last - index]), f"frame {index} differs"
+
+
+def test_memory_stays_flat_over_a_long_video(cpu_tracker, tmp_path):
+    """Resident memory at frame 2,000 is within 10% of frame 200 (every frame written to the video and zip)."""
+    clip = make_clip(tmp_path / "long.mp4", frames=2000, width=64, height=48, fps=50, audio=True)
+    samples: dict[int, int] = {}
+    process = psutil.Process()
+
+    def sample(done: int, total: int) -> None:
+        if done in (200, 2000):
+            samples[done] = process.memory_info().rss
+
+    result = cpu_tracker.track(clip, [ObjectPrompt(1, 0, [(16, 24)], [1])], output=tmp_path / "out.mp4",
+                               masks=tmp_path / "masks.zip", options=TrackOptions(size=0), progress=sample)
+    assert result.frames == 2000
+    assert samples[2000] <= samples[200] * 1.10, f"RSS grew from {samples[200]} to {samples[2000]} bytes"
