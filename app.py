@@ -133,6 +133,15 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                     mem_every = gr.Slider(1, 30, value=defaults.memory.mem_every, step=1,
                                           label="Memory interval (frames between memory updates)",
                                           elem_id="memory-interval")
+                    memory_limits = [
+                        gr.Number(getattr(defaults.memory, name), precision=0, minimum=1, label=label,
+                                  elem_id=name.replace("_", "-"))
+                        for name, label in (("top_k", "Top-k memory matches per pixel"),
+                                            ("min_mid_term_frames", "Working memory: frames kept after a "
+                                             "consolidation"),
+                                            ("max_mid_term_frames", "Working memory: frames before consolidation"),
+                                            ("num_prototypes", "Long-term prototypes per consolidation"),
+                                            ("max_long_term_elements", "Long-term memory size (elements)"))]
                     alpha = gr.Slider(0, 1, value=defaults.alpha, step=0.05, label="Overlay opacity",
                                       elem_id="overlay-opacity")
                     outline = gr.Slider(0, 10, value=defaults.outline, step=1, label="Outline width (px)",
@@ -269,14 +278,19 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             return "Waiting for the tracker…", True, gr.update(interactive=False), gr.update(interactive=True)
 
         @show_errors(outputs=6)
-        def on_track(accepted: bool, full: bool, size_value: float, mem_value: float, alpha_value: float,
-                     outline_value: float, frame: int, request: gr.Request, progress=gr.Progress()):
+        def on_track(accepted: bool, full: bool, size_value: float, mem_value: float, top_k: float,
+                     min_mid_term: float, max_mid_term: float, prototypes: float, long_term: float,
+                     alpha_value: float, outline_value: float, frame: int, request: gr.Request,
+                     progress=gr.Progress()):
             if not accepted:
                 return (gr.skip(),) * 6
             session = session_of(request)
-            options = TrackOptions(size=int(size_value), memory=MemoryOptions(mem_every=int(mem_value)),
-                                   alpha=float(alpha_value), outline=int(outline_value))
             try:
+                memory = MemoryOptions(mem_every=int(mem_value), top_k=int(top_k),
+                                       min_mid_term_frames=int(min_mid_term), max_mid_term_frames=int(max_mid_term),
+                                       num_prototypes=int(prototypes), max_long_term_elements=int(long_term))
+                options = TrackOptions(size=int(size_value), memory=memory, alpha=float(alpha_value),
+                                       outline=int(outline_value))
                 record = session.track(options, full=bool(full),
                                        progress=lambda fraction, text: progress(fraction, desc=text))
             except Cancelled:
@@ -294,7 +308,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
 
         job_buttons = [track_button, cancel_button]
         (track_button.click(on_begin, None, [status, job_accepted, *job_buttons], queue=False)
-         .then(on_track, [job_accepted, full_rerun, size, mem_every, *style, frame_slider],
+         .then(on_track, [job_accepted, full_rerun, size, mem_every, *memory_limits, *style, frame_slider],
                [status, *results, frame_image], show_progress_on=status, concurrency_limit=1,
                concurrency_id="track")
          .then(lambda: (gr.update(interactive=True), gr.update(interactive=False)), None, job_buttons,

@@ -123,3 +123,16 @@ def test_threaded_sink_abort_discards():
     assert events[-1] == "discard" and "finish" not in events
     with pytest.raises(Cancelled):
         sink.put(2)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"mem_every": 0}, "mem_every must be at least 1"),
+    ({"min_mid_term_frames": 10, "max_mid_term_frames": 10}, "must be larger than"),
+    ({"num_prototypes": 200, "max_long_term_elements": 100}, "cannot exceed"),
+])
+def test_memory_settings_are_checked(settings, message):
+    from tracker.errors import TrackerError
+    from tracker.pipeline import MemoryOptions
+
+    with pytest.raises(TrackerError, match=message):
+        MemoryOptions(**settings)

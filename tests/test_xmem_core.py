@@ -245,6 +245,15 @@ def test_inference_schedule_and_output(net32):
     assert processor.memory.hidden.shape == (1, 2, 64, 4, 6)
 
 
+def test_occlusion_shortcut_skips_memory_only_when_asked(net32):
+    images, masks = _clip(6, height=60, width=90)
+    config = dict(DEFAULT_CONFIG, mem_every=2)
+    _, plain = _run(net32.double(), images, masks, config)
+    _, shortcut = _run(net32.double(), images, masks, dict(config, min_memory_area=60 * 90 + 1))
+    assert plain.memory.work_mem.size == 3 * 4 * 6
+    assert shortcut.memory.work_mem.size == 4 * 6  # only the given first frame: every object is "too small"
+
+
 def test_float32_and_float64_agree(net32):
     images, masks = _clip(4)
     config = dict(DEFAULT_CONFIG, mem_every=2)

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     track.add_argument("--preset", default="veryfast", help="libx264 preset")
     defaults = MemoryOptions()
     for name in ("mem_every", "top_k", "min_mid_term_frames", "max_mid_term_frames", "num_prototypes",
-                 "max_long_term_elements", "deep_update_every"):
+                 "max_long_term_elements", "deep_update_every", "min_memory_area"):
         track.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name),
                            help=f"XMem memory setting (default {getattr(defaults, name)})")
     add_model_flags(track)

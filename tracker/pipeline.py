@@ -45,6 +45,22 @@ class MemoryOptions:
     deep_update_every: int = -1
     enable_long_term: bool = True
     enable_long_term_count_usage: bool = True
+    # Opt-in occlusion shortcut, off as in the reference: skip a memory update while
+    # an object covers fewer pixels than this at the working resolution.
+    min_memory_area: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("mem_every", "top_k", "min_mid_term_frames", "num_prototypes", "max_long_term_elements"):
+            if getattr(self, name) < 1:
+                raise TrackerError(f"memory setting {name} must be at least 1, not {getattr(self, name)}")
+        if self.min_memory_area < 0:
+            raise TrackerError(f"min_memory_area must be 0 (off) or more, not {self.min_memory_area}")
+        if self.max_mid_term_frames <= self.min_mid_term_frames:
+            raise TrackerError(f"max_mid_term_frames ({self.max_mid_term_frames}) must be larger than "
+                               f"min_mid_term_frames ({self.min_mid_term_frames})")
+        if self.num_prototypes > self.max_long_term_elements:
+            raise TrackerError(f"num_prototypes ({self.num_prototypes}) cannot exceed max_long_term_elements "
+                               f"({self.max_long_term_elements})")
 
     def xmem_config(self, network: torch.nn.Module) -> dict:
         """The reference's config dict, with the dimensions the loaded network has."""

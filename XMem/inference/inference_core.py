@@ -103,6 +103,8 @@ class InferenceCore:
         if mask is not None:
             prob = self._merge_mask(mask, prob, valid_labels, image.dtype)
             self.memory.create_hidden_state(len(self.all_labels), key)
+        elif is_mem_frame and self._too_small_to_remember(prob):
+            is_mem_frame = False  # tried again on the next frame
 
         if is_mem_frame:
             value, hidden = self.network.encode_value(image, f16, self.memory.hidden, prob[1:].unsqueeze(0),
@@ -115,6 +117,18 @@ class InferenceCore:
                 self.last_deep_update_ti = self.curr_ti
 
         return unpad(prob, self.pad)
+
+    def _too_small_to_remember(self, prob: torch.Tensor) -> bool:
+        """The opt-in occlusion shortcut (not in the reference, off unless config min_memory_area > 0).
+
+        An object covering fewer pixels than that (at the working resolution) is
+        probably occluded; remembering the frame would teach XMem it vanished.
+        """
+        min_area = self.config.get("min_memory_area", 0)
+        if min_area <= 0:
+            return False
+        areas = torch.bincount(prob.argmax(0).flatten(), minlength=prob.shape[0])[1:]
+        return bool((areas < min_area).any())
 
     def _merge_mask(self, mask: torch.Tensor, prob: torch.Tensor | None,
                     valid_labels: Collection[int] | None, dtype: torch.dtype) -> torch.Tensor:
