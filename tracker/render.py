@@ -183,26 +183,22 @@ class MaskZipWriter(AtomicWriter):
 
     def close(self) -> None:
         """Finish the zip and move it into place."""
-        with self._lock:
-            if self._done:
-                return
-            self._done = True
-            try:
-                self._zip.close()
-                self._temp.chmod(0o644)
-                os.replace(self._temp, self.path)
-            except BaseException:
-                self._temp.unlink(missing_ok=True)
-                raise
+        self._finish(keep=True)
 
     def abort(self) -> None:
         """Remove the partial zip; nothing appears at `path`."""
+        self._finish(keep=False)
+
+    def _finish(self, keep: bool) -> None:
         with self._lock:
             if self._done:
                 return
             self._done = True
             try:
                 self._zip.close()
+                if keep:
+                    self._temp.chmod(0o644)
+                    os.replace(self._temp, self.path)
             finally:
                 self._temp.unlink(missing_ok=True)
 
