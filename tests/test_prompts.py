@@ -50,6 +50,8 @@ def test_unreadable_prompt_files(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(PromptError, match="not valid JSON"):
         load_prompts(bad)
+    with pytest.raises(PromptError, match="cannot be read"):
+        load_prompts(tmp_path)
 
 
 @pytest.mark.parametrize("prompt, message", [
@@ -63,6 +65,8 @@ def test_unreadable_prompt_files(tmp_path):
     (ObjectPrompt(0, 0, [(10, 10)], [1]), "between 1 and 255"),
     (ObjectPrompt(1, 0, [(10, 10)], [2]), "must be 1"),
     (ObjectPrompt(1, 0, [(10, 10)], []), "1 points but 0 labels"),
+    (ObjectPrompt(1, 0, [], [], (5, 5, float("nan"), 30)), "finite"),
+    (ObjectPrompt(1, 0, [(float("nan"), 5)], [1]), "finite"),
 ])
 def test_prompt_checks(prompt, message):
     with pytest.raises(PromptError, match=message):

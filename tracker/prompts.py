@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -44,6 +45,9 @@ class ObjectPrompt:
             raise PromptError(f"{who}: give at least one point or a box")
         if len(self.labels) != len(self.points):
             raise PromptError(f"{who}: {len(self.points)} points but {len(self.labels)} labels")
+        values = [v for xy in self.points for v in xy] + list(self.box or ())
+        if not all(math.isfinite(v) for v in values):
+            raise PromptError(f"{who}: coordinates must be finite numbers")
         if any(v not in (POSITIVE, NEGATIVE) for v in self.labels):
             raise PromptError(f"{who}: point labels must be 1 (object) or 0 (background)")
         if self.box is None and POSITIVE not in self.labels:
@@ -139,6 +143,8 @@ def load_prompts(path: str | Path) -> list[ObjectPrompt]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise PromptError(f"prompts file {path} does not exist") from None
+    except OSError as exc:
+        raise PromptError(f"prompts file {path} cannot be read ({exc.strerror or exc})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PromptError(f"prompts file {path} is not valid JSON ({exc})") from None
     return prompts_from_json(data)

@@ -8,9 +8,11 @@
 """
 from __future__ import annotations
 
+import errno
 import threading
 import time
-from contextlib import ExitStack
+import traceback
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -22,13 +24,12 @@ from XMem.inference.inference_core import DEFAULT_CONFIG
 from XMem.model.network import XMem, dims_from_state_dict
 
 from . import weights
-from .errors import TrackerError
+from .errors import TrackerError, VideoError
 from .pipeline import ProgressFn, ThreadedSink, TrackedFrame, TrackOptions, track_frames
 from .prompts import ObjectPrompt, check_prompts
 from .render import MaskZipReader, MaskZipWriter, overlay
 from .sam import ImageEmbedding, SamBackend, load_sam, resolve_device, segment
 from .video import VideoInfo, VideoWriter, probe, read_frame
-
 
 
 def load_xmem(checkpoint: Path, device: torch.device) -> XMem:
@@ -38,6 +39,32 @@ def load_xmem(checkpoint: Path, device: torch.device) -> XMem:
     network = XMem(dict(DEFAULT_CONFIG, **dims_from_state_dict(state)))
     network.load_weights(state)
     return network.to(device).eval()
+
+
+def smaller_size(size: int) -> int:
+    """A working size to suggest after running out of memory at `size` (0 = original resolution)."""
+    return 360 if size <= 0 else max(120, size * 3 // 4 // 8 * 8)
+
+
+@contextmanager
+def user_facing_resource_errors(options: TrackOptions) -> Iterator[None]:
+    """Out of GPU memory and failed file writes become errors that say what to do.
+
+    The frames of an out-of-memory traceback are cleared first: their locals
+    hold the job's tensors, which `empty_cache` could not release otherwise.
+    """
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        traceback.clear_frames(exc.__traceback__)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise TrackerError(f"the GPU ran out of memory at working size {options.size or 'original'}; try a "
+                           f"smaller working size (--size {smaller_size(options.size)}) or close other GPU jobs"
+                           ) from None
+    except OSError as exc:
+        advice = "free some disk space" if exc.errno == errno.ENOSPC else "choose a folder you can write to"
+        raise VideoError(f"writing the output failed: {exc.strerror or exc}; {advice} and try again") from exc
 
 
 @dataclass(frozen=True)
@@ -126,11 +153,13 @@ class Tracker:
                      *, cancel: threading.Event | None = None,
                      progress: ProgressFn | None = None) -> Iterator[TrackedFrame]:
         """Every frame of the video with its object-id map, in order, streamed."""
+        options = options or TrackOptions()
         info = probe(video)
         check_prompts(prompts, info.width, info.height, info.frame_count)
-        keyframes = self.prompt_masks(info, prompts)
-        yield from track_frames(self.xmem, info, keyframes, options or TrackOptions(), self.device,
-                                cancel=cancel, progress=progress)
+        with user_facing_resource_errors(options):
+            keyframes = self.prompt_masks(info, prompts)
+            yield from track_frames(self.xmem, info, keyframes, options, self.device,
+                                    cancel=cancel, progress=progress)
 
     def track(self, video: str | Path, prompts: Sequence[ObjectPrompt], *, output: str | Path | None = None,
               masks: str | Path | None = None, options: TrackOptions | None = None,
@@ -146,13 +175,12 @@ class Tracker:
         options = options or TrackOptions()
         info = probe(video)
         check_prompts(prompts, info.width, info.height, info.frame_count)
-        with self.lock, ExitStack() as stack:
+        with user_facing_resource_errors(options), self.lock, ExitStack() as stack:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             began = time.perf_counter()
             keyframes, earlier = self._plan(info, prompts, previous)
-            sinks = self._open_sinks(info, output, masks, options)
-            stack.callback(lambda: [sink.abort() for sink in sinks if sink is not None])
+            sinks = self._open_sinks(info, output, masks, options, stack)
             video_sink, zip_sink = sinks
             frames = 0
             for tracked in track_frames(self.xmem, info, keyframes, options, self.device,
@@ -193,7 +221,8 @@ class Tracker:
 
     @staticmethod
     def _open_sinks(info: VideoInfo, output: str | Path | None, masks: str | Path | None,
-                    options: TrackOptions) -> list[ThreadedSink | None]:
+                    options: TrackOptions, stack: ExitStack) -> list[ThreadedSink | None]:
+        """The video and zip writers, each aborted by `stack` on failure (the zip failing to open included)."""
         if output is None and masks is None:
             raise TrackerError("nothing to write: give an output video path and/or a masks zip path")
         video_sink = zip_sink = None
@@ -201,9 +230,11 @@ class Tracker:
             writer = VideoWriter(output, info, audio_from=info.path if info.has_audio else None,
                                  crf=options.crf, preset=options.preset)
             video_sink = ThreadedSink("encode", writer.write, writer.close, writer.abort)
+            stack.callback(video_sink.abort)
         if masks is not None:
             zipper = MaskZipWriter(masks)
             zip_sink = ThreadedSink("masks", zipper.write, zipper.close, zipper.abort)
+            stack.callback(zip_sink.abort)
         return [video_sink, zip_sink]
 
 

@@ -89,7 +89,7 @@ def probe(path: str | Path) -> VideoInfo:
         rotation = _clockwise(first)
         height, width = (first.width, first.height) if rotation in (90, 270) else (first.height, first.width)
         codec, pix_fmt = stream.codec.canonical_name, first.format.name
-        has_audio = bool(container.streams.audio)
+        has_audio = bool(_audio_streams(container))
         time_base = stream.time_base or Fraction(1, av.time_base)
     with _open(path) as container:
         timeline = _scan(container, _video_stream(container, path))
@@ -139,7 +139,7 @@ def _open(path: Path) -> av.container.InputContainer:
     if path.stat().st_size == 0:
         raise VideoError(f"{path.name} is empty (0 bytes); upload or copy the video again")
     try:
-        return av.open(str(path), "r")
+        return av.open(str(path), "r", metadata_errors="replace")  # damaged tags must not stop the video
     except (av.FFmpegError, OSError) as exc:
         raise VideoError(f"{path.name} is not a video FFmpeg can read, or it is damaged; "
                          "use a common format such as MP4, MOV, MKV or WebM") from exc
@@ -156,15 +156,32 @@ def _video_stream(container: av.container.InputContainer, path: Path) -> av.Vide
 
 
 def _decoded(container: av.container.InputContainer, stream: av.VideoStream) -> Iterator[av.VideoFrame]:
-    """Decoded frames in presentation order; stops at the first unreadable packet."""
+    """Decoded frames in presentation order; stops at the first unreadable or cut-off packet.
+
+    The decoder still holds complete frames then (B-frame reordering, frame
+    threads), so it is drained: a cut file keeps every frame it fully contains.
+    A cut-off packet is not decoded at all: with frame threads its error would
+    also take the frames still in the decoder.
+    """
     decoded = 0
     try:
         for packet in container.demux(stream):
+            if packet.is_corrupt:
+                log.warning("%s: a damaged packet ends decoding; the frames before it are kept", container.name)
+                break
             for frame in packet.decode():
                 decoded += 1
                 yield frame
+        else:
+            return
     except (av.FFmpegError, EOFError) as exc:
         log.warning("%s: decoding stopped after %d frames: %s", container.name, decoded, exc)
+    if stream.codec_context is None:  # no decoder for the stream's codec: nothing was decoded
+        return
+    try:
+        yield from stream.codec_context.decode(None)
+    except (av.FFmpegError, EOFError):
+        pass  # nothing more to recover
 
 
 def _decoded_from(container: av.container.InputContainer, stream: av.VideoStream, path: Path,
@@ -444,15 +461,16 @@ class _AudioTrack:
     def of(cls, source: Path, output: av.container.OutputContainer, target: _Target) -> _AudioTrack | None:
         """The track, or None when the file has no audio."""
         container = _open(source)
-        if not container.streams.audio:
+        usable = _audio_streams(container)
+        if not usable:
             container.close()
             return None
-        return cls(container, output, target)
+        return cls(container, usable[0], output, target)
 
-    def __init__(self, container: av.container.InputContainer, output: av.container.OutputContainer,
-                 target: _Target):
+    def __init__(self, container: av.container.InputContainer, source: av.AudioStream,
+                 output: av.container.OutputContainer, target: _Target):
         self._input = container
-        self._source = container.streams.audio[0]
+        self._source = source
         self._copy = self._source.codec.canonical_name in target.audio_copy
         if self._copy:
             self._stream = output.add_stream_from_template(self._source, opaque=True)
@@ -502,6 +520,11 @@ class _AudioTrack:
 
     def close(self) -> None:
         self._input.close()
+
+
+def _audio_streams(container: av.container.InputContainer) -> list[av.AudioStream]:
+    """The audio streams FFmpeg knows the codec of (a damaged header can leave one unidentified)."""
+    return [s for s in container.streams.audio if s.codec_context is not None]
 
 
 def temporary_path_beside(path: Path) -> Path:

@@ -1,0 +1,388 @@
+"""Bad input and failures mid-job: every one ends in a one-line TrackerError or a valid output, never a
+half-written file, a stray temp file or a tracker that no longer works.
+
+SAM's image encoder costs seconds per frame on a CPU whatever the clip size, so the `tracker` fixture
+computes one real embedding per frame shape and reuses it; everything after it (SAM's decoder, XMem,
+decoding, writing) runs for real on every call.
+"""
+from __future__ import annotations
+
+import errno
+import random
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from tests.media import make_audio_only, make_clip, make_empty_file, make_text_file, truncated_copy
+from tracker import pipeline
+from tracker.errors import Cancelled, PromptError, TrackerError, VideoError, WeightsError
+from tracker.prompts import ObjectPrompt, load_prompts
+from tracker.session import Tracker, TrackOptions, load_xmem
+from tracker.video import VideoWriter, iter_frames, probe
+
+ROOT = Path(__file__).resolve().parents[1]
+WIDTH, HEIGHT, FRAMES = 64, 48, 6
+CLICK = [ObjectPrompt(1, 0, [(32, 24)], [1])]
+MUTANTS = 50
+
+_embeddings: dict[tuple[int, ...], object] = {}
+
+
+@pytest.fixture
+def tracker(cpu_tracker, monkeypatch) -> Tracker:
+    """The session's CPU tracker with one real SAM embedding per frame shape; checks it is left unlocked."""
+    real_embed = cpu_tracker.sam.embed
+
+    def embed(image: np.ndarray):
+        if image.shape not in _embeddings:
+            _embeddings[image.shape] = real_embed(image)
+        return _embeddings[image.shape]
+
+    monkeypatch.setattr(cpu_tracker.sam, "embed", embed)
+    yield cpu_tracker
+    assert not cpu_tracker.lock.locked(), "a failed job left the tracker locked"
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> Path:
+    return make_clip(tmp_path_factory.mktemp("robust") / "clip.mp4", frames=FRAMES, width=WIDTH, height=HEIGHT,
+                     audio=False, gop=3, faststart=True)
+
+
+def decoded_count(path: Path) -> int:
+    with av.open(str(path)) as container:
+        return sum(1 for _ in container.decode(container.streams.video[0]))
+
+
+def complete_packets(path: Path, size: int) -> int:
+    """Video packets of `path` that lie wholly within its first `size` bytes: every one is a frame a cut keeps."""
+    with av.open(str(path)) as container:
+        return sum(1 for p in container.demux(container.streams.video[0]) if p.size and p.pos + p.size <= size)
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Files a failed job must not leave: outputs and the writers' hidden temp files."""
+    return sorted(p.name for p in folder.rglob("*") if p.is_file() and p.suffix in (".mp4", ".zip", ".part"))
+
+
+def one_line(exc: BaseException) -> str:
+    message = str(exc)
+    assert message and "\n" not in message
+    return message
+
+
+def assert_usable(tracker: Tracker, clip: Path, folder: Path) -> None:
+    result = tracker.track(clip, CLICK, output=folder / "after.mp4")
+    assert result.frames == FRAMES and decoded_count(folder / "after.mp4") == FRAMES
+
+
+# --- unusable inputs ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make, message", [
+    (make_text_file, "not a video"),
+    (make_empty_file, "empty"),
+    (make_audio_only, "only audio"),
+])
+def test_unusable_video_is_a_one_line_error_and_writes_nothing(tracker, tmp_path, make, message):
+    video = make(tmp_path / "upload.mp4")
+    out = tmp_path / "out"
+    with pytest.raises(VideoError, match=message) as err:
+        tracker.track(video, CLICK, output=out / "o.mp4", masks=out / "m.zip")
+    assert "upload.mp4" in one_line(err.value)
+    assert not out.exists()
+    with pytest.raises(VideoError, match=message):
+        next(tracker.iter_tracked(video, CLICK))
+
+
+def test_cli_audio_only_exits_2_without_traceback(untrained_checkpoints, tmp_path):
+    video = make_audio_only(tmp_path / "song.mp4")
+    out = tmp_path / "o.mp4"
+    done = subprocess.run([sys.executable, "-m", "tracker", "track", str(video), "--point", "5,5", "--out", str(out),
+                           "--sam-checkpoint", str(untrained_checkpoints["sam"]),
+                           "--xmem-checkpoint", str(untrained_checkpoints["xmem"]), "--device", "cpu",
+                           "--no-download"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "only audio" in errors[0] and "song.mp4" in errors[0]
+    assert "Traceback" not in done.stderr
+    assert leftovers(tmp_path) == ["song.mp4"]
+
+
+def test_truncated_mp4_tracks_what_decodes_and_says_what_was_lost(tracker, tmp_path):
+    source = make_clip(tmp_path / "src.mp4", frames=24, width=WIDTH, height=HEIGHT, audio=False, gop=3,
+                       faststart=True)
+    damaged = truncated_copy(source, tmp_path / "cut.mp4", keep=0.5)
+    decodable = len(list(iter_frames(damaged)))
+    assert 0 < decodable == complete_packets(source, damaged.stat().st_size) < 24
+    result = tracker.track(damaged, CLICK, output=tmp_path / "o.mp4", masks=tmp_path / "m.zip")
+    assert (result.frames, result.expected_frames, result.lost_frames) == (decodable, 24, 24 - decodable)
+    assert f"{24 - decodable} of 24 frames could not be decoded" in result.summary()
+    assert decoded_count(tmp_path / "o.mp4") == decodable
+    assert probe(tmp_path / "o.mp4").frame_count == decodable
+
+
+def test_one_frame_video(tracker, tmp_path):
+    video = make_clip(tmp_path / "one.mp4", frames=1, width=WIDTH, height=HEIGHT, audio=False)
+    result = tracker.track(video, CLICK, output=tmp_path / "o.mp4", masks=tmp_path / "m.zip")
+    assert result.frames == 1 and result.lost_frames == 0
+    assert decoded_count(tmp_path / "o.mp4") == 1
+
+
+# --- formats that must work --------------------------------------------------------------------------
+
+def test_ten_bit_input_gives_8_bit_output(tracker, tmp_path):
+    video = make_clip(tmp_path / "ten.mp4", frames=4, width=WIDTH, height=HEIGHT, audio=False,
+                      pix_fmt="yuv420p10le")
+    assert probe(video).pix_fmt == "yuv420p10le"
+    result = tracker.track(video, CLICK, output=tmp_path / "o.mp4")
+    assert result.frames == 4
+    out = probe(tmp_path / "o.mp4")
+    assert (out.pix_fmt, out.frame_count) == ("yuv420p", 4)
+
+
+def test_variable_frame_rate_keeps_its_timestamps(tracker, tmp_path):
+    video = make_clip(tmp_path / "vfr.mp4", frames=8, width=WIDTH, height=HEIGHT, audio=False, vfr=True)
+    tracker.track(video, CLICK, output=tmp_path / "o.mp4")
+    source = [f.time for f in iter_frames(video)]
+    written = [f.time for f in iter_frames(tmp_path / "o.mp4")]
+    assert len(set(np.round(np.diff(source), 3))) > 1, "the input should have uneven intervals"
+    assert np.allclose(np.array(written) - written[0], np.array(source) - source[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("rotation", [90, 180, 270])
+def test_rotation_is_honoured(tracker, tmp_path, rotation):
+    # Display 63x45 (odd, stored turned when 90/270): the output is the display size rounded up to even.
+    video = make_clip(tmp_path / "rot.mp4", frames=3, width=63, height=45, audio=False, rotation=rotation,
+                      pix_fmt="yuv444p")
+    info = probe(video)
+    assert (info.width, info.height, info.rotation) == (63, 45, rotation)
+    result = tracker.track(video, [ObjectPrompt(1, 0, [(60, 10)], [1])], output=tmp_path / "o.mp4")
+    out = probe(tmp_path / "o.mp4")
+    assert result.frames == 3 and (out.width, out.height, out.rotation) == (64, 46, 0)
+
+
+def test_vp9_with_alpha_in_webm(tracker, tmp_path):
+    try:
+        video = make_clip(tmp_path / "alpha.webm", frames=4, width=WIDTH, height=HEIGHT, audio=False,
+                          codec="libvpx-vp9", pix_fmt="yuva420p")
+    except (av.FFmpegError, ValueError) as exc:
+        pytest.skip(f"this FFmpeg cannot write VP9 with alpha: {exc}")
+    result = tracker.track(video, CLICK, output=tmp_path / "o.mp4")
+    assert result.frames == 4 and decoded_count(tmp_path / "o.mp4") == 4
+
+
+# --- prompts -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prompt, message", [
+    (ObjectPrompt(1, 0, [(-1, 5)], [1]), "outside the 64x48 frame"),
+    (ObjectPrompt(1, 0, [(64, 5)], [1]), "outside the 64x48 frame"),
+    (ObjectPrompt(1, 0, [(float("nan"), 5)], [1]), "outside"),
+    (ObjectPrompt(1, 0, box=(10, 10, 10, 30)), "zero area"),
+    (ObjectPrompt(1, FRAMES, [(5, 5)], [1]), "past the end"),
+])
+def test_bad_prompt_through_the_api(tracker, clip, tmp_path, prompt, message):
+    with pytest.raises(PromptError, match=message) as err:
+        tracker.track(clip, [prompt], output=tmp_path / "o.mp4", masks=tmp_path / "m.zip")
+    one_line(err.value)
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"objects": [{"id": 1, "points": [["a", 2]], "labels": [1]}]}', r"objects\[0\] is malformed"),
+    (b"\xff\xfe\x00 not text", "not valid JSON"),
+])
+def test_malformed_prompts_file_through_the_api(tmp_path, content, message):
+    bad = tmp_path / "p.json"
+    bad.write_bytes(content)
+    with pytest.raises(PromptError, match=message) as err:
+        load_prompts(bad)
+    one_line(err.value)
+
+
+# --- checkpoints -------------------------------------------------------------------------------------
+
+def test_missing_and_wrong_checkpoints_through_the_tracker(untrained_checkpoints, tmp_path):
+    expected = "xmem.pth does not exist; .*download https://github.com/hkchengrex/XMem/.* save it as"
+    with pytest.raises(WeightsError, match=expected) as err:
+        Tracker(untrained_checkpoints["sam"], tmp_path / "xmem.pth", device="cpu", download=False)
+    one_line(err.value)
+    with pytest.raises(WeightsError, match="not in the XMem layout.*SAM ViT-B weights given in place of XMem"):
+        load_xmem(untrained_checkpoints["sam"], torch.device("cpu"))
+
+
+def test_truncated_xmem_checkpoint_through_the_tracker(untrained_checkpoints, tmp_path):
+    cut = tmp_path / "XMem.pth"
+    data = untrained_checkpoints["xmem"].read_bytes()
+    cut.write_bytes(data[: len(data) // 3])
+    with pytest.raises(WeightsError, match="truncated.*download it again"):
+        Tracker(untrained_checkpoints["sam"], cut, device="cpu", download=False)
+
+
+# --- output paths and failures while writing ---------------------------------------------------------
+
+def test_missing_output_folders_are_created(tracker, clip, tmp_path):
+    out, masks = tmp_path / "a" / "b" / "o.mp4", tmp_path / "c" / "m.zip"
+    result = tracker.track(clip, CLICK, output=out, masks=masks)
+    assert result.frames == FRAMES and decoded_count(out) == FRAMES and masks.is_file()
+    assert leftovers(tmp_path) == ["m.zip", "o.mp4"]
+
+
+@pytest.mark.parametrize("which", ["output", "masks"])
+def test_unwritable_output_is_a_clear_error_and_leaves_nothing(tracker, clip, tmp_path, which):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file where a folder should be")
+    paths = {"output": tmp_path / "o.mp4", "masks": tmp_path / "m.zip", which: blocker / f"out.{which}"}
+    with pytest.raises(VideoError, match="cannot write to .*file.txt.*choose a folder") as err:
+        tracker.track(clip, CLICK, **paths)
+    one_line(err.value)
+    assert leftovers(tmp_path) == []  # the other writer, already open, is removed too
+
+
+def test_disk_full_while_writing(tracker, clip, tmp_path):
+    calls = []
+
+    def full(self, image, pts, time):
+        calls.append(pts)
+        if len(calls) >= 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(VideoWriter, "write", full)
+        with pytest.raises(TrackerError, match="No space left on device; free some disk space") as err:
+            tracker.track(clip, CLICK, output=tmp_path / "o.mp4", masks=tmp_path / "m.zip")
+    one_line(err.value)
+    assert leftovers(tmp_path) == []
+    assert_usable(tracker, clip, tmp_path)
+
+
+def test_crash_mid_job_leaves_no_file(tracker, clip, tmp_path):
+    def crash(done: int, total: int) -> None:
+        if done == 3:
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        tracker.track(clip, CLICK, output=tmp_path / "o.mp4", masks=tmp_path / "m.zip", progress=crash)
+    assert leftovers(tmp_path) == []
+    assert_usable(tracker, clip, tmp_path)
+
+
+def test_cancel_mid_run_writes_nothing(tracker, clip, tmp_path):
+    cancel = threading.Event()
+    seen = []
+
+    def progress(done: int, total: int) -> None:
+        seen.append(done)
+        if done == 2:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        tracker.track(clip, CLICK, output=tmp_path / "o.mp4", masks=tmp_path / "m.zip", cancel=cancel,
+                      progress=progress)
+    assert seen == [1, 2]
+    assert leftovers(tmp_path) == []
+    stream = tracker.iter_tracked(clip, CLICK, cancel=cancel)
+    with pytest.raises(Cancelled):
+        list(stream)
+
+
+def test_gpu_out_of_memory_suggests_a_smaller_size(tracker, clip, tmp_path):
+    real_step = pipeline.Propagator.step
+
+    def step(self, index, image, end):
+        if index == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(self, index, image, end)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline.Propagator, "step", step)
+        with pytest.raises(TrackerError, match=r"ran out of memory at working size 480; .*--size 360") as err:
+            tracker.track(clip, CLICK, output=tmp_path / "o.mp4", masks=tmp_path / "m.zip")
+        with pytest.raises(TrackerError, match=r"working size 1000; .*--size 744"):
+            list(tracker.iter_tracked(clip, CLICK, TrackOptions(size=1000)))
+    assert err.value.__suppress_context__
+    innermost = err.value.__context__.__traceback__
+    while innermost.tb_next is not None:
+        innermost = innermost.tb_next
+    assert innermost.tb_frame.f_locals == {}, "the failed step's tensors are still referenced"
+    one_line(err.value)
+    assert leftovers(tmp_path) == []
+    assert_usable(tracker, clip, tmp_path)
+
+
+# --- damaged files -----------------------------------------------------------------------------------
+
+def mutant(source: bytes, seed: int) -> bytes:
+    """A damaged copy: random bit flips, overwritten runs or a cut, past the first 8 bytes."""
+    rng = random.Random(seed)
+    data = bytearray(source)
+    kind = ("flip", "overwrite", "truncate")[seed % 3]
+    if kind == "truncate":
+        return bytes(data[: rng.randrange(8, len(data))])
+    for _ in range(rng.randint(1, 12)):
+        at = rng.randrange(8, len(data))
+        if kind == "flip":
+            data[at] ^= 1 << rng.randrange(8)
+        else:
+            run = rng.randint(1, 64)
+            data[at:at + run] = rng.randbytes(len(data[at:at + run]))
+    return bytes(data)
+
+
+@pytest.fixture(scope="module")
+def mutation_source(tmp_path_factory) -> bytes:
+    path = make_clip(tmp_path_factory.mktemp("mutants") / "src.mp4", frames=FRAMES, width=WIDTH, height=HEIGHT,
+                     audio=True, gop=3, faststart=True)
+    return path.read_bytes()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("seed", range(MUTANTS))
+def test_damaged_file_is_an_error_or_a_valid_output(mutation_source, tmp_path, seed):
+    video = tmp_path / "damaged.mp4"
+    video.write_bytes(mutant(mutation_source, seed))
+    try:
+        info = probe(video)
+    except VideoError as exc:
+        one_line(exc)
+        return
+    frames = list(iter_frames(video))
+    assert 0 < len(frames) <= info.frame_count
+    try:
+        with VideoWriter(tmp_path / "o.mp4", info, audio_from=video if info.has_audio else None) as writer:
+            for frame in frames:
+                writer.write(frame.image, frame.pts, frame.time)
+    except VideoError as exc:
+        one_line(exc)
+        assert leftovers(tmp_path) == ["damaged.mp4"]
+        return
+    assert probe(tmp_path / "o.mp4").frame_count == len(frames) == decoded_count(tmp_path / "o.mp4")
+
+
+@pytest.mark.timeout(120)
+def test_damaged_files_track_end_to_end(tracker, mutation_source, tmp_path):
+    tracked = 0
+    for seed in range(MUTANTS):
+        if tracked == 3:
+            break
+        video = tmp_path / f"damaged{seed}.mp4"
+        video.write_bytes(mutant(mutation_source, seed))
+        try:
+            info = probe(video)
+        except VideoError:
+            continue
+        try:
+            result = tracker.track(video, CLICK, output=tmp_path / f"o{seed}.mp4")
+        except TrackerError as exc:
+            one_line(exc)
+            assert not (tmp_path / f"o{seed}.mp4").exists()
+            continue
+        assert result.frames > 0 and result.expected_frames == info.frame_count
+        assert probe(tmp_path / f"o{seed}.mp4").frame_count == result.frames
+        tracked += 1
+    assert tracked == 3
