@@ -182,7 +182,7 @@ def test_vp9_with_alpha_in_webm(tracker, tmp_path):
 @pytest.mark.parametrize("prompt, message", [
     (ObjectPrompt(1, 0, [(-1, 5)], [1]), "outside the 64x48 frame"),
     (ObjectPrompt(1, 0, [(64, 5)], [1]), "outside the 64x48 frame"),
-    (ObjectPrompt(1, 0, [(float("nan"), 5)], [1]), "outside"),
+    (ObjectPrompt(1, 0, [(float("nan"), 5)], [1]), "must be finite"),
     (ObjectPrompt(1, 0, box=(10, 10, 10, 30)), "zero area"),
     (ObjectPrompt(1, FRAMES, [(5, 5)], [1]), "past the end"),
 ])
