@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import gradio as gr
+from gradio.utils import get_upload_folder
 
 from tracker.cli import add_model_flags as add_model_flags
 from tracker.errors import Cancelled, TrackerError
@@ -142,6 +143,9 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                                             ("max_mid_term_frames", "Working memory: frames before consolidation"),
                                             ("num_prototypes", "Long-term prototypes per consolidation"),
                                             ("max_long_term_elements", "Long-term memory size (elements)"))]
+                    min_area = gr.Number(0, precision=0, minimum=0, elem_id="min-memory-area",
+                                         label="Occlusion shortcut: no memory update while an object covers fewer "
+                                               "pixels than this (0 = off, as in XMem)")
                     alpha = gr.Slider(0, 1, value=defaults.alpha, step=0.05, label="Overlay opacity",
                                       elem_id="overlay-opacity")
                     outline = gr.Slider(0, 10, value=defaults.outline, step=1, label="Outline width (px)",
@@ -280,20 +284,22 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
         @show_errors(outputs=6)
         def on_track(accepted: bool, full: bool, size_value: float, mem_value: float, top_k: float,
                      min_mid_term: float, max_mid_term: float, prototypes: float, long_term: float,
-                     alpha_value: float, outline_value: float, frame: int, request: gr.Request,
-                     progress=gr.Progress()):
+                     min_area_value: float, alpha_value: float, outline_value: float, frame: int,
+                     request: gr.Request, progress=gr.Progress()):
             if not accepted:
                 return (gr.skip(),) * 6
             session = session_of(request)
             try:
                 memory = MemoryOptions(mem_every=int(mem_value), top_k=int(top_k),
                                        min_mid_term_frames=int(min_mid_term), max_mid_term_frames=int(max_mid_term),
-                                       num_prototypes=int(prototypes), max_long_term_elements=int(long_term))
+                                       num_prototypes=int(prototypes), max_long_term_elements=int(long_term),
+                                       min_memory_area=int(min_area_value or 0))
                 options = TrackOptions(size=int(size_value), memory=memory, alpha=float(alpha_value),
                                        outline=int(outline_value))
                 record = session.track(options, full=bool(full),
                                        progress=lambda fraction, text: progress(fraction, desc=text))
             except Cancelled:
+                log.info("tracking job cancelled; nothing of it was kept")
                 return ("Cancelled: nothing of that run was kept; the app is ready.",
                         gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip())
             finally:
@@ -308,7 +314,8 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
 
         job_buttons = [track_button, cancel_button]
         (track_button.click(on_begin, None, [status, job_accepted, *job_buttons], queue=False)
-         .then(on_track, [job_accepted, full_rerun, size, mem_every, *memory_limits, *style, frame_slider],
+         .then(on_track, [job_accepted, full_rerun, size, mem_every, *memory_limits, min_area, *style,
+                          frame_slider],
                [status, *results, frame_image], show_progress_on=status, concurrency_limit=1,
                concurrency_id="track")
          .then(lambda: (gr.update(interactive=True), gr.update(interactive=False)), None, job_buttons,
@@ -329,8 +336,36 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
         cutout_button.click(on_cutout, [cutout_objects, cutout_kind], [status, result_files],
                             show_progress_on=status, concurrency_limit=1, concurrency_id="export")
 
+        # The same job without the page, for scripts (gradio_client): a video and a prompts JSON (the CLI's
+        # --prompts format) in; the tracked video, the masks zip and the summary out.
+        with gr.Group(visible=False):
+            api_inputs = [gr.File(label="video"), gr.Textbox(label="prompts"),
+                          gr.Number(defaults.size, precision=0, label="size")]
+            api_outputs = [gr.File(label="tracked video"), gr.File(label="masks zip"), gr.Textbox(label="summary")]
+            api_trigger = gr.Button()
+
+        def api_track(video: str | None, prompts: str, size_value: float, request: gr.Request,
+                      progress=gr.Progress()) -> tuple[str, str, str]:
+            """Track the objects the prompts pick (JSON, as the CLI's --prompts file) through the video."""
+            if video is None:
+                raise gr.Error("send a video file")
+            try:
+                record = session_of(request).track_prompts(
+                    video, prompts or "", limits, TrackOptions(size=int(size_value)),
+                    progress=lambda fraction, text: progress(fraction, desc=text))
+            except Cancelled:
+                raise gr.Error("the job was cancelled (the session ended)") from None
+            except TrackerError as exc:
+                raise gr.Error(str(exc)) from None
+            warnings = "".join(f"\n{w}" for w in record.warnings)
+            return str(record.overlay), str(record.masks), f"{record.summary}{warnings}"
+
+        api_trigger.click(api_track, api_inputs, api_outputs, api_name="track", concurrency_limit=1,
+                          concurrency_id="track")
+
         def on_unload(request: gr.Request) -> None:
             store.close(request.session_hash)
+            log.info("a page closed: its session ended and its files were removed")
 
         demo.unload(on_unload)
     return demo
@@ -350,7 +385,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if tracker.untrained:
         print(f"WARNING: {UNTRAINED_WARNING}", file=sys.stderr)
     limits = Limits(max_frames=args.max_frames, max_seconds=args.max_seconds, max_pixels=args.max_pixels)
-    store = SessionStore(Path(tempfile.mkdtemp(prefix="tracker-app-")), tracker)
+    # Session folders live in the framework's upload folder, so results are served from there without copies
+    # and go when their session does.
+    uploads = Path(get_upload_folder())
+    uploads.mkdir(parents=True, exist_ok=True)
+    store = SessionStore(Path(tempfile.mkdtemp(prefix="tracker-app-", dir=uploads)), tracker, upload_folder=uploads)
     demo = build_app(tracker, store, limits, args.max_upload_mb)
     # Stopping the server (Ctrl-C or SIGTERM) removes every session's files.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

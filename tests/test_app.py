@@ -47,7 +47,7 @@ class AppServer:
     log: Path
 
     def session_dirs(self) -> list[Path]:
-        return sorted(self.temp.glob("tracker-app-*/*"))
+        return sorted(self.temp.glob("gradio/tracker-app-*/*"))
 
 
 def free_port() -> int:
@@ -290,3 +290,28 @@ def test_click_track_correct_and_download(app, browser, clips, tmp_path):
 
     tab.page.screenshot(path="/tmp/app_e2e.png", full_page=True)
     tab.page.close()
+
+
+def test_an_oversized_upload_is_refused_before_it_is_all_sent(app):
+    """The 1 MB limit stops a 64 MB upload after its first 2 MB: the server answers 413 while the rest is unsent."""
+    declared = 64 * 2**20
+    boundary = "tracker-test-boundary"
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="big.mp4"\r\n'
+            "Content-Type: video/mp4\r\n\r\n").encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    host, port = app.url.split("//")[1].rstrip("/").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.sendall(
+            (f"POST /gradio_api/upload HTTP/1.1\r\nHost: {host}:{port}\r\n"
+             f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+             f"Content-Length: {len(head) + declared + len(tail)}\r\n\r\n").encode() + head)
+        sent = 0
+        for _ in range(32):  # 2 MB in 64 KB pieces
+            connection.sendall(b"\0" * 65536)
+            sent += 65536
+        answer = connection.recv(4096).decode(errors="replace")
+    assert answer.startswith("HTTP/1.1 413"), answer
+    assert "maximum allowed size" in answer
+    assert sent < declared // 16
+    left = [path for path in app.temp.rglob("*") if path.is_file() and path.stat().st_size >= 2**20]
+    assert not left, f"a refused upload left {left}"

@@ -127,12 +127,42 @@ def test_a_closed_page_leaves_no_files(app, browser, clips):
         time.sleep(0.5)
 
 
+def test_closing_the_tab_mid_run_stops_the_job_within_2_s(app, browser, clips):
+    user = AppPage(browser.new_context().new_page(), app.url)
+    before = set(app.session_dirs())
+    user.upload(clips / "long.mp4")
+    (mine,) = set(app.session_dirs()) - before
+    user.click_frame(40, 60, expect="object 1 on frame 0: 1 point")
+    user.page.locator("#track-button").click()
+    user.page.locator("#status").get_by_text(re.compile(r"Tracking frame \d+/60")).wait_for(
+        timeout=SAM_SECONDS * 1000)
+    assert (mine / "runs").is_dir()
+    cancelled = app.log.read_text().count("tracking job cancelled")
+    closed = time.monotonic()
+    user.page.context.close()
+    # The session folder goes only once its job has let go of the tracker.
+    while mine.exists():
+        assert time.monotonic() - closed < 10, "the job outlived its tab"
+        time.sleep(0.05)
+    stopped = time.monotonic() - closed
+    print(f"job stopped and files removed {stopped:.2f} s after the tab closed")
+    assert stopped < 2
+    assert app.log.read_text().count("tracking job cancelled") == cancelled + 1, "the job was stopped, not finished"
+
+    # The tracker is free again: the next user's job runs.
+    other = AppPage(browser.new_context().new_page(), app.url)
+    other.upload(clips / "a.mp4")
+    other.click_frame(40, 60, expect="object 1 on frame 0: 1 point")
+    assert other.track().startswith("Done: tracked the whole video")
+    other.page.context.close()
+
+
 def test_stopping_the_app_removes_every_session(untrained_checkpoints, browser, clips, tmp_path):
     with serve_app(untrained_checkpoints, tmp_path / "app") as server:
         user = AppPage(browser.new_context().new_page(), server.url)
         user.upload(clips / "a.mp4")
         assert server.session_dirs()
-        roots = list(server.temp.glob("tracker-app-*"))
+        roots = list(server.temp.glob("gradio/tracker-app-*"))
     assert server.process.returncode == 0
     assert roots and not any(root.exists() for root in roots)
     user.page.context.close()

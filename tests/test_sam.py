@@ -11,7 +11,8 @@ from PIL import Image
 
 from tracker import sam
 from tracker.errors import PromptError, TrackerError, WeightsError
-from tracker.segment_anything_compat import SamOnnxModel
+from tracker.sam_attention import FusedRelPosAttention
+from tracker.segment_anything_compat import SamOnnxModel, image_encoder
 
 FRAME_H, FRAME_W = 48, 64
 
@@ -115,6 +116,33 @@ def test_embed_feeds_the_encoder_sams_input(reference, backend, embedded):
     assert torch.equal(fed, _reference_input(reference, backend.model, _frame(FRAME_H, FRAME_W)))
     assert emb.features.shape == (1, 256, 64, 64) and emb.features.dtype == torch.float32
     assert emb.original_size == (FRAME_H, FRAME_W) and emb.input_size == (768, 1024)
+
+
+@pytest.mark.parametrize("size, rel_pos, batch", [(14, True, 3), (64, True, 1), (8, False, 2)])
+def test_fused_attention_is_sams_attention(size, rel_pos, batch):
+    torch.manual_seed(size)
+    plain = image_encoder.Attention(768, 12, use_rel_pos=rel_pos, input_size=(size, size))
+    if rel_pos:  # SAM starts them at zero; make the bias matter
+        torch.nn.init.normal_(plain.rel_pos_h, std=0.5)
+        torch.nn.init.normal_(plain.rel_pos_w, std=0.5)
+    fused = copy.deepcopy(plain)
+    fused.__class__ = FusedRelPosAttention
+    x = torch.randn(batch, size, size, 768)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), plain(x), atol=2e-6, rtol=1e-5)
+
+
+def test_backend_encoder_gives_sams_embedding(backend, embedded):
+    """The loaded backend runs the fused attention; SAM's own encoder gives the same embedding."""
+    emb, fed = embedded
+    assert sum(isinstance(m, FusedRelPosAttention) for m in backend.model.image_encoder.modules()) == 12
+    plain = copy.deepcopy(backend.model.image_encoder)
+    for module in plain.modules():
+        if isinstance(module, FusedRelPosAttention):
+            module.__class__ = image_encoder.Attention
+    with torch.inference_mode():
+        expected = plain(fed)
+    assert (emb.features - expected).abs().max() <= 1e-4 * expected.std()
 
 
 PROMPTS = [

@@ -1,4 +1,4 @@
-"""`python -m tracker bench`: how fast each stage runs, in fp32 and (on CUDA) with bf16 XMem.
+"""`python -m tracker bench`: how fast each stage runs, on the plain fp32 path and (on CUDA) the fast ones.
 
 Speed does not depend on training, so the benchmark writes untrained weights in
 the official layouts and its own synthetic H.264 clips (with audio). Warm-up
@@ -15,7 +15,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -26,12 +26,20 @@ import torch
 
 from XMem.inference.inference_core import InferenceCore
 
-from .pipeline import FramePrep, MemoryOptions, TrackOptions, autocast_for, prefetch
+from .pipeline import FramePrep, MemoryOptions, TrackOptions, autocast_for, prefetch, stepping_network
 from .prompts import ObjectPrompt
 from .sam import resolve_device
 from .session import Tracker
 from .video import VideoWriter, iter_frames, probe
 from .weights import UNTRAINED_FILENAMES
+
+
+# Table columns: the plain fp32 path (eager PyTorch everywhere) and the fast ones (the defaults, then bf16 XMem).
+MODES = {
+    "plain fp32": TrackOptions(precision="fp32", cuda_graphs=False),
+    "fast (default)": TrackOptions(),
+    "fast, bf16 XMem": TrackOptions(precision="bf16"),
+}
 
 
 @dataclass
@@ -121,7 +129,7 @@ def bench_sam(tracker: Tracker, width: int, height: int, repeats: int, results: 
                 f"{median_ms(lambda: tracker.segment(embedding, click), repeats * 4, tracker.device):.2f}")
 
 
-def bench_xmem(tracker: Tracker, profile: Profile, objects: int, precision: str, results: Results,
+def bench_xmem(tracker: Tracker, profile: Profile, objects: int, options: TrackOptions, results: Results,
                mode: str) -> None:
     """Median time of one XMem step at the working resolution (a 16:9 frame)."""
     width = round(profile.work_size * 16 / 9)
@@ -132,10 +140,11 @@ def bench_xmem(tracker: Tracker, profile: Profile, objects: int, precision: str,
     mask = torch.zeros(objects, profile.work_size, width, device=tracker.device)
     for k in range(objects):
         mask[k, :, k * width // objects:(k + 1) * width // objects] = 1
-    core = InferenceCore(tracker.xmem, MemoryOptions().xmem_config(tracker.xmem))
+    network = stepping_network(tracker.xmem, tracker.device, options)
+    core = InferenceCore(network, MemoryOptions().xmem_config(tracker.xmem))
     core.set_all_labels(list(range(1, objects + 1)))
     times = []
-    with torch.inference_mode(), autocast_for(tracker.device, precision):
+    with torch.inference_mode(), autocast_for(tracker.device, options.precision):
         core.step(frames[0], mask)
         for i in range(profile.xmem_steps):
             _sync(tracker.device)
@@ -148,12 +157,12 @@ def bench_xmem(tracker: Tracker, profile: Profile, objects: int, precision: str,
                 f"{statistics.median(times[skip:]):.2f}")
 
 
-def bench_file(tracker: Tracker, clip: Path, name: str, profile: Profile, precision: str, results: Results,
+def bench_file(tracker: Tracker, clip: Path, name: str, profile: Profile, options: TrackOptions, results: Results,
                mode: str, out_dir: Path) -> None:
     """File-to-file FPS: decode, SAM on frame 0, XMem, render, encode with audio."""
     info = probe(clip)
     prompt = ObjectPrompt(1, 0, [(info.width * 0.2, info.height / 2)], [1])
-    options = TrackOptions(size=profile.work_size, precision=precision)
+    options = replace(options, size=profile.work_size)
     if tracker.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(tracker.device)
     result = tracker.track(clip, [prompt], output=out_dir / f"{name}_{mode}.mp4", options=options)
@@ -228,31 +237,30 @@ def _header(device: torch.device, profile: Profile) -> str:
 
 def run(tracker_device: torch.device, frames: int | None, sam_backend: str) -> str:
     profile = Profile.for_device(tracker_device, frames)
-    modes = ["fp32", "bf16"] if tracker_device.type == "cuda" else ["fp32"]  # XMem precision per column
+    modes = MODES if tracker_device.type == "cuda" else {"plain fp32": MODES["plain fp32"]}
     results = Results()
     with tempfile.TemporaryDirectory(prefix="tracker-bench-") as tmp:
         tmp = Path(tmp)
         checkpoints = _untrained_checkpoints(tmp / "weights")
         clips = {name: make_clip(tmp / f"{name}.mp4", w, h, profile.clip_frames)
                  for name, (w, h) in profile.frame_sizes.items()}
-        for mode in modes:
-            precision = mode
-            backend = sam_backend if mode == modes[0] else "torch"
+        first = next(iter(modes))
+        for mode, options in modes.items():
             tracker = Tracker(checkpoints["sam"], checkpoints["xmem"], device=str(tracker_device),
-                              sam_backend=backend, download=False)
+                              sam_backend=sam_backend, download=False)
             results.add("SAM backend", mode, tracker.sam.name)
             w, h = next(iter(profile.frame_sizes.values()))
             bench_sam(tracker, w, h, profile.repeats, results, mode)
             for objects in (1, 3):
-                bench_xmem(tracker, profile, objects, precision, results, mode)
+                bench_xmem(tracker, profile, objects, options, results, mode)
             for name, clip in clips.items():
-                bench_file(tracker, clip, name, profile, precision, results, mode, tmp)
-                if mode == modes[0]:
+                bench_file(tracker, clip, name, profile, options, results, mode, tmp)
+                if mode == first:
                     bench_codec_ceiling(clip, name, tmp, results, mode)
             del tracker
-        results.add("peak RSS GiB (whole run)", modes[0],
+        results.add("peak RSS GiB (whole run)", first,
                     f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f}")
-    return _header(tracker_device, profile) + "\n\n" + results.table(modes)
+    return _header(tracker_device, profile) + "\n\n" + results.table(list(modes))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     track.add_argument("--outline", type=int, default=2, help="outline width in pixels")
     track.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better)")
     track.add_argument("--preset", default="veryfast", help="libx264 preset")
+    track.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                       help="XMem precision on CUDA (auto: the fastest that matches fp32)")
+    track.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                       help="run XMem's stages as plain calls instead of replaying CUDA graphs")
     defaults = MemoryOptions()
     for name in ("mem_every", "top_k", "min_mid_term_frames", "max_mid_term_frames", "num_prototypes",
                  "max_long_term_elements", "deep_update_every", "min_memory_area"):
@@ -82,7 +86,8 @@ def _track(args: argparse.Namespace) -> int:
     memory = MemoryOptions(**{name: getattr(args, name) for name in vars(MemoryOptions())
                               if hasattr(args, name)})
     options = TrackOptions(size=args.size, memory=memory, alpha=args.alpha, outline=args.outline,
-                           crf=args.crf, preset=args.preset)
+                           crf=args.crf, preset=args.preset, precision=args.precision,
+                           cuda_graphs=args.cuda_graphs)
     tracker = Tracker(args.sam_checkpoint, args.xmem_checkpoint, device=args.device,
                       sam_backend=args.sam_backend, download=not args.no_download)
     print(f"device {tracker.device_name}, SAM backend {tracker.sam.name}", file=sys.stderr)

@@ -13,6 +13,7 @@ are applied again on top of the new tracking, one pass each.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import secrets
 import shutil
@@ -31,7 +32,7 @@ from PIL import Image, ImageDraw
 from .errors import Cancelled, PromptError, TrackerError, VideoError
 from .exports import CUTOUT_KINDS, export_cutout
 from .pipeline import TrackOptions
-from .prompts import NEGATIVE, POSITIVE, ObjectPrompt
+from .prompts import NEGATIVE, POSITIVE, ObjectPrompt, check_prompts, prompts_from_text
 from .render import MaskZipReader, encode_mask, mask_name, overlay, overlay_colours
 from .sam import IMAGE_SIZE, LOW_RES_SIZE, ImageEmbedding, resized_shape
 from .session import PreviousRun, Tracker, TrackResult
@@ -238,10 +239,12 @@ class EditSession:
     page stays usable (and Cancel reachable) while it runs.
     """
 
-    def __init__(self, directory: Path, tracker: Tracker):
+    def __init__(self, directory: Path, tracker: Tracker, upload_folder: Path | None = None):
         self.directory = directory
         self.tracker = tracker
+        self.upload_folder = upload_folder.resolve() if upload_folder is not None else None
         self.lock = threading.RLock()
+        self.job_ended = threading.Condition(self.lock)
         self.cancel = threading.Event()
         self.job_running = False
         self.last_used = time.monotonic()
@@ -256,6 +259,7 @@ class EditSession:
         self._embeddings: OrderedDict[int, ImageEmbedding] = OrderedDict()
         self._decoded: Frame | None = None
         self._runs = 0
+        self._uploads: dict[Path, tuple[int, int]] = {}  # files taken from `upload_folder` -> (device, inode)
         directory.mkdir(parents=True, exist_ok=True)
 
     # -- video -----------------------------------------------------------
@@ -270,7 +274,15 @@ class EditSession:
             self._require_idle()
             self._forget_video()
             self.video = self.directory / f"upload{suffix}"
-            _link_or_copy(upload, self.video)
+            try:
+                _link_or_copy(upload, self.video)
+            except FileNotFoundError:
+                self.video = None
+                raise VideoError("the uploaded file is gone (the server removes uploads whose sessions ended); "
+                                 "upload it again") from None
+            if self.upload_folder is not None and upload.resolve().is_relative_to(self.upload_folder):
+                taken = upload.stat()
+                self._uploads[upload] = (taken.st_dev, taken.st_ino)
             try:
                 info = probe(self.video)
                 limits.check(info)
@@ -488,6 +500,7 @@ class EditSession:
         with self.lock:
             self.job_running = False
             self.cancel.clear()
+            self.job_ended.notify_all()
 
     def request_cancel(self) -> bool:
         """Stop the running job at its next frame; False when nothing runs."""
@@ -554,6 +567,27 @@ class EditSession:
                     self.edits[key].mask = mask
         return record
 
+    def track_prompts(self, upload: str | Path, prompts_json: str, limits: Limits, options: TrackOptions,
+                      progress: ProgressReport | None = None) -> RunRecord:
+        """A whole job in one call (the app's API): take the video, read the prompts JSON, track, keep the result.
+
+        The prompts replace any clicks, as if the user had made them on the page.
+        """
+        info = self.open_video(upload, limits)  # first, so that the session owns (and later removes) the upload
+        prompts = prompts_from_text(prompts_json, "the prompts")
+        check_prompts(prompts, info.width, info.height, info.frame_count)
+        with self.lock:
+            self.objects = sorted({prompt.object_id for prompt in prompts})
+            self.current = self.objects[0]
+            self.edits = {(p.frame, p.object_id): Edit(refine=False, clicks=Clicks(tuple(p.points), tuple(p.labels),
+                                                                                   p.box))
+                          for p in prompts}
+            self.begin_job()
+        try:
+            return self.track(options, progress=progress)
+        finally:
+            self.end_job()
+
     def _correct(self, masks: Path, frame: int, fixes: Mapping[int, Clicks],
                  destination: Path) -> tuple[Path, dict[int, np.ndarray]]:
         """A masks zip for frames 0..frame whose `frame` has the corrections applied on the tracked masks there."""
@@ -598,12 +632,22 @@ class EditSession:
                 self.cutouts[kind] = path
         return path
 
-    def close(self) -> None:
-        """Stop any job and remove everything the session wrote."""
+    def close(self, wait: float = 30) -> None:
+        """Stop any job (waiting up to `wait` s for it to let go) and remove everything the session wrote or took in."""
         self.cancel.set()
         with self.lock:
+            self.job_ended.wait_for(lambda: not self.job_running, timeout=wait)
             self._forget_video()
             shutil.rmtree(self.directory, ignore_errors=True)
+            for upload, taken in self._uploads.items():
+                # The framework stores identical uploads at one path: leave it when another session links the
+                # file this one took, or when a newer upload has replaced it there.
+                with contextlib.suppress(OSError):
+                    now = upload.stat()
+                    if (now.st_dev, now.st_ino) == taken and now.st_nlink == 1:
+                        upload.unlink()
+                        upload.parent.rmdir()
+            self._uploads.clear()
 
 
 def copy_masks_until(source: Path, frame: int, labels: np.ndarray, destination: Path) -> None:
@@ -665,8 +709,10 @@ class SessionStore:
     than `idle_seconds` with no job running, or when the app stops (`close_all`).
     """
 
-    def __init__(self, root: Path, tracker: Tracker, idle_seconds: float = 4 * 3600):
+    def __init__(self, root: Path, tracker: Tracker, idle_seconds: float = 4 * 3600,
+                 upload_folder: Path | None = None):
         self.root = root
+        self.upload_folder = upload_folder  # where the web framework keeps uploads (each session removes its own)
         self.tracker = tracker
         self.idle_seconds = idle_seconds
         self._sessions: dict[str, EditSession] = {}
@@ -681,7 +727,7 @@ class SessionStore:
         with self._lock:
             session = self._sessions.get(key)
             if session is None:
-                session = EditSession(self.root / secrets.token_hex(8), self.tracker)
+                session = EditSession(self.root / secrets.token_hex(8), self.tracker, self.upload_folder)
                 self._sessions[key] = session
             session.last_used = time.monotonic()
             return session

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from XMem.inference.graphed_network import GraphedXMem
 from XMem.inference.inference_core import InferenceCore
 
 from .errors import Cancelled, TrackerError
@@ -84,6 +85,7 @@ class TrackOptions:
     crf: int = 18
     preset: str = "veryfast"
     precision: str = "auto"  # XMem on CUDA: "fp32", "bf16", "fp16", or "auto" (the fastest that matches fp32)
+    cuda_graphs: bool = True  # XMem's fixed-shape stages replay CUDA graphs (CUDA only; False: plain eager calls)
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -103,7 +105,15 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
     dtype = PRECISIONS[precision]
     if device.type != "cuda" or dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=dtype)
+    # No cast cache: CUDA graphs captured inside must not point at cached weight copies freed on exit.
+    return torch.autocast("cuda", dtype=dtype, cache_enabled=False)
+
+
+def stepping_network(network: torch.nn.Module, device: torch.device, options: TrackOptions):
+    """The network XMem's inference core calls: CUDA-graphed on CUDA unless turned off, else as it is."""
+    if options.cuda_graphs and device.type == "cuda":
+        return GraphedXMem(network)
+    return network
 
 
 def working_size(width: int, height: int, size: int) -> tuple[int, int]:
@@ -307,6 +317,7 @@ def track_frames(
 
     with tempfile.TemporaryDirectory(prefix="tracker-") as tmp, torch.inference_mode(), \
             autocast_for(device, options.precision):
+        network = stepping_network(network, device, options)
         if earlier is None and start > 0:
             backward = _track_backward(network, config, info, prep, start, work_masks[start], Path(tmp), tick)
             earlier = backward.__getitem__

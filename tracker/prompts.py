@@ -140,13 +140,22 @@ def load_prompts(path: str | Path) -> list[ObjectPrompt]:
     """Read a prompts JSON file, with a clear error for a missing or malformed file."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise PromptError(f"prompts file {path} does not exist") from None
     except OSError as exc:
         raise PromptError(f"prompts file {path} cannot be read ({exc.strerror or exc})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except UnicodeDecodeError as exc:
         raise PromptError(f"prompts file {path} is not valid JSON ({exc})") from None
+    return prompts_from_text(text, f"prompts file {path}")
+
+
+def prompts_from_text(text: str, source: str = "the prompts") -> list[ObjectPrompt]:
+    """Prompts from JSON text (a prompts file's content, or what an API client sends)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PromptError(f"{source} is not valid JSON ({exc})") from None
     return prompts_from_json(data)
 
 

@@ -34,7 +34,7 @@ def _package() -> types.ModuleType:
 
 _package()
 from segment_anything.build_sam import sam_model_registry  # noqa: E402
-from segment_anything.modeling import Sam  # noqa: E402
+from segment_anything.modeling import Sam, image_encoder  # noqa: E402
 from segment_anything.utils.onnx import SamOnnxModel  # noqa: E402
 
-__all__ = ["Sam", "SamOnnxModel", "sam_model_registry"]
+__all__ = ["Sam", "SamOnnxModel", "image_encoder", "sam_model_registry"]

@@ -1,0 +1,64 @@
+"""SAM's image-encoder attention through one fused kernel, with the same maths.
+
+The reference adds its decomposed relative-position bias to a materialised
+(heads, N, N) attention matrix: 800 MB per global block at 1024x1024 in fp32,
+and several passes over it. Here the bias rides along inside the dot product:
+each query is extended with its row and column bias terms, each key with a
+one-hot of its row and column, so that
+
+    [q * scale, rel_h(q), rel_w(q)] . [k, onehot_row(k), onehot_col(k)]
+        = q . k * scale + rel_h(q)[row(k)] + rel_w(q)[col(k)]
+
+and `scaled_dot_product_attention` (flash or memory-efficient kernels, never
+the N x N matrix) does the rest. Weights and checkpoints are untouched.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .segment_anything_compat import image_encoder
+
+
+def _padded(x: torch.Tensor, size: int) -> torch.Tensor:
+    return x if x.shape[-1] == size else F.pad(x, (0, size - x.shape[-1]))
+
+
+class FusedRelPosAttention(image_encoder.Attention):
+    """`segment_anything`'s Attention with its forward pass through scaled_dot_product_attention."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, height, width, _ = x.shape
+        tokens = height * width
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, heads, N, C)
+        if self.use_rel_pos:
+            rows = image_encoder.get_rel_pos(height, height, self.rel_pos_h)  # (H, H, C)
+            cols = image_encoder.get_rel_pos(width, width, self.rel_pos_w)  # (W, W, C)
+            grid = q.reshape(batch, self.num_heads, height, width, -1)
+            rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid, rows).reshape(batch, self.num_heads, tokens, height)
+            rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid, cols).reshape(batch, self.num_heads, tokens, width)
+            index = torch.arange(tokens, device=x.device)
+            one_hot_row = F.one_hot(index // width, height).to(k.dtype).expand(batch, self.num_heads, -1, -1)
+            one_hot_col = F.one_hot(index % width, width).to(k.dtype).expand(batch, self.num_heads, -1, -1)
+            q = torch.cat([q * self.scale, rel_h.to(q.dtype), rel_w.to(q.dtype)], dim=-1)
+            k = torch.cat([k, one_hot_row, one_hot_col], dim=-1)
+            scale = 1.0
+        else:
+            scale = self.scale
+        # Fused kernels want one head size for q, k and v, a multiple of 8.
+        size = -(-max(q.shape[-1], v.shape[-1]) // 8) * 8
+        out = F.scaled_dot_product_attention(_padded(q, size), _padded(k, size), _padded(v, size), scale=scale)
+        out = out[..., :v.shape[-1]]
+        out = out.permute(0, 2, 1, 3).reshape(batch, height, width, -1)
+        return self.proj(out)
+
+
+def use_fused_attention(encoder: torch.nn.Module) -> int:
+    """Switch every attention block of a SAM image encoder to the fused forward; returns how many."""
+    count = 0
+    for module in encoder.modules():
+        if type(module) is image_encoder.Attention:
+            module.__class__ = FusedRelPosAttention
+            count += 1
+    return count
