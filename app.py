@@ -377,7 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         tracker = Tracker(args.sam_checkpoint, args.xmem_checkpoint, device=args.device,
-                          sam_backend=args.sam_backend, download=not args.no_download)
+                          sam_backend=args.sam_backend, sam_precision=args.sam_precision,
+                          download=not args.no_download)
     except TrackerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from tracker.errors import Cancelled
-from tracker.pipeline import (FramePrep, ThreadedSink, labels_at, prefetch, shrink_mask, stamp, working_size)
+from tracker.pipeline import (Download, FramePrep, ThreadedSink, labels_at, prefetch, shrink_mask, stamp,
+                              working_size)
+from tracker.video import Frame
 
 
 @pytest.mark.parametrize("size, expected", [
@@ -19,17 +21,21 @@ def test_working_size(size, expected):
     assert working_size(*size) == expected
 
 
+def _frame(image: np.ndarray) -> Frame:
+    return Frame(0, image, 0, 0.0)
+
+
 def test_frame_prep_resizes_as_uint8_and_normalises():
     prep = FramePrep(torch.device("cpu"), (40, 30))
     image = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)
-    small = prep.resize(prep.upload(image))
+    small = prep.resize(prep.upload(_frame(image)))
     assert small.shape == (30, 40, 3) and small.dtype == torch.uint8
     normalised = prep.normalise(small)
     assert normalised.shape == (3, 30, 40)
     back = (normalised * prep.std + prep.mean) * 255
     assert torch.allclose(back, small.permute(2, 0, 1).float(), atol=1e-3)
     flat = np.full((60, 80, 3), 77, np.uint8)  # resizing a flat picture keeps its value exactly
-    assert (prep.resize(prep.upload(flat)) == 77).all()
+    assert (prep.resize(prep.upload(_frame(flat))) == 77).all()
 
 
 def test_labels_at_upsamples_and_maps_channels_to_ids():
@@ -136,3 +142,47 @@ def test_memory_settings_are_checked(settings, message):
 
     with pytest.raises(TrackerError, match=message):
         MemoryOptions(**settings)
+
+
+def test_sink_receives_downloads_as_host_arrays():
+    received = []
+    sink = ThreadedSink("t", lambda index, array: received.append((index, array)), lambda: None, lambda: None)
+    for i in range(3):
+        sink.put(i, Download(torch.full((2, 3), i, dtype=torch.uint8), lambda array: array.sum()))
+    sink.close()
+    assert [(i, int(total)) for i, total in received] == [(0, 0), (1, 6), (2, 12)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_download_arrives_whole_after_later_work():
+    tensor = torch.arange(1 << 20, device="cuda", dtype=torch.int32)
+    download = Download(tensor)
+    tensor.zero_()  # queued after the copy: must not reach the host array
+    assert np.array_equal(download.result(), np.arange(1 << 20, dtype=np.int32))
+
+
+def test_the_gpu_colour_path_tracks_like_the_cpu_path(cpu_tracker, tmp_path, monkeypatch):
+    """Planes decoded, converted and re-encoded by torch code (what runs on a GPU), here on the CPU."""
+    import tracker.pipeline as pipeline
+    from media import make_clip
+    from tracker.prompts import ObjectPrompt
+    from tracker.render import MaskZipReader
+    from tracker.video import iter_frames, probe
+
+    clip = make_clip(tmp_path / "clip.mp4", frames=8, width=160, height=120, rotation=90)
+    prompt = ObjectPrompt(1, 3, [(60, 80)], [1])
+    results = {}
+    for name, on_device in (("swscale", False), ("device", True)):
+        monkeypatch.setattr(pipeline, "colour_on_device", lambda device, on_device=on_device: on_device)
+        results[name] = cpu_tracker.track(clip, [prompt], output=tmp_path / f"{name}.mp4",
+                                          masks=tmp_path / f"{name}.zip")
+    assert all(r.frames == 8 for r in results.values())
+    assert probe(tmp_path / "device.mp4").frame_count == 8
+    for a, b in zip(iter_frames(tmp_path / "swscale.mp4"), iter_frames(tmp_path / "device.mp4")):
+        assert a.image.shape == b.image.shape == (120, 160, 3)
+        assert np.abs(a.image.astype(int) - b.image).mean() < 4  # rounding, and untrained masks' near-ties
+    with MaskZipReader(tmp_path / "swscale.zip") as a, MaskZipReader(tmp_path / "device.zip") as b:
+        assert np.array_equal(a[3], b[3])  # the prompt frame: SAM's mask, stamped
+        agreement = np.mean([np.mean(a[i] == b[i]) for i in range(8)])
+    print(f"labels agree on {agreement:.1%} of pixels")
+    assert agreement > 0.9

@@ -284,6 +284,7 @@ def test_asking_for_cuda_without_a_gpu_is_a_user_error():
     ("pil", torch.float32, 2e-3),  # CUDA kernels only (4e-4 seen on an H100)
     ("torch", torch.float32, 1e-2),  # plus the on-device resize (4e-3 seen)
     ("torch", torch.bfloat16, 3e-2),  # plus the bf16 encoder (9e-3 seen)
+    ("torch", torch.float16, 1e-2),  # the default on CUDA: fp16 encoder
 ])
 def test_cuda_backend_agrees_with_cpu(backend, embedded, resize, dtype, tolerance):
     emb, _ = embedded
@@ -296,3 +297,24 @@ def test_cuda_backend_agrees_with_cpu(backend, embedded, resize, dtype, toleranc
     cpu_pred = backend.decode(emb, [[20, 10]], [1], multimask=True)
     np.testing.assert_allclose(gpu_pred.low_res_logits, cpu_pred.low_res_logits, atol=1e-2, rtol=1e-3)
     np.testing.assert_allclose(gpu_pred.scores, cpu_pred.scores, atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_give_the_eager_backends_embedding_and_masks(backend):
+    """Encoder and mask decoder replay CUDA graphs (one per prompt shape) with the eager results."""
+    eager = sam.TorchSam(copy.deepcopy(backend.model), "cuda", cuda_graphs=False)
+    graphed = sam.TorchSam(copy.deepcopy(backend.model), "cuda")
+    assert graphed.dtype == torch.float16 and graphed.cuda_graphs
+    image = _frame(FRAME_H, FRAME_W)
+    want, got = eager.embed(image), graphed.embed(image)
+    assert (got.features - want.features).abs().max() <= 1e-3 * want.features.std()
+    logits = eager.decode(want, [[20, 10]], [1]).low_res_logits
+    prompts = [([[20, 10]], [1], None, None, True), ([[20, 10], [40, 30], [5, 5]], [1, 0, 1], None, None, False),
+               ([[20, 10]], [1], [2, 2, 50, 40], None, False), (None, None, [2, 2, 50, 40], logits, False)]
+    for points, labels, box, mask_input, multimask in prompts * 2:  # the second round replays
+        a = eager.decode(want, points, labels, box, mask_input, multimask=multimask)
+        b = graphed.decode(want, points, labels, box, mask_input, multimask=multimask)
+        np.testing.assert_allclose(b.low_res_logits, a.low_res_logits, atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(b.scores, a.scores, atol=1e-5)
+        assert np.array_equal(a.masks, b.masks)
+    assert len(graphed._graphs) == 5 and all(graph is not None for graph in graphed._graphs.values())

@@ -249,3 +249,48 @@ def test_truncated_file_decodes_what_is_there(clip, tmp_path):
     assert all(close_to(f.image, clip_frame(f.index, FRAMES, WIDTH, HEIGHT)) for f in frames)
     with pytest.raises(VideoError, match="cannot be decoded"):
         read_frame(damaged, FRAMES - 1)
+
+
+def test_yuv_frames_carry_planes_that_convert_to_the_rgb_frames(clip, media_dir):
+    """The planes path (used on a GPU) gives the swscale RGB within rounding, rotation included."""
+    from tracker.colour import yuv420_to_rgb
+
+    rotated = make_clip(media_dir / "rotated_planes.mp4", frames=4, rotation=90, audio=False)
+    for path in (clip, rotated):
+        for rgb, planes in zip(iter_frames(path), iter_frames(path, yuv=True)):
+            assert planes.image is None and planes.yuv is not None and (planes.pts, planes.time) == (rgb.pts, rgb.time)
+            converted = yuv420_to_rgb(planes.yuv).numpy()
+            assert converted.shape == rgb.image.shape
+            assert np.abs(converted.astype(int) - rgb.image).max() <= 3
+
+
+def test_yuv_request_falls_back_to_rgb_where_planes_do_not_fit(media_dir):
+    ten_bit = make_clip(media_dir / "ten_bit_planes.mp4", frames=3, pix_fmt="yuv420p10le", audio=False)
+    full_chroma = make_clip(media_dir / "yuv444_planes.mp4", frames=3, pix_fmt="yuv444p", audio=False)
+    odd = make_clip(media_dir / "odd_planes.webm", frames=3, width=161, height=121, codec="libvpx-vp9",
+                    audio=False)
+    assert probe(odd).pix_fmt == "yuv420p"
+    for path in (ten_bit, full_chroma, odd):
+        frames = list(iter_frames(path, yuv=True))
+        assert frames and all(f.yuv is None and f.image.dtype == np.uint8 for f in frames)
+
+
+def test_writer_takes_yuv_pictures_made_on_the_device(clip, tmp_path):
+    """Frames converted by rgb_to_yuv420 encode like RGB frames converted by swscale."""
+    import torch
+
+    from tracker.colour import rgb_to_yuv420
+
+    info = probe(clip)
+    frames = list(iter_frames(clip))
+    for name, convert in (("rgb.mp4", lambda image: image),
+                          ("yuv.mp4", lambda image: rgb_to_yuv420(torch.from_numpy(image)))):
+        with VideoWriter(tmp_path / name, info) as writer:
+            for frame in frames:
+                writer.write(convert(frame.image), frame.pts, frame.time)
+    via_rgb, via_yuv = list(iter_frames(tmp_path / "rgb.mp4")), list(iter_frames(tmp_path / "yuv.mp4"))
+    assert len(via_rgb) == len(via_yuv) == FRAMES
+    for source, a, b in zip(frames, via_rgb, via_yuv):  # as faithful to the source as the swscale path
+        assert np.abs(b.image.astype(int) - source.image).mean() <= np.abs(a.image.astype(int) - source.image).mean() + 0.25
+    with VideoWriter(tmp_path / "wrong.mp4", info) as writer, pytest.raises(ValueError, match="160x120 BT.709"):
+        writer.write(rgb_to_yuv420(torch.zeros(60, 80, 3, dtype=torch.uint8)), 0, 0.0)

@@ -10,6 +10,7 @@ from typing import Sequence
 from .errors import TrackerError
 from .pipeline import MemoryOptions, TrackOptions
 from .prompts import NEGATIVE, POSITIVE, ObjectPrompt, load_prompts, parse_box, parse_xy
+from .video import DEFAULT_PRESET
 
 OUTPUT_DIR = Path("output")
 
@@ -19,6 +20,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sam-checkpoint", type=Path, help="SAM ViT-B checkpoint (default: models/, downloaded)")
     parser.add_argument("--xmem-checkpoint", type=Path, help="XMem checkpoint (default: models/, downloaded)")
     parser.add_argument("--sam-backend", default="auto", choices=["auto", "torch", "onnx", "tensorrt"])
+    parser.add_argument("--sam-precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                        help="the PyTorch SAM encoder's precision (auto: fp16 on CUDA, fp32 on the CPU)")
     parser.add_argument("--no-download", action="store_true", help="fail instead of downloading missing weights")
 
 
@@ -40,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     track.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
     track.add_argument("--outline", type=int, default=2, help="outline width in pixels")
     track.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better)")
-    track.add_argument("--preset", default="veryfast", help="libx264 preset")
+    track.add_argument("--preset", default=DEFAULT_PRESET,
+                       help=f"libx264 preset (default {DEFAULT_PRESET}; slower presets make smaller files)")
     track.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                        help="XMem precision on CUDA (auto: the fastest that matches fp32)")
     track.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
@@ -89,7 +93,7 @@ def _track(args: argparse.Namespace) -> int:
                            crf=args.crf, preset=args.preset, precision=args.precision,
                            cuda_graphs=args.cuda_graphs)
     tracker = Tracker(args.sam_checkpoint, args.xmem_checkpoint, device=args.device,
-                      sam_backend=args.sam_backend, download=not args.no_download)
+                      sam_backend=args.sam_backend, sam_precision=args.sam_precision, download=not args.no_download)
     print(f"device {tracker.device_name}, SAM backend {tracker.sam.name}", file=sys.stderr)
     if tracker.untrained:
         from .weights import UNTRAINED_WARNING

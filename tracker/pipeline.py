@@ -13,7 +13,7 @@ import copy
 import queue
 import tempfile
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from XMem.inference.graphed_network import GraphedXMem
 from XMem.inference.inference_core import InferenceCore
 
+from .colour import rgb_to_yuv420, yuv420_to_rgb
 from .errors import Cancelled, TrackerError
-from .video import VideoInfo, iter_frames
+from .video import DEFAULT_PRESET, Frame, VideoInfo, iter_frames
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -83,7 +84,7 @@ class TrackOptions:
     alpha: float = 0.5  # overlay opacity
     outline: int = 2  # outline width in pixels, 0 for none
     crf: int = 18
-    preset: str = "veryfast"
+    preset: str = DEFAULT_PRESET
     precision: str = "auto"  # XMem on CUDA: "fp32", "bf16", "fp16", or "auto" (the fastest that matches fp32)
     cuda_graphs: bool = True  # XMem's fixed-shape stages replay CUDA graphs (CUDA only; False: plain eager calls)
 
@@ -125,6 +126,11 @@ def working_size(width: int, height: int, size: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+def colour_on_device(device: torch.device) -> bool:
+    """Whether frames travel as YUV planes and are converted on the compute device (a GPU), not by swscale."""
+    return device.type == "cuda"
+
+
 class FramePrep:
     """Uploads a frame and makes XMem's input from it on the compute device.
 
@@ -140,8 +146,19 @@ class FramePrep:
         self.std = torch.tensor(IMAGENET_STD, device=device, dtype=dtype).view(3, 1, 1)
         self.dtype = dtype
 
-    def upload(self, image: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(np.ascontiguousarray(image))
+    @property
+    def planes(self) -> bool:
+        """Ask the decoder for YUV planes: they are converted to RGB here, on the device."""
+        return colour_on_device(self.device)
+
+    def upload(self, frame: Frame) -> torch.Tensor:
+        """The frame as HxWx3 uint8 RGB on the device."""
+        if frame.yuv is not None:
+            return yuv420_to_rgb(replace(frame.yuv, planes=self._to_device(frame.yuv.planes)))
+        return self._to_device(frame.image)
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
         if self.device.type == "cuda":
             tensor = tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor
@@ -324,8 +341,8 @@ def track_frames(
         forward = Propagator(network, config, work_masks, order=sorted(work_masks))
         lookup = forward.lookup(device)
         last = info.frame_count - 1
-        for frame in prefetch(iter_frames(info.path), depth=4, stop=threading.Event()):
-            image = prep.upload(frame.image)
+        for frame in prefetch(iter_frames(info.path, yuv=prep.planes), depth=4, stop=threading.Event()):
+            image = prep.upload(frame)
             if frame.index < start:
                 labels = torch.from_numpy(np.asarray(earlier(frame.index))).to(device)
             else:
@@ -343,8 +360,8 @@ def _track_backward(network: torch.nn.Module, config: dict, info: VideoInfo, pre
     frames = np.lib.format.open_memmap(tmp / "frames.npy", mode="w+", dtype=np.uint8,
                                        shape=(start + 1, prep.work_h, prep.work_w, 3))
     decoded = 0
-    for frame in prefetch(iter_frames(info.path, 0, start + 1), depth=4, stop=threading.Event()):
-        frames[frame.index] = prep.resize(prep.upload(frame.image)).cpu().numpy()
+    for frame in prefetch(iter_frames(info.path, 0, start + 1, yuv=prep.planes), depth=4, stop=threading.Event()):
+        frames[frame.index] = prep.resize(prep.upload(frame)).cpu().numpy()
         decoded += 1
     if decoded != start + 1:
         raise TrackerError(f"only {decoded} frames decode before the prompt frame {start}; the video is damaged")
@@ -361,12 +378,46 @@ def _track_backward(network: torch.nn.Module, config: dict, info: VideoInfo, pre
     return labels
 
 
+class Download:
+    """A tensor on its way to host memory: the copy is queued now, `result()` (in a writer thread) waits for it.
+
+    On CUDA the copy goes into pinned memory behind the work already queued,
+    so the tracking loop never waits for the GPU; `finish` turns the host array
+    into what the writer takes.
+    """
+
+    def __init__(self, tensor: torch.Tensor, finish: Callable[[np.ndarray], object] = lambda array: array):
+        self._finish = finish
+        self._event = None
+        if tensor.device.type == "cuda":
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = tensor
+
+    def result(self):
+        if self._event is not None:
+            self._event.synchronize()
+        return self._finish(self._host.numpy())
+
+
+def encoder_picture(rendered: torch.Tensor) -> Download:
+    """A rendered HxWx3 frame for the video writer: converted to 4:2:0 planes on the GPU, else RGB as it is."""
+    if not colour_on_device(rendered.device):
+        return Download(rendered)
+    picture = rgb_to_yuv420(rendered)
+    return Download(picture.planes, lambda planes: replace(picture, planes=planes))
+
+
 class ThreadedSink:
     """Feeds a writer from its own thread so encoding overlaps tracking.
 
-    `consume(item)` runs in the thread; an exception there is re-raised by the
-    next `put` or by `close`. `finish` runs in the thread after the last item,
-    `discard` cleans up after a failure.
+    `consume(item)` runs in the thread, with any `Download` in the item
+    replaced by its result; an exception there is re-raised by the next `put`
+    or by `close`. `finish` runs in the thread after the last item, `discard`
+    cleans up after a failure.
     """
 
     def __init__(self, name: str, consume: Callable, finish: Callable[[], None], discard: Callable[[], None],
@@ -386,7 +437,7 @@ class ThreadedSink:
                 break
             if self._error is None:
                 try:
-                    self._consume(*item)
+                    self._consume(*(part.result() if isinstance(part, Download) else part for part in item))
                 except BaseException as exc:  # handed to the producer
                     self._error = exc
         if self._error is None:

@@ -13,12 +13,13 @@ so through `available`.
 from __future__ import annotations
 
 import importlib
+import logging
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -26,10 +27,14 @@ import torch.nn.functional as F
 from numpy.typing import ArrayLike
 from PIL import Image
 
+from XMem.inference.graphed_network import CapturedCall
+
 from tracker.errors import PromptError, TrackerError
 from tracker.sam_attention import use_fused_attention
 from tracker.segment_anything_compat import Sam
 from tracker.weights import build_model, load_checkpoint, verify_layout
+
+log = logging.getLogger(__name__)
 
 IMAGE_SIZE = 1024  # the encoder's square input
 LOW_RES_SIZE = 256  # the decoder's mask logits (and mask_input) side
@@ -119,34 +124,74 @@ class SamBackend(ABC):
     def _decode(self, emb: ImageEmbedding, prompt: Prompt, multimask: bool) -> SamPrediction: ...
 
 
+SAM_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def encoder_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The image encoder's autocast type: "auto" is fp16 on CUDA (tensor cores; autocast keeps the
+    layer norms and softmax in fp32, and an overflow falls back to fp32) and fp32 on the CPU."""
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if precision not in SAM_PRECISIONS:
+        raise TrackerError(f"unknown SAM precision {precision!r}; use auto, {', '.join(SAM_PRECISIONS)}")
+    return SAM_PRECISIONS[precision]
+
+
 class TorchSam(SamBackend):
     """SAM in PyTorch: the reference, on CPU or CUDA.
 
-    `dtype` other than float32 runs the image encoder under autocast (bf16 on
-    CUDA); the decoder stays in float32. `resize` defaults to the reference
-    PIL resize on the CPU and to the on-device resize elsewhere.
-    `fused_attention` switches the model's encoder attention to the fused
-    kernel of `tracker.sam_attention` (same maths; faster, far less memory).
+    `dtype` other than float32 runs the image encoder under autocast (default:
+    fp16 on CUDA, fp32 on the CPU); the decoder stays in float32. `resize`
+    defaults to the reference PIL resize on the CPU and to the on-device resize
+    elsewhere. `fused_attention` switches the model's encoder attention to the
+    fused kernel of `tracker.sam_attention` (same maths; faster, far less
+    memory). On CUDA, with `cuda_graphs`, the encoder and the mask decoder
+    replay CUDA graphs (one per prompt shape): a few launches instead of hundreds.
     """
 
     name = "torch"
 
-    def __init__(self, model: Sam, device: str | torch.device = "cpu", *, dtype: torch.dtype = torch.float32,
-                 resize: str | None = None, fused_attention: bool = False):
+    def __init__(self, model: Sam, device: str | torch.device = "cpu", *, dtype: torch.dtype | None = None,
+                 resize: str | None = None, fused_attention: bool = False, cuda_graphs: bool = True):
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         if fused_attention:
             use_fused_attention(self.model.image_encoder)
-        self.dtype = dtype
+        self.dtype = dtype or encoder_dtype("auto", self.device)
         self.resize = resize or ("pil" if self.device.type == "cpu" else "torch")
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self._graphs: dict[tuple, CapturedCall | None] = {}
 
     def _embed(self, image: np.ndarray) -> ImageEmbedding:
         with torch.inference_mode():
             x, input_size = preprocess(image, method=self.resize, device=self.device,
                                        pixel_mean=self.model.pixel_mean, pixel_std=self.model.pixel_std)
-            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-                features = self.model.image_encoder(x)
+            features = self._encode(x, self.dtype)
+            if self.dtype != torch.float32 and not torch.isfinite(features).all():
+                features = self._encode(x, torch.float32)  # this frame overflowed half precision
         return ImageEmbedding(features.float(), (image.shape[0], image.shape[1]), input_size)
+
+    def _encode(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        def encoder(batch: torch.Tensor) -> torch.Tensor:
+            # No cast cache: a graph captured inside must not point at cached weight copies freed on exit.
+            with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=False):
+                return self.model.image_encoder(batch)
+
+        return self._graphed(("encoder", dtype), encoder, [x])
+
+    def _graphed(self, key: tuple, fn: Callable[..., Any], inputs: list[torch.Tensor]) -> Any:
+        """`fn(*inputs)`, replayed from a CUDA graph captured on first use for this key and these shapes."""
+        if not self.cuda_graphs:
+            return fn(*inputs)
+        key = key + tuple(tuple(t.shape) for t in inputs)
+        if key not in self._graphs:
+            try:
+                self._graphs[key] = CapturedCall(fn, inputs, torch.cuda.graph_pool_handle())
+            except RuntimeError as exc:  # an operation that cannot be captured: stay correct, run it eagerly
+                log.warning("SAM's %s runs without a CUDA graph: capturing it failed: %s", key[0], exc)
+                self._graphs[key] = None
+        captured = self._graphs[key]
+        return fn(*inputs) if captured is None else captured(inputs)
 
     def _decode(self, emb: ImageEmbedding, prompt: Prompt, multimask: bool) -> SamPrediction:
         device = self.device
@@ -158,13 +203,18 @@ class TorchSam(SamBackend):
             boxes = None if prompt.box is None else torch.as_tensor(prompt.box[None], device=device)
             masks = None if prompt.mask_input is None else torch.as_tensor(prompt.mask_input[None], device=device)
             sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=masks)
-            low_res, scores = self.model.mask_decoder(
-                image_embeddings=emb.features.to(device),
-                image_pe=self.model.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask,
-            )
+
+            def mask_decoder(features: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor):
+                return self.model.mask_decoder(
+                    image_embeddings=features,
+                    image_pe=self.model.prompt_encoder.get_dense_pe(),
+                    sparse_prompt_embeddings=sparse,
+                    dense_prompt_embeddings=dense,
+                    multimask_output=multimask,
+                )
+
+            low_res, scores = self._graphed(("decoder", multimask), mask_decoder,
+                                            [emb.features.to(device), sparse, dense])
             full = upscale_masks(low_res, emb.input_size, emb.original_size) > MASK_THRESHOLD
         return SamPrediction(full[0].cpu().numpy(), scores[0].float().cpu().numpy(),
                              low_res[0].float().cpu().numpy())
@@ -216,8 +266,11 @@ def available_backends(device: str | torch.device = "auto") -> list[str]:
 
 
 def load_sam(checkpoint: str | Path, device: str | torch.device = "auto", backend: str = "auto", *,
-             dtype: torch.dtype = torch.float32) -> SamBackend:
-    """A ready SAM ViT-B backend for a checkpoint; device "auto" = CUDA when present, else CPU."""
+             precision: str = "auto") -> SamBackend:
+    """A ready SAM ViT-B backend for a checkpoint; device "auto" = CUDA when present, else CPU.
+
+    `precision` is the PyTorch encoder's (see `encoder_dtype`); ONNX and TensorRT run their graphs' own.
+    """
     dev = resolve_device(device)
     usable = available_backends(dev)
     if backend == "auto":
@@ -226,7 +279,7 @@ def load_sam(checkpoint: str | Path, device: str | torch.device = "auto", backen
     elif backend not in usable:
         known = "unknown" if backend not in _BACKENDS else f"not available on {dev.type}"
         raise TrackerError(f"SAM backend {backend!r} is {known}; choose one of: auto, {', '.join(usable)}")
-    return _BACKENDS[backend].load(Path(checkpoint), dev, dtype)
+    return _BACKENDS[backend].load(Path(checkpoint), dev, encoder_dtype(precision, dev))
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -20,6 +20,19 @@ import torch.nn.functional as F
 from .segment_anything_compat import image_encoder
 
 
+def _relative_positions(size: int, table: torch.Tensor) -> torch.Tensor:
+    """(size, size, C): the learned embedding of every query-key offset along one axis.
+
+    SAM's `get_rel_pos` for equal query and key sizes, with its index built on
+    the table's device (SAM's comes from the CPU, a copy that a CUDA graph
+    cannot capture).
+    """
+    if table.shape[0] != 2 * size - 1:  # SAM interpolates the table first; never at its own input size
+        return image_encoder.get_rel_pos(size, size, table)
+    coords = torch.arange(size, device=table.device)
+    return table[coords[:, None] - coords[None, :] + (size - 1)]
+
+
 def _padded(x: torch.Tensor, size: int) -> torch.Tensor:
     return x if x.shape[-1] == size else F.pad(x, (0, size - x.shape[-1]))
 
@@ -33,8 +46,8 @@ class FusedRelPosAttention(image_encoder.Attention):
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, heads, N, C)
         if self.use_rel_pos:
-            rows = image_encoder.get_rel_pos(height, height, self.rel_pos_h)  # (H, H, C)
-            cols = image_encoder.get_rel_pos(width, width, self.rel_pos_w)  # (W, W, C)
+            rows = _relative_positions(height, self.rel_pos_h)  # (H, H, C)
+            cols = _relative_positions(width, self.rel_pos_w)  # (W, W, C)
             grid = q.reshape(batch, self.num_heads, height, width, -1)
             rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid, rows).reshape(batch, self.num_heads, tokens, height)
             rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid, cols).reshape(batch, self.num_heads, tokens, width)

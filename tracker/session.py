@@ -25,7 +25,7 @@ from XMem.model.network import XMem, dims_from_state_dict
 
 from . import weights
 from .errors import TrackerError, VideoError
-from .pipeline import ProgressFn, ThreadedSink, TrackedFrame, TrackOptions, track_frames
+from .pipeline import Download, ProgressFn, ThreadedSink, TrackedFrame, TrackOptions, encoder_picture, track_frames
 from .prompts import ObjectPrompt, check_prompts
 from .render import MaskZipReader, MaskZipWriter, overlay
 from .sam import ImageEmbedding, SamBackend, load_sam, resolve_device, segment
@@ -111,13 +111,13 @@ class Tracker:
     """SAM and XMem, loaded once and shared; one tracking job runs on the device at a time."""
 
     def __init__(self, sam_checkpoint: str | Path | None = None, xmem_checkpoint: str | Path | None = None, *,
-                 device: str = "auto", sam_backend: str = "auto", download: bool = True):
+                 device: str = "auto", sam_backend: str = "auto", sam_precision: str = "auto", download: bool = True):
         self.device = resolve_device(device)
         sam_path = weights.resolve_checkpoint("sam", sam_checkpoint, download=download)
         xmem_path = weights.resolve_checkpoint("xmem", xmem_checkpoint, download=download)
         self.weights_status = {"sam": weights.checkpoint_status(sam_path, "sam_vit_b"),
                                "xmem": weights.checkpoint_status(xmem_path, "xmem")}
-        self.sam: SamBackend = load_sam(sam_path, str(self.device), sam_backend)
+        self.sam: SamBackend = load_sam(sam_path, str(self.device), sam_backend, precision=sam_precision)
         self.xmem = load_xmem(xmem_path, self.device)
         self.lock = threading.Lock()
 
@@ -187,9 +187,9 @@ class Tracker:
                                         cancel=cancel, progress=progress, earlier=earlier):
                 if video_sink is not None:
                     rendered = overlay(tracked.image, tracked.labels, alpha=options.alpha, outline=options.outline)
-                    video_sink.put(rendered.cpu().numpy(), tracked.pts, tracked.time)
+                    video_sink.put(encoder_picture(rendered), tracked.pts, tracked.time)
                 if zip_sink is not None:
-                    zip_sink.put(tracked.index, tracked.labels.cpu().numpy())
+                    zip_sink.put(tracked.index, Download(tracked.labels))
                 frames += 1
             for sink in sinks:
                 if sink is not None:

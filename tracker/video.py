@@ -20,11 +20,15 @@ from typing import Iterator
 import av
 import numpy as np
 
+from .colour import YuvPicture
 from .errors import VideoError
 
 log = logging.getLogger(__name__)
 
 UNSPECIFIED_COLORSPACE = 2  # AVCOL_SPC_UNSPECIFIED
+# libx264's preset: "superfast" keeps up with tracking at 720p and 1080p on a GPU
+# (veryfast is ~20% slower, ultrafast drops CABAC and deblocking) at crf 18.
+DEFAULT_PRESET = "superfast"
 
 
 @dataclass(frozen=True)
@@ -55,12 +59,17 @@ class VideoInfo:
 
 @dataclass(frozen=True)
 class Frame:
-    """One decoded frame: index in presentation order, RGB picture, original timestamp."""
+    """One decoded frame: index in presentation order, picture, original timestamp.
+
+    The picture is `image` (RGB), or with `iter_frames(..., yuv=True)` and an
+    8-bit 4:2:0 stream, `yuv` (the decoded planes, converted where they are used).
+    """
 
     index: int
-    image: np.ndarray  # HxWx3 uint8 RGB, display orientation
+    image: np.ndarray | None  # HxWx3 uint8 RGB, display orientation
     pts: int | None  # in VideoInfo.time_base
     time: float  # seconds
+    yuv: YuvPicture | None = None
 
 
 @dataclass(frozen=True)
@@ -103,12 +112,14 @@ def probe(path: str | Path) -> VideoInfo:
                      pix_fmt=pix_fmt, has_audio=has_audio)
 
 
-def iter_frames(path: str | Path, start: int = 0, stop: int | None = None) -> Iterator[Frame]:
+def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yuv: bool = False) -> Iterator[Frame]:
     """Frames `start` .. `stop`-1 (all by default), decoded one at a time.
 
     A damaged tail ends the iteration quietly after the last good frame (a
     warning is logged); compare the count with `probe(path).frame_count`.
     Starting later than frame 0 seeks to the keyframe before `start`.
+    With `yuv`, 8-bit 4:2:0 frames of even size come as their planes
+    (`Frame.yuv`) for conversion on the compute device; others still as RGB.
     """
     path = Path(path)
     if stop is not None and stop <= start:
@@ -119,7 +130,11 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None) -> It
         fallback_rate = stream.average_rate or Fraction(25)
         for index, frame in enumerate(frames, start):
             time = float(frame.time) if frame.pts is not None else float(index / fallback_rate)
-            yield Frame(index, _display_rgb(frame), frame.pts, time)
+            planes = _yuv_planes(frame) if yuv else None
+            if planes is not None:
+                yield Frame(index, None, frame.pts, time, planes)
+            else:
+                yield Frame(index, _display_rgb(frame), frame.pts, time)
             if stop is not None and index + 1 >= stop:
                 return
 
@@ -259,13 +274,33 @@ def _clockwise(frame: av.VideoFrame) -> int:
     return int(round(-frame.rotation / 90)) % 4 * 90
 
 
+def _untagged_hd(frame: av.VideoFrame) -> bool:
+    """No colour matrix tagged and HD: players assume BT.709 (SD: BT.601, swscale's default too)."""
+    return frame.colorspace == UNSPECIFIED_COLORSPACE and frame.height >= 720
+
+
 def _display_rgb(frame: av.VideoFrame) -> np.ndarray:
     """8-bit RGB in display orientation, whatever the stored pixel format and bit depth."""
-    untagged_hd = frame.colorspace == UNSPECIFIED_COLORSPACE and frame.height >= 720
-    options = {"src_colorspace": "itu709"} if untagged_hd else {}  # what players assume for HD
+    options = {"src_colorspace": "itu709"} if _untagged_hd(frame) else {}
     image = frame.to_ndarray(format="rgb24", **options)
     turns = _clockwise(frame) // 90
     return np.ascontiguousarray(np.rot90(image, k=-turns)) if turns else image
+
+
+# Colour matrices (AVColorSpace) that the planes path converts; others go through swscale.
+_PLANE_MATRICES = {1: "bt709", UNSPECIFIED_COLORSPACE: "bt601", 5: "bt601", 6: "bt601"}
+_PLANE_FORMATS = {"yuv420p": False, "yuvj420p": True}  # -> full range
+JPEG_RANGE = 2  # AVCOL_RANGE_JPEG
+
+
+def _yuv_planes(frame: av.VideoFrame) -> YuvPicture | None:
+    """The frame's own 8-bit 4:2:0 planes with how to turn them into RGB, or None where swscale must convert."""
+    if (frame.format.name not in _PLANE_FORMATS or frame.colorspace not in _PLANE_MATRICES
+            or frame.width % 2 or frame.height % 2):
+        return None
+    matrix = "bt709" if _untagged_hd(frame) else _PLANE_MATRICES[frame.colorspace]
+    full_range = _PLANE_FORMATS[frame.format.name] or frame.color_range == JPEG_RANGE
+    return YuvPicture(frame.to_ndarray(), frame.width, frame.height, matrix, full_range, _clockwise(frame))
 
 
 @dataclass(frozen=True)
@@ -339,7 +374,7 @@ class VideoWriter(AtomicWriter):
     """
 
     def __init__(self, path: str | Path, info: VideoInfo, *, audio_from: str | Path | None = None, crf: int = 18,
-                 preset: str = "veryfast", codec: str = "libx264"):
+                 preset: str = DEFAULT_PRESET, codec: str = "libx264"):
         if codec not in _TARGETS:
             raise ValueError(f"unsupported codec {codec!r}; use one of {sorted(_TARGETS)}")
         self.path = Path(path)
@@ -375,24 +410,21 @@ class VideoWriter(AtomicWriter):
         stream.codec_context.color_range = LIMITED_RANGE
         return stream
 
-    def write(self, image: np.ndarray, pts: int | None, time: float) -> None:
-        """Encode one HxWx3 RGB (or HxWx4 RGBA) uint8 frame shown at `pts` (input time base) or `time`."""
+    def write(self, image: np.ndarray | YuvPicture, pts: int | None, time: float) -> None:
+        """Encode one frame shown at `pts` (input time base) or `time`.
+
+        `image` is HxWx3 RGB (or HxWx4 RGBA) uint8, or for H.264 a YuvPicture
+        already in the output's format (BT.709 limited range, the coded size,
+        planes in host memory), as `rgb_to_yuv420` makes on the compute device.
+        """
         with self._lock:
             if self._done:
                 raise VideoError(f"{self.path.name} is already closed")
-            if image.shape[:2] != (self.info.height, self.info.width) or image.dtype != np.uint8:
-                raise ValueError(f"expected a {self.info.height}x{self.info.width} uint8 image, "
-                                 f"got {image.shape} {image.dtype}")
+            frame = self._video_frame(image)
             stamp = pts if pts is not None else round(time / self.info.time_base)
             if self._first_pts is None:
                 self._first_pts = stamp
             stamp = max(stamp - self._first_pts, self._last_pts + 1)  # encoders need strictly rising times
-            layout = "rgba" if image.shape[2] == 4 else "rgb24"
-            extra_rows, extra_cols = self._video.height - image.shape[0], self._video.width - image.shape[1]
-            if extra_rows or extra_cols:
-                image = np.pad(image, ((0, extra_rows), (0, extra_cols), (0, 0)), mode="edge")
-            rgb = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format=layout)
-            frame = rgb.reformat(format=self._video.pix_fmt, dst_colorspace="itu709", dst_color_range="MPEG")
             frame.pts, frame.time_base = stamp, self.info.time_base
             try:
                 self._container.mux(self._video.encode(frame))
@@ -402,6 +434,25 @@ class VideoWriter(AtomicWriter):
                 raise VideoError(f"writing {self.path.name} failed: {exc}; check the free disk space") from exc
             self._last_pts = stamp
             self._frames += 1
+
+    def _video_frame(self, image: np.ndarray | YuvPicture) -> av.VideoFrame:
+        """The encoder's frame for a picture, checked against the output's size and format."""
+        if isinstance(image, YuvPicture):
+            expected = (self._video.width, self._video.height, "bt709", False, 0, self._video.pix_fmt)
+            got = (image.width, image.height, image.matrix, image.full_range, image.rotation, "yuv420p")
+            if got != expected:
+                raise ValueError(f"expected a {expected[0]}x{expected[1]} BT.709 limited-range {expected[5]} "
+                                 f"picture, got {got}")
+            return av.VideoFrame.from_ndarray(np.ascontiguousarray(image.planes), format="yuv420p")
+        if image.shape[:2] != (self.info.height, self.info.width) or image.dtype != np.uint8:
+            raise ValueError(f"expected a {self.info.height}x{self.info.width} uint8 image, "
+                             f"got {image.shape} {image.dtype}")
+        layout = "rgba" if image.shape[2] == 4 else "rgb24"
+        extra_rows, extra_cols = self._video.height - image.shape[0], self._video.width - image.shape[1]
+        if extra_rows or extra_cols:
+            image = np.pad(image, ((0, extra_rows), (0, extra_cols), (0, 0)), mode="edge")
+        rgb = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format=layout)
+        return rgb.reformat(format=self._video.pix_fmt, dst_colorspace="itu709", dst_color_range="MPEG")
 
     def _seconds(self, stamp: int | None) -> float:
         return float((stamp or 0) * self.info.time_base)

@@ -19,8 +19,13 @@ from ..model.network import XMem
 Tensors = Sequence[torch.Tensor | None]
 
 
-class _Captured:
-    """One captured call: static input buffers, the graph, and its static outputs."""
+class CapturedCall:
+    """One captured call: static input buffers, the graph, and its static outputs.
+
+    `fn(*inputs)` must not synchronise with the host; calling the object copies
+    new inputs (same shapes) into the buffers, replays, and returns copies of
+    the outputs.
+    """
 
     def __init__(self, fn: Callable[..., Any], inputs: Tensors, pool: tuple):
         self.inputs = [None if t is None else t.clone() for t in inputs]
@@ -67,7 +72,7 @@ class GraphedXMem:
             raise ValueError("CUDA graphs need the network on a CUDA device")
         self.network = network
         self._pool = torch.cuda.graph_pool_handle()
-        self._graphs: dict[tuple, _Captured] = {}
+        self._graphs: dict[tuple, CapturedCall] = {}
 
     def __getattr__(self, name: str) -> Any:  # key_dim, value_dim, hidden_dim, ... of the wrapped network
         return getattr(self.network, name)
@@ -77,7 +82,7 @@ class GraphedXMem:
         key = (name, flags, autocast, _signature(inputs))
         captured = self._graphs.get(key)
         if captured is None:
-            captured = self._graphs[key] = _Captured(fn, inputs, self._pool)
+            captured = self._graphs[key] = CapturedCall(fn, inputs, self._pool)
         return captured(inputs)
 
     @property

@@ -1,0 +1,82 @@
+"""YUV <-> RGB on the compute device agrees with swscale, the CPU conversion it replaces on a GPU."""
+from __future__ import annotations
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from tracker.colour import YuvPicture, rgb_to_yuv420, split_planes, yuv420_to_rgb
+
+SWSCALE_NAMES = {"bt709": "itu709", "bt601": "itu601"}
+AV_COLORSPACES = {"bt709": 1, "bt601": 5}
+
+
+def _picture(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Blocks of random colour with grain: sharp chroma edges and fine detail."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3)).repeat(8, 0).repeat(8, 1)[:height, :width]
+    return np.clip(blocks + rng.integers(-20, 21, blocks.shape), 0, 255).astype(np.uint8)
+
+
+def _swscale_planes(image: np.ndarray, matrix: str, full_range: bool) -> np.ndarray:
+    frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+    return frame.reformat(format="yuv420p", dst_colorspace=SWSCALE_NAMES[matrix],
+                          dst_color_range="JPEG" if full_range else "MPEG").to_ndarray()
+
+
+@pytest.mark.parametrize("matrix", ["bt709", "bt601"])
+@pytest.mark.parametrize("full_range", [False, True])
+@pytest.mark.parametrize("height, width", [(64, 96), (63, 95)])
+def test_rgb_to_yuv420_is_swscales_conversion(matrix, full_range, height, width):
+    image = _picture(height, width)
+    picture = rgb_to_yuv420(torch.from_numpy(image), matrix, full_range)
+    padded = np.pad(image, ((0, height % 2), (0, width % 2), (0, 0)), mode="edge")  # 4:2:0 codes even sizes
+    want = _swscale_planes(padded, matrix, full_range)
+    assert (picture.width, picture.height) == (width + width % 2, height + height % 2)
+    assert picture.planes.dtype == torch.uint8 and tuple(picture.planes.shape) == want.shape
+    difference = np.abs(picture.planes.numpy().astype(int) - want)
+    assert difference.max() <= 1 and difference.mean() < 0.25
+
+
+@pytest.mark.parametrize("matrix", ["bt709", "bt601"])
+@pytest.mark.parametrize("full_range", [False, True])
+def test_yuv420_to_rgb_is_swscales_conversion(matrix, full_range):
+    planes = _swscale_planes(_picture(64, 96, seed=1), matrix, full_range)
+    frame = av.VideoFrame.from_ndarray(planes, format="yuv420p")
+    frame.colorspace, frame.color_range = AV_COLORSPACES[matrix], 2 if full_range else 1
+    want = frame.to_ndarray(format="rgb24").astype(int)
+    got = yuv420_to_rgb(YuvPicture(planes, 96, 64, matrix, full_range)).numpy().astype(int)
+    # swscale truncates where this rounds: under a grey level on average, never more than 3.
+    assert np.abs(got - want).max() <= 3 and np.abs(got - want).mean() < 1.5
+
+
+@pytest.mark.parametrize("rotation", [90, 180, 270])
+def test_yuv420_to_rgb_turns_to_display_orientation(rotation):
+    planes = rgb_to_yuv420(torch.from_numpy(_picture(32, 48))).planes
+    upright = yuv420_to_rgb(YuvPicture(planes, 48, 32)).numpy()
+    turned = yuv420_to_rgb(YuvPicture(planes, 48, 32, rotation=rotation)).numpy()
+    assert np.array_equal(turned, np.rot90(upright, k=-rotation // 90))
+
+
+def test_round_trip_and_planes_layout():
+    yy, xx = np.mgrid[0:48, 0:64]
+    image = np.stack([xx * 4, yy * 5, 255 - xx * 2 - yy], -1).astype(np.uint8)  # smooth colour
+    picture = rgb_to_yuv420(torch.from_numpy(image))
+    y, u, v = split_planes(picture.planes, 48, 64)
+    assert (y.shape, u.shape, v.shape) == ((48, 64), (24, 32), (24, 32))
+    assert 16 <= int(y.min()) and int(y.max()) <= 235  # limited range
+    back = yuv420_to_rgb(picture).numpy().astype(int)
+    # Chroma shared by 2x2 blocks costs a few levels on steep colour gradients, no more.
+    assert np.abs(back - image).max() <= 8 and np.abs(back - image).mean() < 2.5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_conversions_match_the_cpu():
+    image = torch.from_numpy(_picture(720, 1280, seed=3))
+    cpu = rgb_to_yuv420(image)
+    gpu = rgb_to_yuv420(image.cuda())
+    assert (gpu.planes.cpu().int() - cpu.planes.int()).abs().max() <= 1
+    back_cpu = yuv420_to_rgb(cpu)
+    back_gpu = yuv420_to_rgb(YuvPicture(cpu.planes.cuda(), cpu.width, cpu.height))
+    assert (back_gpu.cpu().int() - back_cpu.int()).abs().max() <= 1

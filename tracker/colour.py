@@ -1,0 +1,101 @@
+"""YUV 4:2:0 <-> RGB on the compute device, the conversions swscale does on the CPU.
+
+On a GPU the tracker moves decoded YUV planes up and encoder-ready YUV planes
+down (half the bytes of RGB each way) and converts them there, so that the
+CPU threads only decode and encode. The maths is the standard one (BT.601 /
+BT.709 matrices, limited or full range, chroma shared by each 2x2 block);
+results agree with swscale's fixed-point conversions within a few grey levels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Luma weights (Kr, Kb) of the two matrices in use for 8-bit video.
+MATRICES = {"bt601": (0.299, 0.114), "bt709": (0.2126, 0.0722)}
+
+
+@dataclass(frozen=True)
+class YuvPicture:
+    """An 8-bit 4:2:0 picture as planes: Y (H x W), then U and V (H/2 x W/2 each), flat as PyAV's yuv420p array.
+
+    `rotation` is the clockwise turn (degrees) that brings it to display
+    orientation; `matrix` and `full_range` say how its values map to RGB.
+    """
+
+    planes: np.ndarray | torch.Tensor  # (H * 3 / 2, W) uint8
+    width: int
+    height: int
+    matrix: str = "bt709"
+    full_range: bool = False
+    rotation: int = 0
+
+
+def _rgb_from_yuv_matrix(matrix: str) -> tuple[tuple[float, float, float], ...]:
+    """Rows of R, G, B in terms of (Y', Pb, Pr) with Y' in [0, 1] and Pb, Pr in [-0.5, 0.5]."""
+    kr, kb = MATRICES[matrix]
+    kg = 1.0 - kr - kb
+    return ((1.0, 0.0, 2 * (1 - kr)),
+            (1.0, -2 * kb * (1 - kb) / kg, -2 * kr * (1 - kr) / kg),
+            (1.0, 2 * (1 - kb), 0.0))
+
+
+def _scales(full_range: bool) -> tuple[float, float, float]:
+    """(luma offset, luma span, chroma span) of 8-bit codes."""
+    return (0.0, 255.0, 255.0) if full_range else (16.0, 219.0, 224.0)
+
+
+def split_planes(planes: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Y, U and V planes of a packed yuv420p array (even height and width)."""
+    flat = planes.reshape(-1)
+    luma = height * width
+    chroma = luma // 4
+    return (flat[:luma].view(height, width),
+            flat[luma:luma + chroma].view(height // 2, width // 2),
+            flat[luma + chroma:luma + 2 * chroma].view(height // 2, width // 2))
+
+
+def yuv420_to_rgb(picture: YuvPicture) -> torch.Tensor:
+    """The picture as HxWx3 uint8 RGB in display orientation, on the device its planes are on."""
+    y, u, v = split_planes(torch.as_tensor(picture.planes), picture.height, picture.width)
+    offset, luma_span, chroma_span = _scales(picture.full_range)
+    y = (y.float() - offset) / luma_span
+    pb = ((u.float() - 128) / chroma_span).repeat_interleave(2, 0).repeat_interleave(2, 1)
+    pr = ((v.float() - 128) / chroma_span).repeat_interleave(2, 0).repeat_interleave(2, 1)
+    rows = _rgb_from_yuv_matrix(picture.matrix)
+    rgb = torch.stack([y * a + pb * b + pr * c for a, b, c in rows], dim=-1)
+    rgb = rgb.mul_(255).round_().clamp_(0, 255).to(torch.uint8)
+    turns = picture.rotation // 90 % 4
+    return torch.rot90(rgb, k=-turns, dims=(0, 1)).contiguous() if turns else rgb
+
+
+def rgb_to_yuv420(image: torch.Tensor, matrix: str = "bt709", full_range: bool = False) -> YuvPicture:
+    """HxWx3 uint8 RGB -> a YuvPicture on the same device, odd sides padded with a copy of the last row/column.
+
+    Chroma is subsampled as swscale does it (the mean of each horizontal pair,
+    then a [1, 3, 3, 1] / 8 filter down the rows), so GPU-converted frames
+    encode like CPU-converted ones.
+    """
+    height, width = image.shape[:2]
+    rgb = image.permute(2, 0, 1).unsqueeze(0).float() / 255
+    if height % 2 or width % 2:
+        rgb = F.pad(rgb, (0, width % 2, 0, height % 2), mode="replicate")
+    coded_h, coded_w = rgb.shape[-2:]
+    kr, kb = MATRICES[matrix]
+    weights = torch.tensor([[kr, 1.0 - kr - kb, kb]], device=rgb.device)
+    luma = torch.einsum("kc,bchw->bkhw", weights, rgb)
+    pairs = F.avg_pool2d(torch.cat([rgb[:, 2:3] - luma, rgb[:, 0:1] - luma], 1), (1, 2))
+    rows = torch.tensor([1.0, 3.0, 3.0, 1.0], device=rgb.device).view(1, 1, 4, 1) / 8
+    chroma = F.conv2d(F.pad(pairs, (0, 0, 1, 1), mode="replicate").view(2, 1, coded_h + 2, coded_w // 2),
+                      rows, stride=(2, 1))
+    chroma = chroma.view(2, -1) / torch.tensor([[2 * (1 - kb)], [2 * (1 - kr)]], device=rgb.device)
+    offset, luma_span, chroma_span = _scales(full_range)
+
+    def code(values: torch.Tensor, span: float, base: float) -> torch.Tensor:
+        return (values * span + base).round_().clamp_(0, 255).to(torch.uint8).reshape(-1)
+
+    planes = torch.cat([code(luma, luma_span, offset), code(chroma, chroma_span, 128)])
+    return YuvPicture(planes.view(-1, coded_w), coded_w, coded_h, matrix, full_range)
