@@ -39,6 +39,7 @@ from .weights import UNTRAINED_FILENAMES
 class Mode:
     """One column of the table: how SAM's encoder and XMem run."""
 
+    label: str
     sam_precision: str  # the PyTorch SAM encoder's autocast type ("auto": fp16 on CUDA)
     sam_graphs: bool  # SAM's encoder and decoder replay CUDA graphs
     options: TrackOptions  # XMem's precision and CUDA graphs, the encoder preset
@@ -46,10 +47,10 @@ class Mode:
 
 # The plain fp32 path (eager PyTorch everywhere, as the reference runs), the default, then XMem in half precision.
 MODES = {
-    "plain fp32": Mode("fp32", False, TrackOptions(precision="fp32", cuda_graphs=False)),
-    "fast (default)": Mode("auto", True, TrackOptions()),
-    "fast, bf16 XMem": Mode("auto", True, TrackOptions(precision="bf16")),
-    "fast, fp16 XMem": Mode("auto", True, TrackOptions(precision="fp16")),
+    "plain": Mode("plain fp32", "fp32", False, TrackOptions(precision="fp32", cuda_graphs=False)),
+    "fast": Mode("fast (default)", "auto", True, TrackOptions()),
+    "bf16": Mode("fast, bf16 XMem", "auto", True, TrackOptions(precision="bf16")),
+    "fp16": Mode("fast, fp16 XMem", "auto", True, TrackOptions(precision="fp16")),
 }
 WARMUP_FRAMES = 30  # file-to-file rates count the frames after these (graph capture, cuDNN's algorithm search)
 
@@ -281,9 +282,11 @@ def _header(device: torch.device, profile: Profile) -> str:
             f"libx264 {options.preset} crf {options.crf}; untrained weights (speed only); medians")
 
 
-def run(tracker_device: torch.device, frames: int | None, sam_backend: str) -> str:
+def run(tracker_device: torch.device, frames: int | None, sam_backend: str, mode_names: list[str]) -> str:
     profile = Profile.for_device(tracker_device, frames)
-    modes = MODES if tracker_device.type == "cuda" else {"plain fp32": MODES["plain fp32"]}
+    if tracker_device.type != "cuda":
+        mode_names = ["plain"]  # the fast paths are CUDA's
+    modes = {MODES[name].label: MODES[name] for name in mode_names}
     results = Results()
     with tempfile.TemporaryDirectory(prefix="tracker-bench-") as tmp:
         tmp = Path(tmp)
@@ -322,11 +325,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--frames", type=int, help="frames per generated clip (default 300 on GPU, 30 on CPU)")
     parser.add_argument("--sam-backend", default="auto", choices=["auto", "torch", "onnx", "tensorrt"])
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help=f"table columns, comma-separated, of: {', '.join(MODES)} (CPU: plain only)")
     parser.add_argument("--long", type=int, metavar="FRAMES",
                         help="instead: track one long clip and report memory early and at the end")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
-    print(run_long(device, args.long) if args.long else run(device, args.frames, args.sam_backend))
+    names = [name.strip() for name in args.modes.split(",") if name.strip()]
+    if not names or any(name not in MODES for name in names):
+        parser.error(f"--modes takes a comma-separated list of: {', '.join(MODES)}")
+    print(run_long(device, args.long) if args.long else run(device, args.frames, args.sam_backend, names))
     return 0
 
 

@@ -8,6 +8,7 @@ tracked backwards from it through a disk cache.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import queue
@@ -341,7 +342,9 @@ def track_frames(
         forward = Propagator(network, config, work_masks, order=sorted(work_masks))
         lookup = forward.lookup(device)
         last = info.frame_count - 1
+        pace = LaunchPacer(device)
         for frame in prefetch(iter_frames(info.path, yuv=prep.planes), depth=4, stop=threading.Event()):
+            pace()
             image = prep.upload(frame)
             if frame.index < start:
                 labels = torch.from_numpy(np.asarray(earlier(frame.index))).to(device)
@@ -352,6 +355,29 @@ def track_frames(
                     labels = stamp(labels, full_masks[frame.index])
             tick()
             yield TrackedFrame(frame.index, frame.pts, frame.time, image, labels)
+
+
+class LaunchPacer:
+    """Keeps the loop at most `lead` frames ahead of the GPU, waiting without the GIL.
+
+    Unchecked, the loop queues kernels until CUDA's launch queue is full and then
+    blocks inside a launch while holding the GIL, which starves the decode and
+    encode threads. Call once per frame, before queueing its work.
+    """
+
+    def __init__(self, device: torch.device, lead: int = 2):
+        self.enabled = device.type == "cuda"
+        self.lead = lead
+        self.events: collections.deque = collections.deque()
+
+    def __call__(self) -> None:
+        if not self.enabled:
+            return
+        event = torch.cuda.Event()
+        event.record()
+        self.events.append(event)
+        if len(self.events) > self.lead:
+            self.events.popleft().synchronize()
 
 
 def _track_backward(network: torch.nn.Module, config: dict, info: VideoInfo, prep: FramePrep, start: int,

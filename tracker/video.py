@@ -408,6 +408,8 @@ class VideoWriter(AtomicWriter):
         stream.codec_context.colorspace = stream.codec_context.color_primaries = BT709
         stream.codec_context.color_trc = BT709
         stream.codec_context.color_range = LIMITED_RANGE
+        # Every core: FFmpeg's default of one encoder thread halves libx264's rate on a 16-core machine.
+        stream.codec_context.thread_count = os.cpu_count() or 1
         return stream
 
     def write(self, image: np.ndarray | YuvPicture, pts: int | None, time: float) -> None:
