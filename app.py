@@ -108,7 +108,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
         gr.Markdown("# Track anything you click\nSAM turns clicks into masks, XMem follows them through the video.")
         if tracker.untrained:
             gr.HTML(f"⚠ {html.escape(UNTRAINED_WARNING)}.", elem_id="untrained-banner")
-        gr.Markdown(f"Device **{html.escape(tracker.device_name)}** · SAM backend **{tracker.sam.name}**",
+        gr.Markdown(f"Device **{html.escape(tracker.device_name)}** · default SAM backend **{tracker.sam.name}**",
                     elem_id="device-info")
         with gr.Row():
             with gr.Column(scale=2, min_width=320):
@@ -150,8 +150,9 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                                       elem_id="overlay-opacity")
                     outline = gr.Slider(0, 10, value=defaults.outline, step=1, label="Outline width (px)",
                                         elem_id="outline-width")
-                    gr.Textbox(tracker.sam.name, label="SAM backend (chosen at startup: --sam-backend)",
-                               interactive=False, elem_id="sam-backend")
+                    sam_backend = gr.Dropdown(tracker.sam_choices(), value=tracker.sam.name, label="SAM backend",
+                                              info="for this session's clicks and jobs (default: --sam-backend)",
+                                              elem_id="sam-backend")
             with gr.Column(scale=3, min_width=400):
                 frame_image = gr.Image(label="Click the object", interactive=False, elem_id="frame-image",
                                        type="numpy", format="webp", buttons=[])
@@ -235,6 +236,11 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                 return message, shown(session, frame, alpha_value, outline_value)[0]
             return handler
 
+        @show_errors(outputs=1)
+        def on_sam_backend(name: str, request: gr.Request):
+            return session_of(request).set_sam_backend(name)
+
+        sam_backend.input(on_sam_backend, sam_backend, status, **sam_queue)
         undo.click(editing(EditSession.undo), [frame_slider, *style], [status, frame_image], **sam_queue)
         clear.click(editing(EditSession.clear), [frame_slider, *style], [status, frame_image], **sam_queue)
 

@@ -392,3 +392,25 @@ def test_session_store_isolates_and_removes_sessions(tmp_path, disc_tracker, cli
     three = store.get("browser-3")
     store.close_all()
     assert not three.directory.exists() and not (tmp_path / "root").exists()
+
+
+def test_each_session_picks_its_sam_backend(session, disc_tracker):
+    """The settings' backend choice: loaded once and shared, per session, never while a job runs."""
+    click(session, 0, 50, 60)
+    assert session._embeddings
+    assert disc_tracker.sam_choices() == ["disc", "torch"]  # the start-up one first, then what can run here
+    with pytest.raises(TrackerError, match="'tensorrt' cannot run here; choose one of: disc, torch"):
+        session.set_sam_backend("tensorrt")
+    assert "SAM backend torch" in session.set_sam_backend("torch")
+    assert session.sam.name == "torch" and not session._embeddings  # old embeddings belong to the old backend
+    assert disc_tracker.sam_backend("torch") is session.sam  # loaded once, then shared
+    other = EditSession(session.directory.parent / "other", disc_tracker)
+    assert other.sam is disc_tracker.sam  # the other session keeps the default
+    session.begin_job()
+    try:
+        with pytest.raises(TrackerError, match="tracking job is running"):
+            session.set_sam_backend("disc")
+    finally:
+        session.end_job()
+    session.set_sam_backend("disc")
+    assert session.sam is disc_tracker.sam

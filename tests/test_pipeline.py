@@ -186,3 +186,17 @@ def test_the_gpu_colour_path_tracks_like_the_cpu_path(cpu_tracker, tmp_path, mon
         agreement = np.mean([np.mean(a[i] == b[i]) for i in range(8)])
     print(f"labels agree on {agreement:.1%} of pixels")
     assert agreement > 0.9
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_launch_pacer_keeps_the_loop_two_frames_ahead():
+    from tracker.pipeline import LaunchPacer
+
+    pace = LaunchPacer(torch.device("cuda"), lead=2)
+    big = torch.randn(4096, 4096, device="cuda")
+    for _ in range(6):
+        pace()
+        big = big @ big / 64  # a frame's worth of queued work
+        assert len(pace.events) <= 2
+    assert pace.events[0].query()  # the wait went two frames back: that work is done
+    assert not LaunchPacer(torch.device("cpu")).enabled

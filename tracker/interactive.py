@@ -257,6 +257,7 @@ class EditSession:
         self.cutouts: dict[str, Path] = {}
         self._result_reader: MaskZipReader | None = None
         self._embeddings: OrderedDict[int, ImageEmbedding] = OrderedDict()
+        self.sam = tracker.sam  # this session's SAM backend
         self._decoded: Frame | None = None
         self._runs = 0
         self._uploads: dict[Path, tuple[int, int]] = {}  # files taken from `upload_folder` -> (device, inode)
@@ -292,6 +293,16 @@ class EditSession:
             self.info = info
             self.objects, self.current = [1], 1
             return info
+
+    def set_sam_backend(self, name: str) -> str:
+        """Use another SAM backend for this session's clicks and jobs (loaded on first use, shared by sessions)."""
+        backend = self.tracker.sam_backend(name)
+        with self.lock:
+            self._require_idle()
+            if backend is not self.sam:
+                self.sam = backend
+                self._embeddings.clear()  # embeddings belong to the backend that made them
+        return f"SAM backend {name}: clicks and the next Track use it"
 
     def _forget_video(self) -> None:
         if self.video is not None:
@@ -410,14 +421,15 @@ class EditSession:
 
     def _segment(self, frame: int, object_id: int, clicks: Clicks, prior: np.ndarray | None) -> np.ndarray:
         mask_input = mask_to_logits(prior) if prior is not None and prior.any() else None
-        return self.tracker.segment(self._embedding(frame), clicks.prompt(object_id, frame), mask_input=mask_input)
+        return self.tracker.segment(self._embedding(frame), clicks.prompt(object_id, frame), mask_input=mask_input,
+                                    sam=self.sam)
 
     def _embedding(self, frame: int) -> ImageEmbedding:
         """SAM's embedding of a frame, cached so that further clicks there only run the decoder."""
         if frame in self._embeddings:
             self._embeddings.move_to_end(frame)
             return self._embeddings[frame]
-        embedding = self.tracker.sam.embed(self._frame(frame).image)
+        embedding = self.sam.embed(self._frame(frame).image)
         self._embeddings[frame] = embedding
         while len(self._embeddings) > EMBEDDING_CACHE_SIZE:
             self._embeddings.popitem(last=False)
@@ -550,7 +562,7 @@ class EditSession:
                 results.append(self.tracker.track(
                     self.video, prompts, output=output, masks=run_dir / f"masks-{index}.zip", options=options,
                     cancel=self.cancel, progress=lambda done, total, i=index: clock.update(i, done, total),
-                    previous=earlier))
+                    previous=earlier, sam=self.sam))
                 masks = run_dir / f"masks-{index}.zip"
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -265,6 +265,13 @@ def available_backends(device: str | torch.device = "auto") -> list[str]:
     return [name for _, name in sorted(usable, reverse=True)]
 
 
+def ready_backends(checkpoint: str | Path, device: str | torch.device = "auto") -> list[str]:
+    """Backends that can run `checkpoint` on `device` now (their files in place), the one "auto" picks first."""
+    dev = resolve_device(device)
+    return [name for name in available_backends(dev)
+            if _BACKENDS[name].ready is None or _BACKENDS[name].ready(Path(checkpoint), dev) is None]
+
+
 def load_sam(checkpoint: str | Path, device: str | torch.device = "auto", backend: str = "auto", *,
              precision: str = "auto") -> SamBackend:
     """A ready SAM ViT-B backend for a checkpoint; device "auto" = CUDA when present, else CPU.
@@ -274,8 +281,7 @@ def load_sam(checkpoint: str | Path, device: str | torch.device = "auto", backen
     dev = resolve_device(device)
     usable = available_backends(dev)
     if backend == "auto":
-        backend = next(name for name in usable
-                       if _BACKENDS[name].ready is None or _BACKENDS[name].ready(Path(checkpoint), dev) is None)
+        backend = ready_backends(checkpoint, dev)[0]
     elif backend not in usable:
         known = "unknown" if backend not in _BACKENDS else f"not available on {dev.type}"
         raise TrackerError(f"SAM backend {backend!r} is {known}; choose one of: auto, {', '.join(usable)}")

@@ -28,7 +28,7 @@ from .errors import TrackerError, VideoError
 from .pipeline import Download, ProgressFn, ThreadedSink, TrackedFrame, TrackOptions, encoder_picture, track_frames
 from .prompts import ObjectPrompt, check_prompts
 from .render import MaskZipReader, MaskZipWriter, overlay
-from .sam import ImageEmbedding, SamBackend, load_sam, resolve_device, segment
+from .sam import ImageEmbedding, SamBackend, load_sam, ready_backends, resolve_device, segment
 from .video import VideoInfo, VideoWriter, probe, read_frame
 
 
@@ -118,6 +118,9 @@ class Tracker:
         self.weights_status = {"sam": weights.checkpoint_status(sam_path, "sam_vit_b"),
                                "xmem": weights.checkpoint_status(xmem_path, "xmem")}
         self.sam: SamBackend = load_sam(sam_path, str(self.device), sam_backend, precision=sam_precision)
+        self._sam_path, self._sam_precision = sam_path, sam_precision
+        self._sam_backends: dict[str, SamBackend] = {}  # the others, loaded when a session asks for one
+        self._sam_loading = threading.Lock()
         self.xmem = load_xmem(xmem_path, self.device)
         self.lock = threading.Lock()
 
@@ -131,21 +134,41 @@ class Tracker:
             return f"cuda ({torch.cuda.get_device_name(self.device)})"
         return "cpu"
 
-    def segment(self, embedding: ImageEmbedding, prompt: ObjectPrompt,
-                mask_input: np.ndarray | None = None) -> np.ndarray:
-        """The HxW bool mask SAM gives for one object's clicks/box on an embedded frame."""
+    def sam_choices(self) -> list[str]:
+        """The SAM backends that can run this checkpoint here, the one loaded at start first."""
+        ready = ready_backends(self._sam_path, self.device)
+        return [self.sam.name] + [name for name in ready if name != self.sam.name]
+
+    def sam_backend(self, name: str) -> SamBackend:
+        """A SAM backend by name, loaded on first use and then shared (`self.sam` is the one chosen at start)."""
+        if name == self.sam.name:
+            return self.sam
+        with self._sam_loading:
+            if name not in self._sam_backends:
+                if name not in self.sam_choices():
+                    raise TrackerError(f"SAM backend {name!r} cannot run here; choose one of: "
+                                       f"{', '.join(self.sam_choices())}")
+                self._sam_backends[name] = load_sam(self._sam_path, str(self.device), name,
+                                                    precision=self._sam_precision)
+            return self._sam_backends[name]
+
+    def segment(self, embedding: ImageEmbedding, prompt: ObjectPrompt, mask_input: np.ndarray | None = None,
+                sam: SamBackend | None = None) -> np.ndarray:
+        """The HxW bool mask SAM (`sam`, default `self.sam`) gives for one object's clicks/box on an embedded frame."""
         points = np.asarray(prompt.points, dtype=np.float32).reshape(-1, 2)
         labels = np.asarray(prompt.labels, dtype=np.int64)
         box = np.asarray(prompt.box, dtype=np.float32) if prompt.box is not None else None
-        mask, _ = segment(self.sam, embedding, points, labels, box=box, mask_input=mask_input)
+        mask, _ = segment(sam or self.sam, embedding, points, labels, box=box, mask_input=mask_input)
         return mask
 
-    def prompt_masks(self, info: VideoInfo, prompts: Sequence[ObjectPrompt]) -> dict[int, dict[int, np.ndarray]]:
+    def prompt_masks(self, info: VideoInfo, prompts: Sequence[ObjectPrompt],
+                     sam: SamBackend | None = None) -> dict[int, dict[int, np.ndarray]]:
         """Frame -> object id -> SAM mask, one embedding per prompted frame."""
+        sam = sam or self.sam
         keyframes: dict[int, dict[int, np.ndarray]] = {}
         for frame_index in sorted({p.frame for p in prompts}):
-            embedding = self.sam.embed(read_frame(info.path, frame_index).image)
-            keyframes[frame_index] = {p.object_id: self.segment(embedding, p)
+            embedding = sam.embed(read_frame(info.path, frame_index).image)
+            keyframes[frame_index] = {p.object_id: self.segment(embedding, p, sam=sam)
                                       for p in prompts if p.frame == frame_index}
         return keyframes
 
@@ -164,14 +187,16 @@ class Tracker:
     def track(self, video: str | Path, prompts: Sequence[ObjectPrompt], *, output: str | Path | None = None,
               masks: str | Path | None = None, options: TrackOptions | None = None,
               cancel: threading.Event | None = None, progress: ProgressFn | None = None,
-              previous: PreviousRun | None = None) -> TrackResult:
+              previous: PreviousRun | None = None, sam: SamBackend | None = None) -> TrackResult:
         """Track the prompted objects through the video and write the overlay MP4 and/or the masks zip.
 
         Files appear at their paths only once complete; on any error or cancel
         nothing is left behind. With `previous`, only frames from
         `previous.from_frame` on are tracked again (a correction there becomes
-        a new memory frame); earlier frames keep the previous masks.
+        a new memory frame); earlier frames keep the previous masks. `sam`
+        (default `self.sam`) turns the prompts into masks.
         """
+        sam = sam or self.sam
         options = options or TrackOptions()
         info = probe(video)
         check_prompts(prompts, info.width, info.height, info.frame_count)
@@ -179,7 +204,7 @@ class Tracker:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             began = time.perf_counter()
-            keyframes, earlier = self._plan(info, prompts, previous)
+            keyframes, earlier = self._plan(info, prompts, previous, sam)
             sinks = self._open_sinks(info, output, masks, options, stack)
             video_sink, zip_sink = sinks
             frames = 0
@@ -198,19 +223,19 @@ class Tracker:
             peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
             result = TrackResult(frames=frames, expected_frames=info.frame_count,
                                  seconds=time.perf_counter() - began, device=self.device_name,
-                                 sam_backend=self.sam.name, peak_gpu_bytes=peak,
+                                 sam_backend=sam.name, peak_gpu_bytes=peak,
                                  output=Path(output) if output else None, masks=Path(masks) if masks else None)
         if self.untrained:
             result.warnings.append(weights.UNTRAINED_WARNING)
         return result
 
-    def _plan(self, info: VideoInfo, prompts: Sequence[ObjectPrompt], previous: PreviousRun | None
+    def _plan(self, info: VideoInfo, prompts: Sequence[ObjectPrompt], previous: PreviousRun | None, sam: SamBackend
               ) -> tuple[dict[int, dict[int, np.ndarray]], Callable[[int], np.ndarray] | None]:
         """Keyframe masks, and where frames before the first keyframe get their labels from."""
         if previous is None:
-            return self.prompt_masks(info, prompts), None
+            return self.prompt_masks(info, prompts, sam), None
         start = previous.from_frame
-        keyframes = self.prompt_masks(info, [p for p in prompts if p.frame >= start])
+        keyframes = self.prompt_masks(info, [p for p in prompts if p.frame >= start], sam)
         earlier = MaskZipReader(previous.masks)
         base = earlier[start]
         tracked = {int(o): base == o for o in np.unique(base) if o}
