@@ -203,7 +203,7 @@ def bench_file(tracker: Tracker, clip: Path, name: str, profile: Profile, option
     options = replace(options, size=profile.work_size)
     if tracker.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(tracker.device)
-    rate = SteadyRate()
+    rate = SteadyRate(min(WARMUP_FRAMES, info.frame_count // 3))
     result = tracker.track(clip, [prompt], output=out_dir / f"{name}_{mode}.mp4", options=options, progress=rate)
     results.add(f"file to file FPS, {name} in and out (whole run / after {rate.warmup} frames)", mode,
                 f"{result.fps:.1f} / {rate.fps:.1f}")
@@ -219,7 +219,7 @@ def bench_codec_ceiling(clip: Path, name: str, device: torch.device, out_dir: Pa
     prep = FramePrep(device, (info.width, info.height))
     writer = VideoWriter(out_dir / f"{name}_copy.mp4", info, audio_from=clip)
     sink = ThreadedSink("encode", writer.write, writer.close, writer.abort)
-    rate = SteadyRate()
+    rate = SteadyRate(min(WARMUP_FRAMES, info.frame_count // 3))
     frames = prefetch(iter_frames(clip, yuv=prep.planes), depth=4, stop=threading.Event())
     for done, frame in enumerate(frames, 1):
         sink.put(encoder_picture(prep.upload(frame)), frame.pts, frame.time)
