@@ -31,9 +31,15 @@ class CapturedCall:
         self.inputs = [None if t is None else t.clone() for t in inputs]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up: lazy initialisation and cuDNN's algorithm choice happen outside capture
-                fn(*self.inputs)
+        # Warm-up: lazy initialisation and cuDNN's algorithm choice happen outside capture. The shapes never
+        # change afterwards, so cuDNN may time its candidates (benchmark mode) once, here, for every replay.
+        benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, True
+        try:
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    fn(*self.inputs)
+        finally:
+            torch.backends.cudnn.benchmark = benchmark
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model.memory_util import get_similarity, topk_softmax
+from ..model.memory_util import get_similarity, sparse_readout, sparse_topk_softmax, sparse_usage
 from .kv_memory_store import KeyValueMemoryStore
 
 
@@ -36,9 +36,10 @@ class MemoryManager:
     def match_memory(self, query_key: torch.Tensor, selection: torch.Tensor | None) -> torch.Tensor:
         """Read every object's memory at each query pixel: (objects, C_v, H, W).
 
-        All keys are compared once; each object group then takes a top-k
-        softmax over the keys it has values for. The first group covers every
-        key, so its affinities are what the usage counters record.
+        All keys are compared once, query-major (P, N), so each pixel's top-k
+        is taken along contiguous memory; each object group then averages only
+        its k best matches among the keys it has values for. The first group
+        covers every key, so its weights are what the usage counters record.
         """
         height, width = query_key.shape[-2:]
         work, long = self.work_mem, self.long_mem
@@ -47,29 +48,30 @@ class MemoryManager:
         long_size = 0 if long is None else long.size
 
         if long is None:
-            similarity = get_similarity(work.key, work.shrinkage, query_key, selection)
+            similarity = get_similarity(work.key, work.shrinkage, query_key, selection, query_major=True)
         else:
             similarity = get_similarity(torch.cat([long.key, work.key], -1),
-                                        torch.cat([long.shrinkage, work.shrinkage], -1), query_key, selection)
+                                        torch.cat([long.shrinkage, work.shrinkage], -1), query_key, selection,
+                                        query_major=True)
 
         readouts = []
         for group in range(work.num_groups):
-            rows = similarity[:, -work.value_size(group):]
+            columns = similarity[..., -work.value_size(group):]
             values = work.values[group]
             if long is not None and group < long.num_groups:
                 first_long = long_size - long.value_size(group)
-                if work.value_size(group) == work.size:  # long and working rows are contiguous
-                    rows = similarity[:, first_long:]
+                if work.value_size(group) == work.size:  # long and working columns are contiguous
+                    columns = similarity[..., first_long:]
                 else:
-                    rows = torch.cat([similarity[:, first_long:long_size], rows], 1)
+                    columns = torch.cat([similarity[..., first_long:long_size], columns], -1)
                 values = torch.cat([long.values[group], values], -1)
-            affinity = topk_softmax(rows, self.top_k)
+            weights, indices = sparse_topk_softmax(columns, self.top_k)
             if group == 0 and self.enable_long_term:
-                usage = affinity.sum(dim=2)
+                usage = sparse_usage(weights, indices, columns.shape[-1])
                 work.update_usage(usage[:, long_size:])
                 if long is not None:
                     long.update_usage(usage[:, :long_size])
-            readouts.append(values @ affinity)
+            readouts.append(sparse_readout(weights, indices, values))
         return torch.cat(readouts, 0).view(-1, readouts[0].shape[1], height, width)
 
     def add_memory(self, key: torch.Tensor, shrinkage: torch.Tensor, value: torch.Tensor,
@@ -121,7 +123,8 @@ class MemoryManager:
         chosen = torch.topk(usage, k=min(self.num_prototypes, num_candidates), dim=-1, sorted=True).indices.flatten()
         prototype_key = key[:, :, chosen]
         prototype_selection = None if selection is None else selection[:, :, chosen]
-        similarity = get_similarity(key, shrinkage, prototype_key, prototype_selection)
+        # Query-major (prototypes, candidates): the softmax runs along contiguous memory.
+        similarity = get_similarity(key, shrinkage, prototype_key, prototype_selection, query_major=True)
 
         prototype_values = []
         affinities = []
@@ -129,11 +132,11 @@ class MemoryManager:
             affinity = None
             if value is not None:
                 # A group can only average over (and be represented by) candidates it has values for.
-                rows = similarity[:, -value.shape[-1]:]
+                columns = similarity[..., -value.shape[-1]:]
                 if value.shape[-1] < num_candidates:
-                    rows = rows[:, :, chosen >= num_candidates - value.shape[-1]]
-                if rows.shape[-1] > 0:
-                    affinity = topk_softmax(rows)
+                    columns = columns[:, chosen >= num_candidates - value.shape[-1]]
+                if columns.shape[1] > 0:
+                    affinity = torch.softmax(columns, dim=-1).transpose(1, 2)  # (1, candidates, prototypes)
             affinities.append(affinity)
             prototype_values.append(None if affinity is None else value @ affinity)
         prototype_shrinkage = shrinkage @ affinities[0]

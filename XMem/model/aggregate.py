@@ -17,5 +17,8 @@ def aggregate(prob: torch.Tensor, dim: int, return_logits: bool = False):
     background = torch.prod(1 - prob, dim=dim, keepdim=True)
     with_bg = torch.cat([background, prob], dim=dim).clamp(_EPS, 1 - _EPS)
     logits = torch.log(with_bg / (1 - with_bg))
-    prob = torch.softmax(logits, dim=dim)
+    # softmax written out: over a leading dimension of a frame, torch.softmax's
+    # CUDA kernel is several times slower than these four passes.
+    exp = torch.exp(logits - logits.amax(dim=dim, keepdim=True))
+    prob = exp / exp.sum(dim=dim, keepdim=True)
     return (logits, prob) if return_logits else prob

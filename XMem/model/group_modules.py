@@ -5,11 +5,14 @@ the object axis into the batch axis, run an ordinary 2-D op, and unfold it.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .resample import upsample_bilinear
 
 
 def per_object(op: Callable[[torch.Tensor], torch.Tensor], g: torch.Tensor) -> torch.Tensor:
@@ -21,7 +24,7 @@ def per_object(op: Callable[[torch.Tensor], torch.Tensor], g: torch.Tensor) -> t
 
 def upsample_objects(g: torch.Tensor, ratio: float = 2) -> torch.Tensor:
     """Bilinear upsampling of every object's features."""
-    return per_object(lambda x: F.interpolate(x, scale_factor=ratio, mode="bilinear", align_corners=False), g)
+    return per_object(lambda x: upsample_bilinear(x, ratio), g)
 
 
 def downsample_objects(g: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
@@ -31,12 +34,37 @@ def downsample_objects(g: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
 
 def prepend_to_objects(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Concatenate image features (B, C, H, W) in front of each object's channels."""
-    return torch.cat([x.unsqueeze(1).expand(-1, g.shape[1], -1, -1, -1), g], dim=2)
+    return cat_channels([x.unsqueeze(1), g])
 
 
 def add_to_objects(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Add image features (B, C, H, W) to each object's features."""
     return x.unsqueeze(1) + g
+
+
+def cat_channels(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate (B, K, C_i, H, W) features along channels; a part with K = 1 is shared by every object.
+
+    Unlike `torch.cat`, which makes a 5-D result channels-first, the result
+    takes the layout of the widest per-object part: channels-last features stay
+    channels-last for the next convolution, with no conversion in between.
+    """
+    objects = max(part.shape[1] for part in parts)
+    widest = max((part for part in parts if part.shape[1] == objects), key=lambda part: part.shape[2])
+    batch, height, width = widest.shape[0], *widest.shape[-2:]
+    flat = widest.flatten(0, 1)
+    layout = torch.channels_last if flat.shape[1] > 1 and flat.is_contiguous(
+        memory_format=torch.channels_last) and not flat.is_contiguous() else torch.contiguous_format
+    channels = sum(part.shape[2] for part in parts)
+    dtype = functools.reduce(torch.promote_types, (part.dtype for part in parts))  # as torch.cat promotes
+    out = torch.empty((batch * objects, channels, height, width), dtype=dtype, device=flat.device,
+                      memory_format=layout)
+    out = out.view(batch, objects, channels, height, width)
+    start = 0
+    for part in parts:
+        out[:, :, start:start + part.shape[2]] = part
+        start += part.shape[2]
+    return out
 
 
 class GConv2D(nn.Conv2d):

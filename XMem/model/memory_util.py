@@ -9,49 +9,60 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def get_similarity(memory_key: torch.Tensor, memory_shrinkage: torch.Tensor | None,
-                   query_key: torch.Tensor, query_selection: torch.Tensor | None) -> torch.Tensor:
-    """Negative squared distance between memory and query keys, (B, N, P).
+                   query_key: torch.Tensor, query_selection: torch.Tensor | None,
+                   query_major: bool = False) -> torch.Tensor:
+    """Negative squared distance between memory and query keys: (B, N, P), or (B, P, N) if query_major.
 
     The query selection weights each key channel (XMem's anisotropic L2); the
     memory shrinkage sharpens or flattens each memory element's affinity. The
-    squared distance is expanded into three matrix products so nothing of size
-    N x P x C_k is ever built. Under mixed precision it still runs in fp32: the
-    expansion subtracts large, nearly equal terms, which half precision cannot.
+    squared distance is expanded so that the whole similarity, shrinkage and
+    scale included, is one matrix product (see `_similarity_operands`):
+    nothing of size N x P x C_k is built, and the N x P result is written once.
+    Under mixed precision it still runs in fp32: the expansion subtracts
+    large, nearly equal terms, which half precision cannot.
     """
     with torch.autocast(memory_key.device.type, enabled=False):
-        return _similarity(*(None if t is None else _at_least_fp32(t)
-                             for t in (memory_key, memory_shrinkage, query_key, query_selection)))
+        memory_side, query_side = _similarity_operands(
+            *(None if t is None else _at_least_fp32(t)
+              for t in (memory_key, memory_shrinkage, query_key, query_selection)))
+    if query_major:
+        return query_side.transpose(1, 2) @ memory_side.transpose(1, 2)
+    return memory_side @ query_side
 
 
 def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
-def _similarity(memory_key: torch.Tensor, memory_shrinkage: torch.Tensor | None,
-                query_key: torch.Tensor, query_selection: torch.Tensor | None) -> torch.Tensor:
+def _similarity_operands(memory_key: torch.Tensor, memory_shrinkage: torch.Tensor | None,
+                         query_key: torch.Tensor, query_selection: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N, D) and (B, D, P) whose product is the similarity.
+
+    With selection e, per channel c: -(m_c - q_c)^2 e_c = -m_c^2 e_c + 2 m_c q_c e_c - q_c^2 e_c,
+    so memory rows [m^2, m, 1] meet query columns [-e, 2 q e, -sum(q^2 e)].
+    Without selection the query's own norm is dropped (as in XMem): it is
+    constant over memory elements. Each memory row is then scaled by its
+    shrinkage / sqrt(C_k).
+    """
     key_dim = memory_key.shape[1]
     mk = memory_key.flatten(start_dim=2)
     qk = query_key.flatten(start_dim=2)
-
     if query_selection is not None:
         qe = query_selection.flatten(start_dim=2)
-        mk_t = mk.transpose(1, 2)
-        memory_sq = mk_t.pow(2) @ qe
-        cross = 2 * (mk_t @ (qk * qe))
-        query_sq = (qe * qk.pow(2)).sum(1, keepdim=True)
-        similarity = -memory_sq + cross - query_sq
+        memory_side = torch.cat([mk.pow(2), mk, torch.ones_like(mk[:, :1])], dim=1)
+        query_side = torch.cat([-qe, 2 * qk * qe, -(qe * qk.pow(2)).sum(1, keepdim=True)], dim=1)
     else:
-        # The query's own norm is constant over memory elements and cancels in the softmax.
-        memory_sq = mk.pow(2).sum(1).unsqueeze(2)
-        cross = 2 * (mk.transpose(1, 2) @ qk)
-        similarity = -memory_sq + cross
-
+        memory_side = torch.cat([mk, mk.pow(2).sum(1, keepdim=True)], dim=1)
+        query_side = torch.cat([2 * qk, -torch.ones_like(qk[:, :1])], dim=1)
+    scale = 1 / math.sqrt(key_dim)
     if memory_shrinkage is not None:
-        similarity = similarity * memory_shrinkage.flatten(start_dim=1).unsqueeze(2)
-    return similarity / math.sqrt(key_dim)
+        scale = memory_shrinkage.flatten(start_dim=2) * scale
+    return (memory_side * scale).transpose(1, 2), query_side
 
 
 def topk_softmax(similarity: torch.Tensor, top_k: int | None = None) -> torch.Tensor:
@@ -64,6 +75,39 @@ def topk_softmax(similarity: torch.Tensor, top_k: int | None = None) -> torch.Te
         return torch.softmax(similarity, dim=1)
     values, indices = torch.topk(similarity, k=min(top_k, similarity.shape[1]), dim=1)
     return torch.zeros_like(similarity).scatter_(1, indices, torch.softmax(values, dim=1))
+
+
+def sparse_topk_softmax(similarity: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query pixel's top_k memory matches and their softmax weights, from (B, P, N) similarities.
+
+    Returns (weights, indices), both (B, P, k): the nonzero entries of
+    `topk_softmax` in query-major layout, without building the mostly-zero
+    N x P affinity. k is capped at N.
+    """
+    values, indices = torch.topk(similarity, k=min(top_k, similarity.shape[-1]), dim=-1, sorted=False)
+    return torch.softmax(values, dim=-1), indices
+
+
+def sparse_readout(weights: torch.Tensor, indices: torch.Tensor, memory_value: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of each pixel's chosen memory values: (O, C_v, N) values, (1, P, k) matches -> (O, C_v, P).
+
+    Equals `memory_value @ affinity` for the dense affinity those matches
+    describe, with k rather than N terms per output, as one fused gather-sum
+    (`embedding_bag`). The result is a channels-last view (C_v has stride 1).
+    """
+    objects, value_dim = memory_value.shape[:2]
+    pixels, k = indices.shape[-2:]
+    per_element = memory_value.flatten(0, 1).T.contiguous()  # (N, O * C_v): one row per memory element
+    summed = F.embedding_bag(indices.reshape(pixels, k), per_element, mode="sum",
+                             per_sample_weights=weights.reshape(pixels, k).to(per_element.dtype))
+    return summed.view(pixels, objects, value_dim).permute(1, 2, 0)
+
+
+def sparse_usage(weights: torch.Tensor, indices: torch.Tensor, num_elements: int) -> torch.Tensor:
+    """How much affinity each memory element received over all query pixels, (B, N) (dense affinity's row sums)."""
+    batch = weights.shape[0]
+    usage = weights.new_zeros((batch, num_elements))
+    return usage.scatter_add_(1, indices.reshape(batch, -1), weights.reshape(batch, -1))
 
 
 def readout(affinity: torch.Tensor, memory_value: torch.Tensor) -> torch.Tensor:

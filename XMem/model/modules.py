@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cbam import CBAM
-from .group_modules import (GConv2D, GroupResBlock, add_to_objects, downsample_objects,
+from .group_modules import (GConv2D, GroupResBlock, add_to_objects, cat_channels, downsample_objects,
                             per_object, prepend_to_objects, upsample_objects)
+from .resample import upsample_bilinear
 from .resnet import BasicBlock, Bottleneck, make_stage
 
 
@@ -57,7 +58,7 @@ class HiddenUpdater(nn.Module):
         g16, g8, g4 = g
         fused = (self.g16_conv(g16) + self.g8_conv(downsample_objects(g8, 1 / 2))
                  + self.g4_conv(downsample_objects(g4, 1 / 4)))
-        gates = self.transform(torch.cat([fused, hidden], dim=2))
+        gates = self.transform(cat_channels([fused, hidden]))
         return gated_hidden_update(gates, hidden, self.hidden_dim)
 
 
@@ -70,7 +71,7 @@ class HiddenReinforcer(nn.Module):
         self.transform = GConv2D(g_dim + hidden_dim, hidden_dim * 3, kernel_size=3, padding=1)
 
     def forward(self, g: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        gates = self.transform(torch.cat([g, hidden], dim=2))
+        gates = self.transform(cat_channels([g, hidden]))
         return gated_hidden_update(gates, hidden, self.hidden_dim)
 
 
@@ -167,17 +168,17 @@ class Decoder(nn.Module):
                 h_out: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
         batch, objects = memory_readout.shape[:2]
         if self.hidden_update is not None:
-            memory_readout = torch.cat([memory_readout, hidden_state], dim=2)
+            memory_readout = cat_channels([memory_readout, hidden_state])
         g16 = self.fuser(f16, memory_readout)
         g8 = self.up_16_8(f8, g16)
         g4 = self.up_8_4(f4, g8)
         logits = self.pred(F.relu(g4.flatten(0, 1)))
 
         if h_out and self.hidden_update is not None:
-            g4 = torch.cat([g4, logits.view(batch, objects, 1, *logits.shape[-2:])], dim=2)
+            g4 = cat_channels([g4, logits.view(batch, objects, 1, *logits.shape[-2:])])
             hidden_state = self.hidden_update([g16, g8, g4], hidden_state)
         else:
             hidden_state = None
 
-        logits = F.interpolate(logits, scale_factor=4, mode="bilinear", align_corners=False)
+        logits = upsample_bilinear(logits, 4)
         return hidden_state, logits.view(batch, objects, *logits.shape[-2:])

@@ -1,0 +1,120 @@
+"""The fast path's rewrites of XMem keep its maths (checked in float64 on the CPU; the GPU runs are in
+test_xmem_autocast.py): folded batch norms, fused blocks, channels-last layout, matrix upsampling, the
+sparse top-k readout."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from XMem.inference.inference_core import DEFAULT_CONFIG, InferenceCore
+from XMem.model.fusion import fold_batch_norms, inference_copy
+from XMem.model.group_modules import cat_channels, prepend_to_objects
+from XMem.model.memory_util import get_similarity, sparse_readout, sparse_topk_softmax, sparse_usage, topk_softmax
+from XMem.model.network import XMem
+from XMem.model.resample import upsample_bilinear
+
+
+def _generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def net64() -> XMem:
+    """An fp64 XMem whose batch norms have non-trivial statistics (fresh ones are the identity)."""
+    torch.manual_seed(0)
+    net = XMem(dict(DEFAULT_CONFIG)).double().eval()
+    g = _generator(1)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                channels = module.num_features
+                module.running_mean.copy_(torch.randn(channels, generator=g, dtype=torch.float64) * 0.1)
+                module.running_var.copy_(torch.rand(channels, generator=g, dtype=torch.float64) + 0.5)
+                module.weight.copy_(torch.rand(channels, generator=g, dtype=torch.float64) + 0.5)
+                module.bias.copy_(torch.randn(channels, generator=g, dtype=torch.float64) * 0.1)
+    return net
+
+
+def _track(network: XMem, steps: int = 12) -> list[torch.Tensor]:
+    g = _generator(2)
+    image = torch.randn(3, 64, 100, generator=g, dtype=torch.float64)
+    mask = torch.zeros(2, 64, 100, dtype=torch.float64)
+    mask[0, 10:30, 10:40] = 1
+    mask[1, 30:60, 50:90] = 1
+    core = InferenceCore(network, dict(DEFAULT_CONFIG, mem_every=3))
+    core.set_all_labels([1, 2])
+    with torch.no_grad():
+        probs = [core.step(image, mask)]
+        probs += [core.step(image + 0.05 * t) for t in range(1, steps)]
+    return probs
+
+
+def test_folding_batch_norms_keeps_every_feature(net64):
+    folded = inference_copy(net64)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(1, 3, 64, 96, generator=_generator(3), dtype=torch.float64)
+    with torch.no_grad():
+        for want, got in zip(net64.encode_key(x), folded.encode_key(x)):
+            torch.testing.assert_close(got.contiguous(), want, rtol=1e-10, atol=1e-10)
+
+
+def test_the_inference_copy_tracks_like_the_network_and_leaves_it_alone(net64):
+    before = {name: tensor.clone() for name, tensor in net64.state_dict().items()}
+    fast = inference_copy(net64)
+    assert fast.key_encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert type(fast.key_encoder.res2[0]).__name__ == "_FusedBottleneck"
+    for want, got in zip(_track(net64), _track(fast)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    after = net64.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert net64.key_encoder.conv1.weight.is_contiguous()  # the original keeps its layout
+
+
+def test_folding_needs_evaluation_mode():
+    with pytest.raises(ValueError, match="evaluation mode"):
+        fold_batch_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train())
+    assert fold_batch_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()) == 1
+
+
+@pytest.mark.parametrize("shape, scale", [((2, 5, 7, 9), 2), ((1, 1, 30, 54), 4), ((3, 16, 15, 27), 2),
+                                          ((1, 8, 5, 3), 4)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_matrix_upsampling_is_bilinear_interpolation(shape, scale, channels_last):
+    x = torch.randn(shape, generator=_generator(4), dtype=torch.float64)
+    want = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    got = upsample_bilinear(x, scale)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    assert got.is_contiguous(memory_format=layout)
+
+
+def test_channel_concatenation_matches_torch_cat_and_keeps_channels_last():
+    g = _generator(5)
+    x, objects = torch.randn(2, 4, 5, 6, generator=g), torch.randn(2, 3, 7, 5, 6, generator=g)
+    want = torch.cat([x.unsqueeze(1).expand(-1, 3, -1, -1, -1), objects], 2)
+    assert torch.equal(prepend_to_objects(x, objects), want)
+    nhwc = objects.flatten(0, 1).to(memory_format=torch.channels_last).view(2, 3, 7, 5, 6)
+    got = cat_channels([x.to(memory_format=torch.channels_last).unsqueeze(1), nhwc])
+    assert torch.equal(got, want)
+    assert got.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
+    assert cat_channels([objects, objects.double()]).dtype == torch.float64  # promoted, as torch.cat does
+
+
+def test_sparse_top_k_readout_and_usage_equal_the_dense_affinitys():
+    g = _generator(6)
+    mk, qk = torch.randn(1, 8, 500, generator=g, dtype=torch.float64), torch.randn(1, 8, 60, generator=g,
+                                                                                    dtype=torch.float64)
+    ms, qe = 1 + torch.rand(1, 1, 500, generator=g, dtype=torch.float64), torch.rand(1, 8, 60, generator=g,
+                                                                                    dtype=torch.float64)
+    values = torch.randn(3, 16, 500, generator=g, dtype=torch.float64)
+    similarity = get_similarity(mk, ms, qk, qe)
+    torch.testing.assert_close(get_similarity(mk, ms, qk, qe, query_major=True), similarity.transpose(1, 2))
+    affinity = topk_softmax(similarity, top_k=30)
+    weights, indices = sparse_topk_softmax(similarity.transpose(1, 2), 30)
+    assert weights.shape == indices.shape == (1, 60, 30)
+    torch.testing.assert_close(sparse_readout(weights, indices, values), values @ affinity)
+    torch.testing.assert_close(sparse_usage(weights, indices, 500), affinity.sum(2))
