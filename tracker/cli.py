@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     track.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                        help="XMem precision on CUDA (auto: the fastest that matches fp32)")
     track.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                       help="run the plain XMem network eagerly instead of its fast copy (folded, fused, channels-last) replaying CUDA graphs")
+                       help="run the plain XMem network eagerly instead of its fast copy "
+                            "(folded, fused, channels-last) replaying CUDA graphs")
     defaults = MemoryOptions()
     for name in ("mem_every", "top_k", "min_mid_term_frames", "max_mid_term_frames", "num_prototypes",
                  "max_long_term_elements", "deep_update_every", "min_memory_area"):

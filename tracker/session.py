@@ -145,9 +145,9 @@ class Tracker:
             return self.sam
         with self._sam_loading:
             if name not in self._sam_backends:
-                if name not in self.sam_choices():
-                    raise TrackerError(f"SAM backend {name!r} cannot run here; choose one of: "
-                                       f"{', '.join(self.sam_choices())}")
+                choices = self.sam_choices()
+                if name not in choices:
+                    raise TrackerError(f"SAM backend {name!r} cannot run here; choose one of: {', '.join(choices)}")
                 self._sam_backends[name] = load_sam(self._sam_path, str(self.device), name,
                                                     precision=self._sam_precision)
             return self._sam_backends[name]
