@@ -9,6 +9,7 @@ results agree with swscale's fixed-point conversions within a few grey levels.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -72,6 +73,16 @@ def yuv420_to_rgb(picture: YuvPicture) -> torch.Tensor:
     return torch.rot90(rgb, k=-turns, dims=(0, 1)).contiguous() if turns else rgb
 
 
+@lru_cache(maxsize=8)
+def _encoding_constants(device: torch.device, matrix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Luma weights, the chroma row filter and the chroma scales, made on the device once: a tensor made
+    from Python numbers on a GPU is a copy that waits for all queued work, which stalled every frame."""
+    kr, kb = MATRICES[matrix]
+    return (torch.tensor([[kr, 1.0 - kr - kb, kb]], device=device),
+            torch.tensor([1.0, 3.0, 3.0, 1.0], device=device).view(1, 1, 4, 1) / 8,
+            torch.tensor([[2 * (1 - kb)], [2 * (1 - kr)]], device=device))
+
+
 def rgb_to_yuv420(image: torch.Tensor, matrix: str = "bt709", full_range: bool = False) -> YuvPicture:
     """HxWx3 uint8 RGB -> a YuvPicture on the same device, odd sides padded with a copy of the last row/column.
 
@@ -84,14 +95,12 @@ def rgb_to_yuv420(image: torch.Tensor, matrix: str = "bt709", full_range: bool =
     if height % 2 or width % 2:
         rgb = F.pad(rgb, (0, width % 2, 0, height % 2), mode="replicate")
     coded_h, coded_w = rgb.shape[-2:]
-    kr, kb = MATRICES[matrix]
-    weights = torch.tensor([[kr, 1.0 - kr - kb, kb]], device=rgb.device)
+    weights, rows, chroma_scale = _encoding_constants(rgb.device, matrix)
     luma = torch.einsum("kc,bchw->bkhw", weights, rgb)
     pairs = F.avg_pool2d(torch.cat([rgb[:, 2:3] - luma, rgb[:, 0:1] - luma], 1), (1, 2))
-    rows = torch.tensor([1.0, 3.0, 3.0, 1.0], device=rgb.device).view(1, 1, 4, 1) / 8
     chroma = F.conv2d(F.pad(pairs, (0, 0, 1, 1), mode="replicate").view(2, 1, coded_h + 2, coded_w // 2),
                       rows, stride=(2, 1))
-    chroma = chroma.view(2, -1) / torch.tensor([[2 * (1 - kb)], [2 * (1 - kr)]], device=rgb.device)
+    chroma = chroma.view(2, -1) / chroma_scale
     offset, luma_span, chroma_span = _scales(full_range)
 
     def code(values: torch.Tensor, span: float, base: float) -> torch.Tensor:

@@ -29,6 +29,7 @@ from XMem.model.fusion import inference_copy
 
 from .colour import rgb_to_yuv420, yuv420_to_rgb
 from .errors import Cancelled, TrackerError
+from .transfer import Download, upload
 from .video import DEFAULT_PRESET, Frame, VideoInfo, iter_frames
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -176,17 +177,8 @@ class FramePrep:
     def upload(self, frame: Frame) -> torch.Tensor:
         """The frame as HxWx3 uint8 RGB on the device."""
         if frame.yuv is not None:
-            return yuv420_to_rgb(replace(frame.yuv, planes=self._to_device(frame.yuv.planes)))
-        return self._to_device(frame.image)
-
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        if self.device.type != "cuda":
-            return torch.from_numpy(np.ascontiguousarray(array))
-        # Staged through pinned memory by numpy, not by torch: torch's CPU copy wakes its OpenMP pool, whose
-        # spinning threads took the cores from libx264 and the decoder (the 720p codec ceiling went 87 -> 297 FPS).
-        host = torch.empty(array.shape, dtype=torch.from_numpy(array).dtype, pin_memory=True)
-        np.copyto(host.numpy(), array)
-        return host.to(self.device, non_blocking=True)
+            return yuv420_to_rgb(replace(frame.yuv, planes=upload(frame.yuv.planes, self.device)))
+        return upload(frame.image, self.device)
 
     def resize(self, image: torch.Tensor) -> torch.Tensor:
         """HxWx3 uint8 -> hxwx3 uint8 at the working size."""
@@ -426,31 +418,6 @@ def _track_backward(network: torch.nn.Module, config: dict, info: VideoInfo, pre
             labels[index] = labels_at(prob, (info.height, info.width), lookup).cpu().numpy()
             tick()
     return labels
-
-
-class Download:
-    """A tensor on its way to host memory: the copy is queued now, `result()` (in a writer thread) waits for it.
-
-    On CUDA the copy goes into pinned memory behind the work already queued,
-    so the tracking loop never waits for the GPU; `finish` turns the host array
-    into what the writer takes.
-    """
-
-    def __init__(self, tensor: torch.Tensor, finish: Callable[[np.ndarray], object] = lambda array: array):
-        self._finish = finish
-        self._event = None
-        if tensor.device.type == "cuda":
-            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-            self._host.copy_(tensor, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
-        else:
-            self._host = tensor
-
-    def result(self):
-        if self._event is not None:
-            self._event.synchronize()
-        return self._finish(self._host.numpy())
 
 
 def encoder_picture(rendered: torch.Tensor) -> Download:

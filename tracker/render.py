@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from .errors import TrackerError
+from .transfer import upload
 from .video import AtomicWriter, temporary_path_beside
 
 
@@ -128,14 +129,15 @@ def cutout(image: torch.Tensor, labels: torch.Tensor, object_ids: Iterable[int],
     Pixels outside the objects are black with alpha 0 ("transparent") or
     CHROMA_GREEN ("green").
     """
-    wanted = torch.tensor(sorted(set(object_ids)), device=labels.device, dtype=labels.dtype)
-    keep = torch.isin(labels, wanted).unsqueeze(-1)
+    if background not in ("transparent", "green"):
+        raise ValueError(f"background must be 'transparent' or 'green', got {background!r}")
+    chosen = np.zeros(256, dtype=bool)
+    chosen[sorted(set(object_ids))] = True
+    keep = upload(chosen, labels.device)[labels.long()].unsqueeze(-1)
     if background == "transparent":
         opacity = keep.to(torch.uint8) * 255
         return torch.cat([image * keep, opacity], dim=-1)
-    if background == "green":
-        return torch.where(keep, image, torch.tensor(CHROMA_GREEN, dtype=torch.uint8, device=image.device))
-    raise ValueError(f"background must be 'transparent' or 'green', got {background!r}")
+    return torch.where(keep, image, upload(np.array(CHROMA_GREEN, dtype=np.uint8), image.device))
 
 
 def mask_name(index: int) -> str:

@@ -31,7 +31,9 @@ from XMem.inference.graphed_network import CapturedCall
 
 from tracker.errors import PromptError, TrackerError
 from tracker.sam_attention import use_fused_attention
+from tracker.sam_encoder import half_precision_encoder, kernel_available
 from tracker.segment_anything_compat import Sam
+from tracker.transfer import Download, upload
 from tracker.weights import build_model, load_checkpoint, verify_layout
 
 log = logging.getLogger(__name__)
@@ -140,13 +142,16 @@ def encoder_dtype(precision: str, device: torch.device) -> torch.dtype:
 class TorchSam(SamBackend):
     """SAM in PyTorch: the reference, on CPU or CUDA.
 
-    `dtype` other than float32 runs the image encoder under autocast (default:
-    fp16 on CUDA, fp32 on the CPU); the decoder stays in float32. `resize`
-    defaults to the reference PIL resize on the CPU and to the on-device resize
-    elsewhere. `fused_attention` switches the model's encoder attention to the
-    fused kernel of `tracker.sam_attention` (same maths; faster, far less
-    memory). On CUDA, with `cuda_graphs`, the encoder and the mask decoder
-    replay CUDA graphs (one per prompt shape): a few launches instead of hundreds.
+    `dtype` other than float32 runs the image encoder in half precision
+    (default: fp16 on CUDA, fp32 on the CPU): on CUDA with Triton a copy of it
+    in that type with its attention as one kernel (`tracker.sam_encoder`),
+    else under autocast; the decoder stays in float32. `resize` defaults to
+    the reference PIL resize on the CPU and to the on-device resize elsewhere.
+    `fused_attention` switches the model's encoder attention to the fused
+    kernel of `tracker.sam_attention` (same maths; faster, far less memory).
+    On CUDA, with `cuda_graphs`, the encoder and the prompt-to-mask step
+    (prompt embedding, mask decoder, upscaling) replay CUDA graphs, one per
+    prompt shape and frame size: a few launches instead of hundreds.
     """
 
     name = "torch"
@@ -161,6 +166,9 @@ class TorchSam(SamBackend):
         self.resize = resize or ("pil" if self.device.type == "cpu" else "torch")
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[tuple, CapturedCall | None] = {}
+        self._half_encoder = None
+        if self.device.type == "cuda" and self.dtype != torch.float32 and kernel_available():
+            self._half_encoder = half_precision_encoder(self.model.image_encoder, self.dtype)
 
     def _embed(self, image: np.ndarray) -> ImageEmbedding:
         with torch.inference_mode():
@@ -173,6 +181,8 @@ class TorchSam(SamBackend):
 
     def _encode(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         def encoder(batch: torch.Tensor) -> torch.Tensor:
+            if dtype != torch.float32 and self._half_encoder is not None:
+                return self._half_encoder(batch.to(dtype))
             # No cast cache: a graph captured inside must not point at cached weight copies freed on exit.
             with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=False):
                 return self.model.image_encoder(batch)
@@ -194,30 +204,53 @@ class TorchSam(SamBackend):
         return fn(*inputs) if captured is None else captured(inputs)
 
     def _decode(self, emb: ImageEmbedding, prompt: Prompt, multimask: bool) -> SamPrediction:
-        device = self.device
         with torch.inference_mode():
-            points = None
-            if len(prompt.points):
-                points = (torch.as_tensor(prompt.points[None], device=device),
-                          torch.as_tensor(prompt.labels[None], dtype=torch.int, device=device))
-            boxes = None if prompt.box is None else torch.as_tensor(prompt.box[None], device=device)
-            masks = None if prompt.mask_input is None else torch.as_tensor(prompt.mask_input[None], device=device)
-            sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=masks)
+            coords, labels = (upload(a, self.device) for a in prompt.point_prompt())
+            inputs = [emb.features.to(self.device), coords, labels]
+            if prompt.mask_input is not None:
+                inputs.append(upload(prompt.mask_input[None], self.device))
 
-            def mask_decoder(features: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor):
-                return self.model.mask_decoder(
+            def prompt_to_masks(features: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
+                                mask_input: torch.Tensor | None = None):
+                sparse = point_embeddings(self.model.prompt_encoder, coords, labels)
+                dense = dense_embeddings(self.model.prompt_encoder, mask_input)
+                low_res, scores = self.model.mask_decoder(
                     image_embeddings=features,
                     image_pe=self.model.prompt_encoder.get_dense_pe(),
                     sparse_prompt_embeddings=sparse,
                     dense_prompt_embeddings=dense,
                     multimask_output=multimask,
                 )
+                masks = upscale_masks(low_res, emb.input_size, emb.original_size) > MASK_THRESHOLD
+                return masks[0], scores[0], low_res[0]
 
-            low_res, scores = self._graphed(("decoder", multimask), mask_decoder,
-                                            [emb.features.to(device), sparse, dense])
-            full = upscale_masks(low_res, emb.input_size, emb.original_size) > MASK_THRESHOLD
-        return SamPrediction(full[0].cpu().numpy(), scores[0].float().cpu().numpy(),
-                             low_res[0].float().cpu().numpy())
+            key = ("decoder", multimask, emb.input_size, emb.original_size)
+            downloads = [Download(t) for t in self._graphed(key, prompt_to_masks, inputs)]
+            return SamPrediction(*(download.result() for download in downloads))
+
+
+def point_embeddings(prompt_encoder: torch.nn.Module, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """SAM's sparse prompt embeddings for `Prompt.point_prompt`'s points (box corners labelled 2 and 3).
+
+    The sums of SAM's PromptEncoder, written with `where` and a table look-up
+    instead of its boolean-mask assignments, whose host synchronisations a CUDA
+    graph cannot hold.
+    """
+    height, width = prompt_encoder.input_image_size
+    shifted = coords + 0.5  # pixel centres, as SAM shifts them
+    normalised = torch.stack([shifted[..., 0] / width, shifted[..., 1] / height], -1)
+    encoding = prompt_encoder.pe_layer._pe_encoding(normalised)
+    table = torch.cat([prompt_encoder.not_a_point_embed.weight]
+                      + [embedding.weight for embedding in prompt_encoder.point_embeddings])
+    labels = labels.long()
+    return torch.where((labels == -1)[..., None], 0.0, encoding) + table[labels + 1]
+
+
+def dense_embeddings(prompt_encoder: torch.nn.Module, mask_input: torch.Tensor | None) -> torch.Tensor:
+    """SAM's dense prompt embedding: of the prior mask logits, or the learned no-mask embedding."""
+    if mask_input is not None:
+        return prompt_encoder._embed_masks(mask_input)
+    return prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, *prompt_encoder.image_embedding_size)
 
 
 def segment(backend: SamBackend, emb: ImageEmbedding, points: ArrayLike | None, labels: ArrayLike | None,
@@ -316,7 +349,7 @@ def resize_image(image: np.ndarray, method: str = "pil", device: str | torch.dev
         resized = np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
         return torch.as_tensor(resized, device=device).permute(2, 0, 1)[None].float()
     if method == "torch":
-        x = torch.as_tensor(image, device=device).permute(2, 0, 1)[None].float()
+        x = upload(image, torch.device(device)).permute(2, 0, 1)[None].float()
         x = F.interpolate(x, (h, w), mode="bilinear", align_corners=False, antialias=True)
         return x.round_().clamp_(0, 255)
     raise ValueError(f"unknown resize method {method!r}; use 'pil' or 'torch'")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .segment_anything_compat import image_encoder
 
 
-def _relative_positions(size: int, table: torch.Tensor) -> torch.Tensor:
+def relative_positions(size: int, table: torch.Tensor) -> torch.Tensor:
     """(size, size, C): the learned embedding of every query-key offset along one axis.
 
     SAM's `get_rel_pos` for equal query and key sizes, with its index built on
@@ -46,8 +46,8 @@ class FusedRelPosAttention(image_encoder.Attention):
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, heads, N, C)
         if self.use_rel_pos:
-            rows = _relative_positions(height, self.rel_pos_h)  # (H, H, C)
-            cols = _relative_positions(width, self.rel_pos_w)  # (W, W, C)
+            rows = relative_positions(height, self.rel_pos_h)  # (H, H, C)
+            cols = relative_positions(width, self.rel_pos_w)  # (W, W, C)
             grid = q.reshape(batch, self.num_heads, height, width, -1)
             rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid, rows).reshape(batch, self.num_heads, tokens, height)
             rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid, cols).reshape(batch, self.num_heads, tokens, width)

@@ -25,10 +25,11 @@ from XMem.model.network import XMem, dims_from_state_dict
 
 from . import weights
 from .errors import TrackerError, VideoError
-from .pipeline import Download, ProgressFn, ThreadedSink, TrackedFrame, TrackOptions, encoder_picture, track_frames
+from .pipeline import ProgressFn, ThreadedSink, TrackedFrame, TrackOptions, encoder_picture, track_frames
 from .prompts import ObjectPrompt, check_prompts
 from .render import MaskZipReader, MaskZipWriter, overlay
 from .sam import ImageEmbedding, SamBackend, load_sam, ready_backends, resolve_device, segment
+from .transfer import Download
 from .video import VideoInfo, VideoWriter, probe, read_frame
 
 
