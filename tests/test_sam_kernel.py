@@ -94,6 +94,19 @@ def check_encoder(device: str, dtype: torch.dtype) -> float:
     return ((got.double().cpu() - want).norm() / want.norm()).item()
 
 
+def test_the_kernel_encoder_is_only_made_where_the_kernel_applies():
+    from tracker.sam_encoder import half_precision_encoder, kernel_runs
+    from tracker.segment_anything_compat import image_encoder
+    assert kernel_runs(small_encoder()) == (importlib.util.find_spec("triton") is not None)
+    shape = dict(img_size=64, patch_size=16, depth=1, out_chans=8, window_size=2)
+    without_positions = image_encoder.ImageEncoderViT(embed_dim=128, num_heads=2, use_rel_pos=False, **shape)
+    head_size_80 = image_encoder.ImageEncoderViT(embed_dim=160, num_heads=2, use_rel_pos=True, **shape)
+    for encoder in (without_positions, head_size_80):
+        assert not kernel_runs(encoder)
+        with pytest.raises(ValueError, match="kernel encoder needs"):
+            half_precision_encoder(encoder, torch.float16)
+
+
 CHECKS = {"attention": check_attention, "encoder": check_encoder}
 # fp16 keeps 11 bits (errors near 1e-3 seen), bf16 8 (near 8e-3)
 TOLERANCE = {torch.float16: 4e-3, torch.bfloat16: 3e-2}

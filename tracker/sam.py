@@ -31,7 +31,7 @@ from XMem.inference.graphed_network import CapturedCall
 
 from tracker.errors import PromptError, TrackerError
 from tracker.sam_attention import use_fused_attention
-from tracker.sam_encoder import half_precision_encoder, kernel_available
+from tracker.sam_encoder import half_precision_encoder, kernel_runs
 from tracker.segment_anything_compat import Sam
 from tracker.transfer import Download, upload
 from tracker.weights import build_model, load_checkpoint, verify_layout
@@ -167,7 +167,7 @@ class TorchSam(SamBackend):
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[tuple, CapturedCall | None] = {}
         self._half_encoder = None
-        if self.device.type == "cuda" and self.dtype != torch.float32 and kernel_available():
+        if self.device.type == "cuda" and self.dtype != torch.float32 and kernel_runs(self.model.image_encoder):
             self._half_encoder = half_precision_encoder(self.model.image_encoder, self.dtype)
 
     def _embed(self, image: np.ndarray) -> ImageEmbedding:

@@ -26,9 +26,13 @@ except ImportError:  # no Triton: half precision runs the autocast route
     rel_pos_attention = None
 
 
-def kernel_available() -> bool:
-    """Whether Triton is there to build the attention kernel."""
-    return rel_pos_attention is not None
+def kernel_runs(encoder: nn.Module) -> bool:
+    """Whether `half_precision_encoder` can make a copy of this encoder: Triton is installed, and every block
+    has relative positions and a head size the kernel takes (SAM ViT-B's 64)."""
+    blocks = getattr(encoder, "blocks", [])
+    return rel_pos_attention is not None and len(blocks) > 0 and all(
+        type(block.attn) in (image_encoder.Attention, FusedRelPosAttention) and block.attn.use_rel_pos
+        and block.attn.qkv.out_features // 3 // block.attn.num_heads in (16, 32, 64, 128) for block in blocks)
 
 
 class PatchEmbedding(nn.Module):
@@ -92,13 +96,14 @@ def _window_terms(q: torch.Tensor, height: int, width: int, window: int, rel_pos
 def half_precision_encoder(encoder: nn.Module, dtype: torch.dtype) -> nn.Module:
     """A copy of SAM's ImageEncoderViT in `dtype` (fp16 or bf16) on its device; `encoder` is untouched.
 
-    Needs Triton (`kernel_available`) and relative positions (as SAM's encoders all use).
+    Only for encoders `kernel_runs` accepts.
     """
+    if not kernel_runs(encoder):
+        raise ValueError("the kernel encoder needs Triton and SAM's attention blocks with relative positions "
+                         "and a head size of 16, 32, 64 or 128")
     fast = copy.deepcopy(encoder).to(dtype).eval()
     fast.patch_embed = PatchEmbedding(fast.patch_embed.proj)
     for block in fast.blocks:
-        if type(block.attn) not in (image_encoder.Attention, FusedRelPosAttention) or not block.attn.use_rel_pos:
-            raise ValueError("the kernel encoder needs SAM's attention blocks with relative positions")
         block.__class__ = GridBlock
         block.attn.__class__ = GridAttention
         block.attn.window = block.window_size
