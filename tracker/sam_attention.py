@@ -33,6 +33,26 @@ def relative_positions(size: int, table: torch.Tensor) -> torch.Tensor:
     return table[coords[:, None] - coords[None, :] + (size - 1)]
 
 
+def relative_terms(q: torch.Tensor, height: int, width: int, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
+                   window: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's row and column bias terms from unscaled (B, heads, N) queries of a height x width grid.
+
+    Against the grid's rows and columns, (B, heads, N, H) and (B, heads, N, W);
+    with `window`, against the rows and columns of the query's own window of
+    the grid cut into window x window windows, (B, heads, N, window) each.
+    """
+    batch, heads, tokens, channels = q.shape
+    rows = relative_positions(window or height, rel_pos_h)  # (query row, key row, C)
+    cols = relative_positions(window or width, rel_pos_w)
+    if window:
+        rows = rows[torch.arange(height, device=q.device) % window]
+        cols = cols[torch.arange(width, device=q.device) % window]
+    grid = q.reshape(batch, heads, height, width, channels)
+    rel_h = torch.einsum("bnyxc,ykc->bnyxk", grid, rows.to(q.dtype))
+    rel_w = torch.einsum("bnyxc,xkc->bnyxk", grid, cols.to(q.dtype))
+    return rel_h.reshape(batch, heads, tokens, -1), rel_w.reshape(batch, heads, tokens, -1)
+
+
 def _padded(x: torch.Tensor, size: int) -> torch.Tensor:
     return x if x.shape[-1] == size else F.pad(x, (0, size - x.shape[-1]))
 
@@ -46,11 +66,7 @@ class FusedRelPosAttention(image_encoder.Attention):
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, heads, N, C)
         if self.use_rel_pos:
-            rows = relative_positions(height, self.rel_pos_h)  # (H, H, C)
-            cols = relative_positions(width, self.rel_pos_w)  # (W, W, C)
-            grid = q.reshape(batch, self.num_heads, height, width, -1)
-            rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid, rows).reshape(batch, self.num_heads, tokens, height)
-            rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid, cols).reshape(batch, self.num_heads, tokens, width)
+            rel_h, rel_w = relative_terms(q, height, width, self.rel_pos_h, self.rel_pos_w)
             index = torch.arange(tokens, device=x.device)
             one_hot_row = F.one_hot(index // width, height).to(k.dtype).expand(batch, self.num_heads, -1, -1)
             one_hot_col = F.one_hot(index % width, width).to(k.dtype).expand(batch, self.num_heads, -1, -1)

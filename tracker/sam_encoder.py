@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sam_attention import FusedRelPosAttention, relative_positions
+from .sam_attention import FusedRelPosAttention, relative_terms
 from .segment_anything_compat import image_encoder
 
 try:
@@ -64,7 +64,7 @@ class GridAttention(image_encoder.Attention):
             raise ValueError(f"global attention here needs a square token grid, not {height}x{width}")
         qkv = self.qkv(x).reshape(batch, height * width, 3, self.num_heads, -1)
         q, k, v = qkv.transpose(1, 3).unbind(2)  # (B, heads, N, C) views of the projection
-        rel_h, rel_w = _window_terms(q, height, width, window, self.rel_pos_h, self.rel_pos_w)
+        rel_h, rel_w = relative_terms(q, height, width, self.rel_pos_h, self.rel_pos_w, self.window)
         if self.qkv.bias is not None:
             _, k_bias, v_bias = self.qkv.bias.view(3, -1)
         else:
@@ -79,18 +79,6 @@ class GridBlock(image_encoder.Block):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
-
-
-def _window_terms(q: torch.Tensor, height: int, width: int, window: int, rel_pos_h: torch.Tensor,
-                  rel_pos_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every query's row and column terms against the rows and columns of its window, (B, heads, N, window) each."""
-    batch, heads, tokens, channels = q.shape
-    grid = q.reshape(batch, heads, height, width, channels)
-    rows = relative_positions(window, rel_pos_h)[torch.arange(height, device=q.device) % window]
-    cols = relative_positions(window, rel_pos_w)[torch.arange(width, device=q.device) % window]
-    rel_h = torch.einsum("bnyxc,ykc->bnyxk", grid, rows.to(q.dtype))
-    rel_w = torch.einsum("bnyxc,xkc->bnyxk", grid, cols.to(q.dtype))
-    return rel_h.reshape(batch, heads, tokens, window), rel_w.reshape(batch, heads, tokens, window)
 
 
 def half_precision_encoder(encoder: nn.Module, dtype: torch.dtype) -> nn.Module:
