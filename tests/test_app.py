@@ -134,6 +134,11 @@ class AppPage:
         self.page.locator("#video-input input[type=file]").set_input_files(str(path))
         return self.wait_status(r"^(Loaded|Error)", unlike=before)
 
+    def clear_video(self) -> None:
+        """Press the video's Clear button and wait for the app to forget the video (the reset is a server event)."""
+        self.page.locator("#video-input button[aria-label='Clear']").click()
+        self.wait_status("^Upload a video to start.$")
+
     def frame_src(self) -> str:
         return self.page.locator("#frame-image img").get_attribute("src")
 
@@ -220,11 +225,11 @@ def test_page_shows_every_control_and_refuses_what_it_cannot_take(app, browser, 
 
     assert re.match(r"Error: the video has 25 frames; this app accepts at most 20 \(--max-frames\)",
                     tab.upload(clips / "long.mp4"))
-    page.locator("#video-input button[aria-label='Clear']").click()
+    tab.clear_video()
     assert tab.upload(clips / "notes.mp4").startswith("Error: upload.mp4 is not a video FFmpeg can read")
     assert "Traceback" not in tab.status()
 
-    page.locator("#video-input button[aria-label='Clear']").click()
+    tab.clear_video()
     page.locator("#video-input input[type=file]").set_input_files(str(clips / "big.mp4"))
     page.locator(".toast-body").filter(has_text="exceed the maximum allowed size of 1.0 Mb").wait_for()
     assert tab.status() == "Upload a video to start."
