@@ -1,6 +1,7 @@
 """Unit tests of XMem's pieces: memory maths, memory stores, padding, and the inference loop."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -155,6 +156,28 @@ def test_memory_manager_consolidates_and_prunes_within_limits():
     assert long_sizes[2] == 0 and long_sizes[3] == config["num_prototypes"]
     assert max(long_sizes) == config["max_long_term_elements"]
     assert memory.long_mem.use_count.dtype == torch.float64
+
+
+def test_memory_reads_between_writes_reuse_what_only_writes_change():
+    """Reads reuse the memory side (operands, values by element) until the next write, which must renew it."""
+    memory = MemoryManager(_tiny_memory_config())
+    g = _generator(8)
+    for frame in range(14):
+        objects = [1] if frame < 5 else [1, 2]  # a late object starts a second group
+        for _ in range(2 if memory.work_mem.engaged else 0):
+            key = torch.randn(1, 4, 2, 3, generator=g, dtype=torch.float64)
+            selection = torch.rand(1, 4, 2, 3, generator=g, dtype=torch.float64)
+            rebuilt = copy.deepcopy(memory)
+            rebuilt._readable = None
+            torch.testing.assert_close(memory.match_memory(key, selection), rebuilt.match_memory(key, selection),
+                                       rtol=0, atol=0)
+            for store in ("work_mem", "long_mem"):
+                torch.testing.assert_close(getattr(memory, store).use_count, getattr(rebuilt, store).use_count)
+        key = torch.randn(1, 4, 2, 3, generator=g, dtype=torch.float64)
+        value = torch.randn(1, len(objects), 5, 2, 3, generator=g, dtype=torch.float64)
+        memory.add_memory(key, 1 + torch.rand(1, 1, 2, 3, generator=g, dtype=torch.float64), value, objects,
+                          selection=torch.rand(1, 4, 2, 3, generator=g, dtype=torch.float64))
+    assert memory.long_mem.num_groups == 2  # the late object's frames were consolidated too
 
 
 def test_memory_manager_without_long_term_keeps_everything():

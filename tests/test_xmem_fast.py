@@ -11,7 +11,7 @@ from torch import nn
 from XMem.inference.inference_core import DEFAULT_CONFIG, InferenceCore
 from XMem.model.fusion import fold_batch_norms, inference_copy
 from XMem.model.group_modules import cat_channels, prepend_to_objects
-from XMem.model.memory_util import get_similarity, sparse_readout, sparse_topk_softmax, sparse_usage, topk_softmax
+from XMem.model.memory_util import element_major, get_similarity, sparse_readout, sparse_topk_softmax, sparse_usage, topk_softmax
 from XMem.model.network import XMem
 from XMem.model.resample import upsample_bilinear
 
@@ -116,5 +116,5 @@ def test_sparse_top_k_readout_and_usage_equal_the_dense_affinitys():
     affinity = topk_softmax(similarity, top_k=30)
     weights, indices = sparse_topk_softmax(similarity.transpose(1, 2), 30)
     assert weights.shape == indices.shape == (1, 60, 30)
-    torch.testing.assert_close(sparse_readout(weights, indices, values), values @ affinity)
+    torch.testing.assert_close(sparse_readout(weights, indices, element_major(values), 3), values @ affinity)
     torch.testing.assert_close(sparse_usage(weights, indices, 500), affinity.sum(2))

@@ -9,10 +9,25 @@ exceed max_long_term_elements, its least-read elements are dropped first.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ..model.memory_util import get_similarity, sparse_readout, sparse_topk_softmax, sparse_usage
+from ..model.memory_util import (element_major, get_similarity, memory_operand, operand_similarity, sparse_readout,
+                                 sparse_topk_softmax, sparse_usage)
 from .kv_memory_store import KeyValueMemoryStore
+
+
+@dataclass
+class _ReadableMemory:
+    """What reading memory needs that only a write changes (the similarity's memory operand, values by element)."""
+
+    operand: torch.Tensor  # (1, N, D) for N keys, long-term first
+    with_selection: bool
+    long_size: int
+    # Per object group: its first key (it has values from there on), its values by element
+    # (N_g, objects * C_v), and its number of objects.
+    groups: list[tuple[int, torch.Tensor, int]]
 
 
 class MemoryManager:
@@ -32,6 +47,7 @@ class MemoryManager:
             self.long_mem = KeyValueMemoryStore(count_usage=config["enable_long_term_count_usage"])
         # Sensory memory, (1, objects, hidden_dim, H/16, W/16).
         self.hidden: torch.Tensor | None = None
+        self._readable: _ReadableMemory | None = None
 
     def match_memory(self, query_key: torch.Tensor, selection: torch.Tensor | None) -> torch.Tensor:
         """Read every object's memory at each query pixel: (objects, C_v, H, W).
@@ -42,37 +58,51 @@ class MemoryManager:
         covers every key, so its weights are what the usage counters record.
         """
         height, width = query_key.shape[-2:]
+        readable = self._readable
+        if readable is None or readable.with_selection != (selection is not None):
+            readable = self._readable = self._make_readable(with_selection=selection is not None)
+        similarity = operand_similarity(readable.operand, query_key, selection, query_major=True)
+
+        readouts = []
+        for group, (first_column, per_element, objects) in enumerate(readable.groups):
+            group_similarity = similarity[..., first_column:]
+            weights, indices = sparse_topk_softmax(group_similarity, self.top_k)
+            if group == 0 and self.enable_long_term:
+                usage = sparse_usage(weights, indices, group_similarity.shape[-1])
+                self.work_mem.update_usage(usage[:, readable.long_size:])
+                if readable.long_size:
+                    self.long_mem.update_usage(usage[:, :readable.long_size])
+            readouts.append(sparse_readout(weights, indices, per_element, objects))
+        return torch.cat(readouts, 0).view(-1, readouts[0].shape[1], height, width)
+
+    def _make_readable(self, with_selection: bool) -> _ReadableMemory:
+        """The memory side of reading, built once per memory change: all frames in between share it.
+
+        Keys are long-term then working memory; each group reads the suffix of
+        keys it has values for.
+        """
         work, long = self.work_mem, self.long_mem
         if long is not None and not long.engaged:
             long = None
-        long_size = 0 if long is None else long.size
-
         if long is None:
-            similarity = get_similarity(work.key, work.shrinkage, query_key, selection, query_major=True)
+            key, shrinkage, long_size = work.key, work.shrinkage, 0
         else:
-            similarity = get_similarity(torch.cat([long.key, work.key], -1),
-                                        torch.cat([long.shrinkage, work.shrinkage], -1), query_key, selection,
-                                        query_major=True)
-
-        readouts = []
+            key, shrinkage = torch.cat([long.key, work.key], -1), torch.cat([long.shrinkage, work.shrinkage], -1)
+            long_size = long.size
+        groups = []
         for group in range(work.num_groups):
-            columns = similarity[..., -work.value_size(group):]
+            first_column = long_size + work.size - work.value_size(group)
             values = work.values[group]
             if long is not None and group < long.num_groups:
-                first_long = long_size - long.value_size(group)
-                if work.value_size(group) == work.size:  # long and working columns are contiguous
-                    columns = similarity[..., first_long:]
-                else:
-                    columns = torch.cat([similarity[..., first_long:long_size], columns], -1)
+                # Consolidation leaves every group it drew prototypes from as long as working memory,
+                # so the group's keys are its own prototypes (the newest ones) through to the end.
+                if work.value_size(group) != work.size:
+                    raise RuntimeError(f"object group {group} has long-term memory but only "
+                                       f"{work.value_size(group)} of {work.size} working elements")
+                first_column = long_size - long.value_size(group)
                 values = torch.cat([long.values[group], values], -1)
-            weights, indices = sparse_topk_softmax(columns, self.top_k)
-            if group == 0 and self.enable_long_term:
-                usage = sparse_usage(weights, indices, columns.shape[-1])
-                work.update_usage(usage[:, long_size:])
-                if long is not None:
-                    long.update_usage(usage[:, :long_size])
-            readouts.append(sparse_readout(weights, indices, values))
-        return torch.cat(readouts, 0).view(-1, readouts[0].shape[1], height, width)
+            groups.append((first_column, element_major(values), values.shape[0]))
+        return _ReadableMemory(memory_operand(key, shrinkage, with_selection), with_selection, long_size, groups)
 
     def add_memory(self, key: torch.Tensor, shrinkage: torch.Tensor, value: torch.Tensor,
                    objects: list[int], selection: torch.Tensor | None = None) -> None:
@@ -81,6 +111,7 @@ class MemoryManager:
         In long-term mode a full working memory is then consolidated, after
         pruning long-term memory if the new prototypes would not fit.
         """
+        self._readable = None
         frame_elements = key.shape[-2] * key.shape[-1]
         self.work_mem.add_frame(key.flatten(start_dim=2), shrinkage.flatten(start_dim=2),
                                 None if selection is None else selection.flatten(start_dim=2),

@@ -20,49 +20,63 @@ def get_similarity(memory_key: torch.Tensor, memory_shrinkage: torch.Tensor | No
     The query selection weights each key channel (XMem's anisotropic L2); the
     memory shrinkage sharpens or flattens each memory element's affinity. The
     squared distance is expanded so that the whole similarity, shrinkage and
-    scale included, is one matrix product (see `_similarity_operands`):
-    nothing of size N x P x C_k is built, and the N x P result is written once.
+    scale included, is one matrix product of a memory operand and a query
+    operand: nothing of size N x P x C_k is built, and the N x P result is
+    written once.
+    """
+    memory_side = memory_operand(memory_key, memory_shrinkage, with_selection=query_selection is not None)
+    return operand_similarity(memory_side, query_key, query_selection, query_major)
+
+
+def operand_similarity(memory_side: torch.Tensor, query_key: torch.Tensor, query_selection: torch.Tensor | None,
+                       query_major: bool = False) -> torch.Tensor:
+    """`get_similarity` from a ready memory operand, which stays the same until memory changes.
+
     Under mixed precision it still runs in fp32: the expansion subtracts
     large, nearly equal terms, which half precision cannot.
     """
-    with torch.autocast(memory_key.device.type, enabled=False):
-        memory_side, query_side = _similarity_operands(
-            *(None if t is None else _at_least_fp32(t)
-              for t in (memory_key, memory_shrinkage, query_key, query_selection)))
-    if query_major:
-        return query_side.transpose(1, 2) @ memory_side.transpose(1, 2)
-    return memory_side @ query_side
+    with torch.autocast(query_key.device.type, enabled=False):
+        query_side = query_operand(_at_least_fp32(query_key),
+                                   None if query_selection is None else _at_least_fp32(query_selection))
+        if query_major:
+            return query_side.transpose(1, 2) @ memory_side.transpose(1, 2)
+        return memory_side @ query_side
 
 
 def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
-def _similarity_operands(memory_key: torch.Tensor, memory_shrinkage: torch.Tensor | None,
-                         query_key: torch.Tensor, query_selection: torch.Tensor | None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, N, D) and (B, D, P) whose product is the similarity.
+def memory_operand(memory_key: torch.Tensor, memory_shrinkage: torch.Tensor | None,
+                   with_selection: bool) -> torch.Tensor:
+    """The memory side (B, N, D) of the similarity product, in at least fp32.
 
     With selection e, per channel c: -(m_c - q_c)^2 e_c = -m_c^2 e_c + 2 m_c q_c e_c - q_c^2 e_c,
-    so memory rows [m^2, m, 1] meet query columns [-e, 2 q e, -sum(q^2 e)].
+    so memory rows [m^2, m, 1] meet query columns [-e, 2 q e, -sum(q^2 e)] (`query_operand`).
     Without selection the query's own norm is dropped (as in XMem): it is
-    constant over memory elements. Each memory row is then scaled by its
-    shrinkage / sqrt(C_k).
+    constant over memory elements, so rows [m, sum(m^2)] meet [2 q, -1].
+    Each memory row is then scaled by its shrinkage / sqrt(C_k).
     """
-    key_dim = memory_key.shape[1]
-    mk = memory_key.flatten(start_dim=2)
+    with torch.autocast(memory_key.device.type, enabled=False):
+        key_dim = memory_key.shape[1]
+        mk = _at_least_fp32(memory_key).flatten(start_dim=2)
+        if with_selection:
+            memory_side = torch.cat([mk.pow(2), mk, torch.ones_like(mk[:, :1])], dim=1)
+        else:
+            memory_side = torch.cat([mk, mk.pow(2).sum(1, keepdim=True)], dim=1)
+        scale = 1 / math.sqrt(key_dim)
+        if memory_shrinkage is not None:
+            scale = _at_least_fp32(memory_shrinkage).flatten(start_dim=2) * scale
+        return (memory_side * scale).transpose(1, 2)
+
+
+def query_operand(query_key: torch.Tensor, query_selection: torch.Tensor | None) -> torch.Tensor:
+    """The query side (B, D, P) of the similarity product (see `memory_operand`)."""
     qk = query_key.flatten(start_dim=2)
-    if query_selection is not None:
-        qe = query_selection.flatten(start_dim=2)
-        memory_side = torch.cat([mk.pow(2), mk, torch.ones_like(mk[:, :1])], dim=1)
-        query_side = torch.cat([-qe, 2 * qk * qe, -(qe * qk.pow(2)).sum(1, keepdim=True)], dim=1)
-    else:
-        memory_side = torch.cat([mk, mk.pow(2).sum(1, keepdim=True)], dim=1)
-        query_side = torch.cat([2 * qk, -torch.ones_like(qk[:, :1])], dim=1)
-    scale = 1 / math.sqrt(key_dim)
-    if memory_shrinkage is not None:
-        scale = memory_shrinkage.flatten(start_dim=2) * scale
-    return (memory_side * scale).transpose(1, 2), query_side
+    if query_selection is None:
+        return torch.cat([2 * qk, -torch.ones_like(qk[:, :1])], dim=1)
+    qe = query_selection.flatten(start_dim=2)
+    return torch.cat([-qe, 2 * qk * qe, -(qe * qk.pow(2)).sum(1, keepdim=True)], dim=1)
 
 
 def topk_softmax(similarity: torch.Tensor, top_k: int | None = None) -> torch.Tensor:
@@ -88,19 +102,24 @@ def sparse_topk_softmax(similarity: torch.Tensor, top_k: int) -> tuple[torch.Ten
     return torch.softmax(values, dim=-1), indices
 
 
-def sparse_readout(weights: torch.Tensor, indices: torch.Tensor, memory_value: torch.Tensor) -> torch.Tensor:
-    """Weighted sum of each pixel's chosen memory values: (O, C_v, N) values, (1, P, k) matches -> (O, C_v, P).
+def element_major(memory_value: torch.Tensor) -> torch.Tensor:
+    """Values (O, C_v, N) as one row per memory element, (N, O * C_v): the layout `sparse_readout` gathers from."""
+    return memory_value.flatten(0, 1).T.contiguous()
 
-    Equals `memory_value @ affinity` for the dense affinity those matches
-    describe, with k rather than N terms per output, as one fused gather-sum
-    (`embedding_bag`). The result is a channels-last view (C_v has stride 1).
+
+def sparse_readout(weights: torch.Tensor, indices: torch.Tensor, per_element: torch.Tensor,
+                   objects: int) -> torch.Tensor:
+    """Weighted sum of each pixel's chosen memory values: (1, P, k) matches -> (O, C_v, P).
+
+    `per_element` is `element_major(values)` for values (O, C_v, N). Equals
+    `values @ affinity` for the dense affinity the matches describe, with k
+    rather than N terms per output, as one fused gather-sum (`embedding_bag`).
+    The result is a channels-last view (C_v has stride 1).
     """
-    objects, value_dim = memory_value.shape[:2]
     pixels, k = indices.shape[-2:]
-    per_element = memory_value.flatten(0, 1).T.contiguous()  # (N, O * C_v): one row per memory element
     summed = F.embedding_bag(indices.reshape(pixels, k), per_element, mode="sum",
                              per_sample_weights=weights.reshape(pixels, k).to(per_element.dtype))
-    return summed.view(pixels, objects, value_dim).permute(1, 2, 0)
+    return summed.view(pixels, objects, -1).permute(1, 2, 0)
 
 
 def sparse_usage(weights: torch.Tensor, indices: torch.Tensor, num_elements: int) -> torch.Tensor:
