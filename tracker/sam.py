@@ -32,7 +32,7 @@ from XMem.inference.graphed_network import CapturedCall
 from tracker.errors import PromptError, TrackerError
 from tracker.sam_attention import use_fused_attention
 from tracker.sam_encoder import half_precision_encoder, kernel_runs
-from tracker.segment_anything_compat import Sam
+from tracker.segment_anything_compat import Sam, SamOnnxModel
 from tracker.transfer import Download, upload
 from tracker.weights import build_model, load_checkpoint, verify_layout
 
@@ -166,6 +166,7 @@ class TorchSam(SamBackend):
         self.resize = resize or ("pil" if self.device.type == "cpu" else "torch")
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[tuple, CapturedCall | None] = {}
+        self._onnx_prompts = SamOnnxModel(self.model, return_single_mask=False)
         self._half_encoder = None
         if self.device.type == "cuda" and self.dtype != torch.float32 and kernel_runs(self.model.image_encoder):
             self._half_encoder = half_precision_encoder(self.model.image_encoder, self.dtype)
@@ -212,7 +213,9 @@ class TorchSam(SamBackend):
 
             def prompt_to_masks(features: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor,
                                 mask_input: torch.Tensor | None = None):
-                sparse = point_embeddings(self.model.prompt_encoder, coords, labels)
+                # SAM's sums without its boolean-mask assignments, whose host synchronisations a CUDA
+                # graph cannot hold: the ONNX wrapper's form (the ONNX decoder's prompt embedding too).
+                sparse = self._onnx_prompts._embed_points(coords, labels)
                 dense = dense_embeddings(self.model.prompt_encoder, mask_input)
                 low_res, scores = self.model.mask_decoder(
                     image_embeddings=features,
@@ -227,23 +230,6 @@ class TorchSam(SamBackend):
             key = ("decoder", multimask, emb.input_size, emb.original_size)
             downloads = [Download(t) for t in self._graphed(key, prompt_to_masks, inputs)]
             return SamPrediction(*(download.result() for download in downloads))
-
-
-def point_embeddings(prompt_encoder: torch.nn.Module, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """SAM's sparse prompt embeddings for `Prompt.point_prompt`'s points (box corners labelled 2 and 3).
-
-    The sums of SAM's PromptEncoder, written with `where` and a table look-up
-    instead of its boolean-mask assignments, whose host synchronisations a CUDA
-    graph cannot hold.
-    """
-    height, width = prompt_encoder.input_image_size
-    shifted = coords + 0.5  # pixel centres, as SAM shifts them
-    normalised = torch.stack([shifted[..., 0] / width, shifted[..., 1] / height], -1)
-    encoding = prompt_encoder.pe_layer._pe_encoding(normalised)
-    table = torch.cat([prompt_encoder.not_a_point_embed.weight]
-                      + [embedding.weight for embedding in prompt_encoder.point_embeddings])
-    labels = labels.long()
-    return torch.where((labels == -1)[..., None], 0.0, encoding) + table[labels + 1]
 
 
 def dense_embeddings(prompt_encoder: torch.nn.Module, mask_input: torch.Tensor | None) -> torch.Tensor:
