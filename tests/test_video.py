@@ -251,6 +251,24 @@ def test_truncated_file_decodes_what_is_there(clip, tmp_path):
         read_frame(damaged, FRAMES - 1)
 
 
+def test_tags_that_are_not_utf8_do_not_stop_the_video(clip, tmp_path):
+    """Cameras and old muxers write tags in other encodings; the picture must still open and decode."""
+    tagged = tmp_path / "tagged.mkv"
+    with av.open(str(clip)) as source, av.open(str(tagged), "w") as target:
+        target.metadata["title"] = "TITLEMARK"
+        stream = target.add_stream_from_template(source.streams.video[0])
+        for packet in source.demux(source.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                target.mux(packet)
+    data = tagged.read_bytes()
+    assert data.count(b"TITLEMARK") == 1
+    tagged.write_bytes(data.replace(b"TITLEMARK", b"TI\xff\xfe\xc3MARK"))
+    info = probe(tagged)
+    assert (info.width, info.height, info.frame_count) == (WIDTH, HEIGHT, FRAMES)
+    assert len(list(iter_frames(tagged))) == FRAMES
+
+
 def test_yuv_frames_carry_planes_that_convert_to_the_rgb_frames(clip, media_dir):
     """The planes path (used on a GPU) gives the swscale RGB within rounding, rotation included."""
     from tracker.colour import yuv420_to_rgb

@@ -30,6 +30,10 @@ UNSPECIFIED_COLORSPACE = 2  # AVCOL_SPC_UNSPECIFIED
 # (veryfast is ~20% slower, ultrafast drops CABAC and deblocking) at crf 18.
 DEFAULT_PRESET = "superfast"
 
+# Damaged tags must not stop the video. PyAV 19 decodes tags leniently by itself and
+# no longer takes the option that PyAV 18 needs for that.
+_LENIENT_TAGS = {"metadata_errors": "replace"} if int(av.__version__.split(".")[0]) < 19 else {}
+
 
 @dataclass(frozen=True)
 class VideoInfo:
@@ -154,7 +158,7 @@ def _open(path: Path) -> av.container.InputContainer:
     if path.stat().st_size == 0:
         raise VideoError(f"{path.name} is empty (0 bytes); upload or copy the video again")
     try:
-        return av.open(str(path), "r", metadata_errors="replace")  # damaged tags must not stop the video
+        return av.open(str(path), "r", **_LENIENT_TAGS)
     except (av.FFmpegError, OSError) as exc:
         raise VideoError(f"{path.name} is not a video FFmpeg can read, or it is damaged; "
                          "use a common format such as MP4, MOV, MKV or WebM") from exc
