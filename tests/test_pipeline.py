@@ -163,7 +163,7 @@ def test_cuda_download_arrives_whole_after_later_work():
 
 def test_the_gpu_colour_path_tracks_like_the_cpu_path(cpu_tracker, tmp_path, monkeypatch):
     """Planes decoded, converted and re-encoded by torch code (what runs on a GPU), here on the CPU."""
-    import tracker.pipeline as pipeline
+    import tracker.colour as colour
     from media import make_clip
     from tracker.prompts import ObjectPrompt
     from tracker.render import MaskZipReader
@@ -173,7 +173,7 @@ def test_the_gpu_colour_path_tracks_like_the_cpu_path(cpu_tracker, tmp_path, mon
     prompt = ObjectPrompt(1, 3, [(60, 80)], [1])
     results = {}
     for name, on_device in (("swscale", False), ("device", True)):
-        monkeypatch.setattr(pipeline, "colour_on_device", lambda device, on_device=on_device: on_device)
+        monkeypatch.setattr(colour, "colour_on_device", lambda device, on_device=on_device: on_device)
         results[name] = cpu_tracker.track(clip, [prompt], output=tmp_path / f"{name}.mp4",
                                           masks=tmp_path / f"{name}.zip")
     assert all(r.frames == 8 for r in results.values())
@@ -203,3 +203,54 @@ def test_launch_pacer_keeps_the_loop_two_frames_ahead():
         if step == 2:
             assert first.query()  # the third frame waited for the first one
     assert not LaunchPacer(torch.device("cpu")).enabled
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_frame_graphs_replay_the_eager_conversions_labels_and_drawing(tmp_path):
+    """The per-frame work around XMem, replayed from CUDA graphs, gives what it gives eagerly."""
+    from media import make_clip
+    from tracker.pipeline import TrackOptions, frame_graphs, labels_at
+    from tracker.render import encoder_picture
+    from tracker.video import iter_frames
+
+    clip = make_clip(tmp_path / "clip.mp4", frames=6, width=160, height=120, rotation=90)
+    cuda = torch.device("cuda")
+    graphs = frame_graphs(cuda, TrackOptions())
+    graphed, eager = FramePrep(cuda, (80, 60), graphs=graphs), FramePrep(cuda, (80, 60))
+    lookup = torch.tensor([0, 4, 9], dtype=torch.uint8, device=cuda)
+    generator = torch.Generator(cuda).manual_seed(0)
+    for frame in iter_frames(clip, yuv=True):
+        assert frame.yuv is not None
+        image, net_input = graphed.prepare(frame)
+        want_image, want_input = eager.prepare(frame)
+        assert image.shape == (120, 160, 3) and net_input.shape == (3, 60, 80)
+        assert torch.equal(image, want_image) and torch.equal(net_input, want_input)
+        prob = torch.rand((3, 60, 80), device=cuda, generator=generator)
+        labels = graphs.run("labels", (120, 160), lambda p, table: labels_at(p, (120, 160), table), [prob, lookup])
+        assert torch.equal(labels, labels_at(prob, (120, 160), lookup))
+        got = encoder_picture(image, labels, alpha=0.5, outline=2, graphs=graphs).result()
+        want = encoder_picture(image, labels, alpha=0.5, outline=2).result()
+        assert (got.width, got.height) == (want.width, want.height) == (160, 120)
+        assert np.abs(got.planes.astype(int) - want.planes).max() <= 1
+    assert graphs.captured == 3 and graphs.failures == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tracking_on_cuda_writes_every_frame(untrained_checkpoints, tmp_path):
+    """The whole GPU path (graphed frames and XMem, backward from a middle prompt, writers) end to end."""
+    from media import make_clip
+    from tracker.prompts import ObjectPrompt
+    from tracker.render import MaskZipReader
+    from tracker.session import Tracker
+    from tracker.video import probe
+
+    clip = make_clip(tmp_path / "clip.mp4", frames=24, width=176, height=144)
+    tracker = Tracker(untrained_checkpoints["sam"], untrained_checkpoints["xmem"], device="cuda", download=False)
+    prompt = ObjectPrompt(1, 9, [(88, 72)], [1])
+    result = tracker.track(clip, [prompt], output=tmp_path / "out.mp4", masks=tmp_path / "masks.zip")
+    assert result.frames == 24 and result.peak_gpu_bytes > 0
+    assert probe(tmp_path / "out.mp4").frame_count == 24
+    with MaskZipReader(tmp_path / "masks.zip") as masks:
+        assert len(masks) == 24
+        sam_mask = tracker.prompt_masks(probe(clip), [prompt])[9][1]
+        assert np.array_equal(masks[9] == 1, sam_mask)  # the prompt frame keeps SAM's mask

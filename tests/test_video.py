@@ -293,23 +293,35 @@ def test_yuv_request_falls_back_to_rgb_where_planes_do_not_fit(media_dir):
         assert frames and all(f.yuv is None and f.image.dtype == np.uint8 for f in frames)
 
 
-def test_writer_takes_yuv_pictures_made_on_the_device(clip, tmp_path):
-    """Frames converted by rgb_to_yuv420 encode like RGB frames converted by swscale."""
+@pytest.mark.parametrize("size", [(WIDTH, HEIGHT), (98, 74)])  # PyAV wraps 4:2:0 planes in place only for some
+def test_writer_takes_yuv_pictures_made_on_the_device(clip, media_dir, tmp_path, size):
+    """Frames converted by rgb_to_yuv420 encode like RGB frames converted by swscale, even when the caller
+    reuses its buffer as soon as `write` returns."""
     import torch
 
     from tracker.colour import rgb_to_yuv420
 
+    if size != (WIDTH, HEIGHT):
+        clip = make_clip(media_dir / "74p.mp4", frames=FRAMES, width=size[0], height=size[1])
     info = probe(clip)
     frames = list(iter_frames(clip))
-    for name, convert in (("rgb.mp4", lambda image: image),
-                          ("yuv.mp4", lambda image: rgb_to_yuv420(torch.from_numpy(image)))):
+
+    def yuv(image: np.ndarray):
+        picture = rgb_to_yuv420(torch.from_numpy(image))
+        reused.append(picture.planes.numpy())
+        return picture
+
+    reused = []
+    for name, convert in (("rgb.mp4", lambda image: image), ("yuv.mp4", yuv)):
         with VideoWriter(tmp_path / name, info) as writer:
             for frame in frames:
                 writer.write(convert(frame.image), frame.pts, frame.time)
+                for planes in reused:
+                    planes[:] = 0  # the encoder may not read the caller's memory after write returns
     via_rgb, via_yuv = list(iter_frames(tmp_path / "rgb.mp4")), list(iter_frames(tmp_path / "yuv.mp4"))
     assert len(via_rgb) == len(via_yuv) == FRAMES
     for source, a, b in zip(frames, via_rgb, via_yuv):  # as faithful to the source as the swscale path
         error_rgb, error_yuv = (np.abs(x.image.astype(int) - source.image).mean() for x in (a, b))
         assert error_yuv <= error_rgb + 0.25
-    with VideoWriter(tmp_path / "wrong.mp4", info) as writer, pytest.raises(ValueError, match="160x120 BT.709"):
+    with VideoWriter(tmp_path / "wrong.mp4", info) as writer, pytest.raises(ValueError, match="BT.709"):
         writer.write(rgb_to_yuv420(torch.zeros(60, 80, 3, dtype=torch.uint8)), 0, 0.0)

@@ -26,9 +26,10 @@ import torch
 
 from XMem.inference.inference_core import InferenceCore
 
-from .pipeline import (FramePrep, MemoryOptions, ThreadedSink, TrackOptions, autocast_for, encoder_picture, prefetch,
+from .pipeline import (FramePrep, MemoryOptions, ThreadedSink, TrackOptions, autocast_for, frame_graphs, prefetch,
                        stepping_network)
 from .prompts import ObjectPrompt
+from .render import encoder_picture
 from .sam import TorchSam, resolve_device
 from .session import Tracker
 from .video import VideoWriter, iter_frames, probe
@@ -216,13 +217,15 @@ def bench_codec_ceiling(clip: Path, name: str, device: torch.device, out_dir: Pa
     """Decode + encode alone, through the pipeline's own transfers and conversions but no model:
     the most the full pipeline can reach."""
     info = probe(clip)
-    prep = FramePrep(device, (info.width, info.height))
+    graphs = frame_graphs(device, TrackOptions())
+    prep = FramePrep(device, (info.width, info.height), graphs=graphs)
     writer = VideoWriter(out_dir / f"{name}_copy.mp4", info, audio_from=clip)
     sink = ThreadedSink("encode", writer.write, writer.close, writer.abort)
     rate = SteadyRate(min(WARMUP_FRAMES, info.frame_count // 3))
     frames = prefetch(iter_frames(clip, yuv=prep.planes), depth=4, stop=threading.Event())
     for done, frame in enumerate(frames, 1):
-        sink.put(encoder_picture(prep.upload(frame)), frame.pts, frame.time)
+        image, _ = prep.prepare(frame)
+        sink.put(encoder_picture(image, graphs=graphs), frame.pts, frame.time)
         rate(done, info.frame_count)
     sink.close()
     results.add(f"decode + encode only FPS, {name} (after {rate.warmup} frames)", mode, f"{rate.fps:.1f}")

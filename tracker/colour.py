@@ -19,6 +19,11 @@ import torch.nn.functional as F
 MATRICES = {"bt601": (0.299, 0.114), "bt709": (0.2126, 0.0722)}
 
 
+def colour_on_device(device: torch.device) -> bool:
+    """Whether frames travel as YUV planes and are converted on the compute device (a GPU), not by swscale."""
+    return device.type == "cuda"
+
+
 @dataclass(frozen=True)
 class YuvPicture:
     """An 8-bit 4:2:0 picture as planes: Y (H x W), then U and V (H/2 x W/2 each), flat as PyAV's yuv420p array.
@@ -49,6 +54,11 @@ def _scales(full_range: bool) -> tuple[float, float, float]:
     return (0.0, 255.0, 255.0) if full_range else (16.0, 219.0, 224.0)
 
 
+def packed_yuv420(planes: np.ndarray | torch.Tensor, matrix: str = "bt709", full_range: bool = False) -> YuvPicture:
+    """A picture around packed (H * 3 / 2, W) yuv420p planes."""
+    return YuvPicture(planes, planes.shape[1], planes.shape[0] * 2 // 3, matrix, full_range)
+
+
 def split_planes(planes: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The Y, U and V planes of a packed yuv420p array (even height and width)."""
     flat = planes.reshape(-1)
@@ -64,13 +74,19 @@ def yuv420_to_rgb(picture: YuvPicture) -> torch.Tensor:
     y, u, v = split_planes(torch.as_tensor(picture.planes), picture.height, picture.width)
     offset, luma_span, chroma_span = _scales(picture.full_range)
     y = (y.float() - offset) / luma_span
-    pb = ((u.float() - 128) / chroma_span).repeat_interleave(2, 0).repeat_interleave(2, 1)
-    pr = ((v.float() - 128) / chroma_span).repeat_interleave(2, 0).repeat_interleave(2, 1)
+    pb = _double((u.float() - 128) / chroma_span)
+    pr = _double((v.float() - 128) / chroma_span)
     rows = _rgb_from_yuv_matrix(picture.matrix)
     rgb = torch.stack([y * a + pb * b + pr * c for a, b, c in rows], dim=-1)
     rgb = rgb.mul_(255).round_().clamp_(0, 255).to(torch.uint8)
     turns = picture.rotation // 90 % 4
     return torch.rot90(rgb, k=-turns, dims=(0, 1)).contiguous() if turns else rgb
+
+
+def _double(chroma: torch.Tensor) -> torch.Tensor:
+    """Each chroma sample repeated over its 2x2 block (a broadcast, so a CUDA graph can hold it)."""
+    height, width = chroma.shape
+    return chroma[:, None, :, None].expand(height, 2, width, 2).reshape(2 * height, 2 * width)
 
 
 @lru_cache(maxsize=8)
@@ -107,4 +123,4 @@ def rgb_to_yuv420(image: torch.Tensor, matrix: str = "bt709", full_range: bool =
         return (values * span + base).round_().clamp_(0, 255).to(torch.uint8).reshape(-1)
 
     planes = torch.cat([code(luma, luma_span, offset), code(chroma, chroma_span, 128)])
-    return YuvPicture(planes.view(-1, coded_w), coded_w, coded_h, matrix, full_range)
+    return packed_yuv420(planes.view(-1, coded_w), matrix, full_range)

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from XMem.inference.graphed_network import GraphedXMem
+from XMem.inference.graphed_network import GraphCache, GraphedXMem
 from XMem.inference.inference_core import InferenceCore
 from XMem.model.fusion import inference_copy
 
-from .colour import rgb_to_yuv420, yuv420_to_rgb
+from . import colour
 from .errors import Cancelled, TrackerError
 from .transfer import Download, upload
 from .video import DEFAULT_PRESET, Frame, VideoInfo, iter_frames
@@ -149,9 +149,13 @@ def working_size(width: int, height: int, size: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def colour_on_device(device: torch.device) -> bool:
-    """Whether frames travel as YUV planes and are converted on the compute device (a GPU), not by swscale."""
-    return device.type == "cuda"
+def frame_graphs(device: torch.device, options: TrackOptions) -> GraphCache:
+    """CUDA graphs for one video's per-frame work around XMem (conversions, resizing, labels, drawing).
+
+    Each of those is dozens of small kernels whose launches, not their GPU
+    time, limited the tracking loop; their shapes are fixed for a video.
+    """
+    return GraphCache(enabled=options.cuda_graphs and device.type == "cuda")
 
 
 class FramePrep:
@@ -162,22 +166,24 @@ class FramePrep:
     network input as a freshly decoded one.
     """
 
-    def __init__(self, device: torch.device, work_size: tuple[int, int], dtype: torch.dtype = torch.float32):
+    def __init__(self, device: torch.device, work_size: tuple[int, int], dtype: torch.dtype = torch.float32,
+                 graphs: GraphCache | None = None):
         self.device = device
         self.work_w, self.work_h = work_size
         self.mean = torch.tensor(IMAGENET_MEAN, device=device, dtype=dtype).view(3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=device, dtype=dtype).view(3, 1, 1)
         self.dtype = dtype
+        self.graphs = GraphCache(enabled=False) if graphs is None else graphs
 
     @property
     def planes(self) -> bool:
         """Ask the decoder for YUV planes: they are converted to RGB here, on the device."""
-        return colour_on_device(self.device)
+        return colour.colour_on_device(self.device)
 
     def upload(self, frame: Frame) -> torch.Tensor:
         """The frame as HxWx3 uint8 RGB on the device."""
         if frame.yuv is not None:
-            return yuv420_to_rgb(replace(frame.yuv, planes=upload(frame.yuv.planes, self.device)))
+            return colour.yuv420_to_rgb(replace(frame.yuv, planes=upload(frame.yuv.planes, self.device)))
         return upload(frame.image, self.device)
 
     def resize(self, image: torch.Tensor) -> torch.Tensor:
@@ -192,6 +198,21 @@ class FramePrep:
     def normalise(self, small: torch.Tensor) -> torch.Tensor:
         """hxwx3 uint8 -> 3xhxw ImageNet-normalised float."""
         return (small.permute(2, 0, 1).to(self.dtype) / 255 - self.mean) / self.std
+
+    def prepare(self, frame: Frame) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the frame as HxWx3 uint8 RGB, XMem's input from it), both on the device; one graph replay on CUDA."""
+        if frame.yuv is None:
+            return self.graphs.run("prepare", (), self._image_and_input, [upload(frame.image, self.device)])
+        picture = frame.yuv
+        meta = (picture.width, picture.height, picture.matrix, picture.full_range, picture.rotation)
+
+        def convert(planes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self._image_and_input(colour.yuv420_to_rgb(replace(picture, planes=planes)))
+
+        return self.graphs.run("prepare", meta, convert, [upload(picture.planes, self.device)])
+
+    def _image_and_input(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return image, self.normalise(self.resize(image))
 
 
 class Propagator:
@@ -320,6 +341,7 @@ def track_frames(
     cancel: threading.Event | None = None,
     progress: ProgressFn | None = None,
     earlier: Callable[[int], np.ndarray] | None = None,
+    graphs: GraphCache | None = None,
 ) -> Iterator[TrackedFrame]:
     """Yield every frame of the video, in order, with its tracked label map.
 
@@ -328,10 +350,12 @@ def track_frames(
     (through a disk cache, never all frames in RAM) and then forwards to the end.
     With `earlier` (frame index -> label map of a previous run), frames before
     the first keyframe keep those labels instead of being tracked backwards.
+    `graphs` (see `frame_graphs`) may be shared with whatever draws the frames.
     """
     cancel = cancel or threading.Event()
     full_size = (info.height, info.width)
-    prep = FramePrep(device, working_size(info.width, info.height, options.size))
+    graphs = frame_graphs(device, options) if graphs is None else graphs
+    prep = FramePrep(device, working_size(info.width, info.height, options.size), graphs=graphs)
     work_size = (prep.work_h, prep.work_w)
     config = options.memory.xmem_config(network)
     full_masks = {f: {o: torch.from_numpy(np.asarray(m, dtype=bool)).to(device) for o, m in objs.items()}
@@ -361,12 +385,13 @@ def track_frames(
         pace = LaunchPacer(device)
         for frame in prefetch(iter_frames(info.path, yuv=prep.planes), depth=4, stop=threading.Event()):
             pace()
-            image = prep.upload(frame)
+            image, net_input = prep.prepare(frame)
             if frame.index < start:
                 labels = torch.from_numpy(np.asarray(earlier(frame.index))).to(device)
             else:
-                prob = forward.step(frame.index, prep.normalise(prep.resize(image)), end=frame.index >= last)
-                labels = labels_at(prob, full_size, lookup)
+                prob = forward.step(frame.index, net_input, end=frame.index >= last)
+                labels = graphs.run("labels", full_size, lambda p, table: labels_at(p, full_size, table),
+                                    [prob, lookup])
                 if frame.index in full_masks:
                     labels = stamp(labels, full_masks[frame.index])
             tick()
@@ -418,14 +443,6 @@ def _track_backward(network: torch.nn.Module, config: dict, info: VideoInfo, pre
             labels[index] = labels_at(prob, (info.height, info.width), lookup).cpu().numpy()
             tick()
     return labels
-
-
-def encoder_picture(rendered: torch.Tensor) -> Download:
-    """A rendered HxWx3 frame for the video writer: converted to 4:2:0 planes on the GPU, else RGB as it is."""
-    if not colour_on_device(rendered.device):
-        return Download(rendered)
-    picture = rgb_to_yuv420(rendered)
-    return Download(picture.planes, lambda planes: replace(picture, planes=planes))
 
 
 class ThreadedSink:

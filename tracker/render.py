@@ -18,8 +18,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from XMem.inference.graphed_network import GraphCache
+
+from . import colour
 from .errors import TrackerError
-from .transfer import upload
+from .transfer import Download, upload
 from .video import AtomicWriter, temporary_path_beside
 
 
@@ -96,6 +99,25 @@ def overlay(image: torch.Tensor, labels: torch.Tensor, *, alpha: float = 0.5, ou
     weight = weights.index_select(0, key).view(height, width, 1)
     mixed = image.to(torch.int16) * (ALPHA_STEPS - weight) + colour * weight + ALPHA_STEPS // 2
     return (mixed >> ALPHA_SHIFT).to(torch.uint8)
+
+
+def encoder_picture(image: torch.Tensor, labels: torch.Tensor | None = None, *, alpha: float = 0.5, outline: int = 2,
+                    graphs: GraphCache | None = None) -> Download:
+    """A frame on its way to the video writer, with its objects drawn when `labels` are given.
+
+    On a GPU the drawing and the conversion to the encoder's 4:2:0 planes run
+    there (as one CUDA graph replay with `graphs`) and the planes come back;
+    elsewhere the RGB image does.
+    """
+    def draw(image: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        return image if labels is None else overlay(image, labels, alpha=alpha, outline=outline)
+
+    if not colour.colour_on_device(image.device):
+        return Download(draw(image, labels))
+    graphs = GraphCache(enabled=False) if graphs is None else graphs
+    planes = graphs.run("encoder_picture", (alpha, outline),
+                        lambda *both: colour.rgb_to_yuv420(draw(*both)).planes, [image, labels])
+    return Download(planes, colour.packed_yuv420)
 
 
 def _boundary(ids: torch.Tensor, width: int) -> torch.Tensor:

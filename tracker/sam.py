@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from numpy.typing import ArrayLike
 from PIL import Image
 
-from XMem.inference.graphed_network import CapturedCall
+from XMem.inference.graphed_network import GraphCache
 
 from tracker.errors import PromptError, TrackerError
 from tracker.sam_attention import use_fused_attention
@@ -164,12 +164,19 @@ class TorchSam(SamBackend):
             use_fused_attention(self.model.image_encoder)
         self.dtype = dtype or encoder_dtype("auto", self.device)
         self.resize = resize or ("pil" if self.device.type == "cpu" else "torch")
-        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self._graphs: dict[tuple, CapturedCall | None] = {}
+        self._graphs = GraphCache(enabled=cuda_graphs and self.device.type == "cuda")
         self._onnx_prompts = SamOnnxModel(self.model, return_single_mask=False)
         self._half_encoder = None
         if self.device.type == "cuda" and self.dtype != torch.float32 and kernel_runs(self.model.image_encoder):
             self._half_encoder = half_precision_encoder(self.model.image_encoder, self.dtype)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return self._graphs.enabled
+
+    @cuda_graphs.setter
+    def cuda_graphs(self, enabled: bool) -> None:
+        self._graphs.enabled = enabled and self.device.type == "cuda"
 
     def _embed(self, image: np.ndarray) -> ImageEmbedding:
         with torch.inference_mode():
@@ -188,21 +195,7 @@ class TorchSam(SamBackend):
             with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=False):
                 return self.model.image_encoder(batch)
 
-        return self._graphed(("encoder", dtype), encoder, [x])
-
-    def _graphed(self, key: tuple, fn: Callable[..., Any], inputs: list[torch.Tensor]) -> Any:
-        """`fn(*inputs)`, replayed from a CUDA graph captured on first use for this key and these shapes."""
-        if not self.cuda_graphs:
-            return fn(*inputs)
-        key = key + tuple(tuple(t.shape) for t in inputs)
-        if key not in self._graphs:
-            try:
-                self._graphs[key] = CapturedCall(fn, inputs, torch.cuda.graph_pool_handle())
-            except RuntimeError as exc:  # an operation that cannot be captured: stay correct, run it eagerly
-                log.warning("SAM's %s runs without a CUDA graph: capturing it failed: %s", key[0], exc)
-                self._graphs[key] = None
-        captured = self._graphs[key]
-        return fn(*inputs) if captured is None else captured(inputs)
+        return self._graphs.run("SAM's encoder", (dtype,), encoder, [x])
 
     def _decode(self, emb: ImageEmbedding, prompt: Prompt, multimask: bool) -> SamPrediction:
         with torch.inference_mode():
@@ -227,8 +220,8 @@ class TorchSam(SamBackend):
                 masks = upscale_masks(low_res, emb.input_size, emb.original_size) > MASK_THRESHOLD
                 return masks[0], scores[0], low_res[0]
 
-            key = ("decoder", multimask, emb.input_size, emb.original_size)
-            downloads = [Download(t) for t in self._graphed(key, prompt_to_masks, inputs)]
+            flags = (multimask, emb.input_size, emb.original_size)
+            downloads = [Download(t) for t in self._graphs.run("SAM's decoder", flags, prompt_to_masks, inputs)]
             return SamPrediction(*(download.result() for download in downloads))
 
 

@@ -25,9 +25,9 @@ from XMem.model.network import XMem, dims_from_state_dict
 
 from . import weights
 from .errors import TrackerError, VideoError
-from .pipeline import ProgressFn, ThreadedSink, TrackedFrame, TrackOptions, encoder_picture, track_frames
+from .pipeline import ProgressFn, ThreadedSink, TrackedFrame, TrackOptions, frame_graphs, track_frames
 from .prompts import ObjectPrompt, check_prompts
-from .render import MaskZipReader, MaskZipWriter, overlay
+from .render import MaskZipReader, MaskZipWriter, encoder_picture
 from .sam import ImageEmbedding, SamBackend, load_sam, ready_backends, resolve_device, segment
 from .transfer import Download
 from .video import VideoInfo, VideoWriter, probe, read_frame
@@ -209,11 +209,13 @@ class Tracker:
             sinks = self._open_sinks(info, output, masks, options, stack)
             video_sink, zip_sink = sinks
             frames = 0
-            for tracked in track_frames(self.xmem, info, keyframes, options, self.device,
-                                        cancel=cancel, progress=progress, earlier=earlier):
+            graphs = frame_graphs(self.device, options)
+            for tracked in track_frames(self.xmem, info, keyframes, options, self.device, cancel=cancel,
+                                        progress=progress, earlier=earlier, graphs=graphs):
                 if video_sink is not None:
-                    rendered = overlay(tracked.image, tracked.labels, alpha=options.alpha, outline=options.outline)
-                    video_sink.put(encoder_picture(rendered), tracked.pts, tracked.time)
+                    picture = encoder_picture(tracked.image, tracked.labels, alpha=options.alpha,
+                                              outline=options.outline, graphs=graphs)
+                    video_sink.put(picture, tracked.pts, tracked.time)
                 if zip_sink is not None:
                     zip_sink.put(tracked.index, Download(tracked.labels))
                 frames += 1

@@ -449,7 +449,10 @@ class VideoWriter(AtomicWriter):
             if got != expected:
                 raise ValueError(f"expected a {expected[0]}x{expected[1]} BT.709 limited-range {expected[5]} "
                                  f"picture, got {got}")
-            return av.VideoFrame.from_ndarray(np.ascontiguousarray(image.planes), format="yuv420p")
+            planes = np.ascontiguousarray(image.planes)
+            if image.height % 4 == 0:  # PyAV takes the height as rows // 6 * 4, right only then
+                return av.VideoFrame.from_numpy_buffer(planes, format="yuv420p")  # no copy under the GIL
+            return av.VideoFrame.from_ndarray(planes, format="yuv420p")
         if image.shape[:2] != (self.info.height, self.info.width) or image.dtype != np.uint8:
             raise ValueError(f"expected a {self.info.height}x{self.info.width} uint8 image, "
                              f"got {image.shape} {image.dtype}")
