@@ -145,3 +145,18 @@ def test_untrained_weights_command(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "UNTRAINED" in done.stdout
     assert {p.name for p in tmp_path.glob("*.pth")} == {"sam_vit_b_untrained.pth", "XMem_untrained.pth"}
+
+
+def test_bench_smoke_run_prints_every_row():
+    """`python -m tracker bench --device cpu --quick` runs every stage once (CI's smoke test; no timing is checked)."""
+    done = run_cli("bench", "--device", "cpu", "--quick")
+    assert done.returncode == 0, done.stderr
+    table = done.stdout
+    assert "SMOKE TEST" in table and "CPU" in table
+    for row in ("SAM encoder ms", "SAM decoder ms per click", "XMem step ms, 1 object at 240p",
+                "XMem step ms, 3 objects at 240p", "file to file FPS, 240p", "decode + encode only FPS, 240p",
+                "peak RSS GiB"):
+        line = next((line for line in table.splitlines() if line.startswith(f"| {row}")), None)
+        assert line is not None, f"no row {row!r} in\n{table}"
+        value = line.split("|")[2].strip().split(" / ")[0]
+        assert float(value) > 0, line

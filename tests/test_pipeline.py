@@ -254,3 +254,37 @@ def test_tracking_on_cuda_writes_every_frame(untrained_checkpoints, tmp_path):
         assert len(masks) == 24
         sam_mask = tracker.prompt_masks(probe(clip), [prompt])[9][1]
         assert np.array_equal(masks[9] == 1, sam_mask)  # the prompt frame keeps SAM's mask
+
+
+def test_precisions_per_device():
+    from tracker.errors import TrackerError
+    from tracker.pipeline import TrackOptions, resolve_precision, stepping_network
+
+    cpu, network = torch.device("cpu"), torch.nn.Conv2d(3, 3, 3)
+    assert resolve_precision(cpu, "auto") is None and resolve_precision(cpu, "fp32") is None
+    assert resolve_precision(cpu, "bf16") is torch.bfloat16
+    with pytest.raises(TrackerError, match="fp16 runs on CUDA GPUs only"):
+        resolve_precision(cpu, "fp16")
+    with pytest.raises(TrackerError, match="unknown precision"):
+        resolve_precision(cpu, "int8")
+    assert stepping_network(network, cpu, TrackOptions()) is network  # the plain path stays as it is
+    fast = stepping_network(network, cpu, TrackOptions(precision="bf16"))
+    assert fast is not network and fast.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_bf16_on_the_cpu_tracks_every_frame_and_keeps_the_prompt(cpu_tracker, tmp_path):
+    """bf16 XMem on the CPU (mixed precision; the memory's similarity stays fp32) runs the whole video.
+
+    Untrained weights give near-tie probabilities, so its masks are not compared with fp32's here.
+    """
+    from media import make_clip
+    from tracker.pipeline import TrackOptions
+    from tracker.prompts import ObjectPrompt
+    from tracker.video import probe
+
+    clip = make_clip(tmp_path / "clip.mp4", frames=8, width=96, height=64, audio=False)
+    prompt = ObjectPrompt(1, 2, [(48, 32)], [1])
+    frames = list(cpu_tracker.iter_tracked(clip, [prompt], TrackOptions(precision="bf16")))
+    assert [f.index for f in frames] == list(range(8))
+    sam_mask = cpu_tracker.prompt_masks(probe(clip), [prompt])[2][1]
+    assert np.array_equal(frames[2].mask(1), sam_mask)

@@ -26,8 +26,8 @@ import torch
 
 from XMem.inference.inference_core import InferenceCore
 
-from .pipeline import (FramePrep, MemoryOptions, ThreadedSink, TrackOptions, autocast_for, frame_graphs, prefetch,
-                       stepping_network)
+from .pipeline import (FramePrep, MemoryOptions, ThreadedSink, TrackOptions, autocast_for, cpu_has_bf16, frame_graphs,
+                       prefetch, stepping_network)
 from .prompts import ObjectPrompt
 from .render import encoder_picture
 from .sam import TorchSam, resolve_device
@@ -65,9 +65,14 @@ class Profile:
     work_size: int  # shorter side of XMem's working resolution
     repeats: int  # timed calls for the SAM figures
     xmem_steps: int
+    warmup: int = 2  # untimed calls before the SAM figures
+    smoke: bool = False  # a quick run: its figures measure nothing
 
     @classmethod
-    def for_device(cls, device: torch.device, frames: int | None) -> "Profile":
+    def for_device(cls, device: torch.device, frames: int | None, quick: bool = False) -> "Profile":
+        """The sizes to measure on `device`; `quick`: one timed call of each, a smoke test that measures nothing."""
+        if quick:
+            return cls({"240p": (426, 240)}, frames or 6, 240, 1, 3, warmup=0, smoke=True)
         if device.type == "cuda":
             return cls({"720p": (1280, 720), "1080p": (1920, 1080)}, frames or 400, 480, 50, 200)
         return cls({"240p": (426, 240)}, frames or 60, 240, 3, 30)
@@ -158,14 +163,16 @@ class SteadyRate:
         return self.frames / (self.ended - self.began) if self.began is not None and self.frames else 0.0
 
 
-def bench_sam(tracker: Tracker, width: int, height: int, repeats: int, results: Results, mode: str) -> None:
+def bench_sam(tracker: Tracker, width: int, height: int, profile: Profile, results: Results, mode: str) -> None:
     image = np.random.default_rng(1).integers(0, 255, (height, width, 3), dtype=np.uint8)
-    results.add("SAM encoder ms (1024x1024 input)", mode,
-                f"{median_ms(lambda: tracker.sam.embed(image), repeats, tracker.device):.1f}")
-    embedding = tracker.sam.embed(image)
+    embeddings = []
+    encode = median_ms(lambda: embeddings.append(tracker.sam.embed(image)), profile.repeats, tracker.device,
+                       profile.warmup)
+    results.add("SAM encoder ms (1024x1024 input)", mode, f"{encode:.1f}")
     click = ObjectPrompt(1, 0, [(width / 2, height / 2)], [1])
-    results.add("SAM decoder ms per click", mode,
-                f"{median_ms(lambda: tracker.segment(embedding, click), repeats * 4, tracker.device):.2f}")
+    decode = median_ms(lambda: tracker.segment(embeddings[-1], click), profile.repeats * 4, tracker.device,
+                       profile.warmup)
+    results.add("SAM decoder ms per click", mode, f"{decode:.2f}")
 
 
 def bench_xmem(tracker: Tracker, profile: Profile, objects: int, options: TrackOptions, results: Results,
@@ -191,7 +198,7 @@ def bench_xmem(tracker: Tracker, profile: Profile, objects: int, options: TrackO
             core.step(frames[i % len(frames)])
             _sync(tracker.device)
             times.append((time.perf_counter() - began) * 1000)
-    skip = min(10, len(times) // 5)  # warm-up
+    skip = min(10, len(times) // 5)  # warm-up (none in a quick run)
     results.add(f"XMem step ms, {objects} object{'s' * (objects > 1)} at {profile.work_size}p", mode,
                 f"{statistics.median(times[skip:]):.2f}")
 
@@ -282,13 +289,15 @@ def _header(device: torch.device, profile: Profile) -> str:
     options = TrackOptions()
     return (f"device: {gpu}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
             f"PyAV {av.__version__}; working resolution {profile.work_size}p; {profile.clip_frames}-frame clips; "
-            f"libx264 {options.preset} crf {options.crf}; untrained weights (speed only); medians")
+            f"libx264 {options.preset} crf {options.crf}; untrained weights (speed only); "
+            + ("SMOKE TEST, one call each: these figures measure nothing" if profile.smoke else "medians"))
 
 
-def run(tracker_device: torch.device, frames: int | None, sam_backend: str, mode_names: list[str]) -> str:
-    profile = Profile.for_device(tracker_device, frames)
-    if tracker_device.type != "cuda":
-        mode_names = ["plain"]  # the fast paths are CUDA's
+def run(tracker_device: torch.device, frames: int | None, sam_backend: str, mode_names: list[str],
+        quick: bool = False) -> str:
+    profile = Profile.for_device(tracker_device, frames, quick)
+    if tracker_device.type != "cuda":  # the other fast paths are CUDA's
+        mode_names = [name for name in mode_names if name == "plain" or name == "bf16" and cpu_has_bf16()]
     modes = {MODES[name].label: MODES[name] for name in mode_names}
     results = Results()
     with tempfile.TemporaryDirectory(prefix="tracker-bench-") as tmp:
@@ -306,7 +315,7 @@ def run(tracker_device: torch.device, frames: int | None, sam_backend: str, mode
             else:
                 results.add("SAM backend, encoder precision", mode, tracker.sam.name)
             w, h = next(iter(profile.frame_sizes.values()))
-            bench_sam(tracker, w, h, profile.repeats, results, mode)
+            bench_sam(tracker, w, h, profile, results, mode)
             for objects in (1, 3):
                 bench_xmem(tracker, profile, objects, setting.options, results, mode)
             for name, clip in clips.items():
@@ -326,18 +335,22 @@ def _short(dtype: torch.dtype) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tracker bench", description=__doc__)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--frames", type=int, help="frames per generated clip (default 300 on GPU, 30 on CPU)")
+    parser.add_argument("--frames", type=int,
+                        help="frames per generated clip (default 400 on GPU, 60 on CPU, 6 with --quick)")
     parser.add_argument("--sam-backend", default="auto", choices=["auto", "torch", "onnx", "tensorrt"])
     parser.add_argument("--modes", default=",".join(MODES),
-                        help=f"table columns, comma-separated, of: {', '.join(MODES)} (CPU: plain only)")
+                        help=f"table columns, comma-separated, of: {', '.join(MODES)} (CPU: plain, and bf16 where the "
+                             "CPU has bf16 instructions)")
     parser.add_argument("--long", type=int, metavar="FRAMES",
                         help="instead: track one long clip and report memory early and at the end")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke test: small clips, one timed call each, nothing worth quoting")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     names = [name.strip() for name in args.modes.split(",") if name.strip()]
     if not names or any(name not in MODES for name in names):
         parser.error(f"--modes takes a comma-separated list of: {', '.join(MODES)}")
-    print(run_long(device, args.long) if args.long else run(device, args.frames, args.sam_backend, names))
+    print(run_long(device, args.long) if args.long else run(device, args.frames, args.sam_backend, names, args.quick))
     return 0
 
 

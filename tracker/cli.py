@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     track.add_argument("--preset", default=DEFAULT_PRESET,
                        help=f"libx264 preset (default {DEFAULT_PRESET}; slower presets make smaller files)")
     track.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                       help="XMem precision on CUDA (auto: the fastest that matches fp32)")
+                       help="XMem's precision: mixed bf16 on CUDA or the CPU, fp16 on CUDA (auto: fp32)")
     track.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                        help="run the plain XMem network eagerly instead of its fast copy "
                             "(folded, fused, channels-last) replaying CUDA graphs")
