@@ -168,12 +168,17 @@ def mask_name(index: int) -> str:
 
 
 def encode_mask(labels: np.ndarray) -> bytes:
-    """A palettised PNG whose pixel values are the object ids (the DAVIS annotation format)."""
+    """A palettised PNG whose pixel values are the object ids (the DAVIS annotation format).
+
+    zlib's fastest level: 2 to 3.5 times faster than PIL's default (6) on 720p
+    masks, for files about twice as large (a few KB). At level 6 a GPU run of
+    720p video ran at 102 frames per second with the masks zip, 236 without.
+    """
     labels = np.ascontiguousarray(labels, dtype=np.uint8)
     picture = Image.frombytes("P", (labels.shape[1], labels.shape[0]), labels.tobytes())
     picture.putpalette(PALETTE.tobytes())
     buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
+    picture.save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 
