@@ -23,7 +23,7 @@ from tracker.cli import add_model_flags as add_model_flags
 from tracker.errors import Cancelled, TrackerError
 from tracker.exports import CUTOUT_KINDS
 from tracker.interactive import VIDEO_SUFFIXES, EditSession, Limits, SessionStore, Style, frame_caption
-from tracker.pipeline import MemoryOptions, TrackOptions
+from tracker.pipeline import MemoryOptions, TrackOptions, resolve_precision
 from tracker.render import overlay_colours
 from tracker.session import Tracker
 from tracker.weights import UNTRAINED_WARNING
@@ -94,7 +94,8 @@ def legend(session: EditSession) -> str:
     return f'<div class="legend">{"".join(items)}</div>'
 
 
-def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_mb: float) -> gr.Blocks:
+def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_mb: float,
+              precision: str = "auto") -> gr.Blocks:
     """The page; every handler finds its user's EditSession through the browser session key."""
 
     def session_of(request: gr.Request) -> EditSession:
@@ -301,7 +302,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                                        num_prototypes=int(prototypes), max_long_term_elements=int(long_term),
                                        min_memory_area=int(min_area_value or 0))
                 options = TrackOptions(size=int(size_value), memory=memory, alpha=float(alpha_value),
-                                       outline=int(outline_value))
+                                       outline=int(outline_value), precision=precision)
                 record = session.track(options, full=bool(full),
                                        progress=lambda fraction, text: progress(fraction, desc=text))
             except Cancelled:
@@ -357,7 +358,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                 raise gr.Error("send a video file")
             try:
                 record = session_of(request).track_prompts(
-                    video, prompts or "", limits, TrackOptions(size=int(size_value)),
+                    video, prompts or "", limits, TrackOptions(size=int(size_value), precision=precision),
                     progress=lambda fraction, text: progress(fraction, desc=text))
             except Cancelled:
                 raise gr.Error("the job was cancelled (the session ended)") from None
@@ -385,6 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tracker = Tracker(args.sam_checkpoint, args.xmem_checkpoint, device=args.device,
                           sam_backend=args.sam_backend, sam_precision=args.sam_precision,
                           download=not args.no_download)
+        resolve_precision(tracker.device, args.precision)
     except TrackerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -397,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     uploads = Path(get_upload_folder())
     uploads.mkdir(parents=True, exist_ok=True)
     store = SessionStore(Path(tempfile.mkdtemp(prefix="tracker-app-", dir=uploads)), tracker, upload_folder=uploads)
-    demo = build_app(tracker, store, limits, args.max_upload_mb)
+    demo = build_app(tracker, store, limits, args.max_upload_mb, args.precision)
     # Stopping the server (Ctrl-C or SIGTERM) removes every session's files.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:

@@ -332,3 +332,12 @@ def test_an_oversized_upload_is_refused_before_it_is_all_sent(app):
     assert sent < declared // 16
     left = [path for path in app.temp.rglob("*") if path.is_file() and path.stat().st_size >= 2**20]
     assert not left, f"a refused upload left {left}"
+
+
+def test_a_precision_the_device_cannot_run_is_refused_at_start(untrained_checkpoints):
+    command = [sys.executable, "app.py", "--device", "cpu", "--no-download", "--precision", "fp16",
+               "--sam-checkpoint", str(untrained_checkpoints["sam"]),
+               "--xmem-checkpoint", str(untrained_checkpoints["xmem"])]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "error: fp16 runs on CUDA GPUs only; on the CPU use bf16 or fp32" in done.stderr

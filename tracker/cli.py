@@ -22,6 +22,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sam-backend", default="auto", choices=["auto", "torch", "onnx", "tensorrt"])
     parser.add_argument("--sam-precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                         help="the PyTorch SAM encoder's precision (auto: fp16 on CUDA, fp32 on the CPU)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="XMem's precision: mixed bf16 on CUDA or the CPU, fp16 on CUDA (auto: fp32)")
     parser.add_argument("--no-download", action="store_true", help="fail instead of downloading missing weights")
 
 
@@ -45,8 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
     track.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better)")
     track.add_argument("--preset", default=DEFAULT_PRESET,
                        help=f"libx264 preset (default {DEFAULT_PRESET}; slower presets make smaller files)")
-    track.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                       help="XMem's precision: mixed bf16 on CUDA or the CPU, fp16 on CUDA (auto: fp32)")
     track.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                        help="run the plain XMem network eagerly instead of its fast copy "
                             "(folded, fused, channels-last) replaying CUDA graphs")
