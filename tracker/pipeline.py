@@ -176,8 +176,8 @@ def working_size(width: int, height: int, size: int) -> tuple[int, int]:
 def frame_graphs(device: torch.device, options: TrackOptions) -> GraphCache:
     """CUDA graphs for one video's per-frame work around XMem (conversions, resizing, labels, drawing).
 
-    Each of those is dozens of small kernels whose launches, not their GPU
-    time, limited the tracking loop; their shapes are fixed for a video.
+    Each of those is dozens of small kernels launched from the tracking loop's
+    thread, which bounds the pipeline; their shapes are fixed for a video.
     """
     return GraphCache(enabled=options.cuda_graphs and device.type == "cuda")
 

@@ -28,8 +28,8 @@ class CapturedCall:
     `fn(*inputs)` must not synchronise with the host; calling the object copies
     new inputs (same shapes) into the buffers, replays, and returns copies of
     the outputs, or with `transient` the static outputs themselves. An input
-    listed in `in_place` (the transient output of another call) is read where
-    it lies instead of being copied.
+    for which `in_place` holds (the transient output of another call) is read
+    where it lies instead of being copied.
     """
 
     def __init__(self, fn: Callable[..., Any], inputs: Tensors, pool: tuple, transient: bool = False,
