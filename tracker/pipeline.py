@@ -206,9 +206,17 @@ class FramePrep:
 
     def upload(self, frame: Frame) -> torch.Tensor:
         """The frame as HxWx3 uint8 RGB on the device."""
-        if frame.yuv is not None:
-            return colour.yuv420_to_rgb(replace(frame.yuv, planes=upload(frame.yuv.planes, self.device)))
-        return upload(frame.image, self.device)
+        to_rgb, _, pixels = self._source(frame)
+        return to_rgb(pixels)
+
+    def _source(self, frame: Frame) -> tuple[Callable[[torch.Tensor], torch.Tensor], tuple, torch.Tensor]:
+        """(how the uploaded pixels become RGB, what that depends on besides them, the pixels on the device)."""
+        if frame.yuv is None:
+            return (lambda image: image), (), upload(frame.image, self.device)
+        picture = frame.yuv
+        return ((lambda planes: colour.yuv420_to_rgb(replace(picture, planes=planes))),
+                (picture.width, picture.height, picture.matrix, picture.full_range, picture.rotation),
+                upload(picture.planes, self.device))
 
     def resize(self, image: torch.Tensor) -> torch.Tensor:
         """HxWx3 uint8 -> hxwx3 uint8 at the working size."""
@@ -225,18 +233,13 @@ class FramePrep:
 
     def prepare(self, frame: Frame) -> tuple[torch.Tensor, torch.Tensor]:
         """(the frame as HxWx3 uint8 RGB, XMem's input from it), both on the device; one graph replay on CUDA."""
-        if frame.yuv is None:
-            return self.graphs.run("prepare", (), self._image_and_input, [upload(frame.image, self.device)])
-        picture = frame.yuv
-        meta = (picture.width, picture.height, picture.matrix, picture.full_range, picture.rotation)
+        to_rgb, meta, pixels = self._source(frame)
 
-        def convert(planes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return self._image_and_input(colour.yuv420_to_rgb(replace(picture, planes=planes)))
+        def image_and_input(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            image = to_rgb(data)
+            return image, self.normalise(self.resize(image))
 
-        return self.graphs.run("prepare", meta, convert, [upload(picture.planes, self.device)])
-
-    def _image_and_input(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return image, self.normalise(self.resize(image))
+        return self.graphs.run("prepare", meta, image_and_input, [pixels])
 
 
 class Propagator:
@@ -409,10 +412,11 @@ def track_frames(
         pace = LaunchPacer(device)
         for frame in prefetch(iter_frames(info.path, yuv=prep.planes), depth=4, stop=threading.Event()):
             pace()
-            image, net_input = prep.prepare(frame)
             if frame.index < start:
+                image = prep.upload(frame)
                 labels = torch.from_numpy(np.asarray(earlier(frame.index))).to(device)
             else:
+                image, net_input = prep.prepare(frame)
                 prob = forward.step(frame.index, net_input, end=frame.index >= last)
                 labels = graphs.run("labels", full_size, lambda p, table: labels_at(p, full_size, table),
                                     [prob, lookup])
