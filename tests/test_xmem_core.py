@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
+from XMem.inference.graphed_network import GraphCache
 from XMem.inference.inference_core import DEFAULT_CONFIG, InferenceCore
 from XMem.inference.kv_memory_store import KeyValueMemoryStore
-from XMem.inference.memory_manager import MemoryManager
+from XMem.inference.memory_manager import MemoryManager, _FixedLayout
 from XMem.inference.padding import pad_to_multiple, unpad
 from XMem.model.aggregate import aggregate
 from XMem.model.memory_util import get_similarity, topk_softmax
@@ -131,8 +132,8 @@ def test_store_prune_drops_least_used_and_all_ties():
 # ---- memory manager -------------------------------------------------------------------------
 
 def _tiny_memory_config(**overrides) -> dict:
-    return dict(DEFAULT_CONFIG, hidden_dim=4, top_k=3, min_mid_term_frames=2, max_mid_term_frames=4,
-                num_prototypes=4, max_long_term_elements=10, **overrides)
+    return {**DEFAULT_CONFIG, "hidden_dim": 4, "top_k": 3, "min_mid_term_frames": 2, "max_mid_term_frames": 4,
+            "num_prototypes": 4, "max_long_term_elements": 10, **overrides}
 
 
 def test_memory_manager_consolidates_and_prunes_within_limits():
@@ -178,6 +179,72 @@ def test_memory_reads_between_writes_reuse_what_only_writes_change():
         memory.add_memory(key, 1 + torch.rand(1, 1, 2, 3, generator=g, dtype=torch.float64), value, objects,
                           selection=torch.rand(1, 4, 2, 3, generator=g, dtype=torch.float64))
     assert memory.long_mem.num_groups == 2  # the late object's frames were consolidated too
+
+
+def _read_and_write(memories: list[MemoryManager], frames: int, device: str = "cpu", seed: int = 9):
+    """Drive managers through the same reads and writes (objects join on frames 5 and 11); yield after each read."""
+    g = _generator(seed)
+
+    def draw(*shape, positive=False):
+        x = torch.rand(*shape, generator=g, dtype=torch.float64) if positive else torch.randn(
+            *shape, generator=g, dtype=torch.float64)
+        return x.to(device)
+
+    for frame in range(frames):
+        objects = [1] if frame < 5 else [1, 2] if frame < 11 else [1, 2, 3]
+        for _ in range(2 if memories[0].work_mem.engaged else 0):
+            key, selection = draw(1, 4, 2, 3), draw(1, 4, 2, 3, positive=True)
+            yield [memory.match_memory(key, selection) for memory in memories]
+        key, shrinkage, selection = draw(1, 4, 2, 3), 1 + draw(1, 1, 2, 3, positive=True), draw(1, 4, 2, 3)
+        value = draw(1, len(objects), 5, 2, 3)
+        for memory in memories:
+            memory.add_memory(key, shrinkage, value, objects, selection=selection)
+
+
+def _same_usage(a: MemoryManager, b: MemoryManager) -> None:
+    a.flush_usage()
+    b.flush_usage()
+    for store in ("work_mem", "long_mem"):
+        for counter in ("use_count", "life_count"):
+            mine, theirs = getattr(getattr(a, store), counter), getattr(getattr(b, store), counter)
+            assert (mine is None) == (theirs is None)
+            if mine is not None:
+                torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("top_k, count_long_usage, max_long", [(3, True, 10), (8, True, 10), (3, False, 60)])
+def test_reading_in_a_fixed_layout_equals_the_plain_reading(top_k, count_long_usage, max_long):
+    """Padded columns (masked to -inf) and groups read through masks give the plain reading's readouts and
+    usage counts, through consolidation, pruning and late objects; top_k 8 exceeds a late group's 6 keys.
+    (Without usage counts long-term memory cannot be pruned, so it gets room for the whole clip.)"""
+    config = _tiny_memory_config(top_k=top_k, enable_long_term_count_usage=count_long_usage,
+                                 max_long_term_elements=max_long)
+    plain, fixed = MemoryManager(config), MemoryManager(config, GraphCache(enabled=False))
+    reads = 0
+    for reads, (want, got) in enumerate(_read_and_write([plain, fixed], 30), 1):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        assert fixed._readable.masks is not None and fixed._readable.operand.shape[1] == max_long + 4 * 6
+        if reads % 7 == 0:
+            _same_usage(plain, fixed)
+    assert reads == 58 and fixed.long_mem.num_groups == 3 and fixed.long_mem.size == min(max_long, 56)
+    _same_usage(plain, fixed)
+
+
+def test_fixed_layout_columns_grow_in_quanta_up_to_the_capacity():
+    layout = _FixedLayout(capacity=10000 + 10 * 1620, frame_elements=1620)
+    assert [layout.columns(n) for n in (1, 1620, 2048, 2049, 26199)] == [1024, 2048, 2048, 3072, 26200]
+    assert _FixedLayout(capacity=10**6, frame_elements=8160).columns(8161) == 12240  # half a frame
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fixed_layout_reads_replay_cuda_graphs_and_equal_the_plain_reading():
+    config = _tiny_memory_config()
+    graphs = GraphCache()
+    plain, fixed = MemoryManager(config), MemoryManager(config, graphs)
+    for want, got in _read_and_write([plain, fixed], 30, device="cuda"):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    _same_usage(plain, fixed)
+    assert graphs.captured >= 3 and graphs.failures == 0  # one per number of groups
 
 
 def test_memory_manager_without_long_term_keeps_everything():

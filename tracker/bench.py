@@ -229,7 +229,7 @@ def bench_codec_ceiling(clip: Path, name: str, device: torch.device, out_dir: Pa
     writer = VideoWriter(out_dir / f"{name}_copy.mp4", info, audio_from=clip)
     sink = ThreadedSink("encode", writer.write, writer.close, writer.abort)
     rate = SteadyRate(min(WARMUP_FRAMES, info.frame_count // 3))
-    frames = prefetch(iter_frames(clip, yuv=prep.planes), depth=4, stop=threading.Event())
+    frames = prefetch(iter_frames(clip, yuv=prep.planes), depth=4, stop=threading.Event(), stage=prep.stage)
     for done, frame in enumerate(frames, 1):
         image, _ = prep.prepare(frame)
         sink.put(encoder_picture(image, graphs=graphs), frame.pts, frame.time)

@@ -29,7 +29,7 @@ from XMem.model.fusion import inference_copy
 
 from . import colour
 from .errors import Cancelled, TrackerError
-from .transfer import Download, upload
+from .transfer import Download, pinned, upload
 from .video import DEFAULT_PRESET, Frame, VideoInfo, iter_frames
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -204,6 +204,18 @@ class FramePrep:
         """Ask the decoder for YUV planes: they are converted to RGB here, on the device."""
         return colour.colour_on_device(self.device)
 
+    def stage(self, frame: Frame) -> Frame:
+        """The frame with its pixels copied into pinned memory for the GPU (on CUDA; other devices: as it is).
+
+        Run where frames are decoded (see `prefetch`), so that the tracking
+        loop, which bounds the pipeline, only queues the copy to the GPU.
+        """
+        if self.device.type != "cuda":
+            return frame
+        if frame.yuv is None:
+            return replace(frame, image=pinned(frame.image))
+        return replace(frame, yuv=replace(frame.yuv, planes=pinned(frame.yuv.planes)))
+
     def upload(self, frame: Frame) -> torch.Tensor:
         """The frame as HxWx3 uint8 RGB on the device."""
         to_rgb, _, pixels = self._source(frame)
@@ -315,14 +327,19 @@ class TrackedFrame:
         return (self.labels == object_id).cpu().numpy()
 
 
-def prefetch(items: Iterable, depth: int, stop: threading.Event) -> Iterator:
-    """Run an iterator in a background thread, `depth` items ahead (decode overlaps compute)."""
+def prefetch(items: Iterable, depth: int, stop: threading.Event, stage: Callable | None = None) -> Iterator:
+    """Run an iterator in a background thread, `depth` items ahead (decode overlaps compute).
+
+    `stage(item)`, if given, runs in that thread too, and its result is what comes out.
+    """
     q: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
 
     def worker() -> None:
         try:
             for item in items:
+                if stage is not None:
+                    item = stage(item)
                 while not stop.is_set():
                     try:
                         q.put(item, timeout=0.1)
@@ -410,7 +427,8 @@ def track_frames(
         lookup = forward.lookup(device)
         last = info.frame_count - 1
         pace = LaunchPacer(device)
-        for frame in prefetch(iter_frames(info.path, yuv=prep.planes), depth=4, stop=threading.Event()):
+        for frame in prefetch(iter_frames(info.path, yuv=prep.planes), depth=4, stop=threading.Event(),
+                              stage=prep.stage):
             pace()
             if frame.index < start:
                 image = prep.upload(frame)
@@ -442,7 +460,7 @@ class LaunchPacer:
     def __call__(self) -> None:
         if not self.enabled:
             return
-        event = torch.cuda.Event()
+        event = torch.cuda.Event(blocking=True)  # waited for asleep, not spinning on a core the codecs need
         event.record()
         self.events.append(event)
         if len(self.events) > self.lead:
@@ -455,7 +473,8 @@ def _track_backward(network: torch.nn.Module, config: dict, info: VideoInfo, pre
     frames = np.lib.format.open_memmap(tmp / "frames.npy", mode="w+", dtype=np.uint8,
                                        shape=(start + 1, prep.work_h, prep.work_w, 3))
     decoded = 0
-    for frame in prefetch(iter_frames(info.path, 0, start + 1, yuv=prep.planes), depth=4, stop=threading.Event()):
+    for frame in prefetch(iter_frames(info.path, 0, start + 1, yuv=prep.planes), depth=4, stop=threading.Event(),
+                          stage=prep.stage):
         frames[frame.index] = prep.resize(prep.upload(frame)).cpu().numpy()
         decoded += 1
     if decoded != start + 1:

@@ -4,9 +4,9 @@ At video resolution a step's convolutions take far less GPU time than
 launching them one by one from Python. The key encoder, the value encoder and
 the decoder see the same shapes on every frame of a video, so each distinct
 call (shapes, dtypes, flags, autocast state) is captured once and replayed
-afterwards. The memory readout, whose sizes change as memory grows, stays
-eager. Results equal the plain network's up to the rounding of the kernels
-cuDNN picks.
+afterwards (the memory readout too, through fixed-capacity buffers: see
+`MemoryManager`). Results equal the plain network's up to the rounding of the
+kernels cuDNN picks.
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ class CapturedCall:
     `fn(*inputs)` must not synchronise with the host; calling the object copies
     new inputs (same shapes) into the buffers, replays, and returns copies of
     the outputs, or with `transient` the static outputs themselves. An input
-    for which `in_place` holds (the transient output of another call) is read
-    where it lies instead of being copied.
+    for which `in_place` holds (the transient output of another call, or a
+    tensor fixed in place) is read where it lies instead of being copied.
     """
 
     def __init__(self, fn: Callable[..., Any], inputs: Tensors, pool: tuple, transient: bool = False,
@@ -41,12 +41,15 @@ class CapturedCall:
         # Warm-up: lazy initialisation and cuDNN's algorithm choice happen outside capture. cuDNN picks by its
         # heuristics: its benchmark mode, which times every candidate in its own workspace, took the first video
         # of a process to a 34 GB peak of GPU memory on an H200 (under 2 GB once its choices were cached).
+        # Inputs read in place are warmed up on copies, so that `fn` may update them in place (the capture
+        # itself runs nothing).
         with torch.cuda.stream(side):
             for _ in range(2):
-                fn(*self.inputs)
+                fn(*(t.clone() if t is not None and in_place(t) else t for t in self.inputs))
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        # Thread-local: the decode and writer threads allocate pinned memory and wait for copies meanwhile.
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.outputs = fn(*self.inputs)
 
     def __call__(self, inputs: Tensors) -> Any:
@@ -91,7 +94,7 @@ class GraphCache:
         self.enabled = enabled
         self._pool: tuple | None = None
         self._graphs: dict[tuple, CapturedCall | None] = {}
-        self._transient: set[int] = set()  # data pointers of transient outputs, readable in place
+        self._in_place: set[int] = set()  # data pointers of transient outputs and fixed tensors
 
     @property
     def captured(self) -> int:
@@ -102,6 +105,10 @@ class GraphCache:
     def failures(self) -> int:
         """How many calls run eagerly because their capture failed."""
         return sum(graph is None for graph in self._graphs.values())
+
+    def fix(self, *tensors: torch.Tensor) -> None:
+        """Tensors that stay where they are for this cache's life: calls read (and may update) them in place."""
+        self._in_place.update(t.data_ptr() for t in tensors)
 
     def run(self, name: str, flags: tuple, fn: Callable[..., Any], inputs: Tensors, transient: bool = False) -> Any:
         """`fn(*inputs)`; with `transient`, outputs that stay valid only until this call runs again.
@@ -117,13 +124,13 @@ class GraphCache:
                 self._pool = torch.cuda.graph_pool_handle()
             try:
                 captured = CapturedCall(fn, inputs, self._pool, transient,
-                                        in_place=lambda tensor: tensor.data_ptr() in self._transient)
+                                        in_place=lambda tensor: tensor.data_ptr() in self._in_place)
             except RuntimeError as exc:
                 log.warning("%s runs without a CUDA graph: capturing it failed: %s", name, exc)
                 captured = None
             else:
                 if transient:
-                    self._transient.update(t.data_ptr() for t in _tensors(captured.outputs))
+                    self._in_place.update(t.data_ptr() for t in _tensors(captured.outputs))
             self._graphs[key] = captured
         captured = self._graphs[key]
         return fn(*inputs) if captured is None else captured(inputs)

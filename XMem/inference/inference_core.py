@@ -7,6 +7,7 @@ import torch
 
 from ..model.aggregate import aggregate
 from ..model.network import XMem
+from .graphed_network import GraphCache, GraphedXMem
 from .memory_manager import MemoryManager
 from .padding import pad_to_multiple, unpad
 
@@ -53,7 +54,8 @@ class InferenceCore:
         self.curr_ti = -1
         self.last_mem_ti = 0
         self.last_deep_update_ti = -self.deep_update_every
-        self.memory = MemoryManager(self.config)
+        # A graphed network's memory is read by graph replays too, in graphs of its own (they read its buffers).
+        self.memory = MemoryManager(self.config, GraphCache() if isinstance(self.network, GraphedXMem) else None)
 
     def set_all_labels(self, labels: Sequence[int]) -> None:
         """The labels 1..n of every object given so far (grows when objects are added)."""

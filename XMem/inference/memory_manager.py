@@ -15,6 +15,7 @@ import torch
 
 from ..model.memory_util import (element_major, get_similarity, memory_operand, operand_similarity, sparse_readout,
                                  sparse_topk_softmax, sparse_usage)
+from .graphed_network import GraphCache
 from .kv_memory_store import KeyValueMemoryStore
 
 
@@ -22,18 +23,98 @@ from .kv_memory_store import KeyValueMemoryStore
 class _ReadableMemory:
     """What reading memory needs that only a write changes (the similarity's memory operand, values by element)."""
 
-    operand: torch.Tensor  # (1, N, D) for N keys, long-term first
+    operand: torch.Tensor  # (1, C, D): N keys, long-term first (a fixed layout: then unused columns up to C)
     with_selection: bool
     long_size: int
-    # Per object group: its first key (it has values from there on), its values by element
-    # (N_g, objects * C_v), and its number of objects.
+    size: int  # N
+    # Per object group: its first column (it has values from there on), its values by element for those
+    # columns (N_g, objects * C_v), and its number of objects. A fixed layout has rows for every column instead.
     groups: list[tuple[int, torch.Tensor, int]]
+    # A fixed layout only (its operand has a bias column, -inf beyond N): per group after the first, -inf on
+    # the columns before its own and 0 from there on; the use and life counters of every column, which the
+    # reads advance; how many reads have done so since this was built.
+    masks: list[torch.Tensor] | None = None
+    use: torch.Tensor | None = None
+    life: torch.Tensor | None = None
+    reads: int = 0
+
+
+class _FixedLayout:
+    """Buffers that hold readable memory at a fixed capacity, read through their first columns.
+
+    With these the read's shapes change only when memory outgrows a quantum
+    of columns, and the buffers never move, so a CUDA graph captured for some
+    number of columns keeps reading what memory holds later. Long-term memory
+    bounds the capacity: at most max_long_term_elements plus
+    max_mid_term_frames frames of working memory.
+    """
+
+    def __init__(self, capacity: int, frame_elements: int):
+        self.capacity = capacity
+        self.quantum = max(1024, frame_elements // 2)
+        self.operands: dict[int, torch.Tensor] = {}  # by operand width (without the bias column)
+        self.values: list[torch.Tensor] = []  # per object group, (capacity, objects * C_v)
+        self.masks: list[torch.Tensor] = []  # per object group after the first
+        self.counters: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def columns(self, size: int) -> int:
+        return min(self.capacity, -(-size // self.quantum) * self.quantum)
+
+    def fits(self, operand: torch.Tensor, spans: list[tuple[int, torch.Tensor]]) -> bool:
+        """Whether memory with this operand and these group spans (first column, values) fits the buffers.
+
+        The groups' first columns must not decrease (each reads a suffix of
+        the previous group's columns), as consolidation and pruning keep them.
+        """
+        size, width = operand.shape[1:]
+        firsts = [first_column for first_column, _ in spans]
+        return (size <= self.capacity and firsts[0] == 0 and firsts == sorted(firsts)
+                and (width not in self.operands or self.operands[width].dtype == operand.dtype)
+                and all(values.shape[0] * values.shape[1] == self.values[g].shape[1]
+                        and values.dtype == self.values[g].dtype for g, (_, values) in enumerate(spans[:len(self.values)])))
+
+    def load(self, operand: torch.Tensor, spans: list[tuple[int, torch.Tensor]], counters: list[torch.Tensor],
+             with_selection: bool, long_size: int, graphs: GraphCache) -> _ReadableMemory:
+        """Copy memory into the buffers; `counters` are the use and life counts of all N elements."""
+        size, width = operand.shape[1:]
+        columns = self.columns(size)
+        if width not in self.operands:
+            self.operands[width] = operand.new_zeros((1, self.capacity, width + 1))
+            graphs.fix(self.operands[width])
+        biased = self.operands[width]
+        biased[:, :size, :width] = operand
+        biased[:, :size, width] = 0
+        biased[:, size:, width] = float("-inf")
+        for group, (first_column, values) in enumerate(spans):
+            if group == len(self.values):
+                self.values.append(values.new_zeros((self.capacity, values.shape[0] * values.shape[1])))
+                graphs.fix(self.values[-1])
+                if group:
+                    self.masks.append(operand.new_zeros(self.capacity))
+                    graphs.fix(self.masks[-1])
+            self.values[group][first_column:size] = values.flatten(0, 1).T
+            if group:
+                self.masks[group - 1].zero_()[:first_column] = float("-inf")
+        if self.counters is None:
+            self.counters = tuple(counters[0].new_zeros((1, self.capacity)) for _ in range(2))
+            graphs.fix(*self.counters)
+        use, life = (counter[:, :columns] for counter in self.counters)
+        use[:, :size], life[:, :size] = counters
+        groups = [(0, self.values[g][:columns], values.shape[0]) for g, (_, values) in enumerate(spans)]
+        return _ReadableMemory(biased[:, :columns], with_selection, long_size, size, groups,
+                               [mask[:columns] for mask in self.masks[:len(spans) - 1]], use, life)
 
 
 class MemoryManager:
-    """Reads from and writes to the memories of one video."""
+    """Reads from and writes to the memories of one video.
 
-    def __init__(self, config: dict):
+    With `graphs` (and long-term memory, which bounds its size) memory is read
+    in a fixed layout whose shapes change rarely, as one CUDA graph replay
+    where `graphs` captures them; the reads' usage counts reach the stores
+    at the next write (or `flush_usage`). Results equal the plain reading's.
+    """
+
+    def __init__(self, config: dict, graphs: GraphCache | None = None):
         self.hidden_dim = config["hidden_dim"]
         self.top_k = config["top_k"]
         self.enable_long_term = config["enable_long_term"]
@@ -48,6 +129,8 @@ class MemoryManager:
         # Sensory memory, (1, objects, hidden_dim, H/16, W/16).
         self.hidden: torch.Tensor | None = None
         self._readable: _ReadableMemory | None = None
+        self.graphs = graphs if self.enable_long_term else None
+        self._layout: _FixedLayout | None = None
 
     def match_memory(self, query_key: torch.Tensor, selection: torch.Tensor | None) -> torch.Tensor:
         """Read every object's memory at each query pixel: (objects, C_v, H, W).
@@ -60,22 +143,69 @@ class MemoryManager:
         height, width = query_key.shape[-2:]
         readable = self._readable
         if readable is None or readable.with_selection != (selection is not None):
-            readable = self._readable = self._make_readable(with_selection=selection is not None)
-        similarity = operand_similarity(readable.operand, query_key, selection, query_major=True)
-
-        readouts = []
-        for group, (first_column, per_element, objects) in enumerate(readable.groups):
-            group_similarity = similarity[..., first_column:]
-            weights, indices = sparse_topk_softmax(group_similarity, self.top_k)
-            if group == 0 and self.enable_long_term:
-                usage = sparse_usage(weights, indices, group_similarity.shape[-1])
+            self.flush_usage()
+            readable = self._readable = self._make_readable(selection is not None, height * width)
+        if readable.masks is None:
+            similarity = operand_similarity(readable.operand, query_key, selection, query_major=True)
+            readout, usage = self._read(similarity, readable.groups)
+            if usage is not None:
                 self.work_mem.update_usage(usage[:, readable.long_size:])
                 if readable.long_size:
                     self.long_mem.update_usage(usage[:, :readable.long_size])
-            readouts.append(sparse_readout(weights, indices, per_element, objects))
-        return torch.cat(readouts, 0).view(-1, readouts[0].shape[1], height, width)
+        else:
+            objects = tuple(group[2] for group in readable.groups)
+            readable.reads += 1
+            readout = self.graphs.run(
+                "read_memory", (objects, self.top_k),
+                lambda *inputs: self._read_fixed(objects, *inputs),
+                [readable.operand, query_key, selection, readable.use, readable.life, *readable.masks,
+                 *(group[1] for group in readable.groups)], transient=True)
+        return readout.view(-1, readout.shape[1], height, width)
 
-    def _make_readable(self, with_selection: bool) -> _ReadableMemory:
+    def _read(self, similarity: torch.Tensor, groups: list[tuple[int, torch.Tensor, int]],
+              masks: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(objects, C_v, P) readouts from (1, P, C) similarities, and the first group's usage of every column.
+
+        With `masks` (a fixed layout) the first group reads every column and
+        each later group the columns its mask leaves open, a suffix of the
+        previous group's (it joined later), so the masks are added in turn.
+        """
+        readouts, usage = [], None
+        for group, (first_column, per_element, objects) in enumerate(groups):
+            if masks is None:
+                group_similarity = similarity[..., first_column:]
+            else:
+                group_similarity = similarity.add_(masks[group - 1]) if group else similarity
+            weights, indices = sparse_topk_softmax(group_similarity, self.top_k)
+            if group == 0 and self.enable_long_term:
+                usage = sparse_usage(weights, indices, group_similarity.shape[-1])
+            readouts.append(sparse_readout(weights, indices, per_element, objects))
+        return torch.cat(readouts, 0), usage
+
+    def _read_fixed(self, objects: tuple[int, ...], operand: torch.Tensor, query_key: torch.Tensor,
+                    selection: torch.Tensor | None, use: torch.Tensor, life: torch.Tensor,
+                    *masks_and_values: torch.Tensor) -> torch.Tensor:
+        """`_read` in the fixed layout, advancing the use and life counters in place."""
+        masks, values = masks_and_values[:len(objects) - 1], masks_and_values[len(objects) - 1:]
+        similarity = operand_similarity(operand, query_key, selection, query_major=True, biased=True)
+        readout, usage = self._read(similarity, [(0, v, o) for v, o in zip(values, objects)], list(masks))
+        use.add_(usage)
+        life.add_(1)
+        return readout
+
+    def flush_usage(self) -> None:
+        """Hand the usage counts that reads in the fixed layout gathered to the stores."""
+        readable = self._readable
+        if readable is None or not readable.reads:
+            return
+        spans = ((self.long_mem, 0, readable.long_size), (self.work_mem, readable.long_size, readable.size))
+        for store, start, end in spans:
+            if end > start and store.count_usage:
+                store.use_count.copy_(readable.use[:, start:end].view_as(store.use_count))
+                store.life_count.copy_(readable.life[:, start:end].view_as(store.life_count))
+        readable.reads = 0
+
+    def _make_readable(self, with_selection: bool, frame_elements: int) -> _ReadableMemory:
         """The memory side of reading, built once per memory change: all frames in between share it.
 
         Keys are long-term then working memory; each group reads the suffix of
@@ -89,7 +219,7 @@ class MemoryManager:
         else:
             key, shrinkage = torch.cat([long.key, work.key], -1), torch.cat([long.shrinkage, work.shrinkage], -1)
             long_size = long.size
-        groups = []
+        spans = []
         for group in range(work.num_groups):
             first_column = long_size + work.size - work.value_size(group)
             values = work.values[group]
@@ -101,8 +231,17 @@ class MemoryManager:
                                        f"{work.value_size(group)} of {work.size} working elements")
                 first_column = long_size - long.value_size(group)
                 values = torch.cat([long.values[group], values], -1)
-            groups.append((first_column, element_major(values), values.shape[0]))
-        return _ReadableMemory(memory_operand(key, shrinkage, with_selection), with_selection, long_size, groups)
+            spans.append((first_column, values))
+        operand = memory_operand(key, shrinkage, with_selection)
+        if self.graphs is not None and self._layout is None:
+            self._layout = _FixedLayout(self.max_long_elements + self.max_mt_frames * frame_elements, frame_elements)
+        if self._layout is not None and self._layout.fits(operand, spans):
+            stores = [work] if long is None else [long, work]  # working memory counts usage in long-term mode
+            counters = [torch.cat([getattr(s, name) if s.count_usage else work.use_count.new_zeros((1, 1, s.size))
+                                   for s in stores], -1).flatten(1) for name in ("use_count", "life_count")]
+            return self._layout.load(operand, spans, counters, with_selection, long_size, self.graphs)
+        groups = [(first_column, element_major(values), values.shape[0]) for first_column, values in spans]
+        return _ReadableMemory(operand, with_selection, long_size, operand.shape[1], groups)
 
     def add_memory(self, key: torch.Tensor, shrinkage: torch.Tensor, value: torch.Tensor,
                    objects: list[int], selection: torch.Tensor | None = None) -> None:
@@ -111,6 +250,7 @@ class MemoryManager:
         In long-term mode a full working memory is then consolidated, after
         pruning long-term memory if the new prototypes would not fit.
         """
+        self.flush_usage()
         self._readable = None
         frame_elements = key.shape[-2] * key.shape[-1]
         self.work_mem.add_frame(key.flatten(start_dim=2), shrinkage.flatten(start_dim=2),
