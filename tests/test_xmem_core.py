@@ -236,6 +236,16 @@ def test_fixed_layout_columns_grow_in_quanta_up_to_the_capacity():
     assert _FixedLayout(capacity=10**6, frame_elements=8160).columns(8161) == 12240  # half a frame
 
 
+def test_memory_too_large_for_a_fixed_layout_is_read_as_it_is(monkeypatch):
+    """Similarities at full capacity must fit the scratch limit; otherwise reading sizes them to the memory."""
+    monkeypatch.setattr(_FixedLayout, "SCRATCH_LIMIT", 6 * 34 * 8 - 1)  # one byte short at the tiny config
+    config = _tiny_memory_config()
+    plain, fixed = MemoryManager(config), MemoryManager(config, GraphCache(enabled=False))
+    for want, got in _read_and_write([plain, fixed], 8):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert fixed._readable.masks is None
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fixed_layout_reads_replay_cuda_graphs_and_equal_the_plain_reading():
     config = _tiny_memory_config()

@@ -41,11 +41,9 @@ class CapturedCall:
         # Warm-up: lazy initialisation and cuDNN's algorithm choice happen outside capture. cuDNN picks by its
         # heuristics: its benchmark mode, which times every candidate in its own workspace, took the first video
         # of a process to a 34 GB peak of GPU memory on an H200 (under 2 GB once its choices were cached).
-        # Inputs read in place are warmed up on copies, so that `fn` may update them in place (the capture
-        # itself runs nothing).
         with torch.cuda.stream(side):
             for _ in range(2):
-                fn(*(t.clone() if t is not None and in_place(t) else t for t in self.inputs))
+                fn(*self.inputs)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         # Thread-local: the decode and writer threads allocate pinned memory and wait for copies meanwhile.
@@ -107,7 +105,10 @@ class GraphCache:
         return sum(graph is None for graph in self._graphs.values())
 
     def fix(self, *tensors: torch.Tensor) -> None:
-        """Tensors that stay where they are for this cache's life: calls read (and may update) them in place."""
+        """Tensors that stay where they are for this cache's life: calls read them (or write scratch) in place.
+
+        `fn` must not update a tensor it only reads: warming up runs it twice before the capture.
+        """
         self._in_place.update(t.data_ptr() for t in tensors)
 
     def run(self, name: str, flags: tuple, fn: Callable[..., Any], inputs: Tensors, transient: bool = False) -> Any:

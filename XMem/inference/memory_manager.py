@@ -31,9 +31,10 @@ class _ReadableMemory:
     # columns (N_g, objects * C_v), and its number of objects. A fixed layout has rows for every column instead.
     groups: list[tuple[int, torch.Tensor, int]]
     # A fixed layout only (its operand has a bias column, -inf beyond N): per group after the first, -inf on
-    # the columns before its own and 0 from there on; the use and life counters of every column, which the
-    # reads advance; how many reads have done so since this was built.
+    # the columns before its own and 0 from there on; where the (1, P, C) similarities go; the use and life
+    # counters of every column, which the reads advance; how many reads have done so since this was built.
     masks: list[torch.Tensor] | None = None
+    scratch: torch.Tensor | None = None
     use: torch.Tensor | None = None
     life: torch.Tensor | None = None
     reads: int = 0
@@ -46,21 +47,29 @@ class _FixedLayout:
     of columns, and the buffers never move, so a CUDA graph captured for some
     number of columns keeps reading what memory holds later. Long-term memory
     bounds the capacity: at most max_long_term_elements plus
-    max_mid_term_frames frames of working memory.
+    max_mid_term_frames frames of working memory. The similarities are
+    written to a buffer of that capacity too: made inside the graphs, each
+    larger one would take new memory from their pool and keep it.
     """
+
+    # The largest similarity buffer worth keeping for a whole video (480p: 170 MB); beyond it memory is read
+    # eagerly, and its similarities take only what the memory of the moment needs.
+    SCRATCH_LIMIT = 512 * 2**20
 
     def __init__(self, capacity: int, frame_elements: int):
         self.capacity = capacity
+        self.frame_elements = frame_elements
         self.quantum = max(1024, frame_elements // 2)
         self.operands: dict[int, torch.Tensor] = {}  # by operand width (without the bias column)
         self.values: list[torch.Tensor] = []  # per object group, (capacity, objects * C_v)
         self.masks: list[torch.Tensor] = []  # per object group after the first
+        self.scratch: torch.Tensor | None = None
         self.counters: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def columns(self, size: int) -> int:
         return min(self.capacity, -(-size // self.quantum) * self.quantum)
 
-    def fits(self, operand: torch.Tensor, spans: list[tuple[int, torch.Tensor]]) -> bool:
+    def fits(self, operand: torch.Tensor, spans: list[tuple[int, torch.Tensor]], frame_elements: int) -> bool:
         """Whether memory with this operand and these group spans (first column, values) fits the buffers.
 
         The groups' first columns must not decrease (each reads a suffix of
@@ -68,7 +77,9 @@ class _FixedLayout:
         """
         size, width = operand.shape[1:]
         firsts = [first_column for first_column, _ in spans]
-        return (size <= self.capacity and firsts[0] == 0 and firsts == sorted(firsts)
+        return (size <= self.capacity and frame_elements == self.frame_elements
+                and self.frame_elements * self.capacity * operand.element_size() <= self.SCRATCH_LIMIT
+                and firsts[0] == 0 and firsts == sorted(firsts)
                 and (width not in self.operands or self.operands[width].dtype == operand.dtype)
                 and all(values.shape[0] * values.shape[1] == self.values[g].shape[1]
                         and values.dtype == self.values[g].dtype for g, (_, values) in enumerate(spans[:len(self.values)])))
@@ -95,14 +106,16 @@ class _FixedLayout:
             self.values[group][first_column:size] = values.flatten(0, 1).T
             if group:
                 self.masks[group - 1].zero_()[:first_column] = float("-inf")
-        if self.counters is None:
+        if self.scratch is None:
+            self.scratch = operand.new_empty(self.frame_elements * self.capacity)
             self.counters = tuple(counters[0].new_zeros((1, self.capacity)) for _ in range(2))
-            graphs.fix(*self.counters)
+            graphs.fix(self.scratch)
         use, life = (counter[:, :columns] for counter in self.counters)
         use[:, :size], life[:, :size] = counters
         groups = [(0, self.values[g][:columns], values.shape[0]) for g, (_, values) in enumerate(spans)]
+        scratch = self.scratch[:self.frame_elements * columns].view(1, self.frame_elements, columns)
         return _ReadableMemory(biased[:, :columns], with_selection, long_size, size, groups,
-                               [mask[:columns] for mask in self.masks[:len(spans) - 1]], use, life)
+                               [mask[:columns] for mask in self.masks[:len(spans) - 1]], scratch, use, life)
 
 
 class MemoryManager:
@@ -154,12 +167,14 @@ class MemoryManager:
                     self.long_mem.update_usage(usage[:, :readable.long_size])
         else:
             objects = tuple(group[2] for group in readable.groups)
-            readable.reads += 1
-            readout = self.graphs.run(
+            readout, usage = self.graphs.run(
                 "read_memory", (objects, self.top_k),
                 lambda *inputs: self._read_fixed(objects, *inputs),
-                [readable.operand, query_key, selection, readable.use, readable.life, *readable.masks,
+                [readable.operand, query_key, selection, readable.scratch, *readable.masks,
                  *(group[1] for group in readable.groups)], transient=True)
+            readable.use.add_(usage)
+            readable.life.add_(1)
+            readable.reads += 1
         return readout.view(-1, readout.shape[1], height, width)
 
     def _read(self, similarity: torch.Tensor, groups: list[tuple[int, torch.Tensor, int]],
@@ -183,15 +198,12 @@ class MemoryManager:
         return torch.cat(readouts, 0), usage
 
     def _read_fixed(self, objects: tuple[int, ...], operand: torch.Tensor, query_key: torch.Tensor,
-                    selection: torch.Tensor | None, use: torch.Tensor, life: torch.Tensor,
-                    *masks_and_values: torch.Tensor) -> torch.Tensor:
-        """`_read` in the fixed layout, advancing the use and life counters in place."""
+                    selection: torch.Tensor | None, scratch: torch.Tensor,
+                    *masks_and_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_read` in the fixed layout, its similarities written to `scratch`."""
         masks, values = masks_and_values[:len(objects) - 1], masks_and_values[len(objects) - 1:]
-        similarity = operand_similarity(operand, query_key, selection, query_major=True, biased=True)
-        readout, usage = self._read(similarity, [(0, v, o) for v, o in zip(values, objects)], list(masks))
-        use.add_(usage)
-        life.add_(1)
-        return readout
+        similarity = operand_similarity(operand, query_key, selection, query_major=True, biased=True, out=scratch)
+        return self._read(similarity, [(0, v, o) for v, o in zip(values, objects)], list(masks))
 
     def flush_usage(self) -> None:
         """Hand the usage counts that reads in the fixed layout gathered to the stores."""
@@ -235,7 +247,7 @@ class MemoryManager:
         operand = memory_operand(key, shrinkage, with_selection)
         if self.graphs is not None and self._layout is None:
             self._layout = _FixedLayout(self.max_long_elements + self.max_mt_frames * frame_elements, frame_elements)
-        if self._layout is not None and self._layout.fits(operand, spans):
+        if self._layout is not None and self._layout.fits(operand, spans, frame_elements):
             stores = [work] if long is None else [long, work]  # working memory counts usage in long-term mode
             counters = [torch.cat([getattr(s, name) if s.count_usage else work.use_count.new_zeros((1, 1, s.size))
                                    for s in stores], -1).flatten(1) for name in ("use_count", "life_count")]

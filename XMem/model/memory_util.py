@@ -29,14 +29,15 @@ def get_similarity(memory_key: torch.Tensor, memory_shrinkage: torch.Tensor | No
 
 
 def operand_similarity(memory_side: torch.Tensor, query_key: torch.Tensor, query_selection: torch.Tensor | None,
-                       query_major: bool = False, biased: bool = False) -> torch.Tensor:
+                       query_major: bool = False, biased: bool = False,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
     """`get_similarity` from a ready memory operand, which stays the same until memory changes.
 
     With `biased` the operand has one more column: a bias per memory element
     that the product adds to every query pixel's similarity (-inf leaves the
-    element out of the top-k at no extra pass). Under mixed precision it
-    still runs in fp32: the expansion subtracts large, nearly equal terms,
-    which half precision cannot.
+    element out of the top-k at no extra pass). `out`: where to write the
+    (contiguous) result. Under mixed precision it still runs in fp32: the
+    expansion subtracts large, nearly equal terms, which half precision cannot.
     """
     with torch.autocast(query_key.device.type, enabled=False):
         query_side = query_operand(_at_least_fp32(query_key),
@@ -44,8 +45,8 @@ def operand_similarity(memory_side: torch.Tensor, query_key: torch.Tensor, query
         if biased:
             query_side = torch.cat([query_side, torch.ones_like(query_side[:, :1])], dim=1)
         if query_major:
-            return query_side.transpose(1, 2) @ memory_side.transpose(1, 2)
-        return memory_side @ query_side
+            return torch.matmul(query_side.transpose(1, 2), memory_side.transpose(1, 2), out=out)
+        return torch.matmul(memory_side, query_side, out=out)
 
 
 def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
