@@ -81,8 +81,8 @@ class _FixedLayout:
                 and self.frame_elements * self.capacity * operand.element_size() <= self.SCRATCH_LIMIT
                 and firsts[0] == 0 and firsts == sorted(firsts)
                 and (width not in self.operands or self.operands[width].dtype == operand.dtype)
-                and all(values.shape[0] * values.shape[1] == self.values[g].shape[1]
-                        and values.dtype == self.values[g].dtype for g, (_, values) in enumerate(spans[:len(self.values)])))
+                and all(values.shape[0] * values.shape[1] == buffer.shape[1] and values.dtype == buffer.dtype
+                        for (_, values), buffer in zip(spans, self.values)))
 
     def load(self, operand: torch.Tensor, spans: list[tuple[int, torch.Tensor]], counters: list[torch.Tensor],
              with_selection: bool, long_size: int, graphs: GraphCache) -> _ReadableMemory:
