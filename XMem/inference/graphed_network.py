@@ -123,7 +123,7 @@ class GraphCache:
     def fix(self, *tensors: torch.Tensor) -> None:
         """Tensors that stay where they are for this cache's life: calls read them (or write scratch) in place.
 
-        `fn` must not update a tensor it only reads: warming up runs it twice before the capture.
+        A call must not update a fixed tensor that it reads: warming up runs it twice before the capture.
         """
         self._in_place.update(t.data_ptr() for t in tensors)
 

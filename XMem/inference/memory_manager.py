@@ -32,12 +32,11 @@ class _ReadableMemory:
     groups: list[tuple[int, torch.Tensor, int]]
     # A fixed layout only (its operand has a bias column, -inf beyond N): per group after the first, -inf on
     # the columns before its own and 0 from there on; where the (1, P, C) similarities go; the use and life
-    # counters of every column, which the reads advance; how many reads have done so since this was built.
+    # counters of every column, which the reads advance.
     masks: list[torch.Tensor] | None = None
     scratch: torch.Tensor | None = None
     use: torch.Tensor | None = None
     life: torch.Tensor | None = None
-    reads: int = 0
 
 
 class _FixedLayout:
@@ -60,7 +59,7 @@ class _FixedLayout:
         self.capacity = capacity
         self.frame_elements = frame_elements
         self.quantum = max(1024, frame_elements // 2)
-        self.operands: dict[int, torch.Tensor] = {}  # by operand width (without the bias column)
+        self.operand: torch.Tensor | None = None  # (1, capacity, D + 1), the last column the bias
         self.values: list[torch.Tensor] = []  # per object group, (capacity, objects * C_v)
         self.masks: list[torch.Tensor] = []  # per object group after the first
         self.scratch: torch.Tensor | None = None
@@ -80,7 +79,8 @@ class _FixedLayout:
         return (size <= self.capacity and frame_elements == self.frame_elements
                 and self.frame_elements * self.capacity * operand.element_size() <= self.SCRATCH_LIMIT
                 and firsts[0] == 0 and firsts == sorted(firsts)
-                and (width not in self.operands or self.operands[width].dtype == operand.dtype)
+                and (self.operand is None or self.operand.shape[-1] == width + 1
+                     and self.operand.dtype == operand.dtype)
                 and all(values.shape[0] * values.shape[1] == buffer.shape[1] and values.dtype == buffer.dtype
                         for (_, values), buffer in zip(spans, self.values)))
 
@@ -89,10 +89,10 @@ class _FixedLayout:
         """Copy memory into the buffers; `counters` are the use and life counts of all N elements."""
         size, width = operand.shape[1:]
         columns = self.columns(size)
-        if width not in self.operands:
-            self.operands[width] = operand.new_zeros((1, self.capacity, width + 1))
-            graphs.fix(self.operands[width])
-        biased = self.operands[width]
+        if self.operand is None:
+            self.operand = operand.new_zeros((1, self.capacity, width + 1))
+            graphs.fix(self.operand)
+        biased = self.operand
         biased[:, :size, :width] = operand
         biased[:, :size, width] = 0
         biased[:, size:, width] = float("-inf")
@@ -174,7 +174,6 @@ class MemoryManager:
                  *(group[1] for group in readable.groups)], transient=True)
             readable.use.add_(usage)
             readable.life.add_(1)
-            readable.reads += 1
         return readout.view(-1, readout.shape[1], height, width)
 
     def _read(self, similarity: torch.Tensor, groups: list[tuple[int, torch.Tensor, int]],
@@ -208,14 +207,13 @@ class MemoryManager:
     def flush_usage(self) -> None:
         """Hand the usage counts that reads in the fixed layout gathered to the stores."""
         readable = self._readable
-        if readable is None or not readable.reads:
+        if readable is None or readable.use is None:
             return
         spans = ((self.long_mem, 0, readable.long_size), (self.work_mem, readable.long_size, readable.size))
         for store, start, end in spans:
             if end > start and store.count_usage:
                 store.use_count.copy_(readable.use[:, start:end].view_as(store.use_count))
                 store.life_count.copy_(readable.life[:, start:end].view_as(store.life_count))
-        readable.reads = 0
 
     def _make_readable(self, with_selection: bool, frame_elements: int) -> _ReadableMemory:
         """The memory side of reading, built once per memory change: all frames in between share it.
