@@ -37,10 +37,10 @@ def net64() -> XMem:
     return net
 
 
-def _track(network: XMem, steps: int = 12) -> list[torch.Tensor]:
+def _track(network: XMem, steps: int = 12, dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
     g = _generator(2)
-    image = torch.randn(3, 64, 100, generator=g, dtype=torch.float64)
-    mask = torch.zeros(2, 64, 100, dtype=torch.float64)
+    image = torch.randn(3, 64, 100, generator=g, dtype=dtype)
+    mask = torch.zeros(2, 64, 100, dtype=dtype)
     mask[0, 10:30, 10:40] = 1
     mask[1, 30:60, 50:90] = 1
     core = InferenceCore(network, dict(DEFAULT_CONFIG, mem_every=3))
@@ -70,6 +70,20 @@ def test_the_inference_copy_tracks_like_the_network_and_leaves_it_alone(net64):
     after = net64.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert net64.key_encoder.conv1.weight.is_contiguous()  # the original keeps its layout
+
+
+def test_a_copy_for_autocast_stores_its_weights_cast_and_tracks_exactly_as_autocast_would(net64):
+    """Autocast casts a convolution's weights on every call; stored cast, they give the same bits."""
+    net = XMem(dict(DEFAULT_CONFIG)).eval()
+    net.load_state_dict({name: tensor.float() for name, tensor in net64.state_dict().items()})
+    cast = inference_copy(net, torch.bfloat16)
+    assert cast.key_encoder.conv1.weight.dtype == torch.bfloat16
+    assert cast.value_encoder.fuser.attention.ChannelGate.mlp[1].weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = _track(inference_copy(net), 4, torch.float32), _track(cast, 4, torch.float32)
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)
 
 
 def test_folding_needs_evaluation_mode():

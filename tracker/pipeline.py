@@ -144,24 +144,25 @@ def stepping_network(network: torch.nn.Module, device: torch.device, options: Tr
     96 against 136 ms a step at 240p with AMX). Otherwise the network as it is
     (the plain path).
     """
+    dtype = resolve_precision(device, options.precision)
     if device.type == "cuda":
-        return GraphedXMem(_inference_copy(network)) if options.cuda_graphs else network
-    if resolve_precision(device, options.precision) is not None:
-        return _inference_copy(network)
+        return GraphedXMem(_inference_copy(network, dtype)) if options.cuda_graphs else network
+    if dtype is not None:
+        return _inference_copy(network, dtype)
     return network
 
 
-_INFERENCE_COPIES: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
+_INFERENCE_COPIES: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 _INFERENCE_COPIES_LOCK = threading.Lock()
 
 
-def _inference_copy(network: torch.nn.Module) -> torch.nn.Module:
-    """The network's fast inference copy, made once and shared by every video and session."""
+def _inference_copy(network: torch.nn.Module, autocast_dtype: torch.dtype | None) -> torch.nn.Module:
+    """The network's fast inference copy for one autocast type, made once and shared by every video and session."""
     with _INFERENCE_COPIES_LOCK:
-        fast = _INFERENCE_COPIES.get(network)
-        if fast is None:
-            fast = _INFERENCE_COPIES[network] = inference_copy(network)
-        return fast
+        copies = _INFERENCE_COPIES.setdefault(network, {})
+        if autocast_dtype not in copies:
+            copies[autocast_dtype] = inference_copy(network, autocast_dtype)
+        return copies[autocast_dtype]
 
 
 def working_size(width: int, height: int, size: int) -> tuple[int, int]:
