@@ -78,6 +78,7 @@ def test_a_copy_for_autocast_stores_its_weights_cast_and_tracks_exactly_as_autoc
     net.load_state_dict({name: tensor.float() for name, tensor in net64.state_dict().items()})
     cast = inference_copy(net, torch.bfloat16)
     assert cast.key_encoder.conv1.weight.dtype == torch.bfloat16
+    assert cast.key_encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert cast.value_encoder.fuser.attention.ChannelGate.mlp[1].weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in net.parameters())
     with torch.autocast("cpu", dtype=torch.bfloat16):
