@@ -140,8 +140,9 @@ def stepping_network(network: torch.nn.Module, device: torch.device, options: Tr
 
     Its inference copy (batch norms folded, residual blocks fused,
     channels-last, weights stored in the autocast type) on CUDA, replaying
-    CUDA graphs unless they are turned off, and on the CPU in bf16 (oneDNN's bf16 convolutions want channels-last:
-    96 against 136 ms a step at 240p with AMX). Otherwise the network as it is
+    CUDA graphs unless they are turned off, and on the CPU in bf16 (oneDNN's
+    bf16 convolutions want channels-last: 96 against 136 ms a step at 240p
+    with AMX). Otherwise the network as it is
     (the plain path).
     """
     dtype = resolve_precision(device, options.precision)
