@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from tracker.errors import Cancelled
-from tracker.pipeline import (Download, FramePrep, ThreadedSink, labels_at, prefetch, shrink_mask, stamp,
-                              working_size)
+from tracker.pipeline import (WRITER_QUEUE_BYTES, Download, FramePrep, ThreadedSink, labels_at, prefetch, shrink_mask,
+                              stamp, working_size, writer_queue_depth)
+from tracker.render import encoder_picture_bytes
 from tracker.video import Frame
 
 
@@ -129,6 +130,30 @@ def test_threaded_sink_abort_discards():
     assert events[-1] == "discard" and "finish" not in events
     with pytest.raises(Cancelled):
         sink.put(2)
+
+
+def test_a_writer_queue_holds_many_small_frames_and_few_large_ones_within_its_byte_budget():
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert encoder_picture_bytes(gpu, 1280, 720) == 1280 * 720 * 3 // 2  # 4:2:0 planes come back from a GPU
+    assert encoder_picture_bytes(cpu, 1280, 720) == 1280 * 720 * 3  # RGB elsewhere
+    assert writer_queue_depth(encoder_picture_bytes(gpu, 1280, 720)) == 64
+    depth_1080p = writer_queue_depth(encoder_picture_bytes(gpu, 1920, 1080))
+    assert 32 <= depth_1080p < 64 and depth_1080p * 1920 * 1080 * 3 // 2 <= WRITER_QUEUE_BYTES
+    assert writer_queue_depth(encoder_picture_bytes(gpu, 7680, 4320)) == 8  # never so shallow that encoding stalls
+
+
+def test_aborting_a_deep_queue_skips_what_is_still_queued():
+    written = []
+
+    def slow_write(i):
+        threading.Event().wait(0.05)
+        written.append(i)
+
+    sink = ThreadedSink("t", slow_write, lambda: None, lambda: None, depth=64)
+    for i in range(64):
+        sink.put(i)
+    sink.abort()
+    assert len(written) < 10  # 64 writes would take 3.2 s
 
 
 @pytest.mark.parametrize("settings, message", [

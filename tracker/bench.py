@@ -27,9 +27,9 @@ import torch
 from XMem.inference.inference_core import InferenceCore
 
 from .pipeline import (FramePrep, MemoryOptions, ThreadedSink, TrackOptions, autocast_for, cpu_has_bf16, frame_graphs,
-                       prefetch, stepping_network)
+                       prefetch, stepping_network, writer_queue_depth)
 from .prompts import ObjectPrompt
-from .render import encoder_picture
+from .render import encoder_picture, encoder_picture_bytes
 from .sam import TorchSam, resolve_device
 from .session import Tracker
 from .video import VideoWriter, iter_frames, probe
@@ -227,7 +227,8 @@ def bench_codec_ceiling(clip: Path, name: str, device: torch.device, out_dir: Pa
     graphs = frame_graphs(device, TrackOptions())
     prep = FramePrep(device, (info.width, info.height), graphs=graphs)
     writer = VideoWriter(out_dir / f"{name}_copy.mp4", info, audio_from=clip)
-    sink = ThreadedSink("encode", writer.write, writer.close, writer.abort)
+    sink = ThreadedSink("encode", writer.write, writer.close, writer.abort,
+                        depth=writer_queue_depth(encoder_picture_bytes(device, info.width, info.height)))
     rate = SteadyRate(min(WARMUP_FRAMES, info.frame_count // 3))
     frames = prefetch(iter_frames(clip, yuv=prep.planes), depth=4, stop=threading.Event(), stage=prep.stage)
     for done, frame in enumerate(frames, 1):

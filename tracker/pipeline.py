@@ -494,6 +494,17 @@ def _track_backward(network: torch.nn.Module, config: dict, info: VideoInfo, pre
     return labels
 
 
+# Host memory a writer's queue may fill. libx264's frame threads take frames
+# unevenly, and with 8 frames queued the tracking loop waited on a full queue
+# for a fifth of a 720p run.
+WRITER_QUEUE_BYTES = 128 * 2**20
+
+
+def writer_queue_depth(item_bytes: int) -> int:
+    """How many items of `item_bytes` a writer's queue holds: as many as fit `WRITER_QUEUE_BYTES`, 8 to 64."""
+    return max(8, min(64, WRITER_QUEUE_BYTES // max(item_bytes, 1)))
+
+
 class ThreadedSink:
     """Feeds a writer from its own thread so encoding overlaps tracking.
 

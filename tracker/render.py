@@ -120,6 +120,11 @@ def encoder_picture(image: torch.Tensor, labels: torch.Tensor | None = None, *, 
     return Download(planes, colour.packed_yuv420)
 
 
+def encoder_picture_bytes(device: torch.device, width: int, height: int) -> int:
+    """Host bytes of one `encoder_picture` result: 4:2:0 planes from a GPU, RGB otherwise."""
+    return width * height * 3 // 2 if colour.colour_on_device(device) else width * height * 3
+
+
 def _boundary(ids: torch.Tensor, width: int) -> torch.Tensor:
     """Pixels with a different label within `width` pixels (square neighbourhood): max pool != min pool."""
     return _pool(ids, width, torch.maximum) != _pool(ids, width, torch.minimum)

@@ -25,9 +25,10 @@ from XMem.model.network import XMem, dims_from_state_dict
 
 from . import weights
 from .errors import TrackerError, VideoError
-from .pipeline import ProgressFn, ThreadedSink, TrackedFrame, TrackOptions, frame_graphs, track_frames
+from .pipeline import (ProgressFn, ThreadedSink, TrackedFrame, TrackOptions, frame_graphs, track_frames,
+                       writer_queue_depth)
 from .prompts import ObjectPrompt, check_prompts
-from .render import MaskZipReader, MaskZipWriter, encoder_picture
+from .render import MaskZipReader, MaskZipWriter, encoder_picture, encoder_picture_bytes
 from .sam import ImageEmbedding, SamBackend, load_sam, ready_backends, resolve_device, segment
 from .transfer import Download
 from .video import VideoInfo, VideoWriter, probe, read_frame
@@ -247,8 +248,7 @@ class Tracker:
             raise TrackerError(f"frame {start} has no object to track from; add a prompt there")
         return keyframes, earlier.__getitem__
 
-    @staticmethod
-    def _open_sinks(info: VideoInfo, output: str | Path | None, masks: str | Path | None,
+    def _open_sinks(self, info: VideoInfo, output: str | Path | None, masks: str | Path | None,
                     options: TrackOptions, stack: ExitStack) -> list[ThreadedSink | None]:
         """The video and zip writers, each aborted by `stack` on failure (the zip failing to open included)."""
         if output is None and masks is None:
@@ -257,11 +257,13 @@ class Tracker:
         if output is not None:
             writer = VideoWriter(output, info, audio_from=info.path if info.has_audio else None,
                                  crf=options.crf, preset=options.preset)
-            video_sink = ThreadedSink("encode", writer.write, writer.close, writer.abort)
+            video_sink = ThreadedSink("encode", writer.write, writer.close, writer.abort, depth=writer_queue_depth(
+                encoder_picture_bytes(self.device, info.width, info.height)))
             stack.callback(video_sink.abort)
         if masks is not None:
             zipper = MaskZipWriter(masks)
-            zip_sink = ThreadedSink("masks", zipper.write, zipper.close, zipper.abort)
+            zip_sink = ThreadedSink("masks", zipper.write, zipper.close, zipper.abort,
+                                    depth=writer_queue_depth(info.width * info.height))
             stack.callback(zip_sink.abort)
         return [video_sink, zip_sink]
 
