@@ -8,8 +8,10 @@ results agree with swscale's fixed-point conversions within a few grey levels.
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from functools import lru_cache
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -22,6 +24,14 @@ MATRICES = {"bt601": (0.299, 0.114), "bt709": (0.2126, 0.0722)}
 def colour_on_device(device: torch.device) -> bool:
     """Whether frames travel as YUV planes and are converted on the compute device (a GPU), not by swscale."""
     return device.type == "cuda"
+
+
+def pixel_kernels(device: torch.device) -> ModuleType | None:
+    """`tracker.colour_kernels` where its Triton kernels run on `device` (CUDA), else None (torch operations)."""
+    if device.type != "cuda" or importlib.util.find_spec("triton") is None:
+        return None
+    from . import colour_kernels
+    return colour_kernels if colour_kernels.runs_on(device) else None
 
 
 @dataclass(frozen=True)
@@ -71,14 +81,19 @@ def split_planes(planes: torch.Tensor, height: int, width: int) -> tuple[torch.T
 
 def yuv420_to_rgb(picture: YuvPicture) -> torch.Tensor:
     """The picture as HxWx3 uint8 RGB in display orientation, on the device its planes are on."""
-    y, u, v = split_planes(torch.as_tensor(picture.planes), picture.height, picture.width)
+    planes = torch.as_tensor(picture.planes)
     offset, luma_span, chroma_span = _scales(picture.full_range)
-    y = (y.float() - offset) / luma_span
-    pb = _double((u.float() - 128) / chroma_span)
-    pr = _double((v.float() - 128) / chroma_span)
     rows = _rgb_from_yuv_matrix(picture.matrix)
-    rgb = torch.stack([y * a + pb * b + pr * c for a, b, c in rows], dim=-1)
-    rgb = rgb.mul_(255).round_().clamp_(0, 255).to(torch.uint8)
+    kernels = pixel_kernels(planes.device)
+    if kernels is not None:
+        rgb = kernels.yuv420_to_rgb(planes, picture.height, picture.width, rows, offset, luma_span, chroma_span)
+    else:
+        y, u, v = split_planes(planes, picture.height, picture.width)
+        y = (y.float() - offset) / luma_span
+        pb = _double((u.float() - 128) / chroma_span)
+        pr = _double((v.float() - 128) / chroma_span)
+        rgb = torch.stack([y * a + pb * b + pr * c for a, b, c in rows], dim=-1)
+        rgb = rgb.mul_(255).round_().clamp_(0, 255).to(torch.uint8)
     turns = picture.rotation // 90 % 4
     return torch.rot90(rgb, k=-turns, dims=(0, 1)).contiguous() if turns else rgb
 
@@ -106,6 +121,11 @@ def rgb_to_yuv420(image: torch.Tensor, matrix: str = "bt709", full_range: bool =
     then a [1, 3, 3, 1] / 8 filter down the rows), so GPU-converted frames
     encode like CPU-converted ones.
     """
+    offset, luma_span, chroma_span = _scales(full_range)
+    kernels = pixel_kernels(image.device)
+    if kernels is not None:
+        kr, kb = MATRICES[matrix]
+        return packed_yuv420(kernels.rgb_to_yuv420(image, kr, kb, offset, luma_span, chroma_span), matrix, full_range)
     height, width = image.shape[:2]
     rgb = image.permute(2, 0, 1).unsqueeze(0).float() / 255
     if height % 2 or width % 2:
@@ -117,7 +137,6 @@ def rgb_to_yuv420(image: torch.Tensor, matrix: str = "bt709", full_range: bool =
     chroma = F.conv2d(F.pad(pairs, (0, 0, 1, 1), mode="replicate").view(2, 1, coded_h + 2, coded_w // 2),
                       rows, stride=(2, 1))
     chroma = chroma.view(2, -1) / chroma_scale
-    offset, luma_span, chroma_span = _scales(full_range)
 
     def code(values: torch.Tensor, span: float, base: float) -> torch.Tensor:
         return (values * span + base).round_().clamp_(0, 255).to(torch.uint8).reshape(-1)

@@ -91,13 +91,16 @@ def overlay(image: torch.Tensor, labels: torch.Tensor, *, alpha: float = 0.5, ou
     height, width = labels.shape
     colours, weights = _blend_tables(image.device, round(alpha * ALPHA_STEPS))
     ids = labels.to(torch.uint8)
+    kernels = colour.pixel_kernels(image.device)
+    if kernels is not None:
+        return kernels.overlay(image, ids, colours, weights, outline, ALPHA_SHIFT)
     key = ids.to(torch.int32)
     if outline > 0:
         key = key + 256 * (_boundary(ids, outline) & (ids > 0))
     key = key.reshape(-1)
-    colour = colours.index_select(0, key).view(height, width, 3)
+    tint = colours.index_select(0, key).view(height, width, 3)
     weight = weights.index_select(0, key).view(height, width, 1)
-    mixed = image.to(torch.int16) * (ALPHA_STEPS - weight) + colour * weight + ALPHA_STEPS // 2
+    mixed = image.to(torch.int16) * (ALPHA_STEPS - weight) + tint * weight + ALPHA_STEPS // 2
     return (mixed >> ALPHA_SHIFT).to(torch.uint8)
 
 

@@ -1,0 +1,183 @@
+"""The per-frame pixel work around XMem as three Triton kernels: YUV 4:2:0 -> RGB, the overlay, RGB -> YUV 4:2:0.
+
+Written with torch operations these are about 90 small kernels a frame (the
+chroma filter alone a cuDNN convolution with two layout conversions), 0.65 ms
+of GPU time at 720p, which the GPU spends beside each XMem step. Each kernel
+here reads its input once and writes its output once.
+
+They compute what `tracker.colour` and `tracker.render.overlay` compute, in
+the same order of float32 operations, with IEEE division and no fused
+multiply-adds. The overlay gives the same bytes. The conversions stay within
+one code of torch's: the conversion to YUV sums its terms in a fixed order
+where torch's matrix product and convolution pick theirs, and torch on CUDA
+divides by multiplying with the reciprocal (in Triton's interpreter the
+conversion to RGB gives the CPU's bytes exactly).
+"""
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+
+import torch
+import triton
+import triton.language as tl
+
+log = logging.getLogger(__name__)
+
+BLOCK = 1024
+_ROUNDER = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding and taking it away rounds a float32 to the nearest even integer
+# Exact float32 arithmetic, as torch's separate element-wise kernels do it.
+_EXACT = {"enable_fp_fusion": False}
+
+
+@triton.jit
+def _round_even(x):
+    return (x + _ROUNDER) - _ROUNDER
+
+
+@triton.jit
+def _code(x):
+    """float32 -> uint8 as `round_().clamp_(0, 255).to(torch.uint8)`."""
+    return tl.minimum(tl.maximum(_round_even(x), 0.0), 255.0).to(tl.uint8)
+
+
+@triton.jit
+def _yuv420_to_rgb_kernel(planes_ptr, out_ptr, height, width, offset, luma_span, chroma_span,
+                          r_from_v, g_from_u, g_from_v, b_from_u, BLOCK: tl.constexpr):
+    pixel = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = pixel < height * width
+    row = pixel // width
+    col = pixel % width
+    chroma = (row // 2) * (width // 2) + col // 2
+    luma_size = height * width
+    y = tl.load(planes_ptr + pixel, mask=inside, other=0).to(tl.float32)
+    u = tl.load(planes_ptr + luma_size + chroma, mask=inside, other=0).to(tl.float32)
+    v = tl.load(planes_ptr + luma_size + luma_size // 4 + chroma, mask=inside, other=0).to(tl.float32)
+    y = tl.div_rn(y - offset, luma_span)
+    pb = tl.div_rn(u - 128.0, chroma_span)
+    pr = tl.div_rn(v - 128.0, chroma_span)
+    red = y + pr * r_from_v
+    green = (y + pb * g_from_u) + pr * g_from_v
+    blue = y + pb * b_from_u
+    tl.store(out_ptr + pixel * 3, _code(red * 255.0), mask=inside)
+    tl.store(out_ptr + pixel * 3 + 1, _code(green * 255.0), mask=inside)
+    tl.store(out_ptr + pixel * 3 + 2, _code(blue * 255.0), mask=inside)
+
+
+def yuv420_to_rgb(planes: torch.Tensor, height: int, width: int, rows: tuple, offset: float, luma_span: float,
+                  chroma_span: float) -> torch.Tensor:
+    """Packed (H * 3 / 2, W) yuv420p planes -> HxWx3 uint8 RGB; `rows` as `colour._rgb_from_yuv_matrix` gives them."""
+    out = torch.empty(height, width, 3, dtype=torch.uint8, device=planes.device)
+    grid = (triton.cdiv(height * width, BLOCK),)
+    _yuv420_to_rgb_kernel[grid](planes.contiguous(), out, height, width, offset, luma_span, chroma_span,
+                                rows[0][2], rows[1][1], rows[1][2], rows[2][1], BLOCK=BLOCK, **_EXACT)
+    return out
+
+
+@triton.jit
+def _luma(image_ptr, row, col, height, width, kr, kg, kb, mask):
+    """(luma, B - luma, R - luma) of the coded picture's pixel, odd sides repeating the last row or column."""
+    at = (tl.minimum(tl.maximum(row, 0), height - 1) * width + tl.minimum(col, width - 1)) * 3
+    red = tl.div_rn(tl.load(image_ptr + at, mask=mask, other=0).to(tl.float32), 255.0)
+    green = tl.div_rn(tl.load(image_ptr + at + 1, mask=mask, other=0).to(tl.float32), 255.0)
+    blue = tl.div_rn(tl.load(image_ptr + at + 2, mask=mask, other=0).to(tl.float32), 255.0)
+    luma = (kr * red + kg * green) + kb * blue
+    return luma, blue - luma, red - luma
+
+
+@triton.jit
+def _chroma_pair(image_ptr, row, col, height, width, kr, kg, kb, mask):
+    """The mean B - luma and R - luma of the horizontal pair at (row, col), (row, col + 1)."""
+    _, blue_0, red_0 = _luma(image_ptr, row, col, height, width, kr, kg, kb, mask)
+    _, blue_1, red_1 = _luma(image_ptr, row, col + 1, height, width, kr, kg, kb, mask)
+    return (blue_0 + blue_1) * 0.5, (red_0 + red_1) * 0.5
+
+
+@triton.jit
+def _rgb_to_yuv420_kernel(image_ptr, planes_ptr, height, width, coded_height, coded_width, kr, kg, kb,
+                          u_scale, v_scale, offset, luma_span, chroma_span, BLOCK: tl.constexpr):
+    """One chroma sample per lane: its 2x2 block's four luma codes and its U and V codes."""
+    sample = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    half_width = coded_width // 2
+    chroma_size = (coded_height // 2) * half_width
+    inside = sample < chroma_size
+    top = (sample // half_width) * 2
+    left = (sample % half_width) * 2
+    for dy in tl.static_range(2):
+        for dx in tl.static_range(2):
+            luma, _, _ = _luma(image_ptr, top + dy, left + dx, height, width, kr, kg, kb, inside)
+            tl.store(planes_ptr + (top + dy) * coded_width + left + dx, _code(luma * luma_span + offset), mask=inside)
+    # swscale's chroma: pairs averaged along the row, then [1, 3, 3, 1] / 8 down rows top - 1 .. top + 2
+    # (rows beyond the picture repeat its edge).
+    blue_a, red_a = _chroma_pair(image_ptr, top - 1, left, height, width, kr, kg, kb, inside)
+    blue_b, red_b = _chroma_pair(image_ptr, top, left, height, width, kr, kg, kb, inside)
+    blue_c, red_c = _chroma_pair(image_ptr, top + 1, left, height, width, kr, kg, kb, inside)
+    blue_d, red_d = _chroma_pair(image_ptr, top + 2, left, height, width, kr, kg, kb, inside)
+    blue = ((0.125 * blue_a + 0.375 * blue_b) + 0.375 * blue_c) + 0.125 * blue_d
+    red = ((0.125 * red_a + 0.375 * red_b) + 0.375 * red_c) + 0.125 * red_d
+    luma_size = coded_height * coded_width
+    tl.store(planes_ptr + luma_size + sample, _code(tl.div_rn(blue, u_scale) * chroma_span + 128.0), mask=inside)
+    tl.store(planes_ptr + luma_size + chroma_size + sample, _code(tl.div_rn(red, v_scale) * chroma_span + 128.0),
+             mask=inside)
+
+
+def rgb_to_yuv420(image: torch.Tensor, kr: float, kb: float, offset: float, luma_span: float,
+                  chroma_span: float) -> torch.Tensor:
+    """HxWx3 uint8 RGB -> packed yuv420p planes (coded H * 3 / 2, coded W), odd sides padded by repetition."""
+    height, width = image.shape[:2]
+    coded_height, coded_width = height + height % 2, width + width % 2
+    planes = torch.empty(coded_height * 3 // 2, coded_width, dtype=torch.uint8, device=image.device)
+    grid = (triton.cdiv(coded_height * coded_width // 4, BLOCK),)
+    _rgb_to_yuv420_kernel[grid](image.contiguous(), planes, height, width, coded_height, coded_width,
+                                kr, 1.0 - kr - kb, kb, 2 * (1 - kb), 2 * (1 - kr), offset, luma_span, chroma_span,
+                                BLOCK=BLOCK, **_EXACT)
+    return planes
+
+
+@triton.jit
+def _overlay_kernel(image_ptr, ids_ptr, colours_ptr, weights_ptr, out_ptr, height, width,
+                    OUTLINE: tl.constexpr, SHIFT: tl.constexpr, BLOCK: tl.constexpr):
+    pixel = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = pixel < height * width
+    row = pixel // width
+    col = pixel % width
+    ids = tl.load(ids_ptr + pixel, mask=inside, other=0).to(tl.int32)
+    # An edge pixel has another label within `outline` pixels (a square window cut at the picture's border).
+    edge = tl.zeros([BLOCK], dtype=tl.int1)
+    for dy in tl.static_range(-OUTLINE, OUTLINE + 1):
+        for dx in tl.static_range(-OUTLINE, OUTLINE + 1):
+            near = inside & (row + dy >= 0) & (row + dy < height) & (col + dx >= 0) & (col + dx < width)
+            other = tl.load(ids_ptr + pixel + dy * width + dx, mask=near, other=0).to(tl.int32)
+            edge = edge | (near & (other != ids))
+    key = ids + 256 * (edge & (ids > 0)).to(tl.int32)
+    weight = tl.load(weights_ptr + key, mask=inside, other=0).to(tl.int32)
+    for channel in tl.static_range(3):
+        value = tl.load(image_ptr + pixel * 3 + channel, mask=inside, other=0).to(tl.int32)
+        colour = tl.load(colours_ptr + key * 3 + channel, mask=inside, other=0).to(tl.int32)
+        mixed = value * ((1 << SHIFT) - weight) + colour * weight + (1 << (SHIFT - 1))
+        tl.store(out_ptr + pixel * 3 + channel, (mixed >> SHIFT).to(tl.uint8), mask=inside)
+
+
+def overlay(image: torch.Tensor, ids: torch.Tensor, colours: torch.Tensor, weights: torch.Tensor, outline: int,
+            shift: int) -> torch.Tensor:
+    """`render.overlay` for HxWx3 uint8 `image` and HxW uint8 `ids`, with its (512, 3) colour and weight tables."""
+    height, width = ids.shape
+    out = torch.empty_like(image)
+    grid = (triton.cdiv(height * width, BLOCK),)
+    _overlay_kernel[grid](image.contiguous(), ids.contiguous(), colours.contiguous(), weights.contiguous(), out,
+                          height, width, OUTLINE=outline, SHIFT=shift, BLOCK=BLOCK)
+    return out
+
+
+@lru_cache(maxsize=8)
+def runs_on(device: torch.device) -> bool:
+    """Whether the kernels compile and run on `device` (a CUDA GPU, with a C compiler for Triton's launcher)."""
+    if device.type != "cuda":
+        return False
+    try:
+        planes = torch.zeros(6, 4, dtype=torch.uint8, device=device)
+        yuv420_to_rgb(planes, 4, 4, ((1.0, 0.0, 1.0), (1.0, -0.5, -0.5), (1.0, 1.0, 0.0)), 16.0, 219.0, 224.0)
+    except Exception as exc:  # Triton reports a missing compiler or an unsupported GPU in many ways
+        log.warning("the pixel kernels do not run here (%s); torch operations draw and convert frames", exc)
+        return False
+    return True
