@@ -45,13 +45,13 @@ def differences(device: str) -> dict[str, tuple[int, float]]:
                 kr, kb = colour.MATRICES[matrix]
                 for height, width in ((48, 70), (37, 51), (1, 1)):  # odd sides are padded
                     image = random_bytes(height, width, 3)
-                    compare("rgb to yuv420", colour_kernels.rgb_to_yuv420(image, kr, kb, offset, luma_span, chroma_span),
-                            colour.rgb_to_yuv420(image.cpu(), matrix, full_range).planes)
+                    got = colour_kernels.rgb_to_yuv420(image, kr, kb, offset, luma_span, chroma_span)
+                    compare("rgb to yuv420", got, colour.rgb_to_yuv420(image.cpu(), matrix, full_range).planes)
         labels = torch.zeros(41, 57, dtype=torch.uint8)
         labels[5:30, 8:40], labels[20:40, 30:56], labels[0:3, 0:4], labels[18, 0:57] = 1, 2, 200, 3
         labels = labels.to(device)
         image = random_bytes(41, 57, 3)
-        for outline in (0, 1, 2, 5):
+        for outline in (0, 1, 2, 5, 10):  # 10: the widest the app offers, and the kernel's
             for alpha in (0.0, 0.3, 0.5, 1.0):
                 colours, weights = render._blend_tables(image.device, round(alpha * render.ALPHA_STEPS))
                 compare("overlay", colour_kernels.overlay(image, labels, colours, weights, outline, render.ALPHA_SHIFT),

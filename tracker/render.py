@@ -92,7 +92,7 @@ def overlay(image: torch.Tensor, labels: torch.Tensor, *, alpha: float = 0.5, ou
     colours, weights = _blend_tables(image.device, round(alpha * ALPHA_STEPS))
     ids = labels.to(torch.uint8)
     kernels = colour.pixel_kernels(image.device)
-    if kernels is not None:
+    if kernels is not None and outline <= kernels.MAX_OUTLINE:
         return kernels.overlay(image, ids, colours, weights, outline, ALPHA_SHIFT)
     key = ids.to(torch.int32)
     if outline > 0:
