@@ -149,7 +149,7 @@ def test_aborting_a_deep_queue_skips_what_is_still_queued():
         threading.Event().wait(0.05)
         written.append(i)
 
-    sink = ThreadedSink("t", slow_write, lambda: None, lambda: None, depth=64)
+    sink = ThreadedSink("t", slow_write, lambda: None, lambda: None, item_bytes=1)  # small items: 64 deep
     for i in range(64):
         sink.put(i)
     sink.abort()

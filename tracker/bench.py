@@ -27,7 +27,7 @@ import torch
 from XMem.inference.inference_core import InferenceCore
 
 from .pipeline import (FramePrep, MemoryOptions, ThreadedSink, TrackOptions, autocast_for, cpu_has_bf16, frame_graphs,
-                       prefetch, stepping_network, writer_queue_depth)
+                       prefetch, stepping_network)
 from .prompts import ObjectPrompt
 from .render import encoder_picture, encoder_picture_bytes
 from .sam import TorchSam, resolve_device
@@ -228,7 +228,7 @@ def bench_codec_ceiling(clip: Path, name: str, device: torch.device, out_dir: Pa
     prep = FramePrep(device, (info.width, info.height), graphs=graphs)
     writer = VideoWriter(out_dir / f"{name}_copy.mp4", info, audio_from=clip)
     sink = ThreadedSink("encode", writer.write, writer.close, writer.abort,
-                        depth=writer_queue_depth(encoder_picture_bytes(device, info.width, info.height)))
+                        item_bytes=encoder_picture_bytes(device, info.width, info.height))
     rate = SteadyRate(min(WARMUP_FRAMES, info.frame_count // 3))
     frames = prefetch(iter_frames(clip, yuv=prep.planes), depth=4, stop=threading.Event(), stage=prep.stage)
     for done, frame in enumerate(frames, 1):

@@ -26,8 +26,12 @@ def colour_on_device(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+@lru_cache(maxsize=8)
 def pixel_kernels(device: torch.device) -> ModuleType | None:
-    """`tracker.colour_kernels` where its Triton kernels run on `device` (CUDA), else None (torch operations)."""
+    """`tracker.colour_kernels` where its Triton kernels run on `device` (CUDA), else None (torch operations).
+
+    Decided once per device: eager paths ask on every frame.
+    """
     if device.type != "cuda" or importlib.util.find_spec("triton") is None:
         return None
     from . import colour_kernels

@@ -16,7 +16,6 @@ conversion to RGB gives the CPU's bytes exactly).
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
 
 import torch
 import triton
@@ -172,7 +171,6 @@ def overlay(image: torch.Tensor, ids: torch.Tensor, colours: torch.Tensor, weigh
     return out
 
 
-@lru_cache(maxsize=8)
 def runs_on(device: torch.device) -> bool:
     """Whether the kernels compile and run on `device` (a CUDA GPU, with a C compiler for Triton's launcher)."""
     if device.type != "cuda":

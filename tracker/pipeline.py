@@ -511,12 +511,13 @@ class ThreadedSink:
     `consume(item)` runs in the thread, with any `Download` in the item
     replaced by its result; an exception there is re-raised by the next `put`
     or by `close`. `finish` runs in the thread after the last item, `discard`
-    cleans up after a failure.
+    cleans up after a failure. With `item_bytes` (the host memory an item
+    holds) the queue is as deep as `writer_queue_depth` allows, else 8 deep.
     """
 
     def __init__(self, name: str, consume: Callable, finish: Callable[[], None], discard: Callable[[], None],
-                 depth: int = 8):
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+                 item_bytes: int | None = None):
+        self._queue: queue.Queue = queue.Queue(maxsize=8 if item_bytes is None else writer_queue_depth(item_bytes))
         self._consume, self._finish, self._discard = consume, finish, discard
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)

@@ -25,8 +25,7 @@ from XMem.model.network import XMem, dims_from_state_dict
 
 from . import weights
 from .errors import TrackerError, VideoError
-from .pipeline import (ProgressFn, ThreadedSink, TrackedFrame, TrackOptions, frame_graphs, track_frames,
-                       writer_queue_depth)
+from .pipeline import ProgressFn, ThreadedSink, TrackedFrame, TrackOptions, frame_graphs, track_frames
 from .prompts import ObjectPrompt, check_prompts
 from .render import MaskZipReader, MaskZipWriter, encoder_picture, encoder_picture_bytes
 from .sam import ImageEmbedding, SamBackend, load_sam, ready_backends, resolve_device, segment
@@ -257,13 +256,13 @@ class Tracker:
         if output is not None:
             writer = VideoWriter(output, info, audio_from=info.path if info.has_audio else None,
                                  crf=options.crf, preset=options.preset)
-            video_sink = ThreadedSink("encode", writer.write, writer.close, writer.abort, depth=writer_queue_depth(
-                encoder_picture_bytes(self.device, info.width, info.height)))
+            video_sink = ThreadedSink("encode", writer.write, writer.close, writer.abort,
+                                      item_bytes=encoder_picture_bytes(self.device, info.width, info.height))
             stack.callback(video_sink.abort)
         if masks is not None:
             zipper = MaskZipWriter(masks)
             zip_sink = ThreadedSink("masks", zipper.write, zipper.close, zipper.abort,
-                                    depth=writer_queue_depth(info.width * info.height))
+                                    item_bytes=info.width * info.height)
             stack.callback(zip_sink.abort)
         return [video_sink, zip_sink]
 
