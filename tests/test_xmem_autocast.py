@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tracker.pipeline import IMAGENET_MEAN, IMAGENET_STD, MemoryOptions, TrackOptions, autocast_for, stepping_network
+from XMem.inference.graphed_network import SEARCH_WORKSPACE_BYTES
 from XMem.inference.inference_core import InferenceCore
 from XMem.model.network import XMem
 
@@ -140,3 +141,20 @@ def test_mixed_precision_stays_finite_and_close_on_the_prompt_frame(clip, precis
     agreement = [_object_iou(a, b, 1) for a, b in zip(reference, fast)]
     print(f"{precision}{' + graphs' if graphs else ''} vs fp32: worst object-1 IoU {min(agreement):.3f}, "
           f"max |dp| {max((a - b).abs().max().item() for a, b in zip(reference, fast)):.3f}")
+
+
+def test_cudnn_times_its_algorithms_within_its_memory_cap_and_restores_the_settings(clip):
+    """Timing cuDNN's candidates takes each one's workspace; uncapped, a first video peaked at 34 GB."""
+    network, frames, first_mask = clip
+    shape = (3, 232, 344)  # a size no other test runs, so its convolutions are searched now
+    small = [frame[:, :shape[1], :shape[2]].contiguous() for frame in frames[:3]]
+    fraction, benchmark = torch.cuda.get_per_process_memory_fraction(), torch.backends.cudnn.benchmark
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    held = torch.cuda.memory_reserved()
+    probabilities = _probabilities(_fast(network), small, first_mask[:, :shape[1], :shape[2]].contiguous(), "fp32")
+    assert len(probabilities) == 3
+    assert torch.cuda.max_memory_reserved() <= held + SEARCH_WORKSPACE_BYTES + (64 << 20)
+    assert torch.cuda.get_per_process_memory_fraction() == fraction
+    assert torch.backends.cudnn.benchmark == benchmark

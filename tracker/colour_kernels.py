@@ -24,7 +24,7 @@ import triton.language as tl
 log = logging.getLogger(__name__)
 
 BLOCK = 1024
-# The overlay kernel unrolls its outline window, (2 * outline + 1)**2 reads a pixel: wider outlines use torch.
+# The overlay kernels unroll their windows (each outline width is compiled once): wider outlines use torch.
 MAX_OUTLINE = 10
 # 1.5 * 2**23: adding it and taking it away rounds a float32 to the nearest even integer.
 _ROUNDER = tl.constexpr(12582912.0)
@@ -137,21 +137,37 @@ def rgb_to_yuv420(image: torch.Tensor, kr: float, kb: float, offset: float, luma
 
 
 @triton.jit
-def _overlay_kernel(image_ptr, ids_ptr, colours_ptr, weights_ptr, out_ptr, height, width,
+def _row_extremes_kernel(ids_ptr, lows_ptr, highs_ptr, height, width, OUTLINE: tl.constexpr, BLOCK: tl.constexpr):
+    """The smallest and largest label within `OUTLINE` pixels on each pixel's row (cut at the border)."""
+    pixel = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = pixel < height * width
+    col = pixel % width
+    low = tl.load(ids_ptr + pixel, mask=inside, other=0)
+    high = low
+    for dx in tl.static_range(-OUTLINE, OUTLINE + 1):
+        near = inside & (col + dx >= 0) & (col + dx < width)
+        low = tl.minimum(low, tl.load(ids_ptr + pixel + dx, mask=near, other=255))
+        high = tl.maximum(high, tl.load(ids_ptr + pixel + dx, mask=near, other=0))
+    tl.store(lows_ptr + pixel, low, mask=inside)
+    tl.store(highs_ptr + pixel, high, mask=inside)
+
+
+@triton.jit
+def _overlay_kernel(image_ptr, ids_ptr, lows_ptr, highs_ptr, colours_ptr, weights_ptr, out_ptr, height, width,
                     OUTLINE: tl.constexpr, SHIFT: tl.constexpr, BLOCK: tl.constexpr):
     pixel = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = pixel < height * width
     row = pixel // width
-    col = pixel % width
     ids = tl.load(ids_ptr + pixel, mask=inside, other=0).to(tl.int32)
-    # An edge pixel has another label within `outline` pixels (a square window cut at the picture's border).
-    edge = tl.zeros([BLOCK], dtype=tl.int1)
+    # An edge pixel has another label within `outline` pixels (a square window cut at the picture's border):
+    # the window's smallest and largest labels differ. Columns of the rows' extremes give the window's.
+    low = tl.full([BLOCK], 255, dtype=tl.uint8)
+    high = tl.zeros([BLOCK], dtype=tl.uint8)
     for dy in tl.static_range(-OUTLINE, OUTLINE + 1):
-        for dx in tl.static_range(-OUTLINE, OUTLINE + 1):
-            near = inside & (row + dy >= 0) & (row + dy < height) & (col + dx >= 0) & (col + dx < width)
-            other = tl.load(ids_ptr + pixel + dy * width + dx, mask=near, other=0).to(tl.int32)
-            edge = edge | (near & (other != ids))
-    key = ids + 256 * (edge & (ids > 0)).to(tl.int32)
+        near = inside & (row + dy >= 0) & (row + dy < height)
+        low = tl.minimum(low, tl.load(lows_ptr + pixel + dy * width, mask=near, other=255))
+        high = tl.maximum(high, tl.load(highs_ptr + pixel + dy * width, mask=near, other=0))
+    key = ids + 256 * ((low != high) & (ids > 0)).to(tl.int32)
     weight = tl.load(weights_ptr + key, mask=inside, other=0).to(tl.int32)
     for channel in tl.static_range(3):
         value = tl.load(image_ptr + pixel * 3 + channel, mask=inside, other=0).to(tl.int32)
@@ -162,11 +178,20 @@ def _overlay_kernel(image_ptr, ids_ptr, colours_ptr, weights_ptr, out_ptr, heigh
 
 def overlay(image: torch.Tensor, ids: torch.Tensor, colours: torch.Tensor, weights: torch.Tensor, outline: int,
             shift: int) -> torch.Tensor:
-    """`render.overlay` for HxWx3 uint8 `image` and HxW uint8 `ids`, with its (512, 3) colour and weight tables."""
+    """`render.overlay` for HxWx3 uint8 `image` and HxW uint8 `ids`, with its (512, 3) colour and weight tables.
+
+    Two passes over the labels (rows, then columns of the rows' extremes), so
+    a window costs 2 * (2 * outline + 1) reads a pixel, not its area.
+    """
     height, width = ids.shape
+    ids = ids.contiguous()
     out = torch.empty_like(image)
     grid = (triton.cdiv(height * width, BLOCK),)
-    _overlay_kernel[grid](image.contiguous(), ids.contiguous(), colours.contiguous(), weights.contiguous(), out,
+    lows, highs = ids, ids  # no outline: the window is the pixel itself
+    if outline > 0:
+        lows, highs = torch.empty_like(ids), torch.empty_like(ids)
+        _row_extremes_kernel[grid](ids, lows, highs, height, width, OUTLINE=outline, BLOCK=BLOCK)
+    _overlay_kernel[grid](image.contiguous(), ids, lows, highs, colours.contiguous(), weights.contiguous(), out,
                           height, width, OUTLINE=outline, SHIFT=shift, BLOCK=BLOCK)
     return out
 

@@ -11,7 +11,8 @@ kernels cuDNN picks.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -33,15 +34,15 @@ class CapturedCall:
     """
 
     def __init__(self, fn: Callable[..., Any], inputs: Tensors, pool: tuple, transient: bool = False,
-                 in_place: Callable[[torch.Tensor], bool] = lambda tensor: False):
+                 in_place: Callable[[torch.Tensor], bool] = lambda tensor: False, search_convolutions: bool = False):
         self.inputs = [None if t is None else t if in_place(t) else t.clone() for t in inputs]
         self.transient = transient
         side = _warmup_stream()
         side.wait_stream(torch.cuda.current_stream())
-        # Warm-up: lazy initialisation and cuDNN's algorithm choice happen outside capture. cuDNN picks by its
-        # heuristics: its benchmark mode, which times every candidate in its own workspace, took the first video
-        # of a process to a 34 GB peak of GPU memory on an H200 (under 2 GB once its choices were cached).
+        # Warm-up: lazy initialisation and cuDNN's algorithm choice happen outside capture.
         with torch.cuda.stream(side):
+            if search_convolutions:
+                _search_convolutions(fn, self.inputs)
             for _ in range(2):
                 fn(*self.inputs)
         torch.cuda.current_stream().wait_stream(side)
@@ -56,6 +57,53 @@ class CapturedCall:
                 static.copy_(tensor)
         self.graph.replay()
         return self.outputs if self.transient else _copy(self.outputs)  # the next replay overwrites them
+
+
+# GPU memory that cuDNN may use, beyond what the process holds, while it times its candidate algorithms.
+SEARCH_WORKSPACE_BYTES = 1 << 30
+
+
+def _search_convolutions(fn: Callable[..., Any], inputs: Tensors) -> None:
+    """Run `fn` once with cuDNN timing its candidate algorithms for every convolution it has not seen.
+
+    cuDNN's heuristics pick slow algorithms for some of XMem's fp32 (TF32)
+    convolutions: timed choices took the step from 3.63 to 3.15 ms on an H200
+    at 480p. Timing needs each candidate's workspace, and cuDNN sizes that
+    from the free GPU memory (a 34 GB peak on an H200), so the search runs
+    under a cap on this process's memory; choices are cached per shape, so
+    later calls run none. A call that does not fit under the cap is left to
+    the heuristics.
+    """
+    with _memory_cap(SEARCH_WORKSPACE_BYTES), _cudnn_benchmark():
+        try:
+            fn(*inputs)
+        except torch.OutOfMemoryError as exc:
+            log.info("cuDNN's algorithm search did not fit in its workspace cap; heuristics choose: %s", exc)
+    torch.cuda.empty_cache()  # the workspaces it tried
+
+
+@contextmanager
+def _memory_cap(extra: int) -> Iterator[None]:
+    """At most `extra` bytes of GPU memory beyond what the current device's caching allocator holds now."""
+    device = torch.cuda.current_device()
+    previous = torch.cuda.get_per_process_memory_fraction(device)
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(previous, (torch.cuda.memory_reserved(device) + extra) / total),
+                                               device)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(previous, device)
+
+
+@contextmanager
+def _cudnn_benchmark() -> Iterator[None]:
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
 
 
 _WARMUP_STREAMS: dict[int, torch.cuda.Stream] = {}
@@ -101,11 +149,13 @@ class GraphCache:
     shapes and dtypes, the autocast state) is captured once; the graphs share
     one memory pool and must be replayed from one thread at a time. A call
     whose capture fails (an operation a graph cannot hold) runs eagerly from
-    then on, so results stay correct.
+    then on, so results stay correct. With `search_convolutions`, cuDNN times
+    its algorithms for a call's convolutions as the call warms up.
     """
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, search_convolutions: bool = False):
         self.enabled = enabled
+        self.search_convolutions = search_convolutions
         self._pool: tuple | None = None
         self._graphs: dict[tuple, CapturedCall | None] = {}
         self._in_place: set[int] = set()  # data pointers of transient outputs and fixed tensors
@@ -141,7 +191,8 @@ class GraphCache:
                 self._pool = torch.cuda.graph_pool_handle()
             try:
                 captured = CapturedCall(fn, inputs, self._pool, transient,
-                                        in_place=lambda tensor: tensor.data_ptr() in self._in_place)
+                                        in_place=lambda tensor: tensor.data_ptr() in self._in_place,
+                                        search_convolutions=self.search_convolutions)
             except RuntimeError as exc:
                 log.warning("%s runs without a CUDA graph: capturing it failed: %s", name, exc)
                 captured = None
@@ -167,7 +218,7 @@ class GraphedXMem:
         if not torch.cuda.is_available() or next(network.parameters()).device.type != "cuda":
             raise ValueError("CUDA graphs need the network on a CUDA device")
         self.network = network
-        self._graphs = GraphCache()
+        self._graphs = GraphCache(search_convolutions=True)
 
     def __getattr__(self, name: str) -> Any:  # key_dim, value_dim, hidden_dim, ... of the wrapped network
         return getattr(self.network, name)
