@@ -74,12 +74,14 @@ def _search_convolutions(fn: Callable[..., Any], inputs: Tensors) -> None:
     later calls run none. A call that does not fit under the cap is left to
     the heuristics.
     """
+    held = torch.cuda.memory_reserved()
     with _memory_cap(SEARCH_WORKSPACE_BYTES), _cudnn_benchmark():
         try:
             fn(*inputs)
         except torch.OutOfMemoryError as exc:
             log.info("cuDNN's algorithm search did not fit in its workspace cap; heuristics choose: %s", exc)
-    torch.cuda.empty_cache()  # the workspaces it tried
+    if torch.cuda.memory_reserved() > held:
+        torch.cuda.empty_cache()  # the workspaces it tried
 
 
 @contextmanager
