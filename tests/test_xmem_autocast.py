@@ -148,13 +148,16 @@ def test_cudnn_times_its_algorithms_within_its_memory_cap_and_restores_the_setti
     network, frames, first_mask = clip
     shape = (3, 232, 344)  # a size no other test runs, so its convolutions are searched now
     small = [frame[:, :shape[1], :shape[2]].contiguous() for frame in frames[:3]]
+    fast = _fast(network)
     fraction, benchmark = torch.cuda.get_per_process_memory_fraction(), torch.backends.cudnn.benchmark
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     held = torch.cuda.memory_reserved()
-    probabilities = _probabilities(_fast(network), small, first_mask[:, :shape[1], :shape[2]].contiguous(), "fp32")
+    probabilities = _probabilities(fast, small, first_mask[:, :shape[1], :shape[2]].contiguous(), "fp32")
     assert len(probabilities) == 3
-    assert torch.cuda.max_memory_reserved() <= held + SEARCH_WORKSPACE_BYTES + (64 << 20)
+    # Beyond the cap: this small video's memory buffers and features (tens of MB); uncapped, several GB.
+    peak = torch.cuda.max_memory_reserved()
+    assert peak <= held + SEARCH_WORKSPACE_BYTES + (256 << 20), f"held {held / 2**30:.2f} GiB, peak {peak / 2**30:.2f} GiB"
     assert torch.cuda.get_per_process_memory_fraction() == fraction
     assert torch.backends.cudnn.benchmark == benchmark
