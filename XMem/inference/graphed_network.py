@@ -72,7 +72,9 @@ def _search_convolutions(fn: Callable[..., Any], inputs: Tensors) -> None:
     from the free GPU memory (a 34 GB peak on an H200), so the search runs
     under a cap on this process's memory; choices are cached per shape, so
     later calls run none. A call that does not fit under the cap is left to
-    the heuristics.
+    the heuristics. The cap is the process's: while it lasts (the first
+    warm-ups at a new working size, about a second), other threads' GPU
+    allocations share it.
     """
     held = torch.cuda.memory_reserved()
     with _memory_cap(SEARCH_WORKSPACE_BYTES), _cudnn_benchmark():
@@ -88,7 +90,8 @@ def _search_convolutions(fn: Callable[..., Any], inputs: Tensors) -> None:
 def _memory_cap(extra: int) -> Iterator[None]:
     """At most `extra` bytes of GPU memory beyond what the current device's caching allocator holds now."""
     device = torch.cuda.current_device()
-    previous = torch.cuda.get_per_process_memory_fraction(device)
+    # Older PyTorch cannot report the fraction: 1.0 unless something else in the process set one.
+    previous = getattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)(device)
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(min(previous, (torch.cuda.memory_reserved(device) + extra) / total),
                                                device)
