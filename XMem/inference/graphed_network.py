@@ -66,9 +66,9 @@ SEARCH_WORKSPACE_BYTES = 1 << 30
 def _search_convolutions(fn: Callable[..., Any], inputs: Tensors) -> None:
     """Run `fn` once with cuDNN timing its candidate algorithms for every convolution it has not seen.
 
-    cuDNN's heuristics pick slow algorithms for some of XMem's fp32 (TF32)
-    convolutions: timed choices took the step from 3.63 to 3.15 ms on an H200
-    at 480p. Timing needs each candidate's workspace, and cuDNN sizes that
+    cuDNN's heuristics run some of XMem's fp32 (TF32) 1x1 convolutions as a
+    matrix product plus a separate epilogue kernel: timed choices took the
+    step from 3.63 to 3.15 ms on an H200 at 480p. Timing needs each candidate's workspace, and cuDNN sizes that
     from the free GPU memory (a 34 GB peak on an H200), so the search runs
     under a cap on this process's memory; choices are cached per shape, so
     later calls run none. A call that does not fit under the cap is left to
