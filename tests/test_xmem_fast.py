@@ -10,7 +10,7 @@ from torch import nn
 
 from XMem.inference.inference_core import DEFAULT_CONFIG, InferenceCore
 from XMem.model.fusion import fold_batch_norms, inference_copy
-from XMem.model.group_modules import cat_channels, prepend_to_objects
+from XMem.model.group_modules import cat_channels, downsample_objects, prepend_to_objects
 from XMem.model.memory_util import element_major, get_similarity, sparse_readout, sparse_topk_softmax, sparse_usage, topk_softmax
 from XMem.model.network import XMem
 from XMem.model.resample import upsample_bilinear
@@ -87,6 +87,15 @@ def test_a_copy_for_autocast_stores_its_weights_cast_and_tracks_exactly_as_autoc
         assert torch.equal(a, b)
 
 
+def test_the_decoders_prediction_has_a_zero_padded_wide_copy_for_cuda(net64):
+    pred = inference_copy(net64).decoder.pred
+    x = torch.randn(2, 256, 9, 11, generator=_generator(8), dtype=torch.float64)
+    with torch.no_grad():
+        wide = pred.wide(x)
+        torch.testing.assert_close(wide[:, :1], net64.decoder.pred(x), rtol=0, atol=1e-12)
+        assert wide.shape[1] == 8 and torch.equal(wide[:, 1:], torch.zeros_like(wide[:, 1:]))
+
+
 def test_folding_needs_evaluation_mode():
     with pytest.raises(ValueError, match="evaluation mode"):
         fold_batch_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train())
@@ -105,6 +114,24 @@ def test_matrix_upsampling_is_bilinear_interpolation(shape, scale, channels_last
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     assert got.is_contiguous(memory_format=layout)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_object_downsampling_is_area_interpolation(device, dtype):
+    """Pooling where the factor divides the size, area interpolation where it does not: the same averages (on the
+    CPU to the bit; CUDA's kernels for few channels may add in another order)."""
+    for shape, ratio in (((1, 2, 257, 120, 216), 1 / 4), ((1, 3, 256, 60, 108), 1 / 2), ((1, 1, 5, 30, 54), 1 / 4)):
+        g = torch.randn(shape, generator=_generator(7)).to(device, dtype)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            flat = g.flatten(0, 1).contiguous(memory_format=layout)
+            want = F.interpolate(flat, scale_factor=ratio, mode="area")
+            got = downsample_objects(flat.view(shape), ratio).flatten(0, 1)
+            if device == "cpu":
+                assert torch.equal(got, want), (shape, layout)
+            else:
+                torch.testing.assert_close(got, want, rtol=1e-6 if dtype == torch.float32 else 1e-2, atol=0)
 
 
 def test_channel_concatenation_matches_torch_cat_and_keeps_channels_last():

