@@ -87,15 +87,6 @@ def test_a_copy_for_autocast_stores_its_weights_cast_and_tracks_exactly_as_autoc
         assert torch.equal(a, b)
 
 
-def test_the_decoders_prediction_has_a_zero_padded_wide_copy_for_cuda(net64):
-    pred = inference_copy(net64).decoder.pred
-    x = torch.randn(2, 256, 9, 11, generator=_generator(8), dtype=torch.float64)
-    with torch.no_grad():
-        wide = pred.wide(x)
-        torch.testing.assert_close(wide[:, :1], net64.decoder.pred(x), rtol=0, atol=1e-12)
-        assert wide.shape[1] == 8 and torch.equal(wide[:, 1:], torch.zeros_like(wide[:, 1:]))
-
-
 def test_folding_needs_evaluation_mode():
     with pytest.raises(ValueError, match="evaluation mode"):
         fold_batch_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train())

@@ -1,4 +1,4 @@
-"""Inference-only rewrites of a trained XMem that keep its maths: folded batch norms, fused residual blocks,
+"""Inference-only rewrites of a trained XMem that keep its maths: folded batch norms, fused blocks,
 channels-last weights.
 
 In evaluation a BatchNorm2d is a per-channel affine map, so the convolution
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .group_modules import GroupResBlock, per_object
-from .modules import Decoder, FeatureFusionBlock, KeyEncoder, KeyProjection, UpsampleBlock, ValueEncoder
+from .modules import FeatureFusionBlock, KeyEncoder, KeyProjection, UpsampleBlock, ValueEncoder
 from .resnet import BasicBlock, Bottleneck
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def _kernels(device: torch.device) -> ModuleType | None:
     from . import fused_kernels
     try:
         x = torch.zeros(1, 2, 2, 2, device=device).contiguous(memory_format=torch.channels_last)
-        fused_kernels.bias_add(x, torch.zeros(2, device=device), x, relu_copy=True)
+        fused_kernels.bias_add(x, torch.zeros(2, device=device), x)
     except Exception as exc:  # Triton reports a missing compiler or an unsupported GPU in many ways
         log.warning("XMem's fused kernels do not run here (%s); torch operations join its convolutions", exc)
         return None
@@ -139,7 +139,7 @@ def _conv_bias_add(conv: nn.Conv2d, x: torch.Tensor, bias: torch.Tensor, skip: t
     kernels = _kernels(x.device)
     if kernels is None or not _channels_last(out, skip):
         return _add_per_image(out + bias.view(-1, 1, 1), skip)
-    return kernels.bias_add(out, bias, skip, relu_copy=False)[0]
+    return kernels.bias_add(out, bias, skip)
 
 
 def _per_object(image: torch.Tensor, objects: int) -> torch.Tensor:
@@ -266,33 +266,6 @@ class _FusedValueEncoder(ValueEncoder):
         return _stem_pool(_conv_relu(self.conv1, g))
 
 
-class _WideOutputConv(nn.Conv2d):
-    """A convolution with fewer output channels than CUDA's tensor-core kernels take, run there as `wide`: its
-    weights padded with zero filters to `WIDE_OUTPUTS`, the extra channels dropped.
-
-    The decoder's last convolution has one output channel: cuDNN ran it at
-    45 us for one object and 134 us for three at 480p on an H200 (eight
-    outputs: 45 -> about 30 us in a separate timing).
-    """
-
-    WIDE_OUTPUTS = 8
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.is_cuda:
-            return super().forward(x)
-        return self.wide(x)[:, :self.out_channels].contiguous()
-
-
-def _widened(conv: nn.Conv2d) -> None:
-    """Make `conv` (in place) a `_WideOutputConv` with its zero-padded copy."""
-    wide = nn.Conv2d(conv.in_channels, _WideOutputConv.WIDE_OUTPUTS, conv.kernel_size, conv.stride, conv.padding,
-                     device=conv.weight.device, dtype=conv.weight.dtype)
-    wide.weight.zero_()[:conv.out_channels] = conv.weight
-    wide.bias.zero_()[:conv.out_channels] = conv.bias
-    conv.wide = wide
-    conv.__class__ = _WideOutputConv
-
-
 _FUSED = {Bottleneck: _FusedBottleneck, BasicBlock: _FusedBasicBlock, GroupResBlock: _FusedGroupResBlock,
           UpsampleBlock: _FusedUpsampleBlock, KeyEncoder: _FusedKeyEncoder, ValueEncoder: _FusedValueEncoder,
           KeyProjection: _FusedKeyProjection, FeatureFusionBlock: _FusedFeatureFusionBlock}
@@ -325,14 +298,12 @@ def fuse_blocks(network: nn.Module) -> int:
 
     Without this each folded convolution is followed by a bias kernel, a
     ReLU kernel and, at a block's end, the residual addition: about 0.3 ms
-    of XMem's 3.7 ms step at 480p, and the decoder's blocks another 0.3 ms
-    of its 3.0 (fp32, H200). On the CPU the same sums run as torch operations.
+    of XMem's 3.7 ms step at 480p; the decoder's passes, with the joint key
+    projection, took the step from 3.10 to 2.87 ms more recently (fp32,
+    H200). On the CPU the same sums run as torch operations.
     """
     count = 0
     for module in list(network.modules()):
-        if isinstance(module, Decoder) and type(module.pred) is nn.Conv2d:
-            _widened(module.pred)
-            count += 1
         fused = _FUSED.get(type(module))
         if fused is None or any(isinstance(child, nn.BatchNorm2d) for child in module.children()):
             continue
