@@ -307,15 +307,18 @@ def fuse_blocks(network: nn.Module) -> int:
         fused = _FUSED.get(type(module))
         if fused is None or any(isinstance(child, nn.BatchNorm2d) for child in module.children()):
             continue
-        last = getattr(module, "conv3", None) or getattr(module, "conv2", None)
-        if last is not None:  # a residual block: the skip projection's bias joins the last convolution's
+        if isinstance(module, (Bottleneck, BasicBlock, GroupResBlock)):
+            # The skip projection's bias joins the last convolution's.
+            last = module.conv3 if isinstance(module, Bottleneck) else module.conv2
             projection = module.downsample[0] if isinstance(module.downsample, nn.Sequential) else module.downsample
             bias = last.bias if projection is None else last.bias + projection.bias
             module.register_buffer("out_bias", bias.detach().clone())
-        if isinstance(module, KeyProjection):
+        elif isinstance(module, KeyProjection):
             module.joint = _stacked([module.key_proj, module.d_proj, module.e_proj])
-        if isinstance(module, FeatureFusionBlock) and module.block1.downsample is not None:
+        elif isinstance(module, FeatureFusionBlock):
             block = module.block1
+            if block.downsample is None:
+                continue  # forward_shared splits the skip projection too
             block.image_conv1, block.object_conv1 = _split_input(block.conv1, module.x_in_dim)
             block.image_downsample, block.object_downsample = _split_input(block.downsample, module.x_in_dim)
         module.__class__ = fused
@@ -344,6 +347,6 @@ def inference_copy(network: nn.Module, autocast_dtype: torch.dtype | None = None
         for module in fast.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 module.to(autocast_dtype)
-            if "out_bias" in module._buffers:
+            if hasattr(module, "out_bias"):
                 module.out_bias = module.out_bias.to(autocast_dtype)
     return fast
