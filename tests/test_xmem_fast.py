@@ -11,7 +11,8 @@ from torch import nn
 from XMem.inference.inference_core import DEFAULT_CONFIG, InferenceCore
 from XMem.model.fusion import fold_batch_norms, inference_copy
 from XMem.model.group_modules import cat_channels, downsample_objects, prepend_to_objects
-from XMem.model.memory_util import element_major, get_similarity, sparse_readout, sparse_topk_softmax, sparse_usage, topk_softmax
+from XMem.model.memory_util import (element_major, get_similarity, sparse_readout, sparse_topk_softmax, sparse_usage,
+                                     top_k_last, topk_softmax)
 from XMem.model.network import XMem
 from XMem.model.resample import upsample_bilinear
 
@@ -151,3 +152,25 @@ def test_sparse_top_k_readout_and_usage_equal_the_dense_affinitys():
     assert weights.shape == indices.shape == (1, 60, 30)
     torch.testing.assert_close(sparse_readout(weights, indices, element_major(values), 3), values @ affinity)
     torch.testing.assert_close(sparse_usage(weights, indices, 500), affinity.sum(2))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_top_k_by_group_maxima_finds_what_torch_topk_finds(device):
+    """Rows long enough for the group search: the same values at the same columns, whether the largest
+    values are spread out, packed into one group, in the last columns that fill no group, or few among -inf."""
+    g = _generator(8)
+    for columns in (30 * 4 * 32, 26112, 26200):
+        spread = torch.randn(2, 40, columns, generator=g)
+        packed = torch.full((1, 40, columns), float("-inf"))
+        packed[..., 3000:3020] = torch.randn(1, 40, 20, generator=g)
+        packed[..., -10:] = torch.randn(1, 40, 10, generator=g) + 5
+        clustered = spread[:1].clone()
+        clustered[..., 64:96] += 10
+        for similarity in (spread, packed, clustered):
+            similarity = similarity.to(device)
+            values, indices = top_k_last(similarity, 30)
+            want = torch.topk(similarity, 30, dim=-1)
+            assert torch.equal(values.sort(-1).values, want.values.sort(-1).values), columns
+            assert torch.equal(indices.sort(-1).values, want.indices.sort(-1).values), columns
+    assert top_k_last(torch.randn(1, 3, 50, generator=g), 30)[0].shape == (1, 3, 30)

@@ -1,4 +1,4 @@
-"""XMem's fused Triton kernels against the torch operations they replace on CUDA.
+"""XMem's Triton kernels against the torch operations they replace on CUDA.
 
 Without a GPU the kernels run in Triton's interpreter (a child process, since
 the interpreter is chosen when Triton is imported), on the CPU.
@@ -51,12 +51,24 @@ def differences(device: str) -> dict[str, float]:
         want = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
         assert pooled.is_contiguous(memory_format=torch.channels_last) and pooled.shape == want.shape
         found[f"max pool {shape}"] = (pooled - want).abs().max().item()
+    from XMem.model import top_k_kernel
+    for columns in (4 * 5 * top_k_kernel.GROUP, 1000):
+        similarity = torch.randn(1, 4, columns, generator=generator).to(device)
+        similarity[0, 0] = float("-inf")
+        similarity[0, 0, 300:303] = 1.0  # fewer finite values than k, and ties
+        similarity[0, 1, 64:96] += 10  # the largest values packed into one group
+        similarity[0, 2, -7:] += 10  # ... into the last columns, which fill no whole group
+        values, indices = top_k_kernel.top_k(similarity, 5)
+        want = torch.topk(similarity, 5, dim=-1)
+        found[f"top k values, {columns} columns"] = float(not torch.equal(values.sort(-1).values,
+                                                                          want.values.sort(-1).values))
+        found[f"top k indices, {columns} columns"] = float(not torch.equal(similarity.gather(-1, indices), values))
     return found
 
 
 def check(found: dict[str, float]) -> None:
     for name, difference in found.items():
-        if name.startswith(("bias add", "max pool")):
+        if name.startswith(("bias add", "max pool", "top k")):
             assert difference == 0, name  # the same float32 operations in the same order
         else:  # the interpolation's products and sums may round differently (fused multiply-adds in torch)
             assert difference <= 1e-6, (name, difference)
@@ -73,14 +85,16 @@ def test_the_kernels_compute_what_the_torch_operations_do_in_the_triton_interpre
 @needs_cuda
 @needs_triton
 def test_the_kernels_run_on_the_gpu_and_compute_what_the_torch_operations_do():
-    from XMem.model import fusion
-    assert fusion._kernels(torch.device("cuda")) is not None
+    from XMem.model.triton_support import triton_kernels
+    for name in ("fused_kernels", "top_k_kernel"):
+        assert triton_kernels(name, torch.device("cuda")) is not None, name
     check(differences("cuda"))
 
 
-def test_without_a_gpu_the_sums_are_torch_operations():
-    from XMem.model import fusion
-    assert fusion._kernels(torch.device("cpu")) is None
+def test_without_a_gpu_the_sums_and_the_top_k_are_torch_operations():
+    from XMem.model.triton_support import triton_kernels
+    for name in ("fused_kernels", "top_k_kernel"):
+        assert triton_kernels(name, torch.device("cpu")) is None, name
 
 
 if __name__ == "__main__":  # the child process of the interpreter test

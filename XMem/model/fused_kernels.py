@@ -42,6 +42,11 @@ def _bias_add_kernel(x_ptr, bias_ptr, skip_ptr, out_ptr, numel, channels, per_im
     tl.store(out_ptr + offsets, y, mask=inside)
 
 
+def smoke_test(device: torch.device) -> None:
+    x = torch.zeros(1, 2, 2, 2, device=device).contiguous(memory_format=torch.channels_last)
+    bias_add(x, torch.zeros(2, device=device), x)
+
+
 def bias_add(x: torch.Tensor, bias: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
     """x + bias + skip for channels-last (N, C, H, W) x and skip (or x + bias).
 

@@ -10,9 +10,6 @@ map. Results change only in the order of rounding.
 from __future__ import annotations
 
 import copy
-import functools
-import importlib.util
-import logging
 from types import ModuleType
 
 import torch
@@ -22,8 +19,7 @@ from torch import nn
 from .group_modules import GroupResBlock, per_object
 from .modules import FeatureFusionBlock, KeyEncoder, KeyProjection, UpsampleBlock, ValueEncoder
 from .resnet import BasicBlock, Bottleneck
-
-log = logging.getLogger(__name__)
+from .triton_support import triton_kernels
 
 
 @torch.no_grad()
@@ -102,19 +98,9 @@ def _conv_add_relu(conv: nn.Conv2d, x: torch.Tensor, skip: torch.Tensor, bias: t
                                             conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
-@functools.lru_cache(maxsize=8)
 def _kernels(device: torch.device) -> ModuleType | None:
     """`fused_kernels` where its Triton kernels run on `device` (CUDA), else None (torch operations)."""
-    if device.type != "cuda" or importlib.util.find_spec("triton") is None:
-        return None
-    from . import fused_kernels
-    try:
-        x = torch.zeros(1, 2, 2, 2, device=device).contiguous(memory_format=torch.channels_last)
-        fused_kernels.bias_add(x, torch.zeros(2, device=device), x)
-    except Exception as exc:  # Triton reports a missing compiler or an unsupported GPU in many ways
-        log.warning("XMem's fused kernels do not run here (%s); torch operations join its convolutions", exc)
-        return None
-    return fused_kernels
+    return triton_kernels("fused_kernels", device)
 
 
 def _channels_last(*tensors: torch.Tensor) -> bool:

@@ -11,6 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .triton_support import triton_kernels
+
 
 def get_similarity(memory_key: torch.Tensor, memory_shrinkage: torch.Tensor | None,
                    query_key: torch.Tensor, query_selection: torch.Tensor | None,
@@ -104,8 +106,46 @@ def sparse_topk_softmax(similarity: torch.Tensor, top_k: int) -> tuple[torch.Ten
     `topk_softmax` in query-major layout, without building the mostly-zero
     N x P affinity. k is capped at N.
     """
-    values, indices = torch.topk(similarity, k=min(top_k, similarity.shape[-1]), dim=-1, sorted=False)
+    values, indices = top_k_last(similarity, top_k)
     return torch.softmax(values, dim=-1), indices
+
+
+# Columns per group when `top_k_last` looks for candidates by group maxima.
+TOP_K_GROUP = 32
+
+
+def top_k_last(similarity: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest values along the last dimension and their indices (unsorted), k capped at its size.
+
+    A long row is cut into groups of TOP_K_GROUP columns: if an element is
+    among the row's k largest, fewer than k groups can have a larger maximum
+    than its own group's, so the k groups with the largest maxima hold all of
+    them (an element tied with the k-th may be swapped for an equal one, as
+    `torch.topk` may). So one reduction over the row and two top-ks over
+    short rows replace `torch.topk`'s radix passes over the whole row (four
+    at XMem's memory sizes; 1.5 times faster on a 2-core CPU). On CUDA the
+    same search runs as two Triton kernels (`top_k_kernel`): 0.32 -> 0.08 ms
+    of a 480p fp32 step on an H200.
+    """
+    kernels = triton_kernels("top_k_kernel", similarity.device)
+    if kernels is not None and kernels.handles(similarity, k):
+        return kernels.top_k(similarity, k)
+    size = similarity.shape[-1]
+    groups = size // TOP_K_GROUP
+    if groups < 4 * k:
+        return torch.topk(similarity, k=min(k, size), dim=-1, sorted=False)
+    body = groups * TOP_K_GROUP
+    grouped = similarity[..., :body].unflatten(-1, (groups, TOP_K_GROUP))
+    best = grouped.amax(-1).topk(k, dim=-1, sorted=False).indices
+    candidates = grouped.gather(-2, best.unsqueeze(-1).expand(*best.shape, TOP_K_GROUP)).flatten(-2)
+    grouped_candidates = candidates.shape[-1]
+    if body < size:  # the last columns, fewer than a group, are candidates too
+        candidates = torch.cat([candidates, similarity[..., body:]], -1)
+    values, at = candidates.topk(k, dim=-1, sorted=False)
+    group = best.gather(-1, (at // TOP_K_GROUP).clamp(max=k - 1))
+    columns = torch.where(at < grouped_candidates, group * TOP_K_GROUP + at % TOP_K_GROUP,
+                          at - grouped_candidates + body)
+    return values, columns
 
 
 def element_major(memory_value: torch.Tensor) -> torch.Tensor:
