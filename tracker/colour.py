@@ -8,7 +8,6 @@ results agree with swscale's fixed-point conversions within a few grey levels.
 """
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from functools import lru_cache
 from types import ModuleType
@@ -16,6 +15,8 @@ from types import ModuleType
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from XMem.model.triton_support import triton_kernels
 
 # Luma weights (Kr, Kb) of the two matrices in use for 8-bit video.
 MATRICES = {"bt601": (0.299, 0.114), "bt709": (0.2126, 0.0722)}
@@ -26,16 +27,9 @@ def colour_on_device(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-@lru_cache(maxsize=8)
 def pixel_kernels(device: torch.device) -> ModuleType | None:
-    """`tracker.colour_kernels` where its Triton kernels run on `device` (CUDA), else None (torch operations).
-
-    Decided once per device: eager paths ask on every frame.
-    """
-    if device.type != "cuda" or importlib.util.find_spec("triton") is None:
-        return None
-    from . import colour_kernels
-    return colour_kernels if colour_kernels.runs_on(device) else None
+    """`tracker.colour_kernels` where its Triton kernels run on `device` (CUDA), else None (torch operations)."""
+    return triton_kernels(f"{__package__}.colour_kernels", device)
 
 
 @dataclass(frozen=True)

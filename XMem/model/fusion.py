@@ -10,7 +10,6 @@ map. Results change only in the order of rounding.
 from __future__ import annotations
 
 import copy
-from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +19,9 @@ from .group_modules import GroupResBlock, per_object
 from .modules import FeatureFusionBlock, KeyEncoder, KeyProjection, UpsampleBlock, ValueEncoder
 from .resnet import BasicBlock, Bottleneck
 from .triton_support import triton_kernels
+
+# The Triton kernels that fuse the passes between convolutions on CUDA.
+_KERNELS = f"{__package__}.fused_kernels"
 
 
 @torch.no_grad()
@@ -98,11 +100,6 @@ def _conv_add_relu(conv: nn.Conv2d, x: torch.Tensor, skip: torch.Tensor, bias: t
                                             conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
-def _kernels(device: torch.device) -> ModuleType | None:
-    """`fused_kernels` where its Triton kernels run on `device` (CUDA), else None (torch operations)."""
-    return triton_kernels("fused_kernels", device)
-
-
 def _channels_last(*tensors: torch.Tensor) -> bool:
     return all(t.is_contiguous(memory_format=torch.channels_last) for t in tensors)
 
@@ -122,7 +119,7 @@ def _conv_bias_add(conv: nn.Conv2d, x: torch.Tensor, bias: torch.Tensor, skip: t
     out = _conv(conv, x, None if x.is_cuda else bias)
     if not x.is_cuda:
         return _add_per_image(out, skip)
-    kernels = _kernels(x.device)
+    kernels = triton_kernels(_KERNELS, x.device)
     if kernels is None or not _channels_last(out, skip):
         return _add_per_image(out + bias.view(-1, 1, 1), skip)
     return kernels.bias_add(out, bias, skip)
@@ -205,7 +202,7 @@ class _FusedUpsampleBlock(UpsampleBlock):
     """On CUDA the skip projection's bias, the x2 upsampling, their sum and its ReLU in one pass."""
 
     def forward(self, skip_f: torch.Tensor, up_g: torch.Tensor) -> torch.Tensor:
-        kernels = _kernels(skip_f.device)
+        kernels = triton_kernels(_KERNELS, skip_f.device)
         flat = up_g.flatten(0, 1)
         if (kernels is None or self.scale_factor != 2 or skip_f.shape[-2:] != (2 * flat.shape[-2], 2 * flat.shape[-1])
                 or not _channels_last(skip_f, flat)):
@@ -235,7 +232,7 @@ class _FusedKeyProjection(KeyProjection):
 
 def _stem_pool(x: torch.Tensor) -> torch.Tensor:
     """ResNet's 3x3 stride-2 max pooling; on CUDA a kernel that reads channels-last features in their layout."""
-    kernels = _kernels(x.device)
+    kernels = triton_kernels(_KERNELS, x.device)
     if kernels is None or not _channels_last(x):
         return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
     return kernels.max_pool(x)
@@ -284,9 +281,9 @@ def fuse_blocks(network: nn.Module) -> int:
 
     Without this each folded convolution is followed by a bias kernel, a
     ReLU kernel and, at a block's end, the residual addition: about 0.3 ms
-    of XMem's 3.7 ms step at 480p; the decoder's passes, with the joint key
-    projection, took the step from 3.10 to 2.87 ms more recently (fp32,
-    H200). On the CPU the same sums run as torch operations.
+    of XMem's 3.7 ms step at 480p; fusing the decoder's passes and joining
+    the key projections took the fp32 step from 3.10 to 2.87 ms (H200). On
+    the CPU the same sums run as torch operations.
     """
     count = 0
     for module in list(network.modules()):

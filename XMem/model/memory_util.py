@@ -127,7 +127,7 @@ def top_k_last(similarity: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     same search runs as two Triton kernels (`top_k_kernel`): 0.32 -> 0.08 ms
     of a 480p fp32 step on an H200.
     """
-    kernels = triton_kernels("top_k_kernel", similarity.device)
+    kernels = triton_kernels(f"{__package__}.top_k_kernel", similarity.device)
     if kernels is not None and kernels.handles(similarity, k):
         return kernels.top_k(similarity, k)
     size = similarity.shape[-1]
