@@ -155,7 +155,7 @@ def test_bench_smoke_run_prints_every_row():
     assert "SMOKE TEST" in table and "CPU" in table
     for row in ("SAM encoder ms", "SAM decoder ms per click", "XMem step ms, 1 object at 240p",
                 "XMem step ms, 3 objects at 240p", "file to file FPS, 240p", "decode + encode only FPS, 240p",
-                "peak RSS GiB"):
+                "decode + encode only FPS, 240p, this column's output as input", "peak RSS GiB"):
         line = next((line for line in table.splitlines() if line.startswith(f"| {row}")), None)
         assert line is not None, f"no row {row!r} in\n{table}"
         value = line.split("|")[2].strip().split(" / ")[0]

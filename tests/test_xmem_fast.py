@@ -10,7 +10,7 @@ from torch import nn
 
 from XMem.inference.inference_core import DEFAULT_CONFIG, InferenceCore
 from XMem.model.fusion import fold_batch_norms, inference_copy
-from XMem.model.group_modules import cat_channels, downsample_objects, prepend_to_objects
+from XMem.model.group_modules import cat_channels, downsample_objects, fold_objects, prepend_to_objects
 from XMem.model.memory_util import (element_major, get_similarity, sparse_readout, sparse_topk_softmax, sparse_usage,
                                      top_k_last, topk_softmax)
 from XMem.model.network import XMem
@@ -136,6 +136,20 @@ def test_channel_concatenation_matches_torch_cat_and_keeps_channels_last():
     assert torch.equal(got, want)
     assert got.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
     assert cat_channels([objects, objects.double()]).dtype == torch.float64  # promoted, as torch.cat does
+
+
+def test_one_objects_channels_last_features_stay_channels_last_through_pooling():
+    """A view gives a batch axis of size 1 any stride; pooling took such features for channels-first and copied them."""
+    image = torch.randn(1, 16, 8, 12, generator=_generator(7)).to(memory_format=torch.channels_last)
+    g = image.view(1, 1, 16, 8, 12)  # one object's features, as the decoder's layers pass them on
+    folded = fold_objects(g)
+    assert folded.data_ptr() == image.data_ptr() and torch.equal(folded, image)
+    assert folded.stride() == image.stride()
+    pooled = downsample_objects(g, 1 / 4)
+    assert pooled.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(pooled.flatten(0, 1), F.avg_pool2d(image.contiguous(), 4))
+    channels_first = torch.randn(2, 3, 4, 6, 10, generator=_generator(8))
+    assert fold_objects(channels_first).stride() == channels_first.flatten(0, 1).stride()
 
 
 def test_sparse_top_k_readout_and_usage_equal_the_dense_affinitys():

@@ -86,14 +86,14 @@ def test_the_kernels_compute_what_the_torch_operations_do_in_the_triton_interpre
 @needs_triton
 def test_the_kernels_run_on_the_gpu_and_compute_what_the_torch_operations_do():
     from XMem.model.triton_support import triton_kernels
-    for name in ("fused_kernels", "top_k_kernel"):
+    for name in ("XMem.model.fused_kernels", "XMem.model.top_k_kernel"):
         assert triton_kernels(name, torch.device("cuda")) is not None, name
     check(differences("cuda"))
 
 
 def test_without_a_gpu_the_sums_and_the_top_k_are_torch_operations():
     from XMem.model.triton_support import triton_kernels
-    for name in ("fused_kernels", "top_k_kernel"):
+    for name in ("XMem.model.fused_kernels", "XMem.model.top_k_kernel"):
         assert triton_kernels(name, torch.device("cpu")) is None, name
 
 
