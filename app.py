@@ -26,6 +26,7 @@ from tracker.interactive import VIDEO_SUFFIXES, EditSession, Limits, SessionStor
 from tracker.pipeline import MemoryOptions, TrackOptions, resolve_precision
 from tracker.render import overlay_colours
 from tracker.session import Tracker
+from tracker.video import X264_MAX_CRF, X264_PRESETS
 from tracker.weights import UNTRAINED_WARNING
 
 log = logging.getLogger("tracker.app")
@@ -151,6 +152,12 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                                       elem_id="overlay-opacity")
                     outline = gr.Slider(0, 10, value=defaults.outline, step=1, label="Outline width (px)",
                                         elem_id="outline-width")
+                    encoder_preset = gr.Dropdown(list(X264_PRESETS), value=defaults.preset,
+                                                 label="Encoding speed (libx264 preset)", elem_id="encoder-preset",
+                                                 info="faster presets make larger files; the encoder can be what "
+                                                      "limits a run's speed")
+                    crf = gr.Slider(0, X264_MAX_CRF, value=defaults.crf, step=1, elem_id="video-crf",
+                                    label="Video quality (CRF: lower is better and larger; 0 is lossless)")
                     sam_backend = gr.Dropdown(tracker.sam_choices(), value=tracker.sam.name, label="SAM backend",
                                               info="for this session's clicks and jobs (default: --sam-backend)",
                                               elem_id="sam-backend")
@@ -291,8 +298,8 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
         @show_errors(outputs=6)
         def on_track(accepted: bool, full: bool, size_value: float, mem_value: float, top_k: float,
                      min_mid_term: float, max_mid_term: float, prototypes: float, long_term: float,
-                     min_area_value: float, alpha_value: float, outline_value: float, frame: int,
-                     request: gr.Request, progress=gr.Progress()):
+                     min_area_value: float, alpha_value: float, outline_value: float, preset_value: str,
+                     crf_value: float, frame: int, request: gr.Request, progress=gr.Progress()):
             if not accepted:
                 return (gr.skip(),) * 6
             session = session_of(request)
@@ -302,7 +309,8 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                                        num_prototypes=int(prototypes), max_long_term_elements=int(long_term),
                                        min_memory_area=int(min_area_value or 0))
                 options = TrackOptions(size=int(size_value), memory=memory, alpha=float(alpha_value),
-                                       outline=int(outline_value), precision=precision)
+                                       outline=int(outline_value), preset=preset_value, crf=int(crf_value),
+                                       precision=precision)
                 record = session.track(options, full=bool(full),
                                        progress=lambda fraction, text: progress(fraction, desc=text))
             except Cancelled:
@@ -322,7 +330,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
         job_buttons = [track_button, cancel_button]
         (track_button.click(on_begin, None, [status, job_accepted, *job_buttons], queue=False)
          .then(on_track, [job_accepted, full_rerun, size, mem_every, *memory_limits, min_area, *style,
-                          frame_slider],
+                          encoder_preset, crf, frame_slider],
                [status, *results, frame_image], show_progress_on=status, concurrency_limit=1,
                concurrency_id="track")
          .then(lambda: (gr.update(interactive=True), gr.update(interactive=False)), None, job_buttons,

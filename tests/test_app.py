@@ -187,6 +187,13 @@ def mask_ids(masks: Path, index: int) -> set[int]:
         return set(np.unique(np.asarray(picture)).tolist())
 
 
+def x264_settings(video: Path) -> dict[str, str]:
+    """The settings libx264 writes into the stream it encodes (as "options: key=value ...")."""
+    data = video.read_bytes()
+    text = data[data.index(b"options: ") + len(b"options: "):].split(b"\0", 1)[0].decode()
+    return dict(item.split("=", 1) for item in text.split() if "=" in item)
+
+
 def members(masks: Path) -> dict[str, bytes]:
     with zipfile.ZipFile(masks) as archive:
         return {name: archive.read(name) for name in archive.namelist()}
@@ -253,6 +260,13 @@ def test_click_track_correct_and_download(app, browser, clips, tmp_path):
     assert tab.frame_src() != one_object
     assert re.fullmatch(r"\s*Object 1\s*Object 2\s*", tab.page.locator("#object-legend").inner_text())
 
+    tab.page.locator("#settings").get_by_text("Settings").click()  # encoder settings reach the file
+    tab.page.locator("#encoder-preset input").click()
+    tab.page.get_by_role("option", name="ultrafast", exact=True).click()
+    crf = tab.page.locator("#video-crf input[type=number]")
+    crf.fill("30")
+    crf.press("Enter")
+
     started = time.monotonic()
     done = tab.track()
     assert done.startswith("Done: tracked the whole video. 12 frames in"), done
@@ -269,6 +283,8 @@ def test_click_track_correct_and_download(app, browser, clips, tmp_path):
     overlay = tab.download("tracked.mp4", tmp_path)
     info = probe(overlay)
     assert (info.frame_count, info.width, info.height, info.codec, info.has_audio) == (12, W, H, "h264", True)
+    settings = x264_settings(overlay)
+    assert (settings["cabac"], settings["crf"]) == ("0", "30.0"), "ultrafast (no CABAC) at crf 30, as chosen"
     first_masks = members(tab.download("masks.zip", tmp_path))
     assert sorted(first_masks) == [f"{i:05d}.png" for i in range(12)]
     assert mask_ids(tmp_path / "masks.zip", 0) == {0, 1, 2}, "the prompt frame holds both objects"

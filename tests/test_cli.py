@@ -113,6 +113,7 @@ def test_prompts_file_on_later_frames(untrained_checkpoints, cpu_tracker, tmp_pa
     ("outside", ["--point", "500,5"], "outside"),
     ("frame", ["--point", "5,5", "--frame", "99"], "past the end"),
     ("prompts", ["--prompts", "{bad}"], "not valid JSON"),
+    ("crf", ["--point", "5,5", "--crf", "60"], "crf must be 0 (lossless) to 51"),
 ])
 def test_bad_input_exits_2_with_one_line(case, args, message, untrained_checkpoints, tmp_path):
     clip = tmp_path / "clip.mp4"

@@ -169,6 +169,20 @@ def test_memory_settings_are_checked(settings, message):
         MemoryOptions(**settings)
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"preset": "warp"}, "unknown encoder preset 'warp'; use one of ultrafast, superfast"),
+    ({"crf": 52}, "crf must be 0 .lossless. to 51, not 52"),
+    ({"crf": -1}, "not -1"),
+])
+def test_encoder_settings_are_checked(settings, message):
+    from tracker.errors import TrackerError
+    from tracker.pipeline import TrackOptions
+
+    with pytest.raises(TrackerError, match=message):
+        TrackOptions(**settings)
+    assert TrackOptions(preset="ultrafast", crf=0).preset == "ultrafast"
+
+
 def test_sink_receives_downloads_as_host_arrays():
     received = []
     sink = ThreadedSink("t", lambda index, array: received.append((index, array)), lambda: None, lambda: None)

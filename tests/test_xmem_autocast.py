@@ -158,6 +158,7 @@ def test_cudnn_times_its_algorithms_within_its_memory_cap_and_restores_the_setti
     assert len(probabilities) == 3
     # Beyond the cap: this small video's memory buffers and features (tens of MB); uncapped, several GB.
     peak = torch.cuda.max_memory_reserved()
-    assert peak <= held + SEARCH_WORKSPACE_BYTES + (256 << 20), f"held {held / 2**30:.2f} GiB, peak {peak / 2**30:.2f} GiB"
+    assert peak <= held + SEARCH_WORKSPACE_BYTES + (256 << 20), \
+        f"held {held / 2**30:.2f} GiB, peak {peak / 2**30:.2f} GiB"
     assert torch.cuda.get_per_process_memory_fraction() == fraction
     assert torch.backends.cudnn.benchmark == benchmark

@@ -10,7 +10,7 @@ from typing import Sequence
 from .errors import TrackerError
 from .pipeline import MemoryOptions, TrackOptions
 from .prompts import NEGATIVE, POSITIVE, ObjectPrompt, load_prompts, parse_box, parse_xy
-from .video import DEFAULT_PRESET
+from .video import DEFAULT_PRESET, X264_MAX_CRF, X264_PRESETS
 
 OUTPUT_DIR = Path("output")
 
@@ -44,9 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     track.add_argument("--size", type=int, default=480, help="shorter side of the working resolution (0: original)")
     track.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
     track.add_argument("--outline", type=int, default=2, help="outline width in pixels")
-    track.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better)")
-    track.add_argument("--preset", default=DEFAULT_PRESET,
-                       help=f"libx264 preset (default {DEFAULT_PRESET}; slower presets make smaller files)")
+    track.add_argument("--crf", type=int, default=18, help=f"H.264 quality, 0 (lossless) to {X264_MAX_CRF}; "
+                       "lower is better and larger")
+    track.add_argument("--preset", default=DEFAULT_PRESET, choices=X264_PRESETS,
+                       help=f"libx264 preset (default {DEFAULT_PRESET}; slower presets make smaller files, "
+                            "ultrafast encodes about twice as fast into larger ones)")
     track.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                        help="run the plain XMem network eagerly instead of its fast copy "
                             "(folded, fused, channels-last) replaying CUDA graphs")

@@ -30,7 +30,7 @@ from XMem.model.fusion import inference_copy
 from . import colour
 from .errors import Cancelled, TrackerError
 from .transfer import Download, pinned, upload
-from .video import DEFAULT_PRESET, Frame, VideoInfo, iter_frames
+from .video import DEFAULT_PRESET, X264_MAX_CRF, X264_PRESETS, Frame, VideoInfo, iter_frames
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -92,6 +92,12 @@ class TrackOptions:
     precision: str = "auto"  # XMem on CUDA: "fp32", "bf16", "fp16", or "auto" (the fastest that matches fp32)
     # CUDA only: XMem's fast copy (folded, fused, channels-last) replays CUDA graphs; False: the plain network, eager
     cuda_graphs: bool = True
+
+    def __post_init__(self) -> None:
+        if self.preset not in X264_PRESETS:
+            raise TrackerError(f"unknown encoder preset {self.preset!r}; use one of {', '.join(X264_PRESETS)}")
+        if not 0 <= self.crf <= X264_MAX_CRF:
+            raise TrackerError(f"crf must be 0 (lossless) to {X264_MAX_CRF}, not {self.crf}")
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

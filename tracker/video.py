@@ -26,9 +26,12 @@ from .errors import VideoError
 log = logging.getLogger(__name__)
 
 UNSPECIFIED_COLORSPACE = 2  # AVCOL_SPC_UNSPECIFIED
-# libx264's preset: "superfast" keeps up with tracking at 720p and 1080p on a GPU
-# (veryfast is ~20% slower, ultrafast drops CABAC and deblocking) at crf 18.
+# libx264's presets, fastest first. The default, "superfast", encodes one tracked object's
+# overlay at about the rate a GPU tracks 720p (16 cores); "ultrafast" is about twice as fast
+# but drops CABAC and deblocking, so its files are larger at the same crf.
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 DEFAULT_PRESET = "superfast"
+X264_MAX_CRF = 51  # 8-bit H.264: 0 is lossless, 51 the coarsest
 
 # Damaged tags must not stop the video. PyAV 19 decodes tags leniently by itself and
 # no longer takes the option that PyAV 18 needs for that.
