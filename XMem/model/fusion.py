@@ -21,7 +21,7 @@ from .resnet import BasicBlock, Bottleneck
 from .triton_support import triton_kernels
 
 # The Triton kernels that fuse the passes between convolutions on CUDA.
-_KERNELS = f"{__package__}.fused_kernels"
+FUSED_KERNELS = f"{__package__}.fused_kernels"
 
 
 @torch.no_grad()
@@ -119,7 +119,7 @@ def _conv_bias_add(conv: nn.Conv2d, x: torch.Tensor, bias: torch.Tensor, skip: t
     out = _conv(conv, x, None if x.is_cuda else bias)
     if not x.is_cuda:
         return _add_per_image(out, skip)
-    kernels = triton_kernels(_KERNELS, x.device)
+    kernels = triton_kernels(FUSED_KERNELS, x.device)
     if kernels is None or not _channels_last(out, skip):
         return _add_per_image(out + bias.view(-1, 1, 1), skip)
     return kernels.bias_add(out, bias, skip)
@@ -202,7 +202,7 @@ class _FusedUpsampleBlock(UpsampleBlock):
     """On CUDA the skip projection's bias, the x2 upsampling, their sum and its ReLU in one pass."""
 
     def forward(self, skip_f: torch.Tensor, up_g: torch.Tensor) -> torch.Tensor:
-        kernels = triton_kernels(_KERNELS, skip_f.device)
+        kernels = triton_kernels(FUSED_KERNELS, skip_f.device)
         flat = up_g.flatten(0, 1)
         if (kernels is None or self.scale_factor != 2 or skip_f.shape[-2:] != (2 * flat.shape[-2], 2 * flat.shape[-1])
                 or not _channels_last(skip_f, flat)):
@@ -232,7 +232,7 @@ class _FusedKeyProjection(KeyProjection):
 
 def _stem_pool(x: torch.Tensor) -> torch.Tensor:
     """ResNet's 3x3 stride-2 max pooling; on CUDA a kernel that reads channels-last features in their layout."""
-    kernels = triton_kernels(_KERNELS, x.device)
+    kernels = triton_kernels(FUSED_KERNELS, x.device)
     if kernels is None or not _channels_last(x):
         return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
     return kernels.max_pool(x)
