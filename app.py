@@ -399,6 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"device {tracker.device_name}, SAM backend {tracker.sam.name}", file=sys.stderr)
+    tracker.warm_up_in_background(TrackOptions(precision=args.precision))
     if tracker.untrained:
         print(f"WARNING: {UNTRAINED_WARNING}", file=sys.stderr)
     limits = Limits(max_frames=args.max_frames, max_seconds=args.max_seconds, max_pixels=args.max_pixels)

@@ -295,6 +295,43 @@ def test_tracking_on_cuda_writes_every_frame(untrained_checkpoints, tmp_path):
         assert np.array_equal(masks[9] == 1, sam_mask)  # the prompt frame keeps SAM's mask
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_warm_up_leaves_xmems_graphs_to_the_next_videos_of_its_size(untrained_checkpoints, tmp_path):
+    """The warm-up's graphed XMem waits for a video of its working size, which captures no more network graphs
+    and leaves it for the next; an error drops it (its graphs' memory goes)."""
+    from media import make_clip
+    from tracker.errors import Cancelled
+    from tracker.pipeline import IDLE_GRAPHS, TrackOptions
+    from tracker.prompts import ObjectPrompt
+    from tracker.session import Tracker
+
+    tracker = Tracker(untrained_checkpoints["sam"], untrained_checkpoints["xmem"], device="cuda", download=False)
+    options = TrackOptions(size=144)
+    IDLE_GRAPHS.clear()
+    assert tracker.warm_up(options, frame_size=(176, 144)) > 0
+    ((size, graphed),) = IDLE_GRAPHS._idle[tracker.xmem].values()
+    count = graphed.graph_count
+    assert size == (144, 176) and count >= 3
+    clip = make_clip(tmp_path / "clip.mp4", frames=24, width=176, height=144)
+    prompt = [ObjectPrompt(1, 0, [(88, 72)], [1])]
+    for _ in range(2):
+        assert tracker.track(clip, prompt, output=tmp_path / "out.mp4", options=options).frames == 24
+        ((_, again),) = IDLE_GRAPHS._idle[tracker.xmem].values()
+        assert again is graphed and graphed.graph_count == count
+
+    def cancel(done: int, total: int) -> None:
+        if done == 5:
+            raise Cancelled("stop")
+
+    with pytest.raises(Cancelled):
+        tracker.track(clip, prompt, output=tmp_path / "out.mp4", options=options, progress=cancel)
+    assert len(IDLE_GRAPHS) == 0
+
+
+def test_warming_up_on_a_cpu_does_nothing(cpu_tracker):
+    assert cpu_tracker.warm_up() == 0.0
+
+
 def test_precisions_per_device():
     from tracker.errors import TrackerError
     from tracker.pipeline import TrackOptions, resolve_precision, stepping_network
@@ -306,9 +343,10 @@ def test_precisions_per_device():
         resolve_precision(cpu, "fp16")
     with pytest.raises(TrackerError, match="unknown precision"):
         resolve_precision(cpu, "int8")
-    assert stepping_network(network, cpu, TrackOptions()) is network  # the plain path stays as it is
-    fast = stepping_network(network, cpu, TrackOptions(precision="bf16"))
-    assert fast is not network and fast.weight.is_contiguous(memory_format=torch.channels_last)
+    with stepping_network(network, cpu, TrackOptions(), (8, 8)) as plain:
+        assert plain is network  # the plain path stays as it is
+    with stepping_network(network, cpu, TrackOptions(precision="bf16"), (8, 8)) as fast:
+        assert fast is not network and fast.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_bf16_on_the_cpu_tracks_every_frame_and_keeps_the_prompt(cpu_tracker, tmp_path):

@@ -12,8 +12,9 @@ import importlib.util
 import pytest
 import torch
 
-from tracker.pipeline import IMAGENET_MEAN, IMAGENET_STD, MemoryOptions, TrackOptions, autocast_for, stepping_network
-from XMem.inference.graphed_network import SEARCH_WORKSPACE_BYTES
+from tracker.pipeline import (IDLE_GRAPHS, IMAGENET_MEAN, IMAGENET_STD, MemoryOptions, TrackOptions, autocast_for,
+                             stepping_network)
+from XMem.inference.graph_cache import SEARCH_WORKSPACE_BYTES
 from XMem.inference.inference_core import InferenceCore
 from XMem.model.network import XMem
 
@@ -85,8 +86,10 @@ def float64_probabilities(clip):
     return {late: _probabilities(network64, frames64, first_mask.double(), "fp32", late) for late in (None, 10)}
 
 
-def _fast(network):
-    return stepping_network(network, torch.device("cuda"), TrackOptions(precision="fp32"))
+def _fast(network, frames, precision="fp32", graphs=True):
+    """The pipeline's network for these frames (a graphed one that a finished video left idle, if any)."""
+    return stepping_network(network, torch.device("cuda"), TrackOptions(precision=precision, cuda_graphs=graphs),
+                            tuple(frames[0].shape[-2:]))
 
 
 def _max_dp(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -106,8 +109,8 @@ def test_the_fast_fp32_network_does_the_plain_networks_maths(clip, float64_proba
     """
     network, frames, first_mask = clip
     plain = _probabilities(network, frames, first_mask, "fp32", late_object_at)
-    fast_network = _fast(network)
-    fast = _probabilities(fast_network, frames, first_mask, "fp32", late_object_at)
+    with _fast(network, frames) as fast_network:
+        fast = _probabilities(fast_network, frames, first_mask, "fp32", late_object_at)
     exact = float64_probabilities[late_object_at]
     early = _max_dp(plain[:8], fast[:8])
     plain_error, fast_error = _max_dp(exact, plain), _max_dp(exact, fast)
@@ -123,9 +126,35 @@ def test_tf32_moves_the_fast_network_no_further_than_the_plain_one(clip, float64
     network, frames, first_mask = clip
     exact = float64_probabilities[10]
     plain_error = _max_dp(exact, _probabilities(network, frames, first_mask, "fp32", 10))
-    fast_error = _max_dp(exact, _probabilities(_fast(network), frames, first_mask, "fp32", 10))
+    with _fast(network, frames) as fast_network:
+        fast_error = _max_dp(exact, _probabilities(fast_network, frames, first_mask, "fp32", 10))
     print(f"max |dp| from float64 with TF32 convolutions: plain {plain_error:.2e}, fast {fast_error:.2e}")
     assert fast_error <= max(3 * plain_error, 1e-3)
+
+
+def test_the_next_video_replays_the_graphs_the_first_one_captured(clip):
+    """A finished video leaves its graphed network (network and memory-read graphs) to the next video of its
+    working size, which captures nothing and computes what the first did; another size gets a fresh one."""
+    network, frames, first_mask = clip
+    IDLE_GRAPHS.clear()
+    with _fast(network, frames) as first_network:
+        first = _probabilities(first_network, frames, first_mask, "fp32")
+
+    def captured(graphed):
+        return graphed.graph_count + graphed.memory_workspace.graphs.captured
+
+    count = captured(first_network)
+    assert first_network.graph_count >= 3 and first_network.memory_workspace.graphs.captured >= 2
+    with _fast(network, frames) as second_network:
+        assert second_network is first_network
+        second = _probabilities(second_network, frames, first_mask, "fp32")
+    assert captured(second_network) == count
+    # Until memory is first consolidated (frame 50) nothing but the order of atomic additions can differ.
+    assert _max_dp(first[:45], second[:45]) <= 1e-5
+    assert len(IDLE_GRAPHS) == 1
+    smaller = [frame[:, :128, :192].contiguous() for frame in frames[:3]]
+    with _fast(network, smaller) as other:
+        assert other is not first_network
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -134,8 +163,8 @@ def test_mixed_precision_stays_finite_and_close_on_the_prompt_frame(clip, precis
     """Affinity and softmax run in fp32, so half precision neither overflows nor drifts off the scale."""
     network, frames, first_mask = clip
     reference = _probabilities(network, frames, first_mask, "fp32")
-    options = TrackOptions(precision=precision, cuda_graphs=graphs)
-    fast = _probabilities(stepping_network(network, torch.device("cuda"), options), frames, first_mask, precision)
+    with _fast(network, frames, precision, graphs) as fast_network:
+        fast = _probabilities(fast_network, frames, first_mask, precision)
     assert len(fast) == len(reference) == 60
     assert torch.equal(reference[0].argmax(0), fast[0].argmax(0))  # the given mask passes through untouched
     agreement = [_object_iou(a, b, 1) for a, b in zip(reference, fast)]
@@ -148,13 +177,13 @@ def test_cudnn_times_its_algorithms_within_its_memory_cap_and_restores_the_setti
     network, frames, first_mask = clip
     shape = (3, 232, 344)  # a size no other test runs, so its convolutions are searched now
     small = [frame[:, :shape[1], :shape[2]].contiguous() for frame in frames[:3]]
-    fast = _fast(network)
     fraction, benchmark = torch.cuda.get_per_process_memory_fraction(), torch.backends.cudnn.benchmark
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     held = torch.cuda.memory_reserved()
-    probabilities = _probabilities(fast, small, first_mask[:, :shape[1], :shape[2]].contiguous(), "fp32")
+    with _fast(network, small) as fast:
+        probabilities = _probabilities(fast, small, first_mask[:, :shape[1], :shape[2]].contiguous(), "fp32")
     assert len(probabilities) == 3
     # Beyond the cap: this small video's memory buffers and features (tens of MB); uncapped, several GB.
     peak = torch.cuda.max_memory_reserved()

@@ -7,10 +7,9 @@ import math
 import pytest
 import torch
 
-from XMem.inference.graphed_network import GraphCache
 from XMem.inference.inference_core import DEFAULT_CONFIG, InferenceCore
 from XMem.inference.kv_memory_store import KeyValueMemoryStore
-from XMem.inference.memory_manager import MemoryManager, _FixedLayout
+from XMem.inference.memory_manager import MemoryManager, MemoryReadWorkspace, _FixedLayout
 from XMem.inference.padding import pad_to_multiple, unpad
 from XMem.model.aggregate import aggregate
 from XMem.model.memory_util import get_similarity, topk_softmax
@@ -219,7 +218,7 @@ def test_reading_in_a_fixed_layout_equals_the_plain_reading(top_k, count_long_us
     (Without usage counts long-term memory cannot be pruned, so it gets room for the whole clip.)"""
     config = _tiny_memory_config(top_k=top_k, enable_long_term_count_usage=count_long_usage,
                                  max_long_term_elements=max_long)
-    plain, fixed = MemoryManager(config), MemoryManager(config, GraphCache(enabled=False))
+    plain, fixed = MemoryManager(config), MemoryManager(config, MemoryReadWorkspace(cuda_graphs=False))
     reads = 0
     for reads, (want, got) in enumerate(_read_and_write([plain, fixed], 30), 1):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
@@ -240,7 +239,7 @@ def test_memory_too_large_for_a_fixed_layout_is_read_as_it_is(monkeypatch):
     """Similarities at full capacity must fit the scratch limit; otherwise reading sizes them to the memory."""
     monkeypatch.setattr(_FixedLayout, "SCRATCH_LIMIT", 6 * 34 * 8 - 1)  # one byte short at the tiny config
     config = _tiny_memory_config()
-    plain, fixed = MemoryManager(config), MemoryManager(config, GraphCache(enabled=False))
+    plain, fixed = MemoryManager(config), MemoryManager(config, MemoryReadWorkspace(cuda_graphs=False))
     for want, got in _read_and_write([plain, fixed], 8):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
         assert fixed._readable.masks is None
@@ -249,12 +248,48 @@ def test_memory_too_large_for_a_fixed_layout_is_read_as_it_is(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fixed_layout_reads_replay_cuda_graphs_and_equal_the_plain_reading():
     config = _tiny_memory_config()
-    graphs = GraphCache()
-    plain, fixed = MemoryManager(config), MemoryManager(config, graphs)
+    workspace = MemoryReadWorkspace()
+    plain, fixed = MemoryManager(config), MemoryManager(config, workspace)
     for want, got in _read_and_write([plain, fixed], 30, device="cuda"):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     _same_usage(plain, fixed)
-    assert graphs.captured >= 3 and graphs.failures == 0  # one per number of groups
+    graphs, captured = workspace.graphs, workspace.graphs.captured
+    assert captured >= 3 and graphs.failures == 0  # one per number of groups
+    # The next video's memory reads through the same graphs: nothing is captured again.
+    del fixed
+    plain, fixed = MemoryManager(config), MemoryManager(config, workspace)
+    for want, got in _read_and_write([plain, fixed], 30, device="cuda", seed=4):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    _same_usage(plain, fixed)
+    assert workspace.graphs is graphs and graphs.captured == captured
+
+
+def test_the_next_videos_memory_reads_through_the_same_workspace_and_equals_the_plain_reading():
+    """A workspace passes from one video's memory to the next (buffers and graphs kept, stale contents
+    unread); a memory made while another holds it reads plainly; a different capacity starts afresh."""
+    config = _tiny_memory_config()
+    workspace = MemoryReadWorkspace(cuda_graphs=False)
+    first = MemoryManager(config, workspace)
+    for _ in _read_and_write([first], 30):
+        pass
+    layout, graphs = workspace.layout, workspace.graphs
+    assert layout is not None
+    bystander = MemoryManager(config, workspace)  # the first video's memory still lives
+    assert bystander.workspace is None
+    del first, bystander
+    plain, second = MemoryManager(config), MemoryManager(config, workspace)
+    for want, got in _read_and_write([plain, second], 30, seed=4):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        assert second._readable.masks is not None
+    _same_usage(plain, second)
+    assert workspace.layout is layout and workspace.graphs is graphs
+    del second
+    roomier = _tiny_memory_config(max_long_term_elements=60)
+    plain, third = MemoryManager(roomier), MemoryManager(roomier, workspace)
+    for want, got in _read_and_write([plain, third], 12, seed=5):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert workspace.layout is not layout and workspace.layout.capacity == 60 + 4 * 6
+    assert workspace.graphs is not graphs
 
 
 def test_memory_manager_without_long_term_keeps_everything():

@@ -26,13 +26,13 @@ import torch
 
 from XMem.inference.inference_core import InferenceCore
 
-from .pipeline import (FramePrep, MemoryOptions, ThreadedSink, TrackOptions, autocast_for, cpu_has_bf16, frame_graphs,
-                       prefetch, stepping_network)
+from .pipeline import (IDLE_GRAPHS, FramePrep, MemoryOptions, ThreadedSink, TrackOptions, autocast_for, cpu_has_bf16,
+                       frame_graphs, prefetch, stepping_network)
 from .prompts import ObjectPrompt
 from .render import encoder_picture, encoder_picture_bytes
 from .sam import TorchSam, resolve_device
 from .session import Tracker
-from .video import VideoWriter, iter_frames, probe
+from .video import VideoWriter, iter_frames, make_clip, probe
 from .weights import UNTRAINED_FILENAMES
 
 
@@ -65,17 +65,19 @@ class Profile:
     work_size: int  # shorter side of XMem's working resolution
     repeats: int  # timed calls for the SAM figures
     xmem_steps: int
+    rounds: int = 1  # file-to-file runs of each clip, each beside its own decode + encode runs
     warmup: int = 2  # untimed calls before the SAM figures
     smoke: bool = False  # a quick run: its figures measure nothing
 
     @classmethod
-    def for_device(cls, device: torch.device, frames: int | None, quick: bool = False) -> "Profile":
+    def for_device(cls, device: torch.device, frames: int | None, quick: bool = False,
+                   rounds: int | None = None) -> "Profile":
         """The sizes to measure on `device`; `quick`: one timed call of each, a smoke test that measures nothing."""
         if quick:
-            return cls({"240p": (426, 240)}, frames or 6, 240, 1, 3, warmup=0, smoke=True)
+            return cls({"240p": (426, 240)}, frames or 6, 240, 1, 3, rounds or 1, warmup=0, smoke=True)
         if device.type == "cuda":
-            return cls({"720p": (1280, 720), "1080p": (1920, 1080)}, frames or 400, 480, 50, 200)
-        return cls({"240p": (426, 240)}, frames or 60, 240, 3, 30)
+            return cls({"720p": (1280, 720), "1080p": (1920, 1080)}, frames or 400, 480, 50, 200, rounds or 3)
+        return cls({"240p": (426, 240)}, frames or 60, 240, 3, 30, rounds or 1)
 
 
 @dataclass
@@ -109,38 +111,6 @@ def median_ms(call: Callable[[], object], repeats: int, device: torch.device, wa
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def make_clip(path: Path, width: int, height: int, frames: int, fps: int = 30) -> Path:
-    """An H.264 clip like camera footage: a smooth textured scene panning, a disc crossing it, an AAC tone.
-
-    (Random pixels would measure the encoder on content no camera records.)
-    """
-    yy, xx = np.mgrid[0:height, 0:width + frames * 2].astype(np.float32)
-    scene = np.stack([90 + 60 * np.sin(xx / 37) + 25 * np.cos(yy / 23),
-                      110 + 50 * np.sin((xx + yy) / 53) + 15 * np.sin(xx / 5.5),
-                      120 + 40 * np.cos(yy / 31) + 30 * ((xx // 48 + yy // 48) % 2)], -1)
-    scene = np.clip(scene, 0, 255).astype(np.uint8)
-    disc_y, disc_x = np.mgrid[0:height, 0:width]
-    with av.open(str(path), "w") as container:
-        video = container.add_stream("libx264", rate=fps, options={"preset": "ultrafast", "crf": "20"})
-        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-        audio = container.add_stream("aac", rate=48000)
-        audio.layout = "mono"
-        samples_per_frame = 48000 // fps
-        for i in range(frames):
-            image = scene[:, i * 2:i * 2 + width].copy()
-            cx, cy = width * (0.2 + 0.6 * i / max(frames, 1)), height / 2
-            image[(disc_x - cx) ** 2 + (disc_y - cy) ** 2 < (height / 6) ** 2] = (230, 60, 40)
-            container.mux(video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
-            t = (np.arange(samples_per_frame) + i * samples_per_frame) / 48000
-            tone = (0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None]
-            chunk = av.AudioFrame.from_ndarray(tone, format="fltp", layout="mono")
-            chunk.sample_rate, chunk.pts = 48000, i * samples_per_frame
-            container.mux(audio.encode(chunk))
-        container.mux(video.encode())
-        container.mux(audio.encode())
-    return path
 
 
 class SteadyRate:
@@ -193,11 +163,11 @@ def bench_xmem(tracker: Tracker, profile: Profile, objects: int, options: TrackO
     mask = torch.zeros(objects, profile.work_size, width, device=tracker.device)
     for k in range(objects):
         mask[k, :, k * width // objects:(k + 1) * width // objects] = 1
-    network = stepping_network(tracker.xmem, tracker.device, options)
-    core = InferenceCore(network, MemoryOptions().xmem_config(tracker.xmem))
-    core.set_all_labels(list(range(1, objects + 1)))
     times = []
-    with torch.inference_mode(), autocast_for(tracker.device, options.precision):
+    with torch.inference_mode(), autocast_for(tracker.device, options.precision), \
+            stepping_network(tracker.xmem, tracker.device, options, (profile.work_size, width)) as network:
+        core = InferenceCore(network, MemoryOptions().xmem_config(tracker.xmem))
+        core.set_all_labels(list(range(1, objects + 1)))
         core.step(frames[0], mask)
         for i in range(profile.xmem_steps):
             _sync(tracker.device)
@@ -210,33 +180,51 @@ def bench_xmem(tracker: Tracker, profile: Profile, objects: int, options: TrackO
                 f"{statistics.median(times[skip:]):.2f}")
 
 
-def bench_file(tracker: Tracker, clip: Path, name: str, profile: Profile, options: TrackOptions, results: Results,
-               mode: str, out_dir: Path) -> Path:
-    """File-to-file FPS: decode, SAM on frame 0, XMem, render, encode with audio; returns the output's path."""
+@dataclass
+class FileRun:
+    whole_fps: float
+    steady_fps: float  # after the warm-up frames, until the file is complete
+    peak_gpu_bytes: int | None
+    output: Path
+
+
+def track_file(tracker: Tracker, clip: Path, output: Path, profile: Profile, options: TrackOptions) -> FileRun:
+    """Decode, SAM on frame 0, XMem, render, encode with audio: the app's and the CLI's path."""
+    info = probe(clip)
+    prompt = ObjectPrompt(1, 0, [(info.width * 0.2, info.height / 2)], [1])
+    rate = SteadyRate(min(WARMUP_FRAMES, info.frame_count // 3))
+    result = tracker.track(clip, [prompt], output=output, options=replace(options, size=profile.work_size),
+                           progress=rate)
+    rate.finish(result.frames)
+    return FileRun(result.fps, rate.fps, result.peak_gpu_bytes, output)
+
+
+def track_without_encoding(tracker: Tracker, clip: Path, profile: Profile, options: TrackOptions) -> float:
+    """`track_file` with every picture drawn and downloaded as for the encoder, but not encoded: the rate
+    that the rest of the pipeline (decode, model, drawing, transfers) sustains (after the warm-up frames)."""
     info = probe(clip)
     prompt = ObjectPrompt(1, 0, [(info.width * 0.2, info.height / 2)], [1])
     options = replace(options, size=profile.work_size)
-    if tracker.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(tracker.device)
+    graphs = frame_graphs(tracker.device, options)
+    sink = ThreadedSink("discard", lambda *item: None, lambda: None, lambda: None,
+                        item_bytes=encoder_picture_bytes(tracker.device, info.width, info.height))
     rate = SteadyRate(min(WARMUP_FRAMES, info.frame_count // 3))
-    output = out_dir / f"{name}_{mode}.mp4"
-    result = tracker.track(clip, [prompt], output=output, options=options, progress=rate)
-    rate.finish(result.frames)
-    results.add(f"file to file FPS, {name} in and out (whole run / after {rate.warmup} frames)", mode,
-                f"{result.fps:.1f} / {rate.fps:.1f}")
-    if result.peak_gpu_bytes is not None:
-        results.add(f"peak GPU memory GiB, {name}", mode, f"{result.peak_gpu_bytes / 2**30:.2f}")
-    return output
+    done = 0
+    for done, tracked in enumerate(tracker.iter_tracked(clip, [prompt], options, progress=rate), 1):
+        sink.put(encoder_picture(tracked.image, tracked.labels, alpha=options.alpha, outline=options.outline,
+                                 graphs=graphs), tracked.pts, tracked.time)
+    sink.close()
+    rate.finish(done)
+    return rate.fps
 
 
-def bench_codec_ceiling(clip: Path, measure: str, device: torch.device, out_dir: Path, results: Results,
-                        mode: str) -> None:
-    """Decode + encode alone, through the pipeline's own transfers and conversions but no model:
-    the most the full pipeline can reach with `clip`'s pictures."""
+def decode_encode_fps(clip: Path, device: torch.device, output: Path) -> float:
+    """Decode + encode alone, through the pipeline's own transfers and conversions but no model: the most
+    the full pipeline can reach with `clip`'s pictures (after the warm-up frames, until the file is complete)."""
     info = probe(clip)
     graphs = frame_graphs(device, TrackOptions())
     prep = FramePrep(device, (info.width, info.height), graphs=graphs)
-    writer = VideoWriter(out_dir / f"{clip.stem}_copy.mp4", info, audio_from=clip)
+    writer = VideoWriter(output, info, audio_from=clip)
     sink = ThreadedSink("encode", writer.write, writer.close, writer.abort,
                         item_bytes=encoder_picture_bytes(device, info.width, info.height))
     rate = SteadyRate(min(WARMUP_FRAMES, info.frame_count // 3))
@@ -248,7 +236,48 @@ def bench_codec_ceiling(clip: Path, measure: str, device: torch.device, out_dir:
         rate(done, info.frame_count)
     sink.close()
     rate.finish(done)
-    results.add(f"{measure} (after {rate.warmup} frames)", mode, f"{rate.fps:.1f}")
+    return rate.fps
+
+
+def bench_clip(tracker: Tracker, clip: Path, name: str, profile: Profile, options: TrackOptions, results: Results,
+               mode: str, out_dir: Path) -> None:
+    """File-to-file FPS on one clip, each run between decode + encode alone of the clip and of its own output.
+
+    A machine's CPUs (which the codecs need) are not equally fast all the
+    time, so the pipeline's share of decode + encode alone comes from runs
+    side by side: the median of the rounds' shares. The first round starts
+    without graphs that earlier videos left (a first video); later rounds
+    take them over (the next video of the same size).
+    """
+    IDLE_GRAPHS.clear()
+    warmup = min(WARMUP_FRAMES, profile.clip_frames // 3)
+    runs, ceilings, own_ceilings, unencoded = [], [], [], []
+    for round_ in range(profile.rounds):
+        ceilings.append(decode_encode_fps(clip, tracker.device, out_dir / f"{name}_copy.mp4"))
+        runs.append(track_file(tracker, clip, out_dir / f"{name}_{mode}_{round_}.mp4", profile, options))
+        # What the run's own pictures cost the codecs: masks drawn over the clip can take libx264
+        # much longer than the clip itself (untrained weights draw many ragged shapes).
+        own_ceilings.append(decode_encode_fps(runs[-1].output, tracker.device, out_dir / f"{name}_copy.mp4"))
+        unencoded.append(track_without_encoding(tracker, clip, profile, options))
+    median = statistics.median
+    results.add(f"file to file FPS, {name} in and out: whole run, first video", mode, f"{runs[0].whole_fps:.1f}")
+    if profile.rounds > 1:
+        results.add(f"file to file FPS, {name} in and out: whole run, next videos", mode,
+                    f"{median(run.whole_fps for run in runs[1:]):.1f}")
+    results.add(f"file to file FPS, {name} in and out: after {warmup} frames", mode,
+                f"{median(run.steady_fps for run in runs):.1f}")
+    results.add(f"decode + encode only FPS, {name}: clip / own output (after {warmup} frames)", mode,
+                f"{median(ceilings):.1f} / {median(own_ceilings):.1f}")
+    shares = [(run.steady_fps / clip_fps, run.steady_fps / own_fps)
+              for run, clip_fps, own_fps in zip(runs, ceilings, own_ceilings) if clip_fps and own_fps]
+    if shares:
+        results.add(f"file to file as a share of decode + encode only, {name}: clip / own output", mode,
+                    f"{median(a for a, _ in shares):.0%} / {median(b for _, b in shares):.0%}")
+    results.add(f"file to file without the encoder FPS, {name} (after {warmup} frames)", mode,
+                f"{median(unencoded):.1f}")
+    peaks = [run.peak_gpu_bytes for run in runs if run.peak_gpu_bytes is not None]
+    if peaks:
+        results.add(f"peak GPU memory GiB, {name}", mode, f"{max(peaks) / 2**30:.2f}")
 
 
 def bench_long(tracker: Tracker, clip: Path, profile: Profile, out_dir: Path, results: Results) -> None:
@@ -300,15 +329,18 @@ def _untrained_checkpoints(directory: Path) -> dict[str, Path]:
 def _header(device: torch.device, profile: Profile) -> str:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     options = TrackOptions()
+    rounds = (f"file to file: medians of {profile.rounds} rounds, each run beside decode + encode alone of the clip "
+              f"and of the run's own output, shares taken round by round; a first video starts without kept graphs, "
+              f"next videos are rounds 2-{profile.rounds}" if profile.rounds > 1 else "file to file: one round")
     return (f"device: {gpu}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
             f"PyAV {av.__version__}; working resolution {profile.work_size}p; {profile.clip_frames}-frame clips; "
-            f"libx264 {options.preset} crf {options.crf}; untrained weights (speed only); "
+            f"libx264 {options.preset} crf {options.crf}; untrained weights (speed only); {rounds}; "
             + ("SMOKE TEST, one call each: these figures measure nothing" if profile.smoke else "medians"))
 
 
 def run(tracker_device: torch.device, frames: int | None, sam_backend: str, mode_names: list[str],
-        quick: bool = False) -> str:
-    profile = Profile.for_device(tracker_device, frames, quick)
+        quick: bool = False, rounds: int | None = None) -> str:
+    profile = Profile.for_device(tracker_device, frames, quick, rounds)
     if tracker_device.type != "cuda":  # the other fast paths are CUDA's
         mode_names = [name for name in mode_names if name == "plain" or name == "bf16" and cpu_has_bf16()]
     modes = {MODES[name].label: MODES[name] for name in mode_names}
@@ -332,14 +364,9 @@ def run(tracker_device: torch.device, frames: int | None, sam_backend: str, mode
             for objects in (1, 3):
                 bench_xmem(tracker, profile, objects, setting.options, results, mode)
             for name, clip in clips.items():
-                output = bench_file(tracker, clip, name, profile, setting.options, results, mode, tmp)
-                if mode == first:
-                    bench_codec_ceiling(clip, f"decode + encode only FPS, {name}", tracker.device, tmp, results, mode)
-                # What the run's own pictures cost the codecs: masks drawn over the clip can take libx264
-                # much longer than the clip itself (untrained weights draw many ragged shapes).
-                bench_codec_ceiling(output, f"decode + encode only FPS, {name}, this column's output as input",
-                                    tracker.device, tmp, results, mode)
+                bench_clip(tracker, clip, name, profile, setting.options, results, mode, tmp)
             del tracker
+            IDLE_GRAPHS.clear()
         results.add("peak RSS GiB (whole run)", first,
                     f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f}")
     return _header(tracker_device, profile) + "\n\n" + results.table(list(modes))
@@ -358,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default=",".join(MODES),
                         help=f"table columns, comma-separated, of: {', '.join(MODES)} (CPU: plain, and bf16 where the "
                              "CPU has bf16 instructions)")
+    parser.add_argument("--rounds", type=int,
+                        help="file-to-file runs of each clip, each beside decode + encode alone (default 3 on GPU, "
+                             "1 on CPU)")
     parser.add_argument("--long", type=int, metavar="FRAMES",
                         help="instead: track one long clip and report memory early and at the end")
     parser.add_argument("--quick", action="store_true",
@@ -367,7 +397,10 @@ def main(argv: list[str] | None = None) -> int:
     names = [name.strip() for name in args.modes.split(",") if name.strip()]
     if not names or any(name not in MODES for name in names):
         parser.error(f"--modes takes a comma-separated list of: {', '.join(MODES)}")
-    print(run_long(device, args.long) if args.long else run(device, args.frames, args.sam_backend, names, args.quick))
+    if args.rounds is not None and args.rounds < 1:
+        parser.error("--rounds takes a whole number of at least 1")
+    print(run_long(device, args.long) if args.long
+          else run(device, args.frames, args.sam_backend, names, args.quick, args.rounds))
     return 0
 
 

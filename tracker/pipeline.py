@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from XMem.inference.graphed_network import GraphCache, GraphedXMem
+from XMem.inference.graph_cache import GraphCache
+from XMem.inference.graphed_network import GraphedXMem
 from XMem.inference.inference_core import InferenceCore
 from XMem.model.fusion import inference_copy
 
@@ -141,22 +142,30 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
     return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
 
 
-def stepping_network(network: torch.nn.Module, device: torch.device, options: TrackOptions):
-    """The network XMem's inference core calls.
+@contextlib.contextmanager
+def stepping_network(network: torch.nn.Module, device: torch.device, options: TrackOptions,
+                     work_size: tuple[int, int]) -> Iterator[torch.nn.Module]:
+    """The network XMem's inference core calls, for one video at working size `work_size` (h, w).
 
     Its inference copy (batch norms folded, residual blocks fused,
     channels-last, weights stored in the autocast type) on CUDA, replaying
     CUDA graphs unless they are turned off, and on the CPU in bf16 (oneDNN's
     bf16 convolutions want channels-last: 96 against 136 ms a step at 240p
-    with AMX). Otherwise the network as it is
-    (the plain path).
+    with AMX). Otherwise the network as it is (the plain path).
+
+    A graphed network that saw its video to the end waits for the next video
+    of the same working size (see `IdleGraphs`); one that stopped on an error
+    or a cancel is dropped.
     """
     dtype = resolve_precision(device, options.precision)
-    if device.type == "cuda":
-        return GraphedXMem(_inference_copy(network, dtype)) if options.cuda_graphs else network
-    if dtype is not None:
-        return _inference_copy(network, dtype)
-    return network
+    if device.type == "cuda" and options.cuda_graphs:
+        graphed = IDLE_GRAPHS.take(network, dtype, work_size) or GraphedXMem(_inference_copy(network, dtype))
+        yield graphed
+        IDLE_GRAPHS.keep(network, dtype, work_size, graphed)
+    elif device.type != "cuda" and dtype is not None:
+        yield _inference_copy(network, dtype)
+    else:
+        yield network
 
 
 _INFERENCE_COPIES: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -170,6 +179,48 @@ def _inference_copy(network: torch.nn.Module, autocast_dtype: torch.dtype | None
         if autocast_dtype not in copies:
             copies[autocast_dtype] = inference_copy(network, autocast_dtype)
         return copies[autocast_dtype]
+
+
+class IdleGraphs:
+    """Graphed networks between videos: the latest finished one of each network and precision, with its graphs.
+
+    A video captures about twenty CUDA graphs (the network's stages, then
+    its memory reads as memory grows): some 0.2 s at 480p on an H200, paid
+    again by every video without this (a re-run after a correction, the next
+    upload). One graphed network is kept per network and autocast type, for
+    the working size it last ran at, holding its graphs' GPU memory until it
+    is taken or `clear`ed.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        # network -> autocast type -> (working size, graphed network); the graphed one holds the network's
+        # inference copy, not the network, so a dropped network takes its entries with it.
+        self._idle: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+    def take(self, network: torch.nn.Module, dtype: torch.dtype | None,
+             work_size: tuple[int, int]) -> GraphedXMem | None:
+        """The idle graphed network for `network` in `dtype` if it last ran at `work_size`; it stops being idle."""
+        with self._lock:
+            size, graphed = self._idle.get(network, {}).pop(dtype, (None, None))
+        return graphed if size == work_size else None
+
+    def keep(self, network: torch.nn.Module, dtype: torch.dtype | None, work_size: tuple[int, int],
+             graphed: GraphedXMem) -> None:
+        with self._lock:
+            self._idle.setdefault(network, {})[dtype] = (work_size, graphed)
+
+    def clear(self) -> None:
+        """Drop every idle graphed network (their graphs' memory goes back to PyTorch's cache)."""
+        with self._lock:
+            self._idle.clear()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(len(kept) for kept in self._idle.values())
+
+
+IDLE_GRAPHS = IdleGraphs()
 
 
 def working_size(width: int, height: int, size: int) -> tuple[int, int]:
@@ -426,8 +477,7 @@ def track_frames(
             progress(done, total)
 
     with tempfile.TemporaryDirectory(prefix="tracker-") as tmp, torch.inference_mode(), \
-            autocast_for(device, options.precision):
-        network = stepping_network(network, device, options)
+            autocast_for(device, options.precision), stepping_network(network, device, options, work_size) as network:
         if earlier is None and start > 0:
             backward = _track_backward(network, config, info, prep, start, work_masks[start], Path(tmp), tick)
             earlier = backward.__getitem__

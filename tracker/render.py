@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from XMem.inference.graphed_network import GraphCache
+from XMem.inference.graph_cache import GraphCache
 
 from . import colour
 from .errors import TrackerError

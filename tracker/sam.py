@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from numpy.typing import ArrayLike
 from PIL import Image
 
-from XMem.inference.graphed_network import GraphCache
+from XMem.inference.graph_cache import GraphCache
 
 from tracker.errors import PromptError, TrackerError
 from tracker.sam_attention import use_fused_attention

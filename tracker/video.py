@@ -600,3 +600,35 @@ def temporary_path_beside(path: Path) -> Path:
                          "choose a folder you can write to") from exc
     os.close(handle)
     return Path(name)
+
+
+def make_clip(path: Path, width: int, height: int, frames: int, fps: int = 30) -> Path:
+    """An H.264 clip like camera footage: a smooth textured scene panning, a disc crossing it, an AAC tone.
+
+    For the benchmark and the warm-up. (Random pixels would measure the encoder on content no camera records.)
+    """
+    yy, xx = np.mgrid[0:height, 0:width + frames * 2].astype(np.float32)
+    scene = np.stack([90 + 60 * np.sin(xx / 37) + 25 * np.cos(yy / 23),
+                      110 + 50 * np.sin((xx + yy) / 53) + 15 * np.sin(xx / 5.5),
+                      120 + 40 * np.cos(yy / 31) + 30 * ((xx // 48 + yy // 48) % 2)], -1)
+    scene = np.clip(scene, 0, 255).astype(np.uint8)
+    disc_y, disc_x = np.mgrid[0:height, 0:width]
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=fps, options={"preset": "ultrafast", "crf": "20"})
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        audio = container.add_stream("aac", rate=48000)
+        audio.layout = "mono"
+        samples_per_frame = 48000 // fps
+        for i in range(frames):
+            image = scene[:, i * 2:i * 2 + width].copy()
+            cx, cy = width * (0.2 + 0.6 * i / max(frames, 1)), height / 2
+            image[(disc_x - cx) ** 2 + (disc_y - cy) ** 2 < (height / 6) ** 2] = (230, 60, 40)
+            container.mux(video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+            t = (np.arange(samples_per_frame) + i * samples_per_frame) / 48000
+            tone = (0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None]
+            chunk = av.AudioFrame.from_ndarray(tone, format="fltp", layout="mono")
+            chunk.sample_rate, chunk.pts = 48000, i * samples_per_frame
+            container.mux(audio.encode(chunk))
+        container.mux(video.encode())
+        container.mux(audio.encode())
+    return path

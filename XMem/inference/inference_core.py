@@ -7,7 +7,7 @@ import torch
 
 from ..model.aggregate import aggregate
 from ..model.network import XMem
-from .graphed_network import GraphCache, GraphedXMem
+from .graphed_network import GraphedXMem
 from .memory_manager import MemoryManager
 from .padding import pad_to_multiple, unpad
 
@@ -54,8 +54,11 @@ class InferenceCore:
         self.curr_ti = -1
         self.last_mem_ti = 0
         self.last_deep_update_ti = -self.deep_update_every
-        # A graphed network's memory is read by graph replays too, in graphs of its own (they read its buffers).
-        self.memory = MemoryManager(self.config, GraphCache() if isinstance(self.network, GraphedXMem) else None)
+        # A graphed network's memory is read by graph replays too, through the network's workspace (whose
+        # graphs earlier videos of the same size captured). The old memory goes first: it holds the workspace.
+        self.memory = None
+        graphed = isinstance(self.network, GraphedXMem)
+        self.memory = MemoryManager(self.config, self.network.memory_workspace if graphed else None)
 
     def set_all_labels(self, labels: Sequence[int]) -> None:
         """The labels 1..n of every object given so far (grows when objects are added)."""

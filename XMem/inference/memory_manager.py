@@ -9,13 +9,14 @@ exceed max_long_term_elements, its least-read elements are dropped first.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
 
 from ..model.memory_util import (element_major, get_similarity, memory_operand, operand_similarity, sparse_readout,
                                  sparse_topk_softmax, sparse_usage)
-from .graphed_network import GraphCache
+from .graph_cache import GraphCache
 from .kv_memory_store import KeyValueMemoryStore
 
 
@@ -118,16 +119,53 @@ class _FixedLayout:
                                [mask[:columns] for mask in self.masks[:len(spans) - 1]], scratch, use, life)
 
 
+class MemoryReadWorkspace:
+    """A fixed layout and the graphs that read it, handed from one video's memory to the next.
+
+    The graphs read the layout's buffers where they lie, so the two live and
+    go together. A video whose memory fits the buffers (same working size,
+    capacity and object groups) reads through the graphs the videos before
+    it captured; otherwise both start afresh. One `MemoryManager` at a time
+    holds it (a second one, while the first lives, reads plainly).
+    """
+
+    def __init__(self, cuda_graphs: bool = True):
+        self.cuda_graphs = cuda_graphs
+        self.graphs = GraphCache(enabled=cuda_graphs)
+        self.layout: _FixedLayout | None = None
+        self._user: weakref.ref | None = None
+
+    def claim(self, user: object) -> bool:
+        """Hold the workspace for `user` while it lives; False if another user holds it."""
+        if self._user is not None and self._user() is not None:
+            return False
+        self._user = weakref.ref(user)
+        return True
+
+    def layout_for(self, capacity: int, frame_elements: int, operand: torch.Tensor,
+                   spans: list[tuple[int, torch.Tensor]]) -> _FixedLayout | None:
+        """The layout to read this memory through, or None: read it plainly."""
+        layout = self.layout
+        if (layout is None or (layout.capacity, layout.frame_elements) != (capacity, frame_elements)
+                or not layout.fits(operand, spans, frame_elements)):
+            layout = _FixedLayout(capacity, frame_elements)
+            if not layout.fits(operand, spans, frame_elements):
+                return None
+            self.layout, self.graphs = layout, GraphCache(enabled=self.cuda_graphs)
+        return layout
+
+
 class MemoryManager:
     """Reads from and writes to the memories of one video.
 
-    With `graphs` (and long-term memory, which bounds its size) memory is read
-    in a fixed layout whose shapes change rarely, as one CUDA graph replay
-    where `graphs` captures them; the reads' usage counts reach the stores
-    at the next write (or `flush_usage`). Results equal the plain reading's.
+    With a `workspace` (and long-term memory, which bounds its size) memory is
+    read in a fixed layout whose shapes change rarely, as one CUDA graph
+    replay where the workspace's graphs capture them; the reads' usage counts
+    reach the stores at the next write (or `flush_usage`). Results equal the
+    plain reading's.
     """
 
-    def __init__(self, config: dict, graphs: GraphCache | None = None):
+    def __init__(self, config: dict, workspace: MemoryReadWorkspace | None = None):
         self.hidden_dim = config["hidden_dim"]
         self.top_k = config["top_k"]
         self.enable_long_term = config["enable_long_term"]
@@ -142,8 +180,8 @@ class MemoryManager:
         # Sensory memory, (1, objects, hidden_dim, H/16, W/16).
         self.hidden: torch.Tensor | None = None
         self._readable: _ReadableMemory | None = None
-        self.graphs = graphs if self.enable_long_term else None
-        self._layout: _FixedLayout | None = None
+        self.workspace = workspace if self.enable_long_term and workspace is not None and workspace.claim(self) \
+            else None
 
     def match_memory(self, query_key: torch.Tensor, selection: torch.Tensor | None) -> torch.Tensor:
         """Read every object's memory at each query pixel: (objects, C_v, H, W).
@@ -167,7 +205,7 @@ class MemoryManager:
                     self.long_mem.update_usage(usage[:, :readable.long_size])
         else:
             objects = tuple(group[2] for group in readable.groups)
-            readout, usage = self.graphs.run(
+            readout, usage = self.workspace.graphs.run(
                 "read_memory", (objects, self.top_k),
                 lambda *inputs: self._read_fixed(objects, *inputs),
                 [readable.operand, query_key, selection, readable.scratch, *readable.masks,
@@ -243,13 +281,13 @@ class MemoryManager:
                 values = torch.cat([long.values[group], values], -1)
             spans.append((first_column, values))
         operand = memory_operand(key, shrinkage, with_selection)
-        if self.graphs is not None and self._layout is None:
-            self._layout = _FixedLayout(self.max_long_elements + self.max_mt_frames * frame_elements, frame_elements)
-        if self._layout is not None and self._layout.fits(operand, spans, frame_elements):
+        layout = None if self.workspace is None else self.workspace.layout_for(
+            self.max_long_elements + self.max_mt_frames * frame_elements, frame_elements, operand, spans)
+        if layout is not None:
             stores = [work] if long is None else [long, work]  # working memory counts usage in long-term mode
             counters = [torch.cat([getattr(s, name) if s.count_usage else work.use_count.new_zeros((1, 1, s.size))
                                    for s in stores], -1).flatten(1) for name in ("use_count", "life_count")]
-            return self._layout.load(operand, spans, counters, with_selection, long_size, self.graphs)
+            return layout.load(operand, spans, counters, with_selection, long_size, self.workspace.graphs)
         groups = [(first_column, element_major(values), values.shape[0]) for first_column, values in spans]
         return _ReadableMemory(operand, with_selection, long_size, operand.shape[1], groups)
 
