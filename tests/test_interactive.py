@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 import zipfile
 from fractions import Fraction
 from pathlib import Path
@@ -19,8 +20,9 @@ import torch
 
 from media import make_clip
 from tracker.errors import Cancelled, PromptError, TrackerError, VideoError
-from tracker.interactive import (Clicks, EditSession, Limits, ProgressClock, RunRecord, SessionStore, display_scale,
-                                 format_seconds, frame_caption, mask_to_logits, plan_passes)
+from tracker.interactive import (WAITING_FOR_DEVICE, Clicks, EditSession, Limits, ProgressClock, RunRecord,
+                                 SessionStore, display_scale, format_seconds, frame_caption, mask_to_logits,
+                                 plan_passes)
 from tracker.pipeline import TrackOptions
 from tracker.render import CHROMA_GREEN, MaskZipReader
 from tracker.sam import ImageEmbedding, SamBackend, SamPrediction, resized_shape, to_frame_coords, upscale_masks
@@ -331,6 +333,32 @@ def test_cancel_keeps_the_previous_result_and_leaves_nothing(session):
     assert session.request_cancel() is False  # nothing runs now: a stray Cancel changes nothing
     second = session.track(OPTIONS)
     assert second.objects == {1, 2}
+
+
+def test_a_job_waiting_for_the_device_says_so_and_can_be_cancelled(session):
+    """Behind the start-up warm-up (or another job) a job reports that it waits, and Cancel ends the wait."""
+    click(session, 0, 45, 60)
+    session.begin_job()
+    reports, outcome = [], []
+
+    def job() -> None:
+        try:
+            session.track(OPTIONS, progress=lambda fraction, text: reports.append(text))
+        except Cancelled as exc:
+            outcome.append(exc)
+
+    with session.tracker.lock:
+        waiting = threading.Thread(target=job)
+        waiting.start()
+        deadline = time.monotonic() + 5
+        while not reports and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert reports == [WAITING_FOR_DEVICE]
+        assert session.request_cancel()
+        waiting.join(timeout=2)
+        assert not waiting.is_alive() and len(outcome) == 1
+    session.end_job()
+    assert session.result is None and not list((session.directory / "runs").iterdir())
 
 
 def test_no_upload_while_tracking_and_no_track_without_clicks(session, clip):

@@ -12,6 +12,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import av
@@ -289,6 +290,28 @@ def test_cancel_mid_run_writes_nothing(tracker, clip, tmp_path):
     stream = tracker.iter_tracked(clip, CLICK, cancel=cancel)
     with pytest.raises(Cancelled):
         list(stream)
+
+
+def test_cancel_while_waiting_for_the_device_ends_the_wait_at_once(tracker, clip, tmp_path):
+    """A job queued behind another (or behind the warm-up) stops as soon as it is cancelled, writing nothing."""
+    cancel, outcome = threading.Event(), []
+
+    def job() -> None:
+        try:
+            tracker.track(clip, CLICK, output=tmp_path / "o.mp4", cancel=cancel)
+        except Cancelled as exc:
+            outcome.append(exc)
+
+    with tracker.lock:  # the job ahead
+        waiting = threading.Thread(target=job)
+        waiting.start()
+        time.sleep(0.3)
+        assert waiting.is_alive() and not outcome
+        cancel.set()
+        waiting.join(timeout=2)
+        assert not waiting.is_alive() and len(outcome) == 1
+    assert leftovers(tmp_path) == []
+    assert_usable(tracker, clip, tmp_path)
 
 
 def test_gpu_out_of_memory_suggests_a_smaller_size(tracker, clip, tmp_path):

@@ -207,6 +207,10 @@ def frame_caption(index: int, info: VideoInfo, time_s: float) -> str:
     return f"Frame {index} / {info.frame_count - 1} · {int(minutes)}:{secs:06.3f}"
 
 
+# Shown while the device is busy before a job starts: the start-up warm-up (on a GPU) or another job.
+WAITING_FOR_DEVICE = "Waiting for the device: it is warming up or finishing another job…"
+
+
 class ProgressClock:
     """Turns per-pass (done, total) frame counts into one fraction and a line with an ETA."""
 
@@ -541,6 +545,8 @@ class EditSession:
             raise PromptError("click an object first: every object needs a click or a box on some frame")
         prompts = [clicks.prompt(object_id, frame) for (frame, object_id), clicks in sorted(plain.items())]
         clock = ProgressClock(len(passes), progress or (lambda fraction, text: None))
+        if self.tracker.lock.locked():
+            clock.report(0.0, WAITING_FOR_DEVICE)
         run_dir.mkdir(parents=True)
         results: list[TrackResult] = []
         try:

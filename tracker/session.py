@@ -26,7 +26,7 @@ from XMem.inference.inference_core import DEFAULT_CONFIG
 from XMem.model.network import XMem, dims_from_state_dict
 
 from . import weights
-from .errors import TrackerError, VideoError
+from .errors import Cancelled, TrackerError, VideoError
 from .pipeline import IDLE_GRAPHS, ProgressFn, ThreadedSink, TrackedFrame, TrackOptions, frame_graphs, track_frames
 from .prompts import ObjectPrompt, check_prompts
 from .render import MaskZipReader, MaskZipWriter, encoder_picture, encoder_picture_bytes
@@ -190,6 +190,21 @@ class Tracker:
             yield from track_frames(self.xmem, info, keyframes, options, self.device,
                                     cancel=cancel, progress=progress)
 
+    @contextmanager
+    def _device_turn(self, cancel: threading.Event | None) -> Iterator[None]:
+        """Hold the device for one job, once the job before it (or the warm-up) is done.
+
+        A cancel while waiting ends the wait at once, so Cancel and a closed
+        tab stay prompt however long the job ahead takes.
+        """
+        while not self.lock.acquire(timeout=0.05):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("tracking was cancelled")
+        try:
+            yield
+        finally:
+            self.lock.release()
+
     def warm_up(self, options: TrackOptions | None = None, frame_size: tuple[int, int] = (1280, 720)) -> float:
         """Track a short generated clip of `frame_size` (w, h) end to end; returns the seconds it took.
 
@@ -241,7 +256,7 @@ class Tracker:
         options = options or TrackOptions()
         info = probe(video)
         check_prompts(prompts, info.width, info.height, info.frame_count)
-        with user_facing_resource_errors(options), self.lock, ExitStack() as stack:
+        with user_facing_resource_errors(options), self._device_turn(cancel), ExitStack() as stack:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             began = time.perf_counter()
