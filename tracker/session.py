@@ -210,7 +210,8 @@ class Tracker:
 
         On CUDA a process's first job pays once for cuDNN's algorithm search,
         Triton's kernel builds and the CUDA graph captures (on an H200 a
-        first 200-frame 720p video took 4.5 s, the next ones 0.9 s). Warmed
+        first 200-frame 720p video took 4.5 s, the next ones 0.9 s; the
+        warm-up itself took 21.7 s where Triton's disk cache was empty). Warmed
         up at start, the first user does not wait for that, and the first
         video of this working size takes over the graphs XMem captured here.
         A CPU has none of that to do: nothing runs there.
