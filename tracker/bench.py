@@ -32,7 +32,7 @@ from .prompts import ObjectPrompt
 from .render import encoder_picture, encoder_picture_bytes
 from .sam import TorchSam, resolve_device
 from .session import Tracker
-from .video import VideoWriter, iter_frames, make_clip, probe
+from .video import VideoInfo, VideoWriter, iter_frames, make_clip, probe
 from .weights import UNTRAINED_FILENAMES
 
 
@@ -113,16 +113,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def warmup_frames(frame_count: int) -> int:
+    """The frames a steady rate leaves out: WARMUP_FRAMES, or a third of a shorter clip."""
+    return min(WARMUP_FRAMES, frame_count // 3)
+
+
+def clip_prompt(info: VideoInfo) -> ObjectPrompt:
+    """A click on the disc that `make_clip` draws, on the first frame."""
+    return ObjectPrompt(1, 0, [(info.width * 0.2, info.height / 2)], [1])
+
+
 class SteadyRate:
-    """A progress callback that starts a clock at the `warmup`-th frame; `finish` stops it when the file is done.
+    """A progress callback that starts a clock after the warm-up frames; `finish` stops it when the file is done.
 
     The clock runs until the output is complete, not until the tracking loop
     ends: the frames still queued for the encoder then (up to 64) belong to
     the run, and the loop's own rate read up to a fifth higher than the file's.
     """
 
-    def __init__(self, warmup: int = WARMUP_FRAMES):
-        self.warmup = warmup
+    def __init__(self, frame_count: int):
+        self.warmup = warmup_frames(frame_count)
         self.began: float | None = None
         self.ended = 0.0
         self.frames = 0
@@ -191,8 +201,8 @@ class FileRun:
 def track_file(tracker: Tracker, clip: Path, output: Path, profile: Profile, options: TrackOptions) -> FileRun:
     """Decode, SAM on frame 0, XMem, render, encode with audio: the app's and the CLI's path."""
     info = probe(clip)
-    prompt = ObjectPrompt(1, 0, [(info.width * 0.2, info.height / 2)], [1])
-    rate = SteadyRate(min(WARMUP_FRAMES, info.frame_count // 3))
+    prompt = clip_prompt(info)
+    rate = SteadyRate(info.frame_count)
     result = tracker.track(clip, [prompt], output=output, options=replace(options, size=profile.work_size),
                            progress=rate)
     rate.finish(result.frames)
@@ -203,12 +213,12 @@ def track_without_encoding(tracker: Tracker, clip: Path, profile: Profile, optio
     """`track_file` with every picture drawn and downloaded as for the encoder, but not encoded: the rate
     that the rest of the pipeline (decode, model, drawing, transfers) sustains (after the warm-up frames)."""
     info = probe(clip)
-    prompt = ObjectPrompt(1, 0, [(info.width * 0.2, info.height / 2)], [1])
+    prompt = clip_prompt(info)
     options = replace(options, size=profile.work_size)
     graphs = frame_graphs(tracker.device, options)
     sink = ThreadedSink("discard", lambda *item: None, lambda: None, lambda: None,
                         item_bytes=encoder_picture_bytes(tracker.device, info.width, info.height))
-    rate = SteadyRate(min(WARMUP_FRAMES, info.frame_count // 3))
+    rate = SteadyRate(info.frame_count)
     done = 0
     for done, tracked in enumerate(tracker.iter_tracked(clip, [prompt], options, progress=rate), 1):
         sink.put(encoder_picture(tracked.image, tracked.labels, alpha=options.alpha, outline=options.outline,
@@ -227,7 +237,7 @@ def decode_encode_fps(clip: Path, device: torch.device, output: Path) -> float:
     writer = VideoWriter(output, info, audio_from=clip)
     sink = ThreadedSink("encode", writer.write, writer.close, writer.abort,
                         item_bytes=encoder_picture_bytes(device, info.width, info.height))
-    rate = SteadyRate(min(WARMUP_FRAMES, info.frame_count // 3))
+    rate = SteadyRate(info.frame_count)
     frames = prefetch(iter_frames(clip, yuv=prep.planes), depth=4, stop=threading.Event(), stage=prep.stage)
     done = 0
     for done, frame in enumerate(frames, 1):
@@ -250,7 +260,7 @@ def bench_clip(tracker: Tracker, clip: Path, name: str, profile: Profile, option
     take them over (the next video of the same size).
     """
     IDLE_GRAPHS.clear()
-    warmup = min(WARMUP_FRAMES, profile.clip_frames // 3)
+    warmup = warmup_frames(profile.clip_frames)
     runs, ceilings, own_ceilings, unencoded = [], [], [], []
     for round_ in range(profile.rounds):
         ceilings.append(decode_encode_fps(clip, tracker.device, out_dir / f"{name}_copy.mp4"))
@@ -293,7 +303,7 @@ def bench_long(tracker: Tracker, clip: Path, profile: Profile, out_dir: Path, re
             gpu = torch.cuda.max_memory_allocated(tracker.device) / 2**30 if cuda else 0.0
             samples["early" if done == early else "end"] = (process.memory_info().rss / 2**30, gpu)
 
-    prompt = ObjectPrompt(1, 0, [(info.width * 0.2, info.height / 2)], [1])
+    prompt = clip_prompt(info)
     result = tracker.track(clip, [prompt], output=out_dir / "long.mp4", masks=out_dir / "long.zip",
                            options=TrackOptions(size=profile.work_size), progress=sample)
     name = f"{info.frame_count} frames, {info.height}p"
