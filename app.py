@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -22,7 +23,8 @@ from gradio.utils import get_upload_folder
 from tracker.cli import add_model_flags as add_model_flags
 from tracker.errors import Cancelled, TrackerError
 from tracker.exports import CUTOUT_KINDS
-from tracker.interactive import VIDEO_SUFFIXES, EditSession, Limits, SessionStore, Style, frame_caption
+from tracker.interactive import (VIDEO_SUFFIXES, EditSession, Limits, SessionStore, Style, frame_caption,
+                                 upload_message)
 from tracker.pipeline import MemoryOptions, TrackOptions, resolve_precision
 from tracker.render import overlay_colours
 from tracker.session import Tracker
@@ -190,23 +192,35 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
         style = [alpha, outline]
         results = [result_video, result_files, metrics, cutout_objects]
 
-        @show_errors(outputs=10)
+        # What the page shows without a video (the status first, the video widget last).
+        no_video = ("Upload a video to start.", None, gr.update(value=0, maximum=1, interactive=False),
+                    "No video yet", gr.update(choices=[], value=None), "", None, None, "",
+                    gr.update(choices=[], value=[]), gr.skip())
+
+        @show_errors(outputs=11)
         def on_upload(path: str | None, alpha_value: float, outline_value: float, request: gr.Request):
             session = session_of(request)
             if path is None:
                 session.reset()
-                return ("Upload a video to start.", None, gr.update(value=0, maximum=1, interactive=False),
-                        "No video yet", gr.update(choices=[], value=None), "", None, None, "",
-                        gr.update(choices=[], value=[]))
-            info = session.open_video(path, limits)
+                return no_video
+            try:
+                info = session.open_video(path, limits)
+            except TrackerError as exc:
+                if session.info is not None:  # refused before the old video was let go: it stays
+                    raise
+                gr.Warning(str(exc))
+                return f"Error: {exc}", *no_video[1:-1], None  # the refused file leaves the widget too
             image, caption = shown(session, 0, alpha_value, outline_value)
-            message = (f"Loaded {info.width}x{info.height}, {info.frame_count} frames, {info.duration:.1f} s. "
-                       "Click the object to track.")
-            return (message, image, gr.update(value=0, maximum=max(info.frame_count - 1, 1), interactive=True),
+            if info.truncated_to is not None:
+                gr.Warning(f"the file is truncated: only its first {info.truncated_to} of {info.frame_count} "
+                           "frames are present")
+            return (upload_message(info), image,
+                    gr.update(value=0, maximum=max(info.present_frames - 1, 1), interactive=True),
                     caption, object_choices(session), legend(session), None, None, "",
-                    gr.update(choices=[], value=[]))
+                    gr.update(choices=[], value=[]), gr.skip())
 
-        upload_outputs = [status, frame_image, frame_slider, frame_info, object_select, object_legend, *results]
+        upload_outputs = [status, frame_image, frame_slider, frame_info, object_select, object_legend, *results,
+                          video_input]
         video_input.upload(on_upload, [video_input, *style], upload_outputs, concurrency_limit=4)
         video_input.clear(on_upload, [video_input, *style], upload_outputs, concurrency_limit=4)
 
@@ -284,23 +298,25 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                             [status, object_select, object_legend, frame_image], concurrency_limit=4)
 
         # Track runs in two steps: an immediate one marks the job (so that Cancel reaches it even while it
-        # waits in the queue) and says whether it may run; the queued one tracks.
-        job_accepted = gr.State(False)
+        # waits in the queue) and says why it may not run; the queued one tracks, or shows that reason (an
+        # immediate event cannot show a toast). While it runs, the video cannot be replaced.
+        job_refused = gr.State("")
 
         def on_begin(request: gr.Request):
             try:
                 session_of(request).begin_job()
             except TrackerError as exc:
-                gr.Warning(str(exc))
-                return f"Error: {exc}", False, gr.skip(), gr.skip()
-            return "Waiting for the tracker…", True, gr.update(interactive=False), gr.update(interactive=True)
+                return f"Error: {exc}", str(exc), gr.skip(), gr.skip(), gr.skip()
+            return ("Waiting for the tracker…", "", gr.update(interactive=False), gr.update(interactive=True),
+                    gr.update(interactive=False))
 
         @show_errors(outputs=6)
-        def on_track(accepted: bool, full: bool, size_value: float, mem_value: float, top_k: float,
+        def on_track(refused: str, full: bool, size_value: float, mem_value: float, top_k: float,
                      min_mid_term: float, max_mid_term: float, prototypes: float, long_term: float,
                      min_area_value: float, alpha_value: float, outline_value: float, preset_value: str,
                      crf_value: float, frame: int, request: gr.Request, progress=gr.Progress()):
-            if not accepted:
+            if refused:
+                gr.Warning(refused)
                 return (gr.skip(),) * 6
             session = session_of(request)
             try:
@@ -327,14 +343,14 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                               value=sorted(record.objects)),
                     shown(session, frame, alpha_value, outline_value)[0])
 
-        job_buttons = [track_button, cancel_button]
-        (track_button.click(on_begin, None, [status, job_accepted, *job_buttons], queue=False)
-         .then(on_track, [job_accepted, full_rerun, size, mem_every, *memory_limits, min_area, *style,
+        job_controls = [track_button, cancel_button, video_input]
+        (track_button.click(on_begin, None, [status, job_refused, *job_controls], queue=False)
+         .then(on_track, [job_refused, full_rerun, size, mem_every, *memory_limits, min_area, *style,
                           encoder_preset, crf, frame_slider],
                [status, *results, frame_image], show_progress_on=status, concurrency_limit=1,
                concurrency_id="track")
-         .then(lambda: (gr.update(interactive=True), gr.update(interactive=False)), None, job_buttons,
-               queue=False))
+         .then(lambda: (gr.update(interactive=True), gr.update(interactive=False), gr.update(interactive=True)),
+               None, job_controls, queue=False))
 
         def on_cancel(request: gr.Request):
             running = session_of(request).request_cancel()
@@ -390,6 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message="UNTRAINED WEIGHTS")  # said below, and on the page
     try:
         tracker = Tracker(args.sam_checkpoint, args.xmem_checkpoint, device=args.device,
                           sam_backend=args.sam_backend, sam_precision=args.sam_precision,

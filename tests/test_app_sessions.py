@@ -96,6 +96,9 @@ def test_cancel_stops_the_job_and_the_app_stays_usable(app, browser, clips, tmp_
     user.page.locator("#status").get_by_text(re.compile(r"Tracking frame \d+/60")).wait_for(
         timeout=SAM_SECONDS * 1000)
     assert user.page.locator("#cancel-button").is_enabled() and not user.page.locator("#track-button").is_enabled()
+    # The video cannot be replaced or cleared under a running job.
+    assert user.page.locator("#video-input input[type=file]").count() == 0
+    assert user.page.locator("#video-input button[aria-label='Clear']").count() == 0
     pressed = time.monotonic()
     user.page.locator("#cancel-button").click()
     user.wait_status("^Cancelled: nothing of that run was kept", 30)
@@ -105,6 +108,7 @@ def test_cancel_stops_the_job_and_the_app_stays_usable(app, browser, clips, tmp_
     assert user.download_names() == [], "no partial result is offered"
     assert user.page.locator("#result-video video").count() == 0
     user.page.wait_for_function("() => !document.querySelector('#track-button').disabled")
+    user.page.locator("#video-input button[aria-label='Clear']").wait_for()
     user.page.screenshot(path="/tmp/app_cancelled.png", full_page=True)
 
     # Still usable: edit and track again.
@@ -118,7 +122,7 @@ def test_cancel_stops_the_job_and_the_app_stays_usable(app, browser, clips, tmp_
 def test_a_closed_page_leaves_no_files(app, browser, clips):
     user = AppPage(browser.new_context().new_page(), app.url)
     user.upload(clips / "a.mp4")
-    mine = [folder for folder in app.session_dirs() if (folder / "upload.mp4").exists()]
+    mine = [folder for folder in app.session_dirs() if (folder / "video" / "a.mp4").exists()]
     assert len(mine) == 1
     user.page.context.close()
     deadline = time.monotonic() + 30

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from tests.media import make_clip
+from tracker.cli import attach_negative_values
 from tracker.prompts import ObjectPrompt
 from tracker.video import probe, read_frame
 
@@ -110,22 +111,34 @@ def test_prompts_file_on_later_frames(untrained_checkpoints, cpu_tracker, tmp_pa
 
 @pytest.mark.parametrize("case, args, message", [
     ("text", ["--point", "5,5"], "video"),
+    ("missing", ["--point", "5,5"], "no such video file"),
     ("outside", ["--point", "500,5"], "outside"),
+    ("negative point", ["--point", "-5,20"], "point (-5, 20) is outside the 64x48 frame"),
+    ("negative click", ["--point", "5,5", "--negative", "-3,4"], "point (-3, 4) is outside the 64x48 frame"),
+    ("negative box", ["--box", "-1,-2,30,40"], "box (-1.0, -2.0, 30.0, 40.0) is outside the 64x48 frame"),
     ("frame", ["--point", "5,5", "--frame", "99"], "past the end"),
+    ("negative frame", ["--point", "5,5", "--frame", "-1"], "prompt frame -1 is negative; the video has frames 0..2"),
     ("prompts", ["--prompts", "{bad}"], "not valid JSON"),
+    ("no objects", ["--prompts", "{empty}"], 'no object selected: "objects" in prompts file'),
     ("crf", ["--point", "5,5", "--crf", "60"], "crf must be 0 (lossless) to 51"),
+    ("sam fp16", ["--point", "5,5", "--sam-precision", "fp16", "--device", "cpu"],
+     "SAM precision fp16 runs on CUDA GPUs only"),
+    ("masks over the input", ["--point", "5,5", "--masks", "{clip}"], "is the input video"),
 ])
-def test_bad_input_exits_2_with_one_line(case, args, message, untrained_checkpoints, tmp_path):
+def test_bad_input_exits_2_with_one_line_before_the_weights_load(case, args, message, tmp_path):
+    """The checkpoints given do not exist: the input's error must come first, without waiting for the weights."""
     clip = tmp_path / "clip.mp4"
     if case == "text":
         clip.write_text("this is not a video\n")
-    else:
+    elif case != "missing":
         make_clip(clip, frames=3, width=64, height=48, audio=False)
-    bad_prompts = tmp_path / "bad.json"
-    bad_prompts.write_text("{not json")
-    args = [str(bad_prompts) if a == "{bad}" else a for a in args]
+    prompts = {"{bad}": tmp_path / "bad.json", "{empty}": tmp_path / "empty.json"}
+    prompts["{bad}"].write_text("{not json")
+    prompts["{empty}"].write_text('{"objects": []}')
+    args = [str({**prompts, "{clip}": clip}.get(a, a)) for a in args]
     out = tmp_path / "out.mp4"
-    done = run_cli("track", clip, *args, "--out", out, *weights_flags(untrained_checkpoints))
+    absent = {"sam": tmp_path / "absent_sam.pth", "xmem": tmp_path / "absent_xmem.pth"}
+    done = run_cli("track", clip, *args, "--out", out, *weights_flags(absent))
     assert done.returncode == 2
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], done.stderr
@@ -133,12 +146,20 @@ def test_bad_input_exits_2_with_one_line(case, args, message, untrained_checkpoi
     assert not out.exists() and list(tmp_path.glob("out*")) == []
 
 
+def test_negative_coordinates_reach_the_prompt_checks():
+    argv = ["track", "v.mp4", "--point", "-5,20", "--negative", "-.5,3", "--box", "-1,-2,3,4", "--frame", "-1",
+            "--point", "7,8"]
+    assert attach_negative_values(argv) == ["track", "v.mp4", "--point=-5,20", "--negative=-.5,3",
+                                            "--box=-1,-2,3,4", "--frame", "-1", "--point", "7,8"]
+
+
 def test_missing_checkpoint_names_url_and_path(tmp_path):
     clip = make_clip(tmp_path / "clip.mp4", frames=2, width=32, height=32, audio=False)
     done = run_cli("track", clip, "--point", "5,5", "--sam-checkpoint", tmp_path / "none.pth", "--device", "cpu",
                    "--no-download")
     assert done.returncode == 2
-    assert "none.pth" in done.stderr and "https://dl.fbaipublicfiles.com/segment_anything/" in done.stderr
+    assert "https://dl.fbaipublicfiles.com/segment_anything/" in done.stderr
+    assert f"save it as {tmp_path / 'none.pth'}" in done.stderr  # where the flag looks, not models/
 
 
 def test_untrained_weights_command(tmp_path):

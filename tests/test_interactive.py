@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 import torch
 
-from media import make_clip
+from media import make_clip, truncated_copy
 from tracker.errors import Cancelled, PromptError, TrackerError, VideoError
 from tracker.interactive import (WAITING_FOR_DEVICE, Clicks, EditSession, Limits, ProgressClock, RunRecord,
                                  SessionStore, display_scale, format_seconds, frame_caption, mask_to_logits,
-                                 plan_passes)
+                                 plan_passes, upload_message)
 from tracker.pipeline import TrackOptions
+from tracker.prompts import ObjectPrompt
 from tracker.render import CHROMA_GREEN, MaskZipReader
 from tracker.sam import ImageEmbedding, SamBackend, SamPrediction, resized_shape, to_frame_coords, upscale_masks
 from tracker.video import VideoInfo, probe
@@ -167,14 +168,19 @@ def test_limits_name_the_flag_that_refuses():
         Limits(max_pixels=160 * 119).check(info_of(160, 120))
 
 
-def test_progress_clock_reports_overall_fraction_and_eta():
+def test_progress_clock_reports_overall_fraction_and_eta(monkeypatch):
     reports = []
     clock = ProgressClock(2, lambda fraction, text: reports.append((fraction, text)))
-    clock.update(0, 0, 10)
+    # The first frame comes after a long wait (the device, SAM): the ETA counts from that frame on.
+    times = iter([100.0, 110.0, 111.0])
+    monkeypatch.setattr("tracker.interactive.time.perf_counter", lambda: next(times))
+    clock.update(0, 5, 10)
+    clock.update(1, 0, 10)
     clock.update(1, 5, 10)
-    assert reports[0][0] == 0 and "ETA …" in reports[0][1]
-    assert reports[1][0] == pytest.approx(0.75)
-    assert reports[1][1].startswith("Tracking pass 2/2: frame 5/10 · ETA ")
+    assert reports[0][0] == pytest.approx(0.25) and "ETA …" in reports[0][1]
+    assert reports[1][0] == pytest.approx(0.5) and reports[1][1].endswith("ETA 0:20")  # a quarter in 10 s
+    assert reports[2][0] == pytest.approx(0.75)
+    assert reports[2][1].startswith("Tracking pass 2/2: frame 5/10 · ETA ")
     assert format_seconds(7.4) == "0:07" and format_seconds(3909) == "1:05:09"
 
 
@@ -187,16 +193,21 @@ def test_frame_caption_and_display_scale():
 
 # -- an editing session ------------------------------------------------------
 
-def test_open_video_stores_it_under_a_fixed_name_and_checks_limits(tmp_path, disc_tracker, clip):
+def test_open_video_keeps_the_files_name_inside_the_session_and_checks_limits(tmp_path, disc_tracker, clip):
     session = EditSession(tmp_path / "s", disc_tracker)
-    upload = tmp_path / "../etc passwd; rm -rf.MP4"
+    (tmp_path / "up").mkdir()
+    upload = tmp_path / "up" / "../etc passwd; rm -rf.MP4"
     upload.write_bytes(clip.read_bytes())
     info = session.open_video(upload, Limits())
-    assert session.video == tmp_path / "s" / "upload.mp4" and info.frame_count == FRAMES
+    assert session.video == tmp_path / "s" / "video" / "etc passwd; rm -rf.MP4" and info.frame_count == FRAMES
     assert session.objects == [1] and session.current == 1
     with pytest.raises(VideoError, match="--max-frames"):
         session.open_video(clip, Limits(max_frames=FRAMES - 1))
-    assert session.info is None and not (tmp_path / "s" / "upload.mp4").exists()
+    assert session.info is None and not (tmp_path / "s" / "video" / clip.name).exists()
+    notes = tmp_path / "holiday.mp4"
+    notes.write_text("not a video")
+    with pytest.raises(VideoError, match="^holiday.mp4 is not a video"):  # the user's name for it
+        session.open_video(notes, Limits())
     text = tmp_path / "notes.txt"
     text.write_text("hello")
     with pytest.raises(VideoError, match=r"\.txt is not a video"):
@@ -212,7 +223,7 @@ def test_clicks_update_the_mask_from_one_embedding_per_frame(session, disc_track
     click(session, 0, 60, 60)
     assert np.array_equal(session.labels(0) == 1, disc(40, 60) | disc(60, 60))
     message = click(session, 0, 50, 60, "negative")
-    assert "3 point(s)" in message
+    assert "3 points" in message
     assert np.array_equal(session.labels(0) == 1, (disc(40, 60) | disc(60, 60)) & ~disc(50, 60))
     assert len(disc_tracker.sam.embedded) == embedded + 1  # further clicks only decode
     image, time_s = session.render(0)
@@ -304,7 +315,7 @@ def test_track_then_correct_keeps_earlier_frames_and_uses_the_correction(session
 
     # Asked for, a full re-run tracks from the first prompts again and applies the correction on top.
     third = session.track(OPTIONS, full=True)
-    assert third.describe() == "tracked the whole video; corrections on frame(s) 4 applied on top"
+    assert third.describe() == "tracked the whole video; corrections on frame 4 applied on top"
     assert third.summary.startswith("2 passes: ")
     with MaskZipReader(third.masks) as masks:
         assert np.array_equal(masks[0] == 1, disc(45, 60))
@@ -442,3 +453,50 @@ def test_each_session_picks_its_sam_backend(session, disc_tracker):
         session.end_job()
     session.set_sam_backend("disc")
     assert session.sam is disc_tracker.sam
+
+
+def test_track_reuses_the_clicked_frames_embeddings(session):
+    """SAM's image encoder (seconds a frame on a CPU) does not run again on frames the user clicked."""
+    sam = session.sam
+    for frame in (0, 2, 4, 6):  # one more than the cache keeps: frame 0's embedding is gone by Track
+        click(session, frame, 45, 60)
+    embedded = len(sam.embedded)
+    session.begin_job()
+    try:
+        session.track(OPTIONS)
+    finally:
+        session.end_job()
+    assert len(sam.embedded) == embedded + 1
+
+
+def test_a_cancel_is_seen_between_the_prompted_frames_embeddings(disc_tracker, clip):
+    cancel = threading.Event()
+    cancel.set()
+    embedded = len(disc_tracker.sam.embedded)
+    prompts = [ObjectPrompt(1, frame, [(45, 60)], [1]) for frame in (0, 3)]
+    with pytest.raises(Cancelled):
+        disc_tracker.prompt_masks(probe(clip), prompts, cancel=cancel)
+    assert len(disc_tracker.sam.embedded) == embedded
+
+
+def test_an_object_without_clicks_is_named_in_the_results_warnings(session):
+    click(session, 0, 45, 60)
+    assert session.add_object() == 2
+    session.begin_job()
+    try:
+        record = session.track(OPTIONS)
+    finally:
+        session.end_job()
+    assert record.objects == {1}
+    assert record.warnings[0] == "object 2 has no click or box on any frame: it was not tracked"
+
+
+def test_a_truncated_upload_says_so_and_refuses_its_missing_frames(tmp_path, disc_tracker):
+    whole = make_clip(tmp_path / "whole.mp4", frames=20, width=W, height=H, audio=False, faststart=True)
+    session = EditSession(tmp_path / "s", disc_tracker)
+    info = session.open_video(truncated_copy(whole, tmp_path / "cut.mp4", keep=0.5), Limits())
+    assert info.frame_count == 20 and 0 < info.present_frames < 20
+    assert f"truncated: only its first {info.present_frames} of 20 frames" in upload_message(info)
+    assert "truncated" not in upload_message(probe(whole))
+    with pytest.raises(PromptError, match="missing from this truncated file"):
+        click(session, info.present_frames, 45, 60)

@@ -4,7 +4,7 @@ import pytest
 
 from tracker.errors import PromptError
 from tracker.prompts import (ObjectPrompt, check_prompts, load_prompts, parse_box, parse_xy, prompts_from_json,
-                             prompts_to_json)
+                             prompts_from_text, prompts_to_json)
 
 
 def test_parse_point_and_box():
@@ -29,18 +29,31 @@ def test_json_round_trip_and_defaults(tmp_path):
     assert prompts_from_json(prompts_to_json(prompts)) == prompts
 
 
+POINTS = r'"points" must be a list of \[x, y\] pairs of numbers'
+
+
 @pytest.mark.parametrize("data, message", [
     ([1, 2], '"objects" list'),
-    ({"objects": [{"id": 1, "points": [[1, 2, 3]]}]}, r"objects\[0\] is malformed"),
-    ({"objects": [{"id": "one", "points": [[1, 2]]}]}, r"objects\[0\] is malformed"),
-    ({"objects": [{"id": 1.5, "points": [[1, 2]]}]}, r"objects\[0\] is malformed"),
-    ({"objects": [{"id": 1, "box": [1, 2, 3]}]}, r"objects\[0\] is malformed"),
+    ({"objects": [{"id": 1, "points": [[1, 2, 3]]}]}, rf"objects\[0\] is malformed: {POINTS}, not \[\[1, 2, 3\]\]"),
+    ({"objects": [{"id": 1, "points": "oops"}]}, rf'{POINTS}, not "oops"; see the prompts file format'),
+    ({"objects": [{"id": 1, "points": [["a", 2]]}]}, POINTS),
+    ({"objects": [{"id": 1, "points": ["12"]}]}, POINTS),
+    ({"objects": [{"id": "a", "frame": "x", "points": "oops"}]}, '"id" must be a whole number from 1 to 255, not "a"'),
+    ({"objects": [{"id": 1.5, "points": [[1, 2]]}]}, r'"id" must be a whole number from 1 to 255, not 1.5'),
+    ({"objects": [{"id": 1, "frame": "x", "points": [[1, 2]]}]}, r'"frame" must be a whole number .*, not "x"'),
+    ({"objects": [{"id": 1, "points": [[1, 2]], "labels": [True]}]}, r'"labels" must be a list of 1 \(object\) or 0'),
+    ({"objects": [{"id": 1, "box": [1, 2, 3]}]}, r'"box" must be null or \[x0, y0, x1, y1\] \(four numbers\)'),
     ({"objects": [{"id": 1, "pionts": [[1, 2]]}]}, "unknown keys"),
     ({"objects": ["x"]}, "must be a JSON object"),
 ])
 def test_malformed_json_is_named(data, message):
     with pytest.raises(PromptError, match=message):
         prompts_from_json(data)
+
+
+def test_empty_object_list_says_so():
+    with pytest.raises(PromptError, match='no object selected: "objects" in prompts file p.json is empty'):
+        prompts_from_text('{"objects": []}', "prompts file p.json")
 
 
 def test_unreadable_prompt_files(tmp_path):
@@ -58,6 +71,7 @@ def test_unreadable_prompt_files(tmp_path):
     (ObjectPrompt(1, 0, [(160, 10)], [1]), r"outside the 160x120 frame; x must be in 0..159"),
     (ObjectPrompt(1, 0, [(-1, 10)], [1]), "outside"),
     (ObjectPrompt(1, 30, [(10, 10)], [1]), r"frame 30 is past the end; the video has frames 0..29"),
+    (ObjectPrompt(1, -1, [(10, 10)], [1]), r"frame -1 is negative; the video has frames 0..29"),
     (ObjectPrompt(1, 0, [], [], (10, 10, 10, 50)), "zero area"),
     (ObjectPrompt(1, 0, [], [], (10, 10, 200, 50)), "outside"),
     (ObjectPrompt(1, 0, [(10, 10)], [0]), "negative points alone"),

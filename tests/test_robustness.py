@@ -234,6 +234,26 @@ def test_missing_output_folders_are_created(tracker, clip, tmp_path):
     assert leftovers(tmp_path) == ["m.zip", "o.mp4"]
 
 
+@pytest.mark.parametrize("paths", [
+    dict(output="in.mp4"), dict(masks="in.mp4"), dict(output="./sub/../in.mp4"),
+    dict(output="both.mp4", masks="both.mp4")])
+def test_outputs_that_would_overwrite_the_input_or_each_other_are_refused(tracker, clip, tmp_path, paths):
+    video = tmp_path / "in.mp4"
+    video.write_bytes(clip.read_bytes())
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(TrackerError, match="is the input video|give them different paths") as err:
+        tracker.track(video, CLICK, **{key: tmp_path / name for key, name in paths.items()})
+    one_line(err.value)
+    assert video.read_bytes() == clip.read_bytes() and leftovers(tmp_path) == ["in.mp4"]
+
+
+def test_untrained_weights_warn_a_script(untrained_checkpoints):
+    from tracker import UntrainedWeightsWarning
+
+    with pytest.warns(UntrainedWeightsWarning, match="UNTRAINED WEIGHTS"):
+        Tracker(untrained_checkpoints["sam"], untrained_checkpoints["xmem"], device="cpu", download=False)
+
+
 @pytest.mark.parametrize("which", ["output", "masks"])
 def test_unwritable_output_is_a_clear_error_and_leaves_nothing(tracker, clip, tmp_path, which):
     blocker = tmp_path / "file.txt"

@@ -272,6 +272,14 @@ def test_backend_selection(monkeypatch, backend, untrained_checkpoints):
         sam.load_sam("x.pth", "cpu", backend="absent")
 
 
+def test_fp16_encoder_is_refused_on_the_cpu_as_xmems_is():
+    """fp16 runs far slower than fp32 on the CPU; loading must not start for it."""
+    assert sam.encoder_dtype("fp16", torch.device("cuda")) == torch.float16
+    assert sam.encoder_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(TrackerError, match="SAM precision fp16 runs on CUDA GPUs only; on the CPU use bf16 or fp32"):
+        sam.load_sam("x.pth", "cpu", precision="fp16")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message when no GPU is present")
 def test_asking_for_cuda_without_a_gpu_is_a_user_error():
     assert sam.resolve_device("auto") == torch.device("cpu")

@@ -153,6 +153,20 @@ def test_variable_frame_rate_stays_variable(vfr_clip, tmp_path):
     assert probe(output).duration == pytest.approx(probe(vfr_clip).duration)
 
 
+@pytest.mark.parametrize("fps, vfr", [(25, True), (25, False), (60, False)])
+def test_output_ends_where_the_input_ends(media_dir, tmp_path, fps, vfr):
+    """The muxer took the last frame as 1 / the average rate long, which moved a variable-rate video's end."""
+    source = make_clip(media_dir / f"end_{fps}_{vfr}.mp4", frames=12, fps=fps, vfr=vfr, audio=False)
+    output = encode_copy(source, tmp_path / "end_out.mp4")
+
+    def end(path):
+        with av.open(str(path)) as container:
+            video = container.streams.video[0]
+            return container.duration, video.duration * video.time_base
+
+    assert end(output) == end(source)
+
+
 def test_odd_size_becomes_even_yuv420p_with_the_picture_intact(media_dir, tmp_path):
     source = make_clip(media_dir / "odd.mp4", frames=4, width=161, height=121, pix_fmt="yuv444p", audio=False)
     output = encode_copy(source, tmp_path / "odd_out.mp4")
@@ -190,8 +204,9 @@ def test_missing_output_folders_are_created(clip, tmp_path):
 def test_unusable_output_folder_is_a_clear_error(clip, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(VideoError, match="cannot write to"):
-        VideoWriter(blocker / "out.mp4", probe(clip))
+    for output in (blocker / "out.mp4", blocker / "sub" / "out.mp4"):
+        with pytest.raises(VideoError, match=f"cannot write to {output}: {blocker} is a file, not a folder"):
+            VideoWriter(output, probe(clip))
 
 
 def test_writer_runs_in_another_thread(clip, tmp_path):
@@ -244,8 +259,9 @@ def test_truncated_file_decodes_what_is_there(clip, tmp_path):
     damaged = truncated_copy(clip, tmp_path / "cut.mp4", keep=0.6)
     info = probe(damaged)
     assert info.frame_count == FRAMES  # what the index promises
+    assert probe(clip).truncated_to is None and 0 < info.truncated_to < FRAMES
     frames = list(iter_frames(damaged))
-    assert 0 < len(frames) < FRAMES
+    assert 0 < len(frames) <= info.present_frames < FRAMES
     assert all(close_to(f.image, clip_frame(f.index, FRAMES, WIDTH, HEIGHT)) for f in frames)
     with pytest.raises(VideoError, match="cannot be decoded"):
         read_frame(damaged, FRAMES - 1)

@@ -264,6 +264,29 @@ def test_truncated_checkpoint_names_the_file_and_the_remedy(untrained_checkpoint
         weights.load_checkpoint(cut)
 
 
+def test_damaged_or_wrong_checkpoint_names_the_official_file(untrained_checkpoints, tmp_path):
+    """What the README promises for a truncated or wrong checkpoint: URL, size and SHA-256, where to put it."""
+    sam, xmem = weights.manifest()["sam"], weights.manifest()["xmem"]
+    for name, entry, facts in (("xmem", xmem, "no published size or sha256"),
+                               ("sam", sam, f"{sam.size} bytes, sha256 {sam.sha256}")):
+        cut = tmp_path / f"cut_{name}.pth"
+        with untrained_checkpoints[name].open("rb") as source:
+            cut.write_bytes(source.read(1 << 20))
+        with pytest.raises(WeightsError, match="truncated.*download it again") as err:
+            weights.checkpoint_status(cut, entry.layout)
+        assert f"from {entry.url} ({facts}" in str(err.value) and str(err.value).endswith(f" to {cut}")
+    with pytest.raises(WeightsError, match="not in the XMem layout") as err:
+        weights.verify_layout({"w": torch.zeros(1)}, "xmem")
+    assert f"pass the official XMem checkpoint, {xmem.url} (no published size or sha256" in str(err.value)
+
+
+def test_missing_user_checkpoint_says_to_save_it_where_it_was_looked_for(tmp_path):
+    path = tmp_path / "elsewhere" / "sam.pth"
+    with pytest.raises(WeightsError) as err:
+        weights.resolve_checkpoint("sam", path, download=False)
+    assert f"save it as {path} (375042383 bytes" in str(err.value)
+
+
 def test_checkpoint_status(untrained_checkpoints, tmp_path, monkeypatch):
     copy = tmp_path / "copy.pth"
     copy.write_bytes(untrained_checkpoints["xmem"].read_bytes())

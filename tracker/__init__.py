@@ -23,6 +23,7 @@ from .prompts import ObjectPrompt, load_prompts
 _LAZY = {
     "MemoryOptions": "pipeline", "TrackOptions": "pipeline", "TrackedFrame": "pipeline",
     "Tracker": "session", "TrackResult": "session", "track_video": "session",
+    "UntrainedWeightsWarning": "session",
 }
 
 

@@ -2,17 +2,20 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import threading
 from pathlib import Path
 from typing import Sequence
 
 from .errors import TrackerError
-from .pipeline import MemoryOptions, TrackOptions
-from .prompts import NEGATIVE, POSITIVE, ObjectPrompt, load_prompts, parse_box, parse_xy
-from .video import DEFAULT_PRESET, X264_MAX_CRF, X264_PRESETS
+from .pipeline import MemoryOptions, TrackOptions, resolve_precision
+from .prompts import NEGATIVE, POSITIVE, ObjectPrompt, check_prompts, load_prompts, parse_box, parse_xy
+from .video import DEFAULT_PRESET, X264_MAX_CRF, X264_PRESETS, probe
 
 OUTPUT_DIR = Path("output")
+COORDINATE_FLAGS = ("--point", "--negative", "--box")
+NEGATIVE_NUMBER = re.compile(r"-[\d.]")
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -83,6 +86,32 @@ def prompts_from_args(args: argparse.Namespace) -> list[ObjectPrompt]:
     return [ObjectPrompt(object_id=1, frame=args.frame, points=points, labels=labels, box=box)]
 
 
+def attach_negative_values(argv: Sequence[str]) -> list[str]:
+    """`--point -5,20` as `--point=-5,20`: argparse takes "-5,20" for an option, and the click would
+    not reach the prompt checks that say it is outside the frame."""
+    attached: list[str] = []
+    for arg in argv:
+        if attached and attached[-1] in COORDINATE_FLAGS and NEGATIVE_NUMBER.match(arg):
+            attached[-1] += f"={arg}"
+        else:
+            attached.append(arg)
+    return attached
+
+
+def check_before_loading(args: argparse.Namespace, prompts: list[ObjectPrompt], output: Path) -> None:
+    """Refuse a bad video, prompt, output path or precision at once, not after the weights have loaded (10 s
+    or more)."""
+    from .sam import encoder_dtype, resolve_device
+    from .session import check_output_paths
+
+    check_output_paths(args.video, output, args.masks)
+    info = probe(args.video)
+    check_prompts(prompts, info.width, info.height, info.frame_count)
+    device = resolve_device(args.device)
+    resolve_precision(device, args.precision)
+    encoder_dtype(args.sam_precision, device)
+
+
 def _track(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -95,6 +124,7 @@ def _track(args: argparse.Namespace) -> int:
     options = TrackOptions(size=args.size, memory=memory, alpha=args.alpha, outline=args.outline,
                            crf=args.crf, preset=args.preset, precision=args.precision,
                            cuda_graphs=args.cuda_graphs)
+    check_before_loading(args, prompts, output)
     tracker = Tracker(args.sam_checkpoint, args.xmem_checkpoint, device=args.device,
                       sam_backend=args.sam_backend, sam_precision=args.sam_precision, download=not args.no_download)
     print(f"device {tracker.device_name}, SAM backend {tracker.sam.name}", file=sys.stderr)
@@ -140,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .bench import main as bench_main
 
         return bench_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(attach_negative_values(argv))
     try:
         return {"track": _track, "weights": _weights}[args.command](args)
     except TrackerError as exc:

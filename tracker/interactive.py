@@ -160,7 +160,7 @@ class RunRecord:
         text = "tracked the whole video" if first is None else \
             f"re-tracked from frame {first}; frames before it kept their masks"
         if later:
-            text += f"; corrections on frame(s) {', '.join(map(str, later))} applied on top"
+            text += f"; corrections on frame{'s' * (len(later) > 1)} {', '.join(map(str, later))} applied on top"
         return text
 
 
@@ -201,6 +201,16 @@ def format_seconds(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+def upload_message(info: VideoInfo) -> str:
+    """What the page says about a video it took."""
+    text = (f"Loaded {info.width}x{info.height}, {info.frame_count} frames, {info.duration:.1f} s. "
+            "Click the object to track.")
+    if info.truncated_to is not None:
+        text += (f"\n⚠ The file is truncated: only its first {info.truncated_to} of {info.frame_count} frames are "
+                 "present; the frames after them cannot be shown or tracked.")
+    return text
+
+
 def frame_caption(index: int, info: VideoInfo, time_s: float) -> str:
     """'Frame 12 / 299 · 0:00.480' (frames counted from 0)."""
     minutes, secs = divmod(max(0.0, time_s), 60)
@@ -209,6 +219,7 @@ def frame_caption(index: int, info: VideoInfo, time_s: float) -> str:
 
 # Shown while the device is busy before a job starts: the start-up warm-up (on a GPU) or another job.
 WAITING_FOR_DEVICE = "Waiting for the device: it is warming up or finishing another job…"
+STARTING = "Starting: SAM turns the clicks into masks…"
 
 
 class ProgressClock:
@@ -217,12 +228,17 @@ class ProgressClock:
     def __init__(self, passes: int, report: ProgressReport):
         self.passes = passes
         self.report = report
-        self.began = time.perf_counter()
+        # The rate is taken from the first frame on: waiting for the device and SAM's masks come before it.
+        self.first: tuple[float, float] | None = None  # (time, fraction) at the first update
 
     def update(self, index: int, done: int, total: int) -> None:
         fraction = (index + done / max(total, 1)) / self.passes
-        elapsed = time.perf_counter() - self.began
-        eta = f"ETA {format_seconds(elapsed * (1 - fraction) / fraction)}" if fraction > 0 else "ETA …"
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = (now, fraction)
+        began, base = self.first
+        rate = (fraction - base) / (now - began) if fraction > base and now > began else 0.0
+        eta = f"ETA {format_seconds((1 - fraction) / rate)}" if rate > 0 else "ETA …"
         which = f"pass {index + 1}/{self.passes}: " if self.passes > 1 else ""
         self.report(fraction, f"Tracking {which}frame {done}/{total} · {eta}")
 
@@ -269,7 +285,7 @@ class EditSession:
 
     # -- video -----------------------------------------------------------
     def open_video(self, upload: str | Path, limits: Limits) -> VideoInfo:
-        """Take an uploaded file (copied in under a fixed name) and start editing it from scratch."""
+        """Take an uploaded file (linked or copied in, under its own name) and start editing it from scratch."""
         upload = Path(upload)
         suffix = upload.suffix.lower()
         if suffix not in VIDEO_SUFFIXES:
@@ -278,7 +294,8 @@ class EditSession:
         with self.lock:
             self._require_idle()
             self._forget_video()
-            self.video = self.directory / f"upload{suffix}"
+            self.video = self.directory / "video" / upload.name  # messages name the user's file
+            self.video.parent.mkdir(exist_ok=True)
             try:
                 _link_or_copy(upload, self.video)
             except FileNotFoundError:
@@ -310,7 +327,7 @@ class EditSession:
 
     def _forget_video(self) -> None:
         if self.video is not None:
-            self.video.unlink(missing_ok=True)
+            shutil.rmtree(self.video.parent, ignore_errors=True)
         self._set_result(None)
         self.video = self.info = self._decoded = None
         self.objects, self.current, self.edits = [], None, {}
@@ -448,7 +465,8 @@ class EditSession:
     def _describe(self, frame: int, object_id: int, edit: Edit) -> str:
         clicks = edit.clicks
         what = "correcting" if edit.refine else "object"
-        parts = [f"{len(clicks.points)} point(s)"] + (["a box"] if clicks.box else [])
+        count = len(clicks.points)
+        parts = [f"{count} point{'s' * (count != 1)}"] + (["a box"] if clicks.box else [])
         text = f"{what} {object_id} on frame {frame}: {', '.join(parts)}"
         if clicks.corner is not None:
             return text + "; click the opposite corner of the box"
@@ -460,6 +478,9 @@ class EditSession:
         info = self.require_video()
         if not 0 <= frame < info.frame_count:
             raise PromptError(f"frame {frame} does not exist; the video has frames 0..{info.frame_count - 1}")
+        if frame >= info.present_frames:
+            raise PromptError(f"frame {frame} is missing from this truncated file: only frames "
+                              f"0..{info.present_frames - 1} are present")
         return info
 
     @staticmethod
@@ -537,16 +558,17 @@ class EditSession:
             refine = {key: edit.clicks for key, edit in self.edits.items() if edit.refine and edit.clicks.selects}
             snapshot = {key: clicks.tracked_part for key, clicks in {**plain, **refine}.items()}
             objects = frozenset(object_id for _, object_id in snapshot)
+            untracked = [object_id for object_id in self.objects if object_id not in objects]
             passes = plan_passes(snapshot, [frame for frame, _ in refine], objects, self.result, full)
             previous = self.result
+            embeddings = dict(self._embeddings)  # the clicked frames' embeddings: SAM need not run on them again
             self._runs += 1
             run_dir = self.directory / "runs" / str(self._runs)
         if not plain:
             raise PromptError("click an object first: every object needs a click or a box on some frame")
         prompts = [clicks.prompt(object_id, frame) for (frame, object_id), clicks in sorted(plain.items())]
         clock = ProgressClock(len(passes), progress or (lambda fraction, text: None))
-        if self.tracker.lock.locked():
-            clock.report(0.0, WAITING_FOR_DEVICE)
+        clock.report(0.0, WAITING_FOR_DEVICE if self.tracker.lock.locked() else STARTING)
         run_dir.mkdir(parents=True)
         results: list[TrackResult] = []
         try:
@@ -568,7 +590,7 @@ class EditSession:
                 results.append(self.tracker.track(
                     self.video, prompts, output=output, masks=run_dir / f"masks-{index}.zip", options=options,
                     cancel=self.cancel, progress=lambda done, total, i=index: clock.update(i, done, total),
-                    previous=earlier, sam=self.sam))
+                    previous=earlier, sam=self.sam, embeddings=embeddings))
                 masks = run_dir / f"masks-{index}.zip"
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -576,8 +598,11 @@ class EditSession:
         final_masks = masks.rename(run_dir / "masks.zip")
         for stale in run_dir.glob("*-*.zip"):
             stale.unlink()
+        skipped = [f"object {object_id} has no click or box on any frame: it was not tracked"
+                   for object_id in untracked]
         record = RunRecord(overlay=results[-1].output, masks=final_masks, summary=run_summary(results),
-                           warnings=list(results[-1].warnings), prompts=snapshot, objects=objects, passes=passes)
+                           warnings=[*skipped, *results[-1].warnings], prompts=snapshot, objects=objects,
+                           passes=passes)
         with self.lock:
             self._set_result(record)
             for key, mask in corrected.items():

@@ -5,11 +5,12 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence, TypeVar
 
 from .errors import PromptError
 
 POSITIVE, NEGATIVE = 1, 0
+T = TypeVar("T")
 
 
 @dataclass
@@ -37,7 +38,10 @@ class ObjectPrompt:
         who = f"object {self.object_id}"
         if not 1 <= self.object_id <= 255:
             raise PromptError(f"{who}: object ids must be between 1 and 255")
-        if not 0 <= self.frame < frame_count:
+        if self.frame < 0:
+            raise PromptError(f"{who}: prompt frame {self.frame} is negative; the video has frames "
+                              f"0..{frame_count - 1}")
+        if self.frame >= frame_count:
             raise PromptError(
                 f"{who}: prompt frame {self.frame} is past the end; the video has frames 0..{frame_count - 1}"
             )
@@ -101,10 +105,13 @@ def _floats(text: str, count: int, what: str, form: str) -> list[float]:
     return values
 
 
-def prompts_from_json(data: object) -> list[ObjectPrompt]:
+def prompts_from_json(data: object, source: str = "the prompts") -> list[ObjectPrompt]:
     """Read ``{"objects": [{"id": 1, "frame": 0, "points": [[x, y]], "labels": [1], "box": null}]}``."""
     if not isinstance(data, dict) or not isinstance(data.get("objects"), list):
         raise PromptError('prompts must be a JSON object with an "objects" list')
+    if not data["objects"]:
+        raise PromptError(f'no object selected: "objects" in {source} is empty; '
+                          'give each object "points" or a "box" (see the README)')
     prompts = []
     for n, item in enumerate(data["objects"]):
         where = f"objects[{n}]"
@@ -113,27 +120,62 @@ def prompts_from_json(data: object) -> list[ObjectPrompt]:
         unknown = set(item) - {"id", "frame", "points", "labels", "box"}
         if unknown:
             raise PromptError(f"{where} has unknown keys {sorted(unknown)}")
-        try:
-            points = [(float(x), float(y)) for x, y in item.get("points") or []]
-            labels = item.get("labels")
-            labels = [int(v) for v in labels] if labels is not None else [POSITIVE] * len(points)
-            box = item.get("box")
-            box = tuple(float(v) for v in box) if box is not None else None
-            if box is not None and len(box) != 4:
-                raise ValueError("box needs 4 numbers")
-            prompts.append(
-                ObjectPrompt(object_id=_int(item.get("id", n + 1)), frame=_int(item.get("frame", 0)),
-                             points=points, labels=labels, box=box)
-            )
-        except (TypeError, ValueError) as exc:
-            raise PromptError(f"{where} is malformed ({exc}); see the prompts file format in the README") from None
+        object_id = _field(item, where, "id", _int, "a whole number from 1 to 255", default=n + 1)
+        frame = _field(item, where, "frame", _int, "a whole number (frames count from 0)", default=0)
+        points = _field(item, where, "points", _points, "a list of [x, y] pairs of numbers", default=[])
+        labels = _field(item, where, "labels", _labels, "a list of 1 (object) or 0 (background), one per point",
+                        default=[POSITIVE] * len(points))
+        box = _field(item, where, "box", _box, "null or [x0, y0, x1, y1] (four numbers)")
+        prompts.append(ObjectPrompt(object_id=object_id, frame=frame, points=points, labels=labels, box=box))
     return prompts
+
+
+def _field(item: dict, where: str, name: str, read: Callable[[object], T], expected: str, default: object = None
+           ) -> T:
+    """One field of an object (`default` when missing or null), or an error naming the field and what it takes."""
+    value = item.get(name)
+    try:
+        return read(default if value is None else value)
+    except (TypeError, ValueError):
+        raise PromptError(f'{where} is malformed: "{name}" must be {expected}, not {_shown(value)}; '
+                          "see the prompts file format in the README") from None
 
 
 def _int(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
         raise ValueError(f"{value!r} is not a whole number")
     return int(value)
+
+
+def _numbers(value: object, count: int | None = None) -> list[float]:
+    """A JSON list of numbers (exactly `count` when given); strings and true/false are not numbers."""
+    if (not isinstance(value, list) or (count is not None and len(value) != count)
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        raise ValueError(f"{value!r} is not a list of numbers")
+    return [float(v) for v in value]
+
+
+def _points(value: object) -> list[tuple[float, float]]:
+    if not isinstance(value, list):
+        raise ValueError(f"{value!r} is not a list")
+    return [(x, y) for x, y in (_numbers(point, 2) for point in value)]
+
+
+def _labels(value: object) -> list[int]:
+    return [_int(v) for v in _numbers(value)]
+
+
+def _box(value: object) -> tuple[float, float, float, float] | None:
+    if value is None:
+        return None
+    x0, y0, x1, y1 = _numbers(value, 4)
+    return x0, y0, x1, y1
+
+
+def _shown(value: object, limit: int = 40) -> str:
+    """A field's value as the user wrote it (JSON), cut short."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def load_prompts(path: str | Path) -> list[ObjectPrompt]:
@@ -156,7 +198,7 @@ def prompts_from_text(text: str, source: str = "the prompts") -> list[ObjectProm
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise PromptError(f"{source} is not valid JSON ({exc})") from None
-    return prompts_from_json(data)
+    return prompts_from_json(data, source)
 
 
 def prompts_to_json(prompts: Iterable[ObjectPrompt]) -> dict:

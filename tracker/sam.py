@@ -131,11 +131,16 @@ SAM_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bf
 
 def encoder_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The image encoder's autocast type: "auto" is fp16 on CUDA (tensor cores; autocast keeps the
-    layer norms and softmax in fp32, and an overflow falls back to fp32) and fp32 on the CPU."""
+    layer norms and softmax in fp32, and an overflow falls back to fp32) and fp32 on the CPU.
+
+    fp16 is refused on the CPU, as it is for XMem (`resolve_precision`): there it runs far slower than fp32.
+    """
     if precision == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     if precision not in SAM_PRECISIONS:
         raise TrackerError(f"unknown SAM precision {precision!r}; use auto, {', '.join(SAM_PRECISIONS)}")
+    if device.type != "cuda" and precision == "fp16":
+        raise TrackerError("SAM precision fp16 runs on CUDA GPUs only; on the CPU use bf16 or fp32")
     return SAM_PRECISIONS[precision]
 
 

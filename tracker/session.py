@@ -14,10 +14,11 @@ import tempfile
 import threading
 import time
 import traceback
+import warnings
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -73,6 +74,24 @@ def user_facing_resource_errors(options: TrackOptions) -> Iterator[None]:
         raise VideoError(f"writing the output failed: {exc.strerror or exc}; {advice} and try again") from exc
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:  # one of them does not exist yet
+        return a.resolve() == b.resolve()
+
+
+def check_output_paths(video: str | Path, output: str | Path | None, masks: str | Path | None) -> None:
+    """Refuse outputs that would overwrite the input video or each other, before anything is written."""
+    if output is not None and _same_file(Path(output), Path(video)):
+        raise TrackerError(f"the output video {output} is the input video; choose another path "
+                           "(the input is never overwritten)")
+    if masks is not None and _same_file(Path(masks), Path(video)):
+        raise TrackerError(f"the masks zip {masks} is the input video; choose another path")
+    if output is not None and masks is not None and _same_file(Path(output), Path(masks)):
+        raise TrackerError(f"the output video and the masks zip are both {output}; give them different paths")
+
+
 @dataclass(frozen=True)
 class PreviousRun:
     """A finished run to build on: frames before `from_frame` keep its masks, tracking restarts there."""
@@ -104,13 +123,17 @@ class TrackResult:
         return max(0, self.expected_frames - self.frames)
 
     def summary(self) -> str:
-        parts = [f"{self.frames} frames in {self.seconds:.1f} s ({self.fps:.1f} FPS)",
+        parts = [f"{self.frames} frame{'s' * (self.frames != 1)} in {self.seconds:.1f} s ({self.fps:.1f} FPS)",
                  f"device {self.device}", f"SAM backend {self.sam_backend}"]
         if self.peak_gpu_bytes is not None:
             parts.append(f"peak GPU memory {self.peak_gpu_bytes / 2**30:.2f} GiB")
         if self.lost_frames:
             parts.append(f"{self.lost_frames} of {self.expected_frames} frames could not be decoded (damaged file)")
         return ", ".join(parts)
+
+
+class UntrainedWeightsWarning(UserWarning):
+    """The loaded checkpoints are untrained: masks are meaningless (only the plumbing can be checked)."""
 
 
 class Tracker:
@@ -129,6 +152,8 @@ class Tracker:
         self._sam_loading = threading.Lock()
         self.xmem = load_xmem(xmem_path, self.device)
         self.lock = threading.Lock()
+        if self.untrained:  # scripts see it too, not only the CLI's and the app's users
+            warnings.warn(weights.UNTRAINED_WARNING, UntrainedWeightsWarning, stacklevel=2)
 
     @property
     def untrained(self) -> bool:
@@ -167,13 +192,22 @@ class Tracker:
         mask, _ = segment(sam or self.sam, embedding, points, labels, box=box, mask_input=mask_input)
         return mask
 
-    def prompt_masks(self, info: VideoInfo, prompts: Sequence[ObjectPrompt],
-                     sam: SamBackend | None = None) -> dict[int, dict[int, np.ndarray]]:
-        """Frame -> object id -> SAM mask, one embedding per prompted frame."""
+    def prompt_masks(self, info: VideoInfo, prompts: Sequence[ObjectPrompt], sam: SamBackend | None = None, *,
+                     embeddings: Mapping[int, ImageEmbedding] | None = None,
+                     cancel: threading.Event | None = None) -> dict[int, dict[int, np.ndarray]]:
+        """Frame -> object id -> SAM mask, one embedding per prompted frame.
+
+        `embeddings` (frame -> `sam`'s embedding of it) are used instead of
+        embedding those frames again: on a CPU each embedding takes seconds,
+        and a cancel is seen only between them.
+        """
         sam = sam or self.sam
+        embeddings = embeddings or {}
         keyframes: dict[int, dict[int, np.ndarray]] = {}
         for frame_index in sorted({p.frame for p in prompts}):
-            embedding = sam.embed(read_frame(info.path, frame_index).image)
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("tracking was cancelled")
+            embedding = embeddings.get(frame_index) or sam.embed(read_frame(info.path, frame_index).image)
             keyframes[frame_index] = {p.object_id: self.segment(embedding, p, sam=sam)
                                       for p in prompts if p.frame == frame_index}
         return keyframes
@@ -244,24 +278,27 @@ class Tracker:
     def track(self, video: str | Path, prompts: Sequence[ObjectPrompt], *, output: str | Path | None = None,
               masks: str | Path | None = None, options: TrackOptions | None = None,
               cancel: threading.Event | None = None, progress: ProgressFn | None = None,
-              previous: PreviousRun | None = None, sam: SamBackend | None = None) -> TrackResult:
+              previous: PreviousRun | None = None, sam: SamBackend | None = None,
+              embeddings: Mapping[int, ImageEmbedding] | None = None) -> TrackResult:
         """Track the prompted objects through the video and write the overlay MP4 and/or the masks zip.
 
         Files appear at their paths only once complete; on any error or cancel
         nothing is left behind. With `previous`, only frames from
         `previous.from_frame` on are tracked again (a correction there becomes
         a new memory frame); earlier frames keep the previous masks. `sam`
-        (default `self.sam`) turns the prompts into masks.
+        (default `self.sam`) turns the prompts into masks, from `embeddings`
+        of the prompted frames where given (see `prompt_masks`).
         """
         sam = sam or self.sam
         options = options or TrackOptions()
+        check_output_paths(video, output, masks)
         info = probe(video)
         check_prompts(prompts, info.width, info.height, info.frame_count)
         with user_facing_resource_errors(options), self._device_turn(cancel), ExitStack() as stack:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             began = time.perf_counter()
-            keyframes, earlier = self._plan(info, prompts, previous, sam)
+            keyframes, earlier = self._plan(info, prompts, previous, sam, embeddings, cancel)
             sinks = self._open_sinks(info, output, masks, options, stack)
             video_sink, zip_sink = sinks
             frames = 0
@@ -288,13 +325,15 @@ class Tracker:
             result.warnings.append(weights.UNTRAINED_WARNING)
         return result
 
-    def _plan(self, info: VideoInfo, prompts: Sequence[ObjectPrompt], previous: PreviousRun | None, sam: SamBackend
+    def _plan(self, info: VideoInfo, prompts: Sequence[ObjectPrompt], previous: PreviousRun | None, sam: SamBackend,
+              embeddings: Mapping[int, ImageEmbedding] | None, cancel: threading.Event | None
               ) -> tuple[dict[int, dict[int, np.ndarray]], Callable[[int], np.ndarray] | None]:
         """Keyframe masks, and where frames before the first keyframe get their labels from."""
+        start = 0 if previous is None else previous.from_frame
+        keyframes = self.prompt_masks(info, [p for p in prompts if p.frame >= start], sam, embeddings=embeddings,
+                                      cancel=cancel)
         if previous is None:
-            return self.prompt_masks(info, prompts, sam), None
-        start = previous.from_frame
-        keyframes = self.prompt_masks(info, [p for p in prompts if p.frame >= start], sam)
+            return keyframes, None
         earlier = MaskZipReader(previous.masks)
         base = earlier[start]
         tracked = {int(o): base == o for o in np.unique(base) if o}

@@ -49,6 +49,8 @@ class VideoInfo:
     (then the file is damaged and decoding stops early). `duration` runs from
     the first frame's timestamp to the last one's plus the typical frame
     interval; `fps` is frame_count / duration, exact for a constant rate.
+    `truncated_to` is set for a truncated file: the frames whose data it
+    still holds (the first ones; the index lists `frame_count`).
     """
 
     path: Path
@@ -62,6 +64,12 @@ class VideoInfo:
     codec: str
     pix_fmt: str
     has_audio: bool
+    truncated_to: int | None = None
+
+    @property
+    def present_frames(self) -> int:
+        """The frames whose data the file holds: all of them, unless it is truncated."""
+        return self.frame_count if self.truncated_to is None else self.truncated_to
 
 
 @dataclass(frozen=True)
@@ -116,7 +124,8 @@ def probe(path: str | Path) -> VideoInfo:
     fps = frame_count / timeline.length  # the average rate, exact for a constant one
     return VideoInfo(path=path, width=width, height=height, frame_count=frame_count, fps=fps,
                      duration=float(timeline.length), time_base=Fraction(time_base), rotation=rotation, codec=codec,
-                     pix_fmt=pix_fmt, has_audio=has_audio)
+                     pix_fmt=pix_fmt, has_audio=has_audio,
+                     truncated_to=timeline.counted if timeline.counted < timeline.declared else None)
 
 
 def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yuv: bool = False) -> Iterator[Frame]:
@@ -370,7 +379,8 @@ class VideoWriter(AtomicWriter):
     """Encodes frames to a file that appears at `path` only once `close()` succeeds.
 
     Timestamps are the input's (shifted so the first frame is at 0), in the
-    input's time base, so variable frame rates stay variable. H.264 MP4s get
+    input's time base, so variable frame rates stay variable, and the video
+    ends where the input does (see `_mux_video`). H.264 MP4s get
     `+faststart` (index before the data, so browsers start playing at once).
     Audio from `audio_from` is copied packet by packet when the container takes
     its codec, otherwise re-encoded (AAC in MP4, Opus in WebM), and cut at the
@@ -393,6 +403,7 @@ class VideoWriter(AtomicWriter):
         self._done = False
         self._container: av.container.OutputContainer | None = None
         self._audio: _AudioTrack | None = None
+        self._held: av.Packet | None = None  # the latest encoded packet, muxed once the next one comes
         target = _TARGETS[codec]
         self._temp = temporary_path_beside(self.path)
         try:
@@ -436,7 +447,7 @@ class VideoWriter(AtomicWriter):
             stamp = max(stamp - self._first_pts, self._last_pts + 1)  # encoders need strictly rising times
             frame.pts, frame.time_base = stamp, self.info.time_base
             try:
-                self._container.mux(self._video.encode(frame))
+                self._mux_video(self._video.encode(frame))
                 if self._audio is not None:
                     self._audio.copy_until(self._seconds(stamp), self._seconds(self._first_pts))
             except (av.FFmpegError, OSError) as exc:
@@ -466,6 +477,18 @@ class VideoWriter(AtomicWriter):
         rgb = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format=layout)
         return rgb.reformat(format=self._video.pix_fmt, dst_colorspace="itu709", dst_color_range="MPEG")
 
+    def _mux_video(self, packets: list[av.Packet]) -> None:
+        """Mux encoded packets, holding the latest back for `close` to give its duration.
+
+        The muxer would make the last packet 1 / the stream's rate long, the
+        average rate, which ends a variable-rate video away from the input's
+        end; `close` makes it the input's last frame's (the typical interval).
+        """
+        for packet in packets:
+            if self._held is not None:
+                self._container.mux(self._held)
+            self._held = packet
+
     def _seconds(self, stamp: int | None) -> float:
         return float((stamp or 0) * self.info.time_base)
 
@@ -475,7 +498,10 @@ class VideoWriter(AtomicWriter):
             if self._done:
                 return
             try:
-                self._container.mux(self._video.encode())
+                self._mux_video(self._video.encode())
+                if self._held is not None:
+                    self._held.duration = max(1, round(self._end_seconds() / self.info.time_base) - self._last_pts)
+                    self._container.mux(self._held)
                 if self._audio is not None:
                     self._audio.copy_until(self._end_seconds(), self._seconds(self._first_pts), final=True)
                 self._container.close()
@@ -596,8 +622,9 @@ def temporary_path_beside(path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     except OSError as exc:
-        raise VideoError(f"cannot write to {path.parent}: {exc.strerror or exc}; "
-                         "choose a folder you can write to") from exc
+        blocker = next((folder for folder in path.parents if folder.is_file()), None)
+        reason = f"{blocker} is a file, not a folder" if blocker else exc.strerror or exc
+        raise VideoError(f"cannot write to {path}: {reason}; choose a folder you can write to") from exc
     os.close(handle)
     return Path(name)
 

@@ -110,7 +110,7 @@ def resolve_checkpoint(name: str, path: str | Path | None = None, *, download: b
     if not path.is_file():
         entry = _entry(name)
         raise WeightsError(f"{entry.title} checkpoint {path} does not exist; for the official one, "
-                           f"{_by_hand(entry, default_path(name))}")
+                           f"{_by_hand(entry, path)}")
     return path
 
 
@@ -125,8 +125,11 @@ def file_sha256(path: str | Path) -> str:
     return _sha256_of(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a state dict on the CPU, refusing pickled code (weights_only)."""
+def load_checkpoint(path: str | Path, layout: str | None = None) -> dict[str, torch.Tensor]:
+    """Load a state dict on the CPU, refusing pickled code (weights_only).
+
+    With the `layout` it should have, a damaged file's message says where the official one comes from.
+    """
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"checkpoint not found: {path}")
@@ -135,9 +138,10 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     # torch.load reports damaged files through many exception types (RuntimeError from
     # the zip reader, EOFError, KeyError or UnpicklingError from the pickle reader).
     except Exception as exc:  # noqa: BLE001
+        source = f" from {_official_source(layout)} to {path}" if layout else ""
         raise WeightsError(
             f"cannot read checkpoint {path} ({_one_line(exc)}): the file is truncated, corrupt or not a "
-            "PyTorch state dict; delete it and download it again"
+            f"PyTorch state dict; delete it and download it again{source}"
         ) from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"checkpoint {path} is not a plain state dict of tensors; pass the original .pth file")
@@ -180,7 +184,7 @@ def verify_layout(state_dict: Mapping[str, Any], layout: str, source: str | Path
                  None)
     hint = f"; it looks like {LAYOUT_TITLES[other]} weights given in place of {title} weights" if other else ""
     raise WeightsError(f"checkpoint{where} is not in the {title} layout: {problem}{hint}; "
-                       f"pass the official {title} checkpoint")
+                       f"pass the official {title} checkpoint, {_official_source(layout)}")
 
 
 def untrained_state_dict(layout: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -224,7 +228,7 @@ def checkpoint_status(path: str | Path, layout: str | None = None) -> Checkpoint
         return "official"
     if _read_sidecar(path).get("untrained") is True:
         return "untrained"
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, layout)
     if layout is not None:
         verify_layout(state, layout, source=path)
     elif all(_layout_problem(state, name) is not None for name in LAYOUT_TITLES):
@@ -260,11 +264,20 @@ def _destination(entry: WeightsEntry, path: str | Path | None) -> Path:
 
 def _by_hand(entry: WeightsEntry, dest: Path) -> str:
     """The manual remedy: which URL, where to put it, and how to recognise it."""
+    return f"download {entry.url} and save it as {dest} ({_facts(entry)})"
+
+
+def _facts(entry: WeightsEntry) -> str:
+    """How to recognise the official file."""
     if entry.size is not None and entry.sha256 is not None:
-        facts = f"{entry.size} bytes, sha256 {entry.sha256}"
-    else:
-        facts = "no published size or sha256; it is checked by its key layout"
-    return f"download {entry.url} and save it as {dest} ({facts})"
+        return f"{entry.size} bytes, sha256 {entry.sha256}"
+    return "no published size or sha256; it is checked by its key layout"
+
+
+def _official_source(layout: str) -> str:
+    """The URL of the official checkpoint in `layout`, and how to recognise it."""
+    entry = next(entry for entry in manifest().values() if entry.layout == layout)
+    return f"{entry.url} ({_facts(entry)})"
 
 
 def _verify_present(entry: WeightsEntry, dest: Path) -> None:
@@ -274,7 +287,7 @@ def _verify_present(entry: WeightsEntry, dest: Path) -> None:
                            f"{entry.size}: delete {dest} and run again to download it afresh")
     expected, origin = _expected_sha256(entry, dest)
     if expected is None:
-        verify_layout(load_checkpoint(dest), entry.layout, source=dest)
+        verify_layout(load_checkpoint(dest, entry.layout), entry.layout, source=dest)
         return
     actual = file_sha256(dest)
     if actual != expected:
