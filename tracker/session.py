@@ -207,7 +207,9 @@ class Tracker:
         for frame_index in sorted({p.frame for p in prompts}):
             if cancel is not None and cancel.is_set():
                 raise Cancelled("tracking was cancelled")
-            embedding = embeddings.get(frame_index) or sam.embed(read_frame(info.path, frame_index).image)
+            embedding = embeddings.get(frame_index)
+            if embedding is None:
+                embedding = sam.embed(read_frame(info.path, frame_index).image)
             keyframes[frame_index] = {p.object_id: self.segment(embedding, p, sam=sam)
                                       for p in prompts if p.frame == frame_index}
         return keyframes
