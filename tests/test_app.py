@@ -296,7 +296,7 @@ def test_click_track_correct_and_download(app, browser, clips, tmp_path):
     tab.go_to_frame(6)
     tab.select_object(1)
     tab.choose("point-mode", "Negative point (background)")
-    tab.click_frame(100, 100, expect="correcting 1 on frame 6: 1 point")
+    tab.click_frame(100, 100, expect="correcting object 1 on frame 6: 1 point")
     done = tab.track()
     assert done.startswith("Done: re-tracked from frame 6; frames before it kept their masks."), done
     second_masks = members(tab.download("masks.zip", tmp_path))

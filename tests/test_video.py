@@ -267,6 +267,17 @@ def test_truncated_file_decodes_what_is_there(clip, tmp_path):
         read_frame(damaged, FRAMES - 1)
 
 
+def test_a_file_cut_inside_a_packet_counts_only_whole_frames_and_keeps_their_times(tmp_path):
+    whole = make_clip(tmp_path / "whole.mp4", frames=30, width=160, height=96, faststart=True)
+    cut = truncated_copy(whole, tmp_path / "cut.mp4", keep=0.5)  # ends inside a frame's packet
+    info = probe(cut)
+    frames = list(iter_frames(cut))
+    assert 0 < len(frames) == info.present_frames < 30  # every frame it holds whole, and no more
+    read_frame(cut, info.present_frames - 1)
+    # The last frames come drained from the decoder at the cut: their times too are the file's.
+    assert [f.time for f in frames] == pytest.approx([f.time for f in iter_frames(whole, stop=len(frames))])
+
+
 def test_tags_that_are_not_utf8_do_not_stop_the_video(clip, tmp_path):
     """Cameras and old muxers write tags in other encodings; the picture must still open and decode."""
     tagged = tmp_path / "tagged.mkv"

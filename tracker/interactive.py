@@ -214,7 +214,7 @@ def upload_message(info: VideoInfo) -> str:
 def frame_caption(index: int, info: VideoInfo, time_s: float) -> str:
     """'Frame 12 / 299 · 0:00.480' (frames counted from 0)."""
     minutes, secs = divmod(max(0.0, time_s), 60)
-    return f"Frame {index} / {info.frame_count - 1} · {int(minutes)}:{secs:06.3f}"
+    return f"Frame {index} / {info.present_frames - 1} · {int(minutes)}:{secs:06.3f}"
 
 
 # Shown while the device is busy before a job starts: the start-up warm-up (on a GPU) or another job.
@@ -464,7 +464,7 @@ class EditSession:
 
     def _describe(self, frame: int, object_id: int, edit: Edit) -> str:
         clicks = edit.clicks
-        what = "correcting" if edit.refine else "object"
+        what = "correcting object" if edit.refine else "object"
         count = len(clicks.points)
         parts = [f"{count} point{'s' * (count != 1)}"] + (["a box"] if clicks.box else [])
         text = f"{what} {object_id} on frame {frame}: {', '.join(parts)}"

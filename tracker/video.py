@@ -94,6 +94,7 @@ class _Timeline:
     pts: np.ndarray  # sorted presentation timestamps; empty when the container has none
     keyframes: np.ndarray  # (K, 2): presentation and decoding timestamp of each keyframe, sorted
     counted: int  # packets read
+    complete: int  # packets read before the first damaged one (a cut-off last packet, say)
     declared: int  # frames the container's index lists (0 when it keeps none)
     length: Fraction  # seconds from the start of the first frame to the end of the last one
 
@@ -120,12 +121,12 @@ def probe(path: str | Path) -> VideoInfo:
     frame_count = max(timeline.counted, timeline.declared)
     if timeline.counted < timeline.declared:
         log.warning("%s: only %d of the %d frames its index lists are present; the file is truncated",
-                    path.name, timeline.counted, timeline.declared)
+                    path.name, timeline.complete, timeline.declared)
     fps = frame_count / timeline.length  # the average rate, exact for a constant one
     return VideoInfo(path=path, width=width, height=height, frame_count=frame_count, fps=fps,
                      duration=float(timeline.length), time_base=Fraction(time_base), rotation=rotation, codec=codec,
                      pix_fmt=pix_fmt, has_audio=has_audio,
-                     truncated_to=timeline.counted if timeline.counted < timeline.declared else None)
+                     truncated_to=timeline.complete if timeline.counted < timeline.declared else None)
 
 
 def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yuv: bool = False) -> Iterator[Frame]:
@@ -145,7 +146,9 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yu
         frames = _decoded(container, stream) if start == 0 else _decoded_from(container, stream, path, start)
         fallback_rate = stream.average_rate or Fraction(25)
         for index, frame in enumerate(frames, start):
-            time = float(frame.time) if frame.pts is not None else float(index / fallback_rate)
+            # From the stream's time base: frames drained from the decoder at a cut-off end carry none.
+            time = float(frame.pts * stream.time_base) if frame.pts is not None and stream.time_base \
+                else float(index / fallback_rate)
             planes = _yuv_planes(frame) if yuv else None
             if planes is not None:
                 yield Frame(index, None, frame.pts, time, planes)
@@ -258,10 +261,13 @@ def _scan(container: av.container.InputContainer, stream: av.VideoStream) -> _Ti
     pts: list[int] = []
     keyframes: list[tuple[int, int]] = []
     counted = 0
+    complete: int | None = None
     try:
         for packet in container.demux(stream):
             if packet.size == 0:  # the end-of-stream marker
                 continue
+            if packet.is_corrupt and complete is None:
+                complete = counted
             if packet.is_keyframe and packet.pts is not None:  # discarded ones too: a cut file starts there
                 keyframes.append((packet.pts, packet.pts if packet.dts is None else packet.dts))
             if packet.is_discard:
@@ -282,7 +288,8 @@ def _scan(container: av.container.InputContainer, stream: av.VideoStream) -> _Ti
     if counted < declared and stream.duration:
         length = max(length, stream.duration * time_base)
     return _Timeline(pts=ordered, keyframes=np.asarray(sorted(keyframes), dtype=np.int64).reshape(-1, 2),
-                     counted=counted, declared=declared, length=Fraction(length))
+                     counted=counted, complete=counted if complete is None else complete, declared=declared,
+                     length=Fraction(length))
 
 
 def _clockwise(frame: av.VideoFrame) -> int:
