@@ -24,7 +24,7 @@ from tracker.cli import add_model_flags as add_model_flags
 from tracker.errors import Cancelled, TrackerError
 from tracker.exports import CUTOUT_KINDS
 from tracker.interactive import (VIDEO_SUFFIXES, EditSession, Limits, SessionStore, Style, frame_caption,
-                                 upload_message)
+                                 truncation_note, upload_message)
 from tracker.pipeline import MemoryOptions, TrackOptions, resolve_precision
 from tracker.render import overlay_colours
 from tracker.session import Tracker
@@ -211,9 +211,9 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                 gr.Warning(str(exc))
                 return f"Error: {exc}", *no_video[1:-1], None  # the refused file leaves the widget too
             image, caption = shown(session, 0, alpha_value, outline_value)
-            if info.truncated_to is not None:
-                gr.Warning(f"the file is truncated: only its first {info.truncated_to} of {info.frame_count} "
-                           "frames are present")
+            note = truncation_note(info)
+            if note is not None:
+                gr.Warning(note)
             return (upload_message(info), image,
                     gr.update(value=0, maximum=max(info.present_frames - 1, 1), interactive=True),
                     caption, object_choices(session), legend(session), None, None, "",

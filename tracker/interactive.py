@@ -201,14 +201,20 @@ def format_seconds(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+def truncation_note(info: VideoInfo) -> str | None:
+    """What to tell the user about a truncated video (None for a whole one)."""
+    if info.truncated_to is None:
+        return None
+    return (f"the file is truncated: only its first {info.truncated_to} of {info.frame_count} frames are present; "
+            "the frames after them cannot be shown or tracked")
+
+
 def upload_message(info: VideoInfo) -> str:
     """What the page says about a video it took."""
     text = (f"Loaded {info.width}x{info.height}, {info.frame_count} frames, {info.duration:.1f} s. "
             "Click the object to track.")
-    if info.truncated_to is not None:
-        text += (f"\n⚠ The file is truncated: only its first {info.truncated_to} of {info.frame_count} frames are "
-                 "present; the frames after them cannot be shown or tracked.")
-    return text
+    note = truncation_note(info)
+    return text if note is None else f"{text}\n⚠ {note}."
 
 
 def frame_caption(index: int, info: VideoInfo, time_s: float) -> str:

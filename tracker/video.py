@@ -145,10 +145,9 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yu
         stream = _video_stream(container, path)
         frames = _decoded(container, stream) if start == 0 else _decoded_from(container, stream, path, start)
         fallback_rate = stream.average_rate or Fraction(25)
+        time_base = stream.time_base  # the frames' own: those drained from the decoder at a cut-off end have none
         for index, frame in enumerate(frames, start):
-            # From the stream's time base: frames drained from the decoder at a cut-off end carry none.
-            time = float(frame.pts * stream.time_base) if frame.pts is not None and stream.time_base \
-                else float(index / fallback_rate)
+            time = float(frame.pts * time_base) if frame.pts is not None and time_base else float(index / fallback_rate)
             planes = _yuv_planes(frame) if yuv else None
             if planes is not None:
                 yield Frame(index, None, frame.pts, time, planes)
