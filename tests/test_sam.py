@@ -1,5 +1,7 @@
 import copy
 import importlib
+import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -326,3 +328,28 @@ def test_cuda_graphs_give_the_eager_backends_embedding_and_masks(backend):
         np.testing.assert_allclose(b.scores, a.scores, atol=1e-5)
         assert np.array_equal(a.masks, b.masks)
     assert graphed._graphs.captured == 5 and graphed._graphs.failures == 0
+
+
+def test_loading_sam_leaves_its_torchvision_parts_unimported(tmp_path):
+    """SAM's predictor and mask generator import torchvision (seconds of a start) and are not needed to run it;
+    code that asks the package for them still gets its own `__init__`. A stand-in torchvision on the path
+    shows whether it is imported."""
+    for module, body in {"__init__": "", "transforms/__init__": "", "ops/__init__": "",
+                         "transforms/functional": "resize = to_pil_image = None",
+                         "ops/boxes": "batched_nms = box_area = None"}.items():
+        path = tmp_path / "torchvision" / f"{module}.py"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(body)
+    script = (
+        "import sys\n"
+        "from tracker import sam\n"
+        "unneeded = [m for m in sys.modules if m.startswith(('torchvision', 'segment_anything.predictor',"
+        " 'segment_anything.automatic_mask_generator'))]\n"
+        "assert not unneeded, unneeded\n"
+        "from segment_anything import SamPredictor, SamAutomaticMaskGenerator\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    path = os.pathsep.join([str(repo), str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": path})
+    assert done.returncode == 0, done.stderr

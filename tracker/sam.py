@@ -440,8 +440,8 @@ def _scale_xy(xy: ArrayLike, original_size: tuple[int, int], inverse: bool) -> n
 def load_model(checkpoint: str | Path) -> Sam:
     """The PyTorch SAM ViT-B of a checkpoint (layout checked), on the CPU in eval mode."""
     state = load_checkpoint(checkpoint)
-    verify_layout(state, "sam_vit_b", source=checkpoint)
     model = build_model("sam_vit_b")
+    verify_layout(state, "sam_vit_b", source=checkpoint, network=model)
     model.load_state_dict(state)
     return model.eval()
 

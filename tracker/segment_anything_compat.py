@@ -1,35 +1,36 @@
-"""Import SAM's model code without the parts that need torchvision.
+"""Import SAM's model code without its package's ``__init__``.
 
-`segment_anything/__init__.py` pulls in the automatic mask generator, which
-needs torchvision's NMS. We only use the network (``modeling``), the
-``build_sam`` helpers and the ONNX wrapper, none of which touch torchvision,
-so where torchvision is missing (CPU-only installs of recent PyTorch) we
-register the package without running its ``__init__``.
+`segment_anything/__init__.py` pulls in the predictor and the automatic mask
+generator, which import torchvision: about 5 s of a CUDA machine's start, for
+code we never run (and torchvision is missing from CPU-only installs of recent
+PyTorch). We use the network (``modeling``), the ``build_sam`` helpers and the
+ONNX wrapper, none of which touch torchvision, so the package is registered
+with its ``__init__`` deferred until something asks it for a name it lacks.
 """
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import sys
 import types
 
 
 def _package() -> types.ModuleType:
-    try:
-        return importlib.import_module("segment_anything")
-    except (ImportError, RuntimeError) as exc:  # torchvision missing or broken
-        spec = importlib.util.find_spec("segment_anything")
-        if spec is None or not spec.submodule_search_locations:
-            raise ImportError(
-                "segment-anything is not installed: pip install -r requirements.txt"
-            ) from exc
-        for name in [m for m in sys.modules if m == "segment_anything" or m.startswith("segment_anything.")]:
-            del sys.modules[name]
-        pkg = types.ModuleType("segment_anything")
-        pkg.__path__ = list(spec.submodule_search_locations)
-        pkg.__spec__ = spec
-        sys.modules["segment_anything"] = pkg
-        return pkg
+    if "segment_anything" in sys.modules:
+        return sys.modules["segment_anything"]
+    spec = importlib.util.find_spec("segment_anything")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("segment-anything is not installed: pip install -r requirements.txt")
+    pkg = importlib.util.module_from_spec(spec)
+
+    def run_init(name: str):
+        """The package's own ``__init__`` (torchvision included), run once, for code that asks for its names."""
+        del pkg.__getattr__
+        spec.loader.exec_module(pkg)
+        return getattr(pkg, name)
+
+    pkg.__getattr__ = run_init
+    sys.modules["segment_anything"] = pkg
+    return pkg
 
 
 _package()

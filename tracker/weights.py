@@ -165,17 +165,24 @@ def build_model(layout: str) -> torch.nn.Module:
 def expected_layout(layout: str) -> dict[str, tuple[int, ...]]:
     """Key -> shape of a checkpoint for `layout`, taken from the network itself (built without memory)."""
     with torch.device("meta"):
-        model = build_model(layout)
-    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
+        return layout_of(build_model(layout))
 
 
-def verify_layout(state_dict: Mapping[str, Any], layout: str, source: str | Path | None = None) -> None:
+def layout_of(network: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(value.shape) for key, value in network.state_dict().items()}
+
+
+def verify_layout(state_dict: Mapping[str, Any], layout: str, source: str | Path | None = None,
+                  network: torch.nn.Module | None = None) -> None:
     """Raise WeightsError naming the first missing/unexpected key or wrong shape.
 
     BatchNorm's ``num_batches_tracked`` counters may be absent: released
-    checkpoints sometimes drop them and inference never reads them.
+    checkpoints sometimes drop them and inference never reads them. A caller
+    that has built the `network` to load passes it: its keys are the layout,
+    and no second one is built (SAM built on the meta device imports
+    torch._dynamo for its random positional encoding, seconds of a start).
     """
-    problem = _layout_problem(state_dict, layout)
+    problem = _layout_problem(state_dict, layout, None if network is None else layout_of(network))
     if problem is None:
         return
     title = LAYOUT_TITLES[layout]
@@ -389,8 +396,9 @@ def _resumes_at(response: http.client.HTTPResponse, offset: int) -> bool:
     return response.status == 206 and match is not None and int(match.group(1)) == offset
 
 
-def _layout_problem(state_dict: Mapping[str, Any], layout: str) -> str | None:
-    expected = expected_layout(layout)
+def _layout_problem(state_dict: Mapping[str, Any], layout: str,
+                    expected: Mapping[str, tuple[int, ...]] | None = None) -> str | None:
+    expected = expected_layout(layout) if expected is None else expected
     missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
     if missing:
         return (f"missing key {missing[0]!r} (expected shape {_shape(expected[missing[0]])}; "
