@@ -307,17 +307,18 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                 session_of(request).begin_job()
             except TrackerError as exc:
                 return f"Error: {exc}", str(exc), gr.skip(), gr.skip(), gr.skip()
-            return ("Waiting for the tracker…", "", gr.update(interactive=False), gr.update(interactive=True),
+            return ("Waiting for the tracker (one job runs at a time; another user's may be ahead)…", "",
+                    gr.update(interactive=False), gr.update(interactive=True),
                     gr.update(interactive=False))
 
-        @show_errors(outputs=6)
+        @show_errors(outputs=5)
         def on_track(refused: str, full: bool, size_value: float, mem_value: float, top_k: float,
                      min_mid_term: float, max_mid_term: float, prototypes: float, long_term: float,
                      min_area_value: float, alpha_value: float, outline_value: float, preset_value: str,
-                     crf_value: float, frame: int, request: gr.Request, progress=gr.Progress()):
+                     crf_value: float, request: gr.Request, progress=gr.Progress()):
             if refused:
                 gr.Warning(refused)
-                return (gr.skip(),) * 6
+                return (gr.skip(),) * 5
             session = session_of(request)
             try:
                 memory = MemoryOptions(mem_every=int(mem_value), top_k=int(top_k),
@@ -332,7 +333,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             except Cancelled:
                 log.info("tracking job cancelled; nothing of it was kept")
                 return ("Cancelled: nothing of that run was kept; the app is ready.",
-                        gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip())
+                        gr.skip(), gr.skip(), gr.skip(), gr.skip())
             finally:
                 session.end_job()
             warnings = "".join(f"\n⚠ {w}" for w in record.warnings)
@@ -340,17 +341,18 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             return (f"Done: {record.describe()}. {record.summary}.{warnings}", str(record.overlay), files,
                     f"**{record.summary}**",
                     gr.update(choices=[(f"Object {i}", i) for i in sorted(record.objects)],
-                              value=sorted(record.objects)),
-                    shown(session, frame, alpha_value, outline_value)[0])
+                              value=sorted(record.objects)))
 
         job_controls = [track_button, cancel_button, video_input]
-        (track_button.click(on_begin, None, [status, job_refused, *job_controls], queue=False)
-         .then(on_track, [job_refused, full_rerun, size, mem_every, *memory_limits, min_area, *style,
-                          encoder_preset, crf, frame_slider],
-               [status, *results, frame_image], show_progress_on=status, concurrency_limit=1,
-               concurrency_id="track")
-         .then(lambda: (gr.update(interactive=True), gr.update(interactive=False), gr.update(interactive=True)),
-               None, job_controls, queue=False))
+        tracked = (track_button.click(on_begin, None, [status, job_refused, *job_controls], queue=False)
+                   .then(on_track, [job_refused, full_rerun, size, mem_every, *memory_limits, min_area, *style,
+                                    encoder_preset, crf],
+                         [status, *results], show_progress_on=status, concurrency_limit=1, concurrency_id="track"))
+        tracked.then(lambda: (gr.update(interactive=True), gr.update(interactive=False), gr.update(interactive=True)),
+                     None, job_controls, queue=False)
+        # The frame the slider is on now (the user may have moved it during the run), with the new masks.
+        tracked.then(on_frame, [frame_slider, *style], [status, frame_image, frame_info], show_progress="hidden",
+                     queue=False)
 
         def on_cancel(request: gr.Request):
             running = session_of(request).request_cancel()
@@ -361,8 +363,11 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
         @show_errors(outputs=2)
         def on_cutout(objects: Sequence[int], kind: str, request: gr.Request, progress=gr.Progress()):
             session = session_of(request)
-            session.export_cutout(objects, kind, progress=lambda fraction, text: progress(fraction, desc=text))
-            return "Cut-out ready in the downloads.", session.result_files()
+            path = session.export_cutout(objects, kind,
+                                         progress=lambda fraction, text: progress(fraction, desc=text))
+            kept = ", ".join(map(str, sorted(objects)))
+            return (f"Cut-out ready in the downloads: {path.name} (object{'s' * (len(objects) > 1)} {kept}).",
+                    session.result_files())
 
         cutout_button.click(on_cutout, [cutout_objects, cutout_kind], [status, result_files],
                             show_progress_on=status, concurrency_limit=1, concurrency_id="export")

@@ -54,8 +54,12 @@ def frame_pts(frames: int, vfr: bool) -> list[int]:
     return list(itertools.accumulate(steps, initial=0))
 
 
+TRACK_LANGUAGES = ("eng", "fra", "deu")
+
+
 def make_clip(path: str | Path, *, frames: int = 30, width: int = 160, height: int = 120, fps: int = 25,
-              audio: bool = True, audio_codec: str = "aac", rotation: int = 0, codec: str = "libx264",
+              audio: bool = True, audio_codec: str | tuple[str, ...] = "aac", rotation: int = 0,
+              codec: str = "libx264",
               pix_fmt: str = "yuv420p", vfr: bool = False, moving_object: bool = True, gop: int = 12,
               bframes: int = 2, faststart: bool = False) -> Path:
     """Write a clip whose display size is width x height and return its path.
@@ -66,7 +70,8 @@ def make_clip(path: str | Path, *, frames: int = 30, width: int = 160, height: i
     pixel format without chroma subsampling (e.g. yuv444p) or VP9. H.264 gets
     `bframes` B-frames and a keyframe every `gop` frames. Timestamps count in
     1/(fps*100) s; with `vfr` the frame intervals vary. `audio_codec` must fit
-    the container (e.g. pcm_s16le needs .mkv or .mov).
+    the container (e.g. pcm_s16le needs .mkv or .mov); several codecs make one
+    track each, tagged with the languages of `TRACK_LANGUAGES` in turn.
     """
     path = Path(path)
     options = {"g": str(gop)}
@@ -83,7 +88,11 @@ def make_clip(path: str | Path, *, frames: int = 30, width: int = 160, height: i
         video.codec_context.time_base = time_base
         if rotation:
             video.set_display_rotation(-rotation)  # PyAV takes counter-clockwise degrees
-        sound = _add_sine_stream(container, audio_codec) if audio else None
+        codecs = (audio_codec,) if isinstance(audio_codec, str) else audio_codec
+        sounds = [_add_sine_stream(container, name) for name in codecs] if audio else []
+        if len(sounds) > 1:
+            for sound, language in zip(sounds, TRACK_LANGUAGES):
+                sound.metadata["language"] = language
         ticks = frame_pts(frames, vfr)
         ends = ticks[1:] + [ticks[-1] + 1]
         for index, (tick, end) in enumerate(zip(ticks, ends)):
@@ -92,7 +101,7 @@ def make_clip(path: str | Path, *, frames: int = 30, width: int = 160, height: i
             frame.pts, frame.duration, frame.time_base = tick * 100, (end - tick) * 100, time_base
             container.mux(video.encode(frame))
         container.mux(video.encode())
-        if sound is not None:
+        for sound in sounds:
             _write_sine(container, sound, seconds=ends[-1] / fps)
     finally:
         container.close()

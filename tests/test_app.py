@@ -16,8 +16,10 @@ import urllib.request
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import urljoin
 
 import numpy as np
 import pytest
@@ -141,6 +143,12 @@ class AppPage:
 
     def frame_src(self) -> str:
         return self.page.locator("#frame-image img").get_attribute("src")
+
+    def frame_pixels(self) -> np.ndarray:
+        """The frame shown for clicking, as the browser fetched it."""
+        response = self.page.request.get(urljoin(self.page.url, self.frame_src()))
+        assert response.ok, response.status
+        return np.asarray(Image.open(BytesIO(response.body())).convert("RGB"))
 
     def click_frame(self, x: float, y: float, expect: str, width: int = W, height: int = H) -> None:
         """Click frame pixel (x, y) on the displayed frame and wait for the status to say `expect`."""
@@ -271,12 +279,24 @@ def test_click_track_correct_and_download(app, browser, clips, tmp_path):
     crf.press("Enter")
 
     started = time.monotonic()
-    done = tab.track()
+    tab.page.locator("#track-button").click()
+    tab.wait_status("^Waiting for the tracker")
+    tab.go_to_frame(5)  # while the job runs: the frame shown after it must be this one, not frame 0
+    moved = tab.frame_src()
+    assert not tab.status().startswith("Done"), "the job ended before the slider moved"
+    done = tab.wait_status(r"^(Done|Error|Cancelled)", TRACK_SECONDS)
     assert done.startswith("Done: tracked the whole video. 12 frames in"), done
     assert "UNTRAINED WEIGHTS" in done
     metrics = tab.page.locator("#metrics").inner_text()
     assert re.search(r"12 frames in [\d.]+ s \([\d.]+ FPS\), device cpu, SAM backend torch", metrics)
     print(f"first track took {time.monotonic() - started:.1f} s")
+    tab.page.wait_for_function("src => document.querySelector('#frame-image img').getAttribute('src') !== src",
+                               arg=moved)
+    assert tab.page.locator("#frame-info").inner_text().startswith("Frame 5 / 11")
+    after_run = tab.frame_pixels()
+    tab.go_to_frame(4)
+    tab.go_to_frame(5)
+    assert np.array_equal(tab.frame_pixels(), after_run), "the frame shown after the run is not frame 5"
 
     video = tab.page.locator("#result-video video")
     video.wait_for()
@@ -307,7 +327,8 @@ def test_click_track_correct_and_download(app, browser, clips, tmp_path):
     tab.page.locator("#cutout-objects").get_by_label("Object 2", exact=True).uncheck()
     tab.choose("cutout-format", "Green-screen MP4 (H.264)")
     tab.page.locator("#cutout-button").click()
-    tab.wait_status("Cut-out ready", TRACK_SECONDS)
+    assert tab.wait_status("Cut-out ready", TRACK_SECONDS) == \
+        "Cut-out ready in the downloads: cutout_greenscreen.mp4 (object 1)."
     assert tab.download_names() == ["tracked.mp4", "masks.zip", "cutout_greenscreen.mp4"]
     cutout = probe(tab.download("cutout_greenscreen.mp4", tmp_path))
     assert (cutout.frame_count, cutout.codec) == (12, "h264")

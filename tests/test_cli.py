@@ -7,8 +7,11 @@ on prompted frames are exactly what SAM gives for the prompt.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 from io import BytesIO
 from pathlib import Path
@@ -121,6 +124,8 @@ def test_prompts_file_on_later_frames(untrained_checkpoints, cpu_tracker, tmp_pa
     ("prompts", ["--prompts", "{bad}"], "not valid JSON"),
     ("no objects", ["--prompts", "{empty}"], 'no object selected: "objects" in prompts file'),
     ("crf", ["--point", "5,5", "--crf", "60"], "crf must be 0 (lossless) to 51"),
+    ("alpha", ["--point", "5,5", "--alpha", "2"], "alpha (the overlay's opacity) must be 0 to 1, not 2.0"),
+    ("outline", ["--point", "5,5", "--outline", "-3"], "outline must be 0 (none) to 64 pixels, not -3"),
     ("sam fp16", ["--point", "5,5", "--sam-precision", "fp16", "--device", "cpu"],
      "SAM precision fp16 runs on CUDA GPUs only"),
     ("masks over the input", ["--point", "5,5", "--masks", "{clip}"], "is the input video"),
@@ -144,6 +149,39 @@ def test_bad_input_exits_2_with_one_line_before_the_weights_load(case, args, mes
     assert len(errors) == 1 and message in errors[0], done.stderr
     assert "Traceback" not in done.stderr
     assert not out.exists() and list(tmp_path.glob("out*")) == []
+
+
+def test_debug_after_the_command_shows_the_traceback(tmp_path):
+    clip = make_clip(tmp_path / "clip.mp4", frames=2, width=32, height=32, audio=False)
+    done = run_cli("track", clip, "--point", "50,5", "--debug")
+    assert done.returncode == 1 and "Traceback" in done.stderr and "PromptError" in done.stderr, done.stderr
+    quiet = run_cli("--debug", "track", clip, "--point", "50,5")  # before the command, as before
+    assert quiet.returncode == 1 and "PromptError" in quiet.stderr
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_run_leaves_nothing_behind(stop, untrained_checkpoints, tmp_path):
+    """`kill`, `timeout` and `docker stop` send SIGTERM: like Ctrl-C, no partial file and no temporary folder."""
+    clip = make_clip(tmp_path / "clip.mp4", frames=400, width=64, height=48, audio=True)
+    out_dir, temp_dir = tmp_path / "out", tmp_path / "tmp"
+    out_dir.mkdir()
+    temp_dir.mkdir()
+    run = subprocess.Popen([sys.executable, "-m", "tracker", "track", str(clip), "--point", "20,20",
+                            "--out", str(out_dir / "o.mp4"), "--masks", str(out_dir / "m.zip"),
+                            *map(str, weights_flags(untrained_checkpoints))],
+                           cwd=ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(temp_dir)})
+    try:
+        deadline = time.monotonic() + 300
+        while not any(out_dir.iterdir()) and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # the writers' temporary files appear once tracking starts
+        assert run.poll() is None, "the run ended before it could be stopped"
+        run.send_signal(stop)
+        stderr = run.communicate(timeout=120)[1]
+    finally:
+        run.kill()
+    assert run.returncode == 128 + stop, stderr
+    assert f"interrupted ({stop.name}): nothing was written" in stderr
+    assert list(out_dir.iterdir()) == [] and list(temp_dir.glob("tracker-*")) == []
 
 
 def test_negative_coordinates_reach_the_prompt_checks():

@@ -7,6 +7,7 @@ with untrained weights.
 from __future__ import annotations
 
 import copy
+import re
 import threading
 import time
 import zipfile
@@ -239,7 +240,8 @@ def test_clicks_update_the_mask_from_one_embedding_per_frame(session, disc_track
 
 
 def test_box_mode_negative_only_and_frame_checks(session):
-    assert "opposite corner" in click(session, 2, 20, 20, "box")
+    assert click(session, 2, 20, 20, "box") == \
+        "object 1 on frame 2: a box's first corner; click the opposite corner of the box"
     assert not session.labels(2).any()
     click(session, 2, 60, 50, "box")
     assert (session.labels(2) == 1).sum() == 41 * 31
@@ -262,6 +264,14 @@ def test_objects_have_their_own_ids_and_clicks(session):
     assert np.array_equal(session.labels(0) == 1, disc(40, 60) | disc(40, 90))
     session.remove_object(2)
     assert session.objects == [1] and not (session.labels(0) == 2).any()
+    session.add_object()
+    session.begin_job()  # the job tracks object 2: removing it now would not reach the result
+    try:
+        with pytest.raises(TrackerError, match="a tracking job is running"):
+            session.remove_object(2)
+    finally:
+        session.end_job()
+    session.remove_object(2)
     with pytest.raises(PromptError, match="last object"):
         session.remove_object(1)
     with pytest.raises(PromptError, match="does not exist"):
@@ -303,6 +313,8 @@ def test_track_then_correct_keeps_earlier_frames_and_uses_the_correction(session
     # Another working resolution would change every tracked frame; only those from the correction on do.
     second = session.track(TrackOptions(size=64))
     assert second.describe() == "re-tracked from frame 4; frames before it kept their masks"
+    assert re.match(rf"{FRAMES} frames in [\d.]+ s \([\d.]+ FPS; {FRAMES - 4} tracked again, 4 kept as they were\)",
+                    second.summary), second.summary
     assert not first.masks.exists(), "the previous run's files are replaced"
     after = zip_members(second.masks)
     assert sorted(after) == sorted(before)

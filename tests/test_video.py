@@ -6,8 +6,8 @@ import av
 import numpy as np
 import pytest
 
-from media import (blanked_media_copy, clip_frame, disc_centre, make_audio_only, make_clip, make_empty_file,
-                   make_text_file, top_level_atoms, truncated_copy)
+from media import (TRACK_LANGUAGES, blanked_media_copy, clip_frame, disc_centre, make_audio_only, make_clip,
+                   make_empty_file, make_text_file, top_level_atoms, truncated_copy)
 from tracker.errors import VideoError
 from tracker.video import VideoWriter, iter_frames, probe, read_frame
 
@@ -143,6 +143,18 @@ def test_audio_mp4_cannot_hold_is_converted_to_aac(media_dir, tmp_path):
         assert audio.codec.canonical_name == "aac"
         assert float(audio.duration * audio.time_base) == pytest.approx(10 / FPS, abs=0.05)
 
+
+
+def test_every_audio_track_is_kept_in_order_with_its_language(media_dir, tmp_path):
+    """A second track (commentary, another language) is not dropped: each is copied or converted in turn."""
+    source = make_clip(media_dir / "two_tracks.mkv", frames=10, audio_codec=("aac", "pcm_s16le"))
+    output = encode_copy(source, tmp_path / "two_tracks.mp4")
+    with av.open(str(output)) as result:
+        tracks = result.streams.audio
+        assert [t.codec.canonical_name for t in tracks] == ["aac", "aac"]
+        assert [t.metadata.get("language") for t in tracks] == list(TRACK_LANGUAGES[:2])
+        for track in tracks:
+            assert float(track.duration * track.time_base) == pytest.approx(10 / FPS, abs=0.05)
 
 def test_variable_frame_rate_stays_variable(vfr_clip, tmp_path):
     output = encode_copy(vfr_clip, tmp_path / "vfr_out.mp4")

@@ -388,7 +388,7 @@ def _short(dtype: torch.dtype) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tracker bench", description=__doc__)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cuda or cpu")
     parser.add_argument("--frames", type=int,
                         help="frames per generated clip (default 400 on GPU, 60 on CPU, 6 with --quick)")
     parser.add_argument("--sam-backend", default="auto", choices=["auto", "torch", "onnx", "tensorrt"])

@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
+import signal
 import sys
 import threading
 from pathlib import Path
 from typing import Sequence
 
 from .errors import TrackerError
-from .pipeline import MemoryOptions, TrackOptions, resolve_precision
+from .pipeline import MAX_OUTLINE, MemoryOptions, TrackOptions, resolve_precision
 from .prompts import NEGATIVE, POSITIVE, ObjectPrompt, check_prompts, load_prompts, parse_box, parse_xy
-from .video import DEFAULT_PRESET, X264_MAX_CRF, X264_PRESETS, probe
+from .video import DEFAULT_PRESET, X264_MAX_CRF, X264_PRESETS, VideoInfo, probe
 
 OUTPUT_DIR = Path("output")
 COORDINATE_FLAGS = ("--point", "--negative", "--box")
@@ -22,7 +24,9 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cuda or cpu")
     parser.add_argument("--sam-checkpoint", type=Path, help="SAM ViT-B checkpoint (default: models/, downloaded)")
     parser.add_argument("--xmem-checkpoint", type=Path, help="XMem checkpoint (default: models/, downloaded)")
-    parser.add_argument("--sam-backend", default="auto", choices=["auto", "torch", "onnx", "tensorrt"])
+    parser.add_argument("--sam-backend", default="auto", choices=["auto", "torch", "onnx", "tensorrt"],
+                        help="what runs SAM (auto: TensorRT on CUDA when its engines are built, ONNX Runtime on "
+                             "the CPU when the graphs are exported, else PyTorch)")
     parser.add_argument("--sam-precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                         help="the PyTorch SAM encoder's precision (auto: fp16 on CUDA, fp32 on the CPU)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
@@ -33,10 +37,13 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tracker", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    # Also after the command (`track ... --debug`); SUPPRESS keeps a --debug given before it.
+    after = argparse.ArgumentParser(add_help=False)
+    after.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    track = commands.add_parser("track", help="track clicked objects through a video")
-    track.add_argument("video", type=Path)
+    track = commands.add_parser("track", parents=[after], help="track clicked objects through a video")
+    track.add_argument("video", type=Path, help="the video to track (any format FFmpeg reads)")
     track.add_argument("--point", action="append", default=[], metavar="X,Y", help="a click on the object")
     track.add_argument("--negative", action="append", default=[], metavar="X,Y", help="a click on background")
     track.add_argument("--box", metavar="X0,Y0,X1,Y1", help="a box around the object")
@@ -45,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     track.add_argument("--out", type=Path, help="overlay video (default output/<name>_tracked.mp4)")
     track.add_argument("--masks", type=Path, metavar="ZIP", help="also write one palettised PNG per frame")
     track.add_argument("--size", type=int, default=480, help="shorter side of the working resolution (0: original)")
-    track.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
-    track.add_argument("--outline", type=int, default=2, help="outline width in pixels")
+    track.add_argument("--alpha", type=float, default=0.5, help="overlay opacity, 0 to 1 (default 0.5)")
+    track.add_argument("--outline", type=int, default=2,
+                       help=f"outline width in pixels, 0 (none) to {MAX_OUTLINE} (default 2)")
     track.add_argument("--crf", type=int, default=18, help=f"H.264 quality, 0 (lossless) to {X264_MAX_CRF}; "
                        "lower is better and larger")
     track.add_argument("--preset", default=DEFAULT_PRESET, choices=X264_PRESETS,
@@ -62,11 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"XMem memory setting (default {getattr(defaults, name)})")
     add_model_flags(track)
 
-    weights = commands.add_parser("weights", help="download or generate checkpoints")
+    weights = commands.add_parser("weights", parents=[after], help="download or generate checkpoints")
     actions = weights.add_subparsers(dest="action", required=True)
-    actions.add_parser("download", help="fetch the official SAM ViT-B and XMem checkpoints into models/")
-    untrained = actions.add_parser("untrained", help="write untrained checkpoints in the official layouts")
-    untrained.add_argument("directory", type=Path)
+    actions.add_parser("download", parents=[after],
+                       help="fetch the official SAM ViT-B and XMem checkpoints into models/")
+    untrained = actions.add_parser("untrained", parents=[after],
+                                   help="write untrained checkpoints in the official layouts")
+    untrained.add_argument("directory", type=Path, help="folder to write them to (created if missing)")
 
     # Listed for --help; main() hands its arguments to tracker.bench unparsed.
     commands.add_parser("bench", add_help=False, help="print the speed table (python -m tracker bench -h)")
@@ -98,9 +108,9 @@ def attach_negative_values(argv: Sequence[str]) -> list[str]:
     return attached
 
 
-def check_before_loading(args: argparse.Namespace, prompts: list[ObjectPrompt], output: Path) -> None:
+def check_before_loading(args: argparse.Namespace, prompts: list[ObjectPrompt], output: Path) -> VideoInfo:
     """Refuse a bad video, prompt, output path or precision at once, not after the weights have loaded (10 s
-    or more)."""
+    or more); the video's facts when all is well."""
     from .sam import encoder_dtype, resolve_device
     from .session import check_output_paths
 
@@ -110,6 +120,7 @@ def check_before_loading(args: argparse.Namespace, prompts: list[ObjectPrompt], 
     device = resolve_device(args.device)
     resolve_precision(device, args.precision)
     encoder_dtype(args.sam_precision, device)
+    return info
 
 
 def _track(args: argparse.Namespace) -> int:
@@ -124,14 +135,17 @@ def _track(args: argparse.Namespace) -> int:
     options = TrackOptions(size=args.size, memory=memory, alpha=args.alpha, outline=args.outline,
                            crf=args.crf, preset=args.preset, precision=args.precision,
                            cuda_graphs=args.cuda_graphs)
-    check_before_loading(args, prompts, output)
+    info = check_before_loading(args, prompts, output)
     tracker = Tracker(args.sam_checkpoint, args.xmem_checkpoint, device=args.device,
                       sam_backend=args.sam_backend, sam_precision=args.sam_precision, download=not args.no_download)
     print(f"device {tracker.device_name}, SAM backend {tracker.sam.name}", file=sys.stderr)
     if tracker.untrained:
         from .weights import UNTRAINED_WARNING
         print(f"WARNING: {UNTRAINED_WARNING}", file=sys.stderr)
-    bar = tqdm(total=None, unit="frame", file=sys.stderr, dynamic_ncols=True)
+    start = min(prompt.frame for prompt in prompts)
+    # Frames before the first prompt are tracked backward first, then written with the rest.
+    passes = f"backward {start} + forward {info.frame_count} frames" if start else None
+    bar = tqdm(total=None, desc=passes, unit="frame", file=sys.stderr, dynamic_ncols=True)
 
     def progress(done: int, total: int) -> None:
         bar.total = total
@@ -172,12 +186,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         return bench_main(argv[1:])
     args = build_parser().parse_args(attach_negative_values(argv))
     try:
-        return {"track": _track, "weights": _weights}[args.command](args)
+        with _stopping_signals_interrupt():
+            return {"track": _track, "weights": _weights}[args.command](args)
     except TrackerError as exc:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+        print(f"interrupted ({signal.Signals(signum).name}): nothing was written", file=sys.stderr)
+        return 128 + signum
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (`kill`, `timeout`, `docker stop`, a closed terminal), handled as Ctrl-C is."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stopping_signals_interrupt():
+    """While a command runs, SIGTERM and SIGHUP raise `Stopped`, so its clean-up runs as for Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    names = [name for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+
+    def stop(signum, _frame):
+        raise Stopped(signum)
+
+    previous = {name: signal.signal(getattr(signal, name), stop) for name in names}
+    try:
+        yield
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)

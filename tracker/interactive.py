@@ -157,8 +157,8 @@ class RunRecord:
     def describe(self) -> str:
         """What the run did, in the user's words."""
         first, *later = self.passes
-        text = "tracked the whole video" if first is None else \
-            f"re-tracked from frame {first}; frames before it kept their masks"
+        text = "tracked the whole video" if first is None else f"re-tracked from frame {first}" + \
+            ("; frames before it kept their masks" if first > 0 else "")
         if later:
             text += f"; corrections on frame{'s' * (len(later) > 1)} {', '.join(map(str, later))} applied on top"
         return text
@@ -189,7 +189,8 @@ def run_summary(results: Sequence[TrackResult]) -> str:
     peaks = [r.peak_gpu_bytes for r in results if r.peak_gpu_bytes is not None]
     total = TrackResult(frames=sum(r.frames for r in results), expected_frames=sum(r.expected_frames for r in results),
                         seconds=sum(r.seconds for r in results), device=results[-1].device,
-                        sam_backend=results[-1].sam_backend, peak_gpu_bytes=max(peaks) if peaks else None)
+                        sam_backend=results[-1].sam_backend, peak_gpu_bytes=max(peaks) if peaks else None,
+                        kept_frames=sum(r.kept_frames for r in results))
     return f"{len(results)} passes: {total.summary()}"
 
 
@@ -385,8 +386,12 @@ class EditSession:
             self.current = object_id
 
     def remove_object(self, object_id: int) -> None:
-        """Drop an object and all its clicks; it disappears from the display (the next Track reruns all)."""
+        """Drop an object and all its clicks; it disappears from the display (the next Track reruns all).
+
+        Not while a job runs: that job tracks the object, and its result would bring it back.
+        """
         with self.lock:
+            self._require_idle()
             if object_id not in self.objects:
                 raise PromptError(f"object {object_id} does not exist")
             if len(self.objects) == 1:
@@ -472,7 +477,8 @@ class EditSession:
         clicks = edit.clicks
         what = "correcting object" if edit.refine else "object"
         count = len(clicks.points)
-        parts = [f"{count} point{'s' * (count != 1)}"] + (["a box"] if clicks.box else [])
+        parts = ([f"{count} point{'s' * (count != 1)}"] if count or clicks.corner is None else []) + \
+            (["a box"] if clicks.box else []) + (["a box's first corner"] if clicks.corner is not None else [])
         text = f"{what} {object_id} on frame {frame}: {', '.join(parts)}"
         if clicks.corner is not None:
             return text + "; click the opposite corner of the box"

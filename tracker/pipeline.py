@@ -80,6 +80,10 @@ class MemoryOptions:
         )
 
 
+# Wider outlines would hide the objects they surround.
+MAX_OUTLINE = 64
+
+
 @dataclass
 class TrackOptions:
     """How a video is tracked and rendered."""
@@ -99,6 +103,10 @@ class TrackOptions:
             raise TrackerError(f"unknown encoder preset {self.preset!r}; use one of {', '.join(X264_PRESETS)}")
         if not 0 <= self.crf <= X264_MAX_CRF:
             raise TrackerError(f"crf must be 0 (lossless) to {X264_MAX_CRF}, not {self.crf}")
+        if not 0 <= self.alpha <= 1:
+            raise TrackerError(f"alpha (the overlay's opacity) must be 0 to 1, not {self.alpha}")
+        if not 0 <= self.outline <= MAX_OUTLINE:
+            raise TrackerError(f"outline must be 0 (none) to {MAX_OUTLINE} pixels, not {self.outline}")
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

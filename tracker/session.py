@@ -110,6 +110,7 @@ class TrackResult:
     device: str
     sam_backend: str
     peak_gpu_bytes: int | None = None
+    kept_frames: int = 0  # written with a previous run's masks (see PreviousRun), not tracked again
     output: Path | None = None
     masks: Path | None = None
     warnings: list[str] = field(default_factory=list)
@@ -123,7 +124,9 @@ class TrackResult:
         return max(0, self.expected_frames - self.frames)
 
     def summary(self) -> str:
-        parts = [f"{self.frames} frame{'s' * (self.frames != 1)} in {self.seconds:.1f} s ({self.fps:.1f} FPS)",
+        kept = f"; {self.frames - self.kept_frames} tracked again, {self.kept_frames} kept as they were" \
+            if self.kept_frames else ""
+        parts = [f"{self.frames} frame{'s' * (self.frames != 1)} in {self.seconds:.1f} s ({self.fps:.1f} FPS{kept})",
                  f"device {self.device}", f"SAM backend {self.sam_backend}"]
         if self.peak_gpu_bytes is not None:
             parts.append(f"peak GPU memory {self.peak_gpu_bytes / 2**30:.2f} GiB")
@@ -322,6 +325,7 @@ class Tracker:
             result = TrackResult(frames=frames, expected_frames=info.frame_count,
                                  seconds=time.perf_counter() - began, device=self.device_name,
                                  sam_backend=sam.name, peak_gpu_bytes=peak,
+                                 kept_frames=0 if previous is None else min(previous.from_frame, frames),
                                  output=Path(output) if output else None, masks=Path(masks) if masks else None)
         if self.untrained:
             result.warnings.append(weights.UNTRAINED_WARNING)

@@ -388,10 +388,11 @@ class VideoWriter(AtomicWriter):
     input's time base, so variable frame rates stay variable, and the video
     ends where the input does (see `_mux_video`). H.264 MP4s get
     `+faststart` (index before the data, so browsers start playing at once).
-    Audio from `audio_from` is copied packet by packet when the container takes
-    its codec, otherwise re-encoded (AAC in MP4, Opus in WebM), and cut at the
-    end of the video. `libvpx-vp9` writes WebM with an alpha channel and takes
-    RGBA images (cut-outs on a transparent background).
+    Every audio track of `audio_from` (language and title kept) is copied
+    packet by packet when the container takes its codec, otherwise re-encoded
+    (AAC in MP4, Opus in WebM), and cut at the end of the video. `libvpx-vp9`
+    writes WebM with an alpha channel and takes RGBA images (cut-outs on a
+    transparent background).
 
     One thread may `write` while another created the writer; calls are serialised.
     """
@@ -408,7 +409,7 @@ class VideoWriter(AtomicWriter):
         self._frames = 0
         self._done = False
         self._container: av.container.OutputContainer | None = None
-        self._audio: _AudioTrack | None = None
+        self._audio: list[_AudioTrack] = []
         self._held: av.Packet | None = None  # the latest encoded packet, muxed once the next one comes
         target = _TARGETS[codec]
         self._temp = temporary_path_beside(self.path)
@@ -416,7 +417,7 @@ class VideoWriter(AtomicWriter):
             options = {"movflags": "+faststart"} if target.format == "mp4" else {}
             self._container = av.open(str(self._temp), "w", format=target.format, options=options)
             self._video = self._add_video(codec, _encoder_options(codec, crf, preset))
-            self._audio = _AudioTrack.of(Path(audio_from), self._container, target) if audio_from else None
+            self._audio = _AudioTrack.all_of(Path(audio_from), self._container, target) if audio_from else []
             self._container.start_encoding()
         except BaseException as exc:
             self.abort()
@@ -454,8 +455,8 @@ class VideoWriter(AtomicWriter):
             frame.pts, frame.time_base = stamp, self.info.time_base
             try:
                 self._mux_video(self._video.encode(frame))
-                if self._audio is not None:
-                    self._audio.copy_until(self._seconds(stamp), self._seconds(self._first_pts))
+                for track in self._audio:
+                    track.copy_until(self._seconds(stamp), self._seconds(self._first_pts))
             except (av.FFmpegError, OSError) as exc:
                 raise VideoError(f"writing {self.path.name} failed: {exc}; check the free disk space") from exc
             self._last_pts = stamp
@@ -508,8 +509,8 @@ class VideoWriter(AtomicWriter):
                 if self._held is not None:
                     self._held.duration = max(1, round(self._end_seconds() / self.info.time_base) - self._last_pts)
                     self._container.mux(self._held)
-                if self._audio is not None:
-                    self._audio.copy_until(self._end_seconds(), self._seconds(self._first_pts), final=True)
+                for track in self._audio:
+                    track.copy_until(self._end_seconds(), self._seconds(self._first_pts), final=True)
                 self._container.close()
                 self._temp.chmod(0o644)  # mkstemp makes it private; a finished video is not
                 os.replace(self._temp, self.path)
@@ -540,8 +541,8 @@ class VideoWriter(AtomicWriter):
                 self._container.close()
             except (av.FFmpegError, OSError):
                 pass  # the file is deleted next; a failed trailer does not matter
-        if self._audio is not None:
-            self._audio.close()
+        for track in self._audio:
+            track.close()
         self._temp.unlink(missing_ok=True)
 
 
@@ -550,17 +551,28 @@ _STANDARD_LAYOUTS = {1: "mono", 2: "stereo", 3: "3.0", 4: "quad", 5: "5.0", 6: "
 
 
 class _AudioTrack:
-    """The first audio stream of a file, copied or re-encoded into an output as the video advances."""
+    """One audio stream of a file, copied or re-encoded into an output as the video advances."""
 
     @classmethod
-    def of(cls, source: Path, output: av.container.OutputContainer, target: _Target) -> _AudioTrack | None:
-        """The track, or None when the file has no audio."""
-        container = _open(source)
-        usable = _audio_streams(container)
-        if not usable:
-            container.close()
-            return None
-        return cls(container, usable[0], output, target)
+    def all_of(cls, source: Path, output: av.container.OutputContainer, target: _Target) -> list[_AudioTrack]:
+        """A track for each audio stream of `source`, in its order; each reads the file on its own."""
+        tracks: list[_AudioTrack] = []
+        try:
+            while True:
+                container = _open(source)
+                usable = _audio_streams(container)
+                if len(usable) <= len(tracks):
+                    container.close()
+                    return tracks
+                try:
+                    tracks.append(cls(container, usable[len(tracks)], output, target))
+                except BaseException:
+                    container.close()
+                    raise
+        except BaseException:
+            for track in tracks:
+                track.close()
+            raise
 
     def __init__(self, container: av.container.InputContainer, source: av.AudioStream,
                  output: av.container.OutputContainer, target: _Target):
@@ -573,6 +585,9 @@ class _AudioTrack:
             rate = 48000 if target.audio_encoder == "libopus" else self._source.rate
             layout = _STANDARD_LAYOUTS.get(self._source.layout.nb_channels, "stereo")
             self._stream = output.add_stream(target.audio_encoder, rate=rate, layout=layout)
+        for key in ("language", "title"):
+            if key in source.metadata:
+                self._stream.metadata[key] = source.metadata[key]
         self._output = output
         self._packets = self._input.demux(self._source)
         self._pending: av.Packet | None = None
