@@ -431,13 +431,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     uploads.mkdir(parents=True, exist_ok=True)
     store = SessionStore(Path(tempfile.mkdtemp(prefix="tracker-app-", dir=uploads)), tracker, upload_folder=uploads)
     demo = build_app(tracker, store, limits, args.max_upload_mb, args.precision)
-    # Stopping the server (Ctrl-C or SIGTERM) removes every session's files.
+    # Stopping the server (Ctrl-C or SIGTERM) removes every session's files, and the frames Gradio cached
+    # for the pages (its shutdown deletes them; a SIGTERM would otherwise end the process before it runs).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         demo.queue(default_concurrency_limit=1).launch(
             server_name=args.host, server_port=args.port, share=args.share, allowed_paths=[],
             max_file_size=f"{int(args.max_upload_mb * 1024)}kb", ssr_mode=False, css=CSS, footer_links=[])
     finally:
+        demo.close(verbose=False)
         store.close_all()
     return 0
 

@@ -167,6 +167,8 @@ def test_stopping_the_app_removes_every_session(untrained_checkpoints, browser, 
         user.upload(clips / "a.mp4")
         assert server.session_dirs()
         roots = list(server.temp.glob("gradio/tracker-app-*"))
+        previews = list(server.temp.glob("gradio/**/*.webp"))  # the frames the page showed
     assert server.process.returncode == 0
     assert roots and not any(root.exists() for root in roots)
+    assert previews and not any(preview.exists() for preview in previews), "the user's frames outlived the app"
     user.page.context.close()

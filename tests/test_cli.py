@@ -19,10 +19,11 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tests.media import make_clip
-from tracker.cli import attach_negative_values
+from tracker.cli import GPU_START_NOTE, attach_negative_values
 from tracker.prompts import ObjectPrompt
 from tracker.video import probe, read_frame
 
@@ -71,6 +72,7 @@ def test_track_writes_video_and_masks(rotated_clip, untrained_checkpoints, cpu_t
     assert done.returncode == 0, done.stderr
     assert "UNTRAINED WEIGHTS" in done.stderr
     assert "12 frames in" in done.stdout and "FPS" in done.stdout
+    assert GPU_START_NOTE not in done.stderr  # a CPU has no graphs or kernels to wait for
 
     source, result = probe(rotated_clip), probe(out)
     assert (source.width, source.height) == (121, 161)
@@ -225,3 +227,26 @@ def test_bench_smoke_run_prints_every_row():
         for value in line.split("|")[2].split(" / "):
             assert float(value.strip().rstrip("%")) > 0, line
     assert run_cli("bench", "--rounds", "0").returncode != 0
+
+
+def test_an_interrupted_download_says_that_its_part_is_kept(monkeypatch, capsys):
+    """Ctrl-C during `weights download` keeps the .part file for the next run: the message must not say otherwise."""
+    from tracker import cli, weights
+
+    def interrupted(progress: bool):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(weights, "download_all", interrupted)
+    assert cli.main(["weights", "download"]) == 128 + signal.SIGINT
+    stderr = capsys.readouterr().err
+    assert "interrupted (SIGINT): the part already downloaded is kept; run it again to resume" in stderr
+    assert "nothing was written" not in stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_gpu_run_says_why_its_first_frame_waits(untrained_checkpoints, tmp_path):
+    clip = make_clip(tmp_path / "clip.mp4", frames=6, width=160, height=96, audio=False)
+    flags = [flag if flag != "cpu" else "cuda" for flag in weights_flags(untrained_checkpoints)]
+    done = run_cli("track", clip, "--point", "80,48", "--out", tmp_path / "o.mp4", *flags)
+    assert done.returncode == 0, done.stderr
+    assert GPU_START_NOTE in done.stderr and "cuda" in done.stderr

@@ -123,6 +123,12 @@ def check_before_loading(args: argparse.Namespace, prompts: list[ObjectPrompt], 
     return info
 
 
+# Measured on an H200 (720p): the first frame came 1.8 s after the call with Triton's cache filled, 12 to 17 s
+# on a machine's first run.
+GPU_START_NOTE = ("the first frame waits for the GPU to get ready (CUDA graphs, cuDNN's choices: about 2 s), and on "
+                  "a machine's first run for Triton to build its kernels (15 to 30 s more; cached for later runs)")
+
+
 def _track(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -139,6 +145,8 @@ def _track(args: argparse.Namespace) -> int:
     tracker = Tracker(args.sam_checkpoint, args.xmem_checkpoint, device=args.device,
                       sam_backend=args.sam_backend, sam_precision=args.sam_precision, download=not args.no_download)
     print(f"device {tracker.device_name}, SAM backend {tracker.sam.name}", file=sys.stderr)
+    if tracker.device.type == "cuda":
+        print(GPU_START_NOTE, file=sys.stderr)
     if tracker.untrained:
         from .weights import UNTRAINED_WARNING
         print(f"WARNING: {UNTRAINED_WARNING}", file=sys.stderr)
@@ -195,7 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as exc:
         signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
-        print(f"interrupted ({signal.Signals(signum).name}): nothing was written", file=sys.stderr)
+        # A download keeps what it fetched (its .part file) for the next run to resume from.
+        left = ("the part already downloaded is kept; run it again to resume"
+                if args.command == "weights" and args.action == "download" else "nothing was written")
+        print(f"interrupted ({signal.Signals(signum).name}): {left}", file=sys.stderr)
         return 128 + signum
 
 
