@@ -194,6 +194,10 @@ def overlay(image: torch.Tensor, ids: torch.Tensor, colours: torch.Tensor, weigh
 
 
 def smoke_test(device: torch.device) -> None:
-    """One conversion on `device`: Triton compiles there only with a C compiler for its launcher."""
-    planes = torch.zeros(6, 4, dtype=torch.uint8, device=device)
-    yuv420_to_rgb(planes, 4, 4, ((1.0, 0.0, 1.0), (1.0, -0.5, -0.5), (1.0, 1.0, 0.0)), 16.0, 219.0, 224.0)
+    """One conversion on `device`: Triton compiles there only with a C compiler for its launcher.
+
+    16 x 16, so that Triton compiles the variant most videos use (sides that are multiples of 16;
+    see `top_k_kernel.smoke_test`).
+    """
+    planes = torch.zeros(24, 16, dtype=torch.uint8, device=device)
+    yuv420_to_rgb(planes, 16, 16, ((1.0, 0.0, 1.0), (1.0, -0.5, -0.5), (1.0, 1.0, 0.0)), 16.0, 219.0, 224.0)

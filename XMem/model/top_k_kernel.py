@@ -84,7 +84,14 @@ def _top_k_kernel(x_ptr, maxima_ptr, chosen_ptr, values_ptr, indices_ptr, column
 
 
 def smoke_test(device: torch.device) -> None:
-    top_k(torch.zeros(1, 4 * GROUP, device=device), 1)
+    """One selection, compiled as XMem's reads use it (k 30; sizes Triton sees as multiples of 16).
+
+    Triton compiles a kernel again for other constants, or for sizes that
+    are not multiples of 16: a smoke test with tiny sizes cost a fresh
+    machine's first video a compilation of its own.
+    """
+    k = 30
+    top_k(torch.zeros(1, triton.cdiv(4 * k, 16) * 16 * GROUP, device=device), k)
 
 
 def handles(similarity: torch.Tensor, k: int) -> bool:
