@@ -139,7 +139,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                                           label="Memory interval (frames between memory updates)",
                                           elem_id="memory-interval")
                     memory_limits = [
-                        gr.Number(getattr(defaults.memory, name), precision=0, minimum=1, label=label,
+                        gr.Number(getattr(defaults.memory, name), precision=0, label=label,
                                   elem_id=name.replace("_", "-"))
                         for name, label in (("top_k", "Top-k memory matches per pixel"),
                                             ("min_mid_term_frames", "Working memory: frames kept after a "
@@ -147,7 +147,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                                             ("max_mid_term_frames", "Working memory: frames before consolidation"),
                                             ("num_prototypes", "Long-term prototypes per consolidation"),
                                             ("max_long_term_elements", "Long-term memory size (elements)"))]
-                    min_area = gr.Number(0, precision=0, minimum=0, elem_id="min-memory-area",
+                    min_area = gr.Number(0, precision=0, elem_id="min-memory-area",
                                          label="Occlusion shortcut: no memory update while an object covers fewer "
                                                "pixels than this (0 = off, as in XMem)")
                     alpha = gr.Slider(0, 1, value=defaults.alpha, step=0.05, label="Overlay opacity",
@@ -321,6 +321,8 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                 return (gr.skip(),) * 5
             session = session_of(request)
             try:
+                if None in (top_k, min_mid_term, max_mid_term, prototypes, long_term):
+                    raise TrackerError("a memory setting is empty: give it a whole number (Settings)")
                 memory = MemoryOptions(mem_every=int(mem_value), top_k=int(top_k),
                                        min_mid_term_frames=int(min_mid_term), max_mid_term_frames=int(max_mid_term),
                                        num_prototypes=int(prototypes), max_long_term_elements=int(long_term),

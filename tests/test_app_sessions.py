@@ -172,3 +172,23 @@ def test_stopping_the_app_removes_every_session(untrained_checkpoints, browser, 
     assert roots and not any(root.exists() for root in roots)
     assert previews and not any(preview.exists() for preview in previews), "the user's frames outlived the app"
     user.page.context.close()
+
+
+def test_a_bad_memory_setting_is_named_and_the_app_stays_ready(app, browser, clips):
+    """An out-of-range or empty number used to stop the job before its handler ran: Track stayed disabled."""
+    user = AppPage(browser.new_context().new_page(), app.url)
+    user.upload(clips / "a.mp4")
+    user.click_frame(40, 60, expect="object 1 on frame 0: 1 point")
+    user.page.locator("#settings").get_by_text("Settings").click()
+    top_k = user.page.locator("#top-k input")
+    for value, message in (("0", "memory setting top_k must be at least 1"), ("", "a memory setting is empty")):
+        top_k.fill(value)
+        top_k.press("Tab")
+        user.page.locator("#track-button").click()
+        assert message in user.wait_status("^Error", 60)
+        user.page.wait_for_function("() => !document.querySelector('#track-button').disabled")
+        user.page.locator("#video-input button[aria-label='Clear']").wait_for()
+    top_k.fill("30")
+    top_k.press("Tab")
+    assert user.track().startswith("Done: tracked the whole video")
+    user.page.context.close()
