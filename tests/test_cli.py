@@ -250,3 +250,11 @@ def test_a_gpu_run_says_why_its_first_frame_waits(untrained_checkpoints, tmp_pat
     done = run_cli("track", clip, "--point", "80,48", "--out", tmp_path / "o.mp4", *flags)
     assert done.returncode == 0, done.stderr
     assert GPU_START_NOTE in done.stderr and "cuda" in done.stderr
+
+
+@pytest.mark.parametrize("device", ["tpu", "CPU", "gpu"])
+def test_an_unknown_device_is_one_line_before_the_weights_load(device, tmp_path):
+    clip = make_clip(tmp_path / "clip.mp4", frames=2, width=32, height=32, audio=False)
+    done = run_cli("track", clip, "--point", "5,5", "--device", device, "--no-download")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"error: unknown device '{device}': use auto, cpu, cuda or cuda:N" in done.stderr

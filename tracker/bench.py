@@ -26,6 +26,7 @@ import torch
 
 from XMem.inference.inference_core import InferenceCore
 
+from .errors import TrackerError
 from .pipeline import (IDLE_GRAPHS, FramePrep, MemoryOptions, ThreadedSink, TrackOptions, autocast_for, cpu_has_bf16,
                        frame_graphs, prefetch, stepping_network)
 from .prompts import ObjectPrompt
@@ -403,7 +404,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="a smoke test: small clips, one timed call each, nothing worth quoting")
     args = parser.parse_args(argv)
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except TrackerError as exc:
+        parser.error(str(exc))
     names = [name.strip() for name in args.modes.split(",") if name.strip()]
     if not names or any(name not in MODES for name in names):
         parser.error(f"--modes takes a comma-separated list of: {', '.join(MODES)}")

@@ -309,9 +309,16 @@ def resolve_device(device: str | torch.device) -> torch.device:
     """Turn "auto" into cuda when PyTorch sees a GPU, else cpu; asking for CUDA without one is a user error."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cuda", "cpu"):
+        raise TrackerError(f"unknown device {str(device)!r}: use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise TrackerError("CUDA was requested but PyTorch sees no CUDA GPU: use device cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise TrackerError(f"there is no {dev}: PyTorch sees {torch.cuda.device_count()} CUDA GPU(s)")
     return dev
 
 
