@@ -95,3 +95,8 @@ def test_valid_prompts_pass_and_duplicates_fail():
         check_prompts(ok + [ObjectPrompt(1, 0, [(3, 3)], [1])], 160, 120, 30)
     with pytest.raises(PromptError, match="no object selected"):
         check_prompts([], 160, 120, 30)
+
+
+def test_a_box_given_by_its_other_two_corners_is_the_same_box():
+    assert ObjectPrompt(1, box=(50, 50, 10, 10)).box == (10.0, 10.0, 50.0, 50.0)
+    assert ObjectPrompt(1, box=(10, 50, 50, 10)).box == (10.0, 10.0, 50.0, 50.0)

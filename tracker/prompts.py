@@ -31,7 +31,10 @@ class ObjectPrompt:
         self.points = [(float(x), float(y)) for x, y in self.points]
         self.labels = [int(v) for v in self.labels]
         if self.box is not None:
-            self.box = tuple(float(v) for v in self.box)  # type: ignore[assignment]
+            # Two corners in either order (a box dragged up or to the left) are the same rectangle.
+            x0, y0, x1, y1 = box = tuple(float(v) for v in self.box)
+            finite = all(math.isfinite(v) for v in box)  # check() names the others
+            self.box = (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)) if finite else box
 
     def check(self, width: int, height: int, frame_count: int) -> None:
         """Raise PromptError when the prompt cannot apply to a video of this size and length."""
