@@ -10,6 +10,7 @@ import argparse
 import functools
 import html
 import logging
+import re
 import signal
 import sys
 import tempfile
@@ -35,6 +36,15 @@ log = logging.getLogger("tracker.app")
 
 MODES = [("Positive point (object)", "positive"), ("Negative point (background)", "negative"),
          ("Box (click two corners)", "box")]
+# The memory settings as the Settings panel names them (their errors quote these, not the code's names).
+MEMORY_LABELS = {"mem_every": "Memory interval (frames between memory updates)",
+                 "top_k": "Top-k memory matches per pixel",
+                 "min_mid_term_frames": "Working memory: frames kept after a consolidation",
+                 "max_mid_term_frames": "Working memory: frames before consolidation",
+                 "num_prototypes": "Long-term prototypes per consolidation",
+                 "max_long_term_elements": "Long-term memory size (elements)",
+                 "min_memory_area": "Occlusion shortcut: no memory update while an object covers fewer pixels "
+                                    "than this (0 = off, as in XMem)"}
 HELP = """**1.** Upload a video. **2.** Click the object (the mask updates after every click); use
 *Add object* for more. **3.** Press **Track**. **4.** To correct, move to a frame where a mask is
 wrong, click there and press **Track** again: earlier frames keep their result."""
@@ -45,6 +55,12 @@ CSS = """
           vertical-align: -0.1em; border: 1px solid #0004; }
 .legend .current { font-weight: 700; text-decoration: underline; }
 """
+
+
+def settings_named(message: str) -> str:
+    """A memory setting's error with the code's names of the settings replaced by the panel's labels."""
+    return re.sub(r"\b(?:memory setting )?([a-z_]+)\b",
+                  lambda m: f'"{MEMORY_LABELS[m[1]]}"' if m[1] in MEMORY_LABELS else m[0], message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,20 +152,14 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                     size = gr.Slider(0, 1080, value=defaults.size, step=8, label="Processing resolution (shorter "
                                      "side, px; 0 = original)", elem_id="processing-size")
                     mem_every = gr.Slider(1, 30, value=defaults.memory.mem_every, step=1,
-                                          label="Memory interval (frames between memory updates)",
-                                          elem_id="memory-interval")
+                                          label=MEMORY_LABELS["mem_every"], elem_id="memory-interval")
                     memory_limits = [
-                        gr.Number(getattr(defaults.memory, name), precision=0, label=label,
+                        gr.Number(getattr(defaults.memory, name), precision=0, label=MEMORY_LABELS[name],
                                   elem_id=name.replace("_", "-"))
-                        for name, label in (("top_k", "Top-k memory matches per pixel"),
-                                            ("min_mid_term_frames", "Working memory: frames kept after a "
-                                             "consolidation"),
-                                            ("max_mid_term_frames", "Working memory: frames before consolidation"),
-                                            ("num_prototypes", "Long-term prototypes per consolidation"),
-                                            ("max_long_term_elements", "Long-term memory size (elements)"))]
+                        for name in ("top_k", "min_mid_term_frames", "max_mid_term_frames", "num_prototypes",
+                                     "max_long_term_elements")]
                     min_area = gr.Number(0, precision=0, elem_id="min-memory-area",
-                                         label="Occlusion shortcut: no memory update while an object covers fewer "
-                                               "pixels than this (0 = off, as in XMem)")
+                                         label=MEMORY_LABELS["min_memory_area"])
                     alpha = gr.Slider(0, 1, value=defaults.alpha, step=0.05, label="Overlay opacity",
                                       elem_id="overlay-opacity")
                     outline = gr.Slider(0, 10, value=defaults.outline, step=1, label="Outline width (px)",
@@ -159,7 +169,8 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                                                  info="faster presets make larger files; the encoder can be what "
                                                       "limits a run's speed")
                     crf = gr.Slider(0, X264_MAX_CRF, value=defaults.crf, step=1, elem_id="video-crf",
-                                    label="Video quality (CRF: lower is better and larger; 0 is lossless)")
+                                    label="Video quality (CRF: lower is better and larger; 0 is lossless, which "
+                                          "browsers cannot play)")
                     sam_backend = gr.Dropdown(tracker.sam_choices(), value=tracker.sam.name, label="SAM backend",
                                               info="for this session's clicks and jobs (default: --sam-backend)",
                                               elem_id="sam-backend")
@@ -238,17 +249,25 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                     trigger_mode="always_last", concurrency_limit=4)
 
         @show_errors(outputs=2)
-        def on_click(frame: int, mode: str, alpha_value: float, outline_value: float, event: gr.SelectData,
+        def on_click(frame: int, mode: str, xy: tuple[float, float], alpha_value: float, outline_value: float,
                      request: gr.Request):
             session = session_of(request)
-            x, y = event.index
-            message = session.click(int(frame), (float(x), float(y)), mode)
+            message = session.click(int(frame), (float(xy[0]), float(xy[1])), mode)
             return message, shown(session, frame, alpha_value, outline_value)[0]
 
-        # SAM runs one request at a time: the backends (TensorRT above all) are not re-entrant.
+        # A click is said at once (the first one on a frame waits for SAM's image encoder: seconds on a CPU),
+        # then segmented in the queue, where SAM runs one request at a time: the backends (TensorRT above all)
+        # are not re-entrant.
+        clicked_at = gr.State(None)
+
+        def on_click_begin(frame: int, event: gr.SelectData, request: gr.Request):
+            session = session_of(request)
+            return (session.click_wait(int(frame)) if session.info is not None else gr.skip()), event.index
+
         sam_queue = dict(concurrency_limit=1, concurrency_id="sam")
-        frame_image.select(on_click, [frame_slider, point_mode, *style], [status, frame_image],
-                           show_progress="minimal", **sam_queue)
+        (frame_image.select(on_click_begin, frame_slider, [status, clicked_at], queue=False, show_progress="hidden")
+         .then(on_click, [frame_slider, point_mode, clicked_at, *style], [status, frame_image],
+               show_progress="minimal", **sam_queue))
 
         def editing(action: Callable[[EditSession, int], str]) -> Callable:
             @show_errors(outputs=2)
@@ -260,7 +279,10 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
 
         @show_errors(outputs=1)
         def on_sam_backend(name: str, request: gr.Request):
-            return session_of(request).set_sam_backend(name)
+            session = session_of(request)
+            if name == session.sam.name:  # the dropdown opened and closed again: the status stays
+                return gr.skip()
+            return session.set_sam_backend(name)
 
         sam_backend.input(on_sam_backend, sam_backend, status, **sam_queue)
         undo.click(editing(EditSession.undo), [frame_slider, *style], [status, frame_image], **sam_queue)
@@ -323,10 +345,14 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             try:
                 if None in (top_k, min_mid_term, max_mid_term, prototypes, long_term):
                     raise TrackerError("a memory setting is empty: give it a whole number (Settings)")
-                memory = MemoryOptions(mem_every=int(mem_value), top_k=int(top_k),
-                                       min_mid_term_frames=int(min_mid_term), max_mid_term_frames=int(max_mid_term),
-                                       num_prototypes=int(prototypes), max_long_term_elements=int(long_term),
-                                       min_memory_area=int(min_area_value or 0))
+                try:
+                    memory = MemoryOptions(mem_every=int(mem_value), top_k=int(top_k),
+                                           min_mid_term_frames=int(min_mid_term),
+                                           max_mid_term_frames=int(max_mid_term), num_prototypes=int(prototypes),
+                                           max_long_term_elements=int(long_term),
+                                           min_memory_area=int(min_area_value or 0))
+                except TrackerError as exc:
+                    raise TrackerError(f"Settings: {settings_named(str(exc))}") from None
                 options = TrackOptions(size=int(size_value), memory=memory, alpha=float(alpha_value),
                                        outline=int(outline_value), preset=preset_value, crf=int(crf_value),
                                        precision=precision)

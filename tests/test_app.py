@@ -157,6 +157,22 @@ class AppPage:
         image.click(position={"x": (x + 0.5) * box["width"] / width, "y": (y + 0.5) * box["height"] / height})
         self.wait_status(expect, SAM_SECONDS)
 
+    def set_number(self, elem_id: str, value: str) -> None:
+        """Type `value` into a number field and leave it, as a user does.
+
+        A field in an accordion that has just been opened is mounted lazily and takes its
+        value from the app a moment later, over anything typed at once: type until it stays.
+        """
+        field = self.page.locator(f"#{elem_id} input")
+        deadline = time.monotonic() + 10
+        while True:
+            field.fill(value)
+            field.press("Tab")
+            self.page.wait_for_timeout(300)
+            if field.input_value() == value:
+                return
+            assert time.monotonic() < deadline, f"#{elem_id} kept {field.input_value()!r}, not {value!r}"
+
     def choose(self, elem_id: str, label: str) -> None:
         self.page.locator(f"#{elem_id}").get_by_label(label, exact=True).check()
 
@@ -302,15 +318,15 @@ def test_click_track_correct_and_download(app, browser, clips, tmp_path):
     video.wait_for()
     tab.page.wait_for_function("() => document.querySelector('#result-video video').readyState >= 1")
     assert video.evaluate("v => v.duration") == pytest.approx(0.48, abs=0.05)
-    assert tab.download_names() == ["tracked.mp4", "masks.zip"]
-    overlay = tab.download("tracked.mp4", tmp_path)
+    assert tab.download_names() == ["clip_tracked.mp4", "clip_masks.zip"]  # named after the upload
+    overlay = tab.download("clip_tracked.mp4", tmp_path)
     info = probe(overlay)
     assert (info.frame_count, info.width, info.height, info.codec, info.has_audio) == (12, W, H, "h264", True)
     settings = x264_settings(overlay)
     assert (settings["cabac"], settings["crf"]) == ("0", "30.0"), "ultrafast (no CABAC) at crf 30, as chosen"
-    first_masks = members(tab.download("masks.zip", tmp_path))
+    first_masks = members(tab.download("clip_masks.zip", tmp_path))
     assert sorted(first_masks) == [f"{i:05d}.png" for i in range(12)]
-    assert mask_ids(tmp_path / "masks.zip", 0) == {0, 1, 2}, "the prompt frame holds both objects"
+    assert mask_ids(tmp_path / "clip_masks.zip", 0) == {0, 1, 2}, "the prompt frame holds both objects"
 
     # Correct object 1 on frame 6 with a background click, then re-track from there.
     tab.go_to_frame(6)
@@ -319,7 +335,7 @@ def test_click_track_correct_and_download(app, browser, clips, tmp_path):
     tab.click_frame(100, 100, expect="correcting object 1 on frame 6: 1 point")
     done = tab.track()
     assert done.startswith("Done: re-tracked from frame 6; frames before it kept their masks."), done
-    second_masks = members(tab.download("masks.zip", tmp_path))
+    second_masks = members(tab.download("clip_masks.zip", tmp_path))
     assert sorted(second_masks) == sorted(first_masks)
     assert all(second_masks[f"{i:05d}.png"] == first_masks[f"{i:05d}.png"] for i in range(6))
 
@@ -328,9 +344,9 @@ def test_click_track_correct_and_download(app, browser, clips, tmp_path):
     tab.choose("cutout-format", "Green-screen MP4 (H.264)")
     tab.page.locator("#cutout-button").click()
     assert tab.wait_status("Cut-out ready", TRACK_SECONDS) == \
-        "Cut-out ready in the downloads: cutout_greenscreen.mp4 (object 1)."
-    assert tab.download_names() == ["tracked.mp4", "masks.zip", "cutout_greenscreen.mp4"]
-    cutout = probe(tab.download("cutout_greenscreen.mp4", tmp_path))
+        "Cut-out ready in the downloads: clip_cutout_greenscreen.mp4 (object 1)."
+    assert tab.download_names() == ["clip_tracked.mp4", "clip_masks.zip", "clip_cutout_greenscreen.mp4"]
+    cutout = probe(tab.download("clip_cutout_greenscreen.mp4", tmp_path))
     assert (cutout.frame_count, cutout.codec) == (12, "h264")
 
     tab.page.screenshot(path="/tmp/app_e2e.png", full_page=True)

@@ -63,8 +63,9 @@ def test_two_users_tracking_at_once_see_only_their_own_work(app, browser, clips,
     for user in (alice, bob):
         assert user.wait_status(r"^(Done|Error)", TRACK_SECONDS).startswith("Done: tracked the whole video")
 
-    assert alice.page.locator("#frame-info").inner_text().startswith("Frame 0 / 11")
-    assert bob.page.locator("#frame-info").inner_text().startswith("Frame 0 / 15")
+    for user, caption in ((alice, "Frame 0 / 11"), (bob, "Frame 0 / 15")):  # redrawn just after the run
+        user.page.wait_for_function(
+            "text => document.querySelector('#frame-info').innerText.startsWith(text)", arg=caption)
     assert alice.page.locator("#object-select input").input_value() == "Object 1"
     assert re.fullmatch(r"\s*Object 1\s*", alice.page.locator("#object-legend").inner_text())
     assert alice.frame_src() != bob.frame_src()
@@ -72,17 +73,18 @@ def test_two_users_tracking_at_once_see_only_their_own_work(app, browser, clips,
              for user in (alice, bob)}
     assert not set(links[alice]) & set(links[bob])
 
-    expected = {alice: (12, 160, 120), bob: (16, 192, 144)}
-    for user, (frames, width, height) in expected.items():
-        folder = tmp_path / ("alice" if user is alice else "bob")
+    expected = {alice: ("a", 12, 160, 120), bob: ("b", 16, 192, 144)}
+    for user, (video, frames, width, height) in expected.items():
+        assert user.download_names() == [f"{video}_tracked.mp4", f"{video}_masks.zip"]  # named after the upload
+        folder = tmp_path / video
         folder.mkdir()
-        overlay = probe(user.download("tracked.mp4", folder))
+        overlay = probe(user.download(f"{video}_tracked.mp4", folder))
         assert (overlay.frame_count, overlay.width, overlay.height) == (frames, width, height)
-        masks = user.download("masks.zip", folder)
+        masks = user.download(f"{video}_masks.zip", folder)
         with zipfile.ZipFile(masks) as archive:
             assert len(archive.namelist()) == frames
-    assert ids_on_frame(tmp_path / "alice" / "masks.zip", 0) <= {0, 1}
-    assert 2 in ids_on_frame(tmp_path / "bob" / "masks.zip", 0)
+    assert ids_on_frame(tmp_path / "a" / "a_masks.zip", 0) <= {0, 1}
+    assert 2 in ids_on_frame(tmp_path / "b" / "b_masks.zip", 0)
     bob.page.screenshot(path="/tmp/app_sessions_bob.png", full_page=True)
     alice.page.context.close()
     bob.page.context.close()
@@ -115,14 +117,15 @@ def test_cancel_stops_the_job_and_the_app_stays_usable(app, browser, clips, tmp_
     user.page.locator("#add-object").click()
     user.wait_status("object 2 added")
     assert user.track().startswith("Done: tracked the whole video. 60 frames")
-    assert probe(user.download("tracked.mp4", tmp_path)).frame_count == 60
+    assert probe(user.download("long_tracked.mp4", tmp_path)).frame_count == 60
     user.page.context.close()
 
 
 def test_a_closed_page_leaves_no_files(app, browser, clips):
+    others = set(app.session_dirs())
     user = AppPage(browser.new_context().new_page(), app.url)
     user.upload(clips / "a.mp4")
-    mine = [folder for folder in app.session_dirs() if (folder / "video" / "a.mp4").exists()]
+    mine = [folder for folder in app.session_dirs() if folder not in others and (folder / "video" / "a.mp4").exists()]
     assert len(mine) == 1
     user.page.context.close()
     deadline = time.monotonic() + 30
@@ -180,15 +183,14 @@ def test_a_bad_memory_setting_is_named_and_the_app_stays_ready(app, browser, cli
     user.upload(clips / "a.mp4")
     user.click_frame(40, 60, expect="object 1 on frame 0: 1 point")
     user.page.locator("#settings").get_by_text("Settings").click()
-    top_k = user.page.locator("#top-k input")
-    for value, message in (("0", "memory setting top_k must be at least 1"), ("", "a memory setting is empty")):
-        top_k.fill(value)
-        top_k.press("Tab")
+    for value, message in (("0", 'Settings: "Top-k memory matches per pixel" must be at least 1, not 0'),
+                           ("", "a memory setting is empty")):
+        user.set_number("top-k", value)
+        before = user.status()
         user.page.locator("#track-button").click()
-        assert message in user.wait_status("^Error", 60)
+        assert message in user.wait_status("^Error", 60, unlike=before)
         user.page.wait_for_function("() => !document.querySelector('#track-button').disabled")
         user.page.locator("#video-input button[aria-label='Clear']").wait_for()
-    top_k.fill("30")
-    top_k.press("Tab")
+    user.set_number("top-k", "30")
     assert user.track().startswith("Done: tracked the whole video")
     user.page.context.close()

@@ -66,10 +66,12 @@ def rotated_clip(tmp_path_factory) -> Path:
 
 
 def test_track_writes_video_and_masks(rotated_clip, untrained_checkpoints, cpu_tracker, tmp_path):
-    out, masks = tmp_path / "out" / "tracked.mp4", tmp_path / "masks.zip"
-    done = run_cli("track", rotated_clip, "--point", "60,80", "--out", out, "--masks", masks, "--size", "96",
-                   *weights_flags(untrained_checkpoints))
+    # Folders: a new one named with a slash, an existing one; the files in them are named after the video.
+    out, masks = tmp_path / "out" / "phone_tracked.mp4", tmp_path / "phone_masks.zip"
+    done = run_cli("track", rotated_clip, "--point", "60,80", "--out", f"{tmp_path / 'out'}/", "--masks", tmp_path,
+                   "--size", "96", *weights_flags(untrained_checkpoints))
     assert done.returncode == 0, done.stderr
+    assert f"wrote {out}" in done.stdout and f"wrote {masks}" in done.stdout
     assert "UNTRAINED WEIGHTS" in done.stderr
     assert "12 frames in" in done.stdout and "FPS" in done.stdout
     assert GPU_START_NOTE not in done.stderr  # a CPU has no graphs or kernels to wait for
@@ -131,6 +133,8 @@ def test_prompts_file_on_later_frames(untrained_checkpoints, cpu_tracker, tmp_pa
     ("sam fp16", ["--point", "5,5", "--sam-precision", "fp16", "--device", "cpu"],
      "SAM precision fp16 runs on CUDA GPUs only"),
     ("masks over the input", ["--point", "5,5", "--masks", "{clip}"], "is the input video"),
+    ("masks misnamed", ["--point", "5,5", "--masks", "masks.mkv"], "masks.mkv would be misnamed: end its name in .zip"),
+    ("size", ["--point", "5,5", "--size", "-5"], "--size must be 0 (the original resolution) or a number of pixels"),
 ])
 def test_bad_input_exits_2_with_one_line_before_the_weights_load(case, args, message, tmp_path):
     """The checkpoints given do not exist: the input's error must come first, without waiting for the weights."""
@@ -207,6 +211,11 @@ def test_untrained_weights_command(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "UNTRAINED" in done.stdout
     assert {p.name for p in tmp_path.glob("*.pth")} == {"sam_vit_b_untrained.pth", "XMem_untrained.pth"}
+    blocker = tmp_path / "a file"
+    blocker.write_text("not a folder")
+    done = run_cli("weights", "untrained", blocker)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"error: cannot write checkpoints into {blocker}: it is a file; give a folder" in done.stderr
 
 
 def test_bench_smoke_run_prints_every_row():
@@ -227,6 +236,13 @@ def test_bench_smoke_run_prints_every_row():
         for value in line.split("|")[2].split(" / "):
             assert float(value.strip().rstrip("%")) > 0, line
     assert run_cli("bench", "--rounds", "0").returncode != 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA says")
+def test_bench_modes_a_cpu_cannot_run_are_one_error_line():
+    done = run_cli("--debug", "bench", "--device", "cpu", "--quick", "--modes", "fast")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "error: --modes fast run on CUDA only; on this CPU: plain" in done.stderr
 
 
 def test_an_interrupted_download_says_that_its_part_is_kept(monkeypatch, capsys):

@@ -219,8 +219,10 @@ def test_open_video_keeps_the_files_name_inside_the_session_and_checks_limits(tm
 
 def test_clicks_update_the_mask_from_one_embedding_per_frame(session, disc_tracker):
     embedded = len(disc_tracker.sam.embedded)
+    assert "SAM's image encoder reads frame 0 first" in session.click_wait(0)  # the page says why it waits
     click(session, 0, 40, 60)
     assert np.array_equal(session.labels(0) == 1, disc(40, 60))
+    assert session.click_wait(0) == "Segmenting…"
     click(session, 0, 60, 60)
     assert np.array_equal(session.labels(0) == 1, disc(40, 60) | disc(60, 60))
     message = click(session, 0, 50, 60, "negative")
@@ -234,9 +236,10 @@ def test_clicks_update_the_mask_from_one_embedding_per_frame(session, disc_track
     session.undo(0)
     assert np.array_equal(session.labels(0) == 1, disc(40, 60))
     click(session, 0, 60, 60)
-    session.clear(0)
+    assert session.clear(0) == "cleared object 1 on frame 0"
     assert not session.labels(0).any()
     assert "nothing to undo" in session.undo(0)
+    assert session.clear(0) == "object 1 has no clicks on frame 0: nothing to clear"
 
 
 def test_box_mode_negative_only_and_frame_checks(session):

@@ -78,7 +78,7 @@ def test_unreadable_prompt_files(tmp_path):
     (ObjectPrompt(1, 0, [], []), "at least one point or a box"),
     (ObjectPrompt(0, 0, [(10, 10)], [1]), "between 1 and 255"),
     (ObjectPrompt(1, 0, [(10, 10)], [2]), "must be 1"),
-    (ObjectPrompt(1, 0, [(10, 10)], []), "1 points but 0 labels"),
+    (ObjectPrompt(1, 0, [(10, 10), (20, 20)], [1]), "2 points but 1 labels"),
     (ObjectPrompt(1, 0, [], [], (5, 5, float("nan"), 30)), "finite"),
     (ObjectPrompt(1, 0, [(float("nan"), 5)], [1]), "finite"),
 ])
@@ -95,6 +95,13 @@ def test_valid_prompts_pass_and_duplicates_fail():
         check_prompts(ok + [ObjectPrompt(1, 0, [(3, 3)], [1])], 160, 120, 30)
     with pytest.raises(PromptError, match="no object selected"):
         check_prompts([], 160, 120, 30)
+
+
+def test_points_without_labels_are_on_the_object_and_a_bom_is_no_error(tmp_path):
+    assert ObjectPrompt(1, points=[(10, 10), (20, 30)]).labels == [1, 1]
+    path = tmp_path / "notepad.json"  # Windows editors start UTF-8 files with a byte-order mark
+    path.write_text('\ufeff{"objects": [{"id": 1, "points": [[5, 6]]}]}', encoding="utf-8")
+    assert load_prompts(path) == [ObjectPrompt(1, 0, [(5.0, 6.0)], [1])]
 
 
 def test_a_box_given_by_its_other_two_corners_is_the_same_box():

@@ -24,7 +24,7 @@ from tests.media import make_audio_only, make_clip, make_empty_file, make_text_f
 from tracker import pipeline
 from tracker.errors import Cancelled, PromptError, TrackerError, VideoError, WeightsError
 from tracker.prompts import ObjectPrompt, load_prompts
-from tracker.session import Tracker, TrackOptions, load_xmem
+from tracker.session import Tracker, TrackOptions, TrackResult, load_xmem
 from tracker.video import VideoWriter, iter_frames, probe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -247,6 +247,24 @@ def test_outputs_that_would_overwrite_the_input_or_each_other_are_refused(tracke
     assert video.read_bytes() == clip.read_bytes() and leftovers(tmp_path) == ["in.mp4"]
 
 
+@pytest.mark.parametrize("paths, message", [
+    (dict(output="folder"), "the output video .*folder is a folder; give a file name ending in .mp4, "),
+    (dict(output="o.avi"), r"the output video o.avi would be misnamed: end its name in .mp4, .m4v, .mov or .mkv"),
+    (dict(masks="folder"), "the masks zip .*folder is a folder"),
+    (dict(masks="m.tar"), "m.tar would be misnamed: end its name in .zip")])
+def test_outputs_that_are_folders_or_misnamed_are_refused(tracker, clip, tmp_path, paths, message):
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(TrackerError, match=message) as err:
+        tracker.track(clip, CLICK, **{key: tmp_path / name for key, name in paths.items()})
+    one_line(err.value)
+    assert leftovers(tmp_path) == []
+
+
+def test_crf_0_warns_that_browsers_cannot_play_the_video(tracker, clip, tmp_path):
+    result = tracker.track(clip, CLICK, output=tmp_path / "o.mp4", options=TrackOptions(crf=0))
+    assert any("lossless H.264" in warning for warning in result.warnings)
+
+
 def test_untrained_weights_warn_a_script(untrained_checkpoints):
     from tracker import UntrainedWeightsWarning
 
@@ -258,7 +276,8 @@ def test_untrained_weights_warn_a_script(untrained_checkpoints):
 def test_unwritable_output_is_a_clear_error_and_leaves_nothing(tracker, clip, tmp_path, which):
     blocker = tmp_path / "file.txt"
     blocker.write_text("a file where a folder should be")
-    paths = {"output": tmp_path / "o.mp4", "masks": tmp_path / "m.zip", which: blocker / f"out.{which}"}
+    paths = {"output": tmp_path / "o.mp4", "masks": tmp_path / "m.zip"}
+    paths[which] = blocker / paths[which].name
     with pytest.raises(VideoError, match="cannot write to .*file.txt.*choose a folder") as err:
         tracker.track(clip, CLICK, **paths)
     one_line(err.value)
@@ -344,9 +363,9 @@ def test_gpu_out_of_memory_suggests_a_smaller_size(tracker, clip, tmp_path):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pipeline.Propagator, "step", step)
-        with pytest.raises(TrackerError, match=r"ran out of memory at working size 480; .*--size 360") as err:
+        with pytest.raises(TrackerError, match=r"memory at working size 480; .*size, 360 \(the CLI's --size") as err:
             tracker.track(clip, CLICK, output=tmp_path / "o.mp4", masks=tmp_path / "m.zip")
-        with pytest.raises(TrackerError, match=r"working size 1000; .*--size 744"):
+        with pytest.raises(TrackerError, match=r"working size 1000; .*size, 744 \("):
             list(tracker.iter_tracked(clip, CLICK, TrackOptions(size=1000)))
     assert err.value.__suppress_context__
     innermost = err.value.__context__.__traceback__
@@ -429,3 +448,9 @@ def test_damaged_files_track_end_to_end(tracker, mutation_source, tmp_path):
         assert probe(tmp_path / f"o{seed}.mp4").frame_count == result.frames
         tracked += 1
     assert tracked == 3
+
+
+def test_a_slow_run_states_its_rate_not_zero():
+    slow = TrackResult(frames=1, expected_frames=1, seconds=25.0, device="cpu", sam_backend="torch")
+    assert "1 frame in 25.0 s (0.04 FPS)" in slow.summary()
+    assert "(12.0 FPS)" in TrackResult(12, 12, 1.0, "cpu", "torch").summary()

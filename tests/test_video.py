@@ -42,6 +42,16 @@ def encode_copy(source, output, **writer_options):
     return output
 
 
+@pytest.mark.parametrize("suffix, container", [(".mov", "mov"), (".mkv", "matroska"), (".M4V", "mp4")])
+def test_h264_goes_in_the_container_its_name_asks_for(clip, tmp_path, suffix, container):
+    out = encode_copy(clip, tmp_path / f"copy{suffix}")
+    with av.open(str(out)) as result:
+        assert container in result.format.name.split(",")
+        assert result.streams.video[0].codec_context.name == "h264" and len(result.streams.audio) == 1
+    info = probe(out)
+    assert info.frame_count == FRAMES and info.duration == pytest.approx(FRAMES / FPS, abs=0.05)
+
+
 def test_probe_reports_the_clip(clip):
     info = probe(clip)
     assert (info.width, info.height, info.frame_count) == (WIDTH, HEIGHT, FRAMES)
@@ -277,6 +287,21 @@ def test_truncated_file_decodes_what_is_there(clip, tmp_path):
     assert all(close_to(f.image, clip_frame(f.index, FRAMES, WIDTH, HEIGHT)) for f in frames)
     with pytest.raises(VideoError, match="cannot be decoded"):
         read_frame(damaged, FRAMES - 1)
+
+
+def test_damage_in_the_middle_costs_the_damaged_frames_not_the_rest(tmp_path):
+    """Two overwritten runs: the decoder refuses some packets; the frames after them still come."""
+    whole = make_clip(tmp_path / "whole.mp4", frames=120, width=320, height=240)
+    data = bytearray(whole.read_bytes())
+    noise = np.random.default_rng(1)
+    for at in (int(len(data) * 0.3), int(len(data) * 0.6)):
+        data[at:at + 3000] = noise.integers(0, 256, 3000, dtype=np.uint8).tobytes()
+    damaged = tmp_path / "damaged.mp4"
+    damaged.write_bytes(data)
+    frames = list(iter_frames(damaged))
+    assert 60 < len(frames) < 120, len(frames)  # stopping at the first refused packet kept about 35
+    assert frames[-1].time == pytest.approx(list(iter_frames(whole))[-1].time)
+    assert close_to(frames[-1].image, clip_frame(119, 120, 320, 240))
 
 
 def test_a_file_cut_inside_a_packet_counts_only_whole_frames_and_keeps_their_times(tmp_path):

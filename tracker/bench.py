@@ -349,12 +349,21 @@ def _header(device: torch.device, profile: Profile) -> str:
             + ("SMOKE TEST, one call each: these figures measure nothing" if profile.smoke else "medians"))
 
 
+def usable_modes(device: torch.device, names: list[str]) -> list[str]:
+    """The modes of `names` that `device` runs: a CPU runs plain, and bf16 where it has bf16 instructions."""
+    if device.type == "cuda":
+        return names
+    cpu_modes = ["plain", "bf16"] if cpu_has_bf16() else ["plain"]
+    usable = [name for name in names if name in cpu_modes]
+    if not usable:
+        raise TrackerError(f"--modes {','.join(names)} run on CUDA only; on this CPU: {', '.join(cpu_modes)}")
+    return usable
+
+
 def run(tracker_device: torch.device, frames: int | None, sam_backend: str, mode_names: list[str],
         quick: bool = False, rounds: int | None = None) -> str:
     profile = Profile.for_device(tracker_device, frames, quick, rounds)
-    if tracker_device.type != "cuda":  # the other fast paths are CUDA's
-        mode_names = [name for name in mode_names if name == "plain" or name == "bf16" and cpu_has_bf16()]
-    modes = {MODES[name].label: MODES[name] for name in mode_names}
+    modes = {MODES[name].label: MODES[name] for name in usable_modes(tracker_device, mode_names)}
     results = Results()
     with tempfile.TemporaryDirectory(prefix="tracker-bench-") as tmp:
         tmp = Path(tmp)
@@ -404,13 +413,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="a smoke test: small clips, one timed call each, nothing worth quoting")
     args = parser.parse_args(argv)
-    try:
-        device = resolve_device(args.device)
-    except TrackerError as exc:
-        parser.error(str(exc))
     names = [name.strip() for name in args.modes.split(",") if name.strip()]
     if not names or any(name not in MODES for name in names):
         parser.error(f"--modes takes a comma-separated list of: {', '.join(MODES)}")
+    try:
+        device = resolve_device(args.device)
+        usable_modes(device, names)
+    except TrackerError as exc:
+        parser.error(str(exc))
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds takes a whole number of at least 1")
     print(run_long(device, args.long) if args.long

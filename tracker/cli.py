@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 import signal
 import sys
@@ -49,14 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
     track.add_argument("--box", metavar="X0,Y0,X1,Y1", help="a box around the object")
     track.add_argument("--frame", type=int, default=0, help="frame the clicks are on (default 0)")
     track.add_argument("--prompts", type=Path, metavar="FILE.json", help="several objects (see README)")
-    track.add_argument("--out", type=Path, help="overlay video (default output/<name>_tracked.mp4)")
-    track.add_argument("--masks", type=Path, metavar="ZIP", help="also write one palettised PNG per frame")
-    track.add_argument("--size", type=int, default=480, help="shorter side of the working resolution (0: original)")
+    track.add_argument("--out", help="overlay video: .mp4, .mov, .mkv or .m4v (default "
+                       "output/<name>_tracked.mp4; a folder: <name>_tracked.mp4 in it)")
+    track.add_argument("--masks", metavar="ZIP", help="also write one palettised PNG per frame, zipped (a folder: "
+                       "<name>_masks.zip in it)")
+    track.add_argument("--size", type=int, default=480, help="shorter side of the working resolution in pixels "
+                       "(0: original; default 480)")
     track.add_argument("--alpha", type=float, default=0.5, help="overlay opacity, 0 to 1 (default 0.5)")
     track.add_argument("--outline", type=int, default=2,
                        help=f"outline width in pixels, 0 (none) to {MAX_OUTLINE} (default 2)")
-    track.add_argument("--crf", type=int, default=18, help=f"H.264 quality, 0 (lossless) to {X264_MAX_CRF}; "
-                       "lower is better and larger")
+    track.add_argument("--crf", type=int, default=18, help=f"H.264 quality, 0 (lossless, which browsers cannot "
+                       f"play) to {X264_MAX_CRF}; lower is better and larger (default 18)")
     track.add_argument("--preset", default=DEFAULT_PRESET, choices=X264_PRESETS,
                        help=f"libx264 preset (default {DEFAULT_PRESET}; slower presets make smaller files, "
                             "ultrafast encodes about twice as fast into larger ones)")
@@ -108,13 +112,27 @@ def attach_negative_values(argv: Sequence[str]) -> list[str]:
     return attached
 
 
-def check_before_loading(args: argparse.Namespace, prompts: list[ObjectPrompt], output: Path) -> VideoInfo:
+def output_file(given: str | None, video: Path, ending: str) -> Path | None:
+    """`--out`/`--masks` as given, or for a folder (one that exists, or a name ending in a slash) the
+    file `<video name><ending>` in it."""
+    if given is None:
+        return None
+    path = Path(given)
+    if given.endswith(("/", os.sep)) or path.is_dir():
+        return path / f"{video.stem}{ending}"
+    return path
+
+
+def check_before_loading(args: argparse.Namespace, prompts: list[ObjectPrompt], output: Path,
+                         masks: Path | None) -> VideoInfo:
     """Refuse a bad video, prompt, output path or precision at once, not after the weights have loaded (10 s
     or more); the video's facts when all is well."""
     from .sam import encoder_dtype, resolve_device
     from .session import check_output_paths
 
-    check_output_paths(args.video, output, args.masks)
+    if args.size < 0:
+        raise TrackerError(f"--size must be 0 (the original resolution) or a number of pixels, not {args.size}")
+    check_output_paths(args.video, output, masks)
     info = probe(args.video)
     check_prompts(prompts, info.width, info.height, info.frame_count)
     device = resolve_device(args.device)
@@ -135,13 +153,14 @@ def _track(args: argparse.Namespace) -> int:
     from .session import Tracker
 
     prompts = prompts_from_args(args)
-    output = args.out or OUTPUT_DIR / f"{args.video.stem}_tracked.mp4"
+    output = output_file(args.out, args.video, "_tracked.mp4") or OUTPUT_DIR / f"{args.video.stem}_tracked.mp4"
+    masks = output_file(args.masks, args.video, "_masks.zip")
     memory = MemoryOptions(**{name: getattr(args, name) for name in vars(MemoryOptions())
                               if hasattr(args, name)})
     options = TrackOptions(size=args.size, memory=memory, alpha=args.alpha, outline=args.outline,
                            crf=args.crf, preset=args.preset, precision=args.precision,
                            cuda_graphs=args.cuda_graphs)
-    info = check_before_loading(args, prompts, output)
+    info = check_before_loading(args, prompts, output, masks)
     tracker = Tracker(args.sam_checkpoint, args.xmem_checkpoint, device=args.device,
                       sam_backend=args.sam_backend, sam_precision=args.sam_precision, download=not args.no_download)
     print(f"device {tracker.device_name}, SAM backend {tracker.sam.name}", file=sys.stderr)
@@ -153,7 +172,7 @@ def _track(args: argparse.Namespace) -> int:
     start = min(prompt.frame for prompt in prompts)
     # Frames before the first prompt are tracked backward first, then written with the rest.
     passes = f"backward {start} + forward {info.frame_count} frames" if start else None
-    bar = tqdm(total=None, desc=passes, unit="frame", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=start + info.frame_count, desc=passes, unit="frame", file=sys.stderr, dynamic_ncols=True)
 
     def progress(done: int, total: int) -> None:
         bar.total = total
@@ -161,7 +180,7 @@ def _track(args: argparse.Namespace) -> int:
 
     cancel = threading.Event()
     try:
-        result = tracker.track(args.video, prompts, output=output, masks=args.masks, options=options,
+        result = tracker.track(args.video, prompts, output=output, masks=masks, options=options,
                                cancel=cancel, progress=progress)
     finally:
         bar.close()
@@ -188,10 +207,11 @@ def _weights(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
+    command = next((i for i, arg in enumerate(argv) if not arg.startswith("-")), None)
+    if command is not None and argv[command] == "bench":  # also after --debug, which bench does not need
         from .bench import main as bench_main
 
-        return bench_main(argv[1:])
+        return bench_main(argv[command + 1:])
     args = build_parser().parse_args(attach_negative_values(argv))
     try:
         with _stopping_signals_interrupt():

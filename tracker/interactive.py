@@ -442,8 +442,16 @@ class EditSession:
         """Remove all of the current object's clicks on this frame."""
         with self.lock:
             self._check_frame(frame)
-            self.edits.pop((frame, self.current), None)
+            if self.edits.pop((frame, self.current), None) is None:
+                return f"object {self.current} has no clicks on frame {frame}: nothing to clear"
             return f"cleared object {self.current} on frame {frame}"
+
+    def click_wait(self, frame: int) -> str:
+        """What to show while a click on `frame` waits for its mask (lock-free: said before the click runs)."""
+        if frame in self._embeddings:
+            return "Segmenting…"
+        return (f"Segmenting: SAM's image encoder reads frame {frame} first (a moment on a GPU, seconds on a "
+                "CPU; further clicks on this frame only run its mask decoder)…")
 
     def _mask(self, frame: int, object_id: int, clicks: Clicks, refine: bool) -> np.ndarray | None:
         """SAM's mask for the clicks (None while they select nothing), refining the tracked mask when asked."""
@@ -598,7 +606,7 @@ class EditSession:
                         base, fixed = self._correct(masks, start, fixes, run_dir / f"corrected-{index}.zip")
                         corrected.update({(start, object_id): mask for object_id, mask in fixed.items()})
                     earlier = PreviousRun(base, start)
-                output = run_dir / "tracked.mp4" if last else None
+                output = run_dir / f"{self.video.stem}_tracked.mp4" if last else None
                 results.append(self.tracker.track(
                     self.video, prompts, output=output, masks=run_dir / f"masks-{index}.zip", options=options,
                     cancel=self.cancel, progress=lambda done, total, i=index: clock.update(i, done, total),
@@ -607,9 +615,10 @@ class EditSession:
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
-        final_masks = masks.rename(run_dir / "masks.zip")
-        for stale in run_dir.glob("*-*.zip"):
-            stale.unlink()
+        final_masks = masks.rename(run_dir / f"{self.video.stem}_masks.zip")  # downloads named after the video
+        for index in range(len(passes)):
+            for stale in (f"masks-{index}.zip", f"corrected-{index}.zip"):
+                (run_dir / stale).unlink(missing_ok=True)
         skipped = [f"object {object_id} has no click or box on any frame: it was not tracked"
                    for object_id in untracked]
         record = RunRecord(overlay=results[-1].output, masks=final_masks, summary=run_summary(results),
@@ -679,8 +688,8 @@ class EditSession:
             folder.mkdir(exist_ok=True)
             video = self.video
         report = progress or (lambda fraction, text: None)
-        path = export_cutout(video, record.masks, object_ids, folder / CUTOUT_KINDS[kind].filename, kind,
-                             cancel=self.cancel,
+        path = export_cutout(video, record.masks, object_ids, folder / f"{video.stem}_{CUTOUT_KINDS[kind].filename}",
+                             kind, cancel=self.cancel,
                              progress=lambda done, total: report(done / total, f"Cut-out: frame {done}/{total}"))
         with self.lock:
             if self.result is record:

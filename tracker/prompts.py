@@ -18,7 +18,8 @@ class ObjectPrompt:
     """Clicks and/or a box that pick one object on one frame.
 
     An object may have prompts on several frames: the earliest introduces it,
-    later ones correct the tracked mask there.
+    later ones correct the tracked mask there. Points without labels are all
+    on the object (label 1).
     """
 
     object_id: int
@@ -29,7 +30,7 @@ class ObjectPrompt:
 
     def __post_init__(self) -> None:
         self.points = [(float(x), float(y)) for x, y in self.points]
-        self.labels = [int(v) for v in self.labels]
+        self.labels = [int(v) for v in self.labels] or [POSITIVE] * len(self.points)
         if self.box is not None:
             # Two corners in either order (a box dragged up or to the left) are the same rectangle.
             x0, y0, x1, y1 = box = tuple(float(v) for v in self.box)
@@ -185,7 +186,7 @@ def load_prompts(path: str | Path) -> list[ObjectPrompt]:
     """Read a prompts JSON file, with a clear error for a missing or malformed file."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not JSON
     except FileNotFoundError:
         raise PromptError(f"prompts file {path} does not exist") from None
     except OSError as exc:

@@ -33,9 +33,12 @@ from .prompts import ObjectPrompt, check_prompts
 from .render import MaskZipReader, MaskZipWriter, encoder_picture, encoder_picture_bytes
 from .sam import ImageEmbedding, SamBackend, load_sam, ready_backends, resolve_device, segment
 from .transfer import Download
-from .video import VideoInfo, VideoWriter, make_clip, probe, read_frame
+from .video import H264_CONTAINERS, VideoInfo, VideoWriter, make_clip, probe, read_frame
 
 log = logging.getLogger(__name__)
+
+LOSSLESS_WARNING = ("crf 0 makes lossless H.264 (High 4:4:4 Predictive profile), which browsers and many players "
+                    "cannot play; crf 1 or more plays everywhere")
 
 
 def load_xmem(checkpoint: Path, device: torch.device) -> XMem:
@@ -67,8 +70,8 @@ def user_facing_resource_errors(options: TrackOptions) -> Iterator[None]:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         raise TrackerError(f"the GPU ran out of memory at working size {options.size or 'original'}; try a "
-                           f"smaller working size (--size {smaller_size(options.size)}) or close other GPU jobs"
-                           ) from None
+                           f"smaller working size, {smaller_size(options.size)} (the CLI's --size, the app's "
+                           "Processing resolution) or close other GPU jobs") from None
     except OSError as exc:
         advice = "free some disk space" if exc.errno == errno.ENOSPC else "choose a folder you can write to"
         raise VideoError(f"writing the output failed: {exc.strerror or exc}; {advice} and try again") from exc
@@ -81,8 +84,17 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve()
 
 
+def _check_output_name(path: Path, what: str, suffixes: Sequence[str]) -> None:
+    endings = ", ".join(suffixes[:-1]) + " or " + suffixes[-1] if len(suffixes) > 1 else suffixes[0]
+    if path.is_dir():
+        raise TrackerError(f"the {what} {path} is a folder; give a file name ending in {endings}")
+    if path.suffix and path.suffix.lower() not in suffixes:
+        raise TrackerError(f"the {what} {path.name} would be misnamed: end its name in {endings}")
+
+
 def check_output_paths(video: str | Path, output: str | Path | None, masks: str | Path | None) -> None:
-    """Refuse outputs that would overwrite the input video or each other, before anything is written."""
+    """Refuse outputs that are folders, misnamed (a .avi name on an MP4), or would overwrite the input
+    video or each other, before anything is written."""
     if output is not None and _same_file(Path(output), Path(video)):
         raise TrackerError(f"the output video {output} is the input video; choose another path "
                            "(the input is never overwritten)")
@@ -90,6 +102,10 @@ def check_output_paths(video: str | Path, output: str | Path | None, masks: str 
         raise TrackerError(f"the masks zip {masks} is the input video; choose another path")
     if output is not None and masks is not None and _same_file(Path(output), Path(masks)):
         raise TrackerError(f"the output video and the masks zip are both {output}; give them different paths")
+    if output is not None:
+        _check_output_name(Path(output), "output video", list(H264_CONTAINERS))
+    if masks is not None:
+        _check_output_name(Path(masks), "masks zip", (".zip",))
 
 
 @dataclass(frozen=True)
@@ -126,7 +142,8 @@ class TrackResult:
     def summary(self) -> str:
         kept = f"; {self.frames - self.kept_frames} tracked again, {self.kept_frames} kept as they were" \
             if self.kept_frames else ""
-        parts = [f"{self.frames} frame{'s' * (self.frames != 1)} in {self.seconds:.1f} s ({self.fps:.1f} FPS{kept})",
+        parts = [f"{self.frames} frame{'s' * (self.frames != 1)} in {self.seconds:.1f} s "
+                 f"({self.fps:.{1 if self.fps >= 1 else 2}f} FPS{kept})",
                  f"device {self.device}", f"SAM backend {self.sam_backend}"]
         if self.peak_gpu_bytes is not None:
             parts.append(f"peak GPU memory {self.peak_gpu_bytes / 2**30:.2f} GiB")
@@ -327,6 +344,8 @@ class Tracker:
                                  sam_backend=sam.name, peak_gpu_bytes=peak,
                                  kept_frames=0 if previous is None else min(previous.from_frame, frames),
                                  output=Path(output) if output else None, masks=Path(masks) if masks else None)
+        if output is not None and options.crf == 0:
+            result.warnings.append(LOSSLESS_WARNING)
         if self.untrained:
             result.warnings.append(weights.UNTRAINED_WARNING)
         return result

@@ -189,26 +189,32 @@ def _video_stream(container: av.container.InputContainer, path: Path) -> av.Vide
 
 
 def _decoded(container: av.container.InputContainer, stream: av.VideoStream) -> Iterator[av.VideoFrame]:
-    """Decoded frames in presentation order; stops at the first unreadable or cut-off packet.
+    """Decoded frames in presentation order, past damage: a packet the decoder refuses is skipped (the
+    frames that follow decode with the decoder's concealment), the file's end or a demuxer error ends it.
 
-    The decoder still holds complete frames then (B-frame reordering, frame
-    threads), so it is drained: a cut file keeps every frame it fully contains.
-    A cut-off packet is not decoded at all: with frame threads its error would
-    also take the frames still in the decoder.
+    The decoder still holds complete frames at the end (B-frame reordering,
+    frame threads), so it is drained: a cut file keeps every frame it fully
+    contains. A cut-off packet is not decoded at all: with frame threads its
+    error would also take the frames still in the decoder.
     """
-    decoded = 0
+    decoded = skipped = 0
     try:
         for packet in container.demux(stream):
             if packet.is_corrupt:
-                log.warning("%s: a damaged packet ends decoding; the frames before it are kept", container.name)
-                break
-            for frame in packet.decode():
+                skipped += 1
+                continue
+            try:
+                frames = packet.decode()
+            except av.FFmpegError:
+                skipped += 1
+                continue
+            for frame in frames:
                 decoded += 1
                 yield frame
-        else:
-            return
     except (av.FFmpegError, EOFError) as exc:
-        log.warning("%s: decoding stopped after %d frames: %s", container.name, decoded, exc)
+        log.warning("%s: reading stopped after %d frames: %s", container.name, decoded, exc)
+    if skipped:
+        log.warning("%s: %d damaged packet(s) skipped; the frames around them are kept", container.name, skipped)
     if stream.codec_context is None:  # no decoder for the stream's codec: nothing was decoded
         return
     try:
@@ -338,6 +344,13 @@ _TARGETS = {
     "libx264": _Target("mp4", frozenset({"aac", "mp3", "alac", "opus", "flac", "ac3", "eac3"}), "aac"),
     "libvpx-vp9": _Target("webm", frozenset({"opus", "vorbis"}), "libopus"),
 }
+# H.264 goes in the container its file name asks for (MP4 without a known ending).
+H264_CONTAINERS = {
+    ".mp4": _TARGETS["libx264"],
+    ".m4v": _TARGETS["libx264"],
+    ".mov": _Target("mov", frozenset({"aac", "mp3", "alac", "ac3", "eac3"}), "aac"),
+    ".mkv": _Target("matroska", _TARGETS["libx264"].audio_copy | {"vorbis"}, "aac"),
+}
 
 # BT.709, limited range: what players assume for untagged HD; tagged so nobody has to guess.
 BT709 = 1
@@ -411,10 +424,11 @@ class VideoWriter(AtomicWriter):
         self._container: av.container.OutputContainer | None = None
         self._audio: list[_AudioTrack] = []
         self._held: av.Packet | None = None  # the latest encoded packet, muxed once the next one comes
-        target = _TARGETS[codec]
+        target = H264_CONTAINERS.get(self.path.suffix.lower(), _TARGETS[codec]) if codec == "libx264" \
+            else _TARGETS[codec]
         self._temp = temporary_path_beside(self.path)
         try:
-            options = {"movflags": "+faststart"} if target.format == "mp4" else {}
+            options = {"movflags": "+faststart"} if target.format in ("mp4", "mov") else {}
             self._container = av.open(str(self._temp), "w", format=target.format, options=options)
             self._video = self._add_video(codec, _encoder_options(codec, crf, preset))
             self._audio = _AudioTrack.all_of(Path(audio_from), self._container, target) if audio_from else []

@@ -139,9 +139,10 @@ def load_checkpoint(path: str | Path, layout: str | None = None) -> dict[str, to
     # the zip reader, EOFError, KeyError or UnpicklingError from the pickle reader).
     except Exception as exc:  # noqa: BLE001
         source = f" from {_official_source(layout)} to {path}" if layout else ""
+        # PyTorch's own words (a zip reader's internals, a pickle opcode) stay in the chained exception.
         raise WeightsError(
-            f"cannot read checkpoint {path} ({_one_line(exc)}): the file is truncated, corrupt or not a "
-            f"PyTorch state dict; delete it and download it again{source}"
+            f"cannot read checkpoint {path} ({path.stat().st_size:,} bytes): the file is truncated, corrupt or "
+            f"not a PyTorch state dict; delete it and download it again{source}"
         ) from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"checkpoint {path} is not a plain state dict of tensors; pass the original .pth file")
@@ -208,7 +209,11 @@ def write_untrained(directory: str | Path, seed: int = 0) -> dict[str, Path]:
     Returns {"sam": path, "xmem": path}.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = "it is a file" if directory.is_file() else exc.strerror or exc
+        raise WeightsError(f"cannot write checkpoints into {directory}: {reason}; give a folder") from exc
     paths = {}
     for name, filename in UNTRAINED_FILENAMES.items():
         layout = _entry(name).layout
