@@ -156,6 +156,19 @@ def truncated_copy(source: str | Path, path: str | Path, keep: float = 0.6) -> P
     return path
 
 
+def noisy_copy(source: str | Path, path: str | Path, at: tuple[float, ...] = (0.3, 0.6), size: int = 3000) -> Path:
+    """`source` with `size` random bytes written over it at each fraction `at` of its length: damage in the
+    middle of the media data (seeded, so the same frames are lost each time)."""
+    data = bytearray(Path(source).read_bytes())
+    noise = np.random.default_rng(1)
+    for fraction in at:
+        start = int(len(data) * fraction)
+        data[start:start + size] = noise.integers(0, 256, size, dtype=np.uint8).tobytes()
+    path = Path(path)
+    path.write_bytes(bytes(data))
+    return path
+
+
 def top_level_atoms(path: str | Path) -> list[str]:
     """The box types at the top of an MP4 file, in file order (e.g. ['ftyp', 'moov', 'mdat'])."""
     data = Path(path).read_bytes()

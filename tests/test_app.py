@@ -164,11 +164,11 @@ class AppPage:
         value from the app a moment later, over anything typed at once: type until it stays.
         """
         field = self.page.locator(f"#{elem_id} input")
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while True:
             field.fill(value)
             field.press("Tab")
-            self.page.wait_for_timeout(300)
+            self.page.wait_for_timeout(1000)
             if field.input_value() == value:
                 return
             assert time.monotonic() < deadline, f"#{elem_id} kept {field.input_value()!r}, not {value!r}"

@@ -180,9 +180,9 @@ def test_stopping_the_app_removes_every_session(untrained_checkpoints, browser, 
 def test_a_bad_memory_setting_is_named_and_the_app_stays_ready(app, browser, clips):
     """An out-of-range or empty number used to stop the job before its handler ran: Track stayed disabled."""
     user = AppPage(browser.new_context().new_page(), app.url)
+    user.page.locator("#settings").get_by_text("Settings").click()  # mounts its fields well before they are typed in
     user.upload(clips / "a.mp4")
     user.click_frame(40, 60, expect="object 1 on frame 0: 1 point")
-    user.page.locator("#settings").get_by_text("Settings").click()
     for value, message in (("0", 'Settings: "Top-k memory matches per pixel" must be at least 1, not 0'),
                            ("", "a memory setting is empty")):
         user.set_number("top-k", value)

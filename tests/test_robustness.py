@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import av
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.media import make_audio_only, make_clip, make_empty_file, make_text_file, truncated_copy
+from tests.media import make_audio_only, make_clip, make_empty_file, make_text_file, noisy_copy, truncated_copy
 from tracker import pipeline
 from tracker.errors import Cancelled, PromptError, TrackerError, VideoError, WeightsError
 from tracker.prompts import ObjectPrompt, load_prompts
@@ -448,6 +449,19 @@ def test_damaged_files_track_end_to_end(tracker, mutation_source, tmp_path):
         assert probe(tmp_path / f"o{seed}.mp4").frame_count == result.frames
         tracked += 1
     assert tracked == 3
+
+
+def test_damage_in_the_middle_is_tracked_past_with_gaps_named_by_frame(tracker, tmp_path):
+    video = noisy_copy(make_clip(tmp_path / "clip.mp4", frames=120, width=320, height=240, audio=True),
+                       tmp_path / "damaged.mp4")
+    present = [frame.index for frame in iter_frames(video)]
+    result = tracker.track(video, CLICK, output=tmp_path / "o.mp4", masks=tmp_path / "m.zip")
+    assert result.frames == len(present) and 60 < len(present) < 120 and present[-1] == 119
+    assert f"{120 - len(present)} of 120 frames could not be decoded" in result.summary()
+    with zipfile.ZipFile(tmp_path / "m.zip") as archive:  # a lost frame has no PNG; the others keep their number
+        assert archive.namelist() == [f"{index:05d}.png" for index in present]
+    output = probe(tmp_path / "o.mp4")
+    assert output.frame_count == len(present) and output.duration == pytest.approx(120 / 25, abs=0.1)
 
 
 def test_a_slow_run_states_its_rate_not_zero():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from media import (TRACK_LANGUAGES, blanked_media_copy, clip_frame, disc_centre, make_audio_only, make_clip,
-                   make_empty_file, make_text_file, top_level_atoms, truncated_copy)
+                   make_empty_file, make_text_file, noisy_copy, top_level_atoms, truncated_copy)
 from tracker.errors import VideoError
 from tracker.video import VideoWriter, iter_frames, probe, read_frame
 
@@ -292,16 +292,22 @@ def test_truncated_file_decodes_what_is_there(clip, tmp_path):
 def test_damage_in_the_middle_costs_the_damaged_frames_not_the_rest(tmp_path):
     """Two overwritten runs: the decoder refuses some packets; the frames after them still come."""
     whole = make_clip(tmp_path / "whole.mp4", frames=120, width=320, height=240)
-    data = bytearray(whole.read_bytes())
-    noise = np.random.default_rng(1)
-    for at in (int(len(data) * 0.3), int(len(data) * 0.6)):
-        data[at:at + 3000] = noise.integers(0, 256, 3000, dtype=np.uint8).tobytes()
-    damaged = tmp_path / "damaged.mp4"
-    damaged.write_bytes(data)
+    damaged = noisy_copy(whole, tmp_path / "damaged.mp4")
     frames = list(iter_frames(damaged))
     assert 60 < len(frames) < 120, len(frames)  # stopping at the first refused packet kept about 35
     assert frames[-1].time == pytest.approx(list(iter_frames(whole))[-1].time)
     assert close_to(frames[-1].image, clip_frame(119, 120, 320, 240))
+    # A lost frame leaves a gap: every index still names the frame that read_frame (the app's slider) shows.
+    indices = [f.index for f in frames]
+    assert indices[-1] == 119 and indices == sorted(set(indices))
+    times = {f.index: f.time for f in iter_frames(whole)}
+    assert all(f.time == pytest.approx(times[f.index]) for f in frames)
+    later = frames[-10]
+    assert read_frame(damaged, later.index).time == pytest.approx(later.time)
+    assert [f.index for f in iter_frames(damaged, later.index)] == indices[-10:]
+    lost = next(i for i in range(120) if i not in indices)
+    with pytest.raises(VideoError, match=f"frame {lost} cannot be decoded"):
+        read_frame(damaged, lost)
 
 
 def test_a_file_cut_inside_a_packet_counts_only_whole_frames_and_keeps_their_times(tmp_path):

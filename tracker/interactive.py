@@ -515,7 +515,7 @@ class EditSession:
 
     def _tracked_labels(self, frame: int) -> np.ndarray:
         info = self.require_video()
-        if self._result_reader is None:
+        if self._result_reader is None or frame not in self._result_reader:  # not tracked (lost to damage)
             return np.zeros((info.height, info.width), dtype=np.uint8)
         labels = np.asarray(self._result_reader[frame])
         return np.where(np.isin(labels, self.objects), labels, 0).astype(np.uint8)

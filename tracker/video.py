@@ -107,7 +107,7 @@ def probe(path: str | Path) -> VideoInfo:
     path = Path(path)
     with _open(path) as container:
         stream = _video_stream(container, path)
-        first = next(_decoded(container, stream), None)
+        first = next(_decoded(container, stream, []), None)
         if first is None:
             raise VideoError(f"{path.name}: no frame of its video stream can be decoded; "
                              "the file is damaged or uses an unsupported codec, re-export it as H.264 MP4")
@@ -134,6 +134,8 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yu
 
     A damaged tail ends the iteration quietly after the last good frame (a
     warning is logged); compare the count with `probe(path).frame_count`.
+    Frames lost to damage in the middle leave gaps in the indices, so that an
+    index names the same frame as in `read_frame` (and the app's slider).
     Starting later than frame 0 seeks to the keyframe before `start`.
     With `yuv`, 8-bit 4:2:0 frames of even size come as their planes
     (`Frame.yuv`) for conversion on the compute device; others still as RGB.
@@ -143,10 +145,24 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yu
         return
     with _open(path) as container:
         stream = _video_stream(container, path)
-        frames = _decoded(container, stream) if start == 0 else _decoded_from(container, stream, path, start)
+        skipped: list[int] = []  # packets the decoder refused, in file order
+        frames = _decoded(container, stream, skipped) if start == 0 else \
+            _decoded_from(container, stream, path, start, skipped)
         fallback_rate = stream.average_rate or Fraction(25)
         time_base = stream.time_base  # the frames' own: those drained from the decoder at a cut-off end have none
-        for index, frame in enumerate(frames, start):
+        positions: dict[int, int] | None = None  # presentation timestamp -> index, read once damage shows
+        index = last = start - 1
+        for frame in frames:
+            index += 1
+            if skipped and frame.pts is not None:
+                positions = _positions(path) if positions is None else positions
+                index = positions.get(frame.pts, index)
+                if index <= last:  # after damage the decoder can let a frame out late: it is dropped
+                    index = last
+                    continue
+            if stop is not None and index >= stop:
+                return
+            last = index
             time = float(frame.pts * time_base) if frame.pts is not None and time_base else float(index / fallback_rate)
             planes = _yuv_planes(frame) if yuv else None
             if planes is not None:
@@ -157,12 +173,22 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yu
                 return
 
 
+def _positions(path: Path) -> dict[int, int]:
+    """Each frame's index by its presentation timestamp, from a demux pass over the whole file ({} when
+    some packets have no timestamp)."""
+    with _open(path) as container:
+        timeline = _scan(container, _video_stream(container, path))
+    if len(timeline.pts) != timeline.counted:
+        return {}
+    return {int(pts): index for index, pts in enumerate(timeline.pts)}
+
+
 def read_frame(path: str | Path, index: int) -> Frame:
     """The frame `iter_frames` yields at `index`, found by seeking (exact with B-frames and VFR)."""
     frame = next(iter_frames(path, index, index + 1), None)
     if frame is None:
-        raise VideoError(f"{Path(path).name}: frame {index} cannot be decoded (the video is shorter or damaged); "
-                         "choose an earlier frame")
+        raise VideoError(f"{Path(path).name}: frame {index} cannot be decoded (the video is shorter or damaged "
+                         "there); choose another frame")
     return frame
 
 
@@ -188,25 +214,27 @@ def _video_stream(container: av.container.InputContainer, path: Path) -> av.Vide
     return stream
 
 
-def _decoded(container: av.container.InputContainer, stream: av.VideoStream) -> Iterator[av.VideoFrame]:
+def _decoded(container: av.container.InputContainer, stream: av.VideoStream,
+             skipped: list[int]) -> Iterator[av.VideoFrame]:
     """Decoded frames in presentation order, past damage: a packet the decoder refuses is skipped (the
     frames that follow decode with the decoder's concealment), the file's end or a demuxer error ends it.
 
     The decoder still holds complete frames at the end (B-frame reordering,
     frame threads), so it is drained: a cut file keeps every frame it fully
     contains. A cut-off packet is not decoded at all: with frame threads its
-    error would also take the frames still in the decoder.
+    error would also take the frames still in the decoder. The skipped
+    packets' timestamps go to `skipped`.
     """
-    decoded = skipped = 0
+    decoded = 0
     try:
         for packet in container.demux(stream):
             if packet.is_corrupt:
-                skipped += 1
+                skipped.append(packet.pts)
                 continue
             try:
                 frames = packet.decode()
             except av.FFmpegError:
-                skipped += 1
+                skipped.append(packet.pts)
                 continue
             for frame in frames:
                 decoded += 1
@@ -214,7 +242,8 @@ def _decoded(container: av.container.InputContainer, stream: av.VideoStream) -> 
     except (av.FFmpegError, EOFError) as exc:
         log.warning("%s: reading stopped after %d frames: %s", container.name, decoded, exc)
     if skipped:
-        log.warning("%s: %d damaged packet(s) skipped; the frames around them are kept", container.name, skipped)
+        log.warning("%s: %d damaged packet(s) skipped; the frames around them are kept", container.name,
+                    len(skipped))
     if stream.codec_context is None:  # no decoder for the stream's codec: nothing was decoded
         return
     try:
@@ -224,7 +253,7 @@ def _decoded(container: av.container.InputContainer, stream: av.VideoStream) -> 
 
 
 def _decoded_from(container: av.container.InputContainer, stream: av.VideoStream, path: Path,
-                  index: int) -> Iterator[av.VideoFrame]:
+                  index: int, skipped: list[int]) -> Iterator[av.VideoFrame]:
     """Decoded frames from the one at `index` on, starting at the nearest keyframe that works.
 
     Frames are identified by timestamp, so B-frames and variable frame rates
@@ -242,7 +271,7 @@ def _decoded_from(container: av.container.InputContainer, stream: av.VideoStream
                 container.seek(int(seek_to), stream=stream, backward=True, any_frame=False)
             except av.FFmpegError:
                 break
-            frames = _decoded(container, stream)
+            frames = _decoded(container, stream, skipped)
             for frame in frames:
                 if frame.pts is None or frame.pts > target:
                     break  # the target was skipped: try an earlier keyframe
@@ -252,7 +281,7 @@ def _decoded_from(container: av.container.InputContainer, stream: av.VideoStream
                     return
         log.warning("%s: seeking to frame %d failed; decoding from the start", path.name, index)
     with _open(path) as fresh:
-        yield from itertools.islice(_decoded(fresh, _video_stream(fresh, path)), index, None)
+        yield from itertools.islice(_decoded(fresh, _video_stream(fresh, path), skipped), index, None)
 
 
 def _scan(container: av.container.InputContainer, stream: av.VideoStream) -> _Timeline:
