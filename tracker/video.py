@@ -217,7 +217,8 @@ def _video_stream(container: av.container.InputContainer, path: Path) -> av.Vide
 def _decoded(container: av.container.InputContainer, stream: av.VideoStream,
              skipped: list[int]) -> Iterator[av.VideoFrame]:
     """Decoded frames in presentation order, past damage: a packet the decoder refuses is skipped (the
-    frames that follow decode with the decoder's concealment), the file's end or a demuxer error ends it.
+    frames that follow decode with the decoder's concealment, and one may come out late), the file's end
+    or a demuxer error ends it.
 
     The decoder still holds complete frames at the end (B-frame reordering,
     frame threads), so it is drained: a cut file keeps every frame it fully
