@@ -134,7 +134,8 @@ def test_prompts_file_on_later_frames(untrained_checkpoints, cpu_tracker, tmp_pa
      "SAM precision fp16 runs on CUDA GPUs only"),
     ("masks over the input", ["--point", "5,5", "--masks", "{clip}"], "is the input video"),
     ("masks misnamed", ["--point", "5,5", "--masks", "masks.mkv"], "masks.mkv would be misnamed: end its name in .zip"),
-    ("size", ["--point", "5,5", "--size", "-5"], "--size must be 0 (the original resolution) or a number of pixels"),
+    ("size", ["--point", "5,5", "--size", "-5"],
+     "size (the working resolution's shorter side) must be 0 (the original resolution)"),
 ])
 def test_bad_input_exits_2_with_one_line_before_the_weights_load(case, args, message, tmp_path):
     """The checkpoints given do not exist: the input's error must come first, without waiting for the weights."""

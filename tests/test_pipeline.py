@@ -173,6 +173,8 @@ def test_memory_settings_are_checked(settings, message):
     ({"preset": "warp"}, "unknown encoder preset 'warp'; use one of ultrafast, superfast"),
     ({"crf": 52}, "crf must be 0 .lossless. to 51, not 52"),
     ({"crf": -1}, "not -1"),
+    ({"size": -5}, "size .the working resolution's shorter side. must be 0 .the original resolution. or a number of "
+                   "pixels, not -5"),
 ])
 def test_encoder_settings_are_checked(settings, message):
     from tracker.errors import TrackerError

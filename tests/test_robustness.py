@@ -464,6 +464,32 @@ def test_damage_in_the_middle_is_tracked_past_with_gaps_named_by_frame(tracker, 
     assert output.frame_count == len(present) and output.duration == pytest.approx(120 / 25, abs=0.1)
 
 
+def test_a_prompt_after_damage_tracks_back_over_the_gaps(tracker, tmp_path):
+    video = noisy_copy(make_clip(tmp_path / "clip.mp4", frames=120, width=320, height=240, audio=False),
+                       tmp_path / "damaged.mp4")
+    present = [frame.index for frame in iter_frames(video)]
+    start = present[-5]
+    assert len(present) < start + 1, "the damage must lie before the prompt"
+    prompt = [ObjectPrompt(1, start, [(64, 120)], [1])]
+    frames = [frame.index for frame in tracker.iter_tracked(video, prompt, TrackOptions(size=120))]
+    assert frames == present
+
+
+def test_a_prompt_on_a_frame_the_decoding_loses_is_named(tracker, tmp_path):
+    """A frame that a seek decodes but the pass over the file loses (damage) cannot carry the prompt."""
+    video = noisy_copy(make_clip(tmp_path / "clip.mp4", frames=120, width=320, height=240, audio=False),
+                       tmp_path / "damaged.mp4")
+    present = {frame.index for frame in iter_frames(video)}
+    lost = min(set(range(120)) - present)
+    info = probe(video)
+    mask = np.zeros((info.height, info.width), bool)
+    mask[100:140, 40:90] = True
+    for keyframes in ({lost: {1: mask}}, {0: {1: mask}, lost: {1: mask}}):
+        with pytest.raises(TrackerError, match=f"frame {lost}, where a prompt is, does not decode in sequence"):
+            for _ in pipeline.track_frames(tracker.xmem, info, keyframes, TrackOptions(size=120), tracker.device):
+                pass
+
+
 def test_a_slow_run_states_its_rate_not_zero():
     slow = TrackResult(frames=1, expected_frames=1, seconds=25.0, device="cpu", sam_backend="torch")
     assert "1 frame in 25.0 s (0.04 FPS)" in slow.summary()

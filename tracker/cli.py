@@ -130,8 +130,6 @@ def check_before_loading(args: argparse.Namespace, prompts: list[ObjectPrompt], 
     from .sam import encoder_dtype, resolve_device
     from .session import check_output_paths
 
-    if args.size < 0:
-        raise TrackerError(f"--size must be 0 (the original resolution) or a number of pixels, not {args.size}")
     check_output_paths(args.video, output, masks)
     info = probe(args.video)
     check_prompts(prompts, info.width, info.height, info.frame_count)

@@ -88,7 +88,7 @@ MAX_OUTLINE = 64
 class TrackOptions:
     """How a video is tracked and rendered."""
 
-    size: int = 480  # shorter side of the working resolution; <= 0 keeps the original
+    size: int = 480  # shorter side of the working resolution; 0 keeps the original
     memory: MemoryOptions = field(default_factory=MemoryOptions)
     alpha: float = 0.5  # overlay opacity
     outline: int = 2  # outline width in pixels, 0 for none
@@ -99,6 +99,9 @@ class TrackOptions:
     cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
+        if self.size < 0:
+            raise TrackerError(f"size (the working resolution's shorter side) must be 0 (the original resolution) "
+                               f"or a number of pixels, not {self.size}")
         if self.preset not in X264_PRESETS:
             raise TrackerError(f"unknown encoder preset {self.preset!r}; use one of {', '.join(X264_PRESETS)}")
         if not 0 <= self.crf <= X264_MAX_CRF:
@@ -234,7 +237,7 @@ IDLE_GRAPHS = IdleGraphs()
 def working_size(width: int, height: int, size: int) -> tuple[int, int]:
     """(w, h) with the shorter side scaled down to `size`; never upscaled."""
     short = min(width, height)
-    if size <= 0 or short <= size:
+    if size == 0 or short <= size:
         return width, height
     scale = size / short
     return max(1, round(width * scale)), max(1, round(height * scale))
@@ -493,8 +496,13 @@ def track_frames(
         lookup = forward.lookup(device)
         last = info.frame_count - 1
         pace = LaunchPacer(device)
+        prompted = sorted(work_masks)
         for frame in prefetch(iter_frames(info.path, yuv=prep.planes), depth=4, stop=threading.Event(),
                               stage=prep.stage):
+            while prompted and prompted[0] <= frame.index:
+                if prompted[0] < frame.index:
+                    raise TrackerError(lost_prompt_frame(prompted[0]))
+                prompted.pop(0)
             pace()
             if frame.index < start:
                 image = prep.upload(frame)
@@ -533,25 +541,31 @@ class LaunchPacer:
             self.events.popleft().synchronize()
 
 
+def lost_prompt_frame(index: int) -> str:
+    """Why a prompt on a frame that the video's decoding loses cannot be used, and what to do."""
+    return (f"frame {index}, where a prompt is, does not decode in sequence (the video is damaged there); "
+            "put the prompt on another frame")
+
+
 def _track_backward(network: torch.nn.Module, config: dict, info: VideoInfo, prep: FramePrep, start: int,
                     masks: Mapping[int, torch.Tensor], tmp: Path, tick: Callable[[], None]) -> np.ndarray:
     """Label maps of frames 0..start-1, tracked from `start` towards frame 0, as a disk-backed array."""
     frames = np.lib.format.open_memmap(tmp / "frames.npy", mode="w+", dtype=np.uint8,
                                        shape=(start + 1, prep.work_h, prep.work_w, 3))
-    decoded = 0
+    present: list[int] = []  # frames lost to damage leave gaps, as in the forward pass
     for frame in prefetch(iter_frames(info.path, 0, start + 1, yuv=prep.planes), depth=4, stop=threading.Event(),
                           stage=prep.stage):
         frames[frame.index] = prep.resize(prep.upload(frame)).cpu().numpy()
-        decoded += 1
-    if decoded != start + 1:
-        raise TrackerError(f"only {decoded} frames decode before the prompt frame {start}; the video is damaged")
+        present.append(frame.index)
+    if not present or present[-1] != start:
+        raise TrackerError(lost_prompt_frame(start))
     labels = np.lib.format.open_memmap(tmp / "labels.npy", mode="w+", dtype=np.uint8,
                                        shape=(start, info.height, info.width))
     propagator = Propagator(network, config, {start: masks}, order=[start])
     lookup = propagator.lookup(prep.device)
-    for index in range(start, -1, -1):
+    for index in reversed(present):
         image = prep.normalise(torch.from_numpy(np.array(frames[index])).to(prep.device))
-        prob = propagator.step(index, image, end=index == 0)
+        prob = propagator.step(index, image, end=index == present[0])
         if index < start:
             labels[index] = labels_at(prob, (info.height, info.width), lookup).cpu().numpy()
             tick()

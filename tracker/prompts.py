@@ -77,7 +77,7 @@ class ObjectPrompt:
 def check_prompts(prompts: Sequence[ObjectPrompt], width: int, height: int, frame_count: int) -> None:
     """Check every prompt and that no object is prompted twice on the same frame."""
     if not prompts:
-        raise PromptError("no object selected: give a point (--point X,Y), a box or a prompts file")
+        raise PromptError("no object selected: give at least one object prompt (clicks or a box on a frame)")
     seen: set[tuple[int, int]] = set()
     for prompt in prompts:
         prompt.check(width, height, frame_count)

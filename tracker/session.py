@@ -52,7 +52,7 @@ def load_xmem(checkpoint: Path, device: torch.device) -> XMem:
 
 def smaller_size(size: int) -> int:
     """A working size to suggest after running out of memory at `size` (0 = original resolution)."""
-    return 360 if size <= 0 else max(120, size * 3 // 4 // 8 * 8)
+    return 360 if size == 0 else max(120, size * 3 // 4 // 8 * 8)
 
 
 @contextmanager
