@@ -48,6 +48,8 @@ MEMORY_LABELS = {"mem_every": "Memory interval (frames between memory updates)",
 HELP = """**1.** Upload a video. **2.** Click the object (the mask updates after every click); use
 *Add object* for more. **3.** Press **Track**. **4.** To correct, move to a frame where a mask is
 wrong, click there and press **Track** again: earlier frames keep their result."""
+NOTHING_CHANGED = ("Nothing changed since the last run (same clicks, objects and settings): its result below is "
+                   "current. Tick *Full re-run* to track again anyway.")
 CSS = """
 #frame-image img { cursor: crosshair; }
 #untrained-banner { background: #b91c1c; color: #fff; padding: 10px 14px; border-radius: 6px; font-weight: 600; }
@@ -366,7 +368,9 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                 session.end_job()
             warnings = "".join(f"\n⚠ {w}" for w in record.warnings)
             files = session.result_files()
-            return (f"Done: {record.describe()}. {record.summary}.{warnings}", str(record.overlay), files,
+            done = (NOTHING_CHANGED if record.repeated else
+                    f"Done: {record.describe()}. {record.summary}.{warnings}")
+            return (done, str(record.overlay), files,
                     f"**{record.summary}**",
                     gr.update(choices=[(f"Object {i}", i) for i in sorted(record.objects)],
                               value=sorted(record.objects)))

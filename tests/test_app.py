@@ -338,6 +338,9 @@ def test_click_track_correct_and_download(app, browser, clips, tmp_path):
     second_masks = members(tab.download("clip_masks.zip", tmp_path))
     assert sorted(second_masks) == sorted(first_masks)
     assert all(second_masks[f"{i:05d}.png"] == first_masks[f"{i:05d}.png"] for i in range(6))
+    tab.page.locator("#track-button").click()  # nothing changed since: nothing runs, the result stays
+    assert tab.wait_status("^Nothing changed", 60).startswith("Nothing changed since the last run")
+    assert tab.download_names() == ["clip_tracked.mp4", "clip_masks.zip"]
 
     # A green-screen cut-out of object 1.
     tab.page.locator("#cutout-objects").get_by_label("Object 2", exact=True).uncheck()

@@ -336,6 +336,13 @@ def test_track_then_correct_keeps_earlier_frames_and_uses_the_correction(session
         assert np.array_equal(masks[0] == 1, disc(45, 60))
         assert (masks[4] == 1)[disc(100, 30)].all()
 
+    # Track again with nothing changed: the result is current, nothing runs (Full re-run would).
+    again = session.track(OPTIONS)
+    assert again.repeated and again.overlay == third.overlay and third.overlay.exists()
+    assert session.result is third and session._runs == 3
+    click(session, 4, 100, 40)
+    assert not session.track(OPTIONS).repeated
+
 
 def test_cancel_keeps_the_previous_result_and_leaves_nothing(session):
     click(session, 0, 45, 60)

@@ -153,6 +153,8 @@ class RunRecord:
     prompts: dict[Key, tuple]  # key -> Clicks.tracked_part
     objects: frozenset[int]
     passes: list[int | None] = field(default_factory=lambda: [None])
+    options: TrackOptions | None = None
+    repeated: bool = False  # Track found nothing changed since this run: it was not run again
 
     def describe(self) -> str:
         """What the run did, in the user's words."""
@@ -581,6 +583,9 @@ class EditSession:
             untracked = [object_id for object_id in self.objects if object_id not in objects]
             passes = plan_passes(snapshot, [frame for frame, _ in refine], objects, self.result, full)
             previous = self.result
+            if previous is not None and not full and (snapshot, objects, options) == \
+                    (previous.prompts, previous.objects, previous.options):
+                return replace(previous, repeated=True)
             embeddings = dict(self._embeddings)  # the clicked frames' embeddings: SAM need not run on them again
             self._runs += 1
             run_dir = self.directory / "runs" / str(self._runs)
@@ -623,7 +628,7 @@ class EditSession:
                    for object_id in untracked]
         record = RunRecord(overlay=results[-1].output, masks=final_masks, summary=run_summary(results),
                            warnings=[*skipped, *results[-1].warnings], prompts=snapshot, objects=objects,
-                           passes=passes)
+                           passes=passes, options=options)
         with self.lock:
             self._set_result(record)
             for key, mask in corrected.items():
