@@ -48,6 +48,9 @@ MEMORY_LABELS = {"mem_every": "Memory interval (frames between memory updates)",
 HELP = """**1.** Upload a video. **2.** Click the object (the mask updates after every click); use
 *Add object* for more. **3.** Press **Track**. **4.** To correct, move to a frame where a mask is
 wrong, click there and press **Track** again: earlier frames keep their result."""
+# Track jobs that may be in their handlers at once. They take turns on the device in the tracker's own lock,
+# whose wait a Cancel ends at once; a job held in Gradio's queue (the ninth) could not be cancelled there.
+TRACK_JOBS = 8
 NOTHING_CHANGED = ("Nothing changed since the last run (same clicks, objects and settings): its result below is "
                    "current. Tick *Full re-run* to track again anyway.")
 CSS = """
@@ -379,7 +382,8 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
         tracked = (track_button.click(on_begin, None, [status, job_refused, *job_controls], queue=False)
                    .then(on_track, [job_refused, full_rerun, size, mem_every, *memory_limits, min_area, *style,
                                     encoder_preset, crf],
-                         [status, *results], show_progress_on=status, concurrency_limit=1, concurrency_id="track"))
+                         [status, *results], show_progress_on=status, concurrency_limit=TRACK_JOBS,
+                         concurrency_id="track"))
         tracked.then(lambda: (gr.update(interactive=True), gr.update(interactive=False), gr.update(interactive=True)),
                      None, job_controls, queue=False)
         # The frame the slider is on now (the user may have moved it during the run), with the new masks.
@@ -428,7 +432,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             warnings = "".join(f"\n{w}" for w in record.warnings)
             return str(record.overlay), str(record.masks), f"{record.summary}{warnings}"
 
-        api_trigger.click(api_track, api_inputs, api_outputs, api_name="track", concurrency_limit=1,
+        api_trigger.click(api_track, api_inputs, api_outputs, api_name="track", concurrency_limit=TRACK_JOBS,
                           concurrency_id="track")
 
         def on_unload(request: gr.Request) -> None:

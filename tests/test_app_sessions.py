@@ -121,6 +121,34 @@ def test_cancel_stops_the_job_and_the_app_stays_usable(app, browser, clips, tmp_
     user.page.context.close()
 
 
+def test_a_job_waiting_behind_another_users_job_cancels_at_once(app, browser, clips):
+    """Bob's job waits for Alice's to finish with the device; his Cancel ends the wait, not hers."""
+    alice = AppPage(browser.new_context().new_page(), app.url)
+    bob = AppPage(browser.new_context().new_page(), app.url)
+    alice.upload(clips / "long.mp4")
+    bob.upload(clips / "a.mp4")
+    alice.click_frame(40, 60, expect="object 1 on frame 0: 1 point")
+    bob.click_frame(40, 60, expect="object 1 on frame 0: 1 point")
+    alice.page.locator("#track-button").click()
+    alice.page.locator("#status").get_by_text(re.compile(r"Tracking frame \d+/60")).wait_for(
+        timeout=SAM_SECONDS * 1000)
+    bob.page.locator("#track-button").click()
+    bob.page.locator("#status").get_by_text(re.compile("Waiting for the device")).wait_for(timeout=30_000)
+    pressed = time.monotonic()
+    bob.page.locator("#cancel-button").click()
+    bob.wait_status("^Cancelled: nothing of that run was kept", 30)
+    stopped = time.monotonic() - pressed
+    print(f"a waiting job's cancel took {stopped:.2f} s")
+    assert stopped < 5
+    assert alice.page.locator("#status").get_by_text(re.compile(r"Tracking frame \d+/60")).count(), \
+        "Alice's job goes on"
+    assert alice.wait_status(r"^(Done|Error|Cancelled)", TRACK_SECONDS).startswith("Done: tracked the whole video")
+    assert bob.download_names() == []
+    assert bob.track().startswith("Done: tracked the whole video. 12 frames")
+    for user in (alice, bob):
+        user.page.context.close()
+
+
 def test_a_closed_page_leaves_no_files(app, browser, clips):
     others = set(app.session_dirs())
     user = AppPage(browser.new_context().new_page(), app.url)
