@@ -54,8 +54,9 @@ TRACK_JOBS = 8
 NOTHING_CHANGED = ("Nothing changed since the last run (same clicks, objects and settings): its result below is "
                    "current. Tick *Full re-run* to track again anyway.")
 CSS = """
-#frame-image img { cursor: crosshair; }
-#untrained-banner { background: #b91c1c; color: #fff; padding: 10px 14px; border-radius: 6px; font-weight: 600; }
+#frame-image img { cursor: crosshair; width: auto; max-width: 100%; max-height: max(240px, calc(100vh - 520px)); }
+h1 { margin-bottom: 0 !important; }
+#untrained-banner { background: #b91c1c; color: #fff; padding: 6px 14px; border-radius: 6px; font-weight: 600; }
 .swatch { display: inline-block; width: 0.9em; height: 0.9em; border-radius: 2px; margin: 0 0.3em 0 0.8em;
           vertical-align: -0.1em; border: 1px solid #0004; }
 .legend .current { font-weight: 700; text-decoration: underline; }
@@ -130,11 +131,12 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
         return image, frame_caption(int(frame), session.require_video(), time_s)
 
     with gr.Blocks(title="Track anything you click", analytics_enabled=False, delete_cache=(3600, 4 * 3600)) as demo:
-        gr.Markdown("# Track anything you click\nSAM turns clicks into masks, XMem follows them through the video.")
+        gr.Markdown("# Track anything you click")
+        gr.Markdown(f"SAM turns clicks into masks, XMem follows them through the video · Device "
+                    f"**{html.escape(tracker.device_name)}** · default SAM backend **{tracker.sam.name}**",
+                    elem_id="device-info")
         if tracker.untrained:
             gr.HTML(f"⚠ {html.escape(UNTRAINED_WARNING)}.", elem_id="untrained-banner")
-        gr.Markdown(f"Device **{html.escape(tracker.device_name)}** · default SAM backend **{tracker.sam.name}**",
-                    elem_id="device-info")
         with gr.Row():
             with gr.Column(scale=2, min_width=320):
                 video_input = gr.Video(label="Video", sources=["upload"], elem_id="video-input", height=260)
@@ -180,6 +182,8 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                                               info="for this session's clicks and jobs (default: --sam-backend)",
                                               elem_id="sam-backend")
             with gr.Column(scale=3, min_width=400):
+                status = gr.Textbox("Upload a video to start.", label="Status", interactive=False, lines=2,
+                                    elem_id="status")
                 frame_image = gr.Image(label="Click the object", interactive=False, elem_id="frame-image",
                                        type="numpy", format="webp", buttons=[])
                 frame_slider = gr.Slider(0, 1, value=0, step=1, label="Frame", elem_id="frame-slider",
@@ -191,8 +195,6 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                                               scale=1)
                     full_rerun = gr.Checkbox(False, label="Full re-run (re-track earlier frames too)",
                                              elem_id="full-rerun", scale=2)
-                status = gr.Textbox("Upload a video to start.", label="Status", interactive=False, lines=2,
-                                    elem_id="status")
         with gr.Row():
             with gr.Column(scale=3):
                 result_video = gr.Video(label="Tracked video", interactive=False, elem_id="result-video")

@@ -331,7 +331,8 @@ def test_track_then_correct_keeps_earlier_frames_and_uses_the_correction(session
     # Asked for, a full re-run tracks from the first prompts again and applies the correction on top.
     third = session.track(OPTIONS, full=True)
     assert third.describe() == "tracked the whole video; corrections on frame 4 applied on top"
-    assert third.summary.startswith("2 passes: ")
+    assert re.match(rf"{FRAMES} frames in 2 passes \({2 * FRAMES - 4} frames tracked in [\d.]+ s, [\d.]+ FPS\), "
+                    "device cpu", third.summary), third.summary
     with MaskZipReader(third.masks) as masks:
         assert np.array_equal(masks[0] == 1, disc(45, 60))
         assert (masks[4] == 1)[disc(100, 30)].all()
@@ -342,6 +343,53 @@ def test_track_then_correct_keeps_earlier_frames_and_uses_the_correction(session
     assert session.result is third and session._runs == 3
     click(session, 4, 100, 40)
     assert not session.track(OPTIONS).repeated
+
+
+def test_a_click_waiting_for_sams_encoder_leaves_the_session_usable(session, monkeypatch):
+    """The encoder takes seconds on a CPU: meanwhile Cancel, redraws and Undo answer at once."""
+    click(session, 0, 45, 60)
+    started, release = threading.Event(), threading.Event()
+    real_embed = session.sam._embed
+
+    def slow_embed(image):
+        started.set()
+        assert release.wait(10)
+        return real_embed(image)
+
+    monkeypatch.setattr(session.sam, "_embed", slow_embed)
+    outcome = []
+    clicking = threading.Thread(target=lambda: outcome.append(click(session, 3, 45, 60)))
+    clicking.start()
+    assert started.wait(10)
+    began = time.monotonic()
+    assert session.request_cancel() is False
+    session.render(3)
+    assert session.undo(0) == "object 1 has no clicks on frame 0"
+    assert time.monotonic() - began < 1, "the session waited for SAM's encoder"
+    release.set()
+    clicking.join(10)
+    assert outcome == ["object 1 on frame 3: 1 point"] and (3, 1) in session.edits
+
+    # Clicks on the object's frame that change while SAM works: the late click is refused, not mixed in.
+    started.clear()
+    release.clear()
+    session._embeddings.clear()
+    errors = []
+
+    def late_click():
+        try:
+            click(session, 3, 80, 60)
+        except PromptError as exc:
+            errors.append(str(exc))
+
+    clicking = threading.Thread(target=late_click)
+    clicking.start()
+    assert started.wait(10)
+    assert session.clear(3) == "cleared object 1 on frame 3"
+    release.set()
+    clicking.join(10)
+    assert errors and "changed while SAM worked on the click; click again" in errors[0]
+    assert (3, 1) not in session.edits
 
 
 def test_cancel_keeps_the_previous_result_and_leaves_nothing(session):

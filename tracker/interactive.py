@@ -35,7 +35,7 @@ from .pipeline import TrackOptions
 from .prompts import NEGATIVE, POSITIVE, ObjectPrompt, check_prompts, prompts_from_text
 from .render import MaskZipReader, encode_mask, mask_name, overlay, overlay_colours
 from .sam import IMAGE_SIZE, LOW_RES_SIZE, ImageEmbedding, resized_shape
-from .session import PreviousRun, Tracker, TrackResult
+from .session import PreviousRun, Tracker, TrackResult, fps_text
 from .video import Frame, VideoInfo, probe, read_frame
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi")
@@ -185,15 +185,18 @@ def plan_passes(prompts: Mapping[Key, tuple], refine_frames: Sequence[int], obje
 
 
 def run_summary(results: Sequence[TrackResult]) -> str:
-    """The metrics line of a Track press: one pass as the tracker reports it, several added up."""
+    """The metrics line of a Track press: one pass as the tracker reports it; several as the frames of the
+    video, and how many the passes tracked (a later pass re-tracks part of what an earlier one did)."""
+    last = results[-1]
     if len(results) == 1:
-        return results[0].summary()
+        return last.summary()
+    tracked = sum(r.frames - r.kept_frames for r in results)
+    seconds = sum(r.seconds for r in results)
     peaks = [r.peak_gpu_bytes for r in results if r.peak_gpu_bytes is not None]
-    total = TrackResult(frames=sum(r.frames for r in results), expected_frames=sum(r.expected_frames for r in results),
-                        seconds=sum(r.seconds for r in results), device=results[-1].device,
-                        sam_backend=results[-1].sam_backend, peak_gpu_bytes=max(peaks) if peaks else None,
-                        kept_frames=sum(r.kept_frames for r in results))
-    return f"{len(results)} passes: {total.summary()}"
+    rate = fps_text(tracked / seconds if seconds > 0 else 0.0)
+    details = replace(last, peak_gpu_bytes=max(peaks) if peaks else None).details()
+    return ", ".join([f"{last.frames} frames in {len(results)} passes ({tracked} frames tracked in {seconds:.1f} s, "
+                      f"{rate})", *details])
 
 
 def format_seconds(seconds: float) -> str:
@@ -273,6 +276,7 @@ class EditSession:
         self.tracker = tracker
         self.upload_folder = upload_folder.resolve() if upload_folder is not None else None
         self.lock = threading.RLock()
+        self._clicking = threading.Lock()  # one click at a time; its SAM work runs outside `lock`
         self.job_ended = threading.Condition(self.lock)
         self.cancel = threading.Event()
         self.job_running = False
@@ -408,22 +412,40 @@ class EditSession:
         """A click on the displayed frame: add a point (or a box corner) to the current object, update its mask."""
         if mode not in POINT_MODES:
             raise PromptError(f"unknown click mode {mode!r}; use one of {', '.join(POINT_MODES)}")
-        with self.lock:
-            info = self._check_frame(frame)
-            if self.current is None:
-                raise PromptError("add an object first")
-            xy = self._to_frame_xy(display_xy, info)
-            key = (frame, self.current)
-            edit = self.edits.get(key) or Edit(refine=self._tracked_mask(frame, self.current).any())
-            if mode == "box":
-                clicks = edit.clicks.with_corner(xy)
-            else:
-                clicks = edit.clicks.with_point(xy, POSITIVE if mode == "positive" else NEGATIVE)
-            edit.mask = self._mask(frame, self.current, clicks, edit.refine)
-            edit.history.append(edit.clicks)
-            edit.clicks = clicks
-            self.edits[key] = edit
-            return self._describe(frame, self.current, edit)
+        with self._clicking:
+            with self.lock:
+                info = self._check_frame(frame)
+                if self.current is None:
+                    raise PromptError("add an object first")
+                xy = self._to_frame_xy(display_xy, info)
+                key = (frame, self.current)
+                existed = key in self.edits
+                edit = self.edits.get(key) or Edit(refine=self._tracked_mask(frame, self.current).any())
+                before = edit.clicks
+                if mode == "box":
+                    clicks = edit.clicks.with_corner(xy)
+                else:
+                    clicks = edit.clicks.with_point(xy, POSITIVE if mode == "positive" else NEGATIVE)
+                prior = self._tracked_mask(frame, self.current) if edit.refine else None
+                embedding = self._embeddings.get(frame)
+                image = self._frame(frame).image if embedding is None and clicks.selects else None
+            # SAM's image encoder takes seconds on a CPU (more beside a running job): outside the session's
+            # lock, so that Cancel, Undo and the page's redraws are not held up behind it.
+            if image is not None:
+                embedding = self.sam.embed(image)
+            mask = self._segment(frame, key[1], clicks, prior, embedding) if clicks.selects else None
+            with self.lock:
+                unchanged = (self.edits.get(key) is edit) if existed else key not in self.edits
+                if self.info is not info or not unchanged or edit.clicks is not before:
+                    raise PromptError("the video or this object's clicks changed while SAM worked on the click; "
+                                      "click again")
+                if embedding is not None:
+                    self._remember_embedding(frame, embedding)
+                edit.mask = mask
+                edit.history.append(before)
+                edit.clicks = clicks
+                self.edits[key] = edit
+                return self._describe(frame, key[1], edit)
 
     def undo(self, frame: int) -> str:
         """Take back the current object's last click on this frame."""
@@ -461,10 +483,12 @@ class EditSession:
             return None
         return self._segment(frame, object_id, clicks, self._tracked_mask(frame, object_id) if refine else None)
 
-    def _segment(self, frame: int, object_id: int, clicks: Clicks, prior: np.ndarray | None) -> np.ndarray:
+    def _segment(self, frame: int, object_id: int, clicks: Clicks, prior: np.ndarray | None,
+                 embedding: ImageEmbedding | None = None) -> np.ndarray:
         mask_input = mask_to_logits(prior) if prior is not None and prior.any() else None
-        return self.tracker.segment(self._embedding(frame), clicks.prompt(object_id, frame), mask_input=mask_input,
-                                    sam=self.sam)
+        if embedding is None:
+            embedding = self._embedding(frame)
+        return self.tracker.segment(embedding, clicks.prompt(object_id, frame), mask_input=mask_input, sam=self.sam)
 
     def _embedding(self, frame: int) -> ImageEmbedding:
         """SAM's embedding of a frame, cached so that further clicks there only run the decoder."""
@@ -472,10 +496,14 @@ class EditSession:
             self._embeddings.move_to_end(frame)
             return self._embeddings[frame]
         embedding = self.sam.embed(self._frame(frame).image)
+        self._remember_embedding(frame, embedding)
+        return embedding
+
+    def _remember_embedding(self, frame: int, embedding: ImageEmbedding) -> None:
         self._embeddings[frame] = embedding
+        self._embeddings.move_to_end(frame)
         while len(self._embeddings) > EMBEDDING_CACHE_SIZE:
             self._embeddings.popitem(last=False)
-        return embedding
 
     def _frame(self, index: int) -> Frame:
         """A decoded frame; the last one is kept, as clicks redraw the same frame again and again."""

@@ -142,14 +142,22 @@ class TrackResult:
     def summary(self) -> str:
         kept = f"; {self.frames - self.kept_frames} tracked again, {self.kept_frames} kept as they were" \
             if self.kept_frames else ""
-        parts = [f"{self.frames} frame{'s' * (self.frames != 1)} in {self.seconds:.1f} s "
-                 f"({self.fps:.{1 if self.fps >= 1 else 2}f} FPS{kept})",
-                 f"device {self.device}", f"SAM backend {self.sam_backend}"]
+        rate = f"{self.frames} frame{'s' * (self.frames != 1)} in {self.seconds:.1f} s ({fps_text(self.fps)}{kept})"
+        return ", ".join([rate, *self.details()])
+
+    def details(self) -> list[str]:
+        """The summary's parts after the rate: where it ran, and what the file lost."""
+        parts = [f"device {self.device}", f"SAM backend {self.sam_backend}"]
         if self.peak_gpu_bytes is not None:
             parts.append(f"peak GPU memory {self.peak_gpu_bytes / 2**30:.2f} GiB")
         if self.lost_frames:
             parts.append(f"{self.lost_frames} of {self.expected_frames} frames could not be decoded (damaged file)")
-        return ", ".join(parts)
+        return parts
+
+
+def fps_text(fps: float) -> str:
+    """'12.3 FPS', or '0.04 FPS' for a slow run (never '0.0 FPS')."""
+    return f"{fps:.{1 if fps >= 1 else 2}f} FPS"
 
 
 class UntrainedWeightsWarning(UserWarning):
