@@ -10,7 +10,6 @@ import argparse
 import functools
 import html
 import logging
-import re
 import signal
 import sys
 import tempfile
@@ -65,8 +64,7 @@ h1 { margin-bottom: 0 !important; }
 
 def settings_named(message: str) -> str:
     """A memory setting's error with the code's names of the settings replaced by the panel's labels."""
-    return re.sub(r"\b(?:memory setting )?([a-z_]+)\b",
-                  lambda m: f'"{MEMORY_LABELS[m[1]]}"' if m[1] in MEMORY_LABELS else m[0], message)
+    return MemoryOptions.named(message, lambda name: f'"{MEMORY_LABELS.get(name, name)}"')
 
 
 def build_parser() -> argparse.ArgumentParser:

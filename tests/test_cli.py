@@ -134,6 +134,11 @@ def test_prompts_file_on_later_frames(untrained_checkpoints, cpu_tracker, tmp_pa
      "SAM precision fp16 runs on CUDA GPUs only"),
     ("masks over the input", ["--point", "5,5", "--masks", "{clip}"], "is the input video"),
     ("masks misnamed", ["--point", "5,5", "--masks", "masks.mkv"], "masks.mkv would be misnamed: end its name in .zip"),
+    ("folder", ["--point", "5,5"], "clip.mp4 is a folder, not a video file"),
+    ("frame with prompts", ["--prompts", "{one}", "--frame", "1"], "--frame goes with --point/--negative/--box"),
+    ("memory", ["--point", "5,5", "--top-k", "0"], "--top-k must be at least 1, not 0"),
+    ("infinite id", ["--prompts", "{inf}"], '"id" must be a whole number from 1 to 255, not Infinity'),
+    ("masks under a file", ["--point", "5,5", "--masks", "{blocked}"], "file.txt is a file, not a folder"),
     ("size", ["--point", "5,5", "--size", "-5"],
      "size (the working resolution's shorter side) must be 0 (the original resolution)"),
 ])
@@ -142,12 +147,18 @@ def test_bad_input_exits_2_with_one_line_before_the_weights_load(case, args, mes
     clip = tmp_path / "clip.mp4"
     if case == "text":
         clip.write_text("this is not a video\n")
+    elif case == "folder":
+        clip.mkdir()
     elif case != "missing":
         make_clip(clip, frames=3, width=64, height=48, audio=False)
-    prompts = {"{bad}": tmp_path / "bad.json", "{empty}": tmp_path / "empty.json"}
+    prompts = {name: tmp_path / f"{name[1:-1]}.json" for name in ("{bad}", "{empty}", "{one}", "{inf}")}
     prompts["{bad}"].write_text("{not json")
     prompts["{empty}"].write_text('{"objects": []}')
-    args = [str({**prompts, "{clip}": clip}.get(a, a)) for a in args]
+    prompts["{one}"].write_text('{"objects": [{"id": 1, "points": [[5, 5]]}]}')
+    prompts["{inf}"].write_text('{"objects": [{"id": 1e400, "points": [[5, 5]]}]}')
+    (tmp_path / "file.txt").write_text("a file where a folder should be")
+    paths = {**prompts, "{clip}": clip, "{blocked}": tmp_path / "file.txt" / "m.zip"}
+    args = [str(paths.get(a, a)) for a in args]
     out = tmp_path / "out.mp4"
     absent = {"sam": tmp_path / "absent_sam.pth", "xmem": tmp_path / "absent_xmem.pth"}
     done = run_cli("track", clip, *args, "--out", out, *weights_flags(absent))
@@ -236,7 +247,9 @@ def test_bench_smoke_run_prints_every_row():
         assert line is not None, f"no row {row!r} in\n{table}"
         for value in line.split("|")[2].split(" / "):
             assert float(value.strip().rstrip("%")) > 0, line
-    assert run_cli("bench", "--rounds", "0").returncode != 0
+    for flag, value, least in (("--rounds", "0", 1), ("--frames", "-3", 3), ("--long", "0", 10)):
+        done = run_cli("bench", "--device", "cpu", flag, value)
+        assert done.returncode == 2 and f"error: {flag} takes a whole number of at least {least}" in done.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA says")

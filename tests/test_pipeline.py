@@ -175,6 +175,9 @@ def test_memory_settings_are_checked(settings, message):
     ({"crf": -1}, "not -1"),
     ({"size": -5}, "size .the working resolution's shorter side. must be 0 .the original resolution. or a number of "
                    "pixels, not -5"),
+    ({"size": "120"}, "size must be a whole number, not '120'"),
+    ({"crf": 18.5}, "crf must be a whole number, not 18.5"),
+    ({"alpha": "0.5"}, "alpha .the overlay's opacity. must be a finite number, not '0.5'"),
 ])
 def test_encoder_settings_are_checked(settings, message):
     from tracker.errors import TrackerError
@@ -183,6 +186,16 @@ def test_encoder_settings_are_checked(settings, message):
     with pytest.raises(TrackerError, match=message):
         TrackOptions(**settings)
     assert TrackOptions(preset="ultrafast", crf=0).preset == "ultrafast"
+
+
+def test_memory_settings_of_the_wrong_type_are_named():
+    from tracker.errors import TrackerError
+    from tracker.pipeline import MemoryOptions
+
+    with pytest.raises(TrackerError, match="memory setting top_k must be a whole number, not 2.5"):
+        MemoryOptions(top_k=2.5)
+    assert MemoryOptions.named("memory setting top_k must be at least 1, not 0 (min_mid_term_frames)",
+                               str.upper) == "TOP_K must be at least 1, not 0 (MIN_MID_TERM_FRAMES)"
 
 
 def test_sink_receives_downloads_as_host_arrays():
@@ -367,3 +380,18 @@ def test_bf16_on_the_cpu_tracks_every_frame_and_keeps_the_prompt(cpu_tracker, tm
     assert [f.index for f in frames] == list(range(8))
     sam_mask = cpu_tracker.prompt_masks(probe(clip), [prompt])[2][1]
     assert np.array_equal(frames[2].mask(1), sam_mask)
+
+
+def test_a_tracked_frames_mask_takes_object_ids_only():
+    import torch
+
+    from tracker.errors import TrackerError
+    from tracker.pipeline import TrackedFrame
+
+    labels = torch.tensor([[0, 1], [255, 1]], dtype=torch.uint8)
+    frame = TrackedFrame(0, 0, 0.0, torch.zeros(2, 2, 3, dtype=torch.uint8), labels)
+    assert frame.mask(1).tolist() == [[False, True], [False, True]] and frame.mask(255)[1, 0]
+    for bad, message in ((256, "object ids are 1 to 255 .0 is the background., not 256"), (-1, "not -1"),
+                         (1.5, "an object id must be a whole number, not 1.5")):
+        with pytest.raises(TrackerError, match=message):
+            frame.mask(bad)

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 
 from tracker.errors import PromptError
@@ -107,3 +108,36 @@ def test_points_without_labels_are_on_the_object_and_a_bom_is_no_error(tmp_path)
 def test_a_box_given_by_its_other_two_corners_is_the_same_box():
     assert ObjectPrompt(1, box=(50, 50, 10, 10)).box == (10.0, 10.0, 50.0, 50.0)
     assert ObjectPrompt(1, box=(10, 50, 50, 10)).box == (10.0, 10.0, 50.0, 50.0)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: ObjectPrompt(1, points=[(1, 2, 3)]), r"points must be a list of \(x, y\) pairs of numbers"),
+    (lambda: ObjectPrompt(1, points=None), r"points must be a list of \(x, y\) pairs"),
+    (lambda: ObjectPrompt(1, points=(1, 2)), r"points must be a list of \(x, y\) pairs"),
+    (lambda: ObjectPrompt(1, box=(1, 2, 3)), r"a box is four numbers \(x0, y0, x1, y1\), not \(1, 2, 3\)"),
+    (lambda: ObjectPrompt(1, points=[(1, 2)], labels=["a"]), "a point label must be a whole number, not 'a'"),
+    (lambda: ObjectPrompt(1, points=[(1, 2)], labels=[1.7]), "a point label must be a whole number, not 1.7"),
+    (lambda: ObjectPrompt("1", points=[(1, 2)]), "an object id must be a whole number, not '1'"),
+    (lambda: ObjectPrompt(2.5, points=[(1, 2)]), "an object id must be a whole number, not 2.5"),
+    (lambda: ObjectPrompt(1, frame=1.5, points=[(1, 2)]), "the prompt frame must be a whole number, not 1.5"),
+    (lambda: ObjectPrompt(1, frame="2", points=[(1, 2)]), "the prompt frame must be a whole number, not '2'"),
+    (lambda: check_prompts(ObjectPrompt(1, points=[(1, 2)]), 10, 10, 3), "prompts must be a list of ObjectPrompt"),
+])
+def test_api_prompts_of_the_wrong_type_are_prompt_errors(make, message):
+    """Python callers skip the JSON and argparse checks: a wrong type is named, never a TypeError later."""
+    with pytest.raises(PromptError, match=message):
+        make()
+
+
+def test_whole_numbers_of_any_numeric_type_are_taken():
+    prompt = ObjectPrompt(np.int64(2), frame=3.0, points=np.array([[1, 2]]), labels=[np.int32(1)])
+    assert (prompt.object_id, prompt.frame, prompt.points, prompt.labels) == (2, 3, [(1.0, 2.0)], [1])
+    assert type(prompt.object_id) is int and type(prompt.frame) is int
+
+
+def test_infinite_numbers_in_a_prompts_file_are_named(tmp_path):
+    for field, text in (("id", '"id": 1e400'), ("frame", '"frame": -1e400'), ("labels", '"labels": [1e400]')):
+        path = tmp_path / "p.json"
+        path.write_text('{"objects": [{%s, "points": [[5, 5]]}]}' % text)
+        with pytest.raises(PromptError, match=f'objects.0. is malformed: "{field}" must be'):
+            load_prompts(path)

@@ -285,6 +285,12 @@ def test_unwritable_output_is_a_clear_error_and_leaves_nothing(tracker, clip, tm
     assert leftovers(tmp_path) == []  # the other writer, already open, is removed too
 
 
+def test_nothing_to_write_is_refused_before_sam_runs(tracker, clip, monkeypatch):
+    monkeypatch.setattr(tracker.sam, "embed", lambda image: pytest.fail("SAM ran for a job that writes nothing"))
+    with pytest.raises(TrackerError, match="nothing to write: give an output video path and/or a masks zip path"):
+        tracker.track(clip, CLICK)
+
+
 def test_disk_full_while_writing(tracker, clip, tmp_path):
     calls = []
 

@@ -421,9 +421,10 @@ def main(argv: list[str] | None = None) -> int:
         usable_modes(device, names)
     except TrackerError as exc:
         parser.error(str(exc))
-    if args.rounds is not None and args.rounds < 1:
-        parser.error("--rounds takes a whole number of at least 1")
-    print(run_long(device, args.long) if args.long
+    for flag, value, least in (("--rounds", args.rounds, 1), ("--frames", args.frames, 3), ("--long", args.long, 10)):
+        if value is not None and value < least:
+            parser.error(f"{flag} takes a whole number of at least {least}")
+    print(run_long(device, args.long) if args.long is not None
           else run(device, args.frames, args.sam_backend, names, args.quick, args.rounds))
     return 0
 

@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     track.add_argument("--point", action="append", default=[], metavar="X,Y", help="a click on the object")
     track.add_argument("--negative", action="append", default=[], metavar="X,Y", help="a click on background")
     track.add_argument("--box", metavar="X0,Y0,X1,Y1", help="a box around the object")
-    track.add_argument("--frame", type=int, default=0, help="frame the clicks are on (default 0)")
+    track.add_argument("--frame", type=int, help="frame the clicks are on (default 0)")
     track.add_argument("--prompts", type=Path, metavar="FILE.json", help="several objects (see README)")
     track.add_argument("--out", help="overlay video: .mp4, .mov, .mkv or .m4v (default "
                        "output/<name>_tracked.mp4; a folder: <name>_tracked.mp4 in it)")
@@ -92,12 +92,15 @@ def prompts_from_args(args: argparse.Namespace) -> list[ObjectPrompt]:
     clicks = args.point or args.negative or args.box
     if args.prompts and clicks:
         raise TrackerError("give either --prompts or --point/--negative/--box, not both")
+    if args.prompts and args.frame is not None:
+        raise TrackerError("--frame goes with --point/--negative/--box; a prompts file gives each object's "
+                           '"frame" itself')
     if args.prompts:
         return load_prompts(args.prompts)
     points = [parse_xy(p) for p in args.point] + [parse_xy(p, "negative point") for p in args.negative]
     labels = [POSITIVE] * len(args.point) + [NEGATIVE] * len(args.negative)
     box = parse_box(args.box) if args.box else None
-    return [ObjectPrompt(object_id=1, frame=args.frame, points=points, labels=labels, box=box)]
+    return [ObjectPrompt(object_id=1, frame=args.frame or 0, points=points, labels=labels, box=box)]
 
 
 def attach_negative_values(argv: Sequence[str]) -> list[str]:
@@ -153,8 +156,11 @@ def _track(args: argparse.Namespace) -> int:
     prompts = prompts_from_args(args)
     output = output_file(args.out, args.video, "_tracked.mp4") or OUTPUT_DIR / f"{args.video.stem}_tracked.mp4"
     masks = output_file(args.masks, args.video, "_masks.zip")
-    memory = MemoryOptions(**{name: getattr(args, name) for name in vars(MemoryOptions())
-                              if hasattr(args, name)})
+    try:
+        memory = MemoryOptions(**{name: getattr(args, name) for name in vars(MemoryOptions())
+                                  if hasattr(args, name)})
+    except TrackerError as exc:
+        raise TrackerError(MemoryOptions.named(str(exc), lambda name: "--" + name.replace("_", "-"))) from None
     options = TrackOptions(size=args.size, memory=memory, alpha=args.alpha, outline=args.outline,
                            crf=args.crf, preset=args.preset, precision=args.precision,
                            cuda_graphs=args.cuda_graphs)

@@ -1,4 +1,6 @@
 """User-facing errors: one line that names the problem and what to do about it."""
+import math
+import numbers
 
 
 class TrackerError(Exception):
@@ -23,3 +25,20 @@ class WeightsError(TrackerError):
 
 class Cancelled(TrackerError):
     """The user stopped the job; whatever was written is removed."""
+
+
+def whole_number(value: object, what: str, error: type[TrackerError] = TrackerError) -> int:
+    """`value` as an int when it is a whole number (2 or 2.0, not 2.5, "2", True or infinity); else `error`
+    naming `what`: API callers pass Python values that argparse and JSON parsing never see."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not float(value).is_integer():
+        raise error(f"{what} must be a whole number, not {value!r}")
+    return int(value)
+
+
+def real_number(value: object, what: str, error: type[TrackerError] = TrackerError) -> float:
+    """`value` as a finite float (an int or a float, not a string, True or NaN); else `error` naming `what`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise error(f"{what} must be a finite number, not {value!r}")
+    return float(value)

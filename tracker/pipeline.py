@@ -12,10 +12,11 @@ import collections
 import contextlib
 import copy
 import queue
+import re
 import tempfile
 import threading
 import weakref
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
@@ -29,7 +30,7 @@ from XMem.inference.inference_core import InferenceCore
 from XMem.model.fusion import inference_copy
 
 from . import colour
-from .errors import Cancelled, TrackerError
+from .errors import Cancelled, TrackerError, real_number, whole_number
 from .transfer import Download, pinned, upload
 from .video import DEFAULT_PRESET, X264_MAX_CRF, X264_PRESETS, Frame, VideoInfo, iter_frames
 
@@ -57,6 +58,9 @@ class MemoryOptions:
     min_memory_area: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("mem_every", "top_k", "min_mid_term_frames", "max_mid_term_frames", "num_prototypes",
+                     "max_long_term_elements", "deep_update_every", "min_memory_area"):
+            setattr(self, name, whole_number(getattr(self, name), f"memory setting {name}"))
         for name in ("mem_every", "top_k", "min_mid_term_frames", "num_prototypes", "max_long_term_elements"):
             if getattr(self, name) < 1:
                 raise TrackerError(f"memory setting {name} must be at least 1, not {getattr(self, name)}")
@@ -68,6 +72,13 @@ class MemoryOptions:
         if self.num_prototypes > self.max_long_term_elements:
             raise TrackerError(f"num_prototypes ({self.num_prototypes}) cannot exceed max_long_term_elements "
                                f"({self.max_long_term_elements})")
+
+    @staticmethod
+    def named(message: str, name_of: Callable[[str], str]) -> str:
+        """One of these settings' errors with their field names as the user knows them (CLI flags, app labels)."""
+        names = {f.name for f in fields(MemoryOptions)}
+        return re.sub(r"\b(?:memory setting )?([a-z_]+)\b", lambda m: name_of(m[1]) if m[1] in names else m[0],
+                      message)
 
     def xmem_config(self, network: torch.nn.Module) -> dict:
         """The reference's config dict, with the dimensions the loaded network has."""
@@ -99,6 +110,9 @@ class TrackOptions:
     cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
+        self.size, self.crf, self.outline = (whole_number(self.size, "size"), whole_number(self.crf, "crf"),
+                                             whole_number(self.outline, "outline"))
+        self.alpha = real_number(self.alpha, "alpha (the overlay's opacity)")
         if self.size < 0:
             raise TrackerError(f"size (the working resolution's shorter side) must be 0 (the original resolution) "
                                f"or a number of pixels, not {self.size}")
@@ -393,7 +407,10 @@ class TrackedFrame:
     labels: torch.Tensor  # HxW uint8, 0 = background
 
     def mask(self, object_id: int) -> np.ndarray:
-        """Boolean HxW mask of one object."""
+        """Boolean HxW mask of one object (ids 1..255; 0 is the background)."""
+        object_id = whole_number(object_id, "an object id")
+        if not 0 <= object_id <= 255:
+            raise TrackerError(f"object ids are 1 to 255 (0 is the background), not {object_id}")
         return (self.labels == object_id).cpu().numpy()
 
 

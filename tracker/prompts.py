@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence, TypeVar
 
-from .errors import PromptError
+from .errors import PromptError, whole_number
 
 POSITIVE, NEGATIVE = 1, 0
 T = TypeVar("T")
@@ -29,11 +29,29 @@ class ObjectPrompt:
     box: tuple[float, float, float, float] | None = None
 
     def __post_init__(self) -> None:
-        self.points = [(float(x), float(y)) for x, y in self.points]
-        self.labels = [int(v) for v in self.labels] or [POSITIVE] * len(self.points)
-        if self.box is not None:
+        self.object_id = whole_number(self.object_id, "an object id", PromptError)
+        who = f"object {self.object_id}"
+        self.frame = whole_number(self.frame, f"{who}: the prompt frame", PromptError)
+        try:
+            self.points = [(float(x), float(y)) for x, y in self.points]
+        except (TypeError, ValueError):
+            raise PromptError(f"{who}: points must be a list of (x, y) pairs of numbers, not {self.points!r}") \
+                from None
+        try:
+            box = None if self.box is None else tuple(float(v) for v in self.box)
+        except (TypeError, ValueError):
+            box = ()
+        if box is not None and len(box) != 4:
+            raise PromptError(f"{who}: a box is four numbers (x0, y0, x1, y1), not {self.box!r}")
+        try:
+            labels = list(self.labels)
+        except TypeError:
+            raise PromptError(f"{who}: labels must be a list of 1 (object) or 0 (background)") from None
+        self.labels = [whole_number(v, f"{who}: a point label", PromptError) for v in labels] or \
+            [POSITIVE] * len(self.points)
+        if box is not None:
             # Two corners in either order (a box dragged up or to the left) are the same rectangle.
-            x0, y0, x1, y1 = box = tuple(float(v) for v in self.box)
+            x0, y0, x1, y1 = box
             finite = all(math.isfinite(v) for v in box)  # check() names the others
             self.box = (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)) if finite else box
 
@@ -76,6 +94,8 @@ class ObjectPrompt:
 
 def check_prompts(prompts: Sequence[ObjectPrompt], width: int, height: int, frame_count: int) -> None:
     """Check every prompt and that no object is prompted twice on the same frame."""
+    if isinstance(prompts, ObjectPrompt) or not all(isinstance(p, ObjectPrompt) for p in prompts):
+        raise PromptError("prompts must be a list of ObjectPrompt")
     if not prompts:
         raise PromptError("no object selected: give at least one object prompt (clicks or a box on a frame)")
     seen: set[tuple[int, int]] = set()
@@ -140,15 +160,13 @@ def _field(item: dict, where: str, name: str, read: Callable[[object], T], expec
     value = item.get(name)
     try:
         return read(default if value is None else value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError, PromptError):
         raise PromptError(f'{where} is malformed: "{name}" must be {expected}, not {_shown(value)}; '
                           "see the prompts file format in the README") from None
 
 
 def _int(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-        raise ValueError(f"{value!r} is not a whole number")
-    return int(value)
+    return whole_number(value, "a number", PromptError)
 
 
 def _numbers(value: object, count: int | None = None) -> list[float]:

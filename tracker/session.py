@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import tempfile
 import threading
 import time
@@ -94,7 +95,9 @@ def _check_output_name(path: Path, what: str, suffixes: Sequence[str]) -> None:
 
 def check_output_paths(video: str | Path, output: str | Path | None, masks: str | Path | None) -> None:
     """Refuse outputs that are folders, misnamed (a .avi name on an MP4), or would overwrite the input
-    video or each other, before anything is written."""
+    video or each other, or lie under a file or a folder that cannot be written, before anything is written."""
+    if output is None and masks is None:
+        raise TrackerError("nothing to write: give an output video path and/or a masks zip path")
     if output is not None and _same_file(Path(output), Path(video)):
         raise TrackerError(f"the output video {output} is the input video; choose another path "
                            "(the input is never overwritten)")
@@ -104,8 +107,22 @@ def check_output_paths(video: str | Path, output: str | Path | None, masks: str 
         raise TrackerError(f"the output video and the masks zip are both {output}; give them different paths")
     if output is not None:
         _check_output_name(Path(output), "output video", list(H264_CONTAINERS))
+        _check_output_folder(Path(output))
     if masks is not None:
         _check_output_name(Path(masks), "masks zip", (".zip",))
+        _check_output_folder(Path(masks))
+
+
+def _check_output_folder(path: Path) -> None:
+    """The folder `path` goes in exists and is writable, or can be made (its nearest existing ancestor is)."""
+    folder = path.absolute().parent
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise VideoError(f"cannot write to {path}: {existing} is a file, not a folder; choose a folder you can "
+                         "write to")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise VideoError(f"cannot write to {path}: the folder {existing} is not writable; choose a folder you "
+                         "can write to")
 
 
 @dataclass(frozen=True)
@@ -378,8 +395,6 @@ class Tracker:
     def _open_sinks(self, info: VideoInfo, output: str | Path | None, masks: str | Path | None,
                     options: TrackOptions, stack: ExitStack) -> list[ThreadedSink | None]:
         """The video and zip writers, each aborted by `stack` on failure (the zip failing to open included)."""
-        if output is None and masks is None:
-            raise TrackerError("nothing to write: give an output video path and/or a masks zip path")
         video_sink = zip_sink = None
         if output is not None:
             writer = VideoWriter(output, info, audio_from=info.path if info.has_audio else None,

@@ -193,6 +193,8 @@ def read_frame(path: str | Path, index: int) -> Frame:
 
 
 def _open(path: Path) -> av.container.InputContainer:
+    if path.is_dir():
+        raise VideoError(f"{path} is a folder, not a video file; give the video's own path")
     if not path.is_file():
         raise VideoError(f"{path}: no such video file; check the path")
     if path.stat().st_size == 0:
