@@ -59,6 +59,7 @@ h1 { margin-bottom: 0 !important; }
 .swatch { display: inline-block; width: 0.9em; height: 0.9em; border-radius: 2px; margin: 0 0.3em 0 0.8em;
           vertical-align: -0.1em; border: 1px solid #0004; }
 .legend .current { font-weight: 700; text-decoration: underline; }
+#result-files .label-clear-button { display: none; }
 """
 
 
@@ -318,7 +319,8 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             if object_id is None:
                 raise TrackerError("pick the object to remove first")
             session.remove_object(int(object_id))
-            return (f"object {object_id} removed; the next Track re-runs the whole video", object_choices(session),
+            rerun = "; the next Track re-runs the whole video" if session.result is not None else ""
+            return (f"object {object_id} removed{rerun}", object_choices(session),
                     legend(session), shown(session, frame, alpha_value, outline_value)[0])
 
         remove_object.click(on_remove_object, [object_select, frame_slider, *style],

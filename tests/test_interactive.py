@@ -246,7 +246,7 @@ def test_box_mode_negative_only_and_frame_checks(session):
     assert click(session, 2, 20, 20, "box") == \
         "object 1 on frame 2: a box's first corner; click the opposite corner of the box"
     assert not session.labels(2).any()
-    click(session, 2, 60, 50, "box")
+    assert click(session, 2, 60, 50, "box") == "object 1 on frame 2: a box"
     assert (session.labels(2) == 1).sum() == 41 * 31
     session.clear(2)
     assert "negative points alone select nothing" in click(session, 3, 20, 20, "negative")

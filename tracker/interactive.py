@@ -515,7 +515,8 @@ class EditSession:
         clicks = edit.clicks
         what = "correcting object" if edit.refine else "object"
         count = len(clicks.points)
-        parts = ([f"{count} point{'s' * (count != 1)}"] if count or clicks.corner is None else []) + \
+        parts = ([f"{count} point{'s' * (count != 1)}"] if count or (clicks.corner is None and not clicks.box)
+                 else []) + \
             (["a box"] if clicks.box else []) + (["a box's first corner"] if clicks.corner is not None else [])
         text = f"{what} {object_id} on frame {frame}: {', '.join(parts)}"
         if clicks.corner is not None:
