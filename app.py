@@ -10,6 +10,7 @@ import argparse
 import functools
 import html
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import gradio as gr
+from gradio.route_utils import delete_files_created_by_app
 from gradio.utils import get_upload_folder
 
 from tracker.cli import add_model_flags as add_model_flags
@@ -476,10 +478,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         demo.queue(default_concurrency_limit=1).launch(
             server_name=args.host, server_port=args.port, share=args.share, allowed_paths=[],
             max_file_size=f"{int(args.max_upload_mb * 1024)}kb", ssr_mode=False, css=CSS, footer_links=[])
+    except SystemExit:  # SIGTERM
+        pass
     finally:
         demo.close(verbose=False)
         store.close_all()
-    return 0
+        # Once more, for the frames a handler still running at the stop cached after Gradio's own sweep.
+        delete_files_created_by_app(demo, None)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    # Not the interpreter's exit: a handler thread still inside a PyTorch call (a click's SAM encoder) would
+    # abort it ("terminate called without an active exception"); everything worth keeping is done above.
+    os._exit(0)
 
 
 if __name__ == "__main__":

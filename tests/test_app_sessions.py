@@ -205,6 +205,27 @@ def test_stopping_the_app_removes_every_session(untrained_checkpoints, browser, 
     user.page.context.close()
 
 
+def test_stopping_the_app_mid_job_and_mid_click_exits_cleanly(untrained_checkpoints, browser, clips, tmp_path):
+    """SIGTERM while a job runs and a click's SAM encoder works in another thread: exit code 0, nothing left
+    (the interpreter's own exit used to abort on the busy PyTorch thread, before the cached frames went)."""
+    with serve_app(untrained_checkpoints, tmp_path / "app") as server:
+        user = AppPage(browser.new_context().new_page(), server.url)
+        user.upload(clips / "long.mp4")
+        user.click_frame(40, 60, expect="object 1 on frame 0: 1 point")
+        user.page.locator("#track-button").click()
+        user.page.locator("#status").get_by_text(re.compile(r"Tracking frame \d+/60")).wait_for(
+            timeout=SAM_SECONDS * 1000)
+        user.go_to_frame(12)
+        image = user.page.locator("#frame-image img")
+        box = image.bounding_box()
+        image.click(position={"x": box["width"] / 3, "y": box["height"] / 2})
+        user.wait_status("^Segmenting", 30)
+    assert server.process.returncode == 0, server.log.read_text()[-2000:]
+    assert not list(server.temp.glob("gradio/**/*.webp")), "the user's frames outlived the app"
+    assert not list(server.temp.glob("gradio/tracker-app-*/*")), "a session's files outlived the app"
+    user.page.context.close()
+
+
 def test_a_bad_memory_setting_is_named_and_the_app_stays_ready(app, browser, clips):
     """An out-of-range or empty number used to stop the job before its handler ran: Track stayed disabled."""
     user = AppPage(browser.new_context().new_page(), app.url)
