@@ -264,6 +264,13 @@ def test_outputs_that_are_folders_or_misnamed_are_refused(tracker, clip, tmp_pat
 def test_crf_0_warns_that_browsers_cannot_play_the_video(tracker, clip, tmp_path):
     result = tracker.track(clip, CLICK, output=tmp_path / "o.mp4", options=TrackOptions(crf=0))
     assert any("lossless H.264" in warning for warning in result.warnings)
+    assert not any("very small" in warning for warning in result.warnings), "480 on a 48-pixel clip is its own size"
+
+
+def test_a_tiny_working_resolution_warns(tracker, clip, tmp_path):
+    result = tracker.track(clip, CLICK, masks=tmp_path / "m.zip", options=TrackOptions(size=16))
+    assert "the working resolution 16 px (shorter side) is very small: the masks are coarse; 480 suits most " \
+           "videos" in result.warnings
 
 
 def test_untrained_weights_warn_a_script(untrained_checkpoints):

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 LOSSLESS_WARNING = ("crf 0 makes lossless H.264 (High 4:4:4 Predictive profile), which browsers and many players "
                     "cannot play; crf 1 or more plays everywhere")
+# Below this working resolution (shorter side) XMem's stride-16 features are a handful of cells across.
+SMALL_WORKING_SIZE = 96
 
 
 def load_xmem(checkpoint: Path, device: torch.device) -> XMem:
@@ -371,6 +373,9 @@ class Tracker:
                                  output=Path(output) if output else None, masks=Path(masks) if masks else None)
         if output is not None and options.crf == 0:
             result.warnings.append(LOSSLESS_WARNING)
+        if 0 < options.size < min(SMALL_WORKING_SIZE, info.width, info.height):
+            result.warnings.append(f"the working resolution {options.size} px (shorter side) is very small: the "
+                                   f"masks are coarse; {TrackOptions().size} suits most videos")
         if self.untrained:
             result.warnings.append(weights.UNTRAINED_WARNING)
         return result
