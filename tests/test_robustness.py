@@ -222,7 +222,7 @@ def test_truncated_xmem_checkpoint_through_the_tracker(untrained_checkpoints, tm
     cut = tmp_path / "XMem.pth"
     data = untrained_checkpoints["xmem"].read_bytes()
     cut.write_bytes(data[: len(data) // 3])
-    with pytest.raises(WeightsError, match="truncated.*download it again"):
+    with pytest.raises(WeightsError, match="truncated.*give the checkpoint file itself .the official one: https"):
         Tracker(untrained_checkpoints["sam"], cut, device="cpu", download=False)
 
 

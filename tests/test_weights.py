@@ -260,22 +260,30 @@ def test_truncated_checkpoint_names_the_file_and_the_remedy(untrained_checkpoint
     cut = tmp_path / "XMem.pth"
     data = untrained_checkpoints["xmem"].read_bytes()
     cut.write_bytes(data[: len(data) // 2])
-    with pytest.raises(WeightsError, match=f"cannot read checkpoint {cut} .*truncated.*download it again") as err:
+    remedy = "give the checkpoint file itself"  # a file outside models/ is the user's: not "delete it"
+    with pytest.raises(WeightsError, match=f"cannot read checkpoint {cut} .*truncated.*{remedy}") as err:
         weights.load_checkpoint(cut)
     assert f"({len(data) // 2:,} bytes)" in str(err.value) and "miniz" not in str(err.value)  # not PyTorch's words
 
 
-def test_damaged_or_wrong_checkpoint_names_the_official_file(untrained_checkpoints, tmp_path):
-    """What the README promises for a truncated or wrong checkpoint: URL, size and SHA-256, where to put it."""
+def test_damaged_or_wrong_checkpoint_names_the_official_file(untrained_checkpoints, tmp_path, monkeypatch):
+    """What the README promises for a truncated or wrong checkpoint: URL, size and SHA-256, where to put it
+    (in models/; a file the user named elsewhere is not for us to replace)."""
+    monkeypatch.setenv(weights.MODELS_DIR_ENV, str(tmp_path / "models"))
+    (tmp_path / "models").mkdir()
     sam, xmem = weights.manifest()["sam"], weights.manifest()["xmem"]
     for name, entry, facts in (("xmem", xmem, "no published size or sha256"),
                                ("sam", sam, f"{sam.size} bytes, sha256 {sam.sha256}")):
-        cut = tmp_path / f"cut_{name}.pth"
+        cut = tmp_path / "models" / f"cut_{name}.pth"
         with untrained_checkpoints[name].open("rb") as source:
             cut.write_bytes(source.read(1 << 20))
-        with pytest.raises(WeightsError, match="truncated.*download it again") as err:
+        with pytest.raises(WeightsError, match="truncated.*delete it and download it again") as err:
             weights.checkpoint_status(cut, entry.layout)
         assert f"from {entry.url} ({facts}" in str(err.value) and str(err.value).endswith(f" to {cut}")
+        elsewhere = cut.rename(tmp_path / cut.name)
+        with pytest.raises(WeightsError, match="truncated.*give the checkpoint file itself .the official one: ") as err:
+            weights.checkpoint_status(elsewhere, entry.layout)
+        assert f"{entry.url} ({facts}" in str(err.value) and "delete" not in str(err.value)
     with pytest.raises(WeightsError, match="not in the XMem layout") as err:
         weights.verify_layout({"w": torch.zeros(1)}, "xmem")
     assert f"pass the official XMem checkpoint, {xmem.url} (no published size or sha256" in str(err.value)

@@ -138,11 +138,15 @@ def load_checkpoint(path: str | Path, layout: str | None = None) -> dict[str, to
     # torch.load reports damaged files through many exception types (RuntimeError from
     # the zip reader, EOFError, KeyError or UnpicklingError from the pickle reader).
     except Exception as exc:  # noqa: BLE001
-        source = f": the official one is {_official_source(layout)}" if layout else ""
+        # The file in models/ is ours to replace; one the user named elsewhere (a video by mistake?) is not.
+        ours = path.parent.resolve() == models_dir().resolve()
+        remedy = "delete it and download it again" if ours else "give the checkpoint file itself"
+        source = (f" from {_official_source(layout)} to {path}" if ours else
+                  f" (the official one: {_official_source(layout)})") if layout else ""
         # PyTorch's own words (a zip reader's internals, a pickle opcode) stay in the chained exception.
         raise WeightsError(
             f"cannot read checkpoint {path} ({path.stat().st_size:,} bytes): the file is truncated, corrupt or "
-            f"not a PyTorch state dict; give the checkpoint itself, or download it again{source}"
+            f"not a PyTorch state dict; {remedy}{source}"
         ) from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"checkpoint {path} is not a plain state dict of tensors; pass the original .pth file")
