@@ -46,6 +46,15 @@ def ids_on_frame(masks: Path, index: int) -> set[int]:
         return set(np.unique(np.asarray(Image.open(member))).tolist())
 
 
+def start_long_job(user: AppPage, clips: Path) -> None:
+    """Upload the 60-frame clip, click it and press Track; return once frames are being tracked."""
+    user.upload(clips / "long.mp4")
+    user.click_frame(40, 60, expect="object 1 on frame 0: 1 point")
+    user.page.locator("#track-button").click()
+    user.page.locator("#status").get_by_text(re.compile(r"Tracking frame \d+/60")).wait_for(
+        timeout=SAM_SECONDS * 1000)
+
+
 def test_two_users_tracking_at_once_see_only_their_own_work(app, browser, clips, tmp_path):
     alice = AppPage(browser.new_context().new_page(), app.url)
     bob = AppPage(browser.new_context().new_page(), app.url)
@@ -92,11 +101,7 @@ def test_two_users_tracking_at_once_see_only_their_own_work(app, browser, clips,
 
 def test_cancel_stops_the_job_and_the_app_stays_usable(app, browser, clips, tmp_path):
     user = AppPage(browser.new_context().new_page(), app.url)
-    user.upload(clips / "long.mp4")
-    user.click_frame(40, 60, expect="object 1 on frame 0: 1 point")
-    user.page.locator("#track-button").click()
-    user.page.locator("#status").get_by_text(re.compile(r"Tracking frame \d+/60")).wait_for(
-        timeout=SAM_SECONDS * 1000)
+    start_long_job(user, clips)
     assert user.page.locator("#cancel-button").is_enabled() and not user.page.locator("#track-button").is_enabled()
     # The video cannot be replaced or cleared under a running job.
     assert user.page.locator("#video-input input[type=file]").count() == 0
@@ -125,13 +130,9 @@ def test_a_job_waiting_behind_another_users_job_cancels_at_once(app, browser, cl
     """Bob's job waits for Alice's to finish with the device; his Cancel ends the wait, not hers."""
     alice = AppPage(browser.new_context().new_page(), app.url)
     bob = AppPage(browser.new_context().new_page(), app.url)
-    alice.upload(clips / "long.mp4")
     bob.upload(clips / "a.mp4")
-    alice.click_frame(40, 60, expect="object 1 on frame 0: 1 point")
     bob.click_frame(40, 60, expect="object 1 on frame 0: 1 point")
-    alice.page.locator("#track-button").click()
-    alice.page.locator("#status").get_by_text(re.compile(r"Tracking frame \d+/60")).wait_for(
-        timeout=SAM_SECONDS * 1000)
+    start_long_job(alice, clips)
     bob.page.locator("#track-button").click()
     bob.page.locator("#status").get_by_text(re.compile("Waiting for the device")).wait_for(timeout=30_000)
     pressed = time.monotonic()
@@ -210,11 +211,7 @@ def test_stopping_the_app_mid_job_and_mid_click_exits_cleanly(untrained_checkpoi
     (the interpreter's own exit used to abort on the busy PyTorch thread, before the cached frames went)."""
     with serve_app(untrained_checkpoints, tmp_path / "app") as server:
         user = AppPage(browser.new_context().new_page(), server.url)
-        user.upload(clips / "long.mp4")
-        user.click_frame(40, 60, expect="object 1 on frame 0: 1 point")
-        user.page.locator("#track-button").click()
-        user.page.locator("#status").get_by_text(re.compile(r"Tracking frame \d+/60")).wait_for(
-            timeout=SAM_SECONDS * 1000)
+        start_long_job(user, clips)
         user.go_to_frame(12)
         image = user.page.locator("#frame-image img")
         box = image.bounding_box()
