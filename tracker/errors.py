@@ -30,9 +30,8 @@ class Cancelled(TrackerError):
 def whole_number(value: object, what: str, error: type[TrackerError] = TrackerError) -> int:
     """`value` as an int when it is a whole number (2 or 2.0, not 2.5, "2", True or infinity); else `error`
     naming `what`: API callers pass Python values that argparse and JSON parsing never see."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return int(value)
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not float(value).is_integer():
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
+            not (isinstance(value, numbers.Integral) or float(value).is_integer()):
         raise error(f"{what} must be a whole number, not {value!r}")
     return int(value)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import tempfile
 import threading
 import time
@@ -34,7 +33,7 @@ from .prompts import ObjectPrompt, check_prompts
 from .render import MaskZipReader, MaskZipWriter, encoder_picture, encoder_picture_bytes
 from .sam import ImageEmbedding, SamBackend, load_sam, ready_backends, resolve_device, segment
 from .transfer import Download
-from .video import H264_CONTAINERS, VideoInfo, VideoWriter, make_clip, probe, read_frame
+from .video import H264_CONTAINERS, VideoInfo, VideoWriter, check_writable_folder, make_clip, probe, read_frame
 
 log = logging.getLogger(__name__)
 
@@ -109,22 +108,10 @@ def check_output_paths(video: str | Path, output: str | Path | None, masks: str 
         raise TrackerError(f"the output video and the masks zip are both {output}; give them different paths")
     if output is not None:
         _check_output_name(Path(output), "output video", list(H264_CONTAINERS))
-        _check_output_folder(Path(output))
+        check_writable_folder(Path(output))
     if masks is not None:
         _check_output_name(Path(masks), "masks zip", (".zip",))
-        _check_output_folder(Path(masks))
-
-
-def _check_output_folder(path: Path) -> None:
-    """The folder `path` goes in exists and is writable, or can be made (its nearest existing ancestor is)."""
-    folder = path.absolute().parent
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not existing.is_dir():
-        raise VideoError(f"cannot write to {path}: {existing} is a file, not a folder; choose a folder you can "
-                         "write to")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise VideoError(f"cannot write to {path}: the folder {existing} is not writable; choose a folder you "
-                         "can write to")
+        check_writable_folder(Path(masks))
 
 
 @dataclass(frozen=True)

@@ -683,6 +683,21 @@ def _audio_streams(container: av.container.InputContainer) -> list[av.AudioStrea
     return [s for s in container.streams.audio if s.codec_context is not None]
 
 
+def _unwritable(path: Path, reason: object) -> VideoError:
+    return VideoError(f"cannot write to {path}: {reason}; choose a folder you can write to")
+
+
+def check_writable_folder(path: Path) -> None:
+    """Refuse `path` before any work when its folder lies under a file or cannot be written (a missing
+    folder is fine where its nearest existing ancestor is writable: it will be made)."""
+    folder = path.absolute().parent
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise _unwritable(path, f"{existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise _unwritable(path, f"the folder {existing} is not writable")
+
+
 def temporary_path_beside(path: Path) -> Path:
     """An empty file next to `path`, so the final rename stays on one file system."""
     try:
@@ -690,8 +705,7 @@ def temporary_path_beside(path: Path) -> Path:
         handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     except OSError as exc:
         blocker = next((folder for folder in path.parents if folder.is_file()), None)
-        reason = f"{blocker} is a file, not a folder" if blocker else exc.strerror or exc
-        raise VideoError(f"cannot write to {path}: {reason}; choose a folder you can write to") from exc
+        raise _unwritable(path, f"{blocker} is a file, not a folder" if blocker else exc.strerror or exc) from exc
     os.close(handle)
     return Path(name)
 
