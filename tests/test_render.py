@@ -1,4 +1,5 @@
 import zipfile
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ from PIL import Image
 from tracker.errors import TrackerError
 from tracker.render import (CHROMA_GREEN, OUTLINE_SHADE, PALETTE, MaskZipReader, MaskZipWriter, cutout, overlay,
                             overlay_colours)
+from tracker.video import remove_unfinished_temporaries
 
 H, W = 40, 50
 
@@ -137,6 +139,20 @@ def test_masks_zip_leaves_nothing_when_aborted(tmp_path):
             failing.write(0, label_maps(1)[0])
             raise RuntimeError("tracking failed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupt_before_anyone_holds_a_writer_leaves_nothing(tmp_path, monkeypatch):
+    """Ctrl-C can land while a writer is being made, before a clean-up owns it: the command line sweeps it."""
+    finished = MaskZipWriter(tmp_path / "finished.zip")
+    finished.write(0, label_maps(1)[0])
+    finished.close()
+    orphan = MaskZipWriter(tmp_path / "orphan.zip")  # never closed nor aborted: as if interrupted at once
+    monkeypatch.setattr(zipfile, "ZipFile", mock.Mock(side_effect=KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        MaskZipWriter(tmp_path / "interrupted.zip")
+    assert {p.name for p in tmp_path.iterdir()} == {"finished.zip", orphan._temp.name}
+    remove_unfinished_temporaries()
+    assert [p.name for p in tmp_path.iterdir()] == ["finished.zip"]
 
 
 def test_unreadable_masks_zip_is_a_clear_error(tmp_path):

@@ -14,7 +14,7 @@ from typing import Sequence
 from .errors import TrackerError
 from .pipeline import MAX_OUTLINE, MemoryOptions, TrackOptions, resolve_precision
 from .prompts import NEGATIVE, POSITIVE, ObjectPrompt, check_prompts, load_prompts, parse_box, parse_xy
-from .video import DEFAULT_PRESET, X264_MAX_CRF, X264_PRESETS, VideoInfo, probe
+from .video import DEFAULT_PRESET, X264_MAX_CRF, X264_PRESETS, VideoInfo, probe, remove_unfinished_temporaries
 
 OUTPUT_DIR = Path("output")
 COORDINATE_FLAGS = ("--point", "--negative", "--box")
@@ -226,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
+        remove_unfinished_temporaries()
         signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
         # A download keeps what it fetched (its .part file) for the next run to resume from.
         left = ("the part already downloaded is kept; run it again to resume"

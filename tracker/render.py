@@ -23,7 +23,7 @@ from XMem.inference.graph_cache import GraphCache
 from . import colour
 from .errors import TrackerError
 from .transfer import Download, upload
-from .video import AtomicWriter, temporary_path_beside
+from .video import AtomicWriter, release_temporary, temporary_path_beside
 
 
 def davis_palette() -> np.ndarray:
@@ -200,7 +200,11 @@ class MaskZipWriter(AtomicWriter):
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._temp = temporary_path_beside(self.path)
-        self._zip = zipfile.ZipFile(self._temp, "w", compression=zipfile.ZIP_STORED)
+        try:
+            self._zip = zipfile.ZipFile(self._temp, "w", compression=zipfile.ZIP_STORED)
+        except BaseException:
+            release_temporary(self._temp)
+            raise
         self._written: set[int] = set()
         self._lock = threading.Lock()
         self._done = False
@@ -231,13 +235,15 @@ class MaskZipWriter(AtomicWriter):
             if self._done:
                 return
             self._done = True
+            moved = False
             try:
                 self._zip.close()
                 if keep:
                     self._temp.chmod(0o644)
                     os.replace(self._temp, self.path)
+                    moved = True
             finally:
-                self._temp.unlink(missing_ok=True)
+                release_temporary(self._temp, moved=moved)
 
 
 class MaskZipReader:

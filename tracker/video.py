@@ -560,6 +560,7 @@ class VideoWriter(AtomicWriter):
                 self._container.close()
                 self._temp.chmod(0o644)  # mkstemp makes it private; a finished video is not
                 os.replace(self._temp, self.path)
+                release_temporary(self._temp, moved=True)
             except (av.FFmpegError, OSError) as exc:
                 self._discard()
                 raise VideoError(f"finishing {self.path.name} failed: {exc}; check the free disk space") from exc
@@ -589,7 +590,7 @@ class VideoWriter(AtomicWriter):
                 pass  # the file is deleted next; a failed trailer does not matter
         for track in self._audio:
             track.close()
-        self._temp.unlink(missing_ok=True)
+        release_temporary(self._temp)
 
 
 # Encoders reject layouts without a channel order (as Matroska stores PCM); more than 8 channels are mixed to 2.
@@ -698,16 +699,38 @@ def check_writable_folder(path: Path) -> None:
         raise _unwritable(path, f"the folder {existing} is not writable")
 
 
+# Temporaries not yet moved into place or removed: an interrupt can land between a writer making its file and
+# whoever would abort it taking hold of it, so the command line sweeps what is left here when it stops.
+_unfinished: set[Path] = set()
+
+
 def temporary_path_beside(path: Path) -> Path:
-    """An empty file next to `path`, so the final rename stays on one file system."""
+    """An empty file next to `path`, so the final rename stays on one file system.
+
+    Its owner calls `release_temporary` once the file is renamed into place or deleted.
+    """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     except OSError as exc:
         blocker = next((folder for folder in path.parents if folder.is_file()), None)
         raise _unwritable(path, f"{blocker} is a file, not a folder" if blocker else exc.strerror or exc) from exc
+    _unfinished.add(Path(name))
     os.close(handle)
     return Path(name)
+
+
+def release_temporary(temp: Path, *, moved: bool = False) -> None:
+    """Stop tracking `temp`, deleting it unless it was `moved` into place (its name may be reused since)."""
+    if not moved:
+        temp.unlink(missing_ok=True)
+    _unfinished.discard(temp)
+
+
+def remove_unfinished_temporaries() -> None:
+    """Delete every temporary file no writer finished or aborted (after an interrupt)."""
+    for temp in list(_unfinished):
+        release_temporary(temp)
 
 
 def make_clip(path: Path, width: int, height: int, frames: int, fps: int = 30) -> Path:
