@@ -27,7 +27,8 @@ from tracker.errors import Cancelled, TrackerError
 from tracker.exports import CUTOUT_KINDS
 from tracker.interactive import (VIDEO_SUFFIXES, EditSession, Limits, SessionStore, Style, frame_caption,
                                  truncation_note, upload_message)
-from tracker.pipeline import MemoryOptions, TrackOptions, resolve_precision
+from tracker.options import MemoryOptions, TrackOptions
+from tracker.pipeline import resolve_precision
 from tracker.render import overlay_colours
 from tracker.session import Tracker
 from tracker.video import X264_MAX_CRF, X264_PRESETS

@@ -71,7 +71,7 @@ def make_clip(path: str | Path, *, frames: int = 30, width: int = 160, height: i
     `bframes` B-frames and a keyframe every `gop` frames. Timestamps count in
     1/(fps*100) s; with `vfr` the frame intervals vary. `audio_codec` must fit
     the container (e.g. pcm_s16le needs .mkv or .mov); several codecs make one
-    track each, tagged with the languages of `TRACK_LANGUAGES` in turn.
+    track each, tagged with the languages of `TRACK_LANGUAGES` in turn and titled after them.
     """
     path = Path(path)
     options = {"g": str(gop)}
@@ -93,6 +93,7 @@ def make_clip(path: str | Path, *, frames: int = 30, width: int = 160, height: i
         if len(sounds) > 1:
             for sound, language in zip(sounds, TRACK_LANGUAGES):
                 sound.metadata["language"] = language
+                sound.metadata["title"] = f"{language} commentary"
         ticks = frame_pts(frames, vfr)
         ends = ticks[1:] + [ticks[-1] + 1]
         for index, (tick, end) in enumerate(zip(ticks, ends)):

@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.media import make_clip
+from tests.media import make_clip, truncated_copy
 from tracker.cli import GPU_START_NOTE, attach_negative_values
 from tracker.prompts import ObjectPrompt
 from tracker.video import probe, read_frame
@@ -139,6 +139,8 @@ def test_prompts_file_on_later_frames(untrained_checkpoints, cpu_tracker, tmp_pa
     ("memory", ["--point", "5,5", "--top-k", "0"], "--top-k must be at least 1, not 0"),
     ("infinite id", ["--prompts", "{inf}"], '"id" must be a whole number from 1 to 255, not Infinity'),
     ("masks under a file", ["--point", "5,5", "--masks", "{blocked}"], "file.txt is a file, not a folder"),
+    ("truncated", ["--point", "5,5", "--frame", "20"], "prompt frame 20 is missing from this truncated file: only "
+     "frames 0.."),
     ("size", ["--point", "5,5", "--size", "-5"],
      "size (the working resolution's shorter side) must be 0 (the original resolution)"),
 ])
@@ -149,6 +151,9 @@ def test_bad_input_exits_2_with_one_line_before_the_weights_load(case, args, mes
         clip.write_text("this is not a video\n")
     elif case == "folder":
         clip.mkdir()
+    elif case == "truncated":  # its index lists 24 frames, about half of them are present
+        truncated_copy(make_clip(tmp_path / "whole.mp4", frames=24, width=64, height=48, audio=False, gop=3,
+                                 faststart=True), clip, keep=0.5)
     elif case != "missing":
         make_clip(clip, frames=3, width=64, height=48, audio=False)
     prompts = {name: tmp_path / f"{name[1:-1]}.json" for name in ("{bad}", "{empty}", "{one}", "{inf}")}
@@ -207,6 +212,15 @@ def test_negative_coordinates_reach_the_prompt_checks():
             "--point", "7,8"]
     assert attach_negative_values(argv) == ["track", "v.mp4", "--point=-5,20", "--negative=-.5,3",
                                             "--box=-1,-2,3,4", "--frame", "-1", "--point", "7,8"]
+
+
+def test_help_and_flag_checks_do_not_load_torch():
+    """`--help`, a typo'd flag and Ctrl-C early must be instant: the command line loads the models' libraries
+    only once a command runs."""
+    done = subprocess.run([sys.executable, "-c", "import sys, tracker.cli, tracker.options; "
+                           "print('torch' in sys.modules)"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stderr
+    assert run_cli("track", "--help").returncode == 0
 
 
 def test_missing_checkpoint_names_url_and_path(tmp_path):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from tracker.colour import YuvPicture, rgb_to_yuv420, split_planes, yuv420_to_rgb
+from tracker.colour import rgb_to_yuv420, split_planes, yuv420_to_rgb
+from tracker.video import YuvPicture
 
 SWSCALE_NAMES = {"bt709": "itu709", "bt601": "itu601"}
 AV_COLORSPACES = {"bt709": 1, "bt601": 5}

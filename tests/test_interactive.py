@@ -24,7 +24,7 @@ from tracker.errors import Cancelled, PromptError, TrackerError, VideoError
 from tracker.interactive import (WAITING_FOR_DEVICE, Clicks, EditSession, Limits, ProgressClock, RunRecord,
                                  SessionStore, display_scale, format_seconds, frame_caption, mask_to_logits,
                                  plan_passes, upload_message)
-from tracker.pipeline import TrackOptions
+from tracker.options import TrackOptions
 from tracker.prompts import ObjectPrompt
 from tracker.render import CHROMA_GREEN, MaskZipReader
 from tracker.sam import ImageEmbedding, SamBackend, SamPrediction, resized_shape, to_frame_coords, upscale_masks

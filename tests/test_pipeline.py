@@ -163,7 +163,7 @@ def test_aborting_a_deep_queue_skips_what_is_still_queued():
 ])
 def test_memory_settings_are_checked(settings, message):
     from tracker.errors import TrackerError
-    from tracker.pipeline import MemoryOptions
+    from tracker.options import MemoryOptions
 
     with pytest.raises(TrackerError, match=message):
         MemoryOptions(**settings)
@@ -181,7 +181,7 @@ def test_memory_settings_are_checked(settings, message):
 ])
 def test_encoder_settings_are_checked(settings, message):
     from tracker.errors import TrackerError
-    from tracker.pipeline import TrackOptions
+    from tracker.options import TrackOptions
 
     with pytest.raises(TrackerError, match=message):
         TrackOptions(**settings)
@@ -190,7 +190,7 @@ def test_encoder_settings_are_checked(settings, message):
 
 def test_memory_settings_of_the_wrong_type_are_named():
     from tracker.errors import TrackerError
-    from tracker.pipeline import MemoryOptions
+    from tracker.options import MemoryOptions
 
     with pytest.raises(TrackerError, match="memory setting top_k must be a whole number, not 2.5"):
         MemoryOptions(top_k=2.5)
@@ -263,7 +263,8 @@ def test_launch_pacer_keeps_the_loop_two_frames_ahead():
 def test_frame_graphs_replay_the_eager_conversions_labels_and_drawing(tmp_path):
     """The per-frame work around XMem, replayed from CUDA graphs, gives what it gives eagerly."""
     from media import make_clip
-    from tracker.pipeline import TrackOptions, frame_graphs, labels_at
+    from tracker.options import TrackOptions
+    from tracker.pipeline import frame_graphs, labels_at
     from tracker.render import encoder_picture
     from tracker.video import iter_frames
 
@@ -316,7 +317,8 @@ def test_warm_up_leaves_xmems_graphs_to_the_next_videos_of_its_size(untrained_ch
     and leaves it for the next; an error drops it (its graphs' memory goes)."""
     from media import make_clip
     from tracker.errors import Cancelled
-    from tracker.pipeline import IDLE_GRAPHS, TrackOptions
+    from tracker.options import TrackOptions
+    from tracker.pipeline import IDLE_GRAPHS
     from tracker.prompts import ObjectPrompt
     from tracker.session import Tracker
 
@@ -349,7 +351,8 @@ def test_warming_up_on_a_cpu_does_nothing(cpu_tracker):
 
 def test_precisions_per_device():
     from tracker.errors import TrackerError
-    from tracker.pipeline import TrackOptions, resolve_precision, stepping_network
+    from tracker.options import TrackOptions
+    from tracker.pipeline import resolve_precision, stepping_network
 
     cpu, network = torch.device("cpu"), torch.nn.Conv2d(3, 3, 3)
     assert resolve_precision(cpu, "auto") is None and resolve_precision(cpu, "fp32") is None
@@ -370,7 +373,7 @@ def test_bf16_on_the_cpu_tracks_every_frame_and_keeps_the_prompt(cpu_tracker, tm
     Untrained weights give near-tie probabilities, so its masks are not compared with fp32's here.
     """
     from media import make_clip
-    from tracker.pipeline import TrackOptions
+    from tracker.options import TrackOptions
     from tracker.prompts import ObjectPrompt
     from tracker.video import probe
 

@@ -8,6 +8,7 @@ decoding, writing) runs for real on every call.
 from __future__ import annotations
 
 import errno
+import os
 import random
 import subprocess
 import sys
@@ -25,7 +26,8 @@ from tests.media import make_audio_only, make_clip, make_empty_file, make_text_f
 from tracker import pipeline
 from tracker.errors import Cancelled, PromptError, TrackerError, VideoError, WeightsError
 from tracker.prompts import ObjectPrompt, load_prompts
-from tracker.session import Tracker, TrackOptions, TrackResult, load_xmem
+from tracker.options import TrackOptions
+from tracker.session import Tracker, TrackResult, load_xmem
 from tracker.video import VideoWriter, iter_frames, probe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -252,13 +254,17 @@ def test_outputs_that_would_overwrite_the_input_or_each_other_are_refused(tracke
     (dict(output="folder"), "the output video .*folder is a folder; give a file name ending in .mp4, "),
     (dict(output="o.avi"), r"the output video o.avi would be misnamed: end its name in .mp4, .m4v, .mov or .mkv"),
     (dict(masks="folder"), "the masks zip .*folder is a folder"),
-    (dict(masks="m.tar"), "m.tar would be misnamed: end its name in .zip")])
+    (dict(masks="m.tar"), "m.tar would be misnamed: end its name in .zip"),
+    (dict(output="results"), "the output video results has no ending: end its name in .mp4, "),
+    (dict(masks="pipe.zip"), "the masks zip .*pipe.zip is not a regular file \\(a device or a pipe\\)")])
 def test_outputs_that_are_folders_or_misnamed_are_refused(tracker, clip, tmp_path, paths, message):
+    """A device or pipe at the path (`/dev/null`) would be replaced by the finished file, as root even /dev/null."""
     (tmp_path / "folder").mkdir()
+    os.mkfifo(tmp_path / "pipe.zip")
     with pytest.raises(TrackerError, match=message) as err:
         tracker.track(clip, CLICK, **{key: tmp_path / name for key, name in paths.items()})
     one_line(err.value)
-    assert leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == [] and (tmp_path / "pipe.zip").is_fifo()
 
 
 def test_crf_0_warns_that_browsers_cannot_play_the_video(tracker, clip, tmp_path):

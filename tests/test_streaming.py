@@ -8,7 +8,7 @@ import numpy as np
 import psutil
 
 from tests.media import make_clip
-from tracker.pipeline import TrackOptions
+from tracker.options import TrackOptions
 from tracker.prompts import ObjectPrompt
 from tracker.video import iter_frames
 

@@ -155,16 +155,24 @@ def test_audio_mp4_cannot_hold_is_converted_to_aac(media_dir, tmp_path):
 
 
 
-def test_every_audio_track_is_kept_in_order_with_its_language(media_dir, tmp_path):
-    """A second track (commentary, another language) is not dropped: each is copied or converted in turn."""
+@pytest.mark.parametrize("again", [".mp4", ".mkv"])
+def test_every_audio_track_is_kept_in_order_with_its_language_and_title(media_dir, tmp_path, again):
+    """A second track (commentary, another language) is not dropped: each is copied or converted in turn.
+    An MP4's track title reads back under another key ("name"); a second pass must keep it too."""
     source = make_clip(media_dir / "two_tracks.mkv", frames=10, audio_codec=("aac", "pcm_s16le"))
-    output = encode_copy(source, tmp_path / "two_tracks.mp4")
+    output = encode_copy(encode_copy(source, tmp_path / "two_tracks.mp4"), tmp_path / f"again{again}")
     with av.open(str(output)) as result:
         tracks = result.streams.audio
         assert [t.codec.canonical_name for t in tracks] == ["aac", "aac"]
         assert [t.metadata.get("language") for t in tracks] == list(TRACK_LANGUAGES[:2])
-        for track in tracks:
-            assert float(track.duration * track.time_base) == pytest.approx(10 / FPS, abs=0.05)
+        assert [t.metadata.get("title") or t.metadata.get("name") for t in tracks] == [
+            f"{language} commentary" for language in TRACK_LANGUAGES[:2]]
+        ends = {track.index: 0 for track in tracks}  # Matroska keeps no track duration: from the packets
+        for packet in result.demux(*tracks):
+            if packet.pts is not None:
+                ends[packet.stream.index] = max(ends[packet.stream.index],
+                                                float((packet.pts + packet.duration) * packet.time_base))
+        assert list(ends.values()) == pytest.approx([10 / FPS] * len(tracks), abs=0.05)
 
 def test_variable_frame_rate_stays_variable(vfr_clip, tmp_path):
     output = encode_copy(vfr_clip, tmp_path / "vfr_out.mp4")

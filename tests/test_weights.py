@@ -325,3 +325,22 @@ def test_download_all_fetches_every_manifest_entry(server, monkeypatch, tmp_path
     paths = weights.download_all(progress=False)
     assert paths == {"a": tmp_path / "a.pth", "b": tmp_path / "b.pth"}
     assert paths["b"].read_bytes() == BLOB[::-1]
+
+
+def test_download_all_names_every_file_it_could_not_fetch(server, monkeypatch, tmp_path):
+    """Offline, one run must list every URL and path to fetch by hand, not only the first."""
+    entries = {name: WeightsEntry(name, name.upper(), f"{server.url}/{name}.pth", f"{name}.pth", len(BLOB),
+                                  hashlib.sha256(BLOB).hexdigest(), "sam_vit_b") for name in ("a", "b", "c")}
+    server.files["/b.pth"] = BLOB  # a and c are missing on the server
+    monkeypatch.setattr(weights, "manifest", lambda: entries)
+    monkeypatch.setenv(weights.MODELS_DIR_ENV, str(tmp_path))
+    with pytest.raises(WeightsError) as err:
+        weights.download_all(progress=False)
+    message = str(err.value)
+    assert f"{server.url}/a.pth" in message and f"{server.url}/c.pth" in message and "b.pth" not in message
+    assert (tmp_path / "b.pth").read_bytes() == BLOB  # the one that could be fetched was
+
+
+def test_a_folder_given_as_checkpoint_is_named_a_folder(tmp_path):
+    with pytest.raises(WeightsError, match="SAM ViT-B checkpoint .* is a folder; give the checkpoint file itself"):
+        weights.resolve_checkpoint("sam", tmp_path)

@@ -12,8 +12,8 @@ import importlib.util
 import pytest
 import torch
 
-from tracker.pipeline import (IDLE_GRAPHS, IMAGENET_MEAN, IMAGENET_STD, MemoryOptions, TrackOptions, autocast_for,
-                             stepping_network)
+from tracker.options import MemoryOptions, TrackOptions
+from tracker.pipeline import IDLE_GRAPHS, IMAGENET_MEAN, IMAGENET_STD, autocast_for, stepping_network
 from XMem.inference.graph_cache import SEARCH_WORKSPACE_BYTES
 from XMem.inference.inference_core import InferenceCore
 from XMem.model.network import XMem

@@ -21,7 +21,7 @@ from .prompts import ObjectPrompt, load_prompts
 # The model-side names load torch and the networks: import them on first use,
 # so that `python -m tracker weights ...` and prompt parsing stay light.
 _LAZY = {
-    "MemoryOptions": "pipeline", "TrackOptions": "pipeline", "TrackedFrame": "pipeline",
+    "MemoryOptions": "options", "TrackOptions": "options", "TrackedFrame": "pipeline",
     "Tracker": "session", "TrackResult": "session", "track_video": "session",
     "UntrainedWeightsWarning": "session",
 }

@@ -27,8 +27,9 @@ import torch
 from XMem.inference.inference_core import InferenceCore
 
 from .errors import TrackerError
-from .pipeline import (IDLE_GRAPHS, FramePrep, MemoryOptions, ThreadedSink, TrackOptions, autocast_for, cpu_has_bf16,
-                       frame_graphs, prefetch, stepping_network)
+from .options import MemoryOptions, TrackOptions
+from .pipeline import (IDLE_GRAPHS, FramePrep, ThreadedSink, autocast_for, cpu_has_bf16, frame_graphs, prefetch,
+                       stepping_network)
 from .prompts import ObjectPrompt
 from .render import encoder_picture, encoder_picture_bytes
 from .sam import TorchSam, resolve_device

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import TrackerError
-from .pipeline import MAX_OUTLINE, MemoryOptions, TrackOptions, resolve_precision
+from .options import MAX_OUTLINE, MemoryOptions, TrackOptions
 from .prompts import NEGATIVE, POSITIVE, ObjectPrompt, check_prompts, load_prompts, parse_box, parse_xy
 from .video import DEFAULT_PRESET, X264_MAX_CRF, X264_PRESETS, VideoInfo, probe, remove_unfinished_temporaries
 
@@ -130,12 +130,13 @@ def check_before_loading(args: argparse.Namespace, prompts: list[ObjectPrompt], 
                          masks: Path | None) -> VideoInfo:
     """Refuse a bad video, prompt, output path or precision at once, not after the weights have loaded (10 s
     or more); the video's facts when all is well."""
+    from .pipeline import resolve_precision
     from .sam import encoder_dtype, resolve_device
     from .session import check_output_paths
 
     check_output_paths(args.video, output, masks)
     info = probe(args.video)
-    check_prompts(prompts, info.width, info.height, info.frame_count)
+    check_prompts(prompts, info.width, info.height, info.frame_count, info.present_frames)
     device = resolve_device(args.device)
     resolve_precision(device, args.precision)
     encoder_dtype(args.sam_precision, device)

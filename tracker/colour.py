@@ -8,7 +8,6 @@ results agree with swscale's fixed-point conversions within a few grey levels.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 from types import ModuleType
 
@@ -17,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from XMem.model.triton_support import triton_kernels
+
+from .video import YuvPicture
 
 # Luma weights (Kr, Kb) of the two matrices in use for 8-bit video.
 MATRICES = {"bt601": (0.299, 0.114), "bt709": (0.2126, 0.0722)}
@@ -30,22 +31,6 @@ def colour_on_device(device: torch.device) -> bool:
 def pixel_kernels(device: torch.device) -> ModuleType | None:
     """`tracker.colour_kernels` where its Triton kernels run on `device` (CUDA), else None (torch operations)."""
     return triton_kernels(f"{__package__}.colour_kernels", device)
-
-
-@dataclass(frozen=True)
-class YuvPicture:
-    """An 8-bit 4:2:0 picture as planes: Y (H x W), then U and V (H/2 x W/2 each), flat as PyAV's yuv420p array.
-
-    `rotation` is the clockwise turn (degrees) that brings it to display
-    orientation; `matrix` and `full_range` say how its values map to RGB.
-    """
-
-    planes: np.ndarray | torch.Tensor  # (H * 3 / 2, W) uint8
-    width: int
-    height: int
-    matrix: str = "bt709"
-    full_range: bool = False
-    rotation: int = 0
 
 
 def _rgb_from_yuv_matrix(matrix: str) -> tuple[tuple[float, float, float], ...]:

@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw
 
 from .errors import Cancelled, PromptError, TrackerError, VideoError
 from .exports import CUTOUT_KINDS, export_cutout
-from .pipeline import TrackOptions
+from .options import TrackOptions
 from .prompts import NEGATIVE, POSITIVE, ObjectPrompt, check_prompts, prompts_from_text
 from .render import MaskZipReader, encode_mask, mask_name, overlay, overlay_colours
 from .sam import IMAGE_SIZE, LOW_RES_SIZE, ImageEmbedding, resized_shape
@@ -673,7 +673,7 @@ class EditSession:
         """
         info = self.open_video(upload, limits)  # first, so that the session owns (and later removes) the upload
         prompts = prompts_from_text(prompts_json, "the prompts")
-        check_prompts(prompts, info.width, info.height, info.frame_count)
+        check_prompts(prompts, info.width, info.height, info.frame_count, info.present_frames)
         with self.lock:
             self.objects = sorted({prompt.object_id for prompt in prompts})
             self.current = self.objects[0]

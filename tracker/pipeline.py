@@ -12,11 +12,10 @@ import collections
 import contextlib
 import copy
 import queue
-import re
 import tempfile
 import threading
 import weakref
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
@@ -30,100 +29,15 @@ from XMem.inference.inference_core import InferenceCore
 from XMem.model.fusion import inference_copy
 
 from . import colour
-from .errors import Cancelled, TrackerError, real_number, whole_number
+from .errors import Cancelled, TrackerError, whole_number
+from .options import TrackOptions
 from .transfer import Download, pinned, upload
-from .video import DEFAULT_PRESET, X264_MAX_CRF, X264_PRESETS, Frame, VideoInfo, iter_frames
+from .video import Frame, VideoInfo, iter_frames
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 ProgressFn = Callable[[int, int], None]
-
-
-@dataclass
-class MemoryOptions:
-    """XMem's memory settings, defaults as in the reference implementation."""
-
-    mem_every: int = 5
-    top_k: int = 30
-    min_mid_term_frames: int = 5
-    max_mid_term_frames: int = 10
-    num_prototypes: int = 128
-    max_long_term_elements: int = 10000
-    deep_update_every: int = -1
-    enable_long_term: bool = True
-    enable_long_term_count_usage: bool = True
-    # Opt-in occlusion shortcut, off as in the reference: skip a memory update while
-    # an object covers fewer pixels than this at the working resolution.
-    min_memory_area: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("mem_every", "top_k", "min_mid_term_frames", "max_mid_term_frames", "num_prototypes",
-                     "max_long_term_elements", "deep_update_every", "min_memory_area"):
-            setattr(self, name, whole_number(getattr(self, name), f"memory setting {name}"))
-        for name in ("mem_every", "top_k", "min_mid_term_frames", "num_prototypes", "max_long_term_elements"):
-            if getattr(self, name) < 1:
-                raise TrackerError(f"memory setting {name} must be at least 1, not {getattr(self, name)}")
-        if self.min_memory_area < 0:
-            raise TrackerError(f"min_memory_area must be 0 (off) or more, not {self.min_memory_area}")
-        if self.max_mid_term_frames <= self.min_mid_term_frames:
-            raise TrackerError(f"max_mid_term_frames ({self.max_mid_term_frames}) must be larger than "
-                               f"min_mid_term_frames ({self.min_mid_term_frames})")
-        if self.num_prototypes > self.max_long_term_elements:
-            raise TrackerError(f"num_prototypes ({self.num_prototypes}) cannot exceed max_long_term_elements "
-                               f"({self.max_long_term_elements})")
-
-    @staticmethod
-    def named(message: str, name_of: Callable[[str], str]) -> str:
-        """One of these settings' errors with their field names as the user knows them (CLI flags, app labels)."""
-        names = {f.name for f in fields(MemoryOptions)}
-        return re.sub(r"\b(?:memory setting )?([a-z_]+)\b", lambda m: name_of(m[1]) if m[1] in names else m[0],
-                      message)
-
-    def xmem_config(self, network: torch.nn.Module) -> dict:
-        """The reference's config dict, with the dimensions the loaded network has."""
-        return dict(
-            vars(self),
-            enable_short_term=True,
-            key_dim=network.key_dim,
-            value_dim=network.value_dim,
-            hidden_dim=network.hidden_dim,
-        )
-
-
-# Wider outlines would hide the objects they surround.
-MAX_OUTLINE = 64
-
-
-@dataclass
-class TrackOptions:
-    """How a video is tracked and rendered."""
-
-    size: int = 480  # shorter side of the working resolution; 0 keeps the original
-    memory: MemoryOptions = field(default_factory=MemoryOptions)
-    alpha: float = 0.5  # overlay opacity
-    outline: int = 2  # outline width in pixels, 0 for none
-    crf: int = 18
-    preset: str = DEFAULT_PRESET
-    precision: str = "auto"  # XMem on CUDA: "fp32", "bf16", "fp16", or "auto" (the fastest that matches fp32)
-    # CUDA only: XMem's fast copy (folded, fused, channels-last) replays CUDA graphs; False: the plain network, eager
-    cuda_graphs: bool = True
-
-    def __post_init__(self) -> None:
-        self.size, self.crf, self.outline = (whole_number(self.size, "size"), whole_number(self.crf, "crf"),
-                                             whole_number(self.outline, "outline"))
-        self.alpha = real_number(self.alpha, "alpha (the overlay's opacity)")
-        if self.size < 0:
-            raise TrackerError(f"size (the working resolution's shorter side) must be 0 (the original resolution) "
-                               f"or a number of pixels, not {self.size}")
-        if self.preset not in X264_PRESETS:
-            raise TrackerError(f"unknown encoder preset {self.preset!r}; use one of {', '.join(X264_PRESETS)}")
-        if not 0 <= self.crf <= X264_MAX_CRF:
-            raise TrackerError(f"crf must be 0 (lossless) to {X264_MAX_CRF}, not {self.crf}")
-        if not 0 <= self.alpha <= 1:
-            raise TrackerError(f"alpha (the overlay's opacity) must be 0 to 1, not {self.alpha}")
-        if not 0 <= self.outline <= MAX_OUTLINE:
-            raise TrackerError(f"outline must be 0 (none) to {MAX_OUTLINE} pixels, not {self.outline}")
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -55,8 +55,9 @@ class ObjectPrompt:
             finite = all(math.isfinite(v) for v in box)  # check() names the others
             self.box = (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)) if finite else box
 
-    def check(self, width: int, height: int, frame_count: int) -> None:
-        """Raise PromptError when the prompt cannot apply to a video of this size and length."""
+    def check(self, width: int, height: int, frame_count: int, present_frames: int | None = None) -> None:
+        """Raise PromptError when the prompt cannot apply to a video of this size and length (of which a
+        truncated file holds only the first `present_frames`)."""
         who = f"object {self.object_id}"
         if not 1 <= self.object_id <= 255:
             raise PromptError(f"{who}: object ids must be between 1 and 255")
@@ -67,6 +68,9 @@ class ObjectPrompt:
             raise PromptError(
                 f"{who}: prompt frame {self.frame} is past the end; the video has frames 0..{frame_count - 1}"
             )
+        if present_frames is not None and self.frame >= present_frames:
+            raise PromptError(f"{who}: prompt frame {self.frame} is missing from this truncated file: only frames "
+                              f"0..{present_frames - 1} are present")
         if not self.points and self.box is None:
             raise PromptError(f"{who}: give at least one point or a box")
         if len(self.labels) != len(self.points):
@@ -92,7 +96,8 @@ class ObjectPrompt:
                 raise PromptError(f"{who}: box {self.box} has zero area; drag two distinct corners")
 
 
-def check_prompts(prompts: Sequence[ObjectPrompt], width: int, height: int, frame_count: int) -> None:
+def check_prompts(prompts: Sequence[ObjectPrompt], width: int, height: int, frame_count: int,
+                  present_frames: int | None = None) -> None:
     """Check every prompt and that no object is prompted twice on the same frame."""
     if isinstance(prompts, ObjectPrompt) or not all(isinstance(p, ObjectPrompt) for p in prompts):
         raise PromptError("prompts must be a list of ObjectPrompt")
@@ -100,7 +105,7 @@ def check_prompts(prompts: Sequence[ObjectPrompt], width: int, height: int, fram
         raise PromptError("no object selected: give at least one object prompt (clicks or a box on a frame)")
     seen: set[tuple[int, int]] = set()
     for prompt in prompts:
-        prompt.check(width, height, frame_count)
+        prompt.check(width, height, frame_count, present_frames)
         key = (prompt.object_id, prompt.frame)
         if key in seen:
             raise PromptError(f"object {prompt.object_id} has two prompts on frame {prompt.frame}; merge them")

@@ -28,7 +28,8 @@ from XMem.model.network import XMem, dims_from_state_dict
 
 from . import weights
 from .errors import Cancelled, TrackerError, VideoError
-from .pipeline import IDLE_GRAPHS, ProgressFn, ThreadedSink, TrackedFrame, TrackOptions, frame_graphs, track_frames
+from .options import TrackOptions
+from .pipeline import IDLE_GRAPHS, ProgressFn, ThreadedSink, TrackedFrame, frame_graphs, track_frames
 from .prompts import ObjectPrompt, check_prompts
 from .render import MaskZipReader, MaskZipWriter, encoder_picture, encoder_picture_bytes
 from .sam import ImageEmbedding, SamBackend, load_sam, ready_backends, resolve_device, segment
@@ -90,7 +91,12 @@ def _check_output_name(path: Path, what: str, suffixes: Sequence[str]) -> None:
     endings = ", ".join(suffixes[:-1]) + " or " + suffixes[-1] if len(suffixes) > 1 else suffixes[0]
     if path.is_dir():
         raise TrackerError(f"the {what} {path} is a folder; give a file name ending in {endings}")
-    if path.suffix and path.suffix.lower() not in suffixes:
+    if path.exists() and not path.is_file():  # a device such as /dev/null or a pipe: the finished file replaces it
+        raise TrackerError(f"the {what} {path} is not a regular file (a device or a pipe); "
+                           f"give a file name ending in {endings}")
+    if not path.suffix:
+        raise TrackerError(f"the {what} {path.name} has no ending: end its name in {endings}")
+    if path.suffix.lower() not in suffixes:
         raise TrackerError(f"the {what} {path.name} would be misnamed: end its name in {endings}")
 
 
@@ -254,7 +260,7 @@ class Tracker:
         """Every frame of the video with its object-id map, in order, streamed."""
         options = options or TrackOptions()
         info = probe(video)
-        check_prompts(prompts, info.width, info.height, info.frame_count)
+        check_prompts(prompts, info.width, info.height, info.frame_count, info.present_frames)
         with user_facing_resource_errors(options):
             keyframes = self.prompt_masks(info, prompts)
             yield from track_frames(self.xmem, info, keyframes, options, self.device,
@@ -329,7 +335,7 @@ class Tracker:
         options = options or TrackOptions()
         check_output_paths(video, output, masks)
         info = probe(video)
-        check_prompts(prompts, info.width, info.height, info.frame_count)
+        check_prompts(prompts, info.width, info.height, info.frame_count, info.present_frames)
         with user_facing_resource_errors(options), self._device_turn(cancel), ExitStack() as stack:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)

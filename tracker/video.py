@@ -15,13 +15,15 @@ import threading
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import av
 import numpy as np
 
-from .colour import YuvPicture
 from .errors import VideoError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,22 @@ X264_MAX_CRF = 51  # 8-bit H.264: 0 is lossless, 51 the coarsest
 # Damaged tags must not stop the video. PyAV 19 decodes tags leniently by itself and
 # no longer takes the option that PyAV 18 needs for that.
 _LENIENT_TAGS = {"metadata_errors": "replace"} if int(av.__version__.split(".")[0]) < 19 else {}
+
+
+@dataclass(frozen=True)
+class YuvPicture:
+    """An 8-bit 4:2:0 picture as planes: Y (H x W), then U and V (H/2 x W/2 each), flat as PyAV's yuv420p array.
+
+    `rotation` is the clockwise turn (degrees) that brings it to display
+    orientation; `matrix` and `full_range` say how its values map to RGB.
+    """
+
+    planes: np.ndarray | torch.Tensor  # (H * 3 / 2, W) uint8: decoded on the CPU, converted on the device
+    width: int
+    height: int
+    matrix: str = "bt709"
+    full_range: bool = False
+    rotation: int = 0
 
 
 @dataclass(frozen=True)
@@ -632,9 +650,11 @@ class _AudioTrack:
             rate = 48000 if target.audio_encoder == "libopus" else self._source.rate
             layout = _STANDARD_LAYOUTS.get(self._source.layout.nb_channels, "stereo")
             self._stream = output.add_stream(target.audio_encoder, rate=rate, layout=layout)
-        for key in ("language", "title"):
-            if key in source.metadata:
-                self._stream.metadata[key] = source.metadata[key]
+        if "language" in source.metadata:
+            self._stream.metadata["language"] = source.metadata["language"]
+        title = source.metadata.get("title") or source.metadata.get("name")  # MP4 and MOV read a track's as "name"
+        if title:
+            self._stream.metadata["title"] = title
         self._output = output
         self._packets = self._input.demux(self._source)
         self._pending: av.Packet | None = None

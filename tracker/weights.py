@@ -107,6 +107,8 @@ def resolve_checkpoint(name: str, path: str | Path | None = None, *, download: b
     if path is None:
         return ensure_weights(name, download=download)
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise WeightsError(f"{_entry(name).title} checkpoint {path} is a folder; give the checkpoint file itself")
     if not path.is_file():
         entry = _entry(name)
         raise WeightsError(f"{entry.title} checkpoint {path} does not exist; for the official one, "
@@ -115,8 +117,20 @@ def resolve_checkpoint(name: str, path: str | Path | None = None, *, download: b
 
 
 def download_all(progress: bool = True) -> dict[str, Path]:
-    """Download (or verify) every official checkpoint into models_dir()."""
-    return {name: ensure_weights(name, progress=progress) for name in manifest()}
+    """Download (or verify) every official checkpoint into models_dir().
+
+    One that fails does not stop the others, and the error names every one
+    that failed: offline, the user learns all the files to fetch by hand at once.
+    """
+    paths, failures = {}, []
+    for name in manifest():
+        try:
+            paths[name] = ensure_weights(name, progress=progress)
+        except WeightsError as exc:
+            failures.append(str(exc))
+    if failures:
+        raise WeightsError("; and ".join(failures))
+    return paths
 
 
 def file_sha256(path: str | Path) -> str:
