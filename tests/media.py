@@ -61,7 +61,7 @@ def make_clip(path: str | Path, *, frames: int = 30, width: int = 160, height: i
               audio: bool = True, audio_codec: str | tuple[str, ...] = "aac", rotation: int = 0,
               codec: str = "libx264",
               pix_fmt: str = "yuv420p", vfr: bool = False, moving_object: bool = True, gop: int = 12,
-              bframes: int = 2, faststart: bool = False) -> Path:
+              bframes: int = 2, faststart: bool = False, audio_seconds: float | None = None) -> Path:
     """Write a clip whose display size is width x height and return its path.
 
     `rotation` (0/90/180/270, clockwise, as a phone records portrait video) stores
@@ -71,7 +71,8 @@ def make_clip(path: str | Path, *, frames: int = 30, width: int = 160, height: i
     `bframes` B-frames and a keyframe every `gop` frames. Timestamps count in
     1/(fps*100) s; with `vfr` the frame intervals vary. `audio_codec` must fit
     the container (e.g. pcm_s16le needs .mkv or .mov); several codecs make one
-    track each, tagged with the languages of `TRACK_LANGUAGES` in turn and titled after them.
+    track each, tagged with the languages of `TRACK_LANGUAGES` in turn and titled after them. The audio
+    lasts as long as the video unless `audio_seconds` says otherwise.
     """
     path = Path(path)
     options = {"g": str(gop)}
@@ -103,7 +104,7 @@ def make_clip(path: str | Path, *, frames: int = 30, width: int = 160, height: i
             container.mux(video.encode(frame))
         container.mux(video.encode())
         for sound in sounds:
-            _write_sine(container, sound, seconds=ends[-1] / fps)
+            _write_sine(container, sound, seconds=ends[-1] / fps if audio_seconds is None else audio_seconds)
     finally:
         container.close()
     return path

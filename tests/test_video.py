@@ -174,6 +174,18 @@ def test_every_audio_track_is_kept_in_order_with_its_language_and_title(media_di
                                                 float((packet.pts + packet.duration) * packet.time_base))
         assert list(ends.values()) == pytest.approx([10 / FPS] * len(tracks), abs=0.05)
 
+@pytest.mark.parametrize("seconds", [2.0, 0.2])
+def test_audio_that_outlasts_or_ends_before_the_picture_is_kept_whole(media_dir, tmp_path, seconds):
+    """A narration running on after the last frame is the input's too: the picture stays on its last frame."""
+    source = make_clip(media_dir / f"audio_{seconds}.mp4", frames=10, audio_seconds=seconds)
+    output = encode_copy(source, tmp_path / "out.mp4")
+    with av.open(str(output)) as result:
+        audio, video = result.streams.audio[0], result.streams.video[0]
+        assert float(audio.duration * audio.time_base) == pytest.approx(seconds, abs=0.05)
+        assert video.frames == 10 and float(video.duration * video.time_base) == pytest.approx(10 / FPS)
+    assert [f.time for f in iter_frames(output)] == pytest.approx([f.time for f in iter_frames(source)])
+
+
 def test_variable_frame_rate_stays_variable(vfr_clip, tmp_path):
     output = encode_copy(vfr_clip, tmp_path / "vfr_out.mp4")
     before = [f.time for f in iter_frames(vfr_clip)]

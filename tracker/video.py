@@ -453,7 +453,8 @@ class VideoWriter(AtomicWriter):
     `+faststart` (index before the data, so browsers start playing at once).
     Every audio track of `audio_from` (language and title kept) is copied
     packet by packet when the container takes its codec, otherwise re-encoded
-    (AAC in MP4, Opus in WebM), and cut at the end of the video. `libvpx-vp9`
+    (AAC in MP4, Opus in WebM), to its own end (or, when frames are missing,
+    cut where the video ends). `libvpx-vp9`
     writes WebM with an alpha channel and takes RGBA images (cut-outs on a
     transparent background).
 
@@ -573,8 +574,11 @@ class VideoWriter(AtomicWriter):
                 if self._held is not None:
                     self._held.duration = max(1, round(self._end_seconds() / self.info.time_base) - self._last_pts)
                     self._container.mux(self._held)
+                # Every frame came: the audio plays to its own end, as in the input (a voice-over may outlast
+                # the picture); otherwise it stops with the last frame written.
+                audio_end = float("inf") if self._frames >= self.info.frame_count else self._end_seconds()
                 for track in self._audio:
-                    track.copy_until(self._end_seconds(), self._seconds(self._first_pts), final=True)
+                    track.copy_until(audio_end, self._seconds(self._first_pts), final=True)
                 self._container.close()
                 self._temp.chmod(0o644)  # mkstemp makes it private; a finished video is not
                 os.replace(self._temp, self.path)
