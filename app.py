@@ -235,7 +235,8 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             if note is not None:
                 gr.Warning(note)
             return (upload_message(info), image,
-                    gr.update(value=0, maximum=max(info.present_frames - 1, 1), interactive=True),
+                    # A slider needs two ends: a one-frame video gets 0..1, held at 0.
+                    gr.update(value=0, maximum=max(info.present_frames - 1, 1), interactive=info.present_frames > 1),
                     caption, object_choices(session), legend(session), None, None, "",
                     gr.update(choices=[], value=[]), gr.skip())
 
@@ -274,9 +275,11 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             return (session.click_wait(int(frame)) if session.info is not None else gr.skip()), event.index
 
         sam_queue = dict(concurrency_limit=1, concurrency_id="sam")
-        (frame_image.select(on_click_begin, frame_slider, [status, clicked_at], queue=False, show_progress="hidden")
+        # Every click counts, also those made while an earlier one waits for SAM (Gradio's default drops them).
+        (frame_image.select(on_click_begin, frame_slider, [status, clicked_at], queue=False, show_progress="hidden",
+                            trigger_mode="multiple")
          .then(on_click, [frame_slider, point_mode, clicked_at, *style], [status, frame_image],
-               show_progress="minimal", **sam_queue))
+               show_progress="minimal", trigger_mode="multiple", **sam_queue))
 
         def editing(action: Callable[[EditSession, int], str]) -> Callable:
             @show_errors(outputs=2)

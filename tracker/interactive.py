@@ -20,7 +20,7 @@ import shutil
 import threading
 import time
 import zipfile
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -38,12 +38,16 @@ from .sam import IMAGE_SIZE, LOW_RES_SIZE, ImageEmbedding, resized_shape
 from .session import PreviousRun, Tracker, TrackResult, fps_text
 from .video import Frame, VideoInfo, probe, read_frame
 
-VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi")
+# What cameras, phones and editors write; all decode through FFmpeg (the result is always an H.264 MP4).
+VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi", ".3gp", ".mts", ".m2ts", ".ts", ".mpg", ".mpeg",
+                  ".wmv", ".flv", ".ogv")
 POINT_MODES = ("positive", "negative", "box")
 MAX_OBJECT_ID = 255
 DISPLAY_LONG_SIDE = (640, 1280)  # frames are shown with their longer side in this range; clicks map back
 EMBEDDING_CACHE_SIZE = 3  # SAM embeddings kept per session (about 4 MB each)
 MASK_INPUT_LOGIT = 10.0  # |logit| SAM gets for "surely object" / "surely background" in a prior mask
+# A click said on the page whose SAM work has not come this long after is taken as lost (the tab went away).
+CLICK_LOST_SECONDS = 180.0
 
 Key = tuple[int, int]  # (frame, object id)
 ProgressReport = Callable[[float, str], None]  # (fraction 0..1, description)
@@ -277,6 +281,9 @@ class EditSession:
         self.upload_folder = upload_folder.resolve() if upload_folder is not None else None
         self.lock = threading.RLock()
         self._clicking = threading.Lock()  # one click at a time; its SAM work runs outside `lock`
+        # When each click said on the page (`click_wait`) and not yet segmented was said: Track waits for them.
+        self._announced: deque[float] = deque()
+        self._clicks_settled = threading.Condition()
         self.job_ended = threading.Condition(self.lock)
         self.cancel = threading.Event()
         self.job_running = False
@@ -410,6 +417,15 @@ class EditSession:
     # -- clicks ----------------------------------------------------------
     def click(self, frame: int, display_xy: tuple[float, float], mode: str) -> str:
         """A click on the displayed frame: add a point (or a box corner) to the current object, update its mask."""
+        try:
+            return self._click(frame, display_xy, mode)
+        finally:
+            with self._clicks_settled:
+                if self._announced:
+                    self._announced.popleft()
+                self._clicks_settled.notify_all()
+
+    def _click(self, frame: int, display_xy: tuple[float, float], mode: str) -> str:
         if mode not in POINT_MODES:
             raise PromptError(f"unknown click mode {mode!r}; use one of {', '.join(POINT_MODES)}")
         with self._clicking:
@@ -471,7 +487,11 @@ class EditSession:
             return f"cleared object {self.current} on frame {frame}"
 
     def click_wait(self, frame: int) -> str:
-        """What to show while a click on `frame` waits for its mask (lock-free: said before the click runs)."""
+        """What to show while a click on `frame` waits for its mask (said before the click runs, without the
+        session's lock). The click counts as made from now on: a Track pressed before its mask comes waits for it.
+        """
+        with self._clicks_settled:
+            self._announced.append(time.monotonic())
         if frame in self._embeddings:
             return "Segmenting…"
         return (f"Segmenting: SAM's image encoder reads frame {frame} first (a moment on a GPU, seconds on a "
@@ -603,6 +623,7 @@ class EditSession:
 
         On cancel or error nothing of this run stays; the previous result is kept.
         """
+        self._await_clicks(progress)
         with self.lock:
             self.require_video()
             plain = {key: edit.clicks for key, edit in self.edits.items() if not edit.refine and edit.clicks.selects}
@@ -664,6 +685,20 @@ class EditSession:
                 if key in self.edits:
                     self.edits[key].mask = mask
         return record
+
+    def _await_clicks(self, progress: ProgressReport | None) -> None:
+        """Let the clicks made before Track was pressed finish: SAM may still be reading their frame (seconds on a
+        CPU), and the run must include them, not say that nothing changed or that nothing was clicked."""
+        with self._clicks_settled:
+            while not self.cancel.is_set():
+                while self._announced and time.monotonic() - self._announced[0] > CLICK_LOST_SECONDS:
+                    self._announced.popleft()
+                if not self._announced:
+                    return
+                if progress is not None:
+                    progress(0.0, "Waiting for the last click to be segmented…")
+                self._clicks_settled.wait(0.5)
+        raise Cancelled("tracking was cancelled")
 
     def track_prompts(self, upload: str | Path, prompts_json: str, limits: Limits, options: TrackOptions,
                       progress: ProgressReport | None = None) -> RunRecord:
