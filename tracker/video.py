@@ -739,9 +739,10 @@ def temporary_path_beside(path: Path) -> Path:
     except OSError as exc:
         blocker = next((folder for folder in path.parents if folder.is_file()), None)
         raise _unwritable(path, f"{blocker} is a file, not a folder" if blocker else exc.strerror or exc) from exc
-    _unfinished.add(Path(name))
+    temp = Path(name)
+    _unfinished.add(temp)  # before anything else can be interrupted
     os.close(handle)
-    return Path(name)
+    return temp
 
 
 def release_temporary(temp: Path, *, moved: bool = False) -> None:
