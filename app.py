@@ -143,7 +143,8 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             with gr.Column(scale=2, min_width=320):
                 video_input = gr.Video(label="Video", sources=["upload"], elem_id="video-input", height=260)
                 gr.Markdown(f"{', '.join(VIDEO_SUFFIXES)} · up to {max_upload_mb:g} MB, "
-                            f"{limits.max_seconds:g} s, {limits.max_frames} frames", elem_id="upload-limits")
+                            f"{limits.max_seconds:g} s, {limits.max_frames} frames · a .ts file the browser "
+                            "refuses as text goes in renamed .m2ts", elem_id="upload-limits")
                 gr.Markdown(HELP)
                 point_mode = gr.Radio(MODES, value="positive", label="Click adds", elem_id="point-mode")
                 with gr.Row(equal_height=True):
@@ -218,13 +219,20 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                     gr.update(choices=[], value=[]), gr.skip())
 
         @show_errors(outputs=11)
-        def on_upload(path: str | None, alpha_value: float, outline_value: float, request: gr.Request):
+        def on_video(path: str | None, alpha_value: float, outline_value: float, request: gr.Request):
+            """Follow the widget's value: an upload, a trim made in the widget (a new file), or a clear."""
             session = session_of(request)
             if path is None:
+                if session.info is None:  # also the app's own clearing of a refused file: its message stays
+                    return (gr.skip(),) * 11
                 session.reset()
                 return no_video
+            if session.uploaded_from is not None and Path(path) == session.uploaded_from:
+                return (gr.skip(),) * 11
+            # A new file while a video is open is the widget's trim of it (an upload comes after a clear).
+            trimmed = session.video is not None
             try:
-                info = session.open_video(path, limits)
+                info = session.open_edited_video(path, limits) if trimmed else session.open_video(path, limits)
             except TrackerError as exc:
                 if session.info is not None:  # refused before the old video was let go: it stays
                     raise
@@ -234,7 +242,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             note = truncation_note(info)
             if note is not None:
                 gr.Warning(note)
-            return (upload_message(info), image,
+            return (upload_message(info, trimmed), image,
                     # A slider needs two ends: a one-frame video gets 0..1, held at 0.
                     gr.update(value=0, maximum=max(info.present_frames - 1, 1), interactive=info.present_frames > 1),
                     caption, object_choices(session), legend(session), None, None, "",
@@ -242,8 +250,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
 
         upload_outputs = [status, frame_image, frame_slider, frame_info, object_select, object_legend, *results,
                           video_input]
-        video_input.upload(on_upload, [video_input, *style], upload_outputs, concurrency_limit=4)
-        video_input.clear(on_upload, [video_input, *style], upload_outputs, concurrency_limit=4)
+        video_input.change(on_video, [video_input, *style], upload_outputs, concurrency_limit=4)
 
         @show_errors(outputs=3)
         def on_frame(frame: int, alpha_value: float, outline_value: float, request: gr.Request):
@@ -253,8 +260,26 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             image, caption = shown(session, frame, alpha_value, outline_value)
             return gr.skip(), image, caption
 
+        @show_errors(outputs=4)
+        def on_frame_typed(typed: float | None, alpha_value: float, outline_value: float, request: gr.Request):
+            """The slider's number box takes anything typed (its value comes unchecked): rounded and held to the
+            video's frames, and the box shows the frame drawn. Gradio's own check refused it with a toast and left
+            the box on a frame that was not the one shown, where clicks then went."""
+            session = session_of(request)
+            if session.info is None:
+                return (gr.skip(),) * 4
+            try:
+                frame = min(max(round(float(typed)), 0), session.info.present_frames - 1)
+            except (TypeError, ValueError, OverflowError):  # emptied, or not a number
+                frame = session.shown_frame
+            image, caption = shown(session, frame, alpha_value, outline_value)
+            return gr.skip(), image, caption, gr.skip() if frame == typed else frame
+
         # Only what the user does redraws the frame (not the slider's reset on upload).
-        for trigger in (frame_slider.input, alpha.input, outline.input):
+        frame_slider.input(on_frame_typed, [frame_slider, *style], [status, frame_image, frame_info, frame_slider],
+                           show_progress="hidden", trigger_mode="always_last", concurrency_limit=4,
+                           preprocess=False)
+        for trigger in (alpha.input, outline.input):
             trigger(on_frame, [frame_slider, *style], [status, frame_image, frame_info], show_progress="hidden",
                     trigger_mode="always_last", concurrency_limit=4)
 
@@ -399,10 +424,13 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                      queue=False)
 
         def on_cancel(request: gr.Request):
-            running = session_of(request).request_cancel()
-            return "Cancelling…" if running else "Nothing is running."
+            """Greys the button out and leaves the status to the job: its "Cancelled" comes through the queue,
+            and a status sent from here could arrive after it and stay."""
+            if session_of(request).request_cancel():
+                return gr.skip(), gr.update(interactive=False)
+            return "Nothing is running.", gr.skip()
 
-        cancel_button.click(on_cancel, None, status, queue=False)
+        cancel_button.click(on_cancel, None, [status, cancel_button], queue=False)
 
         @show_errors(outputs=2)
         def on_cutout(objects: Sequence[int], kind: str, request: gr.Request, progress=gr.Progress()):

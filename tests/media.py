@@ -126,6 +126,27 @@ def _write_sine(container: av.container.OutputContainer, stream: av.AudioStream,
     container.mux(stream.encode())
 
 
+def make_joined_recording(path: str | Path, sizes: tuple[tuple[int, int], ...], frames: int = 8) -> Path:
+    """MPEG-TS segments of different picture sizes joined byte by byte, as recorders and stream dumps do:
+    one video stream whose size changes where a segment starts (each segment shows `clip_frame`)."""
+    path = Path(path)
+    with open(path, "wb") as joined:
+        for number, (width, height) in enumerate(sizes):
+            segment = path.with_name(f"{path.stem}.{number}.ts")
+            container = av.open(str(segment), "w", format="mpegts")
+            stream = container.add_stream("libx264", rate=25, options={"bf": "0"})
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            for index in range(frames):
+                frame = av.VideoFrame.from_ndarray(clip_frame(index, frames, width, height), format="rgb24")
+                frame.pts, frame.time_base = number * frames + index, Fraction(1, 25)
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode())
+            container.close()
+            joined.write(segment.read_bytes())
+            segment.unlink()
+    return path
+
+
 def make_audio_only(path: str | Path, seconds: float = 1.0) -> Path:
     """An MP4 (M4A) file with an AAC sine and no video stream."""
     path = Path(path)

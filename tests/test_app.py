@@ -373,6 +373,68 @@ def test_clicks_made_while_sam_reads_the_frame_all_count_and_track_waits_for_the
     tab.page.close()
 
 
+def test_a_frame_number_typed_out_of_range_is_held_to_the_video_and_clicks_go_to_the_frame_shown(app, browser,
+                                                                                                 clips):
+    tab = AppPage(browser.new_page(), app.url)
+    page = tab.page
+    tab.upload(clips / "clip.mp4")
+    number = page.locator("#frame-slider input[type=number]")
+    for typed, frame in (("40", 11), ("-3", 0), ("3.6", 4)):
+        number.fill(typed)
+        number.press("Enter")
+        page.wait_for_function("text => document.querySelector('#frame-info').innerText.startsWith(text)",
+                               arg=f"Frame {frame} / 11")
+        page.wait_for_function("value => document.querySelector('#frame-slider input[type=number]').value === value",
+                               arg=str(frame))
+    number.fill("")
+    number.press("Enter")
+    page.wait_for_timeout(1000)
+    assert page.locator("#frame-info").inner_text().startswith("Frame 4 / 11")
+    assert page.locator(".toast-body").count() == 0, page.locator(".toast-body").all_inner_texts()
+    assert not tab.status().startswith("Error")
+    tab.click_frame(*OBJECT_1, expect="object 1 on frame 4: 1 point")
+    assert "Traceback" not in app.log.read_text()
+    page.close()
+
+
+def test_a_trim_made_in_the_video_widget_is_the_video_tracked(app, browser, clips, tmp_path):
+    """Gradio's video widget offers its own trim (scissors, handles, "Trim"): the trimmed file is what the app
+    shows, counts and tracks, and the downloads keep the upload's name."""
+    tab = AppPage(browser.new_page(), app.url)
+    page = tab.page
+    tab.upload(clips / "clip.mp4")
+    page.get_by_role("button", name="Trim video to selection").click()
+    end = page.get_by_role("button", name="end drag handle for trimming video")
+    timeline = page.locator("#video-input #timeline")
+    for _ in range(10):  # a drag made while the timeline's thumbnails are still drawn is undone: drag again
+        handle, box = end.bounding_box(), timeline.bounding_box()
+        page.mouse.move(handle["x"] + handle["width"] / 2, handle["y"] + handle["height"] / 2)
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] * 0.5, handle["y"] + handle["height"] / 2, steps=10)
+        page.mouse.up()
+        page.wait_for_timeout(1000)
+        if end.get_attribute("style") != "left: 100%;":
+            break
+    assert end.get_attribute("style") != "left: 100%;", "the end handle never moved"
+    before = tab.status()
+    page.get_by_role("button", name="Trim", exact=True).click()
+    loaded = tab.wait_status(r"^(Loaded|Error)", 120, unlike=before)
+    found = re.match(r"Loaded the trimmed video, 160x120, (\d+) frames", loaded)
+    assert found, loaded
+    frames = int(found.group(1))
+    assert 3 <= frames < 12, loaded
+    assert page.locator("#frame-info").inner_text() == f"Frame 0 / {frames - 1} · 0:00.000"
+
+    tab.click_frame(*OBJECT_1, expect="object 1 on frame 0: 1 point")
+    done = tab.track()
+    assert done.startswith(f"Done: tracked the whole video. {frames} frames in"), done
+    assert tab.download_names() == ["clip_trimmed_tracked.mp4", "clip_trimmed_masks.zip"]
+    assert probe(tab.download("clip_trimmed_tracked.mp4", tmp_path)).frame_count == frames
+    assert len(members(tab.download("clip_trimmed_masks.zip", tmp_path))) == frames
+    tab.clear_video()  # the trimmed video goes as an upload does
+    page.close()
+
+
 def read_response(connection: socket.socket) -> str:
     """One whole HTTP response: the head, then as many body bytes as its Content-Length says (they may come later)."""
     data = b""

@@ -11,6 +11,7 @@ import re
 import threading
 import time
 import zipfile
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -25,10 +26,11 @@ from tracker.interactive import (WAITING_FOR_DEVICE, Clicks, EditSession, Limits
                                  SessionStore, display_scale, format_seconds, frame_caption, mask_to_logits,
                                  plan_passes, upload_message)
 from tracker.options import TrackOptions
+from tracker.session import LOSSLESS_WARNING
 from tracker.prompts import ObjectPrompt
-from tracker.render import CHROMA_GREEN, MaskZipReader
+from tracker.render import CHROMA_GREEN, MaskZipReader, overlay
 from tracker.sam import ImageEmbedding, SamBackend, SamPrediction, resized_shape, to_frame_coords, upscale_masks
-from tracker.video import VideoInfo, probe
+from tracker.video import VideoInfo, iter_frames, probe, read_frame
 
 W, H, FRAMES = 160, 120, 8
 RADIUS = 12
@@ -341,6 +343,22 @@ def test_track_then_correct_keeps_earlier_frames_and_uses_the_correction(session
     again = session.track(OPTIONS)
     assert again.repeated and again.overlay == third.overlay and third.overlay.exists()
     assert session.result is third and session._runs == 3
+
+    # Only the look changed (opacity, outline, encoding): the last masks are drawn again, nothing is tracked.
+    masks_before = zip_members(third.masks)
+    looks = session.track(replace(OPTIONS, alpha=0.9, outline=0, crf=0, preset="ultrafast"))
+    assert looks.redrawn and looks.describe() == ("drew the tracked video again with the new look; the masks are "
+                                                  "those of the last run")
+    assert re.fullmatch(rf"{FRAMES} frames drawn again in [\d.]+ s, none tracked", looks.summary)
+    assert zip_members(looks.masks) == masks_before and not third.masks.exists()
+    assert LOSSLESS_WARNING in looks.warnings and probe(looks.overlay).frame_count == FRAMES
+    with MaskZipReader(looks.masks) as masks:
+        first_frame = next(iter_frames(looks.overlay)).image.astype(int)
+        image, labels = torch.from_numpy(read_frame(session.video, 0).image), torch.from_numpy(masks[0])
+        chosen, former = (overlay(image, labels, alpha=alpha, outline=outline).numpy()
+                          for alpha, outline in ((0.9, 0), (OPTIONS.alpha, OPTIONS.outline)))
+    assert np.abs(first_frame - chosen).mean() < 3 < np.abs(first_frame - former).mean()  # lossless, through 4:2:0
+    assert session.track(replace(OPTIONS, alpha=0.9, outline=0, crf=0, preset="ultrafast")).repeated
     click(session, 4, 100, 40)
     assert not session.track(OPTIONS).repeated
 
@@ -568,5 +586,7 @@ def test_a_truncated_upload_says_so_and_refuses_its_missing_frames(tmp_path, dis
     assert info.frame_count == 20 and 0 < info.present_frames < 20
     assert f"truncated: only its first {info.present_frames} of 20 frames" in upload_message(info)
     assert "truncated" not in upload_message(probe(whole))
+    one = make_clip(tmp_path / "one.mp4", frames=1, width=W, height=H, audio=False)
+    assert upload_message(probe(one)).startswith(f"Loaded {W}x{H}, 1 frame, 0.04 s.")
     with pytest.raises(PromptError, match="missing from this truncated file"):
         click(session, info.present_frames, 45, 60)

@@ -1,4 +1,5 @@
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -93,6 +94,20 @@ def test_prefetch_stops_its_thread_when_the_consumer_leaves():
     count = len(produced)
     threading.Event().wait(0.3)
     assert len(produced) <= count + 1
+
+
+def test_a_consumer_leaving_near_the_end_does_not_wait_for_the_decode_thread():
+    """The thread's end-of-items mark once went into a full queue with a blocking put: a consumer that left in
+    the last frames waited 5 s for the thread, which then stayed blocked for good."""
+    before = {thread for thread in threading.enumerate() if thread.name == "decode"}
+    started = time.monotonic()
+    frames = prefetch(iter(range(3)), depth=2, stop=threading.Event())
+    next(frames)
+    threading.Event().wait(0.3)  # the thread has queued the rest and waits to queue its end
+    frames.close()
+    assert time.monotonic() - started < 2
+    threading.Event().wait(0.3)
+    assert {thread for thread in threading.enumerate() if thread.name == "decode"} <= before
 
 
 def test_threaded_sink_writes_finishes_and_reports_errors():
@@ -240,6 +255,34 @@ def test_the_gpu_colour_path_tracks_like_the_cpu_path(cpu_tracker, tmp_path, mon
         agreement = np.mean([np.mean(a[i] == b[i]) for i in range(8)])
     print(f"labels agree on {agreement:.1%} of pixels")
     assert agreement > 0.9
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_a_recording_that_changes_size_midway_is_tracked_at_its_first_size(untrained_checkpoints, cpu_tracker,
+                                                                           tmp_path, monkeypatch, device):
+    """Joined segments: the planes of the first size and the scaled RGB frames of the second pass through the
+    device's colour path in one run (on the CPU, the torch code that runs on a GPU)."""
+    import tracker.colour as colour
+    from media import make_joined_recording
+    from tracker.prompts import ObjectPrompt
+    from tracker.render import MaskZipReader
+    from tracker.session import Tracker
+    from tracker.video import probe
+
+    joined = make_joined_recording(tmp_path / "joined.ts", ((176, 144), (128, 96)), frames=6)
+    if device == "cpu":
+        monkeypatch.setattr(colour, "colour_on_device", lambda device: True)
+        tracker = cpu_tracker
+    else:
+        tracker = Tracker(untrained_checkpoints["sam"], untrained_checkpoints["xmem"], device="cuda", download=False)
+    result = tracker.track(joined, [ObjectPrompt(1, 0, [(88, 72)], [1])], output=tmp_path / "out.mp4",
+                           masks=tmp_path / "masks.zip")
+    assert result.frames == 12
+    written = probe(tmp_path / "out.mp4")
+    assert (written.frame_count, written.width, written.height) == (12, 176, 144)
+    with MaskZipReader(tmp_path / "masks.zip") as masks:
+        assert len(masks) == 12 and masks[11].shape == (144, 176)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -30,6 +30,16 @@ def test_json_round_trip_and_defaults(tmp_path):
     assert prompts_from_json(prompts_to_json(prompts)) == prompts
 
 
+def test_objects_without_an_id_are_new_objects_with_ids_the_file_leaves_free():
+    """A missing id once took the object's position (+1) even where another object had that id: two objects
+    then merged into one ("object 2 has two prompts on frame 0")."""
+    data = {"objects": [{"id": 2, "points": [[10, 10]]}, {"points": [[20, 20]]}, {"points": [[30, 30]]},
+                        {"id": 1, "frame": 4, "points": [[5, 5]]}]}
+    assert [prompt.object_id for prompt in prompts_from_json(data)] == [2, 3, 4, 1]
+    data = {"objects": [{"points": [[10, 10]]}, {"points": [[20, 20]]}]}
+    assert [prompt.object_id for prompt in prompts_from_json(data)] == [1, 2]
+
+
 POINTS = r'"points" must be a list of \[x, y\] pairs of numbers'
 
 

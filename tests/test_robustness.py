@@ -351,6 +351,17 @@ def test_cancel_mid_run_writes_nothing(tracker, clip, tmp_path):
         list(stream)
 
 
+def test_a_streamed_job_holds_the_device_until_its_iterator_ends(tracker, clip, tmp_path):
+    """iter_tracked ran beside another job on the same network (its graphs and buffers are the device's):
+    a second job now waits its turn, and a stream left early gives the device back."""
+    stream = tracker.iter_tracked(clip, CLICK)
+    next(stream)
+    assert tracker.lock.locked()
+    stream.close()
+    assert not tracker.lock.locked()
+    assert len(list(tracker.iter_tracked(clip, CLICK))) == probe(clip).frame_count and not tracker.lock.locked()
+
+
 def test_cancel_while_waiting_for_the_device_ends_the_wait_at_once(tracker, clip, tmp_path):
     """A job queued behind another (or behind the warm-up) stops as soon as it is cancelled, writing nothing."""
     cancel, outcome = threading.Event(), []

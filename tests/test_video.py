@@ -5,9 +5,11 @@ import threading
 import av
 import numpy as np
 import pytest
+from PIL import Image
 
 from media import (TRACK_LANGUAGES, blanked_media_copy, clip_frame, disc_centre, make_audio_only, make_clip,
-                   make_empty_file, make_text_file, noisy_copy, top_level_atoms, truncated_copy)
+                   make_empty_file, make_joined_recording, make_text_file, noisy_copy, top_level_atoms,
+                   truncated_copy)
 from tracker.errors import VideoError
 from tracker.video import VideoWriter, iter_frames, probe, read_frame
 
@@ -153,6 +155,18 @@ def test_audio_mp4_cannot_hold_is_converted_to_aac(media_dir, tmp_path):
         assert audio.codec.canonical_name == "aac"
         assert float(audio.duration * audio.time_base) == pytest.approx(10 / FPS, abs=0.05)
 
+
+
+@pytest.mark.parametrize("ending", [".mkv", ".mov"])
+@pytest.mark.parametrize("pcm", ["pcm_s16le", "pcm_s24le", "pcm_f32le"])
+def test_uncompressed_audio_stays_uncompressed_where_the_container_carries_it(media_dir, tmp_path, pcm, ending):
+    source = make_clip(media_dir / f"{pcm}.mkv", frames=10, audio_codec=pcm)
+    output = encode_copy(source, tmp_path / f"out{ending}")
+    with av.open(str(source)) as original, av.open(str(output)) as result:
+        assert result.streams.audio[0].codec.canonical_name == pcm
+        sent, got = (b"".join(bytes(p) for p in c.demux(audio=0) if p.size)
+                     for c in (original, result))
+        assert got == sent  # bit for bit
 
 
 @pytest.mark.parametrize("again", [".mp4", ".mkv"])
@@ -328,6 +342,23 @@ def test_damage_in_the_middle_costs_the_damaged_frames_not_the_rest(tmp_path):
     lost = next(i for i in range(120) if i not in indices)
     with pytest.raises(VideoError, match=f"frame {lost} cannot be decoded"):
         read_frame(damaged, lost)
+
+
+def test_a_recording_that_changes_picture_size_is_scaled_to_its_first_size(tmp_path):
+    """Segments joined end to end (`cat a.ts b.ts`): every frame comes at the size `probe` reports (the
+    pipeline's tensors and the writer need one size), none is lost at the join (MPEG-TS flags its packet)."""
+    joined = make_joined_recording(tmp_path / "joined.ts", ((320, 240), (160, 120)), frames=8)
+    info = probe(joined)
+    assert (info.width, info.height, info.frame_count) == (320, 240, 16)
+    for yuv in (False, True):
+        frames = list(iter_frames(joined, yuv=yuv))
+        assert [f.index for f in frames] == list(range(16))
+        assert all(f.image.shape == (240, 320, 3) for f in frames[8:])
+        assert all((f.yuv.width, f.yuv.height) == (320, 240) if f.yuv else f.image.shape == (240, 320, 3)
+                   for f in frames[:8])
+    later = read_frame(joined, 12, info.size)  # seeking past the join: at the size probe reports
+    drawn = Image.fromarray(clip_frame(4, 8, 160, 120)).resize((320, 240), Image.Resampling.BICUBIC)
+    assert close_to(later.image, np.asarray(drawn))
 
 
 def test_a_file_cut_inside_a_packet_counts_only_whole_frames_and_keeps_their_times(tmp_path):

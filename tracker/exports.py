@@ -1,4 +1,6 @@
-"""Cut-out videos from a finished run: only the chosen objects, the background removed.
+"""Videos drawn again from a finished run's masks: cut-outs, and the overlay with another look.
+
+Cut-outs keep only the chosen objects, the background removed.
 
 Two kinds: a WebM (VP9, yuva420p) whose background is transparent, for editors
 that composite it, and an H.264 MP4 on chroma-key green for those that cannot
@@ -14,7 +16,7 @@ from typing import Callable, Iterable
 import torch
 
 from .errors import Cancelled, PromptError, TrackerError
-from .render import MaskZipReader, cutout
+from .render import MaskZipReader, cutout, overlay
 from .video import VideoWriter, iter_frames, probe
 
 
@@ -47,15 +49,33 @@ def export_cutout(video: str | Path, masks: str | Path, object_ids: Iterable[int
     if not chosen:
         raise PromptError("choose at least one object to keep in the cut-out")
     spec = CUTOUT_KINDS[kind]
+    return _draw_from_masks(video, masks, output, lambda image, labels: cutout(image, labels, chosen,
+                                                                              background=spec.background),
+                            "the cut-out", cancel, progress, codec=spec.codec)
+
+
+def export_overlay(video: str | Path, masks: str | Path, output: str | Path, *, alpha: float, outline: int,
+                   crf: int, preset: str, cancel: threading.Event | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> Path:
+    """The tracked video drawn again from a run's masks with another look or encoding: no tracking needed."""
+    return _draw_from_masks(video, masks, output, lambda image, labels: overlay(image, labels, alpha=alpha,
+                                                                               outline=outline),
+                            "the redrawing", cancel, progress, codec="libx264", crf=crf, preset=preset)
+
+
+def _draw_from_masks(video: str | Path, masks: str | Path, output: str | Path,
+                     draw: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], what: str,
+                     cancel: threading.Event | None, progress: Callable[[int, int], None] | None,
+                     **writer_options) -> Path:
+    """Each frame of `video` drawn with its labels from the masks zip, written to `output` with the audio."""
     info = probe(video)
     output = Path(output)
     with MaskZipReader(masks) as reader, \
-            VideoWriter(output, info, audio_from=info.path if info.has_audio else None, codec=spec.codec) as writer:
-        for frame in iter_frames(info.path):
+            VideoWriter(output, info, audio_from=info.path if info.has_audio else None, **writer_options) as writer:
+        for frame in iter_frames(info.path, size=info.size):
             if cancel is not None and cancel.is_set():
-                raise Cancelled("the cut-out was cancelled")
-            labels = torch.from_numpy(reader[frame.index])
-            picture = cutout(torch.from_numpy(frame.image), labels, chosen, background=spec.background)
+                raise Cancelled(f"{what} was cancelled")
+            picture = draw(torch.from_numpy(frame.image), torch.from_numpy(reader[frame.index]))
             writer.write(picture.numpy(), frame.pts, frame.time)
             if progress is not None:
                 progress(frame.index + 1, info.frame_count)

@@ -30,12 +30,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from .errors import Cancelled, PromptError, TrackerError, VideoError
-from .exports import CUTOUT_KINDS, export_cutout
-from .options import TrackOptions
+from .exports import CUTOUT_KINDS, export_cutout, export_overlay
+from .options import LOOK, TrackOptions
 from .prompts import NEGATIVE, POSITIVE, ObjectPrompt, check_prompts, prompts_from_text
 from .render import MaskZipReader, encode_mask, mask_name, overlay, overlay_colours
 from .sam import IMAGE_SIZE, LOW_RES_SIZE, ImageEmbedding, resized_shape
-from .session import PreviousRun, Tracker, TrackResult, fps_text
+from .session import LOSSLESS_WARNING, PreviousRun, Tracker, TrackResult, fps_text
 from .video import Frame, VideoInfo, probe, read_frame
 
 # What cameras, phones and editors write; all decode through FFmpeg (the result is always an H.264 MP4).
@@ -159,9 +159,12 @@ class RunRecord:
     passes: list[int | None] = field(default_factory=lambda: [None])
     options: TrackOptions | None = None
     repeated: bool = False  # Track found nothing changed since this run: it was not run again
+    redrawn: bool = False  # only the look changed: the last run's masks were drawn again
 
     def describe(self) -> str:
         """What the run did, in the user's words."""
+        if self.redrawn:
+            return "drew the tracked video again with the new look; the masks are those of the last run"
         first, *later = self.passes
         text = "tracked the whole video" if first is None else f"re-tracked from frame {first}" + \
             ("; frames before it kept their masks" if first > 0 else "")
@@ -219,9 +222,12 @@ def truncation_note(info: VideoInfo) -> str | None:
             "the frames after them cannot be shown or tracked")
 
 
-def upload_message(info: VideoInfo) -> str:
-    """What the page says about a video it took."""
-    text = (f"Loaded {info.width}x{info.height}, {info.frame_count} frames, {info.duration:.1f} s. "
+def upload_message(info: VideoInfo, trimmed: bool = False) -> str:
+    """What the page says about a video it took (`trimmed`: the trim made in the page's video widget)."""
+    frames = "1 frame" if info.frame_count == 1 else f"{info.frame_count} frames"
+    seconds = f"{info.duration:.2f}" if info.duration < 0.1 else f"{info.duration:.1f}"  # a frame or two
+    text = (f"Loaded {'the trimmed video, ' if trimmed else ''}"
+            f"{info.width}x{info.height}, {frames}, {seconds} s. "
             "Click the object to track.")
     note = truncation_note(info)
     return text if note is None else f"{text}\n⚠ {note}."
@@ -289,6 +295,8 @@ class EditSession:
         self.job_running = False
         self.last_used = time.monotonic()
         self.video: Path | None = None
+        self.uploaded_from: Path | None = None  # the upload the video was taken from, as the page names it
+        self.shown_frame = 0  # the frame last drawn for the page
         self.info: VideoInfo | None = None
         self.objects: list[int] = []
         self.current: int | None = None
@@ -304,8 +312,15 @@ class EditSession:
         directory.mkdir(parents=True, exist_ok=True)
 
     # -- video -----------------------------------------------------------
-    def open_video(self, upload: str | Path, limits: Limits) -> VideoInfo:
-        """Take an uploaded file (linked or copied in, under its own name) and start editing it from scratch."""
+    def open_edited_video(self, upload: str | Path, limits: Limits) -> VideoInfo:
+        """Take the file the page's video widget holds after an edit of the open video (its trim): named after
+        the video the user uploaded, as `clip_trimmed.mp4`."""
+        original = Path(self.video.name if self.video is not None else Path(upload).name)
+        stem = original.stem.removesuffix("_trimmed")
+        return self.open_video(upload, limits, f"{stem}_trimmed{Path(upload).suffix}")
+
+    def open_video(self, upload: str | Path, limits: Limits, name: str | None = None) -> VideoInfo:
+        """Take an uploaded file (linked or copied in, under `name` or its own) and start editing it from scratch."""
         upload = Path(upload)
         suffix = upload.suffix.lower()
         if suffix not in VIDEO_SUFFIXES:
@@ -314,7 +329,7 @@ class EditSession:
         with self.lock:
             self._require_idle()
             self._forget_video()
-            self.video = self.directory / "video" / upload.name  # messages name the user's file
+            self.video = self.directory / "video" / (name or upload.name)  # messages and downloads name it
             self.video.parent.mkdir(exist_ok=True)
             try:
                 _link_or_copy(upload, self.video)
@@ -331,7 +346,7 @@ class EditSession:
             except TrackerError:
                 self._forget_video()
                 raise
-            self.info = info
+            self.info, self.uploaded_from = info, upload
             self.objects, self.current = [1], 1
             return info
 
@@ -349,7 +364,7 @@ class EditSession:
         if self.video is not None:
             shutil.rmtree(self.video.parent, ignore_errors=True)
         self._set_result(None)
-        self.video = self.info = self._decoded = None
+        self.video = self.info = self._decoded = self.uploaded_from = None
         self.objects, self.current, self.edits = [], None, {}
         self._embeddings.clear()
         shutil.rmtree(self.directory / "runs", ignore_errors=True)
@@ -528,7 +543,7 @@ class EditSession:
     def _frame(self, index: int) -> Frame:
         """A decoded frame; the last one is kept, as clicks redraw the same frame again and again."""
         if self._decoded is None or self._decoded.index != index:
-            self._decoded = read_frame(self.video, index)
+            self._decoded = read_frame(self.video, index, self.info.size)
         return self._decoded
 
     def _describe(self, frame: int, object_id: int, edit: Edit) -> str:
@@ -586,6 +601,7 @@ class EditSession:
         """The frame with masks, clicks and boxes drawn, at display size, and its time in seconds."""
         with self.lock:
             info = self._check_frame(frame)
+            self.shown_frame = frame
             decoded = self._frame(frame)
             labels = self.labels(frame)
             clicks = {object_id: edit.clicks for (f, object_id), edit in self.edits.items() if f == frame}
@@ -633,12 +649,16 @@ class EditSession:
             untracked = [object_id for object_id in self.objects if object_id not in objects]
             passes = plan_passes(snapshot, [frame for frame, _ in refine], objects, self.result, full)
             previous = self.result
-            if previous is not None and not full and (snapshot, objects, options) == \
-                    (previous.prompts, previous.objects, previous.options):
+            same_prompts = previous is not None and not full and (snapshot, objects) == \
+                (previous.prompts, previous.objects)
+            if same_prompts and options == previous.options:
                 return replace(previous, repeated=True)
             embeddings = dict(self._embeddings)  # the clicked frames' embeddings: SAM need not run on them again
             self._runs += 1
             run_dir = self.directory / "runs" / str(self._runs)
+        if same_prompts and previous.options is not None and \
+                replace(options, **{name: getattr(previous.options, name) for name in LOOK}) == previous.options:
+            return self._redraw(previous, options, run_dir, progress)
         if not plain:
             raise PromptError("click an object first: every object needs a click or a box on some frame")
         prompts = [clicks.prompt(object_id, frame) for (frame, object_id), clicks in sorted(plain.items())]
@@ -684,6 +704,30 @@ class EditSession:
             for key, mask in corrected.items():
                 if key in self.edits:
                     self.edits[key].mask = mask
+        return record
+
+    def _redraw(self, previous: RunRecord, options: TrackOptions, run_dir: Path,
+                progress: ProgressReport | None) -> RunRecord:
+        """Only the look changed since the last run (opacity, outline, encoding): draw its masks again."""
+        run_dir.mkdir(parents=True)
+        began = time.perf_counter()
+        try:
+            drawn = export_overlay(
+                self.video, previous.masks, run_dir / previous.overlay.name, alpha=options.alpha,
+                outline=options.outline, crf=options.crf, preset=options.preset, cancel=self.cancel,
+                progress=None if progress is None else
+                lambda done, total: progress(done / total, f"Drawing frame {done}/{total} with the new look"))
+            masks = run_dir / previous.masks.name
+            _link_or_copy(previous.masks, masks)  # the previous run's folder goes with it
+        except BaseException:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        seconds = time.perf_counter() - began
+        warnings = [w for w in previous.warnings if w != LOSSLESS_WARNING] + [LOSSLESS_WARNING] * (options.crf == 0)
+        record = replace(previous, overlay=drawn, masks=masks, options=options, redrawn=True, warnings=warnings,
+                         summary=f"{self.info.present_frames} frames drawn again in {seconds:.1f} s, none tracked")
+        with self.lock:
+            self._set_result(record)
         return record
 
     def _await_clicks(self, progress: ProgressReport | None) -> None:

@@ -73,7 +73,7 @@ MAX_OUTLINE = 64
 
 @dataclass
 class TrackOptions:
-    """How a video is tracked and rendered."""
+    """How a video is tracked and rendered (the fields in LOOK change only the drawing and encoding)."""
 
     size: int = 480  # shorter side of the working resolution; 0 keeps the original
     memory: MemoryOptions = field(default_factory=MemoryOptions)
@@ -100,3 +100,7 @@ class TrackOptions:
             raise TrackerError(f"alpha (the overlay's opacity) must be 0 to 1, not {self.alpha}")
         if not 0 <= self.outline <= MAX_OUTLINE:
             raise TrackerError(f"outline must be 0 (none) to {MAX_OUTLINE} pixels, not {self.outline}")
+
+
+# The TrackOptions fields that change only how a result is drawn and encoded, not its masks.
+LOOK = ("alpha", "outline", "crf", "preset")

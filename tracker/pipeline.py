@@ -336,22 +336,24 @@ def prefetch(items: Iterable, depth: int, stop: threading.Event, stage: Callable
     q: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
 
+    def offer(item: object) -> bool:
+        """Queue `item` unless the consumer has left meanwhile (then nothing would ever take it)."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def worker() -> None:
         try:
             for item in items:
-                if stage is not None:
-                    item = stage(item)
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer(item if stage is None else stage(item)):
                     return
-            q.put(done)
+            offer(done)
         except BaseException as exc:  # handed to the consumer, which re-raises
-            q.put(exc)
+            offer(exc)
 
     thread = threading.Thread(target=worker, name="decode", daemon=True)
     thread.start()
@@ -428,8 +430,8 @@ def track_frames(
         last = info.frame_count - 1
         pace = LaunchPacer(device)
         prompted = sorted(work_masks)
-        for frame in prefetch(iter_frames(info.path, yuv=prep.planes), depth=4, stop=threading.Event(),
-                              stage=prep.stage):
+        decoded = iter_frames(info.path, yuv=prep.planes, size=info.size)
+        for frame in prefetch(decoded, depth=4, stop=threading.Event(), stage=prep.stage):
             while prompted and prompted[0] <= frame.index:
                 if prompted[0] < frame.index:
                     raise TrackerError(lost_prompt_frame(prompted[0]))
@@ -484,8 +486,8 @@ def _track_backward(network: torch.nn.Module, config: dict, info: VideoInfo, pre
     frames = np.lib.format.open_memmap(tmp / "frames.npy", mode="w+", dtype=np.uint8,
                                        shape=(start + 1, prep.work_h, prep.work_w, 3))
     present: list[int] = []  # frames lost to damage leave gaps, as in the forward pass
-    for frame in prefetch(iter_frames(info.path, 0, start + 1, yuv=prep.planes), depth=4, stop=threading.Event(),
-                          stage=prep.stage):
+    decoded = iter_frames(info.path, 0, start + 1, yuv=prep.planes, size=info.size)
+    for frame in prefetch(decoded, depth=4, stop=threading.Event(), stage=prep.stage):
         frames[frame.index] = prep.resize(prep.upload(frame)).cpu().numpy()
         present.append(frame.index)
     if not present or present[-1] != start:

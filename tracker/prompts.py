@@ -1,6 +1,7 @@
 """What the user asked for: clicks and boxes per object and frame, checked against the video."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -141,15 +142,20 @@ def prompts_from_json(data: object, source: str = "the prompts") -> list[ObjectP
     if not data["objects"]:
         raise PromptError(f'no object selected: "objects" in {source} is empty; '
                           'give each object "points" or a "box" (see the README)')
+    for n, item in enumerate(data["objects"]):
+        if not isinstance(item, dict):
+            raise PromptError(f"objects[{n}] must be a JSON object")
+        unknown = set(item) - {"id", "frame", "points", "labels", "box"}
+        if unknown:
+            raise PromptError(f"objects[{n}] has unknown keys {sorted(unknown)}")
+    named = {_field(item, f"objects[{n}]", "id", _int, "a whole number from 1 to 255")
+             for n, item in enumerate(data["objects"]) if item.get("id") is not None}
+    unnamed = (object_id for object_id in itertools.count(1) if object_id not in named)  # each a new object
     prompts = []
     for n, item in enumerate(data["objects"]):
         where = f"objects[{n}]"
-        if not isinstance(item, dict):
-            raise PromptError(f"{where} must be a JSON object")
-        unknown = set(item) - {"id", "frame", "points", "labels", "box"}
-        if unknown:
-            raise PromptError(f"{where} has unknown keys {sorted(unknown)}")
-        object_id = _field(item, where, "id", _int, "a whole number from 1 to 255", default=n + 1)
+        object_id = _field(item, where, "id", _int, "a whole number from 1 to 255",
+                           default=next(unnamed) if item.get("id") is None else None)
         frame = _field(item, where, "frame", _int, "a whole number (frames count from 0)", default=0)
         points = _field(item, where, "points", _points, "a list of [x, y] pairs of numbers", default=[])
         labels = _field(item, where, "labels", _labels, "a list of 1 (object) or 0 (background), one per point",

@@ -249,7 +249,7 @@ class Tracker:
                 raise Cancelled("tracking was cancelled")
             embedding = embeddings.get(frame_index)
             if embedding is None:
-                embedding = sam.embed(read_frame(info.path, frame_index).image)
+                embedding = sam.embed(read_frame(info.path, frame_index, info.size).image)
             keyframes[frame_index] = {p.object_id: self.segment(embedding, p, sam=sam)
                                       for p in prompts if p.frame == frame_index}
         return keyframes
@@ -257,11 +257,14 @@ class Tracker:
     def iter_tracked(self, video: str | Path, prompts: Sequence[ObjectPrompt], options: TrackOptions | None = None,
                      *, cancel: threading.Event | None = None,
                      progress: ProgressFn | None = None) -> Iterator[TrackedFrame]:
-        """Every frame of the video with its object-id map, in order, streamed."""
+        """Every frame of the video with its object-id map, in order, streamed.
+
+        The device is this job's until the iteration ends (or the iterator is closed): jobs take turns on it.
+        """
         options = options or TrackOptions()
         info = probe(video)
         check_prompts(prompts, info.width, info.height, info.frame_count, info.present_frames)
-        with user_facing_resource_errors(options):
+        with user_facing_resource_errors(options), self._device_turn(cancel):
             keyframes = self.prompt_masks(info, prompts)
             yield from track_frames(self.xmem, info, keyframes, options, self.device,
                                     cancel=cancel, progress=progress)

@@ -85,6 +85,11 @@ class VideoInfo:
     truncated_to: int | None = None
 
     @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) as displayed: every decoded frame's size (see `iter_frames`)."""
+        return self.width, self.height
+
+    @property
     def present_frames(self) -> int:
         """The frames whose data the file holds: all of them, unless it is truncated."""
         return self.frame_count if self.truncated_to is None else self.truncated_to
@@ -147,7 +152,8 @@ def probe(path: str | Path) -> VideoInfo:
                      truncated_to=timeline.complete if timeline.counted < timeline.declared else None)
 
 
-def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yuv: bool = False) -> Iterator[Frame]:
+def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yuv: bool = False,
+                size: tuple[int, int] | None = None) -> Iterator[Frame]:
     """Frames `start` .. `stop`-1 (all by default), decoded one at a time.
 
     A damaged tail ends the iteration quietly after the last good frame (a
@@ -157,6 +163,9 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yu
     Starting later than frame 0 seeks to the keyframe before `start`.
     With `yuv`, 8-bit 4:2:0 frames of even size come as their planes
     (`Frame.yuv`) for conversion on the compute device; others still as RGB.
+    Every frame comes at one display size, `size` (width, height; pass
+    `probe`'s) or the first one's: a stream that changes size midway (joined
+    recordings) has its other frames scaled to it, as FFmpeg does.
     """
     path = Path(path)
     if stop is not None and stop <= start:
@@ -169,6 +178,7 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yu
         fallback_rate = stream.average_rate or Fraction(25)
         time_base = stream.time_base  # the frames' own: those drained from the decoder at a cut-off end have none
         positions: dict[int, int] | None = None  # presentation timestamp -> index, read once damage shows
+        warned = False
         index = last = start - 1
         for frame in frames:
             index += 1
@@ -182,11 +192,20 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yu
                 return
             last = index
             time = float(frame.pts * time_base) if frame.pts is not None and time_base else float(index / fallback_rate)
-            planes = _yuv_planes(frame) if yuv else None
+            turned = _clockwise(frame) in (90, 270)
+            shown = (frame.height, frame.width) if turned else (frame.width, frame.height)
+            size = size or shown
+            resized = shown != size
+            if resized and not warned:
+                warned = True
+                log.warning("%s: the picture changes size from %dx%d to %dx%d at frame %d; frames of another size "
+                            "are scaled to %dx%d", path.name, *size, *shown, index, *size)
+            planes = _yuv_planes(frame) if yuv and not resized else None
             if planes is not None:
                 yield Frame(index, None, frame.pts, time, planes)
             else:
-                yield Frame(index, _display_rgb(frame), frame.pts, time)
+                stored = (size[1], size[0]) if turned else size
+                yield Frame(index, _display_rgb(frame, stored if resized else None), frame.pts, time)
             if stop is not None and index + 1 >= stop:
                 return
 
@@ -201,9 +220,9 @@ def _positions(path: Path) -> dict[int, int]:
     return {int(pts): index for index, pts in enumerate(timeline.pts)}
 
 
-def read_frame(path: str | Path, index: int) -> Frame:
+def read_frame(path: str | Path, index: int, size: tuple[int, int] | None = None) -> Frame:
     """The frame `iter_frames` yields at `index`, found by seeking (exact with B-frames and VFR)."""
-    frame = next(iter_frames(path, index, index + 1), None)
+    frame = next(iter_frames(path, index, index + 1, size=size), None)
     if frame is None:
         raise VideoError(f"{Path(path).name}: frame {index} cannot be decoded (the video is shorter or damaged "
                          "there); choose another frame")
@@ -242,26 +261,41 @@ def _decoded(container: av.container.InputContainer, stream: av.VideoStream,
 
     The decoder still holds complete frames at the end (B-frame reordering,
     frame threads), so it is drained: a cut file keeps every frame it fully
-    contains. A cut-off packet is not decoded at all: with frame threads its
-    error would also take the frames still in the decoder. The skipped
-    packets' timestamps go to `skipped`.
+    contains. A cut-off packet (flagged corrupt, and the last) is not decoded
+    at all: with frame threads its error would also take the frames still in
+    the decoder. One flagged corrupt in the middle is decoded as FFmpeg does
+    (MPEG-TS flags the packet at a join of files copied end to end). The
+    skipped packets' timestamps go to `skipped`.
     """
     decoded = 0
+
+    def decode(packet: av.Packet) -> list[av.VideoFrame]:
+        nonlocal decoded
+        try:
+            frames = packet.decode()
+        except av.FFmpegError:
+            skipped.append(packet.pts)
+            return []
+        decoded += len(frames)
+        return frames
+
+    held = None  # a packet flagged corrupt, decoded once a real packet follows it
     try:
         for packet in container.demux(stream):
-            if packet.is_corrupt:
-                skipped.append(packet.pts)
+            if held is not None:
+                if packet.size:
+                    yield from decode(held)
+                else:  # the end of the file follows: it was cut off
+                    skipped.append(held.pts)
+                held = None
+            if packet.is_corrupt and packet.size:
+                held = packet
                 continue
-            try:
-                frames = packet.decode()
-            except av.FFmpegError:
-                skipped.append(packet.pts)
-                continue
-            for frame in frames:
-                decoded += 1
-                yield frame
+            yield from decode(packet)
     except (av.FFmpegError, EOFError) as exc:
         log.warning("%s: reading stopped after %d frames: %s", container.name, decoded, exc)
+    if held is not None:
+        skipped.append(held.pts)
     if skipped:
         log.warning("%s: %d damaged packet(s) skipped; the frames around them are kept", container.name,
                     len(skipped))
@@ -357,9 +391,12 @@ def _untagged_hd(frame: av.VideoFrame) -> bool:
     return frame.colorspace == UNSPECIFIED_COLORSPACE and frame.height >= 720
 
 
-def _display_rgb(frame: av.VideoFrame) -> np.ndarray:
-    """8-bit RGB in display orientation, whatever the stored pixel format and bit depth."""
+def _display_rgb(frame: av.VideoFrame, size: tuple[int, int] | None = None) -> np.ndarray:
+    """8-bit RGB in display orientation, whatever the stored pixel format and bit depth (scaled to the stored
+    `size` where given)."""
     options = {"src_colorspace": "itu709"} if _untagged_hd(frame) else {}
+    if size is not None:
+        options.update(width=size[0], height=size[1], interpolation="BICUBIC")
     image = frame.to_ndarray(format="rgb24", **options)
     turns = _clockwise(frame) // 90
     return np.ascontiguousarray(np.rot90(image, k=-turns)) if turns else image
@@ -390,6 +427,8 @@ class _Target:
     audio_encoder: str  # what other audio is converted to
 
 
+# Uncompressed audio that MOV and Matroska carry as it is (MP4 players do not take it).
+_PCM = frozenset({"pcm_s16le", "pcm_s16be", "pcm_s24le", "pcm_s24be", "pcm_s32le", "pcm_s32be", "pcm_f32le", "pcm_u8"})
 _TARGETS = {
     "libx264": _Target("mp4", frozenset({"aac", "mp3", "alac", "opus", "flac", "ac3", "eac3"}), "aac"),
     "libvpx-vp9": _Target("webm", frozenset({"opus", "vorbis"}), "libopus"),
@@ -398,8 +437,8 @@ _TARGETS = {
 H264_CONTAINERS = {
     ".mp4": _TARGETS["libx264"],
     ".m4v": _TARGETS["libx264"],
-    ".mov": _Target("mov", frozenset({"aac", "mp3", "alac", "ac3", "eac3"}), "aac"),
-    ".mkv": _Target("matroska", _TARGETS["libx264"].audio_copy | {"vorbis"}, "aac"),
+    ".mov": _Target("mov", frozenset({"aac", "mp3", "alac", "ac3", "eac3"}) | _PCM, "aac"),
+    ".mkv": _Target("matroska", _TARGETS["libx264"].audio_copy | {"vorbis"} | _PCM, "aac"),
 }
 
 # BT.709, limited range: what players assume for untagged HD; tagged so nobody has to guess.
