@@ -25,8 +25,8 @@ from gradio.utils import get_upload_folder
 from tracker.cli import add_model_flags as add_model_flags
 from tracker.errors import Cancelled, TrackerError
 from tracker.exports import CUTOUT_KINDS
-from tracker.interactive import (VIDEO_SUFFIXES, EditSession, Limits, SessionStore, Style, frame_caption,
-                                 truncation_note, upload_message)
+from tracker.interactive import (TRIMMED_UPLOAD, VIDEO_SUFFIXES, EditSession, Limits, SessionStore, Style,
+                                 frame_caption, truncation_note, upload_message)
 from tracker.options import MemoryOptions, TrackOptions
 from tracker.pipeline import resolve_precision
 from tracker.render import overlay_colours
@@ -229,15 +229,17 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                 return no_video
             if session.uploaded_from is not None and Path(path) == session.uploaded_from:
                 return (gr.skip(),) * 11
-            # A new file while a video is open is the widget's trim of it (an upload comes after a clear).
-            trimmed = session.video is not None
+            # The widget's trim uploads its result while the video is open (a new upload comes after a clear).
+            trimmed = session.info is not None and Path(path).name == TRIMMED_UPLOAD
             try:
-                info = session.open_edited_video(path, limits) if trimmed else session.open_video(path, limits)
+                info = session.open_trimmed_video(path, limits) if trimmed else session.open_video(path, limits)
             except TrackerError as exc:
-                if session.info is not None:  # refused before the old video was let go: it stays
-                    raise
                 gr.Warning(str(exc))
+                if session.info is not None:  # refused before the old video was let go: the widget shows it again
+                    return f"Error: {exc}", *(gr.skip(),) * 9, str(session.uploaded_from)
                 return f"Error: {exc}", *no_video[1:-1], None  # the refused file leaves the widget too
+            if info is None:
+                return "The trim kept the whole video: nothing changed.", *(gr.skip(),) * 10
             image, caption = shown(session, 0, alpha_value, outline_value)
             note = truncation_note(info)
             if note is not None:
@@ -425,12 +427,11 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
 
         def on_cancel(request: gr.Request):
             """Greys the button out and leaves the status to the job: its "Cancelled" comes through the queue,
-            and a status sent from here could arrive after it and stay."""
-            if session_of(request).request_cancel():
-                return gr.skip(), gr.update(interactive=False)
-            return "Nothing is running.", gr.skip()
+            and a status sent from here could arrive after it (or after its "Done") and stay."""
+            session_of(request).request_cancel()
+            return gr.update(interactive=False)
 
-        cancel_button.click(on_cancel, None, [status, cancel_button], queue=False)
+        cancel_button.click(on_cancel, None, cancel_button, queue=False)
 
         @show_errors(outputs=2)
         def on_cutout(objects: Sequence[int], kind: str, request: gr.Request, progress=gr.Progress()):

@@ -357,6 +357,8 @@ def test_a_streamed_job_holds_the_device_until_its_iterator_ends(tracker, clip, 
     stream = tracker.iter_tracked(clip, CLICK)
     next(stream)
     assert tracker.lock.locked()
+    with pytest.raises(TrackerError, match="earlier job still holds the device"):  # not a wait for ever
+        tracker.track(clip, CLICK, output=tmp_path / "o.mp4")
     stream.close()
     assert not tracker.lock.locked()
     assert len(list(tracker.iter_tracked(clip, CLICK))) == probe(clip).frame_count and not tracker.lock.locked()

@@ -14,6 +14,7 @@ are applied again on top of the new tracking, one pass each.
 from __future__ import annotations
 
 import contextlib
+import filecmp
 import math
 import secrets
 import shutil
@@ -51,6 +52,7 @@ CLICK_LOST_SECONDS = 180.0
 
 Key = tuple[int, int]  # (frame, object id)
 ProgressReport = Callable[[float, str], None]  # (fraction 0..1, description)
+TRIMMED_UPLOAD = "video.mp4"  # the name of the file Gradio's video widget uploads when it trims a video
 
 
 @dataclass(frozen=True)
@@ -312,12 +314,17 @@ class EditSession:
         directory.mkdir(parents=True, exist_ok=True)
 
     # -- video -----------------------------------------------------------
-    def open_edited_video(self, upload: str | Path, limits: Limits) -> VideoInfo:
-        """Take the file the page's video widget holds after an edit of the open video (its trim): named after
-        the video the user uploaded, as `clip_trimmed.mp4`."""
-        original = Path(self.video.name if self.video is not None else Path(upload).name)
-        stem = original.stem.removesuffix("_trimmed")
-        return self.open_video(upload, limits, f"{stem}_trimmed{Path(upload).suffix}")
+    def open_trimmed_video(self, upload: str | Path, limits: Limits) -> VideoInfo | None:
+        """Take the file the page's video widget uploads when it trims the open video, named after the user's
+        upload (`clip_trimmed.mp4`); None when the trim kept the whole video (the widget sends it unchanged)."""
+        upload = Path(upload)
+        with self.lock:
+            self.require_video()
+            video = self.video
+        if filecmp.cmp(upload, video, shallow=False):
+            return None
+        stem = video.stem.removesuffix("_trimmed")
+        return self.open_video(upload, limits, f"{stem}_trimmed{upload.suffix}")
 
     def open_video(self, upload: str | Path, limits: Limits, name: str | None = None) -> VideoInfo:
         """Take an uploaded file (linked or copied in, under `name` or its own) and start editing it from scratch."""

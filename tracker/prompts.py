@@ -142,27 +142,25 @@ def prompts_from_json(data: object, source: str = "the prompts") -> list[ObjectP
     if not data["objects"]:
         raise PromptError(f'no object selected: "objects" in {source} is empty; '
                           'give each object "points" or a "box" (see the README)')
-    for n, item in enumerate(data["objects"]):
-        if not isinstance(item, dict):
-            raise PromptError(f"objects[{n}] must be a JSON object")
-        unknown = set(item) - {"id", "frame", "points", "labels", "box"}
-        if unknown:
-            raise PromptError(f"objects[{n}] has unknown keys {sorted(unknown)}")
-    named = {_field(item, f"objects[{n}]", "id", _int, "a whole number from 1 to 255")
-             for n, item in enumerate(data["objects"]) if item.get("id") is not None}
-    unnamed = (object_id for object_id in itertools.count(1) if object_id not in named)  # each a new object
-    prompts = []
+    entries = []  # (id or None, the other fields)
     for n, item in enumerate(data["objects"]):
         where = f"objects[{n}]"
-        object_id = _field(item, where, "id", _int, "a whole number from 1 to 255",
-                           default=next(unnamed) if item.get("id") is None else None)
+        if not isinstance(item, dict):
+            raise PromptError(f"{where} must be a JSON object")
+        unknown = set(item) - {"id", "frame", "points", "labels", "box"}
+        if unknown:
+            raise PromptError(f"{where} has unknown keys {sorted(unknown)}")
+        object_id = _field(item, where, "id", _optional_int, "a whole number from 1 to 255")  # None: a new object
         frame = _field(item, where, "frame", _int, "a whole number (frames count from 0)", default=0)
         points = _field(item, where, "points", _points, "a list of [x, y] pairs of numbers", default=[])
         labels = _field(item, where, "labels", _labels, "a list of 1 (object) or 0 (background), one per point",
                         default=[POSITIVE] * len(points))
         box = _field(item, where, "box", _box, "null or [x0, y0, x1, y1] (four numbers)")
-        prompts.append(ObjectPrompt(object_id=object_id, frame=frame, points=points, labels=labels, box=box))
-    return prompts
+        entries.append((object_id, dict(frame=frame, points=points, labels=labels, box=box)))
+    named = {object_id for object_id, _ in entries}
+    free = (object_id for object_id in itertools.count(1) if object_id not in named)  # for entries without an id
+    return [ObjectPrompt(object_id=next(free) if object_id is None else object_id, **fields)
+            for object_id, fields in entries]
 
 
 def _field(item: dict, where: str, name: str, read: Callable[[object], T], expected: str, default: object = None
@@ -178,6 +176,10 @@ def _field(item: dict, where: str, name: str, read: Callable[[object], T], expec
 
 def _int(value: object) -> int:
     return whole_number(value, "a number", PromptError)
+
+
+def _optional_int(value: object) -> int | None:
+    return None if value is None else _int(value)
 
 
 def _numbers(value: object, count: int | None = None) -> list[float]:

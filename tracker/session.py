@@ -191,7 +191,8 @@ class Tracker:
         self._sam_backends: dict[str, SamBackend] = {}  # the others, loaded when a session asks for one
         self._sam_loading = threading.Lock()
         self.xmem = load_xmem(xmem_path, self.device)
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # the device's: one job at a time
+        self._lock_holder: int | None = None  # the thread whose job holds it
         if self.untrained:  # scripts see it too, not only the CLI's and the app's users
             warnings.warn(weights.UNTRAINED_WARNING, UntrainedWeightsWarning, stacklevel=2)
 
@@ -274,14 +275,20 @@ class Tracker:
         """Hold the device for one job, once the job before it (or the warm-up) is done.
 
         A cancel while waiting ends the wait at once, so Cancel and a closed
-        tab stay prompt however long the job ahead takes.
+        tab stay prompt however long the job ahead takes. A thread whose own
+        earlier job still holds the device is told so rather than left waiting.
         """
+        if self._lock_holder == threading.get_ident():
+            raise TrackerError("this thread's earlier job still holds the device: an iter_tracked stream that was "
+                               "neither finished nor closed; finish it or call its close() first")
         while not self.lock.acquire(timeout=0.05):
             if cancel is not None and cancel.is_set():
                 raise Cancelled("tracking was cancelled")
+        self._lock_holder = threading.get_ident()
         try:
             yield
         finally:
+            self._lock_holder = None
             self.lock.release()
 
     def warm_up(self, options: TrackOptions | None = None, frame_size: tuple[int, int] = (1280, 720)) -> float:

@@ -178,7 +178,6 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yu
         fallback_rate = stream.average_rate or Fraction(25)
         time_base = stream.time_base  # the frames' own: those drained from the decoder at a cut-off end have none
         positions: dict[int, int] | None = None  # presentation timestamp -> index, read once damage shows
-        warned = False
         index = last = start - 1
         for frame in frames:
             index += 1
@@ -196,8 +195,8 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yu
             shown = (frame.height, frame.width) if turned else (frame.width, frame.height)
             size = size or shown
             resized = shown != size
-            if resized and not warned:
-                warned = True
+            if resized and path not in _RESIZED_TOLD:
+                _RESIZED_TOLD.add(path)
                 log.warning("%s: the picture changes size from %dx%d to %dx%d at frame %d; frames of another size "
                             "are scaled to %dx%d", path.name, *size, *shown, index, *size)
             planes = _yuv_planes(frame) if yuv and not resized else None
@@ -208,6 +207,9 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yu
                 yield Frame(index, _display_rgb(frame, stored if resized else None), frame.pts, time)
             if stop is not None and index + 1 >= stop:
                 return
+
+
+_RESIZED_TOLD: set[Path] = set()  # videos whose change of picture size was logged (once, not per frame read)
 
 
 def _positions(path: Path) -> dict[int, int]:
