@@ -10,6 +10,7 @@ import argparse
 import functools
 import html
 import logging
+import math
 import os
 import signal
 import sys
@@ -53,6 +54,7 @@ wrong, click there and press **Track** again: earlier frames keep their result."
 # Track jobs that may be in their handlers at once. They take turns on the device in the tracker's own lock,
 # whose wait a Cancel ends at once; a job held in Gradio's queue (the ninth) could not be cancelled there.
 TRACK_JOBS = 8
+TRIM_KEPT_ALL = "The trim kept the whole video: nothing changed."
 NOTHING_CHANGED = ("Nothing changed since the last run (same clicks, objects and settings): its result below is "
                    "current. Tick *Full re-run* to track again anyway.")
 CSS = """
@@ -228,6 +230,8 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                 session.reset()
                 return no_video
             if session.uploaded_from is not None and Path(path) == session.uploaded_from:
+                if Path(path).name == TRIMMED_UPLOAD:  # a trimmed video trimmed again to the whole of it
+                    return TRIM_KEPT_ALL, *(gr.skip(),) * 10
                 return (gr.skip(),) * 11
             # The widget's trim uploads its result while the video is open (a new upload comes after a clear).
             trimmed = session.info is not None and Path(path).name == TRIMMED_UPLOAD
@@ -239,7 +243,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                     return f"Error: {exc}", *(gr.skip(),) * 9, str(session.uploaded_from)
                 return f"Error: {exc}", *no_video[1:-1], None  # the refused file leaves the widget too
             if info is None:
-                return "The trim kept the whole video: nothing changed.", *(gr.skip(),) * 10
+                return TRIM_KEPT_ALL, *(gr.skip(),) * 10
             image, caption = shown(session, 0, alpha_value, outline_value)
             note = truncation_note(info)
             if note is not None:
@@ -271,11 +275,11 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             if session.info is None:
                 return (gr.skip(),) * 4
             try:
-                frame = min(max(round(float(typed)), 0), session.info.present_frames - 1)
+                frame = min(max(math.floor(float(typed) + 0.5), 0), session.info.present_frames - 1)
             except (TypeError, ValueError, OverflowError):  # emptied, or not a number
                 frame = session.shown_frame
             image, caption = shown(session, frame, alpha_value, outline_value)
-            return gr.skip(), image, caption, gr.skip() if frame == typed else frame
+            return gr.skip(), image, caption, frame
 
         # Only what the user does redraws the frame (not the slider's reset on upload).
         frame_slider.input(on_frame_typed, [frame_slider, *style], [status, frame_image, frame_info, frame_slider],

@@ -379,7 +379,7 @@ def test_a_frame_number_typed_out_of_range_is_held_to_the_video_and_clicks_go_to
     page = tab.page
     tab.upload(clips / "clip.mp4")
     number = page.locator("#frame-slider input[type=number]")
-    for typed, frame in (("40", 11), ("-3", 0), ("3.6", 4)):
+    for typed, frame in (("40", 11), ("-3", 0), ("2.5", 3), ("3.6", 4)):
         number.fill(typed)
         number.press("Enter")
         page.wait_for_function("text => document.querySelector('#frame-info').innerText.startsWith(text)",
@@ -431,6 +431,9 @@ def test_a_trim_made_in_the_video_widget_is_the_video_tracked(app, browser, clip
     frames = int(found.group(1))
     assert 3 <= frames < 12, loaded
     assert page.locator("#frame-info").inner_text() == f"Frame 0 / {frames - 1} · 0:00.000"
+    page.get_by_role("button", name="Trim video to selection").click()  # the trimmed video, trimmed to all of it
+    page.get_by_role("button", name="Trim", exact=True).click()
+    tab.wait_status("^The trim kept the whole video: nothing changed.$")
 
     tab.click_frame(*OBJECT_1, expect="object 1 on frame 0: 1 point")
     done = tab.track()
