@@ -54,7 +54,6 @@ wrong, click there and press **Track** again: earlier frames keep their result."
 # Track jobs that may be in their handlers at once. They take turns on the device in the tracker's own lock,
 # whose wait a Cancel ends at once; a job held in Gradio's queue (the ninth) could not be cancelled there.
 TRACK_JOBS = 8
-TRIM_KEPT_ALL = "The trim kept the whole video: nothing changed."
 NOTHING_CHANGED = ("Nothing changed since the last run (same clicks, objects and settings): its result below is "
                    "current. Tick *Full re-run* to track again anyway.")
 CSS = """
@@ -229,12 +228,10 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                     return (gr.skip(),) * 11
                 session.reset()
                 return no_video
-            if session.uploaded_from is not None and Path(path) == session.uploaded_from:
-                if Path(path).name == TRIMMED_UPLOAD:  # a trimmed video trimmed again to the whole of it
-                    return TRIM_KEPT_ALL, *(gr.skip(),) * 10
-                return (gr.skip(),) * 11
             # The widget's trim uploads its result while the video is open (a new upload comes after a clear).
             trimmed = session.info is not None and Path(path).name == TRIMMED_UPLOAD
+            if not trimmed and Path(path) == session.uploaded_from:  # the widget shows the open video again
+                return (gr.skip(),) * 11
             try:
                 info = session.open_trimmed_video(path, limits) if trimmed else session.open_video(path, limits)
             except TrackerError as exc:
@@ -243,7 +240,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                     return f"Error: {exc}", *(gr.skip(),) * 9, str(session.uploaded_from)
                 return f"Error: {exc}", *no_video[1:-1], None  # the refused file leaves the widget too
             if info is None:
-                return TRIM_KEPT_ALL, *(gr.skip(),) * 10
+                return "The trim kept the whole video: nothing changed.", *(gr.skip(),) * 10
             image, caption = shown(session, 0, alpha_value, outline_value)
             note = truncation_note(info)
             if note is not None:

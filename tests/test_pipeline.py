@@ -203,6 +203,16 @@ def test_encoder_settings_are_checked(settings, message):
     assert TrackOptions(preset="ultrafast", crf=0).preset == "ultrafast"
 
 
+def test_only_the_look_may_differ_for_options_to_track_alike():
+    from tracker.options import MemoryOptions, TrackOptions
+
+    base = TrackOptions()
+    assert base.tracks_like(TrackOptions(alpha=0.9, outline=0, crf=30, preset="ultrafast"))
+    for other in (TrackOptions(size=240), TrackOptions(memory=MemoryOptions(mem_every=3)),
+                  TrackOptions(precision="fp32"), TrackOptions(alpha=0.9, size=240), None):
+        assert not base.tracks_like(other), other
+
+
 def test_memory_settings_of_the_wrong_type_are_named():
     from tracker.errors import TrackerError
     from tracker.options import MemoryOptions

@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw
 
 from .errors import Cancelled, PromptError, TrackerError, VideoError
 from .exports import CUTOUT_KINDS, export_cutout, export_overlay
-from .options import LOOK, TrackOptions
+from .options import TrackOptions
 from .prompts import NEGATIVE, POSITIVE, ObjectPrompt, check_prompts, prompts_from_text
 from .render import MaskZipReader, encode_mask, mask_name, overlay, overlay_colours
 from .sam import IMAGE_SIZE, LOW_RES_SIZE, ImageEmbedding, resized_shape
@@ -663,8 +663,7 @@ class EditSession:
             embeddings = dict(self._embeddings)  # the clicked frames' embeddings: SAM need not run on them again
             self._runs += 1
             run_dir = self.directory / "runs" / str(self._runs)
-        if same_prompts and previous.options is not None and \
-                replace(options, **{name: getattr(previous.options, name) for name in LOOK}) == previous.options:
+        if same_prompts and options.tracks_like(previous.options):
             return self._redraw(previous, options, run_dir, progress)
         if not plain:
             raise PromptError("click an object first: every object needs a click or a box on some frame")

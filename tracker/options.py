@@ -6,7 +6,7 @@ flags before the models load.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Callable
 
 from .errors import TrackerError, real_number, whole_number
@@ -71,6 +71,10 @@ class MemoryOptions:
 MAX_OUTLINE = 64
 
 
+# The TrackOptions fields that change only how a result is drawn and encoded, not its masks.
+LOOK = ("alpha", "outline", "crf", "preset")
+
+
 @dataclass
 class TrackOptions:
     """How a video is tracked and rendered (the fields in LOOK change only the drawing and encoding)."""
@@ -101,6 +105,6 @@ class TrackOptions:
         if not 0 <= self.outline <= MAX_OUTLINE:
             raise TrackerError(f"outline must be 0 (none) to {MAX_OUTLINE} pixels, not {self.outline}")
 
-
-# The TrackOptions fields that change only how a result is drawn and encoded, not its masks.
-LOOK = ("alpha", "outline", "crf", "preset")
+    def tracks_like(self, other: TrackOptions | None) -> bool:
+        """Whether `other` gives the same masks: it differs at most in the look (LOOK), not in the tracking."""
+        return other is not None and replace(self, **{name: getattr(other, name) for name in LOOK}) == other

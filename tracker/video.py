@@ -191,7 +191,8 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yu
                 return
             last = index
             time = float(frame.pts * time_base) if frame.pts is not None and time_base else float(index / fallback_rate)
-            turned = _clockwise(frame) in (90, 270)
+            clockwise = _clockwise(frame)
+            turned = clockwise in (90, 270)
             shown = (frame.height, frame.width) if turned else (frame.width, frame.height)
             size = size or shown
             resized = shown != size
@@ -199,12 +200,12 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yu
                 _RESIZED_TOLD.add(path)
                 log.warning("%s: the picture changes size from %dx%d to %dx%d at frame %d; frames of another size "
                             "are scaled to %dx%d", path.name, *size, *shown, index, *size)
-            planes = _yuv_planes(frame) if yuv and not resized else None
+            planes = _yuv_planes(frame, clockwise) if yuv and not resized else None
             if planes is not None:
                 yield Frame(index, None, frame.pts, time, planes)
             else:
                 stored = (size[1], size[0]) if turned else size
-                yield Frame(index, _display_rgb(frame, stored if resized else None), frame.pts, time)
+                yield Frame(index, _display_rgb(frame, clockwise, stored if resized else None), frame.pts, time)
             if stop is not None and index + 1 >= stop:
                 return
 
@@ -393,14 +394,14 @@ def _untagged_hd(frame: av.VideoFrame) -> bool:
     return frame.colorspace == UNSPECIFIED_COLORSPACE and frame.height >= 720
 
 
-def _display_rgb(frame: av.VideoFrame, size: tuple[int, int] | None = None) -> np.ndarray:
-    """8-bit RGB in display orientation, whatever the stored pixel format and bit depth (scaled to the stored
-    `size` where given)."""
+def _display_rgb(frame: av.VideoFrame, clockwise: int, size: tuple[int, int] | None = None) -> np.ndarray:
+    """8-bit RGB turned `clockwise` into display orientation, whatever the stored pixel format and bit depth
+    (scaled to the stored `size` where given)."""
     options = {"src_colorspace": "itu709"} if _untagged_hd(frame) else {}
     if size is not None:
         options.update(width=size[0], height=size[1], interpolation="BICUBIC")
     image = frame.to_ndarray(format="rgb24", **options)
-    turns = _clockwise(frame) // 90
+    turns = clockwise // 90
     return np.ascontiguousarray(np.rot90(image, k=-turns)) if turns else image
 
 
@@ -410,14 +411,15 @@ _PLANE_FORMATS = {"yuv420p": False, "yuvj420p": True}  # -> full range
 JPEG_RANGE = 2  # AVCOL_RANGE_JPEG
 
 
-def _yuv_planes(frame: av.VideoFrame) -> YuvPicture | None:
-    """The frame's own 8-bit 4:2:0 planes with how to turn them into RGB, or None where swscale must convert."""
+def _yuv_planes(frame: av.VideoFrame, clockwise: int) -> YuvPicture | None:
+    """The frame's own 8-bit 4:2:0 planes with how to turn them (`clockwise`) into RGB, or None where swscale
+    must convert."""
     if (frame.format.name not in _PLANE_FORMATS or frame.colorspace not in _PLANE_MATRICES
             or frame.width % 2 or frame.height % 2):
         return None
     matrix = "bt709" if _untagged_hd(frame) else _PLANE_MATRICES[frame.colorspace]
     full_range = _PLANE_FORMATS[frame.format.name] or frame.color_range == JPEG_RANGE
-    return YuvPicture(frame.to_ndarray(), frame.width, frame.height, matrix, full_range, _clockwise(frame))
+    return YuvPicture(frame.to_ndarray(), frame.width, frame.height, matrix, full_range, clockwise)
 
 
 @dataclass(frozen=True)
