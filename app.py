@@ -107,8 +107,25 @@ def show_errors(outputs: int) -> Callable:
     return wrap
 
 
+def held(typed, lowest: float, highest: float, fallback: float, whole: bool = False) -> float:
+    """A number typed into a slider's box, within the slider's ends (halves of whole numbers round up);
+    `fallback` when the box was emptied or holds no number."""
+    try:
+        value = float(typed)
+    except (TypeError, ValueError):
+        return fallback
+    if math.isnan(value):
+        return fallback
+    value = min(max(value, lowest), highest)
+    return math.floor(value + 0.5) if whole else value
+
+
 def object_choices(session: EditSession) -> dict:
     return gr.update(choices=[(f"Object {i}", i) for i in session.objects], value=session.current)
+
+
+def cutout_choices(session: EditSession) -> list[tuple[str, int]]:
+    return [(f"Object {i}", i) for i in session.cutout_choices()]
 
 
 def legend(session: EditSession) -> str:
@@ -255,28 +272,33 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                           video_input]
         video_input.change(on_video, [video_input, *style], upload_outputs, concurrency_limit=4)
 
+        def held_view(session: EditSession, frame, alpha_value, outline_value) -> tuple[int, float, int]:
+            """The frame and the look as the sliders' number boxes hold them, unchecked (Gradio's own check
+            refuses what a user can type there with a toast and a logged traceback, and left the frame box on a
+            frame that was not the one shown, where clicks then went): each held to its slider's range."""
+            last = session.info.present_frames - 1
+            frame = held(frame, 0, last, session.shown_frame, whole=True)
+            alpha_value = held(alpha_value, alpha.minimum, alpha.maximum, defaults.alpha)
+            outline_value = held(outline_value, outline.minimum, outline.maximum, defaults.outline, whole=True)
+            return frame, alpha_value, outline_value
+
         @show_errors(outputs=3)
-        def on_frame(frame: int, alpha_value: float, outline_value: float, request: gr.Request):
+        def on_frame(frame, alpha_value, outline_value, request: gr.Request):
             session = session_of(request)
             if session.info is None:
                 return gr.skip(), gr.skip(), gr.skip()
-            image, caption = shown(session, frame, alpha_value, outline_value)
+            image, caption = shown(session, *held_view(session, frame, alpha_value, outline_value))
             return gr.skip(), image, caption
 
         @show_errors(outputs=4)
-        def on_frame_typed(typed: float | None, alpha_value: float, outline_value: float, request: gr.Request):
-            """The slider's number box takes anything typed (its value comes unchecked): rounded and held to the
-            video's frames, and the box shows the frame drawn. Gradio's own check refused it with a toast and left
-            the box on a frame that was not the one shown, where clicks then went."""
+        def on_frame_typed(frame, alpha_value, outline_value, request: gr.Request):
+            """The frame box also shows the frame drawn: a number typed beyond the video goes back to its end."""
             session = session_of(request)
             if session.info is None:
                 return (gr.skip(),) * 4
-            try:
-                frame = min(max(math.floor(float(typed) + 0.5), 0), session.info.present_frames - 1)
-            except (TypeError, ValueError, OverflowError):  # emptied, or not a number
-                frame = session.shown_frame
-            image, caption = shown(session, frame, alpha_value, outline_value)
-            return gr.skip(), image, caption, frame
+            view = held_view(session, frame, alpha_value, outline_value)
+            image, caption = shown(session, *view)
+            return gr.skip(), image, caption, view[0]
 
         # Only what the user does redraws the frame (not the slider's reset on upload).
         frame_slider.input(on_frame_typed, [frame_slider, *style], [status, frame_image, frame_info, frame_slider],
@@ -284,7 +306,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                            preprocess=False)
         for trigger in (alpha.input, outline.input):
             trigger(on_frame, [frame_slider, *style], [status, frame_image, frame_info], show_progress="hidden",
-                    trigger_mode="always_last", concurrency_limit=4)
+                    trigger_mode="always_last", concurrency_limit=4, preprocess=False)
 
         @show_errors(outputs=2)
         def on_click(frame: int, mode: str, xy: tuple[float, float], alpha_value: float, outline_value: float,
@@ -346,19 +368,22 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
 
         object_select.input(on_select_object, object_select, [status, object_legend], concurrency_limit=4)
 
-        @show_errors(outputs=4)
+        @show_errors(outputs=5)
         def on_remove_object(object_id: int | None, frame: int, alpha_value: float, outline_value: float,
-                             request: gr.Request):
+                             ticked: list[int], request: gr.Request):
             session = session_of(request)
             if object_id is None:
                 raise TrackerError("pick the object to remove first")
             session.remove_object(int(object_id))
             rerun = "; the next Track re-runs the whole video" if session.result is not None else ""
+            ticked = [i for i in ticked if i != object_id]
             return (f"object {object_id} removed{rerun}", object_choices(session),
-                    legend(session), shown(session, frame, alpha_value, outline_value)[0])
+                    legend(session), shown(session, frame, alpha_value, outline_value)[0],
+                    gr.update(choices=cutout_choices(session), value=ticked))
 
-        remove_object.click(on_remove_object, [object_select, frame_slider, *style],
-                            [status, object_select, object_legend, frame_image], concurrency_limit=4)
+        remove_object.click(on_remove_object, [object_select, frame_slider, *style, cutout_objects],
+                            [status, object_select, object_legend, frame_image, cutout_objects],
+                            concurrency_limit=4)
 
         # Track runs in two steps: an immediate one marks the job (so that Cancel reaches it even while it
         # waits in the queue) and says why it may not run; the queued one tracks, or shows that reason (an
@@ -411,8 +436,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                     f"Done: {record.describe()}. {record.summary}.{warnings}")
             return (done, str(record.overlay), files,
                     f"**{record.summary}**",
-                    gr.update(choices=[(f"Object {i}", i) for i in sorted(record.objects)],
-                              value=sorted(record.objects)))
+                    gr.update(choices=cutout_choices(session), value=session.cutout_choices()))
 
         job_controls = [track_button, cancel_button, video_input]
         tracked = (track_button.click(on_begin, None, [status, job_refused, *job_controls], queue=False)
@@ -424,7 +448,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                      None, job_controls, queue=False)
         # The frame the slider is on now (the user may have moved it during the run), with the new masks.
         tracked.then(on_frame, [frame_slider, *style], [status, frame_image, frame_info], show_progress="hidden",
-                     queue=False)
+                     queue=False, preprocess=False)
 
         def on_cancel(request: gr.Request):
             """Greys the button out and leaves the status to the job: its "Cancelled" comes through the queue,

@@ -353,6 +353,13 @@ def test_click_track_correct_and_download(app, browser, clips, tmp_path):
     cutout = probe(tab.download("clip_cutout_greenscreen.mp4", tmp_path))
     assert (cutout.frame_count, cutout.codec) == (12, "h264")
 
+    # Object 2 removed: the cut-out no longer offers it.
+    tab.select_object(2)
+    tab.page.locator("#remove-object").click()
+    tab.wait_status("^object 2 removed; the next Track re-runs the whole video")
+    tab.page.wait_for_function("() => !document.querySelector('#cutout-objects').innerText.includes('Object 2')")
+    assert tab.page.locator("#cutout-objects").get_by_label("Object 1", exact=True).is_checked()
+
     tab.page.screenshot(path="/tmp/app_e2e.png", full_page=True)
     tab.page.close()
 
@@ -373,8 +380,7 @@ def test_clicks_made_while_sam_reads_the_frame_all_count_and_track_waits_for_the
     tab.page.close()
 
 
-def test_a_frame_number_typed_out_of_range_is_held_to_the_video_and_clicks_go_to_the_frame_shown(app, browser,
-                                                                                                 clips):
+def test_numbers_typed_out_of_range_are_held_to_their_sliders_and_clicks_go_to_the_frame_shown(app, browser, clips):
     tab = AppPage(browser.new_page(), app.url)
     page = tab.page
     tab.upload(clips / "clip.mp4")
@@ -390,6 +396,12 @@ def test_a_frame_number_typed_out_of_range_is_held_to_the_video_and_clicks_go_to
     number.press("Enter")
     page.wait_for_timeout(1000)
     assert page.locator("#frame-info").inner_text().startswith("Frame 4 / 11")
+    page.locator("#settings").click()
+    for elem_id, typed in (("overlay-opacity", "3"), ("outline-width", "-4"), ("overlay-opacity", "")):
+        field = page.locator(f"#{elem_id} input[type=number]")
+        field.fill(typed)
+        field.press("Enter")
+        page.wait_for_timeout(1000)
     assert page.locator(".toast-body").count() == 0, page.locator(".toast-body").all_inner_texts()
     assert not tab.status().startswith("Error")
     tab.click_frame(*OBJECT_1, expect="object 1 on frame 4: 1 point")

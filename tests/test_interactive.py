@@ -483,6 +483,11 @@ def test_cutouts_keep_only_the_chosen_objects(session):
     assert session.result_files() == [str(run.overlay), str(run.masks), str(green), str(transparent)]
     with pytest.raises(PromptError, match="at least one object"):
         session.export_cutout([], "green")
+    assert session.cutout_choices() == [1, 2]
+    session.remove_object(2)
+    assert session.cutout_choices() == [1]
+    with pytest.raises(PromptError, match="object 2 was removed since the last run"):
+        session.export_cutout([1, 2], "transparent")
 
     with av.open(str(green)) as container:
         stream = container.streams.video[0]
@@ -541,6 +546,17 @@ def test_each_session_picks_its_sam_backend(session, disc_tracker):
         session.end_job()
     session.set_sam_backend("disc")
     assert session.sam is disc_tracker.sam
+
+
+def test_another_sam_backend_makes_the_next_track_run_again(session):
+    """The prompts' masks are the backend's: after a switch, the same clicks are not "nothing changed"."""
+    click(session, 0, 50, 60)
+    assert session.track(OPTIONS).sam_backend == "disc"
+    assert session.track(OPTIONS).repeated
+    session.set_sam_backend("torch")
+    again = session.track(OPTIONS)
+    assert not again.repeated and not again.redrawn and again.sam_backend == "torch" and again.passes == [None]
+    assert session.track(OPTIONS).repeated
 
 
 def test_track_reuses_the_clicked_frames_embeddings(session):

@@ -162,6 +162,7 @@ class RunRecord:
     options: TrackOptions | None = None
     repeated: bool = False  # Track found nothing changed since this run: it was not run again
     redrawn: bool = False  # only the look changed: the last run's masks were drawn again
+    sam_backend: str = ""  # the backend that turned the prompts into masks
 
     def describe(self) -> str:
         """What the run did, in the user's words."""
@@ -656,8 +657,8 @@ class EditSession:
             untracked = [object_id for object_id in self.objects if object_id not in objects]
             passes = plan_passes(snapshot, [frame for frame, _ in refine], objects, self.result, full)
             previous = self.result
-            same_prompts = previous is not None and not full and (snapshot, objects) == \
-                (previous.prompts, previous.objects)
+            same_prompts = previous is not None and not full and (snapshot, objects, self.sam.name) == \
+                (previous.prompts, previous.objects, previous.sam_backend)
             if same_prompts and options == previous.options:
                 return replace(previous, repeated=True)
             embeddings = dict(self._embeddings)  # the clicked frames' embeddings: SAM need not run on them again
@@ -704,7 +705,7 @@ class EditSession:
                    for object_id in untracked]
         record = RunRecord(overlay=results[-1].output, masks=final_masks, summary=run_summary(results),
                            warnings=[*skipped, *results[-1].warnings], prompts=snapshot, objects=objects,
-                           passes=passes, options=options)
+                           passes=passes, options=options, sam_backend=self.sam.name)
         with self.lock:
             self._set_result(record)
             for key, mask in corrected.items():
@@ -794,6 +795,11 @@ class EditSession:
                 return []
             return [str(path) for path in (self.result.overlay, self.result.masks, *self.cutouts.values())]
 
+    def cutout_choices(self) -> list[int]:
+        """The objects a cut-out can keep: those of the last run that have not been removed since."""
+        with self.lock:
+            return [] if self.result is None else sorted(self.result.objects & set(self.objects))
+
     def export_cutout(self, object_ids: Sequence[int], kind: str,
                       progress: ProgressReport | None = None) -> Path:
         """A cut-out video of the chosen objects of the last run (see tracker.exports)."""
@@ -801,6 +807,10 @@ class EditSession:
             record = self.result
             if record is None:
                 raise TrackerError("track the video first; the cut-out is made from the tracked masks")
+            removed = sorted(set(object_ids) & record.objects - set(self.objects))
+            if removed:
+                raise PromptError(f"object {removed[0]} was removed since the last run; keep the others, or add "
+                                  "it back and Track")
             if kind not in CUTOUT_KINDS:
                 raise TrackerError(f"unknown cut-out kind {kind!r}; use one of {', '.join(CUTOUT_KINDS)}")
             folder = self.directory / "cutouts"
