@@ -321,6 +321,28 @@ def test_disk_full_while_writing(tracker, clip, tmp_path):
     assert_usable(tracker, clip, tmp_path)
 
 
+def test_no_room_for_the_frames_before_a_late_prompt_is_an_error_not_a_crash(tracker, clip, tmp_path, monkeypatch):
+    """Frames before the first prompt are cached on disk through a memory map, where a full disk is a SIGBUS
+    that kills the process: their space is reserved first, and a full temporary folder is reported."""
+    cache = tmp_path / "tmp"
+    cache.mkdir()
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    late = [ObjectPrompt(1, 3, [(32, 24)], [1])]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline.tempfile, "tempdir", str(cache))
+        patch.setattr(os, "posix_fallocate", full, raising=False)
+        with pytest.raises(VideoError, match=r"the frames before the first prompt \(0.0 MiB\) could not be cached "
+                                             f"in the temporary folder {cache}: No space left on device; free some "
+                                             "disk space there, or point TMPDIR at a folder with room") as err:
+            tracker.track(clip, late, output=tmp_path / "o.mp4", masks=tmp_path / "m.zip")
+    one_line(err.value)
+    assert leftovers(tmp_path) == [] and list(cache.iterdir()) == []
+    assert_usable(tracker, clip, tmp_path)
+
+
 def test_crash_mid_job_leaves_no_file(tracker, clip, tmp_path):
     def crash(done: int, total: int) -> None:
         if done == 3:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import os
 import queue
 import tempfile
 import threading
@@ -29,7 +30,7 @@ from XMem.inference.inference_core import InferenceCore
 from XMem.model.fusion import inference_copy
 
 from . import colour
-from .errors import Cancelled, TrackerError, whole_number
+from .errors import Cancelled, TrackerError, VideoError, whole_number
 from .options import TrackOptions
 from .transfer import Download, pinned, upload
 from .video import Frame, VideoInfo, iter_frames
@@ -480,11 +481,25 @@ def lost_prompt_frame(index: int) -> str:
             "put the prompt on another frame")
 
 
+def _disk_array(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """A uint8 array in a file, its disk space reserved at once: a write to a memory map on a full disk is a
+    SIGBUS that kills the process without a word, a reservation that fails is an error to report."""
+    try:
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+        if hasattr(os, "posix_fallocate"):  # Linux; elsewhere the map stays sparse
+            with open(path, "r+b") as file:
+                os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
+    except OSError as exc:
+        raise VideoError(f"the frames before the first prompt ({np.prod(shape) / 2**20:.1f} MiB) could not be "
+                         f"cached in the temporary folder {path.parent.parent}: {exc.strerror or exc}; free some "
+                         "disk space there, or point TMPDIR at a folder with room") from exc
+    return array
+
+
 def _track_backward(network: torch.nn.Module, config: dict, info: VideoInfo, prep: FramePrep, start: int,
                     masks: Mapping[int, torch.Tensor], tmp: Path, tick: Callable[[], None]) -> np.ndarray:
     """Label maps of frames 0..start-1, tracked from `start` towards frame 0, as a disk-backed array."""
-    frames = np.lib.format.open_memmap(tmp / "frames.npy", mode="w+", dtype=np.uint8,
-                                       shape=(start + 1, prep.work_h, prep.work_w, 3))
+    frames = _disk_array(tmp / "frames.npy", (start + 1, prep.work_h, prep.work_w, 3))
     present: list[int] = []  # frames lost to damage leave gaps, as in the forward pass
     decoded = iter_frames(info.path, 0, start + 1, yuv=prep.planes, size=info.size)
     for frame in prefetch(decoded, depth=4, stop=threading.Event(), stage=prep.stage):
@@ -492,8 +507,7 @@ def _track_backward(network: torch.nn.Module, config: dict, info: VideoInfo, pre
         present.append(frame.index)
     if not present or present[-1] != start:
         raise TrackerError(lost_prompt_frame(start))
-    labels = np.lib.format.open_memmap(tmp / "labels.npy", mode="w+", dtype=np.uint8,
-                                       shape=(start, info.height, info.width))
+    labels = _disk_array(tmp / "labels.npy", (start, info.height, info.width))
     propagator = Propagator(network, config, {start: masks}, order=[start])
     lookup = propagator.lookup(prep.device)
     for index in reversed(present):
