@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import gradio as gr
+import numpy as np
 from gradio.route_utils import delete_files_created_by_app
 from gradio.utils import get_upload_folder
 
@@ -149,6 +150,11 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
     def shown(session: EditSession, frame: int, alpha: float, outline: float):
         image, time_s = session.render(int(frame), Style(alpha=float(alpha), outline=int(outline)))
         return image, frame_caption(int(frame), session.require_video(), time_s)
+
+    def shown_again(session: EditSession, alpha: float, outline: float) -> np.ndarray:
+        """The frame the page shows, drawn again after an edit: the user may have moved on from the frame edited
+        while SAM worked (the caption and the clicks follow the slider, so must the picture)."""
+        return shown(session, session.shown_frame, alpha, outline)[0]
 
     with gr.Blocks(title="Track anything you click", analytics_enabled=False, delete_cache=(3600, 4 * 3600)) as demo:
         gr.Markdown("# Track anything you click")
@@ -313,7 +319,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                      request: gr.Request):
             session = session_of(request)
             message = session.click(int(frame), (float(xy[0]), float(xy[1])), mode)
-            return message, shown(session, frame, alpha_value, outline_value)[0]
+            return message, shown_again(session, alpha_value, outline_value)
 
         # A click is said at once (the first one on a frame waits for SAM's image encoder: seconds on a CPU),
         # then segmented in the queue, where SAM runs one request at a time: the backends (TensorRT above all)
@@ -336,7 +342,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             def handler(frame: int, alpha_value: float, outline_value: float, request: gr.Request):
                 session = session_of(request)
                 message = action(session, int(frame))
-                return message, shown(session, frame, alpha_value, outline_value)[0]
+                return message, shown_again(session, alpha_value, outline_value)
             return handler
 
         @show_errors(outputs=1)
@@ -369,8 +375,8 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
         object_select.input(on_select_object, object_select, [status, object_legend], concurrency_limit=4)
 
         @show_errors(outputs=5)
-        def on_remove_object(object_id: int | None, frame: int, alpha_value: float, outline_value: float,
-                             ticked: list[int], request: gr.Request):
+        def on_remove_object(object_id: int | None, alpha_value: float, outline_value: float, ticked: list[int],
+                             request: gr.Request):
             session = session_of(request)
             if object_id is None:
                 raise TrackerError("pick the object to remove first")
@@ -378,10 +384,10 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             rerun = "; the next Track re-runs the whole video" if session.result is not None else ""
             ticked = [i for i in ticked if i != object_id]
             return (f"object {object_id} removed{rerun}", object_choices(session),
-                    legend(session), shown(session, frame, alpha_value, outline_value)[0],
+                    legend(session), shown_again(session, alpha_value, outline_value),
                     gr.update(choices=cutout_choices(session), value=ticked))
 
-        remove_object.click(on_remove_object, [object_select, frame_slider, *style, cutout_objects],
+        remove_object.click(on_remove_object, [object_select, *style, cutout_objects],
                             [status, object_select, object_legend, frame_image, cutout_objects],
                             concurrency_limit=4)
 

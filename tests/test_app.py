@@ -380,6 +380,22 @@ def test_clicks_made_while_sam_reads_the_frame_all_count_and_track_waits_for_the
     tab.page.close()
 
 
+def test_the_picture_stays_on_the_frame_the_slider_shows_while_a_click_is_segmented(app, browser, clips):
+    """A click's mask comes seconds later on a CPU: by then the user may be on another frame, whose picture
+    must stay (it was replaced by the clicked frame's, under the other frame's number, where clicks then went)."""
+    tab = AppPage(browser.new_page(), app.url)
+    tab.upload(clips / "clip.mp4")
+    tab.click_frame(*OBJECT_1, expect="^Segmenting: SAM's image encoder reads frame 0")
+    tab.go_to_frame(9)
+    frame_9 = tab.frame_pixels()
+    tab.wait_status("^object 1 on frame 0: 1 point$", SAM_SECONDS)
+    tab.page.wait_for_timeout(1000)
+    assert tab.page.locator("#frame-info").inner_text().startswith("Frame 9 / 11")
+    np.testing.assert_array_equal(tab.frame_pixels(), frame_9)
+    tab.click_frame(*OBJECT_1, expect="^object 1 on frame 9: 1 point$")
+    tab.page.close()
+
+
 def test_numbers_typed_out_of_range_are_held_to_their_sliders_and_clicks_go_to_the_frame_shown(app, browser, clips):
     tab = AppPage(browser.new_page(), app.url)
     page = tab.page
