@@ -24,7 +24,7 @@ from media import make_clip, truncated_copy
 from tracker.errors import Cancelled, PromptError, TrackerError, VideoError
 from tracker.interactive import (WAITING_FOR_DEVICE, Clicks, EditSession, Limits, ProgressClock, RunRecord,
                                  SessionStore, display_scale, format_seconds, frame_caption, mask_to_logits,
-                                 plan_passes, upload_message)
+                                 plan_passes, retracks_backward, upload_message)
 from tracker.options import TrackOptions
 from tracker.session import LOSSLESS_WARNING
 from tracker.prompts import ObjectPrompt
@@ -159,6 +159,14 @@ def test_plan_passes():
     assert plan_passes({(0, 1): a, (3, 2): b, (4, 3): c}, [], frozenset({1, 2, 3}), last, full=False) == [None]
     assert plan_passes({(0, 1): a}, [], frozenset({1}), last, full=False) == [None]
     assert plan_passes({(0, 1): a, (3, 2): b}, [], everything, last, full=False) == [None]
+
+
+def test_a_first_pass_at_or_before_every_prompt_re_tracks_backward_unless_a_correction_comes_first():
+    assert retracks_backward(2, [5, 7], [2])
+    assert retracks_backward(5, [5, 7], [])
+    assert not retracks_backward(6, [5, 7], [6])  # frames before 6 were tracked forward from 5
+    assert not retracks_backward(5, [5], [3])  # the correction on frame 3 stays
+    assert not retracks_backward(0, [0], []) and not retracks_backward(None, [4], [])
 
 
 def test_limits_name_the_flag_that_refuses():
@@ -557,6 +565,22 @@ def test_another_sam_backend_makes_the_next_track_run_again(session):
     again = session.track(OPTIONS)
     assert not again.repeated and not again.redrawn and again.sam_backend == "torch" and again.passes == [None]
     assert session.track(OPTIONS).repeated
+
+
+def test_a_correction_before_every_prompt_re_tracks_the_frames_before_it_too(session):
+    """Frames before the first prompt were tracked backward, through the corrected frame: the correction
+    reaches them (they kept the masks tracked from the old prompt, a correction's effect never came)."""
+    click(session, 5, 45, 60)
+    first = session.track(OPTIONS)
+    before = zip_members(first.masks)
+    click(session, 2, 100, 30)
+    second = session.track(TrackOptions(size=64))
+    assert second.describe() == "re-tracked from frame 2, forward and backward (no prompt comes before it)"
+    assert re.match(rf"{FRAMES} frames in [\d.]+ s \([\d.]+ FPS\), device cpu", second.summary), second.summary
+    after = zip_members(second.masks)
+    assert all(after[f"{i:05d}.png"] != before[f"{i:05d}.png"] for i in range(2)), "tracked again at size 64"
+    with MaskZipReader(second.masks) as masks:
+        assert np.array_equal(masks[2] == 1, session.labels(2) == 1)  # the correction is the memory frame
 
 
 def test_track_reuses_the_clicked_frames_embeddings(session):

@@ -159,6 +159,7 @@ class RunRecord:
     prompts: dict[Key, tuple]  # key -> Clicks.tracked_part
     objects: frozenset[int]
     passes: list[int | None] = field(default_factory=lambda: [None])
+    backward: bool = False  # the first pass re-tracked the frames before its start too (see retracks_backward)
     options: TrackOptions | None = None
     repeated: bool = False  # Track found nothing changed since this run: it was not run again
     redrawn: bool = False  # only the look changed: the last run's masks were drawn again
@@ -169,8 +170,12 @@ class RunRecord:
         if self.redrawn:
             return "drew the tracked video again with the new look; the masks are those of the last run"
         first, *later = self.passes
-        text = "tracked the whole video" if first is None else f"re-tracked from frame {first}" + \
-            ("; frames before it kept their masks" if first > 0 else "")
+        if first is None:
+            text = "tracked the whole video"
+        elif self.backward:
+            text = f"re-tracked from frame {first}, forward and backward (no prompt comes before it)"
+        else:
+            text = f"re-tracked from frame {first}" + ("; frames before it kept their masks" if first > 0 else "")
         if later:
             text += f"; corrections on frame{'s' * (len(later) > 1)} {', '.join(map(str, later))} applied on top"
         return text
@@ -192,6 +197,14 @@ def plan_passes(prompts: Mapping[Key, tuple], refine_frames: Sequence[int], obje
         return [None, *sorted(set(refine_frames))]
     start = min(frame for frame, _ in changed)
     return [start, *sorted({frame for frame in refine_frames if frame > start})]
+
+
+def retracks_backward(start: int | None, prompt_frames: Sequence[int], correction_frames: Sequence[int]) -> bool:
+    """Whether a first pass from `start` re-tracks the frames before it too: when no prompt comes before it,
+    the last run tracked those frames backward through it (from it, or from a later first prompt), so a change
+    there reaches them; a correction before it is kept as it is, as in any pass."""
+    return bool(start and prompt_frames and start <= min(prompt_frames)
+                and all(frame >= start for frame in correction_frames))
 
 
 def run_summary(results: Sequence[TrackResult]) -> str:
@@ -656,6 +669,7 @@ class EditSession:
             objects = frozenset(object_id for _, object_id in snapshot)
             untracked = [object_id for object_id in self.objects if object_id not in objects]
             passes = plan_passes(snapshot, [frame for frame, _ in refine], objects, self.result, full)
+            backward = retracks_backward(passes[0], [frame for frame, _ in plain], [frame for frame, _ in refine])
             previous = self.result
             same_prompts = previous is not None and not full and (snapshot, objects, self.sam.name) == \
                 (previous.prompts, previous.objects, previous.sam_backend)
@@ -687,7 +701,7 @@ class EditSession:
                     if fixes:
                         base, fixed = self._correct(masks, start, fixes, run_dir / f"corrected-{index}.zip")
                         corrected.update({(start, object_id): mask for object_id, mask in fixed.items()})
-                    earlier = PreviousRun(base, start)
+                    earlier = PreviousRun(base, start, backward=index == 0 and backward)
                 output = run_dir / f"{self.video.stem}_tracked.mp4" if last else None
                 results.append(self.tracker.track(
                     self.video, prompts, output=output, masks=run_dir / f"masks-{index}.zip", options=options,
@@ -705,7 +719,7 @@ class EditSession:
                    for object_id in untracked]
         record = RunRecord(overlay=results[-1].output, masks=final_masks, summary=run_summary(results),
                            warnings=[*skipped, *results[-1].warnings], prompts=snapshot, objects=objects,
-                           passes=passes, options=options, sam_backend=self.sam.name)
+                           passes=passes, backward=backward, options=options, sam_backend=self.sam.name)
         with self.lock:
             self._set_result(record)
             for key, mask in corrected.items():

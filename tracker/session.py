@@ -122,10 +122,15 @@ def check_output_paths(video: str | Path, output: str | Path | None, masks: str 
 
 @dataclass(frozen=True)
 class PreviousRun:
-    """A finished run to build on: frames before `from_frame` keep its masks, tracking restarts there."""
+    """A finished run to build on: frames before `from_frame` keep its masks, tracking restarts there.
+
+    With `backward`, frames before `from_frame` are tracked again too, backward from it: for a frame at or
+    before the first prompt, whose earlier frames that run tracked backward through it.
+    """
 
     masks: Path  # its masks zip
     from_frame: int
+    backward: bool = False
 
 
 @dataclass
@@ -337,7 +342,8 @@ class Tracker:
         Files appear at their paths only once complete; on any error or cancel
         nothing is left behind. With `previous`, only frames from
         `previous.from_frame` on are tracked again (a correction there becomes
-        a new memory frame); earlier frames keep the previous masks. `sam`
+        a new memory frame); earlier frames keep the previous masks, unless
+        `previous.backward`. `sam`
         (default `self.sam`) turns the prompts into masks, from `embeddings`
         of the prompted frames where given (see `prompt_masks`).
         """
@@ -372,7 +378,7 @@ class Tracker:
             result = TrackResult(frames=frames, expected_frames=info.frame_count,
                                  seconds=time.perf_counter() - began, device=self.device_name,
                                  sam_backend=sam.name, peak_gpu_bytes=peak,
-                                 kept_frames=0 if previous is None else min(previous.from_frame, frames),
+                                 kept_frames=0 if earlier is None else min(previous.from_frame, frames),
                                  output=Path(output) if output else None, masks=Path(masks) if masks else None)
         if output is not None and options.crf == 0:
             result.warnings.append(LOSSLESS_WARNING)
@@ -398,6 +404,9 @@ class Tracker:
         keyframes[start] = {**tracked, **keyframes.get(start, {})}
         if not keyframes[start]:
             raise TrackerError(f"frame {start} has no object to track from; add a prompt there")
+        if previous.backward:
+            earlier.close()
+            return keyframes, None
         return keyframes, earlier.__getitem__
 
     def _open_sinks(self, info: VideoInfo, output: str | Path | None, masks: str | Path | None,
