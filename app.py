@@ -488,15 +488,16 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                       progress=gr.Progress()) -> tuple[str, str, str]:
             """Track the objects the prompts pick (JSON, as the CLI's --prompts file) through the video."""
             if video is None:
-                raise gr.Error("send a video file")
+                raise gr.Error("send a video file", print_exception=False)
             try:
                 record = session_of(request).track_prompts(
                     video, prompts or "", limits, TrackOptions(size=int(size_value), precision=precision),
                     progress=lambda fraction, text: progress(fraction, desc=text))
             except Cancelled:
-                raise gr.Error("the job was cancelled (the session ended)") from None
-            except TrackerError as exc:
-                raise gr.Error(str(exc)) from None
+                raise gr.Error("the job was cancelled (the session ended)", print_exception=False) from None
+            except TrackerError as exc:  # the client's mistake, said to it: the log gets a line, not a traceback
+                log.info("an API job was refused: %s", exc)
+                raise gr.Error(str(exc), print_exception=False) from None
             warnings = "".join(f"\n{w}" for w in record.warnings)
             return str(record.overlay), str(record.masks), f"{record.summary}{warnings}"
 

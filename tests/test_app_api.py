@@ -131,7 +131,8 @@ def test_api_errors_are_messages(untrained_checkpoints, clips, tmp_path):
         client = Client(server.url, verbose=False, download_files=str(tmp_path / "client"))
         try:
             for prompts, message in (
-                ("{not json", "not valid JSON"),
+                ("{not json", "^the prompts text is not valid JSON"),
+                ("", "^the prompts text is empty: give JSON such as"),
                 (json.dumps({"objects": [{"id": 1, "points": [[500, 5]]}]}), "outside the 96x64 frame"),
                 (json.dumps({"objects": []}), "no object selected"),
             ):
@@ -143,3 +144,4 @@ def test_api_errors_are_messages(untrained_checkpoints, clips, tmp_path):
                 client.predict(handle_file(str(notes)), Job(0, 0, "client0.mp4").prompts(), 480, api_name="/track")
         finally:
             client.close()
+    assert "Traceback" not in server.log.read_text()  # a client's mistakes are a line each in the log

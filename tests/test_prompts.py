@@ -62,6 +62,12 @@ def test_malformed_json_is_named(data, message):
         prompts_from_json(data)
 
 
+def test_empty_prompts_text_says_so():
+    for text in ("", "  \n"):
+        with pytest.raises(PromptError, match=r'^prompts file p.json is empty: give JSON such as \{"objects"'):
+            prompts_from_text(text, "prompts file p.json")
+
+
 def test_empty_object_list_says_so():
     with pytest.raises(PromptError, match='no object selected: "objects" in prompts file p.json is empty'):
         prompts_from_text('{"objects": []}', "prompts file p.json")

@@ -772,7 +772,7 @@ class EditSession:
         The prompts replace any clicks, as if the user had made them on the page.
         """
         info = self.open_video(upload, limits)  # first, so that the session owns (and later removes) the upload
-        prompts = prompts_from_text(prompts_json, "the prompts")
+        prompts = prompts_from_text(prompts_json, "the prompts text")
         check_prompts(prompts, info.width, info.height, info.frame_count, info.present_frames)
         with self.lock:
             self.objects = sorted({prompt.object_id for prompt in prompts})

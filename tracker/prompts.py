@@ -229,6 +229,9 @@ def load_prompts(path: str | Path) -> list[ObjectPrompt]:
 
 def prompts_from_text(text: str, source: str = "the prompts") -> list[ObjectPrompt]:
     """Prompts from JSON text (a prompts file's content, or what an API client sends)."""
+    if not text.strip():
+        raise PromptError(f'{source} is empty: give JSON such as {{"objects": [{{"points": [[x, y]]}}]}} '
+                          "(see the README)")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
