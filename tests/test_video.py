@@ -1,6 +1,7 @@
 import shutil
 import subprocess
 import threading
+from pathlib import Path
 
 import av
 import numpy as np
@@ -11,7 +12,7 @@ from media import (TRACK_LANGUAGES, blanked_media_copy, clip_frame, disc_centre,
                    make_empty_file, make_joined_recording, make_text_file, noisy_copy, top_level_atoms,
                    truncated_copy)
 from tracker.errors import VideoError
-from tracker.video import VideoWriter, iter_frames, probe, read_frame
+from tracker.video import VideoWriter, check_writable_folder, iter_frames, probe, read_frame
 
 FRAMES, WIDTH, HEIGHT, FPS = 30, 160, 120, 25
 
@@ -263,6 +264,15 @@ def test_unusable_output_folder_is_a_clear_error(clip, tmp_path):
     for output in (blocker / "out.mp4", blocker / "sub" / "out.mp4"):
         with pytest.raises(VideoError, match=f"cannot write to {output}: {blocker} is a file, not a folder"):
             VideoWriter(output, probe(clip))
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_a_folder_that_refuses_files_is_refused_before_work_even_for_root():
+    """/proc takes no new files, for root neither (whom os.access always answers yes)."""
+    with pytest.raises(VideoError, match=r"cannot write to /proc/out.mp4: the folder /proc is not writable \("):
+        check_writable_folder(Path("/proc/out.mp4"))
+    with pytest.raises(VideoError, match="the folder /proc is not writable"):
+        check_writable_folder(Path("/proc/new/folder/out.mp4"))
 
 
 def test_writer_runs_in_another_thread(clip, tmp_path):

@@ -40,6 +40,9 @@ class MemoryOptions:
         for name in ("mem_every", "top_k", "min_mid_term_frames", "num_prototypes", "max_long_term_elements"):
             if getattr(self, name) < 1:
                 raise TrackerError(f"memory setting {name} must be at least 1, not {getattr(self, name)}")
+        if self.deep_update_every < 1 and self.deep_update_every != -1:
+            raise TrackerError(f"memory setting deep_update_every must be -1 (with every memory update) or a number "
+                               f"of frames, 1 or more, not {self.deep_update_every}")
         if self.min_memory_area < 0:
             raise TrackerError(f"min_memory_area must be 0 (off) or more, not {self.min_memory_area}")
         if self.max_mid_term_frames <= self.min_mid_term_frames:

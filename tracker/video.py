@@ -762,8 +762,11 @@ def check_writable_folder(path: Path) -> None:
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     if not existing.is_dir():
         raise _unwritable(path, f"{existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise _unwritable(path, f"the folder {existing} is not writable")
+    try:  # a file made and dropped: os.access says yes to root wherever the file system would still refuse
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise _unwritable(path, f"the folder {existing} is not writable ({exc.strerror or exc})") from None
 
 
 # Temporaries not yet moved into place or removed: an interrupt can land between a writer making its file and
