@@ -11,7 +11,9 @@ from PIL import Image
 from media import (TRACK_LANGUAGES, blanked_media_copy, clip_frame, disc_centre, make_audio_only, make_clip,
                    make_empty_file, make_joined_recording, make_text_file, noisy_copy, top_level_atoms,
                    truncated_copy)
-from tracker.errors import VideoError
+from tracker.errors import TrackerError, VideoError
+from tracker.exports import export_cutout
+from tracker.render import MaskZipWriter
 from tracker.video import VideoWriter, check_writable_folder, iter_frames, probe, read_frame
 
 FRAMES, WIDTH, HEIGHT, FPS = 30, 160, 120, 25
@@ -306,6 +308,17 @@ def test_vp9_cutout_keeps_its_alpha(clip, tmp_path):
     assert len(decoded) == FRAMES and decoded[0].format.name == "yuva420p"
     alpha = decoded[5].to_ndarray(format="rgba")[..., 3]
     assert alpha[inside].mean() > 250 and alpha[~inside].mean() < 5
+
+
+def test_a_cutout_from_another_videos_masks_is_refused_and_leaves_nothing(clip, tmp_path):
+    writer = MaskZipWriter(tmp_path / "other_masks.zip")
+    for index in range(FRAMES):
+        writer.write(index, np.zeros((HEIGHT + 2, WIDTH), np.uint8))
+    writer.close()
+    with pytest.raises(TrackerError, match=f"other_masks.zip holds {WIDTH}x{HEIGHT + 2} masks, and clip.mp4 is "
+                                           f"{WIDTH}x{HEIGHT}: use the masks zip tracked from this video"):
+        export_cutout(clip, tmp_path / "other_masks.zip", [1], tmp_path / "cut.webm")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other_masks.zip"]
 
 
 @pytest.mark.parametrize("make, message", [

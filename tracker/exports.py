@@ -75,7 +75,12 @@ def _draw_from_masks(video: str | Path, masks: str | Path, output: str | Path,
         for frame in iter_frames(info.path, size=info.size):
             if cancel is not None and cancel.is_set():
                 raise Cancelled(f"{what} was cancelled")
-            picture = draw(torch.from_numpy(frame.image), torch.from_numpy(reader[frame.index]))
+            labels = reader[frame.index]
+            if labels.shape != frame.image.shape[:2]:
+                raise TrackerError(f"{reader.path.name} holds {labels.shape[1]}x{labels.shape[0]} masks, and "
+                                   f"{info.path.name} is {info.width}x{info.height}: use the masks zip tracked "
+                                   "from this video")
+            picture = draw(torch.from_numpy(frame.image), torch.from_numpy(labels))
             writer.write(picture.numpy(), frame.pts, frame.time)
             if progress is not None:
                 progress(frame.index + 1, info.frame_count)
