@@ -442,6 +442,38 @@ def test_cancel_keeps_the_previous_result_and_leaves_nothing(session):
     assert second.objects == {1, 2}
 
 
+def test_an_object_the_running_job_does_not_track_can_be_removed(session):
+    click(session, 0, 45, 60)
+    session.add_object()  # object 2, never clicked
+    session.begin_job()
+    with pytest.raises(TrackerError, match="tracking job is running"):
+        session.remove_object(2)  # the job has not read its prompts yet
+    during = []
+
+    def edit_objects(fraction: float, text: str) -> None:
+        if "frame 3/" in text and not during:
+            during.append(session.add_object())
+            session.remove_object(during[0])
+            session.remove_object(2)
+            with pytest.raises(TrackerError, match="tracking job is running"):
+                session.remove_object(1)
+
+    try:
+        record = session.track(OPTIONS, progress=edit_objects)
+    finally:
+        session.end_job()
+    assert during == [3] and session.objects == [1] and record.objects == {1}
+    session.add_object()
+    session.remove_object(1)  # no job runs: any object but the last can go
+    assert session.objects == [2]
+
+
+def test_a_point_drops_a_box_left_half_drawn(session):
+    click(session, 0, 20, 20, "box")
+    assert click(session, 0, 45, 60) == "object 1 on frame 0: 1 point"
+    assert session.edits[(0, 1)].clicks.corner is None
+
+
 def test_a_job_waiting_for_the_device_says_so_and_can_be_cancelled(session):
     """Behind the start-up warm-up (or another job) a job reports that it waits, and Cancel ends the wait."""
     click(session, 0, 45, 60)

@@ -108,7 +108,8 @@ class Clicks:
     corner: tuple[float, float] | None = None
 
     def with_point(self, xy: tuple[float, float], label: int) -> Clicks:
-        return replace(self, points=self.points + (xy,), labels=self.labels + (label,))
+        """A point; a box left half drawn (the user switched to points) is dropped."""
+        return replace(self, points=self.points + (xy,), labels=self.labels + (label,), corner=None)
 
     def with_corner(self, xy: tuple[float, float]) -> Clicks:
         """The first click of a box keeps a corner; the second makes the box."""
@@ -309,6 +310,7 @@ class EditSession:
         self.job_ended = threading.Condition(self.lock)
         self.cancel = threading.Event()
         self.job_running = False
+        self._job_objects: frozenset[int] | None = frozenset()  # what the running job tracks; None: not read yet
         self.last_used = time.monotonic()
         self.video: Path | None = None
         self.uploaded_from: Path | None = None  # the upload the video was taken from, as the page names it
@@ -437,10 +439,11 @@ class EditSession:
     def remove_object(self, object_id: int) -> None:
         """Drop an object and all its clicks; it disappears from the display (the next Track reruns all).
 
-        Not while a job runs: that job tracks the object, and its result would bring it back.
+        Not while a job that tracks it runs: its result would bring it back.
         """
         with self.lock:
-            self._require_idle()
+            if self._job_objects is None or object_id in self._job_objects:
+                self._require_idle()
             if object_id not in self.objects:
                 raise PromptError(f"object {object_id} does not exist")
             if len(self.objects) == 1:
@@ -640,10 +643,12 @@ class EditSession:
             self._require_idle()
             self.cancel.clear()
             self.job_running = True
+            self._job_objects = None  # until the job has read its prompts
 
     def end_job(self) -> None:
         with self.lock:
             self.job_running = False
+            self._job_objects = frozenset()
             self.cancel.clear()
             self.job_ended.notify_all()
 
@@ -667,6 +672,7 @@ class EditSession:
             refine = {key: edit.clicks for key, edit in self.edits.items() if edit.refine and edit.clicks.selects}
             snapshot = {key: clicks.tracked_part for key, clicks in {**plain, **refine}.items()}
             objects = frozenset(object_id for _, object_id in snapshot)
+            self._job_objects = objects
             untracked = [object_id for object_id in self.objects if object_id not in objects]
             passes = plan_passes(snapshot, [frame for frame, _ in refine], objects, self.result, full)
             backward = retracks_backward(passes[0], [frame for frame, _ in plain], [frame for frame, _ in refine])
