@@ -113,7 +113,7 @@ def held(typed, lowest: float, highest: float, fallback: float, whole: bool = Fa
     `fallback` when the box was emptied or holds no number."""
     try:
         value = float(typed)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return fallback
     if math.isnan(value):
         return fallback
@@ -127,6 +127,12 @@ def object_choices(session: EditSession) -> dict:
 
 def cutout_choices(session: EditSession) -> list[tuple[str, int]]:
     return [(f"Object {i}", i) for i in session.cutout_choices()]
+
+
+def cutout_list(session: EditSession) -> dict:
+    """The cut-out's object list after a run: every object offered, all ticked."""
+    choices = cutout_choices(session)
+    return gr.update(choices=choices, value=[i for _, i in choices])
 
 
 def legend(session: EditSession) -> str:
@@ -151,10 +157,10 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
         image, time_s = session.render(int(frame), Style(alpha=float(alpha), outline=int(outline)))
         return image, frame_caption(int(frame), session.require_video(), time_s)
 
-    def shown_again(session: EditSession, alpha: float, outline: float) -> np.ndarray:
+    def shown_again(session: EditSession, alpha_value, outline_value) -> np.ndarray:
         """The frame the page shows, drawn again after an edit: the user may have moved on from the frame edited
         while SAM worked (the caption and the clicks follow the slider, so must the picture)."""
-        return shown(session, session.shown_frame, alpha, outline)[0]
+        return shown(session, session.shown_frame, *held_style(alpha_value, outline_value))[0]
 
     with gr.Blocks(title="Track anything you click", analytics_enabled=False, delete_cache=(3600, 4 * 3600)) as demo:
         gr.Markdown("# Track anything you click")
@@ -278,15 +284,18 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                           video_input]
         video_input.change(on_video, [video_input, *style], upload_outputs, concurrency_limit=4)
 
+        def held_style(alpha_value, outline_value) -> tuple[float, int]:
+            """The look as the sliders' number boxes hold it, unchecked (Gradio's own check refuses what a user
+            can type there with a toast and a logged traceback), held to the sliders' ends; an emptied box is
+            its slider's low end, as the page makes it once the box loses focus."""
+            return (held(alpha_value, alpha.minimum, alpha.maximum, alpha.minimum),
+                    held(outline_value, outline.minimum, outline.maximum, outline.minimum, whole=True))
+
         def held_view(session: EditSession, frame, alpha_value, outline_value) -> tuple[int, float, int]:
-            """The frame and the look as the sliders' number boxes hold them, unchecked (Gradio's own check
-            refuses what a user can type there with a toast and a logged traceback, and left the frame box on a
-            frame that was not the one shown, where clicks then went): each held to its slider's range."""
-            last = session.info.present_frames - 1
-            frame = held(frame, 0, last, session.shown_frame, whole=True)
-            alpha_value = held(alpha_value, alpha.minimum, alpha.maximum, defaults.alpha)
-            outline_value = held(outline_value, outline.minimum, outline.maximum, defaults.outline, whole=True)
-            return frame, alpha_value, outline_value
+            """The frame (held to the video's; emptied: the one shown) and the look, from unchecked values: a
+            frame typed beyond the slider left the box on a frame that was not the one shown, where clicks went."""
+            last = session.info.present_frames - 1 if session.info is not None else 0
+            return held(frame, 0, last, session.shown_frame, whole=True), *held_style(alpha_value, outline_value)
 
         @show_errors(outputs=3)
         def on_frame(frame, alpha_value, outline_value, request: gr.Request):
@@ -315,10 +324,10 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                     trigger_mode="always_last", concurrency_limit=4, preprocess=False)
 
         @show_errors(outputs=2)
-        def on_click(frame: int, mode: str, xy: tuple[float, float], alpha_value: float, outline_value: float,
-                     request: gr.Request):
+        def on_click(frame, mode: str, xy: tuple[float, float], alpha_value, outline_value, request: gr.Request):
             session = session_of(request)
-            message = session.click(int(frame), (float(xy[0]), float(xy[1])), mode)
+            message = session.click(held_view(session, frame, alpha_value, outline_value)[0],
+                                    (float(xy[0]), float(xy[1])), mode)
             return message, shown_again(session, alpha_value, outline_value)
 
         # A click is said at once (the first one on a frame waits for SAM's image encoder: seconds on a CPU),
@@ -335,13 +344,13 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
         (frame_image.select(on_click_begin, frame_slider, [status, clicked_at], queue=False, show_progress="hidden",
                             trigger_mode="multiple")
          .then(on_click, [frame_slider, point_mode, clicked_at, *style], [status, frame_image],
-               show_progress="minimal", trigger_mode="multiple", **sam_queue))
+               show_progress="minimal", trigger_mode="multiple", preprocess=False, **sam_queue))
 
         def editing(action: Callable[[EditSession, int], str]) -> Callable:
             @show_errors(outputs=2)
-            def handler(frame: int, alpha_value: float, outline_value: float, request: gr.Request):
+            def handler(frame, alpha_value, outline_value, request: gr.Request):
                 session = session_of(request)
-                message = action(session, int(frame))
+                message = action(session, held_view(session, frame, alpha_value, outline_value)[0])
                 return message, shown_again(session, alpha_value, outline_value)
             return handler
 
@@ -353,8 +362,10 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             return session.set_sam_backend(name)
 
         sam_backend.input(on_sam_backend, sam_backend, status, **sam_queue)
-        undo.click(editing(EditSession.undo), [frame_slider, *style], [status, frame_image], **sam_queue)
-        clear.click(editing(EditSession.clear), [frame_slider, *style], [status, frame_image], **sam_queue)
+        undo.click(editing(EditSession.undo), [frame_slider, *style], [status, frame_image], preprocess=False,
+                   **sam_queue)
+        clear.click(editing(EditSession.clear), [frame_slider, *style], [status, frame_image], preprocess=False,
+                    **sam_queue)
 
         @show_errors(outputs=3)
         def on_add_object(request: gr.Request):
@@ -382,14 +393,15 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                 raise TrackerError("pick the object to remove first")
             session.remove_object(int(object_id))
             rerun = "; the next Track re-runs the whole video" if session.result is not None else ""
-            ticked = [i for i in ticked if i != object_id]
+            choices = cutout_choices(session)
+            ticked = [i for i in ticked or [] if i in {object_id for _, object_id in choices}]
             return (f"object {object_id} removed{rerun}", object_choices(session),
                     legend(session), shown_again(session, alpha_value, outline_value),
-                    gr.update(choices=cutout_choices(session), value=ticked))
+                    gr.update(choices=choices, value=ticked))
 
         remove_object.click(on_remove_object, [object_select, *style, cutout_objects],
                             [status, object_select, object_legend, frame_image, cutout_objects],
-                            concurrency_limit=4)
+                            concurrency_limit=4, preprocess=False)
 
         # Track runs in two steps: an immediate one marks the job (so that Cancel reaches it even while it
         # waits in the queue) and says why it may not run; the queued one tracks, or shows that reason (an
@@ -442,7 +454,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                     f"Done: {record.describe()}. {record.summary}.{warnings}")
             return (done, str(record.overlay), files,
                     f"**{record.summary}**",
-                    gr.update(choices=cutout_choices(session), value=session.cutout_choices()))
+                    cutout_list(session))
 
         job_controls = [track_button, cancel_button, video_input]
         tracked = (track_button.click(on_begin, None, [status, job_refused, *job_controls], queue=False)

@@ -152,9 +152,11 @@ def test_plan_passes():
     assert plan_passes({(0, 1): a, (3, 2): b, (7, 1): c}, [7], everything, last, full=False) == [7]
     assert plan_passes({(0, 1): a, (3, 2): c, (7, 1): c, (2, 1): c}, [2, 7], everything,
                        record({(0, 1): a, (3, 2): b, (7, 1): c, (2, 1): c}), full=False) == [3, 7]
-    # A prompt taken away counts as a change there.
+    # A prompt taken away: the last run's masks still hold it, so the whole video again (also for another backend).
     assert plan_passes({(0, 1): a, (3, 2): b}, [], everything, record({(0, 1): a, (3, 2): b, (5, 1): c}),
-                       full=False) == [5]
+                       full=False) == [None]
+    assert plan_passes({(0, 1): a, (3, 2): b, (7, 1): c}, [7], everything, last, full=False, sam_backend="onnx") \
+        == [None, 7]
     # A new or removed object, or nothing changed: the whole video again.
     assert plan_passes({(0, 1): a, (3, 2): b, (4, 3): c}, [], frozenset({1, 2, 3}), last, full=False) == [None]
     assert plan_passes({(0, 1): a}, [], frozenset({1}), last, full=False) == [None]
@@ -450,19 +452,25 @@ def test_an_object_the_running_job_does_not_track_can_be_removed(session):
         session.remove_object(2)  # the job has not read its prompts yet
     during = []
 
-    def edit_objects(fraction: float, text: str) -> None:
+    def edit_objects() -> None:  # as the page does, from another thread while the job runs
+        during.append(session.add_object())
+        session.remove_object(during[0])
+        session.remove_object(2)
+        with pytest.raises(TrackerError, match="tracking job is running"):
+            session.remove_object(1)
+
+    def midway(fraction: float, text: str) -> None:
         if "frame 3/" in text and not during:
-            during.append(session.add_object())
-            session.remove_object(during[0])
-            session.remove_object(2)
-            with pytest.raises(TrackerError, match="tracking job is running"):
-                session.remove_object(1)
+            editing = threading.Thread(target=edit_objects)
+            editing.start()
+            editing.join()
 
     try:
-        record = session.track(OPTIONS, progress=edit_objects)
+        record = session.track(OPTIONS, progress=midway)
     finally:
         session.end_job()
     assert during == [3] and session.objects == [1] and record.objects == {1}
+    assert not any("object 2" in warning for warning in record.warnings), record.warnings
     session.add_object()
     session.remove_object(1)  # no job runs: any object but the last can go
     assert session.objects == [2]

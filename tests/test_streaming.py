@@ -57,3 +57,34 @@ def test_memory_stays_flat_over_a_long_video(cpu_tracker, tmp_path):
                                masks=tmp_path / "masks.zip", options=TrackOptions(size=0), progress=sample)
     assert result.frames == 2000
     assert samples[2000] <= samples[200] * 1.10, f"RSS grew from {samples[200]} to {samples[2000]} bytes"
+
+
+def test_a_backward_re_track_keeps_the_earlier_frames_where_an_object_absent_from_its_start_shows(cpu_tracker,
+                                                                                                   tmp_path):
+    """Re-tracking backward from frame 4 knows only the objects on frame 4: one that shows only before it
+    would be lost, so those frames keep the last run's masks then."""
+    from tracker.render import MaskZipReader, MaskZipWriter
+    from tracker.session import PreviousRun
+
+    clip = make_clip(tmp_path / "clip.mp4", frames=8, width=64, height=48, audio=False)
+    prompt = [ObjectPrompt(1, 4, [(30.0, 24.0)], [1])]
+    first = cpu_tracker.track(clip, prompt, masks=tmp_path / "first.zip", options=TrackOptions(size=0))
+    assert first.kept_frames == 0
+    with MaskZipReader(tmp_path / "first.zip") as masks:
+        labels = [masks[i] for i in range(8)]
+    labels[1][:4, :4] = 9  # object 9 shows on frame 1 only
+    writer = MaskZipWriter(tmp_path / "hidden.zip")
+    for index, label_map in enumerate(labels):
+        writer.write(index, label_map)
+    writer.close()
+
+    again = cpu_tracker.track(clip, prompt, masks=tmp_path / "kept.zip", options=TrackOptions(size=0),
+                              previous=PreviousRun(tmp_path / "hidden.zip", 4, backward=True))
+    assert again.kept_frames == 4
+    with MaskZipReader(tmp_path / "kept.zip") as masks:
+        assert (masks[1][:4, :4] == 9).all()
+    retracked = cpu_tracker.track(clip, prompt, masks=tmp_path / "again.zip", options=TrackOptions(size=0),
+                                  previous=PreviousRun(tmp_path / "first.zip", 4, backward=True))
+    assert retracked.kept_frames == 0
+    with MaskZipReader(tmp_path / "again.zip") as masks:  # from the same prompt: what the first run tracked
+        assert all(np.array_equal(masks[i], labels[i]) for i in range(8) if i != 1)

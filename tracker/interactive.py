@@ -183,15 +183,17 @@ class RunRecord:
 
 
 def plan_passes(prompts: Mapping[Key, tuple], refine_frames: Sequence[int], objects: frozenset[int],
-                last: RunRecord | None, full: bool) -> list[int | None]:
+                last: RunRecord | None, full: bool, sam_backend: str = "") -> list[int | None]:
     """The tracking passes for a Track press: None = the whole video, n = from frame n on a previous result.
 
     A partial re-run starts at the earliest frame whose prompts changed since
     `last`; each later frame with corrections gets its own pass so that those
     corrections refine the new tracking. Anything that changes which objects
-    exist needs the whole video.
+    exist, a prompt taken away (the last run's masks there still hold it), or
+    another SAM backend (it made every prompt's mask) needs the whole video.
     """
-    if last is None or full or objects != last.objects:
+    if last is None or full or objects != last.objects or sam_backend != last.sam_backend \
+            or last.prompts.keys() - prompts.keys():
         return [None, *sorted(set(refine_frames))]
     changed = {key for key in prompts.keys() | last.prompts.keys() if prompts.get(key) != last.prompts.get(key)}
     if not changed:
@@ -673,8 +675,8 @@ class EditSession:
             snapshot = {key: clicks.tracked_part for key, clicks in {**plain, **refine}.items()}
             objects = frozenset(object_id for _, object_id in snapshot)
             self._job_objects = objects
-            untracked = [object_id for object_id in self.objects if object_id not in objects]
-            passes = plan_passes(snapshot, [frame for frame, _ in refine], objects, self.result, full)
+            passes = plan_passes(snapshot, [frame for frame, _ in refine], objects, self.result, full,
+                                 self.sam.name)
             backward = retracks_backward(passes[0], [frame for frame, _ in plain], [frame for frame, _ in refine])
             previous = self.result
             same_prompts = previous is not None and not full and (snapshot, objects, self.sam.name) == \
@@ -721,12 +723,13 @@ class EditSession:
         for index in range(len(passes)):
             for stale in (f"masks-{index}.zip", f"corrected-{index}.zip"):
                 (run_dir / stale).unlink(missing_ok=True)
-        skipped = [f"object {object_id} has no click or box on any frame: it was not tracked"
-                   for object_id in untracked]
         record = RunRecord(overlay=results[-1].output, masks=final_masks, summary=run_summary(results),
-                           warnings=[*skipped, *results[-1].warnings], prompts=snapshot, objects=objects,
-                           passes=passes, backward=backward, options=options, sam_backend=self.sam.name)
-        with self.lock:
+                           warnings=list(results[-1].warnings), prompts=snapshot, objects=objects, passes=passes,
+                           backward=backward and results[0].kept_frames == 0, options=options,
+                           sam_backend=self.sam.name)
+        with self.lock:  # objects added or removed during the run count
+            record.warnings[:0] = [f"object {object_id} has no click or box on any frame: it was not tracked"
+                                   for object_id in self.objects if object_id not in objects]
             self._set_result(record)
             for key, mask in corrected.items():
                 if key in self.edits:

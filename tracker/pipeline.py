@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import errno
 import os
 import queue
 import tempfile
@@ -488,7 +489,11 @@ def _disk_array(path: Path, shape: tuple[int, ...]) -> np.ndarray:
         array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
         if hasattr(os, "posix_fallocate"):  # Linux; elsewhere the map stays sparse
             with open(path, "r+b") as file:
-                os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
+                try:
+                    os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot reserve
+                        raise
     except OSError as exc:
         raise VideoError(f"the frames before the first prompt ({np.prod(shape) / 2**20:.1f} MiB) could not be "
                          f"cached in the temporary folder {path.parent.parent}: {exc.strerror or exc}; free some "

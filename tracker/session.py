@@ -125,7 +125,8 @@ class PreviousRun:
     """A finished run to build on: frames before `from_frame` keep its masks, tracking restarts there.
 
     With `backward`, frames before `from_frame` are tracked again too, backward from it: for a frame at or
-    before the first prompt, whose earlier frames that run tracked backward through it.
+    before the first prompt, whose earlier frames that run tracked backward through it. They are kept after
+    all when an object absent on `from_frame` shows on one of them (tracking back from there would lose it).
     """
 
     masks: Path  # its masks zip
@@ -404,7 +405,7 @@ class Tracker:
         keyframes[start] = {**tracked, **keyframes.get(start, {})}
         if not keyframes[start]:
             raise TrackerError(f"frame {start} has no object to track from; add a prompt there")
-        if previous.backward:
+        if previous.backward and not _appear_before(earlier, start, set(keyframes[start])):
             earlier.close()
             return keyframes, None
         return keyframes, earlier.__getitem__
@@ -425,6 +426,11 @@ class Tracker:
                                     item_bytes=info.width * info.height)
             stack.callback(zip_sink.abort)
         return [video_sink, zip_sink]
+
+
+def _appear_before(masks: MaskZipReader, start: int, objects: set[int]) -> bool:
+    """Whether an object other than `objects` shows on a frame before `start` in a run's masks."""
+    return any(not set(np.unique(masks[index])) <= {0, *objects} for index in range(start) if index in masks)
 
 
 def track_video(video: str | Path, prompts: Sequence[ObjectPrompt], *, output: str | Path | None = None,
