@@ -323,6 +323,21 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             trigger(on_frame, [frame_slider, *style], [status, frame_image, frame_info], show_progress="hidden",
                     trigger_mode="always_last", concurrency_limit=4, preprocess=False)
 
+        def hold_to_range(slider: gr.Slider, whole: bool) -> None:
+            """A number typed beyond the slider's ends goes back into the box as the end it is held to (the page
+            moves the handle, not the number); values within them are left alone, a drag included."""
+            def hold(typed):
+                value = held(typed, slider.minimum, slider.maximum, slider.minimum, whole)
+                try:
+                    return gr.skip() if float(typed) == value else value
+                except (TypeError, ValueError, OverflowError):  # emptied, perhaps to type anew
+                    return gr.skip()
+
+            slider.input(hold, slider, slider, preprocess=False, queue=False, show_progress="hidden")
+
+        for slider, whole in ((size, True), (mem_every, True), (crf, True), (alpha, False), (outline, True)):
+            hold_to_range(slider, whole)
+
         @show_errors(outputs=2)
         def on_click(frame, mode: str, xy: tuple[float, float], alpha_value, outline_value, request: gr.Request):
             session = session_of(request)
@@ -421,7 +436,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
         def on_track(refused: str, full: bool, size_value: float, mem_value: float, top_k: float,
                      min_mid_term: float, max_mid_term: float, prototypes: float, long_term: float,
                      min_area_value: float, alpha_value: float, outline_value: float, preset_value: str,
-                     crf_value: float, request: gr.Request, progress=gr.Progress()):
+                     crf_value: float, backend: str | None, request: gr.Request, progress=gr.Progress()):
             if refused:
                 gr.Warning(refused)
                 return (gr.skip(),) * 5
@@ -440,7 +455,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                 options = TrackOptions(size=int(size_value), memory=memory, alpha=float(alpha_value),
                                        outline=int(outline_value), preset=preset_value, crf=int(crf_value),
                                        precision=precision)
-                record = session.track(options, full=bool(full),
+                record = session.track(options, full=bool(full), sam_backend=backend or None,
                                        progress=lambda fraction, text: progress(fraction, desc=text))
             except Cancelled:
                 log.info("tracking job cancelled; nothing of it was kept")
@@ -459,7 +474,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
         job_controls = [track_button, cancel_button, video_input]
         tracked = (track_button.click(on_begin, None, [status, job_refused, *job_controls], queue=False)
                    .then(on_track, [job_refused, full_rerun, size, mem_every, *memory_limits, min_area, *style,
-                                    encoder_preset, crf],
+                                    encoder_preset, crf, sam_backend],
                          [status, *results], show_progress_on=status, concurrency_limit=TRACK_JOBS,
                          concurrency_id="track"))
         tracked.then(lambda: (gr.update(interactive=True), gr.update(interactive=False), gr.update(interactive=True)),

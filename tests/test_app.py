@@ -413,11 +413,17 @@ def test_numbers_typed_out_of_range_are_held_to_their_sliders_and_clicks_go_to_t
     page.wait_for_timeout(1000)
     assert page.locator("#frame-info").inner_text().startswith("Frame 4 / 11")
     page.locator("#settings").click()
-    for elem_id, typed in (("overlay-opacity", "3"), ("outline-width", "-4"), ("overlay-opacity", "")):
+    page.locator("#overlay-opacity input[type=number]").wait_for()
+    page.wait_for_timeout(1500)  # the opened accordion's fields take their values from the app a moment later
+    for elem_id, typed, shown_after in (("overlay-opacity", "3", "1"), ("outline-width", "-4", "0"),
+                                        ("video-crf", "99", "51"), ("processing-size", "5000", "1080"),
+                                        ("overlay-opacity", "", "")):
         field = page.locator(f"#{elem_id} input[type=number]")
         field.fill(typed)
         field.press("Enter")
-        page.wait_for_timeout(1000)
+        page.wait_for_function("([id, value]) => document.querySelector(`#${id} input[type=number]`).value === value",
+                               arg=[elem_id, shown_after])
+    page.wait_for_timeout(1000)
     assert page.locator(".toast-body").count() == 0, page.locator(".toast-body").all_inner_texts()
     assert not tab.status().startswith("Error")
     tab.click_frame(*OBJECT_1, expect="object 1 on frame 4: 1 point")

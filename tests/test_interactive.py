@@ -575,7 +575,7 @@ def test_session_store_isolates_and_removes_sessions(tmp_path, disc_tracker, cli
 
 
 def test_each_session_picks_its_sam_backend(session, disc_tracker):
-    """The settings' backend choice: loaded once and shared, per session, never while a job runs."""
+    """The settings' backend choice: loaded once and shared, per session."""
     click(session, 0, 50, 60)
     assert session._embeddings
     assert disc_tracker.sam_choices() == ["disc", "torch"]  # the start-up one first, then what can run here
@@ -586,12 +586,6 @@ def test_each_session_picks_its_sam_backend(session, disc_tracker):
     assert disc_tracker.sam_backend("torch") is session.sam  # loaded once, then shared
     other = EditSession(session.directory.parent / "other", disc_tracker)
     assert other.sam is disc_tracker.sam  # the other session keeps the default
-    session.begin_job()
-    try:
-        with pytest.raises(TrackerError, match="tracking job is running"):
-            session.set_sam_backend("disc")
-    finally:
-        session.end_job()
     session.set_sam_backend("disc")
     assert session.sam is disc_tracker.sam
 
@@ -601,26 +595,43 @@ def test_another_sam_backend_makes_the_next_track_run_again(session):
     click(session, 0, 50, 60)
     assert session.track(OPTIONS).sam_backend == "disc"
     assert session.track(OPTIONS).repeated
-    session.set_sam_backend("torch")
-    again = session.track(OPTIONS)
+    session.begin_job()  # the page's Track carries the backend chosen: its own switch may come later
+    try:
+        again = session.track(OPTIONS, sam_backend="torch")
+    finally:
+        session.end_job()
     assert not again.repeated and not again.redrawn and again.sam_backend == "torch" and again.passes == [None]
     assert session.track(OPTIONS).repeated
+    switched = []
+
+    def switch_midway(fraction: float, text: str) -> None:  # a job keeps the backend it began with
+        if "frame 3/" in text and not switched:
+            switched.append(session.set_sam_backend("disc"))
+
+    third = session.track(OPTIONS, full=True, progress=switch_midway)
+    assert switched and third.sam_backend == "torch" and session.sam.name == "disc"
 
 
 def test_a_correction_before_every_prompt_re_tracks_the_frames_before_it_too(session):
-    """Frames before the first prompt were tracked backward, through the corrected frame: the correction
-    reaches them (they kept the masks tracked from the old prompt, a correction's effect never came)."""
+    """Frames before the first prompt are tracked backward, through the corrected frame: the correction
+    reaches them, in a re-track from it and in a full re-run alike; taken away, the first run comes back."""
     click(session, 5, 45, 60)
     first = session.track(OPTIONS)
     before = zip_members(first.masks)
     click(session, 2, 100, 30)
-    second = session.track(TrackOptions(size=64))
+    second = session.track(OPTIONS)
     assert second.describe() == "re-tracked from frame 2, forward and backward (no prompt comes before it)"
     assert re.match(rf"{FRAMES} frames in [\d.]+ s \([\d.]+ FPS\), device cpu", second.summary), second.summary
-    after = zip_members(second.masks)
-    assert all(after[f"{i:05d}.png"] != before[f"{i:05d}.png"] for i in range(2)), "tracked again at size 64"
+    corrected = zip_members(second.masks)
+    assert any(corrected[f"{i:05d}.png"] != before[f"{i:05d}.png"] for i in range(2))
     with MaskZipReader(second.masks) as masks:
         assert np.array_equal(masks[2] == 1, session.labels(2) == 1)  # the correction is the memory frame
+    third = session.track(OPTIONS, full=True)
+    assert third.describe() == "tracked the whole video; corrections on frame 2 applied on top"
+    assert zip_members(third.masks) == corrected
+    session.undo(2)
+    fourth = session.track(OPTIONS)
+    assert fourth.describe() == "tracked the whole video" and zip_members(fourth.masks) == before
 
 
 def test_track_reuses_the_clicked_frames_embeddings(session):

@@ -35,7 +35,7 @@ from .exports import CUTOUT_KINDS, export_cutout, export_overlay
 from .options import TrackOptions
 from .prompts import NEGATIVE, POSITIVE, ObjectPrompt, check_prompts, prompts_from_text
 from .render import MaskZipReader, encode_mask, mask_name, overlay, overlay_colours
-from .sam import IMAGE_SIZE, LOW_RES_SIZE, ImageEmbedding, resized_shape
+from .sam import IMAGE_SIZE, LOW_RES_SIZE, ImageEmbedding, SamBackend, resized_shape
 from .session import LOSSLESS_WARNING, PreviousRun, Tracker, TrackResult, fps_text
 from .video import Frame, VideoInfo, probe, read_frame
 
@@ -160,7 +160,7 @@ class RunRecord:
     prompts: dict[Key, tuple]  # key -> Clicks.tracked_part
     objects: frozenset[int]
     passes: list[int | None] = field(default_factory=lambda: [None])
-    backward: bool = False  # the first pass re-tracked the frames before its start too (see retracks_backward)
+    backward: bool = False  # the first pass, from a frame, re-tracked the frames before it too (retracks_backward)
     options: TrackOptions | None = None
     repeated: bool = False  # Track found nothing changed since this run: it was not run again
     redrawn: bool = False  # only the look changed: the last run's masks were drawn again
@@ -203,9 +203,9 @@ def plan_passes(prompts: Mapping[Key, tuple], refine_frames: Sequence[int], obje
 
 
 def retracks_backward(start: int | None, prompt_frames: Sequence[int], correction_frames: Sequence[int]) -> bool:
-    """Whether a first pass from `start` re-tracks the frames before it too: when no prompt comes before it,
-    the last run tracked those frames backward through it (from it, or from a later first prompt), so a change
-    there reaches them; a correction before it is kept as it is, as in any pass."""
+    """Whether a pass from `start` re-tracks the frames before it too: when no prompt comes before it, the run
+    or pass before tracked those frames backward through it (from it, or from a later first prompt), so a
+    change there reaches them; a correction before it is kept as it is, as in any pass."""
     return bool(start and prompt_frames and start <= min(prompt_frames)
                 and all(frame >= start for frame in correction_frames))
 
@@ -376,10 +376,12 @@ class EditSession:
             return info
 
     def set_sam_backend(self, name: str) -> str:
-        """Use another SAM backend for this session's clicks and jobs (loaded on first use, shared by sessions)."""
+        """Use another SAM backend for this session's clicks and jobs (loaded on first use, shared by sessions).
+
+        A job already running keeps the backend it started with.
+        """
         backend = self.tracker.sam_backend(name)
         with self.lock:
-            self._require_idle()
             if backend is not self.sam:
                 self.sam = backend
                 self._embeddings.clear()  # embeddings belong to the backend that made them
@@ -545,11 +547,12 @@ class EditSession:
         return self._segment(frame, object_id, clicks, self._tracked_mask(frame, object_id) if refine else None)
 
     def _segment(self, frame: int, object_id: int, clicks: Clicks, prior: np.ndarray | None,
-                 embedding: ImageEmbedding | None = None) -> np.ndarray:
+                 embedding: ImageEmbedding | None = None, sam: SamBackend | None = None) -> np.ndarray:
         mask_input = mask_to_logits(prior) if prior is not None and prior.any() else None
         if embedding is None:
             embedding = self._embedding(frame)
-        return self.tracker.segment(embedding, clicks.prompt(object_id, frame), mask_input=mask_input, sam=self.sam)
+        return self.tracker.segment(embedding, clicks.prompt(object_id, frame), mask_input=mask_input,
+                                    sam=sam or self.sam)
 
     def _embedding(self, frame: int) -> ImageEmbedding:
         """SAM's embedding of a frame, cached so that further clicks there only run the decoder."""
@@ -661,12 +664,15 @@ class EditSession:
                 self.cancel.set()
             return self.job_running
 
-    def track(self, options: TrackOptions, *, full: bool = False,
-              progress: ProgressReport | None = None) -> RunRecord:
+    def track(self, options: TrackOptions, *, full: bool = False, progress: ProgressReport | None = None,
+              sam_backend: str | None = None) -> RunRecord:
         """Track every object through the video (or re-track from the earliest change) and keep the result.
 
+        `sam_backend`: the backend chosen on the page, taken first (its own switch may still be on its way).
         On cancel or error nothing of this run stays; the previous result is kept.
         """
+        if sam_backend is not None:
+            self.set_sam_backend(sam_backend)
         self._await_clicks(progress)
         with self.lock:
             self.require_video()
@@ -675,11 +681,11 @@ class EditSession:
             snapshot = {key: clicks.tracked_part for key, clicks in {**plain, **refine}.items()}
             objects = frozenset(object_id for _, object_id in snapshot)
             self._job_objects = objects
-            passes = plan_passes(snapshot, [frame for frame, _ in refine], objects, self.result, full,
-                                 self.sam.name)
-            backward = retracks_backward(passes[0], [frame for frame, _ in plain], [frame for frame, _ in refine])
+            sam = self.sam
+            passes = plan_passes(snapshot, [frame for frame, _ in refine], objects, self.result, full, sam.name)
+            prompt_frames, correction_frames = [frame for frame, _ in plain], [frame for frame, _ in refine]
             previous = self.result
-            same_prompts = previous is not None and not full and (snapshot, objects, self.sam.name) == \
+            same_prompts = previous is not None and not full and (snapshot, objects, sam.name) == \
                 (previous.prompts, previous.objects, previous.sam_backend)
             if same_prompts and options == previous.options:
                 return replace(previous, repeated=True)
@@ -707,14 +713,15 @@ class EditSession:
                     fixes = {object_id: clicks for (frame, object_id), clicks in refine.items() if frame == start}
                     base = masks
                     if fixes:
-                        base, fixed = self._correct(masks, start, fixes, run_dir / f"corrected-{index}.zip")
+                        base, fixed = self._correct(masks, start, fixes, run_dir / f"corrected-{index}.zip", sam)
                         corrected.update({(start, object_id): mask for object_id, mask in fixed.items()})
-                    earlier = PreviousRun(base, start, backward=index == 0 and backward)
+                    earlier = PreviousRun(base, start,
+                                          backward=retracks_backward(start, prompt_frames, correction_frames))
                 output = run_dir / f"{self.video.stem}_tracked.mp4" if last else None
                 results.append(self.tracker.track(
                     self.video, prompts, output=output, masks=run_dir / f"masks-{index}.zip", options=options,
                     cancel=self.cancel, progress=lambda done, total, i=index: clock.update(i, done, total),
-                    previous=earlier, sam=self.sam, embeddings=embeddings))
+                    previous=earlier, sam=sam, embeddings=embeddings))
                 masks = run_dir / f"masks-{index}.zip"
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -725,8 +732,8 @@ class EditSession:
                 (run_dir / stale).unlink(missing_ok=True)
         record = RunRecord(overlay=results[-1].output, masks=final_masks, summary=run_summary(results),
                            warnings=list(results[-1].warnings), prompts=snapshot, objects=objects, passes=passes,
-                           backward=backward and results[0].kept_frames == 0, options=options,
-                           sam_backend=self.sam.name)
+                           backward=passes[0] is not None and results[0].kept_frames == 0, options=options,
+                           sam_backend=sam.name)
         with self.lock:  # objects added or removed during the run count
             record.warnings[:0] = [f"object {object_id} has no click or box on any frame: it was not tracked"
                                    for object_id in self.objects if object_id not in objects]
@@ -795,15 +802,17 @@ class EditSession:
         finally:
             self.end_job()
 
-    def _correct(self, masks: Path, frame: int, fixes: Mapping[int, Clicks],
-                 destination: Path) -> tuple[Path, dict[int, np.ndarray]]:
-        """A masks zip for frames 0..frame whose `frame` has the corrections applied on the tracked masks there."""
+    def _correct(self, masks: Path, frame: int, fixes: Mapping[int, Clicks], destination: Path,
+                 sam: SamBackend) -> tuple[Path, dict[int, np.ndarray]]:
+        """A masks zip for frames 0..frame whose `frame` has the corrections applied on the tracked masks there,
+        by the job's SAM backend (the session's may have changed since the job began)."""
         with MaskZipReader(masks) as reader:
             labels = np.array(reader[frame], dtype=np.uint8)
         fixed = {}
         with self.lock:  # shares the embedding cache with clicks
+            embedding = self._embedding(frame) if sam is self.sam else sam.embed(self._frame(frame).image)
             for object_id, clicks in fixes.items():
-                mask = self._segment(frame, object_id, clicks, labels == object_id)
+                mask = self._segment(frame, object_id, clicks, labels == object_id, embedding, sam)
                 labels[labels == object_id] = 0
                 labels[mask] = object_id
                 fixed[object_id] = mask
