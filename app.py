@@ -409,7 +409,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             session.remove_object(int(object_id))
             rerun = "; the next Track re-runs the whole video" if session.result is not None else ""
             choices = cutout_choices(session)
-            ticked = [i for i in ticked or [] if i in {object_id for _, object_id in choices}]
+            ticked = [i for i in ticked or [] if i in {offered for _, offered in choices}]
             return (f"object {object_id} removed{rerun}", object_choices(session),
                     legend(session), shown_again(session, alpha_value, outline_value),
                     gr.update(choices=choices, value=ticked))
