@@ -153,6 +153,11 @@ class AppPage:
     def click_frame(self, x: float, y: float, expect: str | None, width: int = W, height: int = H) -> None:
         """Click frame pixel (x, y) on the displayed frame and wait for the status to say `expect` (if given)."""
         image = self.page.locator("#frame-image img")
+        # The status can say "Loaded" before the browser has the picture: a click on an image without a size
+        # lands nowhere.
+        self.page.wait_for_function("() => { const img = document.querySelector('#frame-image img');"
+                                    " return img && img.complete && img.naturalWidth > 0"
+                                    " && img.getBoundingClientRect().height > 0; }")
         box = image.bounding_box()
         image.click(position={"x": (x + 0.5) * box["width"] / width, "y": (y + 0.5) * box["height"] / height})
         if expect is not None:
