@@ -361,6 +361,16 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
          .then(on_click, [frame_slider, point_mode, clicked_at, *style], [status, frame_image],
                show_progress="minimal", trigger_mode="multiple", preprocess=False, **sam_queue))
 
+        @show_errors(outputs=2)
+        def on_point_mode(mode: str, alpha_value, outline_value, request: gr.Request):
+            session = session_of(request)
+            message = session.drop_corners() if mode != "box" else None
+            if message is None:
+                return gr.skip(), gr.skip()
+            return message, shown_again(session, alpha_value, outline_value)
+
+        point_mode.input(on_point_mode, [point_mode, *style], [status, frame_image], preprocess=False, **sam_queue)
+
         def editing(action: Callable[[EditSession, int], str]) -> Callable:
             @show_errors(outputs=2)
             def handler(frame, alpha_value, outline_value, request: gr.Request):

@@ -111,17 +111,18 @@ def make_clip(path: str | Path, *, frames: int = 30, width: int = 160, height: i
 
 
 def _add_sine_stream(container: av.container.OutputContainer, codec: str = "aac") -> av.AudioStream:
-    stream = container.add_stream(codec, rate=AUDIO_RATE)
+    stream = container.add_stream(codec, rate=48000 if codec == "libopus" else AUDIO_RATE)  # Opus has no 44.1 kHz
     stream.layout = "mono"
     return stream
 
 
 def _write_sine(container: av.container.OutputContainer, stream: av.AudioStream, seconds: float) -> None:
-    samples = np.arange(round(seconds * AUDIO_RATE))
-    wave = (0.3 * np.sin(2 * np.pi * 440 * samples / AUDIO_RATE)).astype(np.float32)
+    rate = stream.rate
+    samples = np.arange(round(seconds * rate))
+    wave = (0.3 * np.sin(2 * np.pi * 440 * samples / rate)).astype(np.float32)
     for start in range(0, len(wave), 1024):
         frame = av.AudioFrame.from_ndarray(wave[None, start:start + 1024], format="flt", layout="mono")
-        frame.sample_rate, frame.pts = AUDIO_RATE, start
+        frame.sample_rate, frame.pts = rate, start
         container.mux(stream.encode(frame))
     container.mux(stream.encode())
 

@@ -482,6 +482,21 @@ def test_a_point_drops_a_box_left_half_drawn(session):
     assert session.edits[(0, 1)].clicks.corner is None
 
 
+def test_switching_to_points_drops_every_box_left_half_drawn(session):
+    """A corner left on another frame or object would pair with the next box click there, however long after."""
+    click(session, 0, 45, 60)
+    click(session, 0, 20, 20, "box")
+    session.add_object()
+    click(session, 3, 10, 10, "box")
+    assert session.drop_corners() == "the box's first corner is dropped (object 1 on frame 0, object 2 on frame 3)"
+    assert session.edits[(0, 1)].clicks.points == ((45.0, 60.0),) and session.edits[(0, 1)].clicks.corner is None
+    assert (3, 2) not in session.edits
+    assert session.drop_corners() is None
+    session.select_object(1)
+    assert "nothing to undo" not in session.undo(0)
+    assert (0, 1) not in session.edits  # the undo took back the point, not the dropped corner
+
+
 def test_a_job_waiting_for_the_device_says_so_and_can_be_cancelled(session):
     """Behind the start-up warm-up (or another job) a job reports that it waits, and Cancel ends the wait."""
     click(session, 0, 45, 60)

@@ -150,13 +150,23 @@ def test_round_trip_keeps_count_rate_duration_size_and_audio(clip, tmp_path):
         assert copied == original  # remuxed, not re-encoded
 
 
-def test_audio_mp4_cannot_hold_is_converted_to_aac(media_dir, tmp_path):
-    source = make_clip(media_dir / "pcm.mkv", frames=10, audio_codec="pcm_s16le")
-    output = encode_copy(source, tmp_path / "pcm_out.mp4")
+@pytest.mark.parametrize("codec", ["pcm_s16le", "flac", "libopus"])
+def test_audio_mp4_players_and_editors_refuse_is_converted_to_aac(media_dir, tmp_path, codec):
+    source = make_clip(media_dir / f"{codec}.mkv", frames=10, audio_codec=codec)
+    output = encode_copy(source, tmp_path / f"{codec}_out.mp4")
     with av.open(str(output)) as result:
         audio = result.streams.audio[0]
-        assert audio.codec.canonical_name == "aac"
+        assert audio.codec.canonical_name == "aac" and audio.bit_rate == pytest.approx(96_000, rel=0.1)  # mono
         assert float(audio.duration * audio.time_base) == pytest.approx(10 / FPS, abs=0.05)
+
+
+@pytest.mark.parametrize("codec", ["flac", "libopus"])
+def test_matroska_keeps_flac_and_opus_as_they_are(media_dir, tmp_path, codec):
+    source = make_clip(media_dir / f"{codec}.mkv", frames=10, audio_codec=codec)
+    output = encode_copy(source, tmp_path / "out.mkv")
+    with av.open(str(source)) as original, av.open(str(output)) as result:
+        sent, got = (b"".join(bytes(p) for p in c.demux(audio=0) if p.size) for c in (original, result))
+        assert got == sent
 
 
 

@@ -529,6 +529,21 @@ class EditSession:
                 return f"object {self.current} has no clicks on frame {frame}: nothing to clear"
             return f"cleared object {self.current} on frame {frame}"
 
+    def drop_corners(self) -> str | None:
+        """Take back boxes' first corners left pending (the user switched to points): each is drawn and would
+        pair with the next box click on its frame, however long after."""
+        with self.lock:
+            pending = sorted(key for key, edit in self.edits.items() if edit.clicks.corner is not None)
+            for frame, object_id in pending:
+                edit = self.edits[(frame, object_id)]
+                edit.clicks = edit.history.pop()
+                if not edit.history:
+                    del self.edits[(frame, object_id)]
+            if not pending:
+                return None
+            where = ", ".join(f"object {object_id} on frame {frame}" for frame, object_id in pending)
+            return f"the box's first corner is dropped ({where})"
+
     def click_wait(self, frame: int) -> str:
         """What to show while a click on `frame` waits for its mask (said before the click runs, without the
         session's lock). The click counts as made from now on: a Track pressed before its mask comes waits for it.

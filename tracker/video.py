@@ -433,8 +433,9 @@ class _Target:
 
 # Uncompressed audio that MOV and Matroska carry as it is (MP4 players do not take it).
 _PCM = frozenset({"pcm_s16le", "pcm_s16be", "pcm_s24le", "pcm_s24be", "pcm_s32le", "pcm_s32be", "pcm_f32le", "pcm_u8"})
+# Opus and FLAC are legal in MP4, but editors (Premiere, Final Cut) and older Safari refuse them there.
 _TARGETS = {
-    "libx264": _Target("mp4", frozenset({"aac", "mp3", "alac", "opus", "flac", "ac3", "eac3"}), "aac"),
+    "libx264": _Target("mp4", frozenset({"aac", "mp3", "alac", "ac3", "eac3"}), "aac"),
     "libvpx-vp9": _Target("webm", frozenset({"opus", "vorbis"}), "libopus"),
 }
 # H.264 goes in the container its file name asks for (MP4 without a known ending).
@@ -442,7 +443,7 @@ H264_CONTAINERS = {
     ".mp4": _TARGETS["libx264"],
     ".m4v": _TARGETS["libx264"],
     ".mov": _Target("mov", frozenset({"aac", "mp3", "alac", "ac3", "eac3"}) | _PCM, "aac"),
-    ".mkv": _Target("matroska", _TARGETS["libx264"].audio_copy | {"vorbis"} | _PCM, "aac"),
+    ".mkv": _Target("matroska", _TARGETS["libx264"].audio_copy | {"opus", "flac", "vorbis"} | _PCM, "aac"),
 }
 
 # BT.709, limited range: what players assume for untagged HD; tagged so nobody has to guess.
@@ -659,6 +660,7 @@ class VideoWriter(AtomicWriter):
 
 
 # Encoders reject layouts without a channel order (as Matroska stores PCM); more than 8 channels are mixed to 2.
+AUDIO_BITS_PER_CHANNEL = 96_000  # per second: transparent for AAC and Opus
 _STANDARD_LAYOUTS = {1: "mono", 2: "stereo", 3: "3.0", 4: "quad", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
 
 
@@ -697,6 +699,8 @@ class _AudioTrack:
             rate = 48000 if target.audio_encoder == "libopus" else self._source.rate
             layout = _STANDARD_LAYOUTS.get(self._source.layout.nb_channels, "stereo")
             self._stream = output.add_stream(target.audio_encoder, rate=rate, layout=layout)
+            # FFmpeg's default (128 kb/s whatever the channels) is thin for lossless sources and surround.
+            self._stream.bit_rate = AUDIO_BITS_PER_CHANNEL * self._stream.layout.nb_channels
         if "language" in source.metadata:
             self._stream.metadata["language"] = source.metadata["language"]
         title = source.metadata.get("title") or source.metadata.get("name")  # MP4 and MOV read a track's as "name"
