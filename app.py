@@ -313,7 +313,12 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                 return (gr.skip(),) * 4
             view = held_view(session, frame, alpha_value, outline_value)
             image, caption = shown(session, *view)
-            return gr.skip(), image, caption, view[0]
+            try:
+                typed_in_range = float(frame) == view[0]
+            except (TypeError, ValueError, OverflowError):
+                typed_in_range = False
+            # Written back only when held: a drag's earlier value would pull the handle back from where it went.
+            return gr.skip(), image, caption, gr.skip() if typed_in_range else view[0]
 
         # Only what the user does redraws the frame (not the slider's reset on upload).
         frame_slider.input(on_frame_typed, [frame_slider, *style], [status, frame_image, frame_info, frame_slider],

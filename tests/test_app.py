@@ -417,6 +417,13 @@ def test_numbers_typed_out_of_range_are_held_to_their_sliders_and_clicks_go_to_t
     number.press("Enter")
     page.wait_for_timeout(1000)
     assert page.locator("#frame-info").inner_text().startswith("Frame 4 / 11")
+    scrub = page.locator("#frame-slider input[type=range]")
+    for _ in range(5):  # each step's redraw returns while the next is on its way: none may pull the handle back
+        scrub.press("ArrowRight")
+    page.wait_for_function("text => document.querySelector('#frame-info').innerText.startsWith(text)",
+                           arg="Frame 9 / 11")
+    page.wait_for_timeout(1500)
+    assert scrub.input_value() == "9" and page.locator("#frame-info").inner_text().startswith("Frame 9 / 11")
     page.locator("#settings").click()
     page.locator("#overlay-opacity input[type=number]").wait_for()
     page.wait_for_timeout(1500)  # the opened accordion's fields take their values from the app a moment later
@@ -431,7 +438,7 @@ def test_numbers_typed_out_of_range_are_held_to_their_sliders_and_clicks_go_to_t
     page.wait_for_timeout(1000)
     assert page.locator(".toast-body").count() == 0, page.locator(".toast-body").all_inner_texts()
     assert not tab.status().startswith("Error")
-    tab.click_frame(*OBJECT_1, expect="object 1 on frame 4: 1 point")
+    tab.click_frame(*OBJECT_1, expect="object 1 on frame 9: 1 point")
     assert "Traceback" not in app.log.read_text()
     page.close()
 
