@@ -25,7 +25,7 @@ from gradio.route_utils import delete_files_created_by_app
 from gradio.utils import get_upload_folder
 
 from tracker.cli import add_model_flags as add_model_flags
-from tracker.errors import Cancelled, TrackerError
+from tracker.errors import Cancelled, ClickDropped, TrackerError
 from tracker.exports import CUTOUT_KINDS
 from tracker.interactive import (TRIMMED_UPLOAD, VIDEO_SUFFIXES, EditSession, Limits, SessionStore, Style,
                                  frame_caption, truncation_note, upload_message)
@@ -344,10 +344,15 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             hold_to_range(slider, whole)
 
         @show_errors(outputs=2)
-        def on_click(frame, mode: str, xy: tuple[float, float], alpha_value, outline_value, request: gr.Request):
+        def on_click(frame, mode: str, clicked: tuple[tuple[float, float], int], alpha_value, outline_value,
+                     request: gr.Request):
             session = session_of(request)
-            message = session.click(held_view(session, frame, alpha_value, outline_value)[0],
-                                    (float(xy[0]), float(xy[1])), mode)
+            (x, y), video_loads = clicked
+            try:
+                message = session.click(held_view(session, frame, alpha_value, outline_value)[0],
+                                        (float(x), float(y)), mode, video_loads)
+            except ClickDropped:  # the page shows another video by now
+                return gr.skip(), gr.skip()
             return message, shown_again(session, alpha_value, outline_value)
 
         # A click is said at once (the first one on a frame waits for SAM's image encoder: seconds on a CPU),
@@ -357,7 +362,8 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
 
         def on_click_begin(frame: int, event: gr.SelectData, request: gr.Request):
             session = session_of(request)
-            return (session.click_wait(int(frame)) if session.info is not None else gr.skip()), event.index
+            return ((session.click_wait(int(frame)) if session.info is not None else gr.skip()),
+                    (event.index, session.video_loads))
 
         sam_queue = dict(concurrency_limit=1, concurrency_id="sam")
         # Every click counts, also those made while an earlier one waits for SAM (Gradio's default drops them).

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from media import make_clip, truncated_copy
-from tracker.errors import Cancelled, PromptError, TrackerError, VideoError
+from tracker.errors import Cancelled, ClickDropped, PromptError, TrackerError, VideoError
 from tracker.interactive import (WAITING_FOR_DEVICE, Clicks, EditSession, Limits, ProgressClock, RunRecord,
                                  SessionStore, display_scale, format_seconds, frame_caption, mask_to_logits,
                                  plan_passes, retracks_backward, upload_message)
@@ -474,6 +474,37 @@ def test_an_object_the_running_job_does_not_track_can_be_removed(session):
     session.add_object()
     session.remove_object(1)  # no job runs: any object but the last can go
     assert session.objects == [2]
+
+
+def test_undo_takes_a_whole_box_back(session):
+    click(session, 0, 45, 60)
+    click(session, 0, 20, 20, "box")
+    click(session, 0, 60, 50, "box")
+    assert session.undo(0) == "object 1 on frame 0: 1 point"
+    assert session.edits[(0, 1)].clicks.corner is None and session.edits[(0, 1)].clicks.box is None
+
+
+def test_a_click_made_on_a_video_since_replaced_is_dropped(session, clip, monkeypatch):
+    """A click waits for SAM (seconds on a CPU): one made before the video changed must not land on the new one,
+    nor say that something went wrong on a video the user has not clicked yet."""
+    xy, loads = to_display(session, 45, 60), session.video_loads
+    session.open_video(clip, Limits())
+    with pytest.raises(ClickDropped):
+        session.click(0, xy, "positive", loads)
+    assert not session.edits
+
+    embed = session.sam.embed
+
+    def embed_while_the_video_is_replaced(image):
+        session.open_video(clip, Limits())
+        return embed(image)
+
+    monkeypatch.setattr(session.sam, "embed", embed_while_the_video_is_replaced)
+    with pytest.raises(ClickDropped):
+        session.click(0, xy, "positive", session.video_loads)
+    assert not session.edits
+    monkeypatch.undo()
+    assert session.click(0, xy, "positive", session.video_loads) == "object 1 on frame 0: 1 point"
 
 
 def test_a_point_drops_a_box_left_half_drawn(session):

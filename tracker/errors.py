@@ -19,6 +19,10 @@ class PromptError(TrackerError):
     """A click, box or prompts file does not fit the video."""
 
 
+class ClickDropped(PromptError):
+    """A click that came from a video no longer loaded: the page has moved on, so nothing is said."""
+
+
 class WeightsError(TrackerError):
     """A checkpoint is missing, incomplete or not in the expected layout."""
 

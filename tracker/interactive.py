@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .errors import Cancelled, PromptError, TrackerError, VideoError
+from .errors import Cancelled, ClickDropped, PromptError, TrackerError, VideoError
 from .exports import CUTOUT_KINDS, export_cutout, export_overlay
 from .options import TrackOptions
 from .prompts import NEGATIVE, POSITIVE, ObjectPrompt, check_prompts, prompts_from_text
@@ -317,6 +317,7 @@ class EditSession:
         self.video: Path | None = None
         self.uploaded_from: Path | None = None  # the upload the video was taken from, as the page names it
         self.shown_frame = 0  # the frame last drawn for the page
+        self.video_loads = 0  # counts videos taken and dropped
         self.info: VideoInfo | None = None
         self.objects: list[int] = []
         self.current: int | None = None
@@ -388,6 +389,7 @@ class EditSession:
         return f"SAM backend {name}: clicks and the next Track use it"
 
     def _forget_video(self) -> None:
+        self.video_loads += 1  # clicks made on the video before stay with it (see `click`)
         if self.video is not None:
             shutil.rmtree(self.video.parent, ignore_errors=True)
         self._set_result(None)
@@ -458,21 +460,28 @@ class EditSession:
                 self.current = self.objects[-1]
 
     # -- clicks ----------------------------------------------------------
-    def click(self, frame: int, display_xy: tuple[float, float], mode: str) -> str:
-        """A click on the displayed frame: add a point (or a box corner) to the current object, update its mask."""
+    def click(self, frame: int, display_xy: tuple[float, float], mode: str, video_loads: int | None = None) -> str:
+        """A click on the displayed frame: add a point (or a box corner) to the current object, update its mask.
+
+        `video_loads`, when given, is the count at the moment of the click: a click made on a video replaced or
+        cleared since then (it waited for SAM) raises ClickDropped instead of landing on the new one.
+        """
         try:
-            return self._click(frame, display_xy, mode)
+            return self._click(frame, display_xy, mode, video_loads)
         finally:
             with self._clicks_settled:
                 if self._announced:
                     self._announced.popleft()
                 self._clicks_settled.notify_all()
 
-    def _click(self, frame: int, display_xy: tuple[float, float], mode: str) -> str:
+    def _click(self, frame: int, display_xy: tuple[float, float], mode: str, video_loads: int | None) -> str:
         if mode not in POINT_MODES:
             raise PromptError(f"unknown click mode {mode!r}; use one of {', '.join(POINT_MODES)}")
         with self._clicking:
             with self.lock:
+                if video_loads not in (None, self.video_loads):
+                    raise ClickDropped("the click was made on a video that has been replaced since")
+                loads = self.video_loads
                 info = self._check_frame(frame)
                 if self.current is None:
                     raise PromptError("add an object first")
@@ -494,14 +503,17 @@ class EditSession:
                 embedding = self.sam.embed(image)
             mask = self._segment(frame, key[1], clicks, prior, embedding) if clicks.selects else None
             with self.lock:
+                if self.video_loads != loads:
+                    raise ClickDropped("the video was replaced while SAM worked on the click")
                 unchanged = (self.edits.get(key) is edit) if existed else key not in self.edits
-                if self.info is not info or not unchanged or edit.clicks is not before:
+                if not unchanged or edit.clicks is not before:
                     raise PromptError("the video or this object's clicks changed while SAM worked on the click; "
                                       "click again")
                 if embedding is not None:
                     self._remember_embedding(frame, embedding)
                 edit.mask = mask
-                edit.history.append(before)
+                if not (mode == "box" and before.corner is not None):
+                    edit.history.append(before)  # a box's second corner joins its first: Undo takes the whole box
                 edit.clicks = clicks
                 self.edits[key] = edit
                 return self._describe(frame, key[1], edit)
