@@ -65,6 +65,31 @@ h1 { margin-bottom: 0 !important; }
           vertical-align: -0.1em; border: 1px solid #0004; }
 .legend .current { font-weight: 700; text-decoration: underline; }
 #result-files .label-clear-button { display: none; }
+#video-input .no-preview { padding: 6px 10px; font-size: 0.9em; color: var(--body-text-color-subdued); }
+"""
+
+# Browsers play MP4/WebM, not AVI, WMV, FLV or MPEG-PS: the app reads those anyway, so the player's failure is a
+# note under it, not Gradio's red "Video not playable" error (its handler on the element never sees the event).
+NO_PREVIEW_JS = """
+() => {
+  const note = "This browser cannot play this file's preview; the app reads it all the same (frames below).";
+  document.addEventListener("error", (event) => {
+    const player = event.target;
+    const box = player instanceof HTMLVideoElement ? player.closest("#video-input") : null;
+    if (!box) return;
+    event.stopPropagation();
+    if (!box.querySelector(".no-preview")) {
+      const line = document.createElement("div");
+      line.className = "no-preview";
+      line.textContent = note;
+      player.parentElement.after(line);
+    }
+  }, true);
+  document.addEventListener("loadstart", (event) => {
+    const box = event.target instanceof HTMLVideoElement ? event.target.closest("#video-input") : null;
+    box?.querySelector(".no-preview")?.remove();
+  }, true);
+}
 """
 
 
@@ -590,7 +615,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         demo.queue(default_concurrency_limit=1).launch(
             server_name=args.host, server_port=args.port, share=args.share, allowed_paths=[],
-            max_file_size=f"{int(args.max_upload_mb * 1024)}kb", ssr_mode=False, css=CSS, footer_links=[])
+            max_file_size=f"{int(args.max_upload_mb * 1024)}kb", ssr_mode=False, css=CSS, js=NO_PREVIEW_JS,
+            footer_links=[])
     except SystemExit:  # SIGTERM
         pass
     finally:

@@ -241,6 +241,7 @@ def clips(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("clips")
     make_clip(folder / "clip.mp4", frames=12, width=W, height=H)
     make_clip(folder / "long.mp4", frames=25, width=W, height=H)
+    make_clip(folder / "camera.avi", frames=12, width=W, height=H, codec="mjpeg", pix_fmt="yuvj420p", audio=False)
     make_text_file(folder / "notes.mp4")
     (folder / "big.mp4").write_bytes(os.urandom(1_300_000))
     return folder
@@ -274,6 +275,16 @@ def test_page_shows_every_control_and_refuses_what_it_cannot_take(app, browser, 
     page.locator(".toast-body").filter(has_text="exceed the maximum allowed size of 1.0 Mb").wait_for()
     assert tab.status().startswith("Error: notes.mp4")  # the oversized file never reached the app
     assert not [path for folder in app.session_dirs() for path in folder.iterdir()], "refused uploads leave nothing"
+
+    # The browser cannot play an AVI: a note says so, not an error over a video the app took.
+    assert tab.upload(clips / "camera.avi").startswith("Loaded 160x120, 12 frames")
+    page.locator("#video-input .no-preview").wait_for()
+    page.wait_for_timeout(500)
+    assert page.locator(".toast-body").filter(has_text="not playable").count() == 0
+    tab.clear_video()
+    tab.upload(clips / "clip.mp4")
+    page.locator("#video-input video").wait_for()
+    assert page.locator("#video-input .no-preview").count() == 0
     page.close()
 
 
