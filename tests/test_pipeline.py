@@ -447,6 +447,7 @@ def test_a_tracked_frames_mask_takes_object_ids_only():
     labels = torch.tensor([[0, 1], [255, 1]], dtype=torch.uint8)
     frame = TrackedFrame(0, 0, 0.0, torch.zeros(2, 2, 3, dtype=torch.uint8), labels)
     assert frame.mask(1).tolist() == [[False, True], [False, True]] and frame.mask(255)[1, 0]
+    assert repr(frame) == "TrackedFrame(index=0, pts=0, time=0.0)"  # printed in a loop, not a screen of pixels
     for bad, message in ((256, "object ids are 1 to 255 .0 is the background., not 256"), (-1, "not -1"),
                          (1.5, "an object id must be a whole number, not 1.5")):
         with pytest.raises(TrackerError, match=message):

@@ -251,9 +251,7 @@ def test_outputs_that_would_overwrite_the_input_or_each_other_are_refused(tracke
 
 
 @pytest.mark.parametrize("paths, message", [
-    (dict(output="folder"), "the output video .*folder is a folder; give a file name ending in .mp4, "),
     (dict(output="o.avi"), r"the output video o.avi would be misnamed: end its name in .mp4, .m4v, .mov or .mkv"),
-    (dict(masks="folder"), "the masks zip .*folder is a folder"),
     (dict(masks="m.tar"), "m.tar would be misnamed: end its name in .zip"),
     (dict(output="results"), "the output video results has no ending: end its name in .mp4, "),
     (dict(masks="pipe.zip"), "the masks zip .*pipe.zip is not a regular file \\(a device or a pipe\\)")])
@@ -265,6 +263,24 @@ def test_outputs_that_are_folders_or_misnamed_are_refused(tracker, clip, tmp_pat
         tracker.track(clip, CLICK, **{key: tmp_path / name for key, name in paths.items()})
     one_line(err.value)
     assert leftovers(tmp_path) == [] and (tmp_path / "pipe.zip").is_fifo()
+
+
+def test_a_folder_as_output_holds_files_named_after_the_video(tracker, clip, tmp_path):
+    """As on the command line: an existing folder, or a name ending in a slash, gets <video>_tracked.mp4 and
+    <video>_masks.zip."""
+    (tmp_path / "folder").mkdir()
+    result = tracker.track(clip, CLICK, output=tmp_path / "folder", masks=f"{tmp_path}/new/")
+    assert result.output == tmp_path / "folder" / f"{clip.stem}_tracked.mp4" and result.output.is_file()
+    assert result.masks == tmp_path / "new" / f"{clip.stem}_masks.zip" and result.masks.is_file()
+
+
+def test_track_video_checks_the_job_before_loading_the_weights(clip, tmp_path):
+    from tracker import track_video
+
+    with pytest.raises(PromptError, match="frame 99"):
+        track_video(clip, [ObjectPrompt(1, 99, [(5, 5)], [1])], output=tmp_path / "o.mp4", device="cpu",
+                    sam_checkpoint=tmp_path / "absent.pth", xmem_checkpoint=tmp_path / "absent.pth")
+    assert leftovers(tmp_path) == []
 
 
 def test_crf_0_warns_that_browsers_cannot_play_the_video(tracker, clip, tmp_path):

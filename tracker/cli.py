@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import re
 import signal
 import sys
@@ -13,8 +12,9 @@ from typing import Sequence
 
 from .errors import TrackerError
 from .options import MAX_OUTLINE, MemoryOptions, TrackOptions
-from .prompts import NEGATIVE, POSITIVE, ObjectPrompt, check_prompts, load_prompts, parse_box, parse_xy
-from .video import DEFAULT_PRESET, X264_MAX_CRF, X264_PRESETS, VideoInfo, probe, remove_unfinished_temporaries
+from .prompts import NEGATIVE, POSITIVE, ObjectPrompt, load_prompts, parse_box, parse_xy
+from .video import (DEFAULT_PRESET, MASKS_ENDING, TRACKED_ENDING, X264_MAX_CRF, X264_PRESETS, VideoInfo, output_file,
+                    remove_unfinished_temporaries)
 
 OUTPUT_DIR = Path("output")
 COORDINATE_FLAGS = ("--point", "--negative", "--box")
@@ -115,28 +115,15 @@ def attach_negative_values(argv: Sequence[str]) -> list[str]:
     return attached
 
 
-def output_file(given: str | None, video: Path, ending: str) -> Path | None:
-    """`--out`/`--masks` as given, or for a folder (one that exists, or a name ending in a slash) the
-    file `<video name><ending>` in it."""
-    if given is None:
-        return None
-    path = Path(given)
-    if given.endswith(("/", os.sep)) or path.is_dir():
-        return path / f"{video.stem}{ending}"
-    return path
-
-
 def check_before_loading(args: argparse.Namespace, prompts: list[ObjectPrompt], output: Path,
                          masks: Path | None) -> VideoInfo:
     """Refuse a bad video, prompt, output path or precision at once, not after the weights have loaded (10 s
     or more); the video's facts when all is well."""
     from .pipeline import resolve_precision
     from .sam import encoder_dtype, resolve_device
-    from .session import check_output_paths
+    from .session import check_job
 
-    check_output_paths(args.video, output, masks)
-    info = probe(args.video)
-    check_prompts(prompts, info.width, info.height, info.frame_count, info.present_frames)
+    info, _, _ = check_job(args.video, prompts, output, masks)
     device = resolve_device(args.device)
     resolve_precision(device, args.precision)
     encoder_dtype(args.sam_precision, device)
@@ -155,8 +142,8 @@ def _track(args: argparse.Namespace) -> int:
     from .session import Tracker
 
     prompts = prompts_from_args(args)
-    output = output_file(args.out, args.video, "_tracked.mp4") or OUTPUT_DIR / f"{args.video.stem}_tracked.mp4"
-    masks = output_file(args.masks, args.video, "_masks.zip")
+    output = output_file(args.out, args.video, TRACKED_ENDING) or OUTPUT_DIR / f"{args.video.stem}{TRACKED_ENDING}"
+    masks = output_file(args.masks, args.video, MASKS_ENDING)
     try:
         memory = MemoryOptions(**{name: getattr(args, name) for name in vars(MemoryOptions())
                                   if hasattr(args, name)})

@@ -37,7 +37,7 @@ from .prompts import NEGATIVE, POSITIVE, ObjectPrompt, check_prompts, prompts_fr
 from .render import MaskZipReader, encode_mask, mask_name, overlay, overlay_colours
 from .sam import IMAGE_SIZE, LOW_RES_SIZE, ImageEmbedding, SamBackend, resized_shape
 from .session import LOSSLESS_WARNING, PreviousRun, Tracker, TrackResult, fps_text
-from .video import Frame, VideoInfo, probe, read_frame
+from .video import MASKS_ENDING, TRACKED_ENDING, Frame, VideoInfo, probe, read_frame
 
 # What cameras, phones and editors write; all decode through FFmpeg (the result is always an H.264 MP4).
 VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi", ".3gp", ".mts", ".m2ts", ".ts", ".mpg", ".mpeg",
@@ -744,7 +744,7 @@ class EditSession:
                         corrected.update({(start, object_id): mask for object_id, mask in fixed.items()})
                     earlier = PreviousRun(base, start,
                                           backward=retracks_backward(start, prompt_frames, correction_frames))
-                output = run_dir / f"{self.video.stem}_tracked.mp4" if last else None
+                output = run_dir / f"{self.video.stem}{TRACKED_ENDING}" if last else None
                 results.append(self.tracker.track(
                     self.video, prompts, output=output, masks=run_dir / f"masks-{index}.zip", options=options,
                     cancel=self.cancel, progress=lambda done, total, i=index: clock.update(i, done, total),
@@ -753,7 +753,7 @@ class EditSession:
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
-        final_masks = masks.rename(run_dir / f"{self.video.stem}_masks.zip")  # downloads named after the video
+        final_masks = masks.rename(run_dir / f"{self.video.stem}{MASKS_ENDING}")  # downloads named after the video
         for index in range(len(passes)):
             for stale in (f"masks-{index}.zip", f"corrected-{index}.zip"):
                 (run_dir / stale).unlink(missing_ok=True)

@@ -17,7 +17,7 @@ import queue
 import tempfile
 import threading
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
@@ -319,8 +319,8 @@ class TrackedFrame:
     index: int
     pts: int | None
     time: float
-    image: torch.Tensor  # HxWx3 uint8
-    labels: torch.Tensor  # HxW uint8, 0 = background
+    image: torch.Tensor = field(repr=False)  # HxWx3 uint8
+    labels: torch.Tensor = field(repr=False)  # HxW uint8, 0 = background
 
     def mask(self, object_id: int) -> np.ndarray:
         """Boolean HxW mask of one object (ids 1..255; 0 is the background)."""

@@ -34,7 +34,8 @@ from .prompts import ObjectPrompt, check_prompts
 from .render import MaskZipReader, MaskZipWriter, encoder_picture, encoder_picture_bytes
 from .sam import ImageEmbedding, SamBackend, load_sam, ready_backends, resolve_device, segment
 from .transfer import Download
-from .video import H264_CONTAINERS, VideoInfo, VideoWriter, check_writable_folder, make_clip, probe, read_frame
+from .video import (H264_CONTAINERS, MASKS_ENDING, TRACKED_ENDING, VideoInfo, VideoWriter, check_writable_folder,
+                    make_clip, output_file, probe, read_frame)
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,17 @@ def check_output_paths(video: str | Path, output: str | Path | None, masks: str 
     if masks is not None:
         _check_output_name(Path(masks), "masks zip", (".zip",))
         check_writable_folder(Path(masks))
+
+
+def check_job(video: str | Path, prompts: Sequence[ObjectPrompt], output: str | Path | None,
+              masks: str | Path | None) -> tuple[VideoInfo, Path | None, Path | None]:
+    """The video's facts and the output files (a folder given: `<video name>_tracked.mp4` and
+    `<video name>_masks.zip` in it), once the paths, the video and the prompts are found fit for a run."""
+    output, masks = output_file(output, video, TRACKED_ENDING), output_file(masks, video, MASKS_ENDING)
+    check_output_paths(video, output, masks)
+    info = probe(video)
+    check_prompts(prompts, info.width, info.height, info.frame_count, info.present_frames)
+    return info, output, masks
 
 
 @dataclass(frozen=True)
@@ -350,9 +362,7 @@ class Tracker:
         """
         sam = sam or self.sam
         options = options or TrackOptions()
-        check_output_paths(video, output, masks)
-        info = probe(video)
-        check_prompts(prompts, info.width, info.height, info.frame_count, info.present_frames)
+        info, output, masks = check_job(video, prompts, output, masks)
         with user_facing_resource_errors(options), self._device_turn(cancel), ExitStack() as stack:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
@@ -437,6 +447,10 @@ def track_video(video: str | Path, prompts: Sequence[ObjectPrompt], *, output: s
                 masks: str | Path | None = None, options: TrackOptions | None = None, device: str = "auto",
                 sam_checkpoint: str | Path | None = None, xmem_checkpoint: str | Path | None = None,
                 sam_backend: str = "auto") -> TrackResult:
-    """One call from a script: load the models, track, write the files."""
+    """One call from a script: load the models, track, write the files.
+
+    The video, prompts and output paths are checked first: a mistake there is not worth loading the weights.
+    """
+    check_job(video, prompts, output, masks)
     tracker = Tracker(sam_checkpoint, xmem_checkpoint, device=device, sam_backend=sam_backend)
     return tracker.track(video, prompts, output=output, masks=masks, options=options)

@@ -755,6 +755,20 @@ def _audio_streams(container: av.container.InputContainer) -> list[av.AudioStrea
     return [s for s in container.streams.audio if s.codec_context is not None]
 
 
+TRACKED_ENDING, MASKS_ENDING = "_tracked.mp4", "_masks.zip"  # after the video's name, for outputs in a folder
+
+
+def output_file(given: str | Path | None, video: str | Path, ending: str) -> Path | None:
+    """An output path as given, or for a folder (one that exists, or a name ending in a slash) the file
+    `<video name><ending>` in it."""
+    if given is None:
+        return None
+    path = Path(given)
+    if str(given).endswith(("/", os.sep)) or path.is_dir():
+        return path / f"{Path(video).stem}{ending}"
+    return path
+
+
 def _unwritable(path: Path, reason: object) -> VideoError:
     return VideoError(f"cannot write to {path}: {reason}; choose a folder you can write to")
 
