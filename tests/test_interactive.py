@@ -157,8 +157,12 @@ def test_plan_passes():
                        full=False) == [None]
     assert plan_passes({(0, 1): a, (3, 2): b, (7, 1): c}, [7], everything, last, full=False, sam_backend="onnx") \
         == [None, 7]
-    # A new or removed object, or nothing changed: the whole video again.
-    assert plan_passes({(0, 1): a, (3, 2): b, (4, 3): c}, [], frozenset({1, 2, 3}), last, full=False) == [None]
+    # A new object joins from its first prompt (later corrections get their passes), unless that comes before
+    # the last run's first prompt; a removed object, or nothing changed: the whole video again.
+    assert plan_passes({(0, 1): a, (3, 2): b, (4, 3): c, (6, 1): c}, [6], frozenset({1, 2, 3}), last,
+                       full=False) == [4, 6]
+    assert plan_passes({(2, 1): a, (1, 2): b}, [], everything, record({(2, 1): a}), full=False) == [None]
+    assert plan_passes({(2, 1): a, (2, 2): b}, [], everything, record({(2, 1): a}), full=False) == [2]
     assert plan_passes({(0, 1): a}, [], frozenset({1}), last, full=False) == [None]
     assert plan_passes({(0, 1): a, (3, 2): b}, [], everything, last, full=False) == [None]
 
@@ -330,7 +334,7 @@ def test_track_then_correct_keeps_earlier_frames_and_uses_the_correction(session
     assert second.describe() == "re-tracked from frame 4; frames before it kept their masks"
     assert re.match(rf"{FRAMES} frames in [\d.]+ s \([\d.]+ FPS; {FRAMES - 4} tracked again, 4 kept as they were\)",
                     second.summary), second.summary
-    assert not first.masks.exists(), "the previous run's files are replaced"
+    assert first.masks.exists(), "the run it is built on is kept, for an Undo of the correction"
     after = zip_members(second.masks)
     assert sorted(after) == sorted(before)
     assert all(after[f"{i:05d}.png"] == before[f"{i:05d}.png"] for i in range(4)), "earlier frames keep their masks"
@@ -678,6 +682,52 @@ def test_a_correction_before_every_prompt_re_tracks_the_frames_before_it_too(ses
     session.undo(2)
     fourth = session.track(OPTIONS)
     assert fourth.describe() == "tracked the whole video" and zip_members(fourth.masks) == before
+
+
+def test_an_object_added_on_a_later_frame_joins_from_there(session):
+    """As in a whole run (it joins the forward pass at its first prompt), but without tracking the frames
+    before it again."""
+    click(session, 0, 45, 60)
+    first = session.track(OPTIONS)
+    before = zip_members(first.masks)
+    session.add_object()
+    click(session, 5, 120, 40)
+    second = session.track(OPTIONS)
+    assert second.describe() == "re-tracked from frame 5; frames before it kept their masks"
+    assert second.objects == {1, 2}
+    after = zip_members(second.masks)
+    assert all(after[f"{i:05d}.png"] == before[f"{i:05d}.png"] for i in range(5))
+    with MaskZipReader(second.masks) as masks:
+        assert np.array_equal(masks[5] == 2, session.edits[(5, 2)].mask) and (masks[5] == 2).any()
+
+
+def test_taking_a_correction_back_brings_the_run_before_it_back_at_once(session, monkeypatch):
+    """Undo of a correction would otherwise re-track the whole video (the masks still hold the correction)."""
+    click(session, 0, 45, 60)
+    first = session.track(OPTIONS)
+    before = zip_members(first.masks)
+    click(session, 4, 100, 30)
+    second = session.track(OPTIONS)
+    corrected = zip_members(second.masks)
+    assert first.masks.exists() and first.overlay.exists(), "the run a partial one is built on is kept"
+    session.undo(4)
+
+    def no_tracking(*args, **kwargs):
+        raise AssertionError("tracked again")
+
+    monkeypatch.setattr(session.tracker, "track", no_tracking)
+    back = session.track(OPTIONS)
+    assert back.describe() == ("the prompts are those of the run before the last one again, and its masks are "
+                               "back (nothing was tracked)")
+    assert back.summary == f"{FRAMES} frames, none tracked"
+    assert session.result_files() == [str(first.overlay), str(first.masks)] and zip_members(back.masks) == before
+    assert second.masks.exists()
+    # Clicked again, the correction's run comes back too, here drawn again with another look.
+    click(session, 4, 100, 30)
+    again = session.track(replace(OPTIONS, alpha=0.9))
+    assert again.redrawn and again.describe().endswith("its masks are back (drawn again with the new look)")
+    assert zip_members(again.masks) == corrected
+    assert not first.masks.exists() and not second.masks.exists(), "two runs at most are kept"
 
 
 def test_track_reuses_the_clicked_frames_embeddings(session):

@@ -165,9 +165,15 @@ class RunRecord:
     repeated: bool = False  # Track found nothing changed since this run: it was not run again
     redrawn: bool = False  # only the look changed: the last run's masks were drawn again
     sam_backend: str = ""  # the backend that turned the prompts into masks
+    # The run a partial one was built on, its files kept: taking the change back (Undo) brings it back at once.
+    base: RunRecord | None = None
+    restored: bool = False  # this is such a base, brought back
 
     def describe(self) -> str:
         """What the run did, in the user's words."""
+        if self.restored:
+            done = "drawn again with the new look" if self.redrawn else "nothing was tracked"
+            return f"the prompts are those of the run before the last one again, and its masks are back ({done})"
         if self.redrawn:
             return "drew the tracked video again with the new look; the masks are those of the last run"
         first, *later = self.passes
@@ -188,17 +194,22 @@ def plan_passes(prompts: Mapping[Key, tuple], refine_frames: Sequence[int], obje
 
     A partial re-run starts at the earliest frame whose prompts changed since
     `last`; each later frame with corrections gets its own pass so that those
-    corrections refine the new tracking. Anything that changes which objects
-    exist, a prompt taken away (the last run's masks there still hold it), or
-    another SAM backend (it made every prompt's mask) needs the whole video.
+    corrections refine the new tracking. An object added joins there too (the
+    frames before its prompts never held it), unless the run would then start
+    earlier than the last one did. A removed object (the last run's masks
+    still hold it), a prompt taken away (likewise), or another SAM backend (it
+    made every prompt's mask) needs the whole video.
     """
-    if last is None or full or objects != last.objects or sam_backend != last.sam_backend \
+    whole = [None, *sorted(set(refine_frames))]
+    if last is None or full or not last.objects <= objects or sam_backend != last.sam_backend \
             or last.prompts.keys() - prompts.keys():
-        return [None, *sorted(set(refine_frames))]
+        return whole
     changed = {key for key in prompts.keys() | last.prompts.keys() if prompts.get(key) != last.prompts.get(key)}
     if not changed:
-        return [None, *sorted(set(refine_frames))]
+        return whole
     start = min(frame for frame, _ in changed)
+    if objects != last.objects and start < min(frame for frame, _ in last.prompts):
+        return whole  # the whole video starts at the new object's prompt: earlier than the last run's first frame
     return [start, *sorted({frame for frame in refine_frames if frame > start})]
 
 
@@ -399,11 +410,14 @@ class EditSession:
         shutil.rmtree(self.directory / "runs", ignore_errors=True)
 
     def _set_result(self, record: RunRecord | None) -> None:
-        """Make `record` the current result; the previous one's files (and cut-outs made from it) go."""
+        """Make `record` the current result; the previous one's files (and cut-outs made from it) go, but for
+        the run `record` was built on."""
         if self._result_reader is not None:
             self._result_reader.close()
-        if self.result is not None:
-            shutil.rmtree(self.result.masks.parent, ignore_errors=True)
+        kept = {run.masks.parent for run in (record, record and record.base) if run is not None}
+        for old in (self.result, self.result and self.result.base):
+            if old is not None and old.masks.parent not in kept:
+                shutil.rmtree(old.masks.parent, ignore_errors=True)
         shutil.rmtree(self.directory / "cutouts", ignore_errors=True)
         self.result, self.cutouts = record, {}
         self._result_reader = MaskZipReader(record.masks) if record is not None else None
@@ -716,11 +730,21 @@ class EditSession:
                 (previous.prompts, previous.objects, previous.sam_backend)
             if same_prompts and options == previous.options:
                 return replace(previous, repeated=True)
+            base = previous.base if previous is not None and not full else None
+            back_to_base = base is not None and (snapshot, objects, sam.name) == \
+                (base.prompts, base.objects, base.sam_backend)
+            if back_to_base and options == base.options:
+                record = replace(base, base=replace(previous, base=None), restored=True, redrawn=False,
+                                 summary=f"{self.info.present_frames} frames, none tracked")
+                self._set_result(record)
+                return record
             embeddings = dict(self._embeddings)  # the clicked frames' embeddings: SAM need not run on them again
             self._runs += 1
             run_dir = self.directory / "runs" / str(self._runs)
         if same_prompts and options.tracks_like(previous.options):
             return self._redraw(previous, options, run_dir, progress)
+        if back_to_base and options.tracks_like(base.options):
+            return self._redraw(base, options, run_dir, progress, restored=True)
         if not plain:
             raise PromptError("click an object first: every object needs a click or a box on some frame")
         prompts = [clicks.prompt(object_id, frame) for (frame, object_id), clicks in sorted(plain.items())]
@@ -760,7 +784,7 @@ class EditSession:
         record = RunRecord(overlay=results[-1].output, masks=final_masks, summary=run_summary(results),
                            warnings=list(results[-1].warnings), prompts=snapshot, objects=objects, passes=passes,
                            backward=passes[0] is not None and results[0].kept_frames == 0, options=options,
-                           sam_backend=sam.name)
+                           sam_backend=sam.name, base=replace(previous, base=None) if passes[0] is not None else None)
         with self.lock:  # objects added or removed during the run count
             record.warnings[:0] = [f"object {object_id} has no click or box on any frame: it was not tracked"
                                    for object_id in self.objects if object_id not in objects]
@@ -771,8 +795,9 @@ class EditSession:
         return record
 
     def _redraw(self, previous: RunRecord, options: TrackOptions, run_dir: Path,
-                progress: ProgressReport | None) -> RunRecord:
-        """Only the look changed since the last run (opacity, outline, encoding): draw its masks again."""
+                progress: ProgressReport | None, restored: bool = False) -> RunRecord:
+        """Only the look changed since the last run, or since the run a change taken back was built on
+        (`restored`): draw its masks again."""
         run_dir.mkdir(parents=True)
         began = time.perf_counter()
         try:
@@ -788,7 +813,8 @@ class EditSession:
             raise
         seconds = time.perf_counter() - began
         warnings = [w for w in previous.warnings if w != LOSSLESS_WARNING] + [LOSSLESS_WARNING] * (options.crf == 0)
-        record = replace(previous, overlay=drawn, masks=masks, options=options, redrawn=True, warnings=warnings,
+        record = replace(previous, overlay=drawn, masks=masks, options=options, redrawn=True, restored=restored,
+                         warnings=warnings,
                          summary=f"{self.info.present_frames} frames drawn again in {seconds:.1f} s, none tracked")
         with self.lock:
             self._set_result(record)
