@@ -28,12 +28,12 @@ from tracker.cli import add_model_flags as add_model_flags
 from tracker.errors import Cancelled, ClickDropped, TrackerError
 from tracker.exports import CUTOUT_KINDS
 from tracker.interactive import (TRIMMED_UPLOAD, VIDEO_SUFFIXES, EditSession, Limits, SessionStore, Style,
-                                 frame_caption, truncation_note, upload_message)
+                                 frame_caption, upload_message)
 from tracker.options import MemoryOptions, TrackOptions
 from tracker.pipeline import resolve_precision
 from tracker.render import overlay_colours
 from tracker.session import Tracker
-from tracker.video import X264_MAX_CRF, X264_PRESETS
+from tracker.video import X264_MAX_CRF, X264_PRESETS, truncation_note
 from tracker.weights import UNTRAINED_WARNING
 
 log = logging.getLogger("tracker.app")

@@ -283,6 +283,15 @@ def test_track_video_checks_the_job_before_loading_the_weights(clip, tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def test_a_file_cut_short_warns_that_only_its_frames_present_were_tracked(tracker, tmp_path):
+    whole = make_clip(tmp_path / "whole.webm", frames=30, width=64, height=48, codec="libvpx-vp9",
+                      audio_codec="libopus")
+    cut = truncated_copy(whole, tmp_path / "cut.webm", keep=0.5)
+    result = tracker.track(cut, CLICK, masks=tmp_path / "m.zip")
+    assert any(warning.startswith("the file seems cut short") for warning in result.warnings), result.warnings
+    assert result.frames == result.expected_frames < 30
+
+
 def test_crf_0_warns_that_browsers_cannot_play_the_video(tracker, clip, tmp_path):
     result = tracker.track(clip, CLICK, output=tmp_path / "o.mp4", options=TrackOptions(crf=0))
     assert any("lossless H.264" in warning for warning in result.warnings)

@@ -14,7 +14,7 @@ from media import (TRACK_LANGUAGES, blanked_media_copy, clip_frame, disc_centre,
 from tracker.errors import TrackerError, VideoError
 from tracker.exports import export_cutout
 from tracker.render import MaskZipWriter
-from tracker.video import VideoWriter, check_writable_folder, iter_frames, probe, read_frame
+from tracker.video import VideoWriter, check_writable_folder, iter_frames, probe, read_frame, truncation_note
 
 FRAMES, WIDTH, HEIGHT, FPS = 30, 160, 120, 25
 
@@ -354,6 +354,25 @@ def test_truncated_file_decodes_what_is_there(clip, tmp_path):
     assert all(close_to(f.image, clip_frame(f.index, FRAMES, WIDTH, HEIGHT)) for f in frames)
     with pytest.raises(VideoError, match="cannot be decoded"):
         read_frame(damaged, FRAMES - 1)
+
+
+@pytest.mark.parametrize("ending", [".webm", ".mkv"])
+def test_a_file_cut_short_with_its_index_is_said_to_be(tmp_path, ending):
+    """Matroska keeps its index at the end: a cut file looks whole but for the length its header declares."""
+    whole = make_clip(tmp_path / f"whole{ending}", frames=30, codec="libvpx-vp9" if ending == ".webm" else "libx264",
+                      audio_codec="libopus" if ending == ".webm" else "aac")
+    cut = truncated_copy(whole, tmp_path / f"cut{ending}", keep=0.5)
+    info = probe(cut)
+    assert info.cut_short == pytest.approx(30 / FPS, abs=0.05) and info.truncated_to is None
+    assert info.frame_count == len(list(iter_frames(cut))) < 30
+    assert truncation_note(info).startswith("the file seems cut short (an unfinished download or copy?): its header "
+                                            f"says it lasts 1.2 s, but its frames end at {info.duration:.1f} s")
+    assert probe(whole).cut_short is None and truncation_note(probe(whole)) is None
+
+
+def test_sound_that_outlasts_the_picture_is_not_a_cut_file(tmp_path):
+    narrated = make_clip(tmp_path / "narrated.mkv", frames=10, audio_seconds=2.0)
+    assert probe(narrated).cut_short is None
 
 
 def test_damage_in_the_middle_costs_the_damaged_frames_not_the_rest(tmp_path):

@@ -37,7 +37,7 @@ from .prompts import NEGATIVE, POSITIVE, ObjectPrompt, check_prompts, prompts_fr
 from .render import MaskZipReader, encode_mask, mask_name, overlay, overlay_colours
 from .sam import IMAGE_SIZE, LOW_RES_SIZE, ImageEmbedding, SamBackend, resized_shape
 from .session import LOSSLESS_WARNING, PreviousRun, Tracker, TrackResult, fps_text
-from .video import MASKS_ENDING, TRACKED_ENDING, Frame, VideoInfo, probe, read_frame
+from .video import MASKS_ENDING, TRACKED_ENDING, Frame, VideoInfo, probe, read_frame, truncation_note
 
 # What cameras, phones and editors write; all decode through FFmpeg (the result is always an H.264 MP4).
 VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi", ".3gp", ".mts", ".m2ts", ".ts", ".mpg", ".mpeg",
@@ -242,14 +242,6 @@ def format_seconds(seconds: float) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
-def truncation_note(info: VideoInfo) -> str | None:
-    """What to tell the user about a truncated video (None for a whole one)."""
-    if info.truncated_to is None:
-        return None
-    return (f"the file is truncated: only its first {info.truncated_to} of {info.frame_count} frames are present; "
-            "the frames after them cannot be shown or tracked")
 
 
 def upload_message(info: VideoInfo, trimmed: bool = False) -> str:

@@ -35,7 +35,7 @@ from .render import MaskZipReader, MaskZipWriter, encoder_picture, encoder_pictu
 from .sam import ImageEmbedding, SamBackend, load_sam, ready_backends, resolve_device, segment
 from .transfer import Download
 from .video import (H264_CONTAINERS, MASKS_ENDING, TRACKED_ENDING, VideoInfo, VideoWriter, check_writable_folder,
-                    make_clip, output_file, probe, read_frame)
+                    make_clip, output_file, probe, read_frame, truncation_note)
 
 log = logging.getLogger(__name__)
 
@@ -396,6 +396,8 @@ class Tracker:
         if 0 < options.size < min(SMALL_WORKING_SIZE, info.width, info.height):
             result.warnings.append(f"the working resolution {options.size} px (shorter side) is very small: the "
                                    f"masks are coarse; {TrackOptions().size} suits most videos")
+        if info.cut_short is not None:  # a truncated file with its index says so in the summary (lost frames)
+            result.warnings.append(truncation_note(info))
         if self.untrained:
             result.warnings.append(weights.UNTRAINED_WARNING)
         return result

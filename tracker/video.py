@@ -68,7 +68,10 @@ class VideoInfo:
     the first frame's timestamp to the last one's plus the typical frame
     interval; `fps` is frame_count / duration, exact for a constant rate.
     `truncated_to` is set for a truncated file: the frames whose data it
-    still holds (the first ones; the index lists `frame_count`).
+    still holds (the first ones; the index lists `frame_count`). Where the
+    index went with the cut (Matroska, WebM and AVI keep it at the end),
+    `cut_short` is the length in seconds the header still declares, when
+    every stream ends well before it: the frames present are all there is.
     """
 
     path: Path
@@ -83,6 +86,7 @@ class VideoInfo:
     pix_fmt: str
     has_audio: bool
     truncated_to: int | None = None
+    cut_short: float | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -139,9 +143,18 @@ def probe(path: str | Path) -> VideoInfo:
         codec, pix_fmt = stream.codec.canonical_name, first.format.name
         has_audio = bool(_audio_streams(container))
         time_base = stream.time_base or Fraction(1, av.time_base)
+        declared_seconds = container.duration / av.time_base if container.duration else 0.0
     with _open(path) as container:
         timeline = _scan(container, _video_stream(container, path))
     frame_count = max(timeline.counted, timeline.declared)
+    cut_short = None
+    if timeline.counted >= timeline.declared and declared_seconds - float(timeline.length) > CUT_SHORT_SECONDS:
+        with _open(path) as container:  # the picture ends early: does the sound too?
+            reach = _streams_end(container)
+        if declared_seconds - reach > CUT_SHORT_SECONDS:
+            cut_short = declared_seconds
+            log.warning("%s: its header says %.2f s, its streams end at %.2f s; the file is cut short",
+                        path.name, declared_seconds, reach)
     if timeline.counted < timeline.declared:
         log.warning("%s: only %d of the %d frames its index lists are present; the file is truncated",
                     path.name, timeline.complete, timeline.declared)
@@ -149,7 +162,33 @@ def probe(path: str | Path) -> VideoInfo:
     return VideoInfo(path=path, width=width, height=height, frame_count=frame_count, fps=fps,
                      duration=float(timeline.length), time_base=Fraction(time_base), rotation=rotation, codec=codec,
                      pix_fmt=pix_fmt, has_audio=has_audio,
-                     truncated_to=timeline.complete if timeline.counted < timeline.declared else None)
+                     truncated_to=timeline.complete if timeline.counted < timeline.declared else None,
+                     cut_short=cut_short)
+
+
+def truncation_note(info: VideoInfo) -> str | None:
+    """What to tell the user about a truncated video (None for a whole one)."""
+    if info.cut_short is not None:
+        return (f"the file seems cut short (an unfinished download or copy?): its header says it lasts "
+                f"{info.cut_short:.1f} s, but its frames end at {info.duration:.1f} s; the {info.frame_count} "
+                "frames present are all that can be shown or tracked")
+    if info.truncated_to is None:
+        return None
+    return (f"the file is truncated: only its first {info.truncated_to} of {info.frame_count} frames are present; "
+            "the frames after them cannot be shown or tracked")
+
+
+def _streams_end(container: av.container.InputContainer) -> float:
+    """Where the last packet of any stream ends, in seconds from the file's start (one demux pass)."""
+    start = container.start_time / av.time_base if container.start_time else 0.0
+    end = 0.0
+    try:
+        for packet in container.demux():
+            if packet.pts is not None and packet.time_base:
+                end = max(end, float((packet.pts + (packet.duration or 0)) * packet.time_base))
+    except (av.FFmpegError, EOFError):
+        pass
+    return end - start
 
 
 def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yuv: bool = False,
@@ -445,6 +484,9 @@ H264_CONTAINERS = {
     ".mov": _Target("mov", frozenset({"aac", "mp3", "alac", "ac3", "eac3"}) | _PCM, "aac"),
     ".mkv": _Target("matroska", _TARGETS["libx264"].audio_copy | {"opus", "flac", "vorbis"} | _PCM, "aac"),
 }
+
+# A header declaring this much more than every stream holds: the file was cut short (a few frames' slack).
+CUT_SHORT_SECONDS = 0.25
 
 # BT.709, limited range: what players assume for untagged HD; tagged so nobody has to guess.
 BT709 = 1
