@@ -523,7 +523,13 @@ def test_switching_to_points_drops_every_box_left_half_drawn(session):
     click(session, 0, 20, 20, "box")
     session.add_object()
     click(session, 3, 10, 10, "box")
+    session.render(0)  # the page shows frame 0, where object 2 has no clicks
     assert session.drop_corners() == "the box's first corner is dropped (object 1 on frame 0, object 2 on frame 3)"
+    click(session, 0, 120, 40)
+    click(session, 0, 20, 20, "box")
+    assert session.drop_corners() == ("the box's first corner is dropped (object 2 on frame 0); object 2 on frame 0: "
+                                      "1 point")
+    session.remove_object(2)
     assert session.edits[(0, 1)].clicks.points == ((45.0, 60.0),) and session.edits[(0, 1)].clicks.corner is None
     assert (3, 2) not in session.edits
     assert session.drop_corners() is None

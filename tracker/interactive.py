@@ -560,7 +560,9 @@ class EditSession:
             if not pending:
                 return None
             where = ", ".join(f"object {object_id} on frame {frame}" for frame, object_id in pending)
-            return f"the box's first corner is dropped ({where})"
+            shown = self.edits.get((self.shown_frame, self.current))
+            left = f"; {self._describe(self.shown_frame, self.current, shown)}" if shown is not None else ""
+            return f"the box's first corner is dropped ({where}){left}"
 
     def click_wait(self, frame: int) -> str:
         """What to show while a click on `frame` waits for its mask (said before the click runs, without the
