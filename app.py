@@ -65,24 +65,28 @@ h1 { margin-bottom: 0 !important; }
           vertical-align: -0.1em; border: 1px solid #0004; }
 .legend .current { font-weight: 700; text-decoration: underline; }
 #result-files .label-clear-button { display: none; }
-#video-input .no-preview { padding: 6px 10px; font-size: 0.9em; color: var(--body-text-color-subdued); }
+#video-input .no-preview { position: absolute; inset: 35% 8% auto 8%; text-align: center; font-size: 0.95em;
+                           color: var(--body-text-color-subdued); pointer-events: none; }
 """
 
 # Browsers play MP4/WebM, not AVI, WMV, FLV or MPEG-PS: the app reads those anyway, so the player's failure is a
-# note under it, not Gradio's red "Video not playable" error (its handler on the element never sees the event).
+# note under it, not Gradio's red "Video not playable" error (its handler on the element never sees the event);
+# other failures (the network, say) still reach it.
 NO_PREVIEW_JS = """
 () => {
-  const note = "This browser cannot play this file's preview; the app reads it all the same (frames below).";
+  const note = "This browser cannot preview this file; the app reads it all the same: click the object in the frame.";
   document.addEventListener("error", (event) => {
     const player = event.target;
     const box = player instanceof HTMLVideoElement ? player.closest("#video-input") : null;
-    if (!box) return;
+    if (!box || player.error?.code !== MediaError.MEDIA_ERR_SRC_NOT_SUPPORTED) return;
     event.stopPropagation();
     if (!box.querySelector(".no-preview")) {
       const line = document.createElement("div");
       line.className = "no-preview";
       line.textContent = note;
-      player.parentElement.after(line);
+      const frame = player.parentElement;  // the note lies over the empty player, and goes with it on Clear
+      if (getComputedStyle(frame).position === "static") frame.style.position = "relative";
+      frame.append(line);
     }
   }, true);
   document.addEventListener("loadstart", (event) => {

@@ -61,7 +61,8 @@ def make_clip(path: str | Path, *, frames: int = 30, width: int = 160, height: i
               audio: bool = True, audio_codec: str | tuple[str, ...] = "aac", rotation: int = 0,
               codec: str = "libx264",
               pix_fmt: str = "yuv420p", vfr: bool = False, moving_object: bool = True, gop: int = 12,
-              bframes: int = 2, faststart: bool = False, audio_seconds: float | None = None) -> Path:
+              bframes: int = 2, faststart: bool = False, audio_seconds: float | None = None,
+              audio_rate: int | None = None) -> Path:
     """Write a clip whose display size is width x height and return its path.
 
     `rotation` (0/90/180/270, clockwise, as a phone records portrait video) stores
@@ -90,7 +91,7 @@ def make_clip(path: str | Path, *, frames: int = 30, width: int = 160, height: i
         if rotation:
             video.set_display_rotation(-rotation)  # PyAV takes counter-clockwise degrees
         codecs = (audio_codec,) if isinstance(audio_codec, str) else audio_codec
-        sounds = [_add_sine_stream(container, name) for name in codecs] if audio else []
+        sounds = [_add_sine_stream(container, name, audio_rate) for name in codecs] if audio else []
         if len(sounds) > 1:
             for sound, language in zip(sounds, TRACK_LANGUAGES):
                 sound.metadata["language"] = language
@@ -110,8 +111,9 @@ def make_clip(path: str | Path, *, frames: int = 30, width: int = 160, height: i
     return path
 
 
-def _add_sine_stream(container: av.container.OutputContainer, codec: str = "aac") -> av.AudioStream:
-    stream = container.add_stream(codec, rate=48000 if codec == "libopus" else AUDIO_RATE)  # Opus has no 44.1 kHz
+def _add_sine_stream(container: av.container.OutputContainer, codec: str = "aac",
+                     rate: int | None = None) -> av.AudioStream:
+    stream = container.add_stream(codec, rate=rate or (48000 if codec == "libopus" else AUDIO_RATE))  # no Opus 44.1k
     stream.layout = "mono"
     return stream
 

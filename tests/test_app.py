@@ -282,6 +282,7 @@ def test_page_shows_every_control_and_refuses_what_it_cannot_take(app, browser, 
     page.wait_for_timeout(500)
     assert page.locator(".toast-body").filter(has_text="not playable").count() == 0
     tab.clear_video()
+    assert page.locator("#video-input .no-preview").count() == 0
     tab.upload(clips / "clip.mp4")
     page.locator("#video-input video").wait_for()
     assert page.locator("#video-input .no-preview").count() == 0

@@ -136,9 +136,10 @@ def test_clicks_accumulate_points_and_make_boxes_from_two_corners():
         Clicks().with_corner((10, 10)).with_corner((10, 30))
 
 
-def record(prompts: dict, objects=None) -> RunRecord:
+def record(prompts: dict, objects=None, first_prompt: int | None = None) -> RunRecord:
     return RunRecord(Path("v.mp4"), Path("m.zip"), "", [], prompts,
-                     frozenset(objects if objects is not None else {o for _, o in prompts}))
+                     frozenset(objects if objects is not None else {o for _, o in prompts}),
+                     first_prompt=min(frame for frame, _ in prompts) if first_prompt is None else first_prompt)
 
 
 def test_plan_passes():
@@ -163,6 +164,9 @@ def test_plan_passes():
                        full=False) == [4, 6]
     assert plan_passes({(2, 1): a, (1, 2): b}, [], everything, record({(2, 1): a}), full=False) == [None]
     assert plan_passes({(2, 1): a, (2, 2): b}, [], everything, record({(2, 1): a}), full=False) == [2]
+    # A correction is not where the last run began: its first prompt is.
+    assert plan_passes({(10, 1): a, (3, 1): b, (5, 2): c}, [3], everything,
+                       record({(10, 1): a, (3, 1): b}, first_prompt=10), full=False) == [None, 3]
     assert plan_passes({(0, 1): a}, [], frozenset({1}), last, full=False) == [None]
     assert plan_passes({(0, 1): a, (3, 2): b}, [], everything, last, full=False) == [None]
 
@@ -512,9 +516,11 @@ def test_a_click_made_on_a_video_since_replaced_is_dropped(session, clip, monkey
 
 
 def test_a_point_drops_a_box_left_half_drawn(session):
+    click(session, 0, 45, 60)
     click(session, 0, 20, 20, "box")
-    assert click(session, 0, 45, 60) == "object 1 on frame 0: 1 point"
+    assert click(session, 0, 60, 60) == "object 1 on frame 0: 2 points"
     assert session.edits[(0, 1)].clicks.corner is None
+    assert session.undo(0) == "object 1 on frame 0: 1 point"  # the dropped corner does not come back
 
 
 def test_switching_to_points_drops_every_box_left_half_drawn(session):
@@ -733,7 +739,10 @@ def test_taking_a_correction_back_brings_the_run_before_it_back_at_once(session,
     again = session.track(replace(OPTIONS, alpha=0.9))
     assert again.redrawn and again.describe().endswith("its masks are back (drawn again with the new look)")
     assert zip_members(again.masks) == corrected
-    assert not first.masks.exists() and not second.masks.exists(), "two runs at most are kept"
+    assert first.masks.exists() and not second.masks.exists(), "the run it replaced is kept, no other"
+    session.undo(4)
+    assert session.track(replace(OPTIONS, alpha=0.9)).describe().endswith("(drawn again with the new look)")
+    assert zip_members(session.result.masks) == before
 
 
 def test_track_reuses_the_clicked_frames_embeddings(session):

@@ -150,13 +150,16 @@ def test_round_trip_keeps_count_rate_duration_size_and_audio(clip, tmp_path):
         assert copied == original  # remuxed, not re-encoded
 
 
-@pytest.mark.parametrize("codec", ["pcm_s16le", "flac", "libopus"])
-def test_audio_mp4_players_and_editors_refuse_is_converted_to_aac(media_dir, tmp_path, codec):
-    source = make_clip(media_dir / f"{codec}.mkv", frames=10, audio_codec=codec)
+@pytest.mark.parametrize("codec, rate, aac_rate", [("pcm_s16le", 44100, 44100), ("flac", 44100, 44100),
+                                                    ("flac", 192000, 48000), ("libopus", 48000, 48000)])
+def test_audio_mp4_players_and_editors_refuse_is_converted_to_aac(media_dir, tmp_path, codec, rate, aac_rate):
+    """Studio FLAC at 192 kHz too: AAC has no such rate, so it is resampled."""
+    source = make_clip(media_dir / f"{codec}_{rate}.mkv", frames=10, audio_codec=codec, audio_rate=rate)
     output = encode_copy(source, tmp_path / f"{codec}_out.mp4")
     with av.open(str(output)) as result:
         audio = result.streams.audio[0]
-        assert audio.codec.canonical_name == "aac" and audio.bit_rate == pytest.approx(96_000, rel=0.1)  # mono
+        assert audio.codec.canonical_name == "aac" and audio.rate == aac_rate
+        assert audio.bit_rate == pytest.approx(96_000, rel=0.1)  # mono
         assert float(audio.duration * audio.time_base) == pytest.approx(10 / FPS, abs=0.05)
 
 

@@ -168,6 +168,7 @@ class RunRecord:
     # The run a partial one was built on, its files kept: taking the change back (Undo) brings it back at once.
     base: RunRecord | None = None
     restored: bool = False  # this is such a base, brought back
+    first_prompt: int = 0  # the earliest frame with a prompt (corrections aside): where the run began
 
     def describe(self) -> str:
         """What the run did, in the user's words."""
@@ -208,7 +209,7 @@ def plan_passes(prompts: Mapping[Key, tuple], refine_frames: Sequence[int], obje
     if not changed:
         return whole
     start = min(frame for frame, _ in changed)
-    if objects != last.objects and start < min(frame for frame, _ in last.prompts):
+    if objects != last.objects and start < last.first_prompt:
         return whole  # the whole video starts at the new object's prompt: earlier than the last run's first frame
     return [start, *sorted({frame for frame in refine_frames if frame > start})]
 
@@ -377,6 +378,7 @@ class EditSession:
                 raise
             self.info, self.uploaded_from = info, upload
             self.objects, self.current = [1], 1
+            self.video_loads += 1  # a click made while this video was being read was on the one before
             return info
 
     def set_sam_backend(self, name: str) -> str:
@@ -518,8 +520,10 @@ class EditSession:
                 if embedding is not None:
                     self._remember_embedding(frame, embedding)
                 edit.mask = mask
-                if not (mode == "box" and before.corner is not None):
-                    edit.history.append(before)  # a box's second corner joins its first: Undo takes the whole box
+                # A click after a pending corner takes the corner's place in the history: Undo takes back the
+                # whole box, or the point and the corner it dropped (which would pair with the next box click).
+                if before.corner is None:
+                    edit.history.append(before)
                 edit.clicks = clicks
                 self.edits[key] = edit
                 return self._describe(frame, key[1], edit)
@@ -736,9 +740,9 @@ class EditSession:
             self._runs += 1
             run_dir = self.directory / "runs" / str(self._runs)
         if same_prompts and options.tracks_like(previous.options):
-            return self._redraw(previous, options, run_dir, progress)
+            return self._redraw(previous, options, run_dir, progress, previous.base)
         if back_to_base and options.tracks_like(base.options):
-            return self._redraw(base, options, run_dir, progress, restored=True)
+            return self._redraw(base, options, run_dir, progress, replace(previous, base=None), restored=True)
         if not plain:
             raise PromptError("click an object first: every object needs a click or a box on some frame")
         prompts = [clicks.prompt(object_id, frame) for (frame, object_id), clicks in sorted(plain.items())]
@@ -778,7 +782,8 @@ class EditSession:
         record = RunRecord(overlay=results[-1].output, masks=final_masks, summary=run_summary(results),
                            warnings=list(results[-1].warnings), prompts=snapshot, objects=objects, passes=passes,
                            backward=passes[0] is not None and results[0].kept_frames == 0, options=options,
-                           sam_backend=sam.name, base=replace(previous, base=None) if passes[0] is not None else None)
+                           sam_backend=sam.name, base=replace(previous, base=None) if passes[0] is not None else None,
+                           first_prompt=min(prompt_frames))
         with self.lock:  # objects added or removed during the run count
             record.warnings[:0] = [f"object {object_id} has no click or box on any frame: it was not tracked"
                                    for object_id in self.objects if object_id not in objects]
@@ -788,10 +793,10 @@ class EditSession:
                     self.edits[key].mask = mask
         return record
 
-    def _redraw(self, previous: RunRecord, options: TrackOptions, run_dir: Path,
-                progress: ProgressReport | None, restored: bool = False) -> RunRecord:
+    def _redraw(self, previous: RunRecord, options: TrackOptions, run_dir: Path, progress: ProgressReport | None,
+                base: RunRecord | None, restored: bool = False) -> RunRecord:
         """Only the look changed since the last run, or since the run a change taken back was built on
-        (`restored`): draw its masks again."""
+        (`restored`): draw its masks again; `base` is the run kept beside the new one (see RunRecord.base)."""
         run_dir.mkdir(parents=True)
         began = time.perf_counter()
         try:
@@ -808,7 +813,7 @@ class EditSession:
         seconds = time.perf_counter() - began
         warnings = [w for w in previous.warnings if w != LOSSLESS_WARNING] + [LOSSLESS_WARNING] * (options.crf == 0)
         record = replace(previous, overlay=drawn, masks=masks, options=options, redrawn=True, restored=restored,
-                         warnings=warnings,
+                         base=base, warnings=warnings,
                          summary=f"{self.info.present_frames} frames drawn again in {seconds:.1f} s, none tracked")
         with self.lock:
             self._set_result(record)

@@ -702,6 +702,8 @@ class VideoWriter(AtomicWriter):
 
 
 # Encoders reject layouts without a channel order (as Matroska stores PCM); more than 8 channels are mixed to 2.
+# The sampling rates AAC defines (192 kHz studio FLAC is not among them; Opus takes only 48 kHz here).
+AAC_RATES = frozenset({96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350})
 AUDIO_BITS_PER_CHANNEL = 96_000  # per second: transparent for AAC and Opus
 _STANDARD_LAYOUTS = {1: "mono", 2: "stereo", 3: "3.0", 4: "quad", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
 
@@ -738,7 +740,7 @@ class _AudioTrack:
         if self._copy:
             self._stream = output.add_stream_from_template(self._source, opaque=True)
         else:
-            rate = 48000 if target.audio_encoder == "libopus" else self._source.rate
+            rate = self._source.rate if target.audio_encoder == "aac" and self._source.rate in AAC_RATES else 48000
             layout = _STANDARD_LAYOUTS.get(self._source.layout.nb_channels, "stereo")
             self._stream = output.add_stream(target.audio_encoder, rate=rate, layout=layout)
             # FFmpeg's default (128 kb/s whatever the channels) is thin for lossless sources and surround.
