@@ -535,6 +535,10 @@ def test_switching_to_points_drops_every_box_left_half_drawn(session):
     click(session, 0, 20, 20, "box")
     assert session.drop_corners() == ("the box's first corner is dropped (object 2 on frame 0); object 2 on frame 0: "
                                       "1 point")
+    session.undo(0)
+    click(session, 0, 20, 20, "box")
+    assert session.drop_corners() == ("the box's first corner is dropped (object 2 on frame 0); object 2 has no clicks "
+                                      "on frame 0")
     session.remove_object(2)
     assert session.edits[(0, 1)].clicks.points == ((45.0, 60.0),) and session.edits[(0, 1)].clicks.corner is None
     assert (3, 2) not in session.edits
@@ -729,7 +733,7 @@ def test_taking_a_correction_back_brings_the_run_before_it_back_at_once(session,
 
     monkeypatch.setattr(session.tracker, "track", no_tracking)
     back = session.track(OPTIONS)
-    assert back.describe() == ("the prompts are those of the run before the last one again, and its masks are "
+    assert back.describe() == ("the prompts are again those of the run before the last change, so its masks are "
                                "back (nothing was tracked)")
     assert back.summary == f"{FRAMES} frames, none tracked"
     assert session.result_files() == [str(first.overlay), str(first.masks)] and zip_members(back.masks) == before
@@ -743,6 +747,15 @@ def test_taking_a_correction_back_brings_the_run_before_it_back_at_once(session,
     session.undo(4)
     assert session.track(replace(OPTIONS, alpha=0.9)).describe().endswith("(drawn again with the new look)")
     assert zip_members(session.result.masks) == before
+    # A correction taken back and another made before Track: built on the run before the first one.
+    click(session, 4, 100, 30)
+    session.track(replace(OPTIONS, alpha=0.9))
+    session.undo(4)
+    click(session, 6, 100, 30)
+    monkeypatch.undo()
+    other = session.track(replace(OPTIONS, alpha=0.9))
+    assert other.describe() == "re-tracked from frame 6; frames before it kept their masks"
+    assert all(zip_members(other.masks)[f"{i:05d}.png"] == before[f"{i:05d}.png"] for i in range(6))
 
 
 def test_track_reuses_the_clicked_frames_embeddings(session):

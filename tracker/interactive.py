@@ -174,7 +174,7 @@ class RunRecord:
         """What the run did, in the user's words."""
         if self.restored:
             done = "drawn again with the new look" if self.redrawn else "nothing was tracked"
-            return f"the prompts are those of the run before the last one again, and its masks are back ({done})"
+            return f"the prompts are again those of the run before the last change, so its masks are back ({done})"
         if self.redrawn:
             return "drew the tracked video again with the new look; the masks are those of the last run"
         first, *later = self.passes
@@ -564,8 +564,9 @@ class EditSession:
             if not pending:
                 return None
             where = ", ".join(f"object {object_id} on frame {frame}" for frame, object_id in pending)
-            shown = self.edits.get((self.shown_frame, self.current))
-            left = f"; {self._describe(self.shown_frame, self.current, shown)}" if shown is not None else ""
+            here = (self.shown_frame, self.current)
+            left = f"; {self._describe(*here, self.edits[here])}" if here in self.edits else \
+                f"; object {self.current} has no clicks on frame {self.shown_frame}" if here in pending else ""
             return f"the box's first corner is dropped ({where}){left}"
 
     def click_wait(self, frame: int) -> str:
@@ -721,7 +722,6 @@ class EditSession:
             objects = frozenset(object_id for _, object_id in snapshot)
             self._job_objects = objects
             sam = self.sam
-            passes = plan_passes(snapshot, [frame for frame, _ in refine], objects, self.result, full, sam.name)
             prompt_frames, correction_frames = [frame for frame, _ in plain], [frame for frame, _ in refine]
             previous = self.result
             same_prompts = previous is not None and not full and (snapshot, objects, sam.name) == \
@@ -736,6 +736,12 @@ class EditSession:
                                  summary=f"{self.info.present_frames} frames, none tracked")
                 self._set_result(record)
                 return record
+            passes = plan_passes(snapshot, correction_frames, objects, previous, full, sam.name)
+            built_on = previous
+            if passes[0] is None and base is not None:  # a correction taken back and another made, say
+                on_base = plan_passes(snapshot, correction_frames, objects, base, full, sam.name)
+                if on_base[0] is not None:
+                    passes, built_on = on_base, base
             embeddings = dict(self._embeddings)  # the clicked frames' embeddings: SAM need not run on them again
             self._runs += 1
             run_dir = self.directory / "runs" / str(self._runs)
@@ -744,14 +750,14 @@ class EditSession:
         if back_to_base and options.tracks_like(base.options):
             return self._redraw(base, options, run_dir, progress, replace(previous, base=None), restored=True)
         if not plain:
-            raise PromptError("click an object first: every object needs a click or a box on some frame")
+            raise PromptError("click an object first: no object has a click or a box on any frame")
         prompts = [clicks.prompt(object_id, frame) for (frame, object_id), clicks in sorted(plain.items())]
         clock = ProgressClock(len(passes), progress or (lambda fraction, text: None))
         clock.report(0.0, WAITING_FOR_DEVICE if self.tracker.lock.locked() else STARTING)
         run_dir.mkdir(parents=True)
         results: list[TrackResult] = []
         try:
-            masks = previous.masks if previous is not None else None
+            masks = built_on.masks if built_on is not None else None
             corrected: dict[Key, np.ndarray] = {}
             for index, start in enumerate(passes):
                 if self.cancel.is_set():
@@ -782,7 +788,7 @@ class EditSession:
         record = RunRecord(overlay=results[-1].output, masks=final_masks, summary=run_summary(results),
                            warnings=list(results[-1].warnings), prompts=snapshot, objects=objects, passes=passes,
                            backward=passes[0] is not None and results[0].kept_frames == 0, options=options,
-                           sam_backend=sam.name, base=replace(previous, base=None) if passes[0] is not None else None,
+                           sam_backend=sam.name, base=replace(built_on, base=None) if passes[0] is not None else None,
                            first_prompt=min(prompt_frames))
         with self.lock:  # objects added or removed during the run count
             record.warnings[:0] = [f"object {object_id} has no click or box on any frame: it was not tracked"
