@@ -69,7 +69,7 @@ class VideoInfo:
     interval; `fps` is frame_count / duration, exact for a constant rate.
     `truncated_to` is set for a truncated file: the frames whose data it
     still holds (the first ones; the index lists `frame_count`). Where the
-    index went with the cut (Matroska, WebM and AVI keep it at the end),
+    index went with the cut (Matroska and WebM keep it at the end),
     `cut_short` is the length in seconds the header still declares, when
     every stream ends well before it: the frames present are all there is.
     """
@@ -701,10 +701,10 @@ class VideoWriter(AtomicWriter):
         release_temporary(self._temp)
 
 
-# Encoders reject layouts without a channel order (as Matroska stores PCM); more than 8 channels are mixed to 2.
 # The sampling rates AAC defines (192 kHz studio FLAC is not among them; Opus takes only 48 kHz here).
 AAC_RATES = frozenset({96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350})
 AUDIO_BITS_PER_CHANNEL = 96_000  # per second: transparent for AAC and Opus
+# Encoders reject layouts without a channel order (as Matroska stores PCM); more than 8 channels are mixed to 2.
 _STANDARD_LAYOUTS = {1: "mono", 2: "stereo", 3: "3.0", 4: "quad", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
 
 
