@@ -65,6 +65,7 @@ h1 { margin-bottom: 0 !important; }
           vertical-align: -0.1em; border: 1px solid #0004; }
 .legend .current { font-weight: 700; text-decoration: underline; }
 #result-files .label-clear-button { display: none; }
+#result-video video { max-height: min(75vh, 720px); }  /* a portrait video fits the window */
 #video-input .no-preview { position: absolute; inset: 35% 8% auto 8%; text-align: center; font-size: 0.95em;
                            color: var(--body-text-color-subdued); pointer-events: none; }
 """
@@ -115,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def toast(message: str) -> None:
+    """A warning toast; the page shows its text as HTML, and messages quote file names."""
+    gr.Warning(html.escape(message))
+
+
 def show_errors(outputs: int) -> Callable:
     """Turn a handler's errors into a readable status line (its first output) and a toast; never a traceback.
 
@@ -130,7 +136,7 @@ def show_errors(outputs: int) -> Callable:
             except Exception as exc:  # a bug: keep the page alive and the details in the server log
                 log.exception("handler %s failed", handler.__name__)
                 message = f"internal error ({type(exc).__name__}); the server log has the details"
-            gr.Warning(message)
+            toast(message)
             status = f"Error: {message}"
             return status if outputs == 1 else (status, *[gr.skip()] * (outputs - 1))
         return guarded
@@ -293,7 +299,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             try:
                 info = session.open_trimmed_video(path, limits) if trimmed else session.open_video(path, limits)
             except TrackerError as exc:
-                gr.Warning(str(exc))
+                toast(str(exc))
                 if session.info is not None:  # refused before the old video was let go: the widget shows it again
                     return f"Error: {exc}", *(gr.skip(),) * 9, str(session.uploaded_from)
                 return f"Error: {exc}", *no_video[1:-1], None  # the refused file leaves the widget too
@@ -302,7 +308,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             image, caption = shown(session, 0, alpha_value, outline_value)
             note = truncation_note(info)
             if note is not None:
-                gr.Warning(note)
+                toast(note)
             return (upload_message(info, trimmed), image,
                     # A slider needs two ends: a one-frame video gets 0..1, held at 0.
                     gr.update(value=0, maximum=max(info.present_frames - 1, 1), interactive=info.present_frames > 1),
@@ -353,24 +359,39 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
         frame_slider.input(on_frame_typed, [frame_slider, *style], [status, frame_image, frame_info, frame_slider],
                            show_progress="hidden", trigger_mode="always_last", concurrency_limit=4,
                            preprocess=False)
+
+        @show_errors(outputs=3)
+        def on_look(frame, alpha_value, outline_value, request: gr.Request):
+            """The frame drawn with the new look, and whether the tracked video has it."""
+            session = session_of(request)
+            if session.info is None:
+                return gr.skip(), gr.skip(), gr.skip()
+            view = held_view(session, frame, alpha_value, outline_value)
+            image, caption = shown(session, *view)
+            note = session.look_note(Style(alpha=view[1], outline=view[2]))
+            return gr.skip() if note is None else note, image, caption
+
         for trigger in (alpha.input, outline.input):
-            trigger(on_frame, [frame_slider, *style], [status, frame_image, frame_info], show_progress="hidden",
+            trigger(on_look, [frame_slider, *style], [status, frame_image, frame_info], show_progress="hidden",
                     trigger_mode="always_last", concurrency_limit=4, preprocess=False)
 
-        def hold_to_range(slider: gr.Slider, whole: bool) -> None:
+        def hold_to_range(slider: gr.Slider, whole: bool, emptied: float | None = None) -> None:
             """A number typed beyond the slider's ends goes back into the box as the end it is held to (the page
-            moves the handle, not the number); values within them are left alone, a drag included."""
+            moves the handle, not the number); values within them are left alone, a drag included. An emptied
+            box is left to be typed anew (the page makes it the low end once it loses focus), or refilled with
+            `emptied` where the low end is no safe default."""
             def hold(typed):
                 value = held(typed, slider.minimum, slider.maximum, slider.minimum, whole)
                 try:
                     return gr.skip() if float(typed) == value else value
-                except (TypeError, ValueError, OverflowError):  # emptied, perhaps to type anew
-                    return gr.skip()
+                except (TypeError, ValueError, OverflowError):
+                    return gr.skip() if emptied is None else emptied
 
             slider.input(hold, slider, slider, preprocess=False, queue=False, show_progress="hidden")
 
-        for slider, whole in ((size, True), (mem_every, True), (crf, True), (alpha, False), (outline, True)):
+        for slider, whole in ((size, True), (mem_every, True), (alpha, False), (outline, True)):
             hold_to_range(slider, whole)
+        hold_to_range(crf, True, emptied=defaults.crf)  # CRF 0 is lossless: browsers cannot play it
 
         @show_errors(outputs=2)
         def on_click(frame, mode: str, clicked: tuple[tuple[float, float], int], alpha_value, outline_value,
@@ -488,7 +509,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                      min_area_value: float, alpha_value: float, outline_value: float, preset_value: str,
                      crf_value: float, backend: str | None, request: gr.Request, progress=gr.Progress()):
             if refused:
-                gr.Warning(refused)
+                toast(refused)
                 return (gr.skip(),) * 5
             session = session_of(request)
             try:
@@ -509,7 +530,9 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                                        progress=lambda fraction, text: progress(fraction, desc=text))
             except Cancelled:
                 log.info("tracking job cancelled; nothing of it was kept")
-                return ("Cancelled: nothing of that run was kept; the app is ready.",
+                waiting = " A click is still being segmented: its mask shows when SAM is done." \
+                    if session.clicks_waiting() else ""
+                return (f"Cancelled: nothing of that run was kept; the app is ready.{waiting}",
                         gr.skip(), gr.skip(), gr.skip(), gr.skip())
             finally:
                 session.end_job()
@@ -568,7 +591,8 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                 raise gr.Error("send a video file", print_exception=False)
             try:
                 record = session_of(request).track_prompts(
-                    video, prompts or "", limits, TrackOptions(size=int(size_value), precision=precision),
+                    video, prompts or "", limits,
+                    TrackOptions(size=defaults.size if size_value is None else size_value, precision=precision),
                     progress=lambda fraction, text: progress(fraction, desc=text))
             except Cancelled:
                 raise gr.Error("the job was cancelled (the session ended)", print_exception=False) from None

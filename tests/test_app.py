@@ -359,6 +359,12 @@ def test_click_track_correct_and_download(app, browser, clips, tmp_path):
     tab.page.locator("#track-button").click()  # nothing changed since: nothing runs, the result stays
     assert tab.wait_status("^Nothing changed", 60).startswith("Nothing changed since the last run")
     assert tab.download_names() == ["clip_tracked.mp4", "clip_masks.zip"]
+    opacity = tab.page.locator("#overlay-opacity input[type=number]")  # the frame takes a new look at once
+    for typed, said in (("0.8", "^The frame shows the new look; the tracked video below keeps the old one until "
+                                "Track draws it again"), ("0.5", "^The look is again that of the tracked video")):
+        opacity.fill(typed)
+        opacity.press("Enter")
+        tab.wait_status(said)
 
     # A green-screen cut-out of object 1.
     tab.page.locator("#cutout-objects").get_by_label("Object 2", exact=True).uncheck()
@@ -440,7 +446,8 @@ def test_numbers_typed_out_of_range_are_held_to_their_sliders_and_clicks_go_to_t
     page.locator("#overlay-opacity input[type=number]").wait_for()
     page.wait_for_timeout(1500)  # the opened accordion's fields take their values from the app a moment later
     for elem_id, typed, shown_after in (("overlay-opacity", "3", "1"), ("outline-width", "-4", "0"),
-                                        ("video-crf", "99", "51"), ("processing-size", "5000", "1080"),
+                                        ("video-crf", "99", "51"), ("video-crf", "", "18"),
+                                        ("processing-size", "5000", "1080"),
                                         ("overlay-opacity", "", "")):
         field = page.locator(f"#{elem_id} input[type=number]")
         field.fill(typed)

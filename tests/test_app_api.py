@@ -135,13 +135,16 @@ def test_api_errors_are_messages(untrained_checkpoints, clips, tmp_path):
                 ("", "^the prompts text is empty: give JSON such as"),
                 (json.dumps({"objects": [{"id": 1, "points": [[500, 5]]}]}), "outside the 96x64 frame"),
                 (json.dumps({"objects": []}), "no object selected"),
+                ("[" * 100_000 + "]" * 100_000, "^the prompts text is not valid prompts JSON"),
             ):
                 with pytest.raises(AppError, match=message):
                     client.predict(handle_file(str(clips / "client0.mp4")), prompts, 480, api_name="/track")
             notes = tmp_path / "notes.mp4"
             notes.write_text("not a video")
-            with pytest.raises(AppError, match="not a video FFmpeg can read"):
-                client.predict(handle_file(str(notes)), Job(0, 0, "client0.mp4").prompts(), 480, api_name="/track")
+            for size in (480, None):  # a size left out is the default one
+                with pytest.raises(AppError, match="not a video FFmpeg can read"):
+                    client.predict(handle_file(str(notes)), Job(0, 0, "client0.mp4").prompts(), size,
+                                   api_name="/track")
         finally:
             client.close()
     assert "Traceback" not in server.log.read_text()  # a client's mistakes are a line each in the log

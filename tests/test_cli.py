@@ -246,6 +246,8 @@ def test_untrained_weights_command(tmp_path):
     done = run_cli("weights", "untrained", blocker)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert f"error: cannot write checkpoints into {blocker}: it is a file; give a folder" in done.stderr
+    done = run_cli("weights", "untrained", "")  # an unset shell variable: not the current folder
+    assert done.returncode == 2 and "the folder for the untrained checkpoints is empty" in done.stderr, done.stderr
 
 
 def test_bench_smoke_run_prints_every_row():

@@ -23,7 +23,7 @@ import torch
 from media import make_clip, truncated_copy
 from tracker.errors import Cancelled, ClickDropped, PromptError, TrackerError, VideoError
 from tracker.interactive import (WAITING_FOR_DEVICE, Clicks, EditSession, Limits, ProgressClock, RunRecord,
-                                 SessionStore, display_scale, format_seconds, frame_caption, mask_to_logits,
+                                 SessionStore, Style, display_scale, format_seconds, frame_caption, mask_to_logits,
                                  plan_passes, retracks_backward, upload_message)
 from tracker.options import TrackOptions
 from tracker.session import LOSSLESS_WARNING
@@ -191,9 +191,9 @@ def test_limits_name_the_flag_that_refuses():
 
 def test_progress_clock_reports_overall_fraction_and_eta(monkeypatch):
     reports = []
-    clock = ProgressClock(2, lambda fraction, text: reports.append((fraction, text)))
+    clock = ProgressClock(2, lambda fraction, text: reports.append((fraction, text)), frames=10)
     # The first frame comes after a long wait (the device, SAM): the ETA counts from that frame on.
-    times = iter([100.0, 110.0, 111.0])
+    times = iter([100.0, 110.0, 111.0, 112.0, 113.0])
     monkeypatch.setattr("tracker.interactive.time.perf_counter", lambda: next(times))
     clock.update(0, 5, 10)
     clock.update(1, 0, 10)
@@ -201,7 +201,13 @@ def test_progress_clock_reports_overall_fraction_and_eta(monkeypatch):
     assert reports[0][0] == pytest.approx(0.25) and "ETA …" in reports[0][1]
     assert reports[1][0] == pytest.approx(0.5) and reports[1][1].endswith("ETA 0:20")  # a quarter in 10 s
     assert reports[2][0] == pytest.approx(0.75)
-    assert reports[2][1].startswith("Tracking pass 2/2: frame 5/10 · ETA ")
+    assert reports[2][1].startswith("Tracking pass 2/2: frame 4 / 9 · ETA ")
+    # A pass from a prompt on frame 4 tracks frames 3..0 backward, then runs over all 10: 14 steps, never "14/14".
+    clock = ProgressClock(1, lambda fraction, text: reports.append((fraction, text)), frames=10)
+    clock.update(0, 1, 14)
+    clock.update(0, 14, 14)
+    assert reports[3][1].startswith("Tracking backward, frame 3 · ")
+    assert reports[4][1].startswith("Tracking frame 9 / 9")
     assert format_seconds(7.4) == "0:07" and format_seconds(3909) == "1:05:09"
 
 
@@ -336,7 +342,7 @@ def test_track_then_correct_keeps_earlier_frames_and_uses_the_correction(session
     # Another working resolution would change every tracked frame; only those from the correction on do.
     second = session.track(TrackOptions(size=64))
     assert second.describe() == "re-tracked from frame 4; frames before it kept their masks"
-    assert re.match(rf"{FRAMES} frames in [\d.]+ s \([\d.]+ FPS; {FRAMES - 4} tracked again, 4 kept as they were\)",
+    assert re.match(rf"{FRAMES} frames in [\d.]+ s \({FRAMES - 4} tracked again at [\d.]+ FPS, 4 kept as they were\)",
                     second.summary), second.summary
     assert first.masks.exists(), "the run it is built on is kept, for an Undo of the correction"
     after = zip_members(second.masks)
@@ -362,7 +368,11 @@ def test_track_then_correct_keeps_earlier_frames_and_uses_the_correction(session
     assert again.repeated and again.overlay == third.overlay and third.overlay.exists()
     assert session.result is third and session._runs == 3
 
-    # Only the look changed (opacity, outline, encoding): the last masks are drawn again, nothing is tracked.
+    # Only the look changed (opacity, outline, encoding): the page says the video below keeps the old look until
+    # Track, which draws the last masks again and tracks nothing.
+    assert "keeps the old one until Track" in session.look_note(Style(alpha=0.9, outline=OPTIONS.outline))
+    assert session.look_note(Style(OPTIONS.alpha, OPTIONS.outline)) == \
+        "The look is again that of the tracked video below."
     masks_before = zip_members(third.masks)
     looks = session.track(replace(OPTIONS, alpha=0.9, outline=0, crf=0, preset="ultrafast"))
     assert looks.redrawn and looks.describe() == ("drew the tracked video again with the new look; the masks are "
@@ -394,9 +404,12 @@ def test_a_click_waiting_for_sams_encoder_leaves_the_session_usable(session, mon
 
     monkeypatch.setattr(session.sam, "_embed", slow_embed)
     outcome = []
+    assert not session.clicks_waiting()
+    session.click_wait(3)  # the page says the click at once; the queue then runs it
     clicking = threading.Thread(target=lambda: outcome.append(click(session, 3, 45, 60)))
     clicking.start()
     assert started.wait(10)
+    assert session.clicks_waiting()  # a Cancel said now tells that the click's mask is still to come
     began = time.monotonic()
     assert session.request_cancel() is False
     session.render(3)
@@ -405,6 +418,7 @@ def test_a_click_waiting_for_sams_encoder_leaves_the_session_usable(session, mon
     release.set()
     clicking.join(10)
     assert outcome == ["object 1 on frame 3: 1 point"] and (3, 1) in session.edits
+    assert not session.clicks_waiting()
 
     # Clicks on the object's frame that change while SAM works: the late click is refused, not mixed in.
     started.clear()
@@ -437,7 +451,7 @@ def test_cancel_keeps_the_previous_result_and_leaves_nothing(session):
     stop_after = threading.Event()
 
     def cancel_on_third_frame(fraction: float, text: str) -> None:
-        if "frame 3/" in text:
+        if "frame 2 / " in text:
             assert session.request_cancel()
             stop_after.set()
 
@@ -468,7 +482,7 @@ def test_an_object_the_running_job_does_not_track_can_be_removed(session):
             session.remove_object(1)
 
     def midway(fraction: float, text: str) -> None:
-        if "frame 3/" in text and not during:
+        if "frame 2 / " in text and not during:
             editing = threading.Thread(target=edit_objects)
             editing.start()
             editing.join()
@@ -528,9 +542,13 @@ def test_switching_to_points_drops_every_box_left_half_drawn(session):
     click(session, 0, 45, 60)
     click(session, 0, 20, 20, "box")
     session.add_object()
-    click(session, 3, 10, 10, "box")
+    # One box at a time: a first corner for another object or on another frame drops the one left pending.
+    assert click(session, 3, 10, 10, "box") == ("object 2 on frame 3: a box's first corner; click the opposite "
+                                                "corner of the box (the first corner left for object 1 on frame 0 "
+                                                "is dropped)")
+    assert session.edits[(0, 1)].clicks.corner is None and session.edits[(0, 1)].clicks.points == ((45.0, 60.0),)
     session.render(0)  # the page shows frame 0, where object 2 has no clicks
-    assert session.drop_corners() == "the box's first corner is dropped (object 1 on frame 0, object 2 on frame 3)"
+    assert session.drop_corners() == "the box's first corner is dropped (object 2 on frame 3)"
     click(session, 0, 120, 40)
     click(session, 0, 20, 20, "box")
     assert session.drop_corners() == ("the box's first corner is dropped (object 2 on frame 0); object 2 on frame 0: "
@@ -671,7 +689,7 @@ def test_another_sam_backend_makes_the_next_track_run_again(session):
     switched = []
 
     def switch_midway(fraction: float, text: str) -> None:  # a job keeps the backend it began with
-        if "frame 3/" in text and not switched:
+        if "frame 2 / " in text and not switched:
             switched.append(session.set_sam_backend("disc"))
 
     third = session.track(OPTIONS, full=True, progress=switch_midway)
@@ -726,7 +744,8 @@ def test_taking_a_correction_back_brings_the_run_before_it_back_at_once(session,
     second = session.track(OPTIONS)
     corrected = zip_members(second.masks)
     assert first.masks.exists() and first.overlay.exists(), "the run a partial one is built on is kept"
-    session.undo(4)
+    assert session.undo(4) == ("object 1 has no clicks on frame 4; Track brings back the run from before the change "
+                               "at once (nothing to track)")
 
     def no_tracking(*args, **kwargs):
         raise AssertionError("tracked again")
@@ -785,13 +804,21 @@ def test_a_cancel_is_seen_between_the_prompted_frames_embeddings(disc_tracker, c
 def test_an_object_without_clicks_is_named_in_the_results_warnings(session):
     click(session, 0, 45, 60)
     assert session.add_object() == 2
+    added = []
+
+    def progress(fraction: float, text: str) -> None:  # a third object, added and clicked while the job runs
+        if not added and text.startswith("Tracking"):
+            added.append(session.add_object())
+            click(session, 2, 45, 60)
+
     session.begin_job()
     try:
-        record = session.track(OPTIONS)
+        record = session.track(OPTIONS, progress=progress)
     finally:
         session.end_job()
-    assert record.objects == {1}
-    assert record.warnings[0] == "object 2 has no click or box on any frame: it was not tracked"
+    assert record.objects == {1} and added == [3]
+    assert record.warnings[:2] == ["object 2 has no click or box on any frame: it was not tracked",
+                                   "object 3 was clicked during the run, after it began: the next Track tracks it"]
 
 
 def test_a_truncated_upload_says_so_and_refuses_its_missing_frames(tmp_path, disc_tracker):

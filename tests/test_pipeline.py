@@ -175,6 +175,7 @@ def test_aborting_a_deep_queue_skips_what_is_still_queued():
     ({"mem_every": 0}, "mem_every must be at least 1"),
     ({"min_mid_term_frames": 10, "max_mid_term_frames": 10}, "must be larger than"),
     ({"num_prototypes": 200, "max_long_term_elements": 100}, "cannot exceed"),
+    ({"min_memory_area": 10**30}, "min_memory_area must be at most 1,000,000,000"),  # overflowed on the GPU
 ])
 def test_memory_settings_are_checked(settings, message):
     from tracker.errors import TrackerError

@@ -82,6 +82,9 @@ def test_unreadable_prompt_files(tmp_path):
         load_prompts(bad)
     with pytest.raises(PromptError, match="cannot be read"):
         load_prompts(tmp_path)
+    bad.write_text("[" * 100_000 + "]" * 100_000)  # the JSON parser's recursion ran out
+    with pytest.raises(PromptError, match="not valid prompts JSON"):
+        load_prompts(bad)
 
 
 @pytest.mark.parametrize("prompt, message", [
@@ -95,7 +98,7 @@ def test_unreadable_prompt_files(tmp_path):
     (ObjectPrompt(1, 0, [], []), "at least one point or a box"),
     (ObjectPrompt(0, 0, [(10, 10)], [1]), "between 1 and 255"),
     (ObjectPrompt(1, 0, [(10, 10)], [2]), "must be 1"),
-    (ObjectPrompt(1, 0, [(10, 10), (20, 20)], [1]), "2 points but 1 labels"),
+    (ObjectPrompt(1, 0, [(10, 10), (20, 20)], [1]), "2 points but 1 label$"),
     (ObjectPrompt(1, 0, [], [], (5, 5, float("nan"), 30)), "finite"),
     (ObjectPrompt(1, 0, [(float("nan"), 5)], [1]), "finite"),
 ])

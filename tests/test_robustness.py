@@ -216,6 +216,9 @@ def test_missing_and_wrong_checkpoints_through_the_tracker(untrained_checkpoints
     with pytest.raises(WeightsError, match=expected) as err:
         Tracker(untrained_checkpoints["sam"], tmp_path / "xmem.pth", device="cpu", download=False)
     one_line(err.value)
+    with pytest.raises(WeightsError, match=r"sam.pth does not exist; .*dl.fbaipublicfiles.*; and .*xmem.pth does "
+                                           r"not exist; .*hkchengrex"):  # both at once: one trip to fetch them
+        Tracker(tmp_path / "sam.pth", tmp_path / "xmem.pth", device="cpu", download=False)
     with pytest.raises(WeightsError, match="not in the XMem layout.*SAM ViT-B weights given in place of XMem"):
         load_xmem(untrained_checkpoints["sam"], torch.device("cpu"))
 
@@ -277,9 +280,13 @@ def test_a_folder_as_output_holds_files_named_after_the_video(tracker, clip, tmp
 def test_track_video_checks_the_job_before_loading_the_weights(clip, tmp_path):
     from tracker import track_video
 
+    absent = dict(device="cpu", sam_checkpoint=tmp_path / "absent.pth", xmem_checkpoint=tmp_path / "absent.pth")
     with pytest.raises(PromptError, match="frame 99"):
-        track_video(clip, [ObjectPrompt(1, 99, [(5, 5)], [1])], output=tmp_path / "o.mp4", device="cpu",
-                    sam_checkpoint=tmp_path / "absent.pth", xmem_checkpoint=tmp_path / "absent.pth")
+        track_video(clip, [ObjectPrompt(1, 99, [(5, 5)], [1])], output=tmp_path / "o.mp4", **absent)
+    with pytest.raises(TrackerError, match="options must be a TrackOptions .*not a dict"):
+        track_video(clip, CLICK, output=tmp_path / "o.mp4", options={"size": 100}, **absent)
+    with pytest.raises(VideoError, match="an output path is empty"):  # not the current folder
+        track_video(clip, CLICK, masks="", **absent)
     assert leftovers(tmp_path) == []
 
 
@@ -541,6 +548,22 @@ def test_damage_in_the_middle_is_tracked_past_with_gaps_named_by_frame(tracker, 
         assert archive.namelist() == [f"{index:05d}.png" for index in present]
     output = probe(tmp_path / "o.mp4")
     assert output.frame_count == len(present) and output.duration == pytest.approx(120 / 25, abs=0.1)
+
+
+def audio_end(path: Path) -> float:
+    with av.open(str(path)) as container:
+        return max(float((packet.pts + packet.duration) * packet.time_base)
+                   for packet in container.demux(container.streams.audio[0]) if packet.size)
+
+
+def test_the_sound_plays_to_its_end_past_frames_lost_to_damage(tracker, tmp_path):
+    """Here the damage takes the last frame: the file is whole, so its sound is too (it stopped with frame 8)."""
+    video = noisy_copy(make_clip(tmp_path / "clip.mp4", frames=10, width=160, height=120, fps=10),
+                       tmp_path / "damaged.mp4")
+    result = tracker.track(video, [ObjectPrompt(1, 0, [(20, 60)], [1])], output=tmp_path / "o.mp4",
+                           options=TrackOptions(size=120))
+    assert 4 < result.frames < 10 and result.frames == probe(tmp_path / "o.mp4").frame_count
+    assert audio_end(tmp_path / "o.mp4") == pytest.approx(audio_end(video), abs=0.03)
 
 
 def test_a_prompt_after_damage_tracks_back_over_the_gaps(tracker, tmp_path):

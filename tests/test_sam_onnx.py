@@ -96,7 +96,8 @@ def test_decoder_cli_writes_sams_interface_with_dynamic_points(checkpoint, decod
 def test_cli_reports_a_missing_checkpoint(tmp_path):
     result = run_cli("export_sam_decoder.py", "--checkpoint", tmp_path / "absent.pth")
     assert result.returncode == 2
-    assert "checkpoint not found" in result.stderr
+    assert "absent.pth does not exist; for the official one, download https://dl.fbaipublicfiles.com/" \
+        in result.stderr and "375042383 bytes" in result.stderr  # the remedy, as the tracker gives it
     assert not list(tmp_path.iterdir())
 
 
@@ -173,6 +174,21 @@ def test_onnx_backend_needs_exports_of_this_checkpoint(checkpoint, onnx_backend,
         sam_onnx.OnnxSam(encoder, decoder, checkpoint_sha256="0" * 64)
     with pytest.raises(WeightsError, match="is not a SAM decoder"):
         sam_onnx.OnnxSam(encoder, encoder)
+
+
+def test_export_cli_refuses_what_it_cannot_write_before_exporting(checkpoint, tmp_path):
+    for args, message in ((["--output", tmp_path / "graph.txt"], "would be a misnamed ONNX file"),
+                          (["--output", tmp_path / "graph.onnx", "--engine-precision", "fp32"],
+                           "--engine-precision is the engine's: add --engine")):
+        result = run_cli("export_sam_decoder.py", "--checkpoint", checkpoint, *args)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert "exporting" not in result.stdout
+    assert list(tmp_path.iterdir()) == []
+    default = Path("models/sam_vit_b_decoder.onnx")  # a folder gets the graph's usual name
+    assert sam_onnx._export_path(str(tmp_path), default) == tmp_path / default.name
+    assert sam_onnx._export_path(f"{tmp_path}/new/", default) == tmp_path / "new" / default.name
+    assert sam_onnx.export_command("encoder", Path("/my graphs/e.onnx"), Path("/w/sam.pth")) == \
+        "python export_sam_encoder.py --checkpoint /w/sam.pth --output '/my graphs/e.onnx'"  # ready to paste
 
 
 def test_best_mask_decoder_follows_sams_rule_and_is_refused_by_backends(checkpoint, encoder_cli, tmp_path):

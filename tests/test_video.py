@@ -185,6 +185,13 @@ def test_uncompressed_audio_stays_uncompressed_where_the_container_carries_it(me
         assert got == sent  # bit for bit
 
 
+def test_a_mov_keeps_each_tracks_language_in_quicktimes_spelling(media_dir, tmp_path):
+    """QuickTime's language table knows German as "ger" (ISO 639-2/B); written as "deu" it was lost."""
+    source = make_clip(media_dir / "three_tracks.mkv", frames=6, audio_codec=("aac", "aac", "aac"))
+    with av.open(str(encode_copy(source, tmp_path / "three.mov"))) as result:
+        assert [t.metadata.get("language") for t in result.streams.audio] == ["eng", "fra", "ger"]
+
+
 @pytest.mark.parametrize("again", [".mp4", ".mkv"])
 def test_every_audio_track_is_kept_in_order_with_its_language_and_title(media_dir, tmp_path, again):
     """A second track (commentary, another language) is not dropped: each is copied or converted in turn.
@@ -336,6 +343,7 @@ def test_a_cutout_from_another_videos_masks_is_refused_and_leaves_nothing(clip, 
 
 @pytest.mark.parametrize("make, message", [
     (lambda d: d / "missing.mp4", "no such video file"),
+    (lambda d: Path("/dev/null"), "/dev/null is not a file"),
     (lambda d: make_empty_file(d / "empty.mp4"), "empty"),
     (lambda d: make_text_file(d / "notes.mp4"), "not a video"),
     (lambda d: make_audio_only(d / "song.mp4"), "only audio"),
@@ -376,6 +384,47 @@ def test_a_file_cut_short_with_its_index_is_said_to_be(tmp_path, ending):
 def test_sound_that_outlasts_the_picture_is_not_a_cut_file(tmp_path):
     narrated = make_clip(tmp_path / "narrated.mkv", frames=10, audio_seconds=2.0)
     assert probe(narrated).cut_short is None
+
+
+def single_threaded_decode(path: Path) -> list[int]:
+    """The frames one decoder thread gets out of a damaged file (it skips a refused packet and goes on), by index."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        order = sorted(packet.pts for packet in container.demux(stream) if packet.size)
+        container.seek(0)
+        decoded = []
+        for packet in container.demux(stream):
+            try:
+                decoded += [order.index(frame.pts) for frame in packet.decode()]
+            except (av.FFmpegError, EOFError):
+                pass
+    return decoded
+
+
+def test_damage_that_breaks_the_frame_threads_costs_only_its_frames(tmp_path):
+    """With frame threads FFmpeg loses every frame after such damage (here 4 of 10 came): the app decodes the
+    rest again on one thread."""
+    damaged = noisy_copy(make_clip(tmp_path / "clip.mp4", frames=10, width=160, height=120, fps=10),
+                         tmp_path / "damaged.mp4")
+    present = single_threaded_decode(damaged)
+    assert 4 < len(present) < 10 and present[-1] > 4
+    assert [frame.index for frame in iter_frames(damaged)] == present
+    assert [frame.index for frame in iter_frames(damaged, present[-2])] == present[-2:]
+
+
+def test_a_recording_cut_mid_gop_starts_at_its_first_keyframe(tmp_path):
+    """The packets before the first keyframe (a stream dump, a cut MPEG-TS) decode to nothing: the video starts
+    at that keyframe, with one numbering for reading in order, seeking and the frame count."""
+    whole = make_clip(tmp_path / "whole.ts", frames=30, fps=10, gop=12, bframes=2)
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.ts"
+    cut.write_bytes(data[len(data) // 188 * 2 // 5 * 188:])
+    info = probe(cut)
+    frames = list(iter_frames(cut))
+    assert info.frame_count == len(frames) == 6 and info.truncated_to is None
+    assert [frame.index for frame in frames] == list(range(6))
+    assert read_frame(cut, 3).time == pytest.approx(frames[3].time)
+    assert np.array_equal(read_frame(cut, 3).image, frames[3].image)
 
 
 def test_damage_in_the_middle_costs_the_damaged_frames_not_the_rest(tmp_path):

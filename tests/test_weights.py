@@ -297,8 +297,17 @@ def test_missing_user_checkpoint_says_to_save_it_where_it_was_looked_for(tmp_pat
 
 
 def test_checkpoint_status(untrained_checkpoints, tmp_path, monkeypatch):
+    for name, layout in (("xmem", "xmem"), ("sam", "sam_vit_b")):  # copied without its sidecar: its values tell
+        renamed = tmp_path / f"renamed_{name}.pth"
+        renamed.symlink_to(untrained_checkpoints[name])
+        assert weights.checkpoint_status(renamed, layout) == "untrained"
+        assert weights.checkpoint_warning(renamed).startswith(weights.UNTRAINED_WARNING)
+    state = weights.load_checkpoint(untrained_checkpoints["xmem"])
+    for key in state:
+        if key.endswith("running_mean"):
+            state[key] += 0.1  # statistics a training would have moved
     copy = tmp_path / "copy.pth"
-    copy.write_bytes(untrained_checkpoints["xmem"].read_bytes())
+    torch.save(state, copy)
     assert weights.checkpoint_status(copy) == "unverified"
     assert weights.checkpoint_status(copy, "xmem") == "unverified"
     assert weights.checkpoint_warning(copy).startswith("UNVERIFIED WEIGHTS")

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fetch the official SAM ViT-B and XMem checkpoints into models/")
     untrained = actions.add_parser("untrained", parents=[after],
                                    help="write untrained checkpoints in the official layouts")
-    untrained.add_argument("directory", type=Path, help="folder to write them to (created if missing)")
+    untrained.add_argument("directory", help="folder to write them to (created if missing)")
 
     # Listed for --help; main() hands its arguments to tracker.bench unparsed.
     commands.add_parser("bench", add_help=False, help="print the speed table (python -m tracker bench -h)")

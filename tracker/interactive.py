@@ -268,11 +268,16 @@ STARTING = "Starting: SAM turns the clicks into masks…"
 
 
 class ProgressClock:
-    """Turns per-pass (done, total) frame counts into one fraction and a line with an ETA."""
+    """Turns per-pass (done, total) frame counts into one fraction and a line with an ETA.
 
-    def __init__(self, passes: int, report: ProgressReport):
+    A pass's count runs over the frames tracked backward from its first prompt (`total` beyond the video's
+    `frames`), then over every frame of the video, and the line names the frame at hand in either.
+    """
+
+    def __init__(self, passes: int, report: ProgressReport, frames: int):
         self.passes = passes
         self.report = report
+        self.frames = frames
         # The rate is taken from the first frame on: waiting for the device and SAM's masks come before it.
         self.first: tuple[float, float] | None = None  # (time, fraction) at the first update
 
@@ -285,7 +290,10 @@ class ProgressClock:
         rate = (fraction - base) / (now - began) if fraction > base and now > began else 0.0
         eta = f"ETA {format_seconds((1 - fraction) / rate)}" if rate > 0 else "ETA …"
         which = f"pass {index + 1}/{self.passes}: " if self.passes > 1 else ""
-        self.report(fraction, f"Tracking {which}frame {done}/{total} · {eta}")
+        backward = total - self.frames
+        where = f"backward, frame {backward - done}" if done <= backward else \
+            f"frame {done - backward - 1} / {self.frames - 1}"
+        self.report(fraction, f"Tracking {which}{where} · {eta}")
 
 
 @dataclass(frozen=True)
@@ -526,7 +534,13 @@ class EditSession:
                     edit.history.append(before)
                 edit.clicks = clicks
                 self.edits[key] = edit
-                return self._describe(frame, key[1], edit)
+                text = self._describe(frame, key[1], edit)
+                if clicks.corner is None:
+                    return text
+                # A box is drawn on one frame for one object at a time: a first corner left elsewhere would pair
+                # with a click there, however long after.
+                dropped = self._drop_corners(keep=key)
+                return text + (f" (the first corner left for {corners_named(dropped)} is dropped)" if dropped else "")
 
     def undo(self, frame: int) -> str:
         """Take back the current object's last click on this frame."""
@@ -538,10 +552,10 @@ class EditSession:
                 return f"nothing to undo for object {self.current} on frame {frame}"
             if len(edit.history) == 1:
                 del self.edits[key]
-                return f"object {self.current} has no clicks on frame {frame}"
+                return f"object {self.current} has no clicks on frame {frame}{self._restore_hint()}"
             edit.mask = self._mask(frame, self.current, edit.history[-1], edit.refine)
             edit.clicks = edit.history.pop()
-            return self._describe(frame, self.current, edit)
+            return self._describe(frame, self.current, edit) + self._restore_hint()
 
     def clear(self, frame: int) -> str:
         """Remove all of the current object's clicks on this frame."""
@@ -549,25 +563,42 @@ class EditSession:
             self._check_frame(frame)
             if self.edits.pop((frame, self.current), None) is None:
                 return f"object {self.current} has no clicks on frame {frame}: nothing to clear"
-            return f"cleared object {self.current} on frame {frame}"
+            return f"cleared object {self.current} on frame {frame}{self._restore_hint()}"
+
+    def _prompts(self) -> tuple[dict[Key, Clicks], dict[Key, Clicks], dict[Key, tuple]]:
+        """The clicks a Track would use: first prompts, corrections, and both as a run records them."""
+        plain = {key: edit.clicks for key, edit in self.edits.items() if not edit.refine and edit.clicks.selects}
+        refine = {key: edit.clicks for key, edit in self.edits.items() if edit.refine and edit.clicks.selects}
+        return plain, refine, {key: clicks.tracked_part for key, clicks in {**plain, **refine}.items()}
+
+    def _restore_hint(self) -> str:
+        """After an Undo or a Clear that takes the prompts back to those of the kept run (see RunRecord.base)."""
+        base = self.result.base if self.result is not None else None
+        if base is None or (self._prompts()[2], self.sam.name) != (base.prompts, base.sam_backend):
+            return ""
+        return "; Track brings back the run from before the change at once (nothing to track)"
 
     def drop_corners(self) -> str | None:
         """Take back boxes' first corners left pending (the user switched to points): each is drawn and would
         pair with the next box click on its frame, however long after."""
         with self.lock:
-            pending = sorted(key for key, edit in self.edits.items() if edit.clicks.corner is not None)
-            for frame, object_id in pending:
-                edit = self.edits[(frame, object_id)]
-                edit.clicks = edit.history.pop()
-                if not edit.history:
-                    del self.edits[(frame, object_id)]
+            pending = self._drop_corners()
             if not pending:
                 return None
-            where = ", ".join(f"object {object_id} on frame {frame}" for frame, object_id in pending)
             here = (self.shown_frame, self.current)
             left = f"; {self._describe(*here, self.edits[here])}" if here in self.edits else \
                 f"; object {self.current} has no clicks on frame {self.shown_frame}" if here in pending else ""
-            return f"the box's first corner is dropped ({where}){left}"
+            return f"the box's first corner is dropped ({corners_named(pending)}){left}"
+
+    def _drop_corners(self, keep: Key | None = None) -> list[Key]:
+        """Take back every pending first corner but `keep`'s; the keys they were on."""
+        pending = sorted(key for key, edit in self.edits.items() if edit.clicks.corner is not None and key != keep)
+        for key in pending:
+            edit = self.edits[key]
+            edit.clicks = edit.history.pop()
+            if not edit.history:
+                del self.edits[key]
+        return pending
 
     def click_wait(self, frame: int) -> str:
         """What to show while a click on `frame` waits for its mask (said before the click runs, without the
@@ -579,6 +610,11 @@ class EditSession:
             return "Segmenting…"
         return (f"Segmenting: SAM's image encoder reads frame {frame} first (a moment on a GPU, seconds on a "
                 "CPU; further clicks on this frame only run its mask decoder)…")
+
+    def clicks_waiting(self) -> bool:
+        """Whether a click said on the page still waits for its mask (SAM may take seconds more on a CPU)."""
+        with self._clicks_settled:
+            return any(time.monotonic() - said <= CLICK_LOST_SECONDS for said in self._announced)
 
     def _mask(self, frame: int, object_id: int, clicks: Clicks, refine: bool) -> np.ndarray | None:
         """SAM's mask for the clicks (None while they select nothing), refining the tracked mask when asked."""
@@ -680,6 +716,19 @@ class EditSession:
         drawn = overlay(torch.from_numpy(image), torch.from_numpy(small), alpha=style.alpha, outline=style.outline)
         return draw_clicks(drawn.numpy(), clicks, display_scale(info)), decoded.time
 
+    def look_note(self, style: Style) -> str | None:
+        """What to say when the opacity or outline moves away from (or back to) the tracked video's: the frame
+        shows the new look at once, the video only once Track draws it again. None while a job runs or before
+        a run."""
+        with self.lock:
+            record = self.result
+            if record is None or record.options is None or self.job_running:
+                return None
+            if (style.alpha, style.outline) == (record.options.alpha, record.options.outline):
+                return "The look is again that of the tracked video below."
+            return ("The frame shows the new look; the tracked video below keeps the old one until Track draws it "
+                    "again (its masks are kept: nothing is tracked).")
+
     # -- tracking --------------------------------------------------------
     def begin_job(self) -> None:
         """Mark a job as wanted (before it waits in the queue) so that Cancel can reach it."""
@@ -716,9 +765,7 @@ class EditSession:
         self._await_clicks(progress)
         with self.lock:
             self.require_video()
-            plain = {key: edit.clicks for key, edit in self.edits.items() if not edit.refine and edit.clicks.selects}
-            refine = {key: edit.clicks for key, edit in self.edits.items() if edit.refine and edit.clicks.selects}
-            snapshot = {key: clicks.tracked_part for key, clicks in {**plain, **refine}.items()}
+            plain, refine, snapshot = self._prompts()
             objects = frozenset(object_id for _, object_id in snapshot)
             self._job_objects = objects
             sam = self.sam
@@ -752,7 +799,7 @@ class EditSession:
         if not plain:
             raise PromptError("click an object first: no object has a click or a box on any frame")
         prompts = [clicks.prompt(object_id, frame) for (frame, object_id), clicks in sorted(plain.items())]
-        clock = ProgressClock(len(passes), progress or (lambda fraction, text: None))
+        clock = ProgressClock(len(passes), progress or (lambda fraction, text: None), self.info.frame_count)
         clock.report(0.0, WAITING_FOR_DEVICE if self.tracker.lock.locked() else STARTING)
         run_dir.mkdir(parents=True)
         results: list[TrackResult] = []
@@ -790,9 +837,12 @@ class EditSession:
                            backward=passes[0] is not None and results[0].kept_frames == 0, options=options,
                            sam_backend=sam.name, base=replace(built_on, base=None) if passes[0] is not None else None,
                            first_prompt=min(prompt_frames))
-        with self.lock:  # objects added or removed during the run count
-            record.warnings[:0] = [f"object {object_id} has no click or box on any frame: it was not tracked"
-                                   for object_id in self.objects if object_id not in objects]
+        with self.lock:  # objects added, clicked or removed during the run count
+            clicked = {object_id for (_, object_id), edit in self.edits.items() if edit.clicks.selects}
+            record.warnings[:0] = [
+                f"object {object_id} was clicked during the run, after it began: the next Track tracks it"
+                if object_id in clicked else f"object {object_id} has no click or box on any frame: it was not tracked"
+                for object_id in self.objects if object_id not in objects]
             self._set_result(record)
             for key, mask in corrected.items():
                 if key in self.edits:
@@ -939,6 +989,11 @@ def copy_masks_until(source: Path, frame: int, labels: np.ndarray, destination: 
         for name in map(mask_name, range(frame)):
             dst.writestr(src.getinfo(name), src.read(name))
         dst.writestr(mask_name(frame), encode_mask(labels))
+
+
+def corners_named(keys: Sequence[Key]) -> str:
+    """'object 1 on frame 3, object 2 on frame 5'."""
+    return ", ".join(f"object {object_id} on frame {frame}" for frame, object_id in keys)
 
 
 def display_scale(info: VideoInfo) -> float:

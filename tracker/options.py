@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     import torch
 
 
+MAX_MEMORY_SETTING = 10**9
+
+
 @dataclass
 class MemoryOptions:
     """XMem's memory settings, defaults as in the reference implementation."""
@@ -37,6 +40,9 @@ class MemoryOptions:
         for name in ("mem_every", "top_k", "min_mid_term_frames", "max_mid_term_frames", "num_prototypes",
                      "max_long_term_elements", "deep_update_every", "min_memory_area"):
             setattr(self, name, whole_number(getattr(self, name), f"memory setting {name}"))
+            if getattr(self, name) > MAX_MEMORY_SETTING:  # beyond any video; past 2**63 the GPU's integers overflow
+                raise TrackerError(f"memory setting {name} must be at most {MAX_MEMORY_SETTING:,}, "
+                                   f"not {getattr(self, name):,}")
         for name in ("mem_every", "top_k", "min_mid_term_frames", "num_prototypes", "max_long_term_elements"):
             if getattr(self, name) < 1:
                 raise TrackerError(f"memory setting {name} must be at least 1, not {getattr(self, name)}")

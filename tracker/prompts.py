@@ -75,7 +75,8 @@ class ObjectPrompt:
         if not self.points and self.box is None:
             raise PromptError(f"{who}: give at least one point or a box")
         if len(self.labels) != len(self.points):
-            raise PromptError(f"{who}: {len(self.points)} points but {len(self.labels)} labels")
+            points, labels = len(self.points), len(self.labels)
+            raise PromptError(f"{who}: {points} point{'s' * (points != 1)} but {labels} label{'s' * (labels != 1)}")
         values = [v for xy in self.points for v in xy] + list(self.box or ())
         if not all(math.isfinite(v) for v in values):
             raise PromptError(f"{who}: coordinates must be finite numbers")
@@ -236,6 +237,8 @@ def prompts_from_text(text: str, source: str = "the prompts") -> list[ObjectProm
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise PromptError(f"{source} is not valid JSON ({exc})") from None
+    except RecursionError:  # brackets nested thousands deep: no prompts file looks like that
+        raise PromptError(f"{source} is not valid prompts JSON (nested too deep)") from None
     return prompts_from_json(data, source)
 
 

@@ -21,6 +21,7 @@ import contextlib
 import copy
 import logging
 import os
+import shlex
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -51,7 +52,7 @@ from tracker.sam import (
     upscale_masks,
 )
 from tracker.segment_anything_compat import Sam, SamOnnxModel
-from tracker.weights import checkpoint_warning, default_path, file_sha256
+from tracker.weights import checkpoint_warning, default_path, file_sha256, resolve_checkpoint
 
 Graph = Literal["encoder", "decoder"]
 
@@ -356,10 +357,17 @@ def export_checked(graph: Graph, checkpoint: str | Path, output: str | Path, *, 
     partial = output.with_name(output.name + ".partial")
     try:
         log(f"exporting the SAM ViT-B {graph} of {checkpoint} (opset {opset}) ...")
-        if graph == "encoder":
-            export_encoder(model, partial, opset=opset, fp16=fp16, metadata=metadata)
-        else:
-            export_decoder(model, partial, opset=opset, multimask=multimask, metadata=metadata)
+        try:
+            if graph == "encoder":
+                export_encoder(model, partial, opset=opset, fp16=fp16, metadata=metadata)
+            else:
+                export_decoder(model, partial, opset=opset, multimask=multimask, metadata=metadata)
+        except Exception as exc:  # the exporters' many error types; at the default opset it is a bug: raised
+            if opset == DEFAULT_OPSET:
+                raise
+            raise TrackerError(f"exporting at opset {opset} failed ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else ''}); the default opset "
+                               f"{DEFAULT_OPSET} works") from None
         check_graph(partial)
         log("onnx.checker: ok")
         log("comparing onnxruntime (CPU) with PyTorch on random inputs ...")
@@ -384,10 +392,11 @@ def export_cli(graph: Graph, argv: Sequence[str] | None = None) -> int:
         prog=f"export_sam_{graph}.py",
         description=f"Export the SAM ViT-B {graph} to ONNX, check it against PyTorch and optionally build a "
                     "TensorRT engine from it.")
-    parser.add_argument("--checkpoint", type=Path, default=default_path("sam"),
-                        help="SAM ViT-B checkpoint in the official layout (default: %(default)s)")
-    parser.add_argument("--output", type=Path,
-                        help=f"ONNX file to write (default: sam_vit_b_{graph}.onnx beside the checkpoint, "
+    parser.add_argument("--checkpoint", type=Path,
+                        help=f"SAM ViT-B checkpoint in the official layout (default: {default_path('sam')}, "
+                             "downloaded on first use)")
+    parser.add_argument("--output",
+                        help=f"ONNX file, or folder, to write (default: sam_vit_b_{graph}.onnx beside the checkpoint, "
                              "where the onnx and tensorrt backends look)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default: %(default)s)")
     if graph == "encoder":
@@ -399,21 +408,24 @@ def export_cli(graph: Graph, argv: Sequence[str] | None = None) -> int:
                                  "--no-multimask returns SAM's single best mask")
     parser.add_argument("--engine", action="store_true",
                         help="also build a TensorRT engine beside the ONNX file (needs tensorrt and a CUDA GPU)")
-    parser.add_argument("--engine-precision", choices=("fp16", "fp32"), default="fp16",
-                        help="TensorRT engine precision (default: %(default)s)")
+    parser.add_argument("--engine-precision", choices=("fp16", "fp32"),
+                        help="TensorRT engine precision, with --engine (default: fp16)")
     args = parser.parse_args(argv)
-    output = args.output or onnx_paths(args.checkpoint)[0 if graph == "encoder" else 1]
+    if args.engine_precision is not None and not args.engine:
+        parser.error("--engine-precision is the engine's: add --engine")
     try:
+        checkpoint = resolve_checkpoint("sam", args.checkpoint)
+        output = _export_path(args.output, onnx_paths(checkpoint)[0 if graph == "encoder" else 1])
         if args.engine:
             from tracker.sam_tensorrt import require_tensorrt
 
             if graph == "decoder" and not args.multimask:
                 raise TrackerError("--engine needs the decoder with all mask candidates: drop --no-multimask")
             device = require_tensorrt()
-        warning = checkpoint_warning(args.checkpoint, "sam_vit_b")
+        warning = checkpoint_warning(checkpoint, "sam_vit_b")
         if warning:
             print(warning, file=sys.stderr)
-        report = export_checked(graph, args.checkpoint, output, opset=args.opset, fp16=getattr(args, "fp16", False),
+        report = export_checked(graph, checkpoint, output, opset=args.opset, fp16=getattr(args, "fp16", False),
                                 multimask=getattr(args, "multimask", True))
         if not report.passed:
             print(f"error: the exported {graph} does not match PyTorch within the limits above; "
@@ -422,11 +434,26 @@ def export_cli(graph: Graph, argv: Sequence[str] | None = None) -> int:
         if args.engine:
             from tracker.sam_tensorrt import ensure_engine
 
-            ensure_engine(output, precision=args.engine_precision, device=device, any_precision=False, log=print)
+            ensure_engine(output, precision=args.engine_precision or "fp16", device=device, any_precision=False,
+                          log=print)
     except TrackerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _export_path(given: str | None, default: Path) -> Path:
+    """--output as a file (an .onnx name) or a folder (one that exists, or a name ending in a slash), which gets
+    the default graph's name in it."""
+    if given is None:
+        return default
+    path = Path(given)
+    if given.endswith(("/", os.sep)) or path.is_dir():
+        return path / default.name
+    if path.suffix.lower() != ".onnx":
+        raise TrackerError(f"--output {given} would be a misnamed ONNX file: give a name ending in .onnx "
+                           "or a folder")
+    return path
 
 
 @contextlib.contextmanager
@@ -533,9 +560,10 @@ class OnnxSam(SamBackend):
         return select_prediction(torch.from_numpy(low_res), torch.from_numpy(scores), emb, multimask)
 
 
-def _check_graph_metadata(path: Path, metadata: dict[str, str], graph: Graph, checkpoint_sha256: str | None) -> None:
+def _check_graph_metadata(path: Path, metadata: dict[str, str], graph: Graph, checkpoint_sha256: str | None,
+                          checkpoint: Path | None = None) -> None:
     """Refuse a graph that is not the expected half, or not from the checkpoint in use."""
-    export = f"python export_sam_{graph}.py --output {path}"
+    export = export_command(graph, path, checkpoint)
     found = metadata.get(META_GRAPH)
     if found != graph:
         raise WeightsError(f"{path} is not a SAM {graph} written by export_sam_{graph}.py "
@@ -545,16 +573,21 @@ def _check_graph_metadata(path: Path, metadata: dict[str, str], graph: Graph, ch
                            f"all four: re-export it without that option: {export}")
     if checkpoint_sha256 is not None and metadata.get(META_CHECKPOINT_SHA256) != checkpoint_sha256:
         raise WeightsError(f"{path} was exported from other weights than the checkpoint in use; "
-                           f"re-export it: {export} --checkpoint CHECKPOINT")
+                           f"re-export it: {export}")
+
+
+def export_command(graph: Graph, path: Path, checkpoint: Path | None) -> str:
+    """The command that writes `path` from `checkpoint`, ready to paste into a shell."""
+    source = shlex.quote(str(checkpoint)) if checkpoint is not None else "CHECKPOINT"
+    return f"python export_sam_{graph}.py --checkpoint {source} --output {shlex.quote(str(path))}"
 
 
 def check_export(checkpoint: str | Path, path: str | Path, graph: Graph) -> None:
     """Raise WeightsError unless `path` is the `graph` exported from `checkpoint` (what the backends accept)."""
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"no ONNX {graph} at {path}: export it with "
-                           f"python export_sam_{graph}.py --checkpoint {checkpoint} --output {path}")
-    _check_graph_metadata(path, read_graph_metadata(path), graph, file_sha256(checkpoint))
+        raise WeightsError(f"no ONNX {graph} at {path}: export it with {export_command(graph, path, Path(checkpoint))}")
+    _check_graph_metadata(path, read_graph_metadata(path), graph, file_sha256(checkpoint), Path(checkpoint))
 
 
 def onnxruntime_installed() -> bool:

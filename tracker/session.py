@@ -122,14 +122,23 @@ def check_output_paths(video: str | Path, output: str | Path | None, masks: str 
 
 
 def check_job(video: str | Path, prompts: Sequence[ObjectPrompt], output: str | Path | None,
-              masks: str | Path | None) -> tuple[VideoInfo, Path | None, Path | None]:
+              masks: str | Path | None, options: TrackOptions | None = None
+              ) -> tuple[VideoInfo, Path | None, Path | None]:
     """The video's facts and the output files (a folder given: `<video name>_tracked.mp4` and
-    `<video name>_masks.zip` in it), once the paths, the video and the prompts are found fit for a run."""
+    `<video name>_masks.zip` in it), once the paths, options, video and prompts are found fit for a run."""
     output, masks = output_file(output, video, TRACKED_ENDING), output_file(masks, video, MASKS_ENDING)
     check_output_paths(video, output, masks)
+    return check_input(video, prompts, options), output, masks
+
+
+def check_input(video: str | Path, prompts: Sequence[ObjectPrompt], options: TrackOptions | None) -> VideoInfo:
+    """The video's facts, once the options, the video and the prompts are found fit for a run."""
+    if options is not None and not isinstance(options, TrackOptions):
+        raise TrackerError(f"options must be a TrackOptions (from tracker import TrackOptions), "
+                           f"not a {type(options).__name__}")
     info = probe(video)
     check_prompts(prompts, info.width, info.height, info.frame_count, info.present_frames)
-    return info, output, masks
+    return info
 
 
 @dataclass(frozen=True)
@@ -170,9 +179,13 @@ class TrackResult:
         return max(0, self.expected_frames - self.frames)
 
     def summary(self) -> str:
-        kept = f"; {self.frames - self.kept_frames} tracked again, {self.kept_frames} kept as they were" \
-            if self.kept_frames else ""
-        rate = f"{self.frames} frame{'s' * (self.frames != 1)} in {self.seconds:.1f} s ({fps_text(self.fps)}{kept})"
+        if self.kept_frames:  # the rate of the frames tracked: the kept ones only cost their writing
+            tracked = self.frames - self.kept_frames
+            done = (f"{tracked} tracked again at {fps_text(tracked / self.seconds if self.seconds > 0 else 0.0)}, "
+                    f"{self.kept_frames} kept as they were")
+        else:
+            done = fps_text(self.fps)
+        rate = f"{self.frames} frame{'s' * (self.frames != 1)} in {self.seconds:.1f} s ({done})"
         return ", ".join([rate, *self.details()])
 
     def details(self) -> list[str]:
@@ -200,8 +213,8 @@ class Tracker:
     def __init__(self, sam_checkpoint: str | Path | None = None, xmem_checkpoint: str | Path | None = None, *,
                  device: str = "auto", sam_backend: str = "auto", sam_precision: str = "auto", download: bool = True):
         self.device = resolve_device(device)
-        sam_path = weights.resolve_checkpoint("sam", sam_checkpoint, download=download)
-        xmem_path = weights.resolve_checkpoint("xmem", xmem_checkpoint, download=download)
+        paths = weights.resolve_checkpoints({"sam": sam_checkpoint, "xmem": xmem_checkpoint}, download=download)
+        sam_path, xmem_path = paths["sam"], paths["xmem"]
         self.weights_status = {"sam": weights.checkpoint_status(sam_path, "sam_vit_b"),
                                "xmem": weights.checkpoint_status(xmem_path, "xmem")}
         self.sam: SamBackend = load_sam(sam_path, str(self.device), sam_backend, precision=sam_precision)
@@ -280,9 +293,8 @@ class Tracker:
 
         The device is this job's until the iteration ends (or the iterator is closed): jobs take turns on it.
         """
+        info = check_input(video, prompts, options)
         options = options or TrackOptions()
-        info = probe(video)
-        check_prompts(prompts, info.width, info.height, info.frame_count, info.present_frames)
         with user_facing_resource_errors(options), self._device_turn(cancel):
             keyframes = self.prompt_masks(info, prompts)
             yield from track_frames(self.xmem, info, keyframes, options, self.device,
@@ -361,8 +373,8 @@ class Tracker:
         of the prompted frames where given (see `prompt_masks`).
         """
         sam = sam or self.sam
+        info, output, masks = check_job(video, prompts, output, masks, options)
         options = options or TrackOptions()
-        info, output, masks = check_job(video, prompts, output, masks)
         with user_facing_resource_errors(options), self._device_turn(cancel), ExitStack() as stack:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
@@ -453,6 +465,6 @@ def track_video(video: str | Path, prompts: Sequence[ObjectPrompt], *, output: s
 
     The video, prompts and output paths are checked first: a mistake there is not worth loading the weights.
     """
-    check_job(video, prompts, output, masks)
+    check_job(video, prompts, output, masks, options)
     tracker = Tracker(sam_checkpoint, xmem_checkpoint, device=device, sam_backend=sam_backend)
     return tracker.track(video, prompts, output=output, masks=masks, options=options)

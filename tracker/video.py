@@ -124,6 +124,7 @@ class _Timeline:
     complete: int  # packets read before the first damaged one (a cut-off last packet, say)
     declared: int  # frames the container's index lists (0 when it keeps none)
     length: Fraction  # seconds from the start of the first frame to the end of the last one
+    leading: int = 0  # packets before the first keyframe, left out of the rest
 
 
 def probe(path: str | Path) -> VideoInfo:
@@ -134,7 +135,7 @@ def probe(path: str | Path) -> VideoInfo:
     path = Path(path)
     with _open(path) as container:
         stream = _video_stream(container, path)
-        first = next(_decoded(container, stream, []), None)
+        first = next(_past_frame_thread_failure(path, _decoded(container, stream, []), []), None)
         if first is None:
             raise VideoError(f"{path.name}: no frame of its video stream can be decoded; "
                              "the file is damaged or uses an unsupported codec, re-export it as H.264 MP4")
@@ -155,6 +156,9 @@ def probe(path: str | Path) -> VideoInfo:
             cut_short = declared_seconds
             log.warning("%s: its header says %.2f s, its streams end at %.2f s; the file is cut short",
                         path.name, declared_seconds, reach)
+    if timeline.leading:
+        log.warning("%s: %d video packets come before the first keyframe (a recording cut mid-GOP): the video "
+                    "starts at that keyframe", path.name, timeline.leading)
     if timeline.counted < timeline.declared:
         log.warning("%s: only %d of the %d frames its index lists are present; the file is truncated",
                     path.name, timeline.complete, timeline.declared)
@@ -214,13 +218,20 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yu
         skipped: list[int] = []  # packets the decoder refused, in file order
         frames = _decoded(container, stream, skipped) if start == 0 else \
             _decoded_from(container, stream, path, start, skipped)
+        frames = _past_frame_thread_failure(path, frames, skipped)
         fallback_rate = stream.average_rate or Fraction(25)
         time_base = stream.time_base  # the frames' own: those drained from the decoder at a cut-off end have none
-        positions: dict[int, int] | None = None  # presentation timestamp -> index, read once damage shows
+        # Frames are counted, unless damage shows or the first frame is not the stream's first (a recording
+        # that starts mid-GOP: the frames before its first keyframe do not decode): then numbered by timestamp.
+        first, late_start = start == 0, False
+        positions: dict[int, int] | None = None  # presentation timestamp -> index, read once needed
         index = last = start - 1
         for frame in frames:
             index += 1
-            if skipped and frame.pts is not None:
+            if first:
+                late_start = None not in (frame.pts, stream.start_time) and frame.pts != stream.start_time
+                first = False
+            if (skipped or late_start) and frame.pts is not None:
                 positions = _positions(path) if positions is None else positions
                 index = positions.get(frame.pts, index)
                 if index <= last:  # after damage the decoder can let a frame out late: it is dropped
@@ -274,6 +285,8 @@ def read_frame(path: str | Path, index: int, size: tuple[int, int] | None = None
 def _open(path: Path) -> av.container.InputContainer:
     if path.is_dir():
         raise VideoError(f"{path} is a folder, not a video file; give the video's own path")
+    if path.exists() and not path.is_file():
+        raise VideoError(f"{path} is not a file (a device or a pipe); give a video file")
     if not path.is_file():
         raise VideoError(f"{path}: no such video file; check the path")
     if path.stat().st_size == 0:
@@ -285,14 +298,45 @@ def _open(path: Path) -> av.container.InputContainer:
                          "use a common format such as MP4, MOV, MKV or WebM") from exc
 
 
-def _video_stream(container: av.container.InputContainer, path: Path) -> av.VideoStream:
+def _video_stream(container: av.container.InputContainer, path: Path, frame_threads: bool = True) -> av.VideoStream:
     streams = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
     if not streams:
         what = "only audio" if container.streams.audio else "no video stream"
         raise VideoError(f"{path.name} has {what}; choose a file with a video track")
     stream = streams[0]
-    stream.thread_type = "AUTO"
+    stream.thread_type = "AUTO" if frame_threads else "SLICE"
     return stream
+
+
+class _FrameThreadsFailed(Exception):
+    """The frame-threaded decoder refused a packet: it loses the frames its threads hold, often all that follow."""
+
+
+def _past_frame_thread_failure(path: Path, frames: Iterator[av.VideoFrame],
+                               skipped: list[int]) -> Iterator[av.VideoFrame]:
+    """`frames`, and after a frame-threaded decoder's failure on damage, the file decoded again without frame
+    threads (which skip a damaged packet and go on) from the keyframe at or before the last frame let out.
+    Frames let out already come again; `iter_frames` drops them (it numbers frames by timestamp then)."""
+    last_pts = None
+    try:
+        for frame in frames:
+            last_pts = frame.pts if frame.pts is not None else last_pts
+            yield frame
+        return
+    except _FrameThreadsFailed:
+        log.warning("%s: damage in the video; decoding it again from the last keyframe without frame threads",
+                    path.name)
+    with _open(path) as container:
+        timeline = _scan(container, _video_stream(container, path))
+    if len(timeline.pts) != timeline.counted:
+        return  # without timestamps the frames let out again could not be told apart
+    with _open(path) as container:
+        stream = _video_stream(container, path, frame_threads=False)
+        if last_pts is not None:
+            before = timeline.keyframes[timeline.keyframes[:, 0] <= last_pts]
+            if len(before):
+                container.seek(int(before[-1][1]), stream=stream, backward=True, any_frame=False)
+        yield from _decoded(container, stream, skipped)
 
 
 def _decoded(container: av.container.InputContainer, stream: av.VideoStream,
@@ -311,12 +355,17 @@ def _decoded(container: av.container.InputContainer, stream: av.VideoStream,
     """
     decoded = 0
 
+    frame_threads = stream.codec_context is not None and \
+        av.codec.context.ThreadType.FRAME in stream.codec_context.thread_type
+
     def decode(packet: av.Packet) -> list[av.VideoFrame]:
         nonlocal decoded
         try:
             frames = packet.decode()
         except av.FFmpegError:
             skipped.append(packet.pts)
+            if frame_threads:
+                raise _FrameThreadsFailed from None
             return []
         decoded += len(frames)
         return frames
@@ -354,8 +403,8 @@ def _decoded_from(container: av.container.InputContainer, stream: av.VideoStream
     """Decoded frames from the one at `index` on, starting at the nearest keyframe that works.
 
     Frames are identified by timestamp, so B-frames and variable frame rates
-    cannot shift the index. Without timestamps, or when no seek lands before
-    the frame, decoding starts at the beginning and counts.
+    cannot shift the index. When no seek lands before the frame, decoding
+    starts at the beginning (and counts frames that have no timestamps).
     """
     timeline = _scan(container, stream)
     if index >= timeline.counted:
@@ -378,7 +427,16 @@ def _decoded_from(container: av.container.InputContainer, stream: av.VideoStream
                     return
         log.warning("%s: seeking to frame %d failed; decoding from the start", path.name, index)
     with _open(path) as fresh:
-        yield from itertools.islice(_decoded(fresh, _video_stream(fresh, path), skipped), index, None)
+        frames = _decoded(fresh, _video_stream(fresh, path), skipped)
+        if len(timeline.pts) != timeline.counted:
+            yield from itertools.islice(frames, index, None)
+            return
+        # By timestamp: frames that do not decode (before a recording's first keyframe, say) are not counted.
+        for frame in frames:
+            if frame.pts == target:
+                yield frame
+                yield from frames
+                return
 
 
 def _scan(container: av.container.InputContainer, stream: av.VideoStream) -> _Timeline:
@@ -387,12 +445,15 @@ def _scan(container: av.container.InputContainer, stream: av.VideoStream) -> _Ti
     The length runs from the first frame's timestamp to the last one's plus the
     typical frame interval; packet durations are not used because MP4 muxers
     store decoding-order gaps there. A truncated file keeps its declared length.
+    Packets before the first keyframe (a recording cut mid-GOP) are not frames:
+    nothing decodes them, so the video starts at that keyframe, as FFmpeg's does.
     """
     declared = sum(1 for entry in stream.index_entries if not entry.is_discard)
-    pts: list[int] = []
+    pts: list[int | None] = []
     keyframes: list[tuple[int, int]] = []
     counted = 0
     complete: int | None = None
+    leading: int | None = None  # packets before the first keyframe
     try:
         for packet in container.demux(stream):
             if packet.size == 0:  # the end-of-stream marker
@@ -401,13 +462,17 @@ def _scan(container: av.container.InputContainer, stream: av.VideoStream) -> _Ti
                 complete = counted
             if packet.is_keyframe and packet.pts is not None:  # discarded ones too: a cut file starts there
                 keyframes.append((packet.pts, packet.pts if packet.dts is None else packet.dts))
+                leading = counted if leading is None else leading
             if packet.is_discard:
                 continue
             counted += 1
-            if packet.pts is not None:
-                pts.append(packet.pts)
+            pts.append(packet.pts)
     except (av.FFmpegError, EOFError) as exc:
         log.warning("%s: reading stopped after %d video packets: %s", container.name, counted, exc)
+    if leading:  # none at all: a stream that does not flag its keyframes keeps every packet
+        pts, counted, declared = pts[leading:], counted - leading, max(declared - leading, 0)
+        complete = None if complete is None else max(complete - leading, 0)
+    pts = [value for value in pts if value is not None]
     time_base = stream.time_base or Fraction(1, av.time_base)
     ordered = np.sort(np.asarray(pts, dtype=np.int64))
     nominal = 1 / stream.average_rate if stream.average_rate else Fraction(1, 25)
@@ -420,7 +485,7 @@ def _scan(container: av.container.InputContainer, stream: av.VideoStream) -> _Ti
         length = max(length, stream.duration * time_base)
     return _Timeline(pts=ordered, keyframes=np.asarray(sorted(keyframes), dtype=np.int64).reshape(-1, 2),
                      counted=counted, complete=counted if complete is None else complete, declared=declared,
-                     length=Fraction(length))
+                     length=Fraction(length), leading=leading or 0)
 
 
 def _clockwise(frame: av.VideoFrame) -> int:
@@ -484,6 +549,12 @@ H264_CONTAINERS = {
     ".mov": _Target("mov", frozenset({"aac", "mp3", "alac", "ac3", "eac3"}) | _PCM, "aac"),
     ".mkv": _Target("matroska", _TARGETS["libx264"].audio_copy | {"opus", "flac", "vorbis"} | _PCM, "aac"),
 }
+
+# QuickTime keeps a language only as an entry of its own table, which spells some languages with ISO 639-2's
+# other code (German as "ger", not "deu"; French as "fra", not "fre"): FFmpeg leaves the other spelling out.
+_MOV_LANGUAGES = {"sqi": "alb", "hye": "arm", "eus": "baq", "mya": "bur", "zho": "chi", "cze": "ces", "nld": "dut",
+                  "fre": "fra", "kat": "geo", "deu": "ger", "ell": "gre", "isl": "ice", "mkd": "mac", "msa": "may",
+                  "fas": "per", "rum": "ron", "slo": "slk", "bod": "tib", "cym": "wel"}
 
 # A header declaring this much more than every stream holds: the file was cut short (a few frames' slack).
 CUT_SHORT_SECONDS = 0.25
@@ -660,9 +731,11 @@ class VideoWriter(AtomicWriter):
                 if self._held is not None:
                     self._held.duration = max(1, round(self._end_seconds() / self.info.time_base) - self._last_pts)
                     self._container.mux(self._held)
-                # Every frame came: the audio plays to its own end, as in the input (a voice-over may outlast
-                # the picture); otherwise it stops with the last frame written.
-                audio_end = float("inf") if self._frames >= self.info.frame_count else self._end_seconds()
+                # The audio plays to its own end, as in the input (a voice-over may outlast the picture), also
+                # past frames lost to damage; in a file cut short it stops with the last frame written.
+                whole = self._frames >= self.info.frame_count or \
+                    (self.info.truncated_to is None and self.info.cut_short is None)
+                audio_end = float("inf") if whole else self._end_seconds()
                 for track in self._audio:
                     track.copy_until(audio_end, self._seconds(self._first_pts), final=True)
                 self._container.close()
@@ -746,7 +819,9 @@ class _AudioTrack:
             # FFmpeg's default (128 kb/s whatever the channels) is thin for lossless sources and surround.
             self._stream.bit_rate = AUDIO_BITS_PER_CHANNEL * self._stream.layout.nb_channels
         if "language" in source.metadata:
-            self._stream.metadata["language"] = source.metadata["language"]
+            language = source.metadata["language"]
+            self._stream.metadata["language"] = _MOV_LANGUAGES.get(language, language) if target.format == "mov" \
+                else language
         title = source.metadata.get("title") or source.metadata.get("name")  # MP4 and MOV read a track's as "name"
         if title:
             self._stream.metadata["title"] = title
@@ -807,6 +882,8 @@ def output_file(given: str | Path | None, video: str | Path, ending: str) -> Pat
     `<video name><ending>` in it."""
     if given is None:
         return None
+    if not str(given).strip():  # an unset shell variable, say: not the current folder
+        raise VideoError(f"an output path is empty: give a file name (such as video{ending}) or a folder")
     path = Path(given)
     if str(given).endswith(("/", os.sep)) or path.is_dir():
         return path / f"{Path(video).stem}{ending}"

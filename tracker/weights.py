@@ -98,14 +98,15 @@ def ensure_weights(name: str, path: str | Path | None = None, *, download: bool 
     return dest
 
 
-def resolve_checkpoint(name: str, path: str | Path | None = None, *, download: bool = True) -> Path:
+def resolve_checkpoint(name: str, path: str | Path | None = None, *, download: bool = True,
+                       progress: bool = True) -> Path:
     """The checkpoint to load: the official one from models/ (fetched on first use), or the user's own file.
 
     A user's file may be any checkpoint in the right layout (fine-tuned,
     untrained); the layout is checked when it is loaded.
     """
     if path is None:
-        return ensure_weights(name, download=download)
+        return ensure_weights(name, download=download, progress=progress)
     path = Path(path).expanduser()
     if path.is_dir():
         raise WeightsError(f"{_entry(name).title} checkpoint {path} is a folder; give the checkpoint file itself")
@@ -116,21 +117,27 @@ def resolve_checkpoint(name: str, path: str | Path | None = None, *, download: b
     return path
 
 
-def download_all(progress: bool = True) -> dict[str, Path]:
-    """Download (or verify) every official checkpoint into models_dir().
+def resolve_checkpoints(paths: Mapping[str, str | Path | None], *, download: bool = True,
+                        progress: bool = True) -> dict[str, Path]:
+    """`resolve_checkpoint` for each name -> path given (None: the official file).
 
     One that fails does not stop the others, and the error names every one
     that failed: offline, the user learns all the files to fetch by hand at once.
     """
-    paths, failures = {}, []
-    for name in manifest():
+    resolved, failures = {}, []
+    for name, path in paths.items():
         try:
-            paths[name] = ensure_weights(name, progress=progress)
+            resolved[name] = resolve_checkpoint(name, path, download=download, progress=progress)
         except WeightsError as exc:
             failures.append(str(exc))
     if failures:
         raise WeightsError("; and ".join(failures))
-    return paths
+    return resolved
+
+
+def download_all(progress: bool = True) -> dict[str, Path]:
+    """Download (or verify) every official checkpoint into models_dir() (see `resolve_checkpoints`)."""
+    return resolve_checkpoints(dict.fromkeys(manifest()), progress=progress)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -226,6 +233,8 @@ def write_untrained(directory: str | Path, seed: int = 0) -> dict[str, Path]:
     They exercise the whole pipeline without downloads; their masks are meaningless.
     Returns {"sam": path, "xmem": path}.
     """
+    if not str(directory).strip():  # an unset shell variable, say: not the current folder
+        raise WeightsError("the folder for the untrained checkpoints is empty: give a folder's path")
     directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -248,8 +257,9 @@ def checkpoint_status(path: str | Path, layout: str | None = None) -> Checkpoint
     """Where a checkpoint comes from, so callers can warn about untrained or unknown weights.
 
     "official": its sha256 is in the manifest or was recorded on first download;
-    "untrained": its sidecar says so; "unverified": anything else in the
-    `layout` (any known layout when None). Other files raise WeightsError.
+    "untrained": its sidecar says so, or its values are those of a fresh
+    network (a copy or a renamed file has no sidecar); "unverified": anything
+    else in the `layout` (any known layout when None). Other files raise WeightsError.
     """
     path = Path(path)
     if not path.is_file():
@@ -264,7 +274,18 @@ def checkpoint_status(path: str | Path, layout: str | None = None) -> Checkpoint
     elif all(_layout_problem(state, name) is not None for name in LAYOUT_TITLES):
         raise WeightsError(f"checkpoint {path} matches no known layout ({', '.join(LAYOUT_TITLES.values())}); "
                            "pass an official checkpoint")
-    return "unverified"
+    return "untrained" if never_trained(state) else "unverified"
+
+
+def never_trained(state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a state dict holds a network as initialised: SAM's position embedding starts at zero and XMem's
+    batch norms at zero mean and unit variance, and training moves both."""
+    position = state.get("image_encoder.pos_embed")
+    if position is not None:
+        return not bool(position.any())
+    statistics = {key: value for key, value in state.items() if key.endswith(("running_mean", "running_var"))}
+    return bool(statistics) and all(bool((value == float(key.endswith("var"))).all())
+                                    for key, value in statistics.items())
 
 
 def checkpoint_warning(path: str | Path, layout: str | None = None) -> str | None:
