@@ -427,6 +427,16 @@ def test_a_recording_cut_mid_gop_starts_at_its_first_keyframe(tmp_path):
     assert np.array_equal(read_frame(cut, 3).image, frames[3].image)
 
 
+@pytest.mark.parametrize("name", ["clip.avi", "clip.ts", "clip.mkv", "clip.mp4"])
+def test_a_whole_file_with_b_frames_keeps_every_frame_in_order(tmp_path, name):
+    """Frames are counted as they decode: an AVI's decoded timestamps repeat and run out of order."""
+    clip = make_clip(tmp_path / name, frames=20, audio=False, bframes=2)
+    frames = list(iter_frames(clip))
+    assert probe(clip).frame_count == 20 and [frame.index for frame in frames] == list(range(20))
+    if not name.endswith(".avi"):  # AVI keeps no presentation timestamps: a seek lands by its decoding order
+        assert np.array_equal(read_frame(clip, 7).image, frames[7].image)
+
+
 def test_damage_in_the_middle_costs_the_damaged_frames_not_the_rest(tmp_path):
     """Two overwritten runs: the decoder refuses some packets; the frames after them still come."""
     whole = make_clip(tmp_path / "whole.mp4", frames=120, width=320, height=240)

@@ -221,17 +221,11 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yu
         frames = _past_frame_thread_failure(path, frames, skipped)
         fallback_rate = stream.average_rate or Fraction(25)
         time_base = stream.time_base  # the frames' own: those drained from the decoder at a cut-off end have none
-        # Frames are counted, unless damage shows or the first frame is not the stream's first (a recording
-        # that starts mid-GOP: the frames before its first keyframe do not decode): then numbered by timestamp.
-        first, late_start = start == 0, False
-        positions: dict[int, int] | None = None  # presentation timestamp -> index, read once needed
+        positions: dict[int, int] | None = None  # presentation timestamp -> index, read once damage shows
         index = last = start - 1
         for frame in frames:
             index += 1
-            if first:
-                late_start = None not in (frame.pts, stream.start_time) and frame.pts != stream.start_time
-                first = False
-            if (skipped or late_start) and frame.pts is not None:
+            if skipped and frame.pts is not None:
                 positions = _positions(path) if positions is None else positions
                 index = positions.get(frame.pts, index)
                 if index <= last:  # after damage the decoder can let a frame out late: it is dropped
@@ -403,8 +397,8 @@ def _decoded_from(container: av.container.InputContainer, stream: av.VideoStream
     """Decoded frames from the one at `index` on, starting at the nearest keyframe that works.
 
     Frames are identified by timestamp, so B-frames and variable frame rates
-    cannot shift the index. When no seek lands before the frame, decoding
-    starts at the beginning (and counts frames that have no timestamps).
+    cannot shift the index. Without timestamps, or when no seek lands before
+    the frame, decoding starts at the beginning and counts.
     """
     timeline = _scan(container, stream)
     if index >= timeline.counted:
@@ -427,16 +421,7 @@ def _decoded_from(container: av.container.InputContainer, stream: av.VideoStream
                     return
         log.warning("%s: seeking to frame %d failed; decoding from the start", path.name, index)
     with _open(path) as fresh:
-        frames = _decoded(fresh, _video_stream(fresh, path), skipped)
-        if len(timeline.pts) != timeline.counted:
-            yield from itertools.islice(frames, index, None)
-            return
-        # By timestamp: frames that do not decode (before a recording's first keyframe, say) are not counted.
-        for frame in frames:
-            if frame.pts == target:
-                yield frame
-                yield from frames
-                return
+        yield from itertools.islice(_decoded(fresh, _video_stream(fresh, path), skipped), index, None)
 
 
 def _scan(container: av.container.InputContainer, stream: av.VideoStream) -> _Timeline:
