@@ -370,6 +370,7 @@ def test_track_then_correct_keeps_earlier_frames_and_uses_the_correction(session
 
     # Only the look changed (opacity, outline, encoding): the page says the video below keeps the old look until
     # Track, which draws the last masks again and tracks nothing.
+    assert session.look_note(Style(OPTIONS.alpha, OPTIONS.outline)) is None  # the status keeps the summary
     assert "keeps the old one until Track" in session.look_note(Style(alpha=0.9, outline=OPTIONS.outline))
     assert session.look_note(Style(OPTIONS.alpha, OPTIONS.outline)) == \
         "The look is again that of the tracked video below."

@@ -6,6 +6,7 @@ part on a CPU) from untrained weights in the official layout.
 from __future__ import annotations
 
 import copy
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -174,6 +175,21 @@ def test_onnx_backend_needs_exports_of_this_checkpoint(checkpoint, onnx_backend,
         sam_onnx.OnnxSam(encoder, decoder, checkpoint_sha256="0" * 64)
     with pytest.raises(WeightsError, match="is not a SAM decoder"):
         sam_onnx.OnnxSam(encoder, encoder)
+
+
+def test_auto_says_why_graphs_in_place_are_passed_over(checkpoint, onnx_backend, tmp_path, caplog):
+    other = tmp_path / "sam.pth"
+    other.write_bytes(b"other weights")
+    for graph in sam_onnx.onnx_paths(checkpoint):
+        (tmp_path / graph.name).symlink_to(graph)
+    with caplog.at_level(logging.WARNING, logger="tracker.sam_onnx"):
+        reason = sam_onnx.onnx_ready(other, torch.device("cpu"))
+    assert "exported from other weights" in reason
+    assert "SAM's ONNX graphs beside the checkpoint are not used" in caplog.text and reason in caplog.text
+    caplog.clear()
+    (tmp_path / "sam_vit_b_decoder.onnx").unlink()  # not a whole export: nothing to explain
+    assert "exported from other weights" in sam_onnx.onnx_ready(other, torch.device("cpu"))
+    assert caplog.text == ""
 
 
 def test_export_cli_refuses_what_it_cannot_write_before_exporting(checkpoint, tmp_path):

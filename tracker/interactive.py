@@ -336,6 +336,7 @@ class EditSession:
         self.edits: dict[Key, Edit] = {}
         self.result: RunRecord | None = None
         self.cutouts: dict[str, Path] = {}
+        self._look_moved = False  # the last look note said the frame's look is not the tracked video's
         self._result_reader: MaskZipReader | None = None
         self._embeddings: OrderedDict[int, ImageEmbedding] = OrderedDict()
         self.sam = tracker.sam  # this session's SAM backend
@@ -421,7 +422,7 @@ class EditSession:
             if old is not None and old.masks.parent not in kept:
                 shutil.rmtree(old.masks.parent, ignore_errors=True)
         shutil.rmtree(self.directory / "cutouts", ignore_errors=True)
-        self.result, self.cutouts = record, {}
+        self.result, self.cutouts, self._look_moved = record, {}, False
         self._result_reader = MaskZipReader(record.masks) if record is not None else None
 
     def reset(self) -> None:
@@ -718,14 +719,16 @@ class EditSession:
 
     def look_note(self, style: Style) -> str | None:
         """What to say when the opacity or outline moves away from (or back to) the tracked video's: the frame
-        shows the new look at once, the video only once Track draws it again. None while a job runs or before
-        a run."""
+        shows the new look at once, the video only once Track draws it again. None while a job runs, before
+        a run, and for a look that was never said to differ (the status keeps the run's summary)."""
         with self.lock:
             record = self.result
             if record is None or record.options is None or self.job_running:
                 return None
-            if (style.alpha, style.outline) == (record.options.alpha, record.options.outline):
-                return "The look is again that of the tracked video below."
+            differs = (style.alpha, style.outline) != (record.options.alpha, record.options.outline)
+            said_it_differs, self._look_moved = self._look_moved, differs
+            if not differs:
+                return "The look is again that of the tracked video below." if said_it_differs else None
             return ("The frame shows the new look; the tracked video below keeps the old one until Track draws it "
                     "again (its masks are kept: nothing is tracked).")
 

@@ -54,6 +54,8 @@ from tracker.sam import (
 from tracker.segment_anything_compat import Sam, SamOnnxModel
 from tracker.weights import checkpoint_warning, default_path, file_sha256, resolve_checkpoint
 
+log = logging.getLogger(__name__)
+
 Graph = Literal["encoder", "decoder"]
 
 ENCODER_INPUTS = ("image",)
@@ -610,12 +612,20 @@ def onnx_ready(checkpoint: str | Path, device: torch.device) -> str | None:
         return f"on {device.type}, PyTorch runs SAM at least as fast"
     if not onnxruntime_installed():
         return "onnxruntime is not installed"
+    paths = onnx_paths(checkpoint)
     try:
-        for path, graph in zip(onnx_paths(checkpoint), ("encoder", "decoder")):
+        for path, graph in zip(paths, ("encoder", "decoder")):
             check_export(checkpoint, path, graph)
     except WeightsError as exc:
+        warn_unused(paths, "SAM's ONNX graphs", exc)
         return str(exc)
     return None
+
+
+def warn_unused(paths: Sequence[Path], what: str, reason: Exception) -> None:
+    """Say why exported files that are all in place are passed over by backend "auto" (they look meant to be used)."""
+    if all(Path(path).is_file() for path in paths):
+        log.warning("%s beside the checkpoint are not used: %s", what, reason)
 
 
 def load_onnx_backend(checkpoint: Path, device: torch.device, dtype: torch.dtype = torch.float32) -> OnnxSam:

@@ -39,6 +39,7 @@ from tracker.sam_onnx import (
     onnx_paths,
     read_graph_metadata,
     select_prediction,
+    warn_unused,
 )
 from tracker.weights import file_sha256
 
@@ -333,12 +334,15 @@ def engines_ready(checkpoint: str | Path, device: torch.device) -> str | None:
     What backend "auto" asks: TensorRT only when both engines are there and
     were built for this GPU, this TensorRT and the ONNX files of this checkpoint.
     """
+    graphs = onnx_paths(checkpoint)
     try:
         device = require_tensorrt(device)
-        for onnx_path, graph in zip(onnx_paths(checkpoint), ("encoder", "decoder")):
+        for onnx_path, graph in zip(graphs, ("encoder", "decoder")):
             check_export(checkpoint, onnx_path, graph)
             check_engine(engine_path(onnx_path), wanted_metadata(onnx_path, "fp16", device), any_precision=True)
     except TrackerError as exc:
+        if torch.device(device).type == "cuda":
+            warn_unused([engine_path(path) for path in graphs], "SAM's TensorRT engines", exc)
         return str(exc)
     return None
 
