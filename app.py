@@ -103,15 +103,31 @@ def settings_named(message: str) -> str:
     return MemoryOptions.named(message, lambda name: f'"{MEMORY_LABELS.get(name, name)}"')
 
 
+def pixel_count(text: str) -> int:
+    """A frame-size limit typed as WIDTHxHEIGHT (as the README gives it) or as a number of pixels."""
+    width, _, height = text.lower().partition("x")
+    try:
+        count = int(width) * int(height) if height else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 3840x2160 or a pixel count") from None
+    if count <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the limit must be above 0")
+    return count
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python app.py", description="Track anything you click: the web app.")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
     parser.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
-    parser.add_argument("--max-upload-mb", type=float, default=1024, help="largest upload accepted (MB)")
-    parser.add_argument("--max-frames", type=int, default=18000, help="longest video accepted, in frames")
-    parser.add_argument("--max-seconds", type=float, default=600, help="longest video accepted, in seconds")
-    parser.add_argument("--max-pixels", type=int, default=3840 * 2160, help="largest frame accepted (width x height)")
+    parser.add_argument("--max-upload-mb", type=float, default=1024, help="largest upload accepted, in MB "
+                        "(default 1024)")
+    parser.add_argument("--max-frames", type=int, default=18000, help="longest video accepted, in frames "
+                        "(default 18000)")
+    parser.add_argument("--max-seconds", type=float, default=600, help="longest video accepted, in seconds "
+                        "(default 600)")
+    parser.add_argument("--max-pixels", type=pixel_count, default=3840 * 2160, metavar="WxH|PIXELS",
+                        help="largest frame accepted, as a size or a pixel count (default 3840x2160)")
     add_model_flags(parser)
     return parser
 

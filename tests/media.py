@@ -62,7 +62,7 @@ def make_clip(path: str | Path, *, frames: int = 30, width: int = 160, height: i
               codec: str = "libx264",
               pix_fmt: str = "yuv420p", vfr: bool = False, moving_object: bool = True, gop: int = 12,
               bframes: int = 2, faststart: bool = False, audio_seconds: float | None = None,
-              audio_rate: int | None = None) -> Path:
+              audio_rate: int | None = None, video_start: float = 0.0) -> Path:
     """Write a clip whose display size is width x height and return its path.
 
     `rotation` (0/90/180/270, clockwise, as a phone records portrait video) stores
@@ -73,7 +73,8 @@ def make_clip(path: str | Path, *, frames: int = 30, width: int = 160, height: i
     1/(fps*100) s; with `vfr` the frame intervals vary. `audio_codec` must fit
     the container (e.g. pcm_s16le needs .mkv or .mov); several codecs make one
     track each, tagged with the languages of `TRACK_LANGUAGES` in turn and titled after them. The audio
-    lasts as long as the video unless `audio_seconds` says otherwise.
+    lasts as long as the video unless `audio_seconds` says otherwise; it starts at 0, the picture at
+    `video_start` seconds.
     """
     path = Path(path)
     options = {"g": str(gop)}
@@ -101,7 +102,8 @@ def make_clip(path: str | Path, *, frames: int = 30, width: int = 160, height: i
         for index, (tick, end) in enumerate(zip(ticks, ends)):
             picture = np.rot90(clip_frame(index, frames, width, height, moving_object), k=rotation // 90)
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(picture), format="rgb24")
-            frame.pts, frame.duration, frame.time_base = tick * 100, (end - tick) * 100, time_base
+            frame.pts = tick * 100 + round(video_start * fps * 100)
+            frame.duration, frame.time_base = (end - tick) * 100, time_base
             container.mux(video.encode(frame))
         container.mux(video.encode())
         for sound in sounds:
@@ -129,21 +131,29 @@ def _write_sine(container: av.container.OutputContainer, stream: av.AudioStream,
     container.mux(stream.encode())
 
 
-def make_joined_recording(path: str | Path, sizes: tuple[tuple[int, int], ...], frames: int = 8) -> Path:
-    """MPEG-TS segments of different picture sizes joined byte by byte, as recorders and stream dumps do:
-    one video stream whose size changes where a segment starts (each segment shows `clip_frame`)."""
+def make_joined_recording(path: str | Path, sizes: tuple[tuple[int, int], ...], frames: int = 8, *,
+                          restart: bool = False, audio: bool = False, bframes: int = 0) -> Path:
+    """MPEG-TS segments joined byte by byte, as recorders and stream dumps do: one video stream whose size
+    changes where a segment of another size starts; the disc of `clip_frame` moves on across the joins.
+    With `restart` each segment's clock starts again (separate recordings joined with `cat`); `audio`
+    gives each segment its length of sound."""
     path = Path(path)
+    total = frames * len(sizes)
     with open(path, "wb") as joined:
         for number, (width, height) in enumerate(sizes):
             segment = path.with_name(f"{path.stem}.{number}.ts")
             container = av.open(str(segment), "w", format="mpegts")
-            stream = container.add_stream("libx264", rate=25, options={"bf": "0"})
+            stream = container.add_stream("libx264", rate=25, options={"bf": str(bframes)})
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            sound = _add_sine_stream(container) if audio else None
             for index in range(frames):
-                frame = av.VideoFrame.from_ndarray(clip_frame(index, frames, width, height), format="rgb24")
-                frame.pts, frame.time_base = number * frames + index, Fraction(1, 25)
+                picture = clip_frame(number * frames + index, total, width, height)
+                frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
+                frame.pts, frame.time_base = (0 if restart else number * frames) + index, Fraction(1, 25)
                 container.mux(stream.encode(frame))
             container.mux(stream.encode())
+            if sound is not None:
+                _write_sine(container, sound, seconds=frames / 25)
             container.close()
             joined.write(segment.read_bytes())
             segment.unlink()

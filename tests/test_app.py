@@ -5,6 +5,7 @@ upload, clicks and their previews, objects, tracking, correction, downloads.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import signal
@@ -566,3 +567,14 @@ def test_a_precision_the_device_cannot_run_is_refused_at_start(untrained_checkpo
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert "error: fp16 runs on CUDA GPUs only; on the CPU use bf16 or fp32" in done.stderr
+
+
+def test_the_frame_size_limit_is_typed_as_the_readme_gives_it():
+    for typed, message in (("3840x", "is not a size such as 3840x2160"), ("0x1080", "must be above 0")):
+        done = subprocess.run([sys.executable, "app.py", "--max-pixels", typed], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+    app = importlib.import_module("app")
+    assert app.build_parser().parse_args(["--max-pixels", "1920x1080"]).max_pixels == 1920 * 1080
+    assert app.build_parser().parse_args(["--max-pixels", "2073600"]).max_pixels == 2073600
+    assert app.build_parser().parse_args([]).max_pixels == 3840 * 2160

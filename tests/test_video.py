@@ -223,6 +223,21 @@ def test_audio_that_outlasts_or_ends_before_the_picture_is_kept_whole(media_dir,
     assert [f.time for f in iter_frames(output)] == pytest.approx([f.time for f in iter_frames(source)])
 
 
+@pytest.mark.parametrize("seconds", [1.2, 0.5])
+def test_a_picture_that_starts_late_starts_the_output_with_its_sound_in_sync(media_dir, tmp_path, caplog, seconds):
+    """The first frame stamped at 0.5 s: the output starts with it at 0, and the sound before it is left out
+    (all of it when it ends there, rather than a track of packets all stamped 0 that plays nothing)."""
+    source = make_clip(media_dir / f"late_{seconds}.mp4", frames=10, video_start=0.5, audio_seconds=seconds)
+    assert next(iter_frames(source)).time == pytest.approx(0.5)
+    output = encode_copy(source, tmp_path / "out.mp4")
+    assert next(iter_frames(output)).time == 0
+    with av.open(str(output)) as result:
+        audio = result.streams.audio
+        played = sum(frame.samples for frame in result.decode(audio=0)) / audio[0].rate if audio else 0
+    assert played == pytest.approx(seconds - 0.5, abs=0.03)
+    assert ("ends before the first frame" in caplog.text) == (seconds == 0.5)
+
+
 def test_variable_frame_rate_stays_variable(vfr_clip, tmp_path):
     output = encode_copy(vfr_clip, tmp_path / "vfr_out.mp4")
     before = [f.time for f in iter_frames(vfr_clip)]
@@ -471,8 +486,31 @@ def test_a_recording_that_changes_picture_size_is_scaled_to_its_first_size(tmp_p
         assert all((f.yuv.width, f.yuv.height) == (320, 240) if f.yuv else f.image.shape == (240, 320, 3)
                    for f in frames[:8])
     later = read_frame(joined, 12, info.size)  # seeking past the join: at the size probe reports
-    drawn = Image.fromarray(clip_frame(4, 8, 160, 120)).resize((320, 240), Image.Resampling.BICUBIC)
+    drawn = Image.fromarray(clip_frame(12, 16, 160, 120)).resize((320, 240), Image.Resampling.BICUBIC)
     assert close_to(later.image, np.asarray(drawn))
+
+
+@pytest.mark.parametrize("bframes", [0, 2])
+def test_recordings_joined_whose_clocks_start_again_play_one_after_the_other(tmp_path, bframes):
+    """`cat` of separate recordings: each part's timestamps start again. The parts follow each other in
+    time (FFmpeg squeezes a part whose clock went back less than 10 s into one instant), the sound with
+    them, and a frame is found by its place, not by a timestamp two frames share."""
+    joined = make_joined_recording(tmp_path / "joined.ts", ((160, 120),) * 3, frames=10, restart=True, audio=True,
+                                   bframes=bframes)
+    info = probe(joined)
+    assert (info.frame_count, info.fps) == (30, 25) and info.duration == pytest.approx(1.2)
+    frames = list(iter_frames(joined))
+    assert [f.index for f in frames] == list(range(30))
+    assert np.diff([f.time for f in frames]) == pytest.approx([0.04] * 29)
+    for index in (13, 25):  # after a join: not the frame of the first part stamped the same
+        assert close_to(read_frame(joined, index).image, frames[index].image)
+        assert not close_to(read_frame(joined, index).image, frames[index % 10].image)
+        assert [f.time for f in iter_frames(joined, index, index + 2)] == [frames[index].time, frames[index + 1].time]
+    output = encode_copy(joined, tmp_path / "out.mp4")
+    assert [round(f.time, 3) for f in iter_frames(output)] == [round(i * 0.04, 3) for i in range(30)]
+    with av.open(str(output)) as result:
+        samples = sum(frame.samples for frame in result.decode(audio=0))
+        assert samples / result.streams.audio[0].rate == pytest.approx(1.2, abs=0.05)
 
 
 def test_a_file_cut_inside_a_packet_counts_only_whole_frames_and_keeps_their_times(tmp_path):

@@ -22,7 +22,7 @@ NEGATIVE_NUMBER = re.compile(r"-[\d.]")
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cuda or cpu")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cuda, cuda:N or cpu")
     parser.add_argument("--sam-checkpoint", type=Path, help="SAM ViT-B checkpoint (default: models/, downloaded)")
     parser.add_argument("--xmem-checkpoint", type=Path, help="XMem checkpoint (default: models/, downloaded)")
     parser.add_argument("--sam-backend", default="auto", choices=["auto", "torch", "onnx", "tensorrt"],

@@ -12,6 +12,7 @@ import logging
 import os
 import tempfile
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -72,6 +73,9 @@ class VideoInfo:
     index went with the cut (Matroska and WebM keep it at the end),
     `cut_short` is the length in seconds the header still declares, when
     every stream ends well before it: the frames present are all there is.
+    `joins` are the seconds added to the timestamps after each point where
+    the clock starts again (recordings joined end to end), so that the parts
+    play one after the other.
     """
 
     path: Path
@@ -87,6 +91,7 @@ class VideoInfo:
     has_audio: bool
     truncated_to: int | None = None
     cut_short: float | None = None
+    joins: tuple[Fraction, ...] = ()
 
     @property
     def size(self) -> tuple[int, int]:
@@ -125,6 +130,7 @@ class _Timeline:
     declared: int  # frames the container's index lists (0 when it keeps none)
     length: Fraction  # seconds from the start of the first frame to the end of the last one
     leading: int = 0  # packets before the first keyframe, left out of the rest
+    joins: tuple[Fraction, ...] = ()  # seconds added after each restart of the clock (see _ContinuousClock)
 
 
 def probe(path: str | Path) -> VideoInfo:
@@ -145,8 +151,7 @@ def probe(path: str | Path) -> VideoInfo:
         has_audio = bool(_audio_streams(container))
         time_base = stream.time_base or Fraction(1, av.time_base)
         declared_seconds = container.duration / av.time_base if container.duration else 0.0
-    with _open(path) as container:
-        timeline = _scan(container, _video_stream(container, path))
+    timeline = _timeline_of(path)
     frame_count = max(timeline.counted, timeline.declared)
     cut_short = None
     if timeline.counted >= timeline.declared and declared_seconds - float(timeline.length) > CUT_SHORT_SECONDS:
@@ -156,6 +161,9 @@ def probe(path: str | Path) -> VideoInfo:
             cut_short = declared_seconds
             log.warning("%s: its header says %.2f s, its streams end at %.2f s; the file is cut short",
                         path.name, declared_seconds, reach)
+    if timeline.joins:
+        log.warning("%s: its clock starts again %d time(s) (recordings joined end to end?); the parts are timed "
+                    "one after the other", path.name, len(timeline.joins))
     if timeline.leading:
         log.warning("%s: %d video packets come before the first keyframe (a recording cut mid-GOP): the video "
                     "starts at that keyframe", path.name, timeline.leading)
@@ -167,7 +175,7 @@ def probe(path: str | Path) -> VideoInfo:
                      duration=float(timeline.length), time_base=Fraction(time_base), rotation=rotation, codec=codec,
                      pix_fmt=pix_fmt, has_audio=has_audio,
                      truncated_to=timeline.complete if timeline.counted < timeline.declared else None,
-                     cut_short=cut_short)
+                     cut_short=cut_short, joins=timeline.joins)
 
 
 def truncation_note(info: VideoInfo) -> str | None:
@@ -216,15 +224,20 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yu
     with _open(path) as container:
         stream = _video_stream(container, path)
         skipped: list[int] = []  # packets the decoder refused, in file order
+        timeline = _scan(container, stream) if start else None  # else read once a timestamp goes back
         frames = _decoded(container, stream, skipped) if start == 0 else \
-            _decoded_from(container, stream, path, start, skipped)
+            _decoded_from(container, stream, path, start, timeline, skipped)
         frames = _past_frame_thread_failure(path, frames, skipped)
         fallback_rate = stream.average_rate or Fraction(25)
         time_base = stream.time_base  # the frames' own: those drained from the decoder at a cut-off end have none
         positions: dict[int, int] | None = None  # presentation timestamp -> index, read once damage shows
         index = last = start - 1
+        previous: int | None = None  # the last frame's own timestamp
         for frame in frames:
             index += 1
+            if timeline is None and previous is not None and frame.pts is not None and frame.pts < previous:
+                timeline = _timeline_of(path)  # a join of files whose clocks restart, or a frame let out late
+            previous = frame.pts if frame.pts is not None else previous
             if skipped and frame.pts is not None:
                 positions = _positions(path) if positions is None else positions
                 index = positions.get(frame.pts, index)
@@ -234,7 +247,10 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yu
             if stop is not None and index >= stop:
                 return
             last = index
-            time = float(frame.pts * time_base) if frame.pts is not None and time_base else float(index / fallback_rate)
+            pts = frame.pts
+            if timeline is not None and timeline.joins and len(timeline.pts) == timeline.counted > index:
+                pts = int(timeline.pts[index])  # the clock run on past the joins, as `probe` times the video
+            time = float(pts * time_base) if pts is not None and time_base else float(index / fallback_rate)
             clockwise = _clockwise(frame)
             turned = clockwise in (90, 270)
             shown = (frame.height, frame.width) if turned else (frame.width, frame.height)
@@ -246,10 +262,10 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yu
                             "are scaled to %dx%d", path.name, *size, *shown, index, *size)
             planes = _yuv_planes(frame, clockwise) if yuv and not resized else None
             if planes is not None:
-                yield Frame(index, None, frame.pts, time, planes)
+                yield Frame(index, None, pts, time, planes)
             else:
                 stored = (size[1], size[0]) if turned else size
-                yield Frame(index, _display_rgb(frame, clockwise, stored if resized else None), frame.pts, time)
+                yield Frame(index, _display_rgb(frame, clockwise, stored if resized else None), pts, time)
             if stop is not None and index + 1 >= stop:
                 return
 
@@ -260,11 +276,15 @@ _RESIZED_TOLD: set[Path] = set()  # videos whose change of picture size was logg
 def _positions(path: Path) -> dict[int, int]:
     """Each frame's index by its presentation timestamp, from a demux pass over the whole file ({} when
     some packets have no timestamp)."""
-    with _open(path) as container:
-        timeline = _scan(container, _video_stream(container, path))
-    if len(timeline.pts) != timeline.counted:
+    timeline = _timeline_of(path)
+    if len(timeline.pts) != timeline.counted or timeline.joins:
         return {}
     return {int(pts): index for index, pts in enumerate(timeline.pts)}
+
+
+def _timeline_of(path: Path) -> _Timeline:
+    with _open(path) as container:
+        return _scan(container, _video_stream(container, path))
 
 
 def read_frame(path: str | Path, index: int, size: tuple[int, int] | None = None) -> Frame:
@@ -320,10 +340,9 @@ def _past_frame_thread_failure(path: Path, frames: Iterator[av.VideoFrame],
     except _FrameThreadsFailed:
         log.warning("%s: damage in the video; decoding it again from the last keyframe without frame threads",
                     path.name)
-    with _open(path) as container:
-        timeline = _scan(container, _video_stream(container, path))
-    if len(timeline.pts) != timeline.counted:
-        return  # without timestamps the frames let out again could not be told apart
+    timeline = _timeline_of(path)
+    if len(timeline.pts) != timeline.counted or timeline.joins:
+        return  # without timestamps (of their own) the frames let out again could not be told apart
     with _open(path) as container:
         stream = _video_stream(container, path, frame_threads=False)
         if last_pts is not None:
@@ -393,17 +412,17 @@ def _decoded(container: av.container.InputContainer, stream: av.VideoStream,
 
 
 def _decoded_from(container: av.container.InputContainer, stream: av.VideoStream, path: Path,
-                  index: int, skipped: list[int]) -> Iterator[av.VideoFrame]:
+                  index: int, timeline: _Timeline, skipped: list[int]) -> Iterator[av.VideoFrame]:
     """Decoded frames from the one at `index` on, starting at the nearest keyframe that works.
 
     Frames are identified by timestamp, so B-frames and variable frame rates
-    cannot shift the index. Without timestamps, or when no seek lands before
-    the frame, decoding starts at the beginning and counts.
+    cannot shift the index. Without timestamps, with a clock that restarts
+    (a timestamp can then name two frames), or when no seek lands before the
+    frame, decoding starts at the beginning and counts.
     """
-    timeline = _scan(container, stream)
     if index >= timeline.counted:
         return
-    if len(timeline.pts) == timeline.counted:
+    if len(timeline.pts) == timeline.counted and not timeline.joins:
         target = int(timeline.pts[index])
         before = timeline.keyframes[timeline.keyframes[:, 0] <= target]
         for _, seek_to in before[::-1][:3]:
@@ -439,10 +458,14 @@ def _scan(container: av.container.InputContainer, stream: av.VideoStream) -> _Ti
     counted = 0
     complete: int | None = None
     leading: int | None = None  # packets before the first keyframe
+    time_base = stream.time_base or Fraction(1, av.time_base)
+    nominal = 1 / stream.average_rate if stream.average_rate else Fraction(1, 25)
+    clock = _ContinuousClock(time_base, max(round(nominal / time_base), 1))
     try:
         for packet in container.demux(stream):
             if packet.size == 0:  # the end-of-stream marker
                 continue
+            offset = clock.shift(packet.dts)
             if packet.is_corrupt and complete is None:
                 complete = counted
             if packet.is_keyframe and packet.pts is not None:  # discarded ones too: a cut file starts there
@@ -451,16 +474,14 @@ def _scan(container: av.container.InputContainer, stream: av.VideoStream) -> _Ti
             if packet.is_discard:
                 continue
             counted += 1
-            pts.append(packet.pts)
+            pts.append(None if packet.pts is None else packet.pts + offset)
     except (av.FFmpegError, EOFError) as exc:
         log.warning("%s: reading stopped after %d video packets: %s", container.name, counted, exc)
     if leading:  # none at all: a stream that does not flag its keyframes keeps every packet
         pts, counted, declared = pts[leading:], counted - leading, max(declared - leading, 0)
         complete = None if complete is None else max(complete - leading, 0)
     pts = [value for value in pts if value is not None]
-    time_base = stream.time_base or Fraction(1, av.time_base)
     ordered = np.sort(np.asarray(pts, dtype=np.int64))
-    nominal = 1 / stream.average_rate if stream.average_rate else Fraction(1, 25)
     if len(ordered) > 1:
         interval = int(round(float(np.median(np.diff(ordered))))) * time_base or nominal
         length = (int(ordered[-1]) - int(ordered[0])) * time_base + interval
@@ -470,7 +491,37 @@ def _scan(container: av.container.InputContainer, stream: av.VideoStream) -> _Ti
         length = max(length, stream.duration * time_base)
     return _Timeline(pts=ordered, keyframes=np.asarray(sorted(keyframes), dtype=np.int64).reshape(-1, 2),
                      counted=counted, complete=counted if complete is None else complete, declared=declared,
-                     length=Fraction(length), leading=leading or 0)
+                     length=Fraction(length), leading=leading or 0, joins=tuple(clock.joins))
+
+
+class _ContinuousClock:
+    """Timestamps of files joined end to end (`cat` of recordings), whose clock starts again at each join,
+    made to run on: a decoding timestamp that goes back (a real stream's never does) is a join, and what
+    follows it is moved to come one `step` after the last one, or by as much as the picture was (`follow`,
+    the picture's `joins`), so that the sound keeps with it. FFmpeg moves only jumps of more than 10 s in
+    MPEG-TS and squeezes shorter ones into one instant."""
+
+    def __init__(self, time_base: Fraction, step: int, follow: Sequence[Fraction] = ()):
+        self.time_base = time_base
+        self.step = step  # what follows the last timestamp before a join (one frame or one packet)
+        self.follow = follow
+        self.joins: list[Fraction] = []  # the shift after each join so far, in seconds
+        self.reached = 0  # where the stream had got to at the last join (its last timestamp plus a step)
+        self._shift = 0
+        self._last: int | None = None
+
+    def shift(self, dts: int | None, step: int | None = None) -> int:
+        """What to add to this packet's timestamps (and to those after it, until the next join)."""
+        if dts is not None:
+            if self._last is not None and dts + self._shift < self._last:
+                self.reached = self._last + self.step
+                joined = len(self.joins)
+                self._shift = round(self.follow[joined] / self.time_base) if joined < len(self.follow) \
+                    else self.reached - dts
+                self.joins.append(self._shift * self.time_base)
+            self._last = dts + self._shift
+            self.step = step or self.step
+        return self._shift
 
 
 def _clockwise(frame: av.VideoFrame) -> int:
@@ -624,7 +675,8 @@ class VideoWriter(AtomicWriter):
             options = {"movflags": "+faststart"} if target.format in ("mp4", "mov") else {}
             self._container = av.open(str(self._temp), "w", format=target.format, options=options)
             self._video = self._add_video(codec, _encoder_options(codec, crf, preset))
-            self._audio = _AudioTrack.all_of(Path(audio_from), self._container, target) if audio_from else []
+            self._audio = _AudioTrack.all_of(Path(audio_from), self._container, target, info.joins) \
+                if audio_from else []
             self._container.start_encoding()
         except BaseException as exc:
             self.abort()
@@ -770,8 +822,10 @@ class _AudioTrack:
     """One audio stream of a file, copied or re-encoded into an output as the video advances."""
 
     @classmethod
-    def all_of(cls, source: Path, output: av.container.OutputContainer, target: _Target) -> list[_AudioTrack]:
-        """A track for each audio stream of `source`, in its order; each reads the file on its own."""
+    def all_of(cls, source: Path, output: av.container.OutputContainer, target: _Target,
+               joins: Sequence[Fraction] = ()) -> list[_AudioTrack]:
+        """A track for each audio stream of `source`, in its order; each reads the file on its own and moves
+        its parts after joins by the picture's `joins`."""
         tracks: list[_AudioTrack] = []
         try:
             while True:
@@ -781,7 +835,7 @@ class _AudioTrack:
                     container.close()
                     return tracks
                 try:
-                    tracks.append(cls(container, usable[len(tracks)], output, target))
+                    tracks.append(cls(container, usable[len(tracks)], output, target, joins))
                 except BaseException:
                     container.close()
                     raise
@@ -791,7 +845,7 @@ class _AudioTrack:
             raise
 
     def __init__(self, container: av.container.InputContainer, source: av.AudioStream,
-                 output: av.container.OutputContainer, target: _Target):
+                 output: av.container.OutputContainer, target: _Target, joins: Sequence[Fraction] = ()):
         self._input = container
         self._source = source
         self._copy = self._source.codec.canonical_name in target.audio_copy
@@ -813,12 +867,14 @@ class _AudioTrack:
         self._output = output
         self._packets = self._input.demux(self._source)
         self._pending: av.Packet | None = None
+        self._clock = _ContinuousClock(source.time_base, 1, joins)
+        self._written = self._before_picture = False  # whether any packet was written, or left out as too early
 
     def copy_until(self, seconds: float, start: float, final: bool = False) -> None:
         """Write the audio before `seconds` of output time; with `final`, close the input."""
         try:
             while True:
-                packet = self._pending or next(self._packets, None)
+                packet = self._pending or self._next_packet()
                 self._pending = None
                 if packet is None:
                     break
@@ -828,14 +884,38 @@ class _AudioTrack:
                 if begins >= seconds:
                     self._pending = packet
                     break
+                if start > 0 and begins + float(packet.duration * packet.time_base) <= 0:
+                    self._before_picture = True  # sound before a first frame stamped late: the video starts there
+                    continue
                 self._write(packet, start)  # earlier audio too: an AAC stream's priming packet comes first
+                self._written = True
         except (av.FFmpegError, EOFError) as exc:
             log.warning("%s: audio stopped early: %s", self._input.name, exc)
             self._packets = iter(())
         if final:
             if not self._copy:
                 self._output.mux(self._stream.encode(None))
+            if self._before_picture and not self._written:
+                log.warning("%s: audio track %d ends before the first frame: the output has none of it",
+                            self._input.name, self._source.index)
             self.close()
+
+    def _next_packet(self) -> av.Packet | None:
+        """The next packet, timed on past joins; after a join, those that would overlap the part before it
+        (whose sound outlasts its picture by an AAC frame or so) are dropped to keep the parts in sync."""
+        joins_before = len(self._clock.joins)
+        for packet in self._packets:
+            if packet.pts is None:
+                return packet
+            dts = packet.pts if packet.dts is None else packet.dts
+            shift = self._clock.shift(dts, packet.duration or None)
+            if len(self._clock.joins) > joins_before and dts + shift < self._clock.reached:
+                continue
+            packet.pts += shift
+            if packet.dts is not None:
+                packet.dts += shift
+            return packet
+        return None
 
     def _write(self, packet: av.Packet, start: float) -> None:
         shift = round(start / packet.time_base)
