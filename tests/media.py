@@ -132,20 +132,23 @@ def _write_sine(container: av.container.OutputContainer, stream: av.AudioStream,
 
 
 def make_joined_recording(path: str | Path, sizes: tuple[tuple[int, int], ...], frames: int = 8, *,
-                          restart: bool = False, audio: bool = False, bframes: int = 0) -> Path:
+                          restart: bool = False, audio: bool | tuple[bool, ...] = False,
+                          bframes: int | tuple[int, ...] = 0) -> Path:
     """MPEG-TS segments joined byte by byte, as recorders and stream dumps do: one video stream whose size
     changes where a segment of another size starts; the disc of `clip_frame` moves on across the joins.
     With `restart` each segment's clock starts again (separate recordings joined with `cat`); `audio`
-    gives each segment its length of sound."""
+    gives each segment (or those it names, one flag each) its length of sound; `bframes` is each one's
+    B-frame count (or one for all)."""
     path = Path(path)
     total = frames * len(sizes)
     with open(path, "wb") as joined:
         for number, (width, height) in enumerate(sizes):
             segment = path.with_name(f"{path.stem}.{number}.ts")
             container = av.open(str(segment), "w", format="mpegts")
-            stream = container.add_stream("libx264", rate=25, options={"bf": str(bframes)})
+            b = bframes[number] if isinstance(bframes, tuple) else bframes
+            stream = container.add_stream("libx264", rate=25, options={"bf": str(b)})
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            sound = _add_sine_stream(container) if audio else None
+            sound = _add_sine_stream(container) if (audio[number] if isinstance(audio, tuple) else audio) else None
             for index in range(frames):
                 picture = clip_frame(number * frames + index, total, width, height)
                 frame = av.VideoFrame.from_ndarray(picture, format="rgb24")

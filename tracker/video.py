@@ -58,6 +58,18 @@ class YuvPicture:
 
 
 @dataclass(frozen=True)
+class Join:
+    """Where a recording joined to the one before it (`cat a.ts b.ts`) starts with its clock set back: its
+    picture's first timestamp and where its bytes begin, and how much later its timestamps are moved."""
+
+    first_pts: int  # the part's first keyframe, in the video stream's time base, as stored
+    position: int  # byte offset of that keyframe's packet; -1 when the demuxer does not say
+    after: int  # byte offset of the last video packet before it (the sound between them may be either part's)
+    shift: int  # added to the part's timestamps (the video stream's time base; cumulative over the parts)
+    seconds: Fraction  # the same in seconds
+
+
+@dataclass(frozen=True)
 class VideoInfo:
     """What the tracker needs to know about a video before decoding it.
 
@@ -73,9 +85,8 @@ class VideoInfo:
     index went with the cut (Matroska and WebM keep it at the end),
     `cut_short` is the length in seconds the header still declares, when
     every stream ends well before it: the frames present are all there is.
-    `joins` are the seconds added to the timestamps after each point where
-    the clock starts again (recordings joined end to end), so that the parts
-    play one after the other.
+    `joins` are the points where the clock starts again (recordings joined
+    end to end): the parts after them are moved to play one after the other.
     """
 
     path: Path
@@ -91,7 +102,7 @@ class VideoInfo:
     has_audio: bool
     truncated_to: int | None = None
     cut_short: float | None = None
-    joins: tuple[Fraction, ...] = ()
+    joins: tuple[Join, ...] = ()
 
     @property
     def size(self) -> tuple[int, int]:
@@ -130,7 +141,7 @@ class _Timeline:
     declared: int  # frames the container's index lists (0 when it keeps none)
     length: Fraction  # seconds from the start of the first frame to the end of the last one
     leading: int = 0  # packets before the first keyframe, left out of the rest
-    joins: tuple[Fraction, ...] = ()  # seconds added after each restart of the clock (see _ContinuousClock)
+    joins: tuple[Join, ...] = ()  # where the clock starts again (see `_find_joins`)
 
 
 def probe(path: str | Path) -> VideoInfo:
@@ -224,20 +235,15 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yu
     with _open(path) as container:
         stream = _video_stream(container, path)
         skipped: list[int] = []  # packets the decoder refused, in file order
-        timeline = _scan(container, stream) if start else None  # else read once a timestamp goes back
-        frames = _decoded(container, stream, skipped) if start == 0 else \
-            _decoded_from(container, stream, path, start, timeline, skipped)
+        frames = _rejoined(_decoded(container, stream, skipped), path) if start == 0 else \
+            _decoded_from(container, stream, path, start, skipped)
         frames = _past_frame_thread_failure(path, frames, skipped)
         fallback_rate = stream.average_rate or Fraction(25)
         time_base = stream.time_base  # the frames' own: those drained from the decoder at a cut-off end have none
         positions: dict[int, int] | None = None  # presentation timestamp -> index, read once damage shows
         index = last = start - 1
-        previous: int | None = None  # the last frame's own timestamp
         for frame in frames:
             index += 1
-            if timeline is None and previous is not None and frame.pts is not None and frame.pts < previous:
-                timeline = _timeline_of(path)  # a join of files whose clocks restart, or a frame let out late
-            previous = frame.pts if frame.pts is not None else previous
             if skipped and frame.pts is not None:
                 positions = _positions(path) if positions is None else positions
                 index = positions.get(frame.pts, index)
@@ -248,8 +254,6 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yu
                 return
             last = index
             pts = frame.pts
-            if timeline is not None and timeline.joins and len(timeline.pts) == timeline.counted > index:
-                pts = int(timeline.pts[index])  # the clock run on past the joins, as `probe` times the video
             time = float(pts * time_base) if pts is not None and time_base else float(index / fallback_rate)
             clockwise = _clockwise(frame)
             turned = clockwise in (90, 270)
@@ -277,7 +281,7 @@ def _positions(path: Path) -> dict[int, int]:
     """Each frame's index by its presentation timestamp, from a demux pass over the whole file ({} when
     some packets have no timestamp)."""
     timeline = _timeline_of(path)
-    if len(timeline.pts) != timeline.counted or timeline.joins:
+    if len(timeline.pts) != timeline.counted:
         return {}
     return {int(pts): index for index, pts in enumerate(timeline.pts)}
 
@@ -285,6 +289,26 @@ def _positions(path: Path) -> dict[int, int]:
 def _timeline_of(path: Path) -> _Timeline:
     with _open(path) as container:
         return _scan(container, _video_stream(container, path))
+
+
+def _rejoined(frames: Iterator[av.VideoFrame], path: Path, timeline: _Timeline | None = None
+              ) -> Iterator[av.VideoFrame]:
+    """Decoded frames (from the file's start) with each joined part's timestamps moved as `_scan` moves them.
+
+    A part begins at the frame stamped with its first keyframe's timestamp, once the timestamps have gone
+    back; the timeline is read (one demux pass) only when they first do.
+    """
+    part, previous = 0, None
+    for frame in frames:
+        if frame.pts is not None:
+            if previous is not None and frame.pts <= previous:
+                timeline = timeline or _timeline_of(path)
+                if part < len(timeline.joins) and frame.pts == timeline.joins[part].first_pts:
+                    part += 1
+            previous = frame.pts
+            if part:
+                frame.pts += timeline.joins[part - 1].shift
+        yield frame
 
 
 def read_frame(path: str | Path, index: int, size: tuple[int, int] | None = None) -> Frame:
@@ -412,7 +436,7 @@ def _decoded(container: av.container.InputContainer, stream: av.VideoStream,
 
 
 def _decoded_from(container: av.container.InputContainer, stream: av.VideoStream, path: Path,
-                  index: int, timeline: _Timeline, skipped: list[int]) -> Iterator[av.VideoFrame]:
+                  index: int, skipped: list[int]) -> Iterator[av.VideoFrame]:
     """Decoded frames from the one at `index` on, starting at the nearest keyframe that works.
 
     Frames are identified by timestamp, so B-frames and variable frame rates
@@ -420,6 +444,7 @@ def _decoded_from(container: av.container.InputContainer, stream: av.VideoStream
     (a timestamp can then name two frames), or when no seek lands before the
     frame, decoding starts at the beginning and counts.
     """
+    timeline = _scan(container, stream)
     if index >= timeline.counted:
         return
     if len(timeline.pts) == timeline.counted and not timeline.joins:
@@ -440,7 +465,8 @@ def _decoded_from(container: av.container.InputContainer, stream: av.VideoStream
                     return
         log.warning("%s: seeking to frame %d failed; decoding from the start", path.name, index)
     with _open(path) as fresh:
-        yield from itertools.islice(_decoded(fresh, _video_stream(fresh, path), skipped), index, None)
+        frames = _rejoined(_decoded(fresh, _video_stream(fresh, path), skipped), path, timeline)
+        yield from itertools.islice(frames, index, None)
 
 
 def _scan(container: av.container.InputContainer, stream: av.VideoStream) -> _Timeline:
@@ -460,12 +486,16 @@ def _scan(container: av.container.InputContainer, stream: av.VideoStream) -> _Ti
     leading: int | None = None  # packets before the first keyframe
     time_base = stream.time_base or Fraction(1, av.time_base)
     nominal = 1 / stream.average_rate if stream.average_rate else Fraction(1, 25)
-    clock = _ContinuousClock(time_base, max(round(nominal / time_base), 1))
+    joins = _JoinFinder(time_base, max(round(nominal / time_base), 1))
+    kept_previous = False  # whether the packet before this one is in `pts`
     try:
         for packet in container.demux(stream):
             if packet.size == 0:  # the end-of-stream marker
                 continue
-            offset = clock.shift(packet.dts)
+            shift, moved_previous = joins.see(packet)
+            if kept_previous and pts[-1] is not None:
+                pts[-1] += moved_previous
+            kept_previous = not packet.is_discard
             if packet.is_corrupt and complete is None:
                 complete = counted
             if packet.is_keyframe and packet.pts is not None:  # discarded ones too: a cut file starts there
@@ -474,7 +504,7 @@ def _scan(container: av.container.InputContainer, stream: av.VideoStream) -> _Ti
             if packet.is_discard:
                 continue
             counted += 1
-            pts.append(None if packet.pts is None else packet.pts + offset)
+            pts.append(None if packet.pts is None else packet.pts + shift)
     except (av.FFmpegError, EOFError) as exc:
         log.warning("%s: reading stopped after %d video packets: %s", container.name, counted, exc)
     if leading:  # none at all: a stream that does not flag its keyframes keeps every packet
@@ -491,37 +521,50 @@ def _scan(container: av.container.InputContainer, stream: av.VideoStream) -> _Ti
         length = max(length, stream.duration * time_base)
     return _Timeline(pts=ordered, keyframes=np.asarray(sorted(keyframes), dtype=np.int64).reshape(-1, 2),
                      counted=counted, complete=counted if complete is None else complete, declared=declared,
-                     length=Fraction(length), leading=leading or 0, joins=tuple(clock.joins))
+                     length=Fraction(length), leading=leading or 0, joins=tuple(joins.found))
 
 
-class _ContinuousClock:
-    """Timestamps of files joined end to end (`cat` of recordings), whose clock starts again at each join,
-    made to run on: a decoding timestamp that goes back (a real stream's never does) is a join, and what
-    follows it is moved to come one `step` after the last one, or by as much as the picture was (`follow`,
-    the picture's `joins`), so that the sound keeps with it. FFmpeg moves only jumps of more than 10 s in
-    MPEG-TS and squeezes shorter ones into one instant."""
+class _JoinFinder:
+    """Finds, packet by packet, where recordings joined end to end (`cat a.ts b.ts`) start with their clock
+    set back, and moves each such part to follow the one before by one frame `step`.
 
-    def __init__(self, time_base: Fraction, step: int, follow: Sequence[Fraction] = ()):
+    A part starts at a keyframe stamped no later than a frame before it (in one recording a keyframe
+    comes after every frame decoded before it, B-frames or not) whose next packet goes on from it (after a
+    timestamp damaged in transmission the next one is back on the old clock). FFmpeg moves only MPEG-TS
+    jumps of more than 10 s and squeezes shorter ones into one instant.
+    """
+
+    def __init__(self, time_base: Fraction, step: int):
         self.time_base = time_base
-        self.step = step  # what follows the last timestamp before a join (one frame or one packet)
-        self.follow = follow
-        self.joins: list[Fraction] = []  # the shift after each join so far, in seconds
-        self.reached = 0  # where the stream had got to at the last join (its last timestamp plus a step)
-        self._shift = 0
-        self._last: int | None = None
+        self.step = step  # one frame interval, in time_base ticks
+        self.found: list[Join] = []
+        self._shift = 0  # ticks added to the current part's timestamps
+        self._latest: int | None = None  # the latest presentation timestamp so far, moved
+        self._candidate: tuple[int, int, int, int, int] | None = None  # pts, dts, position, after, latest
+        self._position = -1  # the last packet's byte offset
 
-    def shift(self, dts: int | None, step: int | None = None) -> int:
-        """What to add to this packet's timestamps (and to those after it, until the next join)."""
-        if dts is not None:
-            if self._last is not None and dts + self._shift < self._last:
-                self.reached = self._last + self.step
-                joined = len(self.joins)
-                self._shift = round(self.follow[joined] / self.time_base) if joined < len(self.follow) \
-                    else self.reached - dts
-                self.joins.append(self._shift * self.time_base)
-            self._last = dts + self._shift
-            self.step = step or self.step
-        return self._shift
+    def see(self, packet: av.Packet) -> tuple[int, int]:
+        """The shift for this packet's timestamps, and what the packet before it turned out to need added."""
+        moved_previous = 0
+        if self._candidate is not None:
+            first_pts, first_dts, position, after, latest = self._candidate
+            self._candidate = None
+            if packet.dts is not None and 0 < packet.dts - first_dts <= 4 * self.step:
+                shift = latest + self.step - first_pts
+                moved_previous, self._shift, self._latest = shift - self._shift, shift, latest + self.step
+                self.found.append(Join(first_pts, position, after, shift, shift * self.time_base))
+        if packet.pts is not None:
+            moved = packet.pts + self._shift
+            if packet.is_keyframe and packet.dts is not None and self._latest is not None and moved <= self._latest:
+                self._candidate = (packet.pts, packet.dts, _position(packet), self._position, self._latest)
+            else:
+                self._latest = moved if self._latest is None else max(self._latest, moved)
+        self._position = _position(packet)
+        return self._shift, moved_previous
+
+
+def _position(packet: av.Packet) -> int:
+    return -1 if packet.pos is None else packet.pos
 
 
 def _clockwise(frame: av.VideoFrame) -> int:
@@ -823,7 +866,7 @@ class _AudioTrack:
 
     @classmethod
     def all_of(cls, source: Path, output: av.container.OutputContainer, target: _Target,
-               joins: Sequence[Fraction] = ()) -> list[_AudioTrack]:
+               joins: Sequence[Join] = ()) -> list[_AudioTrack]:
         """A track for each audio stream of `source`, in its order; each reads the file on its own and moves
         its parts after joins by the picture's `joins`."""
         tracks: list[_AudioTrack] = []
@@ -845,7 +888,7 @@ class _AudioTrack:
             raise
 
     def __init__(self, container: av.container.InputContainer, source: av.AudioStream,
-                 output: av.container.OutputContainer, target: _Target, joins: Sequence[Fraction] = ()):
+                 output: av.container.OutputContainer, target: _Target, joins: Sequence[Join] = ()):
         self._input = container
         self._source = source
         self._copy = self._source.codec.canonical_name in target.audio_copy
@@ -867,7 +910,11 @@ class _AudioTrack:
         self._output = output
         self._packets = self._input.demux(self._source)
         self._pending: av.Packet | None = None
-        self._clock = _ContinuousClock(source.time_base, 1, joins)
+        self._joins = joins
+        self._part = 0  # the joined part the last packet belongs to
+        self._last_dts: int | None = None  # the last packet's, as stored
+        self._floor: int | None = None  # the earliest (moved) decoding timestamp the next packet may have
+        self._kept_end: int | None = None  # where the last packet written ends (moved)
         self._written = self._before_picture = False  # whether any packet was written, or left out as too early
 
     def copy_until(self, seconds: float, start: float, final: bool = False) -> None:
@@ -901,19 +948,34 @@ class _AudioTrack:
             self.close()
 
     def _next_packet(self) -> av.Packet | None:
-        """The next packet, timed on past joins; after a join, those that would overlap the part before it
-        (whose sound outlasts its picture by an AAC frame or so) are dropped to keep the parts in sync."""
-        joins_before = len(self._clock.joins)
+        """The next packet, moved as the picture's part it belongs to (`VideoInfo.joins`).
+
+        A packet belongs to the part whose bytes it lies in; one between the last picture of a part and the
+        next part's first keyframe, to the next part when its clock went back. Packets that would not come
+        after those written (a damaged timestamp, the next part's sound overlapping a part whose sound
+        outlasts its picture) are left out: the muxer takes no step back.
+        """
         for packet in self._packets:
             if packet.pts is None:
                 return packet
             dts = packet.pts if packet.dts is None else packet.dts
-            shift = self._clock.shift(dts, packet.duration or None)
-            if len(self._clock.joins) > joins_before and dts + shift < self._clock.reached:
+            position, part = _position(packet), self._part
+            while part < len(self._joins) and 0 <= self._joins[part].position <= position:
+                part += 1
+            if part < len(self._joins) and position > self._joins[part].after and self._last_dts is not None \
+                    and dts < self._last_dts:
+                part += 1
+            if part > self._part and self._kept_end is not None:
+                self._floor = self._kept_end
+            self._part, self._last_dts = part, dts
+            shift = round(self._joins[part - 1].seconds / packet.time_base) if part else 0
+            if self._floor is not None and dts + shift < self._floor:
                 continue
-            packet.pts += shift
-            if packet.dts is not None:
-                packet.dts += shift
+            if shift:
+                packet.pts += shift
+                if packet.dts is not None:
+                    packet.dts += shift
+            self._floor, self._kept_end = dts + shift + 1, dts + shift + (packet.duration or 0)
             return packet
         return None
 
