@@ -163,6 +163,46 @@ def make_joined_recording(path: str | Path, sizes: tuple[tuple[int, int], ...], 
     return path
 
 
+def capture_from(source: str | Path, path: str | Path, packet: int) -> Path:
+    """The video of an MPEG-TS `source` from its `packet`-th video packet on, timestamps as they were: a
+    capture started mid-stream (mid-GOP, its first pictures refer to ones it lacks)."""
+    with av.open(str(source)) as whole, av.open(str(path), "w", format="mpegts") as capture:
+        stream = capture.add_stream_from_template(whole.streams.video[0])
+        packets = (p for p in whole.demux(whole.streams.video[0]) if p.size)
+        for kept in itertools.islice(packets, packet, None):
+            kept.stream = stream
+            capture.mux(kept)
+    return Path(path)
+
+
+def _pes_timestamp(field: bytes) -> int:
+    return ((field[0] >> 1) & 7) << 30 | field[1] << 22 | (field[2] >> 1) << 15 | field[3] << 7 | field[4] >> 1
+
+
+def _pes_field(marker: int, value: int) -> bytes:
+    return bytes([marker << 4 | (value >> 30 & 7) << 1 | 1, value >> 22 & 0xFF, (value >> 15 & 0x7F) << 1 | 1,
+                  value >> 7 & 0xFF, (value & 0x7F) << 1 | 1])
+
+
+def damaged_timestamp_copy(source: str | Path, path: str | Path, packet: int, seconds: float) -> Path:
+    """A copy of an MPEG-TS file whose `packet`-th video packet is stamped `seconds` off (both timestamps),
+    as one damaged in transmission."""
+    data = bytearray(Path(source).read_bytes())
+    start = count = 0
+    while (start := data.find(b"\x00\x00\x01\xe0", start) + 1) > 0:  # a video PES header
+        flags, at = data[start + 6], start + 8
+        if not flags & 0x80:  # no timestamps
+            continue
+        if count == packet:
+            for field in ((at,) if not flags & 0x40 else (at, at + 5)):  # PTS, and DTS when present
+                moved = (_pes_timestamp(data[field:field + 5]) + round(seconds * 90000)) % (1 << 33)
+                data[field:field + 5] = _pes_field(data[field] >> 4, moved)
+            break
+        count += 1
+    Path(path).write_bytes(data)
+    return Path(path)
+
+
 def make_audio_only(path: str | Path, seconds: float = 1.0) -> Path:
     """An MP4 (M4A) file with an AAC sine and no video stream."""
     path = Path(path)

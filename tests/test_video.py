@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from media import (TRACK_LANGUAGES, blanked_media_copy, clip_frame, disc_centre, make_audio_only, make_clip,
-                   make_empty_file, make_joined_recording, make_text_file, noisy_copy, top_level_atoms,
-                   truncated_copy)
+from media import (TRACK_LANGUAGES, blanked_media_copy, capture_from, clip_frame, damaged_timestamp_copy,
+                   disc_centre, make_audio_only, make_clip, make_empty_file, make_joined_recording, make_text_file,
+                   noisy_copy, top_level_atoms, truncated_copy)
 from tracker.errors import TrackerError, VideoError
 from tracker.exports import export_cutout
 from tracker.render import MaskZipWriter
@@ -530,6 +530,33 @@ def test_a_joined_part_without_sound_leaves_a_gap_and_the_next_parts_sound_in_it
     joined = make_joined_recording(tmp_path / "joined.ts", ((160, 120),) * 3, frames=10, restart=True,
                                    audio=(True, False, True))
     assert sound_runs(encode_copy(joined, tmp_path / "out.mp4")) == pytest.approx([0, 0.4, 0.8, 1.2], abs=0.05)
+
+
+@pytest.mark.parametrize("bframes", [0, 2])
+def test_a_capture_started_mid_stream_joined_after_a_recording_follows_it(media_dir, tmp_path, bframes):
+    """A capture that starts mid-GOP begins with pictures that refer to ones it lacks: the part starts with
+    them, one frame after the part before, whether read through or sought."""
+    whole = make_clip(media_dir / f"gop12_{bframes}.ts", frames=60, gop=12, bframes=bframes, audio=False)
+    capture = capture_from(whole, tmp_path / "capture.ts", packet=17)
+    first = make_clip(media_dir / "first.ts", frames=30, gop=12, audio=False)
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(first.read_bytes() + capture.read_bytes())
+    info = probe(joined)
+    assert len(info.joins) == 1 and info.frame_count == 30 + 43
+    frames = list(iter_frames(joined))  # those of the capture before its first keyframe may not decode
+    times = [f.time for f in frames]
+    assert np.diff(times) == pytest.approx(np.diff([f.index for f in frames]) / FPS)  # in order, none squeezed
+    assert frames[-1].index == 72 and times[-1] == pytest.approx(times[0] + 72 / FPS)
+    later = {f.index: f.time for f in frames[-10:]}
+    assert {i: read_frame(joined, i).time for i in later} == later
+
+
+@pytest.mark.parametrize("seconds", [10.0, -1.0])
+def test_one_damaged_timestamp_is_no_join(media_dir, tmp_path, seconds):
+    source = make_clip(media_dir / "gop12.ts", frames=60, gop=12, bframes=2)
+    damaged = damaged_timestamp_copy(source, tmp_path / "damaged.ts", packet=30, seconds=seconds)
+    assert [f.time for f in iter_frames(damaged)] != [f.time for f in iter_frames(source)]  # it is damaged
+    assert probe(damaged).joins == () and probe(damaged).frame_count == 60
 
 
 def test_recordings_that_go_on_from_each_other_are_not_taken_for_joins(tmp_path):

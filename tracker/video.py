@@ -12,8 +12,9 @@ import logging
 import os
 import tempfile
 import threading
+from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -62,8 +63,9 @@ class Join:
     """Where a recording joined to the one before it (`cat a.ts b.ts`) starts with its clock set back: its
     picture's first timestamp and where its bytes begin, and how much later its timestamps are moved."""
 
-    first_pts: int  # the part's first keyframe, in the video stream's time base, as stored
-    position: int  # byte offset of that keyframe's packet; -1 when the demuxer does not say
+    first_pts: int  # the part's first picture, in the video stream's time base, as stored
+    reach: int  # the part's first picture that decodes is stamped within this much after `first_pts`
+    position: int  # byte offset of the part's first packet; -1 when the demuxer does not say
     after: int  # byte offset of the last video packet before it (the sound between them may be either part's)
     shift: int  # added to the part's timestamps (the video stream's time base; cumulative over the parts)
     seconds: Fraction  # the same in seconds
@@ -295,15 +297,16 @@ def _rejoined(frames: Iterator[av.VideoFrame], path: Path, timeline: _Timeline |
               ) -> Iterator[av.VideoFrame]:
     """Decoded frames (from the file's start) with each joined part's timestamps moved as `_scan` moves them.
 
-    A part begins at the frame stamped with its first keyframe's timestamp, once the timestamps have gone
-    back; the timeline is read (one demux pass) only when they first do.
+    A part begins where the timestamps go back to its first picture's (or a little after it, when that
+    one does not decode); the timeline is read (one demux pass) only when they first go back.
     """
     part, previous = 0, None
     for frame in frames:
         if frame.pts is not None:
             if previous is not None and frame.pts <= previous:
                 timeline = timeline or _timeline_of(path)
-                if part < len(timeline.joins) and frame.pts == timeline.joins[part].first_pts:
+                if part < len(timeline.joins) and \
+                        0 <= frame.pts - timeline.joins[part].first_pts <= timeline.joins[part].reach:
                     part += 1
             previous = frame.pts
             if part:
@@ -353,8 +356,9 @@ class _FrameThreadsFailed(Exception):
 def _past_frame_thread_failure(path: Path, frames: Iterator[av.VideoFrame],
                                skipped: list[int]) -> Iterator[av.VideoFrame]:
     """`frames`, and after a frame-threaded decoder's failure on damage, the file decoded again without frame
-    threads (which skip a damaged packet and go on) from the keyframe at or before the last frame let out.
-    Frames let out already come again; `iter_frames` drops them (it numbers frames by timestamp then)."""
+    threads (which skip a damaged packet and go on) from the keyframe at or before the last frame let out
+    (from the start in joined recordings, where a timestamp can name two frames). Frames let out already
+    come again; `iter_frames` drops them (it numbers frames by timestamp then)."""
     last_pts = None
     try:
         for frame in frames:
@@ -365,10 +369,13 @@ def _past_frame_thread_failure(path: Path, frames: Iterator[av.VideoFrame],
         log.warning("%s: damage in the video; decoding it again from the last keyframe without frame threads",
                     path.name)
     timeline = _timeline_of(path)
-    if len(timeline.pts) != timeline.counted or timeline.joins:
-        return  # without timestamps (of their own) the frames let out again could not be told apart
+    if len(timeline.pts) != timeline.counted:
+        return  # without timestamps the frames let out again could not be told apart
     with _open(path) as container:
         stream = _video_stream(container, path, frame_threads=False)
+        if timeline.joins:
+            yield from _rejoined(_decoded(container, stream, skipped), path, timeline)
+            return
         if last_pts is not None:
             before = timeline.keyframes[timeline.keyframes[:, 0] <= last_pts]
             if len(before):
@@ -487,15 +494,12 @@ def _scan(container: av.container.InputContainer, stream: av.VideoStream) -> _Ti
     time_base = stream.time_base or Fraction(1, av.time_base)
     nominal = 1 / stream.average_rate if stream.average_rate else Fraction(1, 25)
     joins = _JoinFinder(time_base, max(round(nominal / time_base), 1))
-    kept_previous = False  # whether the packet before this one is in `pts`
+    seen: list[int] = []  # each counted packet's number among all those seen (what `joins` counts in)
     try:
         for packet in container.demux(stream):
             if packet.size == 0:  # the end-of-stream marker
                 continue
-            shift, moved_previous = joins.see(packet)
-            if kept_previous and pts[-1] is not None:
-                pts[-1] += moved_previous
-            kept_previous = not packet.is_discard
+            joins.see(packet)
             if packet.is_corrupt and complete is None:
                 complete = counted
             if packet.is_keyframe and packet.pts is not None:  # discarded ones too: a cut file starts there
@@ -504,13 +508,14 @@ def _scan(container: av.container.InputContainer, stream: av.VideoStream) -> _Ti
             if packet.is_discard:
                 continue
             counted += 1
-            pts.append(None if packet.pts is None else packet.pts + shift)
+            pts.append(packet.pts)
+            seen.append(joins.seen - 1)
     except (av.FFmpegError, EOFError) as exc:
         log.warning("%s: reading stopped after %d video packets: %s", container.name, counted, exc)
     if leading:  # none at all: a stream that does not flag its keyframes keeps every packet
-        pts, counted, declared = pts[leading:], counted - leading, max(declared - leading, 0)
+        pts, seen, counted, declared = pts[leading:], seen[leading:], counted - leading, max(declared - leading, 0)
         complete = None if complete is None else max(complete - leading, 0)
-    pts = [value for value in pts if value is not None]
+    pts = [value + shift for value, shift in zip(pts, joins.shifts(seen)) if value is not None]
     ordered = np.sort(np.asarray(pts, dtype=np.int64))
     if len(ordered) > 1:
         interval = int(round(float(np.median(np.diff(ordered))))) * time_base or nominal
@@ -528,39 +533,66 @@ class _JoinFinder:
     """Finds, packet by packet, where recordings joined end to end (`cat a.ts b.ts`) start with their clock
     set back, and moves each such part to follow the one before by one frame `step`.
 
-    A part starts at a keyframe stamped no later than a frame before it (in one recording a keyframe
-    comes after every frame decoded before it, B-frames or not) whose next packet goes on from it (after a
-    timestamp damaged in transmission the next one is back on the old clock). FFmpeg moves only MPEG-TS
+    A part starts at a packet whose decoding and presentation timestamps are both behind those of the
+    two packets before it (one recording's decoding timestamps only rise, and a packet shown earlier than
+    both is no B-frame of theirs) and whose next packet goes on from it (after a timestamp damaged in
+    transmission the next one is back on the old clock). The part's first picture is the earliest one
+    among its first packets (an open GOP shows B-frames before its keyframe). FFmpeg moves only MPEG-TS
     jumps of more than 10 s and squeezes shorter ones into one instant.
     """
+
+    OPENING = 16  # packets of a new part searched for a picture shown before its first
 
     def __init__(self, time_base: Fraction, step: int):
         self.time_base = time_base
         self.step = step  # one frame interval, in time_base ticks
+        self.window = max(4 * step, round(Fraction(1, 2) / time_base))  # how far a part's second packet may go on
         self.found: list[Join] = []
+        self.seen = 0  # packets seen
+        self._starts: list[int] = []  # the number of each part's first packet
         self._shift = 0  # ticks added to the current part's timestamps
-        self._latest: int | None = None  # the latest presentation timestamp so far, moved
-        self._candidate: tuple[int, int, int, int, int] | None = None  # pts, dts, position, after, latest
+        self._recent: deque[tuple[int, int]] = deque(maxlen=16)  # (pts, dts) of the last packets, moved
+        self._candidate: tuple[int, int, int, int, int, int] | None = None  # number, pts, dts, position, after, latest
+        self._opening = 0  # packets of the newest part still searched for an earlier picture
+        self._latest = 0  # the last picture before the newest part (moved)
         self._position = -1  # the last packet's byte offset
 
-    def see(self, packet: av.Packet) -> tuple[int, int]:
-        """The shift for this packet's timestamps, and what the packet before it turned out to need added."""
-        moved_previous = 0
+    def see(self, packet: av.Packet) -> None:
+        number, self.seen = self.seen, self.seen + 1
+        pts, dts, position = packet.pts, packet.dts, _position(packet)
         if self._candidate is not None:
-            first_pts, first_dts, position, after, latest = self._candidate
+            start, first_pts, first_dts, first_position, after, latest = self._candidate
             self._candidate = None
-            if packet.dts is not None and 0 < packet.dts - first_dts <= 4 * self.step:
-                shift = latest + self.step - first_pts
-                moved_previous, self._shift, self._latest = shift - self._shift, shift, latest + self.step
-                self.found.append(Join(first_pts, position, after, shift, shift * self.time_base))
-        if packet.pts is not None:
-            moved = packet.pts + self._shift
-            if packet.is_keyframe and packet.dts is not None and self._latest is not None and moved <= self._latest:
-                self._candidate = (packet.pts, packet.dts, _position(packet), self._position, self._latest)
+            if dts is not None and 0 < dts - first_dts <= self.window:
+                self._starts.append(start)
+                self.found.append(Join(first_pts, self.window, first_position, after, 0, Fraction(0)))
+                self._latest, self._opening = latest, self.OPENING
+                self._open_at(first_pts)
+        if self._opening and pts is not None:
+            self._opening -= 1
+            if pts < self.found[-1].first_pts:
+                self._open_at(pts)
+        if pts is not None and dts is not None:
+            recent = list(self._recent)[-2:]
+            if len(recent) == 2 and dts + self._shift < min(d for _, d in recent) and \
+                    pts + self._shift <= min(p for p, _ in recent):
+                latest = sorted(p for p, _ in self._recent)[-2] + self.step  # one damaged timestamp is not it
+                self._candidate = (number, pts, dts, position, self._position, latest)
             else:
-                self._latest = moved if self._latest is None else max(self._latest, moved)
-        self._position = _position(packet)
-        return self._shift, moved_previous
+                self._recent.append((pts + self._shift, dts + self._shift))
+        self._position = position
+
+    def _open_at(self, first_pts: int) -> None:
+        """The newest part's first picture is stamped `first_pts`: it comes one step after the part before."""
+        self._shift = self._latest + self.step - first_pts
+        self.found[-1] = replace(self.found[-1], first_pts=first_pts, shift=self._shift,
+                                 seconds=self._shift * self.time_base)
+
+    def shifts(self, numbers: Sequence[int]) -> np.ndarray:
+        """What to add to the timestamps of the packets with these numbers (see `seen`)."""
+        part = np.searchsorted(np.asarray(self._starts, dtype=np.int64), np.asarray(numbers, dtype=np.int64),
+                               side="right")
+        return np.asarray([0] + [join.shift for join in self.found], dtype=np.int64)[part]
 
 
 def _position(packet: av.Packet) -> int:
@@ -915,8 +947,8 @@ class _AudioTrack:
         self._last_dts: int | None = None  # the last packet's, as stored
         self._floor: int | None = None  # the earliest (moved) decoding timestamp the next packet may have
         self._kept_end: int | None = None  # where the last packet written ends (moved)
-        self._written = self._before_picture = False  # whether any packet was written, or left out as too early
-
+        self._written = False
+        self._preroll: av.Packet | None = None  # the last packet before a late first frame, written first
     def copy_until(self, seconds: float, start: float, final: bool = False) -> None:
         """Write the audio before `seconds` of output time; with `final`, close the input."""
         try:
@@ -932,8 +964,11 @@ class _AudioTrack:
                     self._pending = packet
                     break
                 if start > 0 and begins + float(packet.duration * packet.time_base) <= 0:
-                    self._before_picture = True  # sound before a first frame stamped late: the video starts there
+                    self._preroll = packet  # sound before a first frame stamped late: the video starts there
                     continue
+                if self._preroll is not None:  # the packet just before that frame primes the decoder (AAC's)
+                    self._write(self._preroll, start)
+                    self._preroll = None
                 self._write(packet, start)  # earlier audio too: an AAC stream's priming packet comes first
                 self._written = True
         except (av.FFmpegError, EOFError) as exc:
@@ -942,7 +977,7 @@ class _AudioTrack:
         if final:
             if not self._copy:
                 self._output.mux(self._stream.encode(None))
-            if self._before_picture and not self._written:
+            if self._preroll is not None and not self._written:
                 log.warning("%s: audio track %d ends before the first frame: the output has none of it",
                             self._input.name, self._source.index)
             self.close()
@@ -997,8 +1032,9 @@ class _AudioTrack:
 
 
 def _audio_streams(container: av.container.InputContainer) -> list[av.AudioStream]:
-    """The audio streams FFmpeg knows the codec of (a damaged header can leave one unidentified)."""
-    return [s for s in container.streams.audio if s.codec_context is not None]
+    """The audio streams FFmpeg knows the codec and rate of (a damaged header can leave one unidentified, and
+    a stream that starts late in a joined recording can go unprobed)."""
+    return [s for s in container.streams.audio if s.codec_context is not None and s.rate]
 
 
 TRACKED_ENDING, MASKS_ENDING = "_tracked.mp4", "_masks.zip"  # after the video's name, for outputs in a folder
