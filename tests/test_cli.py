@@ -186,6 +186,11 @@ def test_debug_after_the_command_shows_the_traceback(tmp_path):
     assert quiet.returncode == 1 and "PromptError" in quiet.stderr
 
 
+def as_from_a_terminal() -> None:
+    """Ctrl-C reaches a command started from a terminal; tests started in the background inherit SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
 def test_a_stopped_run_leaves_nothing_behind(stop, untrained_checkpoints, tmp_path):
     """`kill`, `timeout` and `docker stop` send SIGTERM: like Ctrl-C, no partial file and no temporary folder."""
@@ -196,7 +201,8 @@ def test_a_stopped_run_leaves_nothing_behind(stop, untrained_checkpoints, tmp_pa
     run = subprocess.Popen([sys.executable, "-m", "tracker", "track", str(clip), "--point", "20,20",
                             "--out", str(out_dir / "o.mp4"), "--masks", str(out_dir / "m.zip"),
                             *map(str, weights_flags(untrained_checkpoints))],
-                           cwd=ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(temp_dir)})
+                           cwd=ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(temp_dir)},
+                           preexec_fn=as_from_a_terminal)
     try:
         deadline = time.monotonic() + 300
         while not any(out_dir.iterdir()) and run.poll() is None and time.monotonic() < deadline:
