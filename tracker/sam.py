@@ -302,7 +302,11 @@ def load_sam(checkpoint: str | Path, device: str | torch.device = "auto", backen
     elif backend not in usable:
         known = "unknown" if backend not in _BACKENDS else f"not available on {dev.type}"
         raise TrackerError(f"SAM backend {backend!r} is {known}; choose one of: auto, {', '.join(usable)}")
-    return _BACKENDS[backend].load(Path(checkpoint), dev, encoder_dtype(precision, dev))
+    dtype = encoder_dtype(precision, dev)
+    if precision != "auto" and backend != "torch":
+        log.warning("SAM precision %s is the PyTorch encoder's; the %s backend runs its own (%s)", precision,
+                    backend, "the precision its graphs were exported in" if backend == "onnx" else "its engine's")
+    return _BACKENDS[backend].load(Path(checkpoint), dev, dtype)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
