@@ -143,7 +143,7 @@ class _Timeline:
     declared: int  # frames the container's index lists (0 when it keeps none)
     length: Fraction  # seconds from the start of the first frame to the end of the last one
     leading: int = 0  # packets before the first keyframe, left out of the rest
-    joins: tuple[Join, ...] = ()  # where the clock starts again (see `_find_joins`)
+    joins: tuple[Join, ...] = ()  # where the clock starts again (see `_JoinFinder`)
 
 
 def probe(path: str | Path) -> VideoInfo:
@@ -573,9 +573,9 @@ class _JoinFinder:
             if pts < self.found[-1].first_pts:
                 self._open_at(pts)
         if pts is not None and dts is not None:
-            recent = list(self._recent)[-2:]
-            if len(recent) == 2 and dts + self._shift < min(d for _, d in recent) and \
-                    pts + self._shift <= min(p for p, _ in recent):
+            recent = self._recent
+            if len(recent) >= 2 and dts + self._shift < min(recent[-1][1], recent[-2][1]) and \
+                    pts + self._shift <= min(recent[-1][0], recent[-2][0]):
                 latest = sorted(p for p, _ in self._recent)[-2] + self.step  # one damaged timestamp is not it
                 self._candidate = (number, pts, dts, position, self._position, latest)
             else:
