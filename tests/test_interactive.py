@@ -213,6 +213,9 @@ def test_progress_clock_reports_overall_fraction_and_eta(monkeypatch):
 
 def test_frame_caption_and_display_scale():
     assert frame_caption(12, info_of(160, 120, frames=300), 0.48) == "Frame 12 / 299 · 0:00.480"
+    # The time counts from the first frame, as in the tracked video (a recording's clock can start anywhere).
+    late = replace(info_of(160, 120, frames=300), start=3600.5)
+    assert frame_caption(12, late, 3600.98) == "Frame 12 / 299 · 0:00.480"
     assert display_scale(info_of(160, 120)) == 4.0  # small frames are shown larger, to be easy to click
     assert display_scale(info_of(1920, 1080)) == pytest.approx(1280 / 1920)
     assert display_scale(info_of(1000, 500)) == 1.0

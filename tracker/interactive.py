@@ -257,8 +257,9 @@ def upload_message(info: VideoInfo, trimmed: bool = False) -> str:
 
 
 def frame_caption(index: int, info: VideoInfo, time_s: float) -> str:
-    """'Frame 12 / 299 · 0:00.480' (frames counted from 0)."""
-    minutes, secs = divmod(max(0.0, time_s), 60)
+    """'Frame 12 / 299 · 0:00.480' (frames counted from 0; the time from the first frame's, where the
+    tracked video has it)."""
+    minutes, secs = divmod(max(0.0, time_s - info.start), 60)
     return f"Frame {index} / {info.present_frames - 1} · {int(minutes)}:{secs:06.3f}"
 
 

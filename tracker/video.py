@@ -7,6 +7,7 @@ duration of the output match the input, and copies the audio alongside.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -89,6 +90,8 @@ class VideoInfo:
     every stream ends well before it: the frames present are all there is.
     `joins` are the points where the clock starts again (recordings joined
     end to end): the parts after them are moved to play one after the other.
+    `start` is the first frame's time on the file's own clock (a broadcast
+    recording's can be hours); written videos start there at 0.
     """
 
     path: Path
@@ -105,6 +108,7 @@ class VideoInfo:
     truncated_to: int | None = None
     cut_short: float | None = None
     joins: tuple[Join, ...] = ()
+    start: float = 0.0
 
     @property
     def size(self) -> tuple[int, int]:
@@ -144,6 +148,10 @@ class _Timeline:
     length: Fraction  # seconds from the start of the first frame to the end of the last one
     leading: int = 0  # packets before the first keyframe, left out of the rest
     joins: tuple[Join, ...] = ()  # where the clock starts again (see `_JoinFinder`)
+    # The timestamps rise packet by packet although the decoder reorders pictures (B-frames in AVI, which
+    # keeps no presentation times): they are decoding times, so frames are found by counting from a
+    # keyframe and timed by their place in `pts`.
+    decoding_order: bool = False
 
 
 def probe(path: str | Path) -> VideoInfo:
@@ -188,7 +196,8 @@ def probe(path: str | Path) -> VideoInfo:
                      duration=float(timeline.length), time_base=Fraction(time_base), rotation=rotation, codec=codec,
                      pix_fmt=pix_fmt, has_audio=has_audio,
                      truncated_to=timeline.complete if timeline.counted < timeline.declared else None,
-                     cut_short=cut_short, joins=timeline.joins)
+                     cut_short=cut_short, joins=timeline.joins,
+                     start=float(timeline.pts[0] * time_base) if len(timeline.pts) else 0.0)
 
 
 def truncation_note(info: VideoInfo) -> str | None:
@@ -237,8 +246,10 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yu
     with _open(path) as container:
         stream = _video_stream(container, path)
         skipped: list[int] = []  # packets the decoder refused, in file order
+        timeline = _timeline_of(path) if start or _reorders(stream) else None
+        in_decoding_order = timeline is not None and timeline.decoding_order
         frames = _rejoined(_decoded(container, stream, skipped), path) if start == 0 else \
-            _decoded_from(container, stream, path, start, skipped)
+            _decoded_from(container, stream, path, start, skipped, timeline)
         frames = _past_frame_thread_failure(path, frames, skipped)
         fallback_rate = stream.average_rate or Fraction(25)
         time_base = stream.time_base  # the frames' own: those drained from the decoder at a cut-off end have none
@@ -255,7 +266,7 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yu
             if stop is not None and index >= stop:
                 return
             last = index
-            pts = frame.pts
+            pts = int(timeline.pts[index]) if in_decoding_order and index < len(timeline.pts) else frame.pts
             time = float(pts * time_base) if pts is not None and time_base else float(index / fallback_rate)
             clockwise = _clockwise(frame)
             turned = clockwise in (90, 270)
@@ -281,16 +292,37 @@ _RESIZED_TOLD: set[Path] = set()  # videos whose change of picture size was logg
 
 def _positions(path: Path) -> dict[int, int]:
     """Each frame's index by its presentation timestamp, from a demux pass over the whole file ({} when
-    some packets have no timestamp)."""
+    some packets have no timestamp). Timestamps in decoding order name only keyframes' places (a decoded
+    picture carries its own packet's timestamp, and a keyframe is shown after every packet before it)."""
     timeline = _timeline_of(path)
     if len(timeline.pts) != timeline.counted:
         return {}
+    if timeline.decoding_order:
+        return dict(zip(timeline.keyframes[:, 0].tolist(), _keyframe_places(timeline).tolist()))
     return {int(pts): index for index, pts in enumerate(timeline.pts)}
 
 
+def _keyframe_places(timeline: _Timeline) -> np.ndarray:
+    """Each keyframe's frame index, for timestamps in decoding order."""
+    return np.searchsorted(timeline.pts, timeline.keyframes[:, 0])
+
+
 def _timeline_of(path: Path) -> _Timeline:
+    """The file's `_scan`, kept while the file is unchanged: probing, every preview and the tracking
+    run read the same timeline, and each pass over a large file reads all of it."""
+    stat = path.stat()
+    return _cached_timeline(path.resolve(), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_timeline(path: Path, size: int, modified: int, inode: int) -> _Timeline:
     with _open(path) as container:
         return _scan(container, _video_stream(container, path))
+
+
+def _reorders(stream: av.VideoStream) -> bool:
+    """Whether the decoder lets pictures out in another order than their packets (B-frames)."""
+    return stream.codec_context is not None and bool(stream.codec_context.has_b_frames)
 
 
 def _rejoined(frames: Iterator[av.VideoFrame], path: Path, timeline: _Timeline | None = None
@@ -443,37 +475,73 @@ def _decoded(container: av.container.InputContainer, stream: av.VideoStream,
 
 
 def _decoded_from(container: av.container.InputContainer, stream: av.VideoStream, path: Path,
-                  index: int, skipped: list[int]) -> Iterator[av.VideoFrame]:
+                  index: int, skipped: list[int], timeline: _Timeline) -> Iterator[av.VideoFrame]:
     """Decoded frames from the one at `index` on, starting at the nearest keyframe that works.
 
     Frames are identified by timestamp, so B-frames and variable frame rates
-    cannot shift the index. Without timestamps, with a clock that restarts
-    (a timestamp can then name two frames), or when no seek lands before the
-    frame, decoding starts at the beginning and counts.
+    cannot shift the index; timestamps in decoding order name only keyframes,
+    so there frames are counted from one. Without timestamps, with a clock that
+    restarts (a timestamp can then name two frames), or when no seek lands
+    before the frame, decoding starts at the beginning and counts.
     """
-    timeline = _scan(container, stream)
     if index >= timeline.counted:
         return
     if len(timeline.pts) == timeline.counted and not timeline.joins:
-        target = int(timeline.pts[index])
-        before = timeline.keyframes[timeline.keyframes[:, 0] <= target]
-        for _, seek_to in before[::-1][:3]:
-            try:  # by decoding timestamp: MPEG-TS seeks ahead of a presentation timestamp
-                container.seek(int(seek_to), stream=stream, backward=True, any_frame=False)
-            except av.FFmpegError:
-                break
-            frames = _decoded(container, stream, skipped)
-            for frame in frames:
-                if frame.pts is None or frame.pts > target:
-                    break  # the target was skipped: try an earlier keyframe
-                if frame.pts == target:
-                    yield frame
-                    yield from frames
-                    return
+        seek = _counted_from_keyframe if timeline.decoding_order else _found_by_timestamp
+        found = False
+        for frame in seek(container, stream, timeline, index, skipped):
+            found = True
+            yield frame
+        if found:
+            return
         log.warning("%s: seeking to frame %d failed; decoding from the start", path.name, index)
     with _open(path) as fresh:
         frames = _rejoined(_decoded(fresh, _video_stream(fresh, path), skipped), path, timeline)
         yield from itertools.islice(frames, index, None)
+
+
+def _seek(container: av.container.InputContainer, stream: av.VideoStream, dts: int) -> bool:
+    """Seek to the keyframe with this decoding timestamp (MPEG-TS seeks past a presentation timestamp)."""
+    try:
+        container.seek(dts, stream=stream, backward=True, any_frame=False)
+    except av.FFmpegError:
+        return False
+    return True
+
+
+def _found_by_timestamp(container: av.container.InputContainer, stream: av.VideoStream, timeline: _Timeline,
+                        index: int, skipped: list[int]) -> Iterator[av.VideoFrame]:
+    """Frames from the one stamped as the `index`-th timestamp on, trying the three keyframes before it."""
+    target = int(timeline.pts[index])
+    before = timeline.keyframes[timeline.keyframes[:, 0] <= target]
+    for _, dts in before[::-1][:3]:
+        if not _seek(container, stream, int(dts)):
+            return
+        frames = _decoded(container, stream, skipped)
+        for frame in frames:
+            if frame.pts is None or frame.pts > target:
+                break  # the target was skipped: try an earlier keyframe
+            if frame.pts == target:
+                yield frame
+                yield from frames
+                return
+
+
+def _counted_from_keyframe(container: av.container.InputContainer, stream: av.VideoStream,
+                           timeline: _Timeline, index: int, skipped: list[int]) -> Iterator[av.VideoFrame]:
+    """Frames from the `index`-th on, counted from the keyframe before it, for timestamps in decoding order.
+    The seek must land on that keyframe: the first picture out carries its timestamp."""
+    places = _keyframe_places(timeline)
+    for place, (pts, dts) in list(zip(places.tolist(), timeline.keyframes.tolist()))[::-1]:
+        if place > index:
+            continue
+        if not _seek(container, stream, dts):
+            return
+        frames = _decoded(container, stream, skipped)
+        first = next(frames, None)
+        if first is not None and first.pts == pts:
+            yield from itertools.islice(itertools.chain([first], frames), index - place, None)
+        return
 
 
 def _scan(container: av.container.InputContainer, stream: av.VideoStream) -> _Timeline:
@@ -516,7 +584,10 @@ def _scan(container: av.container.InputContainer, stream: av.VideoStream) -> _Ti
         pts, seen, counted, declared = pts[leading:], seen[leading:], counted - leading, max(declared - leading, 0)
         complete = None if complete is None else max(complete - leading, 0)
     pts = [value + shift for value, shift in zip(pts, joins.shifts(seen)) if value is not None]
-    ordered = np.sort(np.asarray(pts, dtype=np.int64))
+    stamped = np.asarray(pts, dtype=np.int64)
+    decoding_order = _reorders(stream) and len(stamped) == counted > 1 and not joins.found and \
+        bool(np.all(np.diff(stamped) > 0))
+    ordered = np.sort(stamped)
     if len(ordered) > 1:
         interval = int(round(float(np.median(np.diff(ordered))))) * time_base or nominal
         length = (int(ordered[-1]) - int(ordered[0])) * time_base + interval
@@ -526,7 +597,8 @@ def _scan(container: av.container.InputContainer, stream: av.VideoStream) -> _Ti
         length = max(length, stream.duration * time_base)
     return _Timeline(pts=ordered, keyframes=np.asarray(sorted(keyframes), dtype=np.int64).reshape(-1, 2),
                      counted=counted, complete=counted if complete is None else complete, declared=declared,
-                     length=Fraction(length), leading=leading or 0, joins=tuple(joins.found))
+                     length=Fraction(length), leading=leading or 0, joins=tuple(joins.found),
+                     decoding_order=decoding_order)
 
 
 class _JoinFinder:
