@@ -493,11 +493,10 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             session = session_of(request)
             if object_id is None:
                 raise TrackerError("pick the object to remove first")
-            session.remove_object(int(object_id))
-            rerun = "; the next Track re-runs the whole video" if session.result is not None else ""
+            removed = session.remove_object(int(object_id))
             choices = cutout_choices(session)
             ticked = [i for i in ticked or [] if i in {offered for _, offered in choices}]
-            return (f"object {object_id} removed{rerun}", object_choices(session),
+            return (removed, object_choices(session),
                     legend(session), shown_again(session, alpha_value, outline_value),
                     gr.update(choices=choices, value=ticked))
 
@@ -626,6 +625,9 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             log.info("a page closed: its session ended and its files were removed")
 
         demo.unload(on_unload)
+    for event in demo.fns.values():  # the page's own events are no API (nor kept in Gradio's run history)
+        if event.api_name != "track":
+            event.api_visibility = "private"
     return demo
 
 

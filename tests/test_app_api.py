@@ -129,7 +129,8 @@ def test_api_errors_are_messages(untrained_checkpoints, clips, tmp_path):
 
     with serve_app(untrained_checkpoints, tmp_path / "app") as server:
         client = Client(server.url, verbose=False, download_files=str(tmp_path / "client"))
-        try:
+        try:  # the page's own events (clicks, frames, Track's steps) are not offered as endpoints
+            assert list(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == ["/track"]
             for prompts, message in (
                 ("{not json", "^the prompts text is not valid JSON"),
                 ("", "^the prompts text is empty: give JSON such as"),

@@ -294,7 +294,7 @@ def test_objects_have_their_own_ids_and_clicks(session):
     session.select_object(1)
     click(session, 0, 40, 90)
     assert np.array_equal(session.labels(0) == 1, disc(40, 60) | disc(40, 90))
-    session.remove_object(2)
+    assert session.remove_object(2) == "object 2 removed"  # nothing tracked yet: nothing to say of Track
     assert session.objects == [1] and not (session.labels(0) == 2).any()
     session.add_object()
     session.begin_job()  # the job tracks object 2: removing it now would not reach the result
@@ -737,6 +737,11 @@ def test_an_object_added_on_a_later_frame_joins_from_there(session):
     assert all(after[f"{i:05d}.png"] == before[f"{i:05d}.png"] for i in range(5))
     with MaskZipReader(second.masks) as masks:
         assert np.array_equal(masks[5] == 2, session.edits[(5, 2)].mask) and (masks[5] == 2).any()
+    # Removed again, the run before it comes back (the message says so, as Undo's does).
+    assert session.remove_object(2) == ("object 2 removed; Track brings back the run from before the change at "
+                                        "once (nothing to track)")
+    assert session.track(OPTIONS).describe().startswith("the prompts are again those of the run before")
+    assert zip_members(session.result.masks) == before
 
 
 def test_taking_a_correction_back_brings_the_run_before_it_back_at_once(session, monkeypatch):
@@ -810,10 +815,12 @@ def test_an_object_without_clicks_is_named_in_the_results_warnings(session):
     assert session.add_object() == 2
     added = []
 
-    def progress(fraction: float, text: str) -> None:  # a third object, added and clicked while the job runs
-        if not added and text.startswith("Tracking"):
+    def progress(fraction: float, text: str) -> None:  # a third object, added and clicked while the job runs,
+        if not added and text.startswith("Tracking"):  # and a correction of the first one
             added.append(session.add_object())
             click(session, 2, 45, 60)
+            session.select_object(1)
+            click(session, 4, 100, 30)
 
     session.begin_job()
     try:
@@ -821,8 +828,10 @@ def test_an_object_without_clicks_is_named_in_the_results_warnings(session):
     finally:
         session.end_job()
     assert record.objects == {1} and added == [3]
-    assert record.warnings[:2] == ["object 2 has no click or box on any frame: it was not tracked",
-                                   "object 3 was clicked during the run, after it began: the next Track tracks it"]
+    assert record.warnings[:3] == ["object 2 has no click or box on any frame: it was not tracked",
+                                   "object 3 was clicked during the run, after it began: the next Track tracks it",
+                                   "object 1's clicks on frame 4 changed during the run, after it began: this result "
+                                   "is without the change, the next Track takes it in"]
 
 
 def test_a_truncated_upload_says_so_and_refuses_its_missing_frames(tmp_path, disc_tracker):

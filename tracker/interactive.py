@@ -460,8 +460,9 @@ class EditSession:
                 raise PromptError(f"object {object_id} does not exist; pick one from the list")
             self.current = object_id
 
-    def remove_object(self, object_id: int) -> None:
-        """Drop an object and all its clicks; it disappears from the display (the next Track reruns all).
+    def remove_object(self, object_id: int) -> str:
+        """Drop an object and all its clicks; it disappears from the display. Says what the next Track
+        does: it brings the kept run back when the object came after it, else it reruns all.
 
         Not while a job that tracks it runs: its result would bring it back.
         """
@@ -476,6 +477,8 @@ class EditSession:
             self.edits = {key: edit for key, edit in self.edits.items() if key[1] != object_id}
             if self.current == object_id:
                 self.current = self.objects[-1]
+            rerun = "; the next Track re-runs the whole video" if self.result is not None else ""
+            return f"object {object_id} removed{self._restore_hint() or rerun}"
 
     # -- clicks ----------------------------------------------------------
     def click(self, frame: int, display_xy: tuple[float, float], mode: str, video_loads: int | None = None) -> str:
@@ -843,10 +846,15 @@ class EditSession:
                            first_prompt=min(prompt_frames))
         with self.lock:  # objects added, clicked or removed during the run count
             clicked = {object_id for (_, object_id), edit in self.edits.items() if edit.clicks.selects}
+            now = self._prompts()[2]
+            changed = sorted(key for key in now.keys() | snapshot.keys()
+                             if key[1] in objects and now.get(key) != snapshot.get(key))
             record.warnings[:0] = [
                 f"object {object_id} was clicked during the run, after it began: the next Track tracks it"
                 if object_id in clicked else f"object {object_id} has no click or box on any frame: it was not tracked"
-                for object_id in self.objects if object_id not in objects]
+                for object_id in self.objects if object_id not in objects] + [
+                f"object {object_id}'s clicks on frame {frame} changed during the run, after it began: this result "
+                "is without the change, the next Track takes it in" for frame, object_id in changed]
             self._set_result(record)
             for key, mask in corrected.items():
                 if key in self.edits:
