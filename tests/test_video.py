@@ -662,3 +662,11 @@ def test_writer_takes_yuv_pictures_made_on_the_device(clip, media_dir, tmp_path,
         assert error_yuv <= error_rgb + 0.25
     with VideoWriter(tmp_path / "wrong.mp4", info) as writer, pytest.raises(ValueError, match="BT.709"):
         writer.write(rgb_to_yuv420(torch.zeros(60, 80, 3, dtype=torch.uint8)), 0, 0.0)
+
+
+def test_a_file_replaced_in_place_is_read_again(tmp_path):
+    """The timeline of a file is kept while the file is unchanged, not once the path holds another video."""
+    path = make_clip(tmp_path / "clip.mp4", frames=12, audio=False)
+    assert probe(path).frame_count == 12 and len(list(iter_frames(path, 5))) == 7
+    make_clip(tmp_path / "other.mp4", frames=20, audio=False).replace(path)
+    assert probe(path).frame_count == 20 and len(list(iter_frames(path, 5))) == 15

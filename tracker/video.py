@@ -310,14 +310,21 @@ def _keyframe_places(timeline: _Timeline) -> np.ndarray:
 def _timeline_of(path: Path) -> _Timeline:
     """The file's `_scan`, kept while the file is unchanged: probing, every preview and the tracking
     run read the same timeline, and each pass over a large file reads all of it."""
-    stat = path.stat()
+    try:
+        stat = path.stat()
+    except OSError:  # gone or unreadable: `_open` says so
+        return _read_timeline(path)
     return _cached_timeline(path.resolve(), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+def _read_timeline(path: Path) -> _Timeline:
+    with _open(path) as container:
+        return _scan(container, _video_stream(container, path))
 
 
 @functools.lru_cache(maxsize=16)
 def _cached_timeline(path: Path, size: int, modified: int, inode: int) -> _Timeline:
-    with _open(path) as container:
-        return _scan(container, _video_stream(container, path))
+    return _read_timeline(path)
 
 
 def _reorders(stream: av.VideoStream) -> bool:
