@@ -33,7 +33,7 @@ from tracker.options import MemoryOptions, TrackOptions
 from tracker.pipeline import resolve_precision
 from tracker.render import overlay_colours
 from tracker.session import Tracker
-from tracker.video import X264_MAX_CRF, X264_PRESETS, truncation_note
+from tracker.video import X264_MAX_CRF, X264_PRESETS, colour_note, truncation_note
 from tracker.weights import UNTRAINED_WARNING
 
 log = logging.getLogger("tracker.app")
@@ -322,9 +322,9 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             if info is None:
                 return "The trim kept the whole video: nothing changed.", *(gr.skip(),) * 10
             image, caption = shown(session, 0, alpha_value, outline_value)
-            note = truncation_note(info)
-            if note is not None:
-                toast(note)
+            for note in (truncation_note(info), colour_note(info)):
+                if note is not None:
+                    toast(note)
             return (upload_message(info, trimmed), image,
                     # A slider needs two ends: a one-frame video gets 0..1, held at 0.
                     gr.update(value=0, maximum=max(info.present_frames - 1, 1), interactive=info.present_frames > 1),

@@ -62,7 +62,7 @@ def make_clip(path: str | Path, *, frames: int = 30, width: int = 160, height: i
               codec: str = "libx264",
               pix_fmt: str = "yuv420p", vfr: bool = False, moving_object: bool = True, gop: int = 12,
               bframes: int = 2, faststart: bool = False, audio_seconds: float | None = None,
-              audio_rate: int | None = None, video_start: float = 0.0) -> Path:
+              audio_rate: int | None = None, video_start: float = 0.0, pixel_aspect: Fraction | None = None) -> Path:
     """Write a clip whose display size is width x height and return its path.
 
     `rotation` (0/90/180/270, clockwise, as a phone records portrait video) stores
@@ -74,7 +74,7 @@ def make_clip(path: str | Path, *, frames: int = 30, width: int = 160, height: i
     the container (e.g. pcm_s16le needs .mkv or .mov); several codecs make one
     track each, tagged with the languages of `TRACK_LANGUAGES` in turn and titled after them. The audio
     lasts as long as the video unless `audio_seconds` says otherwise; it starts at 0, the picture at
-    `video_start` seconds.
+    `video_start` seconds. `pixel_aspect` makes anamorphic video (its stored pixels' width over height).
     """
     path = Path(path)
     options = {"g": str(gop)}
@@ -89,6 +89,8 @@ def make_clip(path: str | Path, *, frames: int = 30, width: int = 160, height: i
         coded_w, coded_h = (height, width) if rotation in (90, 270) else (width, height)
         video.width, video.height, video.pix_fmt = coded_w, coded_h, pix_fmt
         video.codec_context.time_base = time_base
+        if pixel_aspect is not None:
+            video.codec_context.sample_aspect_ratio = pixel_aspect
         if rotation:
             video.set_display_rotation(-rotation)  # PyAV takes counter-clockwise degrees
         codecs = (audio_codec,) if isinstance(audio_codec, str) else audio_codec

@@ -37,7 +37,8 @@ from .prompts import NEGATIVE, POSITIVE, ObjectPrompt, check_prompts, prompts_fr
 from .render import MaskZipReader, encode_mask, mask_name, overlay, overlay_colours
 from .sam import IMAGE_SIZE, LOW_RES_SIZE, ImageEmbedding, SamBackend, resized_shape
 from .session import LOSSLESS_WARNING, PreviousRun, Tracker, TrackResult, fps_text
-from .video import MASKS_ENDING, TRACKED_ENDING, Frame, VideoInfo, probe, read_frame, truncation_note
+from .video import (MASKS_ENDING, TRACKED_ENDING, Frame, VideoInfo, colour_note, probe, read_frame,
+                    truncation_note)
 
 # What cameras, phones and editors write; all decode through FFmpeg (the result is always an H.264 MP4).
 VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi", ".3gp", ".mts", ".m2ts", ".ts", ".mpg", ".mpeg",
@@ -252,8 +253,8 @@ def upload_message(info: VideoInfo, trimmed: bool = False) -> str:
     text = (f"Loaded {'the trimmed video, ' if trimmed else ''}"
             f"{info.width}x{info.height}, {frames}, {seconds} s. "
             "Click the object to track.")
-    note = truncation_note(info)
-    return text if note is None else f"{text}\n⚠ {note}."
+    notes = [note for note in (truncation_note(info), colour_note(info)) if note]
+    return "".join([text, *(f"\n⚠ {note}." for note in notes)])
 
 
 def frame_caption(index: int, info: VideoInfo, time_s: float) -> str:

@@ -35,7 +35,7 @@ from .render import MaskZipReader, MaskZipWriter, encoder_picture, encoder_pictu
 from .sam import ImageEmbedding, SamBackend, load_sam, ready_backends, resolve_device, segment
 from .transfer import Download
 from .video import (H264_CONTAINERS, MASKS_ENDING, TRACKED_ENDING, VideoInfo, VideoWriter, check_writable_folder,
-                    make_clip, output_file, probe, read_frame, truncation_note)
+                    colour_note, make_clip, output_file, probe, read_frame, truncation_note)
 
 log = logging.getLogger(__name__)
 
@@ -410,6 +410,8 @@ class Tracker:
                                    f"masks are coarse; {TrackOptions().size} suits most videos")
         if info.cut_short is not None:  # a truncated file with its index says so in the summary (lost frames)
             result.warnings.append(truncation_note(info))
+        if colour_note(info) is not None:
+            result.warnings.append(colour_note(info))
         if self.untrained:
             result.warnings.append(weights.UNTRAINED_WARNING)
         return result

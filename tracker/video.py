@@ -31,6 +31,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 UNSPECIFIED_COLORSPACE = 2  # AVCOL_SPC_UNSPECIFIED
+HDR_TRANSFERS = {16: "PQ", 18: "HLG"}  # AVColorTransferCharacteristic: SMPTE ST 2084, ARIB STD-B67
+# swscale's flags for decoded pictures: exact rounding, chroma interpolated to full width (SWS_ACCURATE_RND |
+# SWS_FULL_CHR_H_INT), bilinear or (pictures scaled to another size) bicubic. Its default fast path makes the RGB
+# of a YUV picture about one level darker, again each time a video goes through it (13 ms instead of 1 for
+# a 1080p picture; GPU runs convert 8-bit 4:2:0 on the device, exactly, and use neither).
+SWS_TO_RGB = 0x2 | 0x40000 | 0x2000
+SWS_TO_RGB_SCALED = 0x4 | 0x40000 | 0x2000
+SWS_TO_YUV = 0x4 | 0x40000  # RGB to be encoded: SWS_BICUBIC | SWS_ACCURATE_RND
 # libx264's presets, fastest first. The default, "superfast", encodes one tracked object's
 # overlay at about the rate a GPU tracks 720p (16 cores); "ultrafast" is about twice as fast
 # but drops CABAC and deblocking, so its files are larger at the same crf.
@@ -92,6 +100,12 @@ class VideoInfo:
     end to end): the parts after them are moved to play one after the other.
     `start` is the first frame's time on the file's own clock (a broadcast
     recording's can be hours); written videos start there at 0.
+    `pixel_aspect` is a displayed pixel's width over its height (anamorphic
+    video: PAL widescreen 64:45, HDV 4:3); written videos keep it. `hdr`
+    names a high-dynamic-range transfer ("PQ", "HLG"): written videos are
+    standard range, not tone mapped (see `colour_note`). `timecode` is the
+    first frame's SMPTE timecode (a camera's or an edit's), which written
+    videos keep.
     """
 
     path: Path
@@ -109,6 +123,9 @@ class VideoInfo:
     cut_short: float | None = None
     joins: tuple[Join, ...] = ()
     start: float = 0.0
+    pixel_aspect: Fraction = Fraction(1)
+    hdr: str | None = None
+    timecode: str | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -170,6 +187,10 @@ def probe(path: str | Path) -> VideoInfo:
         height, width = (first.width, first.height) if rotation in (90, 270) else (first.height, first.width)
         codec, pix_fmt = stream.codec.canonical_name, first.format.name
         has_audio = bool(_audio_streams(container))
+        stored_aspect = Fraction(stream.sample_aspect_ratio or 1)
+        hdr = HDR_TRANSFERS.get(first.color_trc)
+        timecode = next((tags["timecode"] for tags in (stream.metadata, *(s.metadata for s in container.streams),
+                                                       container.metadata) if "timecode" in tags), None)
         time_base = stream.time_base or Fraction(1, av.time_base)
         declared_seconds = container.duration / av.time_base if container.duration else 0.0
     timeline = _timeline_of(path)
@@ -192,12 +213,17 @@ def probe(path: str | Path) -> VideoInfo:
         log.warning("%s: only %d of the %d frames its index lists are present; the file is truncated",
                     path.name, timeline.complete, timeline.declared)
     fps = frame_count / timeline.length  # the average rate, exact for a constant one
-    return VideoInfo(path=path, width=width, height=height, frame_count=frame_count, fps=fps,
+    info = VideoInfo(path=path, width=width, height=height, frame_count=frame_count, fps=fps,
                      duration=float(timeline.length), time_base=Fraction(time_base), rotation=rotation, codec=codec,
                      pix_fmt=pix_fmt, has_audio=has_audio,
                      truncated_to=timeline.complete if timeline.counted < timeline.declared else None,
                      cut_short=cut_short, joins=timeline.joins,
-                     start=float(timeline.pts[0] * time_base) if len(timeline.pts) else 0.0)
+                     start=float(timeline.pts[0] * time_base) if len(timeline.pts) else 0.0,
+                     pixel_aspect=1 / stored_aspect if rotation in (90, 270) else stored_aspect, hdr=hdr,
+                     timecode=timecode)
+    if hdr:
+        log.warning("%s: %s", path.name, colour_note(info))
+    return info
 
 
 def truncation_note(info: VideoInfo) -> str | None:
@@ -210,6 +236,14 @@ def truncation_note(info: VideoInfo) -> str | None:
         return None
     return (f"the file is truncated: only its first {info.truncated_to} of {info.frame_count} frames are present; "
             "the frames after them cannot be shown or tracked")
+
+
+def colour_note(info: VideoInfo) -> str | None:
+    """What to tell the user about colours the output cannot keep (None when it keeps them)."""
+    if info.hdr is None:
+        return None
+    return (f"HDR video ({info.hdr}): the tracked video is standard-range BT.709 and is not tone mapped, so its "
+            "highlights clip and its colours look flat")
 
 
 def _streams_end(container: av.container.InputContainer) -> float:
@@ -684,8 +718,9 @@ def _clockwise(frame: av.VideoFrame) -> int:
 
 
 def _untagged_hd(frame: av.VideoFrame) -> bool:
-    """No colour matrix tagged and HD: players assume BT.709 (SD: BT.601, swscale's default too)."""
-    return frame.colorspace == UNSPECIFIED_COLORSPACE and frame.height >= 720
+    """No colour matrix tagged and HD: players assume BT.709 (SD: BT.601, swscale's default too). HD as mpv
+    tells it: 1280 wide (a film cropped to 1280x536 is HD) or taller than PAL's 576."""
+    return frame.colorspace == UNSPECIFIED_COLORSPACE and (frame.width >= 1280 or frame.height > 576)
 
 
 def _display_rgb(frame: av.VideoFrame, clockwise: int, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -693,8 +728,9 @@ def _display_rgb(frame: av.VideoFrame, clockwise: int, size: tuple[int, int] | N
     (scaled to the stored `size` where given)."""
     options = {"src_colorspace": "itu709"} if _untagged_hd(frame) else {}
     if size is not None:
-        options.update(width=size[0], height=size[1], interpolation="BICUBIC")
-    image = frame.to_ndarray(format="rgb24", **options)
+        options.update(width=size[0], height=size[1])
+    image = frame.to_ndarray(format="rgb24", interpolation=SWS_TO_RGB if size is None else SWS_TO_RGB_SCALED,
+                             **options)
     turns = clockwise // 90
     return np.ascontiguousarray(np.rot90(image, k=-turns)) if turns else image
 
@@ -846,6 +882,14 @@ class VideoWriter(AtomicWriter):
         stream.codec_context.colorspace = stream.codec_context.color_primaries = BT709
         stream.codec_context.color_trc = BT709
         stream.codec_context.color_range = LIMITED_RANGE
+        if self.info.timecode:  # MP4 and MOV get a timecode track
+            stream.metadata["timecode"] = self.info.timecode
+        if self.info.pixel_aspect != 1:  # H.264 carries it (and MP4/MOV a box of their own); VP9 WebM cannot here
+            stream.codec_context.sample_aspect_ratio = self.info.pixel_aspect
+            if codec == "libvpx-vp9":
+                log.warning("%s: written with square pixels; the video's are %s wide to 1 high: stretch it to "
+                            "%dx%d where it is used", self.path.name, self.info.pixel_aspect,
+                            round(self.info.width * self.info.pixel_aspect), self.info.height)
         # Every core: FFmpeg's default of one encoder thread halves libx264's rate on a 16-core machine.
         stream.codec_context.thread_count = os.cpu_count() or 1
         return stream
@@ -895,7 +939,8 @@ class VideoWriter(AtomicWriter):
         if extra_rows or extra_cols:
             image = np.pad(image, ((0, extra_rows), (0, extra_cols), (0, 0)), mode="edge")
         rgb = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format=layout)
-        return rgb.reformat(format=self._video.pix_fmt, dst_colorspace="itu709", dst_color_range="MPEG")
+        return rgb.reformat(format=self._video.pix_fmt, dst_colorspace="itu709", dst_color_range="MPEG",
+                            interpolation=SWS_TO_YUV)
 
     def _mux_video(self, packets: list[av.Packet]) -> None:
         """Mux encoded packets, holding the latest back for `close` to give its duration.
