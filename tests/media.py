@@ -62,7 +62,8 @@ def make_clip(path: str | Path, *, frames: int = 30, width: int = 160, height: i
               codec: str = "libx264",
               pix_fmt: str = "yuv420p", vfr: bool = False, moving_object: bool = True, gop: int = 12,
               bframes: int = 2, faststart: bool = False, audio_seconds: float | None = None,
-              audio_rate: int | None = None, video_start: float = 0.0, pixel_aspect: Fraction | None = None) -> Path:
+              audio_rate: int | None = None, video_start: float = 0.0, pixel_aspect: Fraction | None = None,
+              x264_params: str | None = None) -> Path:
     """Write a clip whose display size is width x height and return its path.
 
     `rotation` (0/90/180/270, clockwise, as a phone records portrait video) stores
@@ -75,11 +76,14 @@ def make_clip(path: str | Path, *, frames: int = 30, width: int = 160, height: i
     track each, tagged with the languages of `TRACK_LANGUAGES` in turn and titled after them. The audio
     lasts as long as the video unless `audio_seconds` says otherwise; it starts at 0, the picture at
     `video_start` seconds. `pixel_aspect` makes anamorphic video (its stored pixels' width over height).
+    `x264_params` go to libx264 as they are (say "open-gop=1").
     """
     path = Path(path)
     options = {"g": str(gop)}
     if codec == "libx264":
         options.update(bf=str(bframes), preset="veryfast")
+        if x264_params:
+            options["x264-params"] = x264_params
     elif codec == "libvpx-vp9":
         options.update(deadline="realtime", **{"cpu-used": "8"})
     time_base = Fraction(1, fps * 100)

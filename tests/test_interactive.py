@@ -737,6 +737,10 @@ def test_an_object_added_on_a_later_frame_joins_from_there(session):
     assert all(after[f"{i:05d}.png"] == before[f"{i:05d}.png"] for i in range(5))
     with MaskZipReader(second.masks) as masks:
         assert np.array_equal(masks[5] == 2, session.edits[(5, 2)].mask) and (masks[5] == 2).any()
+    # Added and removed again before a Track: nothing to track.
+    session.add_object()
+    click(session, 7, 120, 40)
+    assert session.remove_object(3) == "object 3 removed; the clicks are those of the last run again, which Track keeps"
     # Removed again, the run before it comes back (the message says so, as Undo's does).
     assert session.remove_object(2) == ("object 2 removed; Track brings back the run from before the change at "
                                         "once (nothing to track)")

@@ -444,13 +444,14 @@ def test_a_recording_cut_mid_gop_starts_at_its_first_keyframe(tmp_path):
     assert np.array_equal(read_frame(cut, 3).image, frames[3].image)
 
 
-@pytest.mark.parametrize("name", ["clip.avi", "clip.ts", "clip.mkv", "clip.mp4"])
-def test_a_whole_file_with_b_frames_keeps_every_frame_in_order(tmp_path, name):
+@pytest.mark.parametrize("name, params", [("clip.avi", None), ("clip.ts", None), ("clip.mkv", None), ("clip.mp4", None),
+                                          ("open_gop.avi", "open-gop=1:b-adapt=0:scenecut=0")])
+def test_a_whole_file_with_b_frames_keeps_every_frame_in_order(tmp_path, name, params):
     """Every frame comes in display order at a rising time, and `read_frame` (the app's preview) and a run
     started later show the frame tracked under its number. AVI keeps decoding times only (its decoder lets
     pictures out stamped with their neighbours' times): there frames are counted from a keyframe and
-    timed by their place."""
-    clip = make_clip(tmp_path / name, frames=30, audio=False, bframes=2, gop=12)
+    timed by their place (an open GOP's keyframe, shown after B-frames that follow it, is not counted from)."""
+    clip = make_clip(tmp_path / name, frames=30, audio=False, bframes=2, gop=12, x264_params=params)
     frames = list(iter_frames(clip))
     assert probe(clip).frame_count == 30 and [frame.index for frame in frames] == list(range(30))
     assert all(close_to(frame.image, clip_frame(frame.index, 30, 160, 120)) for frame in frames)
@@ -741,7 +742,7 @@ def test_hdr_video_is_said_to_lose_its_range(tmp_path):
     assert probe(clip).hdr is None and colour_note(probe(clip)) is None
 
 
-@pytest.mark.parametrize("suffix", [".mov", ".mp4"])
+@pytest.mark.parametrize("suffix", [".mov", ".mp4", ".mkv"])
 def test_a_timecode_is_kept(tmp_path, suffix):
     """A camera's or an edit's timecode track: without it the tracked clip cannot be conformed back."""
     path = tmp_path / f"camera{suffix}"
@@ -755,7 +756,38 @@ def test_a_timecode_is_kept(tmp_path, suffix):
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
     assert probe(path).timecode == "01:00:00:00"
-    output = encode_copy(path, tmp_path / f"tracked{suffix}")
+    output = encode_copy(path, tmp_path / "tracked.mp4")
     with av.open(str(output)) as result:
         assert [s.type for s in result.streams if s.metadata.get("timecode") == "01:00:00:00"] == ["video", "data"]
     assert probe(make_clip(tmp_path / "plain.mp4", frames=2, audio=False)).timecode is None
+
+
+def test_only_avi_timestamps_are_taken_for_decoding_times(tmp_path):
+    """An MP4 whose decoder may reorder keeps its presentation timestamps (found by them, and by them past
+    damage); an AVI with B-frames has decoding times only, and damage there loses frames, never repeats them."""
+    from tracker.video import _timeline_of
+
+    # As a camera that writes no B-frames muxes it: a reorder delay declared, timestamps rising packet by packet.
+    source = make_clip(tmp_path / "source.mp4", frames=12, audio=False, x264_params="b-bias=-100:scenecut=0")
+    mp4 = tmp_path / "camera.mp4"
+    with av.open(str(source)) as given, av.open(str(mp4), "w") as remuxed:
+        stream = remuxed.add_stream_from_template(given.streams.video[0])
+        for packet in given.demux(video=0):
+            if packet.size:
+                packet.dts, packet.stream = packet.pts, stream
+                remuxed.mux(packet)
+    with av.open(str(mp4)) as container:
+        assert container.streams.video[0].codec_context.has_b_frames
+    avi = make_clip(tmp_path / "clip.avi", frames=90, width=320, height=256, audio=False, bframes=3, gop=30)
+    assert not _timeline_of(mp4).decoding_order and _timeline_of(avi).decoding_order
+    assert [read_frame(mp4, index).time for index in (4, 9)] == [frame.time for frame in iter_frames(mp4)][4:10:5]
+    whole = list(iter_frames(avi))
+    damaged = tmp_path / "damaged.avi"
+    data = bytearray(avi.read_bytes())
+    start = int(len(data) * 0.88)
+    data[start:start + 60] = np.random.default_rng(38).integers(0, 256, 60, dtype=np.uint8).tobytes()
+    damaged.write_bytes(bytes(data))
+    frames = list(iter_frames(damaged))
+    indices = [frame.index for frame in frames]
+    assert indices == sorted(set(indices)) and len(frames) <= 90
+    assert all(close_to(frame.image, whole[frame.index].image, 12) for frame in frames[:60])

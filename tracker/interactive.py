@@ -478,8 +478,11 @@ class EditSession:
             self.edits = {key: edit for key, edit in self.edits.items() if key[1] != object_id}
             if self.current == object_id:
                 self.current = self.objects[-1]
-            rerun = "; the next Track re-runs the whole video" if self.result is not None else ""
-            return f"object {object_id} removed{self._restore_hint() or rerun}"
+            if self.result is None:
+                return f"object {object_id} removed"
+            if (self._prompts()[2], self.sam.name) == (self.result.prompts, self.result.sam_backend):
+                return f"object {object_id} removed; the clicks are those of the last run again, which Track keeps"
+            return f"object {object_id} removed{self._restore_hint() or '; the next Track re-runs the whole video'}"
 
     # -- clicks ----------------------------------------------------------
     def click(self, frame: int, display_xy: tuple[float, float], mode: str, video_loads: int | None = None) -> str:

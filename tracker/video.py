@@ -165,10 +165,10 @@ class _Timeline:
     length: Fraction  # seconds from the start of the first frame to the end of the last one
     leading: int = 0  # packets before the first keyframe, left out of the rest
     joins: tuple[Join, ...] = ()  # where the clock starts again (see `_JoinFinder`)
-    # The timestamps rise packet by packet although the decoder reorders pictures (B-frames in AVI, which
-    # keeps no presentation times): they are decoding times, so frames are found by counting from a
-    # keyframe and timed by their place in `pts`.
+    # AVI keeps no presentation times: with B-frames its timestamps are decoding times, so frames are found
+    # by counting from a keyframe and timed by their place in `pts`.
     decoding_order: bool = False
+    open_keyframes: frozenset[int] = frozenset()  # keyframes (pts) not to count from (see `_counting_points`)
 
 
 def probe(path: str | Path) -> VideoInfo:
@@ -189,8 +189,9 @@ def probe(path: str | Path) -> VideoInfo:
         has_audio = bool(_audio_streams(container))
         stored_aspect = Fraction(stream.sample_aspect_ratio or 1)
         hdr = HDR_TRANSFERS.get(first.color_trc)
-        timecode = next((tags["timecode"] for tags in (stream.metadata, *(s.metadata for s in container.streams),
-                                                       container.metadata) if "timecode" in tags), None)
+        timecode = next((value for tags in (stream.metadata, *(s.metadata for s in container.streams),
+                                            container.metadata)
+                         for key, value in tags.items() if key.lower() == "timecode"), None)  # Matroska: TIMECODE
         time_base = stream.time_base or Fraction(1, av.time_base)
         declared_seconds = container.duration / av.time_base if container.duration else 0.0
     timeline = _timeline_of(path)
@@ -294,8 +295,8 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yu
             if skipped and frame.pts is not None:
                 positions = _positions(path) if positions is None else positions
                 index = positions.get(frame.pts, index)
-                if index <= last:  # after damage the decoder can let a frame out late: it is dropped
-                    index = last
+                if index <= last:  # after damage the decoder can let a frame out late, or again: it is dropped
+                    index = index if in_decoding_order else last  # counted on from a keyframe's place there
                     continue
             if stop is not None and index >= stop:
                 return
@@ -332,13 +333,35 @@ def _positions(path: Path) -> dict[int, int]:
     if len(timeline.pts) != timeline.counted:
         return {}
     if timeline.decoding_order:
-        return dict(zip(timeline.keyframes[:, 0].tolist(), _keyframe_places(timeline).tolist()))
+        return {pts: place for place, pts, _ in _counting_points(timeline)}
     return {int(pts): index for index, pts in enumerate(timeline.pts)}
 
 
-def _keyframe_places(timeline: _Timeline) -> np.ndarray:
-    """Each keyframe's frame index, for timestamps in decoding order."""
-    return np.searchsorted(timeline.pts, timeline.keyframes[:, 0])
+def _counting_points(timeline: _Timeline) -> list[tuple[int, int, int]]:
+    """(frame index, pts, dts) of the keyframes that frames can be counted from, for timestamps in decoding
+    order: the index is the number of packets before the keyframe, which holds where no picture after it is
+    shown before it (an open GOP's keyframe is, after B-frames that a seek to it drops)."""
+    places = np.searchsorted(timeline.pts, timeline.keyframes[:, 0]).tolist()
+    return [(place, pts, dts) for place, (pts, dts) in zip(places, timeline.keyframes.tolist())
+            if pts not in timeline.open_keyframes]
+
+
+def _closes_gop(data: bytes, codec: str) -> bool:
+    """Whether a keyframe's picture is an IDR one (H.264, HEVC: no picture shown before it needs one before it;
+    HEVC's RADL pictures decode after a seek), read from its first slice's NAL unit type in an Annex B
+    packet. Other codecs' keyframes are taken to be so."""
+    if codec not in ("h264", "hevc"):
+        return True
+    start = data.find(b"\x00\x00\x01")
+    while 0 <= start < len(data) - 3:
+        header = data[start + 3]
+        kind = header & 0x1F if codec == "h264" else (header >> 1) & 0x3F
+        if codec == "h264" and 1 <= kind <= 5:
+            return kind == 5
+        if codec == "hevc" and kind < 32:
+            return kind in (19, 20)  # IDR_W_RADL, IDR_N_LP
+        start = data.find(b"\x00\x00\x01", start + 3)
+    return False
 
 
 def _timeline_of(path: Path) -> _Timeline:
@@ -572,8 +595,7 @@ def _counted_from_keyframe(container: av.container.InputContainer, stream: av.Vi
                            timeline: _Timeline, index: int, skipped: list[int]) -> Iterator[av.VideoFrame]:
     """Frames from the `index`-th on, counted from the keyframe before it, for timestamps in decoding order.
     The seek must land on that keyframe: the first picture out carries its timestamp."""
-    places = _keyframe_places(timeline)
-    for place, (pts, dts) in list(zip(places.tolist(), timeline.keyframes.tolist()))[::-1]:
+    for place, pts, dts in _counting_points(timeline)[::-1]:
         if place > index:
             continue
         if not _seek(container, stream, dts):
@@ -604,6 +626,9 @@ def _scan(container: av.container.InputContainer, stream: av.VideoStream) -> _Ti
     nominal = 1 / stream.average_rate if stream.average_rate else Fraction(1, 25)
     joins = _JoinFinder(time_base, max(round(nominal / time_base), 1))
     seen: list[int] = []  # each counted packet's number among all those seen (what `joins` counts in)
+    maybe_in_decoding_order = "avi" in container.format.name.split(",") and _reorders(stream)
+    codec = stream.codec_context.name if stream.codec_context is not None else ""
+    open_keyframes: set[int] = set()
     try:
         for packet in container.demux(stream):
             if packet.size == 0:  # the end-of-stream marker
@@ -614,6 +639,8 @@ def _scan(container: av.container.InputContainer, stream: av.VideoStream) -> _Ti
             if packet.is_keyframe and packet.pts is not None:  # discarded ones too: a cut file starts there
                 keyframes.append((packet.pts, packet.pts if packet.dts is None else packet.dts))
                 leading = counted if leading is None else leading
+                if maybe_in_decoding_order and not _closes_gop(bytes(packet), codec):
+                    open_keyframes.add(packet.pts)
             if packet.is_discard:
                 continue
             counted += 1
@@ -626,7 +653,7 @@ def _scan(container: av.container.InputContainer, stream: av.VideoStream) -> _Ti
         complete = None if complete is None else max(complete - leading, 0)
     pts = [value + shift for value, shift in zip(pts, joins.shifts(seen)) if value is not None]
     stamped = np.asarray(pts, dtype=np.int64)
-    decoding_order = _reorders(stream) and len(stamped) == counted > 1 and not joins.found and \
+    decoding_order = maybe_in_decoding_order and len(stamped) == counted > 1 and not joins.found and \
         bool(np.all(np.diff(stamped) > 0))
     ordered = np.sort(stamped)
     if len(ordered) > 1:
@@ -639,7 +666,7 @@ def _scan(container: av.container.InputContainer, stream: av.VideoStream) -> _Ti
     return _Timeline(pts=ordered, keyframes=np.asarray(sorted(keyframes), dtype=np.int64).reshape(-1, 2),
                      counted=counted, complete=counted if complete is None else complete, declared=declared,
                      length=Fraction(length), leading=leading or 0, joins=tuple(joins.found),
-                     decoding_order=decoding_order)
+                     decoding_order=decoding_order, open_keyframes=frozenset(open_keyframes))
 
 
 class _JoinFinder:
