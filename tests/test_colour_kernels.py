@@ -39,9 +39,12 @@ def differences(device: str) -> dict[str, tuple[int, float]]:
             for full_range in (False, True):
                 offset, luma_span, chroma_span = colour._scales(full_range)
                 planes = random_bytes(48 * 3 // 2, 70)
-                compare("yuv420 to rgb", colour_kernels.yuv420_to_rgb(
-                    planes, 48, 70, colour._rgb_from_yuv_matrix(matrix), offset, luma_span, chroma_span),
-                    colour.yuv420_to_rgb(colour.YuvPicture(planes.cpu(), 70, 48, matrix, full_range)))
+                for cosited in ((False, False), (True, False), (True, True)):
+                    weights = [colour._own_weights(on_pixels) for on_pixels in cosited]
+                    compare("yuv420 to rgb", colour_kernels.yuv420_to_rgb(
+                        planes, 48, 70, colour._rgb_from_yuv_matrix(matrix), offset, luma_span, chroma_span, *weights),
+                        colour.yuv420_to_rgb(colour.YuvPicture(planes.cpu(), 70, 48, matrix, full_range,
+                                                               cosited=cosited)))
                 kr, kb = colour.MATRICES[matrix]
                 for height, width in ((48, 70), (37, 51), (1, 1)):  # odd sides are padded
                     image = random_bytes(height, width, 3)

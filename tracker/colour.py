@@ -3,8 +3,9 @@
 On a GPU the tracker moves decoded YUV planes up and encoder-ready YUV planes
 down (half the bytes of RGB each way) and converts them there, so that the
 CPU threads only decode and encode. The maths is the standard one (BT.601 /
-BT.709 matrices, limited or full range, chroma shared by each 2x2 block);
-results agree with swscale's fixed-point conversions within a few grey levels.
+BT.709 matrices, limited or full range, chroma interpolated between samples
+sited where the video says, as swscale does); results agree with swscale's
+fixed-point conversions within a grey level.
 """
 from __future__ import annotations
 
@@ -68,23 +69,51 @@ def yuv420_to_rgb(picture: YuvPicture) -> torch.Tensor:
     offset, luma_span, chroma_span = _scales(picture.full_range)
     rows = _rgb_from_yuv_matrix(picture.matrix)
     kernels = pixel_kernels(planes.device)
+    across, down = (_own_weights(cosited) for cosited in picture.cosited)
     if kernels is not None:
-        rgb = kernels.yuv420_to_rgb(planes, picture.height, picture.width, rows, offset, luma_span, chroma_span)
+        rgb = kernels.yuv420_to_rgb(planes, picture.height, picture.width, rows, offset, luma_span, chroma_span,
+                                    across, down)
     else:
         y, u, v = split_planes(planes, picture.height, picture.width)
         y = (y.float() - offset) / luma_span
-        pb = _double((u.float() - 128) / chroma_span)
-        pr = _double((v.float() - 128) / chroma_span)
+        pb = (_upsampled(u.float(), across, down) - 128) / chroma_span
+        pr = (_upsampled(v.float(), across, down) - 128) / chroma_span
         rgb = torch.stack([y * a + pb * b + pr * c for a, b, c in rows], dim=-1)
         rgb = rgb.mul_(255).round_().clamp_(0, 255).to(torch.uint8)
     turns = picture.rotation // 90 % 4
     return torch.rot90(rgb, k=-turns, dims=(0, 1)).contiguous() if turns else rgb
 
 
-def _double(chroma: torch.Tensor) -> torch.Tensor:
-    """Each chroma sample repeated over its 2x2 block (a broadcast, so a CUDA graph can hold it)."""
+def _own_weights(cosited: bool) -> tuple[float, float]:
+    """How much of its own chroma sample a pixel at an even and at an odd place along a side takes (the rest
+    from the nearest other sample): samples between pixel pairs are 1/4 pixel from each, samples on the even
+    pixels are the even ones' own and halfway from the odd ones."""
+    return (1.0, 0.5) if cosited else (0.75, 0.75)
+
+
+def _upsampled(chroma: torch.Tensor, across: tuple[float, float], down: tuple[float, float]) -> torch.Tensor:
+    """Chroma codes at each pixel, bilinear between samples (edges repeated) with `_own_weights` along the
+    rows (`across`) and columns (`down`): swscale's interpolation. Repeating a sample over its 2x2 block, as
+    this did, left colour edges in steps of two pixels. The weights are multiples of 1/8 and the codes whole
+    numbers, so every step is exact and the order of the sums does not matter."""
     height, width = chroma.shape
-    return chroma[:, None, :, None].expand(height, 2, width, 2).reshape(2 * height, 2 * width)
+    near_rows, far_rows, row_weights = _neighbours(height, down, chroma.device)
+    near_cols, far_cols, col_weights = _neighbours(width, across, chroma.device)
+    near, far = chroma[near_rows], chroma[far_rows]
+    row_weights = row_weights[:, None]
+    return row_weights * (col_weights * near[:, near_cols] + (1 - col_weights) * near[:, far_cols]) + \
+        (1 - row_weights) * (col_weights * far[:, near_cols] + (1 - col_weights) * far[:, far_cols])
+
+
+def _neighbours(samples: int, own: tuple[float, float], device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each of the 2 * `samples` pixels along a side: its own chroma sample, the nearest other one (before
+    it at even places, after it at odd ones) and the weight of its own."""
+    pixel = torch.arange(2 * samples, device=device)
+    near = pixel // 2
+    odd = pixel % 2
+    weights = torch.where(odd == 1, own[1], own[0])
+    return near, (near + odd * 2 - 1).clamp_(0, samples - 1), weights
 
 
 @lru_cache(maxsize=8)

@@ -41,17 +41,40 @@ def _code(x):
 
 
 @triton.jit
+def _upsampled(plane_ptr, near_row, far_row, near_col, far_col, row_weight, col_weight, mask):
+    """A chroma plane's code at a pixel, from its own sample and the nearest others (see `colour._upsampled`)."""
+    own = tl.load(plane_ptr + near_row + near_col, mask=mask, other=0).to(tl.float32)
+    across = tl.load(plane_ptr + near_row + far_col, mask=mask, other=0).to(tl.float32)
+    down = tl.load(plane_ptr + far_row + near_col, mask=mask, other=0).to(tl.float32)
+    diagonal = tl.load(plane_ptr + far_row + far_col, mask=mask, other=0).to(tl.float32)
+    return row_weight * (col_weight * own + (1.0 - col_weight) * across) + \
+        (1.0 - row_weight) * (col_weight * down + (1.0 - col_weight) * diagonal)
+
+
+@triton.jit
 def _yuv420_to_rgb_kernel(planes_ptr, out_ptr, height, width, offset, luma_span, chroma_span,
-                          r_from_v, g_from_u, g_from_v, b_from_u, BLOCK: tl.constexpr):
+                          r_from_v, g_from_u, g_from_v, b_from_u, even_col_weight, odd_col_weight,
+                          even_row_weight, odd_row_weight, BLOCK: tl.constexpr):
     pixel = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = pixel < height * width
     row = pixel // width
     col = pixel % width
-    chroma = (row // 2) * (width // 2) + col // 2
+    # The pixel's own chroma sample, the nearest other one along each side and the own one's weights.
+    half_width = width // 2
+    near_row = row // 2
+    near_col = col // 2
+    far_row = tl.minimum(tl.maximum(near_row + (row % 2) * 2 - 1, 0), height // 2 - 1)
+    far_col = tl.minimum(tl.maximum(near_col + (col % 2) * 2 - 1, 0), half_width - 1)
+    row_weight = tl.where(row % 2 == 1, odd_row_weight, even_row_weight)
+    col_weight = tl.where(col % 2 == 1, odd_col_weight, even_col_weight)
     luma_size = height * width
     y = tl.load(planes_ptr + pixel, mask=inside, other=0).to(tl.float32)
-    u = tl.load(planes_ptr + luma_size + chroma, mask=inside, other=0).to(tl.float32)
-    v = tl.load(planes_ptr + luma_size + luma_size // 4 + chroma, mask=inside, other=0).to(tl.float32)
+    u_ptr = planes_ptr + luma_size
+    v_ptr = u_ptr + luma_size // 4
+    u = _upsampled(u_ptr, near_row * half_width, far_row * half_width, near_col, far_col, row_weight, col_weight,
+                   inside)
+    v = _upsampled(v_ptr, near_row * half_width, far_row * half_width, near_col, far_col, row_weight, col_weight,
+                   inside)
     y = tl.div_rn(y - offset, luma_span)
     pb = tl.div_rn(u - 128.0, chroma_span)
     pr = tl.div_rn(v - 128.0, chroma_span)
@@ -64,12 +87,13 @@ def _yuv420_to_rgb_kernel(planes_ptr, out_ptr, height, width, offset, luma_span,
 
 
 def yuv420_to_rgb(planes: torch.Tensor, height: int, width: int, rows: tuple, offset: float, luma_span: float,
-                  chroma_span: float) -> torch.Tensor:
-    """Packed (H * 3 / 2, W) yuv420p planes -> HxWx3 uint8 RGB; `rows` as `colour._rgb_from_yuv_matrix` gives them."""
+                  chroma_span: float, across: tuple[float, float], down: tuple[float, float]) -> torch.Tensor:
+    """Packed (H * 3 / 2, W) yuv420p planes -> HxWx3 uint8 RGB; `rows` as `colour._rgb_from_yuv_matrix` gives
+    them, `across` and `down` as `colour._own_weights`."""
     out = torch.empty(height, width, 3, dtype=torch.uint8, device=planes.device)
     grid = (triton.cdiv(height * width, BLOCK),)
     _yuv420_to_rgb_kernel[grid](planes.contiguous(), out, height, width, offset, luma_span, chroma_span,
-                                rows[0][2], rows[1][1], rows[1][2], rows[2][1], BLOCK=BLOCK, **_EXACT)
+                                rows[0][2], rows[1][1], rows[1][2], rows[2][1], *across, *down, BLOCK=BLOCK, **_EXACT)
     return out
 
 
@@ -200,4 +224,5 @@ def smoke_test(device: torch.device) -> None:
     see `top_k_kernel.smoke_test`).
     """
     planes = torch.zeros(24, 16, dtype=torch.uint8, device=device)
-    yuv420_to_rgb(planes, 16, 16, ((1.0, 0.0, 1.0), (1.0, -0.5, -0.5), (1.0, 1.0, 0.0)), 16.0, 219.0, 224.0)
+    yuv420_to_rgb(planes, 16, 16, ((1.0, 0.0, 1.0), (1.0, -0.5, -0.5), (1.0, 1.0, 0.0)), 16.0, 219.0, 224.0,
+                  (0.75, 0.75), (0.75, 0.75))

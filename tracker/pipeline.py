@@ -227,7 +227,8 @@ class FramePrep:
             return (lambda image: image), (), upload(frame.image, self.device)
         picture = frame.yuv
         return ((lambda planes: colour.yuv420_to_rgb(replace(picture, planes=planes))),
-                (picture.width, picture.height, picture.matrix, picture.full_range, picture.rotation),
+                (picture.width, picture.height, picture.matrix, picture.full_range, picture.rotation,
+                 picture.cosited),
                 upload(picture.planes, self.device))
 
     def resize(self, image: torch.Tensor) -> torch.Tensor:

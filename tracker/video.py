@@ -56,7 +56,8 @@ class YuvPicture:
     """An 8-bit 4:2:0 picture as planes: Y (H x W), then U and V (H/2 x W/2 each), flat as PyAV's yuv420p array.
 
     `rotation` is the clockwise turn (degrees) that brings it to display
-    orientation; `matrix` and `full_range` say how its values map to RGB.
+    orientation; `matrix` and `full_range` say how its values map to RGB;
+    `cosited` where its chroma samples sit (see `chroma_siting`).
     """
 
     planes: np.ndarray | torch.Tensor  # (H * 3 / 2, W) uint8: decoded on the CPU, converted on the device
@@ -65,6 +66,7 @@ class YuvPicture:
     matrix: str = "bt709"
     full_range: bool = False
     rotation: int = 0
+    cosited: tuple[bool, bool] = (False, False)  # (columns, rows): between pixel pairs (JPEG, VP9) unless so
 
 
 @dataclass(frozen=True)
@@ -280,7 +282,7 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yu
         return
     with _open(path) as container:
         stream = _video_stream(container, path)
-        skipped: list[int] = []  # packets the decoder refused, in file order
+        skipped: list[int | None] = []  # packets the decoder refused, in file order (None: not known which)
         timeline = _timeline_of(path) if start or _reorders(stream) else None
         in_decoding_order = timeline is not None and timeline.decoding_order
         frames = _rejoined(_decoded(container, stream, skipped), path) if start == 0 else \
@@ -289,6 +291,7 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yu
         fallback_rate = stream.average_rate or Fraction(25)
         time_base = stream.time_base  # the frames' own: those drained from the decoder at a cut-off end have none
         positions: dict[int, int] | None = None  # presentation timestamp -> index, read once damage shows
+        siting: tuple[bool, bool] | None | object = _UNREAD  # read from the first frame that has planes
         index = last = start - 1
         for frame in frames:
             index += 1
@@ -312,7 +315,11 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yu
                 _RESIZED_TOLD.add(path)
                 log.warning("%s: the picture changes size from %dx%d to %dx%d at frame %d; frames of another size "
                             "are scaled to %dx%d", path.name, *size, *shown, index, *size)
-            planes = _yuv_planes(frame, clockwise) if yuv and not resized else None
+            planes = None
+            if yuv and not resized and _has_planes(frame):
+                siting = chroma_siting(frame) if siting is _UNREAD else siting
+                if siting is not None:  # else swscale converts
+                    planes = _yuv_planes(frame, clockwise, siting)
             if planes is not None:
                 yield Frame(index, None, pts, time, planes)
             else:
@@ -448,23 +455,39 @@ def _video_stream(container: av.container.InputContainer, path: Path, frame_thre
 class _FrameThreadsFailed(Exception):
     """The frame-threaded decoder refused a packet: it loses the frames its threads hold, often all that follow."""
 
+    def __init__(self, last_pts: int | None):
+        super().__init__(last_pts)
+        self.last_pts = last_pts  # of the last frame the decoder let out
+
+
+class _FramesMissing(_FrameThreadsFailed):
+    """The frame-threaded decoder let out fewer frames than it took packets. PyAV returns the frames that came
+    with an error and drops the error, so a failure while draining the threads (damage among the last
+    packets, as many as there are threads) shows only so. Packets that make no picture (before a keyframe,
+    after a seek into an open GOP) show so too."""
+
 
 def _past_frame_thread_failure(path: Path, frames: Iterator[av.VideoFrame],
-                               skipped: list[int]) -> Iterator[av.VideoFrame]:
+                               skipped: list[int | None]) -> Iterator[av.VideoFrame]:
     """`frames`, and after a frame-threaded decoder's failure on damage, the file decoded again without frame
-    threads (which skip a damaged packet and go on) from the keyframe at or before the last frame let out
-    (from the start in joined recordings, where a timestamp can name two frames). Frames let out already
-    come again; `iter_frames` drops them (it numbers frames by timestamp then)."""
-    last_pts = None
+    threads (which skip a damaged packet and go on) from the keyframe at or before the last frame the decoder
+    let out (from the start in joined recordings, where a timestamp can name two frames). Frames let out
+    already come again; `iter_frames` drops them (it numbers frames by timestamp then)."""
     try:
-        for frame in frames:
-            last_pts = frame.pts if frame.pts is not None else last_pts
-            yield frame
+        yield from frames
         return
-    except _FrameThreadsFailed:
-        log.warning("%s: damage in the video; decoding it again from the last keyframe without frame threads",
-                    path.name)
-    timeline = _timeline_of(path)
+    except _FramesMissing as failure:
+        timeline = _timeline_of(path)
+        last_pts = failure.last_pts
+        if last_pts is None or timeline.joins or timeline.decoding_order or not len(timeline.pts) or \
+                last_pts >= timeline.pts[-1]:
+            return  # nothing is missing after the last frame (or no timestamp tells)
+        skipped.append(None)  # refused unseen: frames are numbered by timestamp from here on
+    except _FrameThreadsFailed as failure:
+        timeline, last_pts = None, failure.last_pts
+    log.warning("%s: damage in the video; decoding it again from the last keyframe without frame threads",
+                path.name)
+    timeline = timeline or _timeline_of(path)
     if len(timeline.pts) != timeline.counted:
         return  # without timestamps the frames let out again could not be told apart
     with _open(path) as container:
@@ -480,7 +503,7 @@ def _past_frame_thread_failure(path: Path, frames: Iterator[av.VideoFrame],
 
 
 def _decoded(container: av.container.InputContainer, stream: av.VideoStream,
-             skipped: list[int]) -> Iterator[av.VideoFrame]:
+             skipped: list[int | None]) -> Iterator[av.VideoFrame]:
     """Decoded frames in presentation order, past damage: a packet the decoder refuses is skipped (the
     frames that follow decode with the decoder's concealment, and one may come out late), the file's end
     or a demuxer error ends it.
@@ -491,23 +514,29 @@ def _decoded(container: av.container.InputContainer, stream: av.VideoStream,
     at all: with frame threads its error would also take the frames still in
     the decoder. One flagged corrupt in the middle is decoded as FFmpeg does
     (MPEG-TS flags the packet at a join of files copied end to end). The
-    skipped packets' timestamps go to `skipped`.
+    skipped packets' timestamps go to `skipped`. A frame-threaded decoder's
+    failure raises `_FrameThreadsFailed` (see `_past_frame_thread_failure`).
     """
-    decoded = 0
+    decoded = sent = 0
+    last_pts = None
 
     frame_threads = stream.codec_context is not None and \
         av.codec.context.ThreadType.FRAME in stream.codec_context.thread_type
 
-    def decode(packet: av.Packet) -> list[av.VideoFrame]:
-        nonlocal decoded
+    def decode(packet: av.Packet | None) -> list[av.VideoFrame]:
+        nonlocal decoded, sent, last_pts
         try:
-            frames = packet.decode()
+            frames = packet.decode() if packet is not None else stream.codec_context.decode(None)
         except av.FFmpegError:
+            if packet is None:
+                return []  # nothing more to recover
             skipped.append(packet.pts)
             if frame_threads:
-                raise _FrameThreadsFailed from None
+                raise _FrameThreadsFailed(last_pts) from None
             return []
+        sent += packet is not None and packet.size > 0
         decoded += len(frames)
+        last_pts = next((frame.pts for frame in reversed(frames) if frame.pts is not None), last_pts)
         return frames
 
     held = None  # a packet flagged corrupt, decoded once a real packet follows it
@@ -532,14 +561,13 @@ def _decoded(container: av.container.InputContainer, stream: av.VideoStream,
                     len(skipped))
     if stream.codec_context is None:  # no decoder for the stream's codec: nothing was decoded
         return
-    try:
-        yield from stream.codec_context.decode(None)
-    except (av.FFmpegError, EOFError):
-        pass  # nothing more to recover
+    yield from decode(None)
+    if frame_threads and decoded < sent:
+        raise _FramesMissing(last_pts)
 
 
 def _decoded_from(container: av.container.InputContainer, stream: av.VideoStream, path: Path,
-                  index: int, skipped: list[int], timeline: _Timeline) -> Iterator[av.VideoFrame]:
+                  index: int, skipped: list[int | None], timeline: _Timeline) -> Iterator[av.VideoFrame]:
     """Decoded frames from the one at `index` on, starting at the nearest keyframe that works.
 
     Frames are identified by timestamp, so B-frames and variable frame rates
@@ -574,7 +602,7 @@ def _seek(container: av.container.InputContainer, stream: av.VideoStream, dts: i
 
 
 def _found_by_timestamp(container: av.container.InputContainer, stream: av.VideoStream, timeline: _Timeline,
-                        index: int, skipped: list[int]) -> Iterator[av.VideoFrame]:
+                        index: int, skipped: list[int | None]) -> Iterator[av.VideoFrame]:
     """Frames from the one stamped as the `index`-th timestamp on, trying the three keyframes before it."""
     target = int(timeline.pts[index])
     before = timeline.keyframes[timeline.keyframes[:, 0] <= target]
@@ -592,7 +620,7 @@ def _found_by_timestamp(container: av.container.InputContainer, stream: av.Video
 
 
 def _counted_from_keyframe(container: av.container.InputContainer, stream: av.VideoStream,
-                           timeline: _Timeline, index: int, skipped: list[int]) -> Iterator[av.VideoFrame]:
+                           timeline: _Timeline, index: int, skipped: list[int | None]) -> Iterator[av.VideoFrame]:
     """Frames from the `index`-th on, counted from the keyframe before it, for timestamps in decoding order.
     The seek must land on that keyframe: the first picture out carries its timestamp."""
     for place, pts, dts in _counting_points(timeline)[::-1]:
@@ -768,15 +796,43 @@ _PLANE_FORMATS = {"yuv420p": False, "yuvj420p": True}  # -> full range
 JPEG_RANGE = 2  # AVCOL_RANGE_JPEG
 
 
-def _yuv_planes(frame: av.VideoFrame, clockwise: int) -> YuvPicture | None:
-    """The frame's own 8-bit 4:2:0 planes with how to turn them (`clockwise`) into RGB, or None where swscale
-    must convert."""
-    if (frame.format.name not in _PLANE_FORMATS or frame.colorspace not in _PLANE_MATRICES
-            or frame.width % 2 or frame.height % 2):
-        return None
+def _has_planes(frame: av.VideoFrame) -> bool:
+    """Whether the frame's own planes can go to the device to be converted there (8-bit 4:2:0, even sides, a
+    colour matrix `tracker.colour` has), not through swscale."""
+    return frame.format.name in _PLANE_FORMATS and frame.colorspace in _PLANE_MATRICES and \
+        not frame.width % 2 and not frame.height % 2
+
+
+def _yuv_planes(frame: av.VideoFrame, clockwise: int, cosited: tuple[bool, bool]) -> YuvPicture:
+    """The frame's own planes with how to turn them (`clockwise`) into RGB."""
     matrix = "bt709" if _untagged_hd(frame) else _PLANE_MATRICES[frame.colorspace]
     full_range = _PLANE_FORMATS[frame.format.name] or frame.color_range == JPEG_RANGE
-    return YuvPicture(frame.to_ndarray(), frame.width, frame.height, matrix, full_range, clockwise)
+    return YuvPicture(frame.to_ndarray(), frame.width, frame.height, matrix, full_range, clockwise, cosited)
+
+
+_UNREAD = object()
+
+
+def chroma_siting(frame: av.VideoFrame) -> tuple[bool, bool] | None:
+    """Whether the 4:2:0 frame's chroma samples sit on its even (columns, rows) rather than between pixel
+    pairs, as swscale reads them from the frame's chroma location: H.264, HEVC and MPEG-2 put them on the
+    columns and between the rows (unless the stream says otherwise), JPEG, VP9 and AV1 between both.
+    PyAV does not show the location, so a small picture that carries the frame's tags is given one chroma
+    impulse and converted; where its red goes says where the sample sits. None for a siting that only
+    swscale converts (below the rows)."""
+    probe = frame.reformat(format="yuv420p", width=16, height=16)  # a new picture, the frame's tags kept
+    lines = [np.full((16, 16), 128, np.uint8), np.full((8, 8), 128, np.uint8), np.full((8, 8), 128, np.uint8)]
+    lines[2][4, 4] = 160  # V, so red: about 57 levels at the sample, none beyond its neighbours
+    for plane, values in zip(probe.planes, lines):
+        padded = np.zeros((values.shape[0], plane.line_size), np.uint8)
+        padded[:, :values.shape[1]] = values
+        plane.update(padded.tobytes())
+    probe.colorspace, probe.color_range = 1, 1
+    red = probe.to_ndarray(format="rgb24", interpolation=SWS_TO_RGB)[:, :, 0].astype(int)
+    own, right, below = red[8, 8], red[8, 9], red[9, 8]  # the sample's block is rows and columns 8 and 9
+    if below > own + 2:
+        return None
+    return own > right + 2, own > below + 2
 
 
 @dataclass(frozen=True)
@@ -818,9 +874,12 @@ LIMITED_RANGE = 1
 
 
 def _encoder_options(codec: str, crf: int, preset: str) -> dict[str, str]:
+    # swscale and `colour.rgb_to_yuv420` both put chroma between pixel pairs; unsaid, H.264 is read as
+    # having it on the even columns (half a pixel to the left).
+    sited = {"chroma_sample_location": "center"}
     if codec == "libvpx-vp9":  # constant quality, fast enough to keep up with tracking
-        return {"crf": str(crf), "b": "0", "deadline": "realtime", "cpu-used": "8", "row-mt": "1"}
-    return {"crf": str(crf), "preset": preset}
+        return {"crf": str(crf), "b": "0", "deadline": "realtime", "cpu-used": "8", "row-mt": "1", **sited}
+    return {"crf": str(crf), "preset": preset, **sited}
 
 
 def output_pix_fmt(codec: str) -> str:
