@@ -723,6 +723,59 @@ def test_anamorphic_video_keeps_its_pixel_aspect(tmp_path, suffix, rotation):
                              tmp_path / f"square{suffix}")).pixel_aspect == 1
 
 
+def test_a_frame_rate_that_a_millisecond_clock_rounds_is_written_exactly(tmp_path):
+    """OBS records 29.97 fps into Matroska, whose clock counts milliseconds (0, 33, 67, 100, ...): the tracked
+    MP4 is timed on 30000/1001's exact grid, as FFmpeg's conversion times it, where it kept 33 and 34 ms
+    steps (29.96 fps, which an editor reads as a variable rate). Times that no standard rate rounds to
+    milliseconds (a phone's variable rate) and 25 fps (40 ms exactly) are written as they are."""
+    def steps(path: Path) -> set[Fraction]:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            stamps = sorted(packet.pts for packet in container.demux(stream) if packet.size)
+        return {Fraction(int(step)) * stream.time_base for step in np.diff(stamps)}
+
+    recorded = make_clip(tmp_path / "obs.mkv", frames=40, fps=Fraction(30000, 1001))
+    info = probe(recorded)
+    assert info.time_base == Fraction(1, 1000) and info.rounded_rate == Fraction(30000, 1001)
+    assert steps(recorded) == {Fraction(33, 1000), Fraction(34, 1000)}
+    written = encode_copy(recorded, tmp_path / "tracked.mp4")
+    assert steps(written) == {Fraction(1001, 30000)}
+    assert probe(written).duration == pytest.approx(info.duration, abs=0.002)
+    assert probe(written).fps == Fraction(30000, 1001)
+
+    rng = np.random.default_rng(0)
+    phone = tmp_path / "phone.mkv"
+    with av.open(str(phone), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for time in np.cumsum(rng.uniform(0.02, 0.05, 30)):
+            frame = av.VideoFrame.from_ndarray(np.zeros((120, 160, 3), np.uint8), format="rgb24")
+            frame.pts, frame.time_base = round(time * 1000), Fraction(1, 1000)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    pal = make_clip(tmp_path / "pal.mkv", frames=20, fps=25)
+    for path in (phone, pal):
+        assert probe(path).rounded_rate is None
+        assert steps(encode_copy(path, tmp_path / f"{path.stem}.mp4")) == steps(path)
+
+
+@pytest.mark.parametrize("suffix, params, rotation, order", [
+    (".mp4", "tff=1", 0, "tff"), (".mkv", "bff=1", 0, "bff"),
+    (".mp4", "tff=1", 180, "bff"),  # turned upside down, the top field's rows are the bottom's
+    (".mp4", "tff=1", 90, None),  # turned a quarter, rows are no fields: progressive
+    (".mp4", None, 0, None)])
+def test_interlaced_video_is_written_interlaced_in_its_field_order(tmp_path, caplog, suffix, params, rotation, order):
+    """Broadcast and camcorder video (1080i) goes back into an editor's interlaced timeline: written as
+    progressive frames, its fields' rows were coded together (combing) and players did not deinterlace."""
+    clip = make_clip(tmp_path / f"in{suffix}", frames=6, x264_params=params, rotation=rotation, audio=False)
+    assert probe(clip).field_order == order
+    assert probe(encode_copy(clip, tmp_path / f"out{suffix}")).field_order == order
+    if order:
+        encode_copy(clip, tmp_path / "cutout.webm", codec="libvpx-vp9")
+        assert "written as progressive frames" in caplog.text
+
+
 @pytest.mark.parametrize("width, height, matrix", [(1280, 536, "itu709"), (1280, 720, "itu709"), (720, 576, "itu601")])
 def test_untagged_colours_are_read_as_players_read_them(tmp_path, width, height, matrix):
     """Without a colour matrix tag, HD (1280 wide, as a film cropped to 1280x536, or taller than 576) is

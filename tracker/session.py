@@ -410,8 +410,8 @@ class Tracker:
                                    f"masks are coarse; {TrackOptions().size} suits most videos")
         if info.cut_short is not None:  # a truncated file with its index says so in the summary (lost frames)
             result.warnings.append(truncation_note(info))
-        if colour_note(info) is not None:
-            result.warnings.append(colour_note(info))
+        if (note := colour_note(info)) is not None:
+            result.warnings.append(note)
         if self.untrained:
             result.warnings.append(weights.UNTRAINED_WARNING)
         return result

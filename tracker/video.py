@@ -107,7 +107,12 @@ class VideoInfo:
     names a high-dynamic-range transfer ("PQ", "HLG"): written videos are
     standard range, not tone mapped (see `colour_note`). `timecode` is the
     first frame's SMPTE timecode (a camera's or an edit's), which written
-    videos keep.
+    videos keep. `field_order` says which field of an interlaced video is
+    shown first, as displayed ("tff" top, "bff" bottom; None for progressive
+    frames): written H.264 is coded interlaced in that order. `rounded_rate`
+    is the standard frame rate that a coarse clock rounds the frames' times
+    of (29.97 in Matroska's milliseconds, as OBS records it): written videos
+    are timed on that rate's exact grid.
     """
 
     path: Path
@@ -128,6 +133,8 @@ class VideoInfo:
     pixel_aspect: Fraction = Fraction(1)
     hdr: str | None = None
     timecode: str | None = None
+    field_order: str | None = None
+    rounded_rate: Fraction | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -171,6 +178,7 @@ class _Timeline:
     # by counting from a keyframe and timed by their place in `pts`.
     decoding_order: bool = False
     open_keyframes: frozenset[int] = frozenset()  # keyframes (pts) not to count from (see `_counting_points`)
+    rounded_rate: Fraction | None = None  # see `_rounded_rate`
 
 
 def probe(path: str | Path) -> VideoInfo:
@@ -191,6 +199,7 @@ def probe(path: str | Path) -> VideoInfo:
         has_audio = bool(_audio_streams(container))
         stored_aspect = Fraction(stream.sample_aspect_ratio or 1)
         hdr = HDR_TRANSFERS.get(first.color_trc)
+        field_order = _field_order(stream, first, rotation)
         timecode = next((value for tags in (stream.metadata, *(s.metadata for s in container.streams),
                                             container.metadata)
                          for key, value in tags.items() if key.lower() == "timecode"), None)  # Matroska: TIMECODE
@@ -223,7 +232,7 @@ def probe(path: str | Path) -> VideoInfo:
                      cut_short=cut_short, joins=timeline.joins,
                      start=float(timeline.pts[0] * time_base) if len(timeline.pts) else 0.0,
                      pixel_aspect=1 / stored_aspect if rotation in (90, 270) else stored_aspect, hdr=hdr,
-                     timecode=timecode)
+                     timecode=timecode, field_order=field_order, rounded_rate=timeline.rounded_rate)
     if hdr:
         log.warning("%s: %s", path.name, colour_note(info))
     return info
@@ -283,7 +292,7 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yu
     with _open(path) as container:
         stream = _video_stream(container, path)
         skipped: list[int | None] = []  # packets the decoder refused, in file order (None: not known which)
-        timeline = _timeline_of(path) if start or _reorders(stream) else None
+        timeline = _timeline_of(path) if start or _maybe_in_decoding_order(container, stream) else None
         in_decoding_order = timeline is not None and timeline.decoding_order
         frames = _rejoined(_decoded(container, stream, skipped), path) if start == 0 else \
             _decoded_from(container, stream, path, start, skipped, timeline)
@@ -291,7 +300,7 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yu
         fallback_rate = stream.average_rate or Fraction(25)
         time_base = stream.time_base  # the frames' own: those drained from the decoder at a cut-off end have none
         positions: dict[int, int] | None = None  # presentation timestamp -> index, read once damage shows
-        siting: tuple[bool, bool] | None | object = _UNREAD  # read from the first frame that has planes
+        siting: tuple[bool, bool] | None | object = _UNREAD  # read again at each keyframe (joined recordings)
         index = last = start - 1
         for frame in frames:
             index += 1
@@ -317,7 +326,7 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yu
                             "are scaled to %dx%d", path.name, *size, *shown, index, *size)
             planes = None
             if yuv and not resized and _has_planes(frame):
-                siting = chroma_siting(frame) if siting is _UNREAD else siting
+                siting = chroma_siting(frame) if siting is _UNREAD or frame.key_frame else siting
                 if siting is not None:  # else swscale converts
                     planes = _yuv_planes(frame, clockwise, siting)
             if planes is not None:
@@ -371,6 +380,21 @@ def _closes_gop(data: bytes, codec: str) -> bool:
     return False
 
 
+# AVFieldOrder by the field displayed first: TT and BT show the top one first, BB and TB the bottom one.
+_FIELD_SHOWN_FIRST = {2: "tff", 5: "tff", 3: "bff", 4: "bff"}
+
+
+def _field_order(stream: av.VideoStream, first: av.VideoFrame, rotation: int) -> str | None:
+    """The field shown first of an interlaced video as displayed ("tff", "bff"), None for progressive frames.
+    A half turn swaps the fields (the top row goes to the bottom); turned a quarter the rows are no fields."""
+    order = _FIELD_SHOWN_FIRST.get(stream.codec_context.field_order if stream.codec_context is not None else 0)
+    if order is None and first.interlaced_frame:
+        order = "tff"  # the stream does not say: HD's order
+    if order is None or rotation in (90, 270):
+        return None
+    return {"tff": "bff", "bff": "tff"}[order] if rotation == 180 else order
+
+
 def _timeline_of(path: Path) -> _Timeline:
     """The file's `_scan`, kept while the file is unchanged: probing, every preview and the tracking
     run read the same timeline, and each pass over a large file reads all of it."""
@@ -391,9 +415,12 @@ def _cached_timeline(path: Path, size: int, modified: int, inode: int) -> _Timel
     return _read_timeline(path)
 
 
-def _reorders(stream: av.VideoStream) -> bool:
-    """Whether the decoder lets pictures out in another order than their packets (B-frames)."""
-    return stream.codec_context is not None and bool(stream.codec_context.has_b_frames)
+def _maybe_in_decoding_order(container: av.container.InputContainer, stream: av.VideoStream) -> bool:
+    """Whether the stream's timestamps may be decoding times (`_Timeline.decoding_order`, which `_scan`
+    decides): AVI keeps no other, and they differ from presentation times where the decoder lets pictures
+    out in another order than their packets (B-frames)."""
+    return "avi" in container.format.name.split(",") and stream.codec_context is not None and \
+        bool(stream.codec_context.has_b_frames)
 
 
 def _rejoined(frames: Iterator[av.VideoFrame], path: Path, timeline: _Timeline | None = None
@@ -654,7 +681,7 @@ def _scan(container: av.container.InputContainer, stream: av.VideoStream) -> _Ti
     nominal = 1 / stream.average_rate if stream.average_rate else Fraction(1, 25)
     joins = _JoinFinder(time_base, max(round(nominal / time_base), 1))
     seen: list[int] = []  # each counted packet's number among all those seen (what `joins` counts in)
-    maybe_in_decoding_order = "avi" in container.format.name.split(",") and _reorders(stream)
+    maybe_in_decoding_order = _maybe_in_decoding_order(container, stream)
     codec = stream.codec_context.name if stream.codec_context is not None else ""
     open_keyframes: set[int] = set()
     try:
@@ -691,10 +718,37 @@ def _scan(container: av.container.InputContainer, stream: av.VideoStream) -> _Ti
         length = max(counted, 1) * nominal
     if counted < declared and stream.duration:
         length = max(length, stream.duration * time_base)
+    rounded_rate = None if joins.found else _rounded_rate(ordered, time_base, 1 / nominal)
     return _Timeline(pts=ordered, keyframes=np.asarray(sorted(keyframes), dtype=np.int64).reshape(-1, 2),
                      counted=counted, complete=counted if complete is None else complete, declared=declared,
                      length=Fraction(length), leading=leading or 0, joins=tuple(joins.found),
-                     decoding_order=decoding_order, open_keyframes=frozenset(open_keyframes))
+                     decoding_order=decoding_order, open_keyframes=frozenset(open_keyframes),
+                     rounded_rate=rounded_rate)
+
+
+# The frame rates of cameras, screen recorders and broadcast, NTSC's beside their whole-number ones.
+STANDARD_RATES = tuple(Fraction(rate) for rate in ("24000/1001", "24", "25", "30000/1001", "30", "48", "50",
+                                                   "60000/1001", "60", "100", "120000/1001", "120"))
+
+
+def _rounded_rate(pts: np.ndarray, time_base: Fraction, declared: Fraction) -> Fraction | None:
+    """The standard frame rate whose frame times the sorted timestamps are, each rounded to a clock tick
+    that cannot hold its frame interval (29.97 in Matroska's milliseconds: 0, 33, 67, 100, ...), or None
+    (a variable rate, a clock that holds the interval). Frames missing from the grid (dropped) are
+    allowed; most intervals must be one frame. Rates nearest the declared one are tried first: a short
+    clip fits 29.97 and 30 alike."""
+    if len(pts) < 3:
+        return None
+    seconds = (pts - pts[0]).astype(np.float64) * float(time_base)
+    for rate in sorted(STANDARD_RATES, key=lambda rate: abs(rate - declared)):
+        if (1 / rate / time_base).denominator == 1:
+            continue  # the clock holds the interval: nothing to round
+        slots = np.round(seconds * float(rate))
+        steps = np.diff(slots)
+        if steps.min() >= 1 and np.median(steps) == 1 and \
+                np.abs(seconds - slots / float(rate)).max() <= 1.01 * float(time_base):
+            return rate
+    return None
 
 
 class _JoinFinder:
@@ -820,8 +874,10 @@ def chroma_siting(frame: av.VideoFrame) -> tuple[bool, bool] | None:
     PyAV does not show the location, so a small picture that carries the frame's tags is given one chroma
     impulse and converted; where its red goes says where the sample sits. None for a siting that only
     swscale converts (below the rows)."""
-    probe = frame.reformat(format="yuv420p", width=16, height=16)  # a new picture, the frame's tags kept
-    lines = [np.full((16, 16), 128, np.uint8), np.full((8, 8), 128, np.uint8), np.full((8, 8), 128, np.uint8)]
+    side = 32 if (frame.width, frame.height) == (16, 16) else 16  # another size: a new picture, not the frame
+    probe = frame.reformat(format="yuv420p", width=side, height=side)  # with the frame's tags
+    lines = [np.full((side, side), 128, np.uint8), np.full((side // 2,) * 2, 128, np.uint8),
+             np.full((side // 2,) * 2, 128, np.uint8)]
     lines[2][4, 4] = 160  # V, so red: about 57 levels at the sample, none beyond its neighbours
     for plane, values in zip(probe.planes, lines):
         padded = np.zeros((values.shape[0], plane.line_size), np.uint8)
@@ -832,7 +888,7 @@ def chroma_siting(frame: av.VideoFrame) -> tuple[bool, bool] | None:
     own, right, below = red[8, 8], red[8, 9], red[9, 8]  # the sample's block is rows and columns 8 and 9
     if below > own + 2:
         return None
-    return own > right + 2, own > below + 2
+    return bool(own > right + 2), bool(own > below + 2)
 
 
 @dataclass(frozen=True)
@@ -873,13 +929,15 @@ BT709 = 1
 LIMITED_RANGE = 1
 
 
-def _encoder_options(codec: str, crf: int, preset: str) -> dict[str, str]:
+def _encoder_options(codec: str, crf: int, preset: str, field_order: str | None) -> dict[str, str]:
     # swscale and `colour.rgb_to_yuv420` both put chroma between pixel pairs; unsaid, H.264 is read as
     # having it on the even columns (half a pixel to the left).
     sited = {"chroma_sample_location": "center"}
     if codec == "libvpx-vp9":  # constant quality, fast enough to keep up with tracking
         return {"crf": str(crf), "b": "0", "deadline": "realtime", "cpu-used": "8", "row-mt": "1", **sited}
-    return {"crf": str(crf), "preset": preset, **sited}
+    # Interlaced pictures coded as such (each field's rows apart where they move), in their field order.
+    fields = {"x264-params": f"{field_order}=1"} if field_order else {}
+    return {"crf": str(crf), "preset": preset, **sited, **fields}
 
 
 def output_pix_fmt(codec: str) -> str:
@@ -937,8 +995,10 @@ class VideoWriter(AtomicWriter):
         self.path = Path(path)
         self.info = info
         self._lock = threading.Lock()
-        self._first_pts: int | None = None
-        self._last_pts = -1
+        self._first_pts: int | None = None  # in the input's time base
+        self._last_pts = -1  # in the output's
+        rate = info.rounded_rate
+        self._time_base = info.time_base if rate is None else Fraction(1, rate.numerator)
         self._frames = 0
         self._done = False
         self._container: av.container.OutputContainer | None = None
@@ -950,7 +1010,7 @@ class VideoWriter(AtomicWriter):
         try:
             options = {"movflags": "+faststart"} if target.format in ("mp4", "mov") else {}
             self._container = av.open(str(self._temp), "w", format=target.format, options=options)
-            self._video = self._add_video(codec, _encoder_options(codec, crf, preset))
+            self._video = self._add_video(codec, _encoder_options(codec, crf, preset, info.field_order))
             self._audio = _AudioTrack.all_of(Path(audio_from), self._container, target, info.joins) \
                 if audio_from else []
             self._container.start_encoding()
@@ -961,10 +1021,11 @@ class VideoWriter(AtomicWriter):
             raise
 
     def _add_video(self, codec: str, options: dict[str, str]) -> av.VideoStream:
-        stream = self._container.add_stream(codec, rate=self.info.fps.limit_denominator(1_000_000), options=options)
+        rate = self.info.rounded_rate or self.info.fps.limit_denominator(1_000_000)
+        stream = self._container.add_stream(codec, rate=rate, options=options)
         stream.width, stream.height = coded_size(codec, self.info.width, self.info.height)
         stream.pix_fmt = output_pix_fmt(codec)
-        stream.codec_context.time_base = self.info.time_base
+        stream.codec_context.time_base = self._time_base
         stream.codec_context.colorspace = stream.codec_context.color_primaries = BT709
         stream.codec_context.color_trc = BT709
         stream.codec_context.color_range = LIMITED_RANGE
@@ -976,6 +1037,9 @@ class VideoWriter(AtomicWriter):
                 log.warning("%s: written with square pixels; the video's are %s wide to 1 high: stretch it to "
                             "%dx%d where it is used", self.path.name, self.info.pixel_aspect,
                             round(self.info.width * self.info.pixel_aspect), self.info.height)
+        if self.info.field_order and codec == "libvpx-vp9":
+            log.warning("%s: the interlaced video is written as progressive frames (VP9 codes no fields); "
+                        "deinterlace it where it is used", self.path.name)
         # Every core: FFmpeg's default of one encoder thread halves libx264's rate on a 16-core machine.
         stream.codec_context.thread_count = os.cpu_count() or 1
         return stream
@@ -994,12 +1058,13 @@ class VideoWriter(AtomicWriter):
             stamp = pts if pts is not None else round(time / self.info.time_base)
             if self._first_pts is None:
                 self._first_pts = stamp
-            stamp = max(stamp - self._first_pts, self._last_pts + 1)  # encoders need strictly rising times
-            frame.pts, frame.time_base = stamp, self.info.time_base
+            stamp = self._output_stamp(stamp - self._first_pts)
+            stamp = max(stamp, self._last_pts + 1)  # encoders need strictly rising times
+            frame.pts, frame.time_base = stamp, self._time_base
             try:
                 self._mux_video(self._video.encode(frame))
                 for track in self._audio:
-                    track.copy_until(self._seconds(stamp), self._seconds(self._first_pts))
+                    track.copy_until(self._seconds(stamp), self._start_seconds())
             except (av.FFmpegError, OSError) as exc:
                 raise VideoError(f"writing {self.path.name} failed: {exc}; check the free disk space") from exc
             self._last_pts = stamp
@@ -1040,8 +1105,19 @@ class VideoWriter(AtomicWriter):
                 self._container.mux(self._held)
             self._held = packet
 
-    def _seconds(self, stamp: int | None) -> float:
-        return float((stamp or 0) * self.info.time_base)
+    def _output_stamp(self, ticks: int) -> int:
+        """A time after the first frame, in the input's ticks, in the output's: on a rounded rate's exact grid
+        (see `VideoInfo.rounded_rate`), one tick of 1 / its numerator seconds, frames its denominator apart."""
+        rate = self.info.rounded_rate
+        return ticks if rate is None else round(ticks * self.info.time_base * rate) * rate.denominator
+
+    def _seconds(self, stamp: int) -> float:
+        """An output timestamp in seconds from the first frame."""
+        return float(stamp * self._time_base)
+
+    def _start_seconds(self) -> float:
+        """The first frame's time in the input, where the sound written with it begins."""
+        return float((self._first_pts or 0) * self.info.time_base)
 
     def close(self) -> None:
         """Flush the encoder, finish the audio, move the index to the front and rename into place."""
@@ -1051,7 +1127,7 @@ class VideoWriter(AtomicWriter):
             try:
                 self._mux_video(self._video.encode())
                 if self._held is not None:
-                    self._held.duration = max(1, round(self._end_seconds() / self.info.time_base) - self._last_pts)
+                    self._held.duration = max(1, round(self._end_seconds() / self._time_base) - self._last_pts)
                     self._container.mux(self._held)
                 # The audio plays to its own end, as in the input (a voice-over may outlast the picture), also
                 # past frames lost to damage; in a file cut short it stops with the last frame written.
@@ -1059,7 +1135,7 @@ class VideoWriter(AtomicWriter):
                     (self.info.truncated_to is None and self.info.cut_short is None)
                 audio_end = float("inf") if whole else self._end_seconds()
                 for track in self._audio:
-                    track.copy_until(audio_end, self._seconds(self._first_pts), final=True)
+                    track.copy_until(audio_end, self._start_seconds(), final=True)
                 self._container.close()
                 self._temp.chmod(0o644)  # mkstemp makes it private; a finished video is not
                 os.replace(self._temp, self.path)
