@@ -743,21 +743,27 @@ def test_a_frame_rate_that_a_millisecond_clock_rounds_is_written_exactly(tmp_pat
     assert probe(written).duration == pytest.approx(info.duration, abs=0.002)
     assert probe(written).fps == Fraction(30000, 1001)
 
-    rng = np.random.default_rng(0)
-    phone = tmp_path / "phone.mkv"
-    with av.open(str(phone), "w") as container:
-        stream = container.add_stream("libx264", rate=30)
-        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
-        stream.codec_context.time_base = Fraction(1, 1000)
-        for time in np.cumsum(rng.uniform(0.02, 0.05, 30)):
-            frame = av.VideoFrame.from_ndarray(np.zeros((120, 160, 3), np.uint8), format="rgb24")
-            frame.pts, frame.time_base = round(time * 1000), Fraction(1, 1000)
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
+    def recorded_as(name: str, codec: str, time_base: Fraction, times: np.ndarray, **options) -> Path:
+        with av.open(str(tmp_path / name), "w", options=options) as container:
+            stream = container.add_stream(codec, rate=30)
+            stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+            stream.codec_context.time_base = time_base
+            for time in times:
+                frame = av.VideoFrame.from_ndarray(np.zeros((120, 160, 3), np.uint8), format="rgb24")
+                frame.pts, frame.time_base = round(time / time_base), time_base
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode())
+        return tmp_path / name
+
+    phone = recorded_as("phone.mkv", "libx264", Fraction(1, 1000),
+                        np.cumsum(np.random.default_rng(0).uniform(0.02, 0.05, 30)))
     pal = make_clip(tmp_path / "pal.mkv", frames=20, fps=25)
-    for path in (phone, pal):
-        assert probe(path).rounded_rate is None
-        assert steps(encode_copy(path, tmp_path / f"{path.stem}.mp4")) == steps(path)
+    # Clocks that hold the rate, where a short file would fit its NTSC neighbour too (29.97 read as 30).
+    avi = recorded_as("ntsc.avi", "mpeg4", Fraction(1001, 30000), np.arange(60) * 1001 / 30000)
+    iphone = recorded_as("iphone.mov", "libx264", Fraction(1, 600), np.arange(45) / 30, video_track_timescale="600")
+    for path in (phone, pal, avi, iphone):
+        assert probe(path).rounded_rate is None, path.name
+        assert steps(encode_copy(path, tmp_path / f"{path.stem}.mp4")) == steps(path), path.name
 
 
 @pytest.mark.parametrize("suffix, params, rotation, order", [
@@ -773,7 +779,17 @@ def test_interlaced_video_is_written_interlaced_in_its_field_order(tmp_path, cap
     assert probe(encode_copy(clip, tmp_path / f"out{suffix}")).field_order == order
     if order:
         encode_copy(clip, tmp_path / "cutout.webm", codec="libvpx-vp9")
-        assert "written as progressive frames" in caplog.text
+        assert "written as progressive frames (VP9" in caplog.text
+
+
+def test_interlaced_video_that_h264_cannot_code_so_is_written_progressive(tmp_path, caplog):
+    """libx264 codes interlaced 4:2:0 pictures in 4-row units: 118 rows (NTSC's 486 alike) are written as
+    progressive frames, with a warning, not refused."""
+    clip = make_clip(tmp_path / "in.mp4", frames=6, height=118, pix_fmt="yuv444p", x264_params="tff=1",
+                     audio=False)
+    assert probe(clip).field_order == "tff"
+    assert probe(encode_copy(clip, tmp_path / "out.mp4")).field_order is None
+    assert "written as progressive frames (H.264" in caplog.text
 
 
 @pytest.mark.parametrize("width, height, matrix", [(1280, 536, "itu709"), (1280, 720, "itu709"), (720, 576, "itu601")])

@@ -300,7 +300,10 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yu
         fallback_rate = stream.average_rate or Fraction(25)
         time_base = stream.time_base  # the frames' own: those drained from the decoder at a cut-off end have none
         positions: dict[int, int] | None = None  # presentation timestamp -> index, read once damage shows
-        siting: tuple[bool, bool] | None | object = _UNREAD  # read again at each keyframe (joined recordings)
+        # The chroma siting, read from the first frame with planes and again at a keyframe a second or more
+        # later (recordings joined end to end can differ; every frame of all-intra video would cost 1 ms).
+        siting: tuple[bool, bool] | None | object = _UNREAD
+        sited_at = 0.0
         index = last = start - 1
         for frame in frames:
             index += 1
@@ -326,7 +329,8 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yu
                             "are scaled to %dx%d", path.name, *size, *shown, index, *size)
             planes = None
             if yuv and not resized and _has_planes(frame):
-                siting = chroma_siting(frame) if siting is _UNREAD or frame.key_frame else siting
+                if siting is _UNREAD or (frame.key_frame and time >= sited_at + 1):
+                    siting, sited_at = chroma_siting(frame), time
                 if siting is not None:  # else swscale converts
                     planes = _yuv_planes(frame, clockwise, siting)
             if planes is not None:
@@ -392,7 +396,7 @@ def _field_order(stream: av.VideoStream, first: av.VideoFrame, rotation: int) ->
         order = "tff"  # the stream does not say: HD's order
     if order is None or rotation in (90, 270):
         return None
-    return {"tff": "bff", "bff": "tff"}[order] if rotation == 180 else order
+    return {"tff": "bff", "bff": "tff"}[order] if rotation == 180 and first.height % 2 == 0 else order
 
 
 def _timeline_of(path: Path) -> _Timeline:
@@ -734,18 +738,22 @@ STANDARD_RATES = tuple(Fraction(rate) for rate in ("24000/1001", "24", "25", "30
 def _rounded_rate(pts: np.ndarray, time_base: Fraction, declared: Fraction) -> Fraction | None:
     """The standard frame rate whose frame times the sorted timestamps are, each rounded to a clock tick
     that cannot hold its frame interval (29.97 in Matroska's milliseconds: 0, 33, 67, 100, ...), or None
-    (a variable rate, a clock that holds the interval). Frames missing from the grid (dropped) are
-    allowed; most intervals must be one frame. Rates nearest the declared one are tried first: a short
-    clip fits 29.97 and 30 alike."""
+    (a variable rate; a clock that holds the file's rate, as AVI's or a phone's 1/600 s holds 30).
+    Frames missing from the grid (dropped) are allowed; most intervals must be one frame, of two ticks
+    or more. Rates nearest the declared one are tried first: a short clip fits 29.97 and 30 alike."""
     if len(pts) < 3:
         return None
+    steps = np.diff(pts)
+    intervals = {rate: 1 / rate / time_base for rate in STANDARD_RATES}
+    if any(interval.denominator == 1 and not np.any(steps % interval.numerator) for interval in intervals.values()):
+        return None  # every step is a whole number of a standard rate's frames: nothing was rounded
     seconds = (pts - pts[0]).astype(np.float64) * float(time_base)
     for rate in sorted(STANDARD_RATES, key=lambda rate: abs(rate - declared)):
-        if (1 / rate / time_base).denominator == 1:
-            continue  # the clock holds the interval: nothing to round
+        if intervals[rate].denominator == 1 or intervals[rate] < 2:
+            continue  # the clock holds the interval (nothing to round), or is too coarse to tell
         slots = np.round(seconds * float(rate))
-        steps = np.diff(slots)
-        if steps.min() >= 1 and np.median(steps) == 1 and \
+        frames = np.diff(slots)
+        if frames.min() >= 1 and np.median(frames) == 1 and \
                 np.abs(seconds - slots / float(rate)).max() <= 1.01 * float(time_base):
             return rate
     return None
@@ -1010,7 +1018,7 @@ class VideoWriter(AtomicWriter):
         try:
             options = {"movflags": "+faststart"} if target.format in ("mp4", "mov") else {}
             self._container = av.open(str(self._temp), "w", format=target.format, options=options)
-            self._video = self._add_video(codec, _encoder_options(codec, crf, preset, info.field_order))
+            self._video = self._add_video(codec, _encoder_options(codec, crf, preset, self._field_order(codec)))
             self._audio = _AudioTrack.all_of(Path(audio_from), self._container, target, info.joins) \
                 if audio_from else []
             self._container.start_encoding()
@@ -1019,6 +1027,20 @@ class VideoWriter(AtomicWriter):
             if isinstance(exc, (av.FFmpegError, OSError, ValueError)):
                 raise VideoError(f"cannot start writing {self.path.name}: {exc}") from exc
             raise
+
+    def _field_order(self, codec: str) -> str | None:
+        """The order in which an interlaced input's fields are coded, or None for progressive frames (said so
+        where the input was interlaced): VP9 codes no fields, libx264 interlaced 4:2:0 only in 4-row units."""
+        order = self.info.field_order
+        if order is None:
+            return None
+        if codec == "libx264" and coded_size(codec, self.info.width, self.info.height)[1] % 4 == 0:
+            return order
+        why = "VP9 codes no fields" if codec == "libvpx-vp9" else \
+            f"H.264 codes interlaced pictures {self.info.height} rows high as progressive ones only"
+        log.warning("%s: the interlaced video is written as progressive frames (%s); deinterlace it where it "
+                    "is used", self.path.name, why)
+        return None
 
     def _add_video(self, codec: str, options: dict[str, str]) -> av.VideoStream:
         rate = self.info.rounded_rate or self.info.fps.limit_denominator(1_000_000)
@@ -1037,9 +1059,6 @@ class VideoWriter(AtomicWriter):
                 log.warning("%s: written with square pixels; the video's are %s wide to 1 high: stretch it to "
                             "%dx%d where it is used", self.path.name, self.info.pixel_aspect,
                             round(self.info.width * self.info.pixel_aspect), self.info.height)
-        if self.info.field_order and codec == "libvpx-vp9":
-            log.warning("%s: the interlaced video is written as progressive frames (VP9 codes no fields); "
-                        "deinterlace it where it is used", self.path.name)
         # Every core: FFmpeg's default of one encoder thread halves libx264's rate on a 16-core machine.
         stream.codec_context.thread_count = os.cpu_count() or 1
         return stream
