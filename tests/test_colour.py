@@ -52,26 +52,30 @@ def test_yuv420_to_rgb_is_swscales_conversion(matrix, full_range):
     assert np.abs(got - want).max() <= 1 and np.abs(got - want).mean() < 0.05
 
 
-@pytest.mark.parametrize("codec, params, siting", [
-    ("libx264", None, (True, False)),  # H.264's own: on the even columns, between the rows
-    ("libx264", "chromaloc=1", (False, False)),  # the stream says: between pixel pairs both ways
-    ("libx264", "chromaloc=2", (True, True)),  # top left (UHD broadcast)
-    ("libvpx-vp9", None, (False, False)),
-    ("libx264", "chromaloc=4", None),  # bottom left: left to swscale
+@pytest.mark.parametrize("codec, params, siting, on_device", [
+    ("libx264", None, (True, False), True),  # H.264's own: on the even columns, between the rows
+    ("libx264", "chromaloc=1", (False, False), True),  # the stream says: between pixel pairs both ways
+    ("libx264", "chromaloc=2", (True, True), True),  # top left (UHD broadcast)
+    ("libvpx-vp9", None, (False, False), True),
+    ("libx264", "chromaloc=4", None, False),  # bottom left: left to swscale
+    ("libx264", "tff=1", (True, False), True),  # interlaced: each field's chroma rows apart, as swscale does
+    ("libx264", "tff=1:chromaloc=2", (True, True), False),  # interlaced, top left: left to swscale
 ])
-def test_planes_are_converted_where_the_stream_sites_its_chroma(tmp_path, codec, params, siting):
+def test_planes_are_converted_where_the_stream_sites_its_chroma(tmp_path, codec, params, siting, on_device):
     """The device conversion reads the chroma siting swscale reads and interpolates as it does: a video's
-    colour edges come out where the CPU path puts them, within a level."""
+    colour edges come out where the CPU path puts them, within a level (interlaced video's chroma field by
+    field: converted as progressive pictures they were up to 118 levels off)."""
     clip = make_clip(tmp_path / ("clip.webm" if codec == "libvpx-vp9" else "clip.mp4"), frames=3, codec=codec,
                      x264_params=params, audio=False)
     with av.open(str(clip)) as container:
         assert chroma_siting(next(container.decode(video=0))) == siting
     for rgb, planes in zip(iter_frames(clip), iter_frames(clip, yuv=True)):
-        if siting is None:
+        if not on_device:
             assert planes.yuv is None and np.array_equal(planes.image, rgb.image)
             continue
         difference = np.abs(yuv420_to_rgb(planes.yuv).numpy().astype(int) - rgb.image)
-        assert planes.yuv.cosited == siting and difference.max() <= 1 and difference.mean() < 0.05
+        assert planes.yuv.cosited == siting and planes.yuv.interlaced == ("tff" in (params or ""))
+        assert difference.max() <= 1 and difference.mean() < 0.05
 
 
 def test_the_siting_of_each_joined_recording_and_of_a_tiny_video_is_read(tmp_path):

@@ -39,12 +39,14 @@ def differences(device: str) -> dict[str, tuple[int, float]]:
             for full_range in (False, True):
                 offset, luma_span, chroma_span = colour._scales(full_range)
                 planes = random_bytes(48 * 3 // 2, 70)
-                for cosited in ((False, False), (True, False), (True, True)):
-                    weights = [colour._own_weights(on_pixels) for on_pixels in cosited]
+                for cosited, interlaced in (((False, False), False), ((True, False), False), ((True, True), False),
+                                            ((True, False), True)):
+                    picture = colour.YuvPicture(planes.cpu(), 70, 48, matrix, full_range, cosited=cosited,
+                                                interlaced=interlaced)
+                    across, down = colour._siting_weights(picture)
                     compare("yuv420 to rgb", colour_kernels.yuv420_to_rgb(
-                        planes, 48, 70, colour._rgb_from_yuv_matrix(matrix), offset, luma_span, chroma_span, *weights),
-                        colour.yuv420_to_rgb(colour.YuvPicture(planes.cpu(), 70, 48, matrix, full_range,
-                                                               cosited=cosited)))
+                        planes, 48, 70, colour._rgb_from_yuv_matrix(matrix), offset, luma_span, chroma_span,
+                        across[0], down), colour.yuv420_to_rgb(picture))
                 kr, kb = colour.MATRICES[matrix]
                 for height, width in ((48, 70), (37, 51), (1, 1)):  # odd sides are padded
                     image = random_bytes(height, width, 3)

@@ -69,10 +69,10 @@ def yuv420_to_rgb(picture: YuvPicture) -> torch.Tensor:
     offset, luma_span, chroma_span = _scales(picture.full_range)
     rows = _rgb_from_yuv_matrix(picture.matrix)
     kernels = pixel_kernels(planes.device)
-    across, down = (_own_weights(cosited) for cosited in picture.cosited)
+    across, down = _siting_weights(picture)
     if kernels is not None:
         rgb = kernels.yuv420_to_rgb(planes, picture.height, picture.width, rows, offset, luma_span, chroma_span,
-                                    across, down)
+                                    across[0], down)
     else:
         y, u, v = split_planes(planes, picture.height, picture.width)
         y = (y.float() - offset) / luma_span
@@ -84,18 +84,27 @@ def yuv420_to_rgb(picture: YuvPicture) -> torch.Tensor:
     return torch.rot90(rgb, k=-turns, dims=(0, 1)).contiguous() if turns else rgb
 
 
-def _own_weights(cosited: bool) -> tuple[float, float]:
-    """How much of its own chroma sample a pixel at an even and at an odd place along a side takes (the rest
-    from the nearest other sample): samples between pixel pairs are 1/4 pixel from each, samples on the even
-    pixels are the even ones' own and halfway from the odd ones."""
-    return (1.0, 0.5) if cosited else (0.75, 0.75)
+Weights = tuple[tuple[float, float], ...]  # per field: a pixel's weight for its own chroma sample, even / odd line
+
+# Samples between pixel pairs are 1/4 pixel from each; samples on the even pixels are the even ones' own and
+# halfway from the odd ones. In an interlaced picture each field has its own chroma rows, a quarter of a
+# field line below its lines in the top field and three quarters in the bottom one (MPEG-2's siting).
+_BETWEEN, _ON_EVEN, _FIELDS = ((0.75, 0.75),), ((1.0, 0.5),), ((0.875, 0.625), (0.625, 0.875))
 
 
-def _upsampled(chroma: torch.Tensor, across: tuple[float, float], down: tuple[float, float]) -> torch.Tensor:
-    """Chroma codes at each pixel, bilinear between samples (edges repeated) with `_own_weights` along the
-    rows (`across`) and columns (`down`): swscale's interpolation. Repeating a sample over its 2x2 block, as
-    this did, left colour edges in steps of two pixels. The weights are multiples of 1/8 and the codes whole
-    numbers, so every step is exact and the order of the sums does not matter."""
+def _siting_weights(picture: YuvPicture) -> tuple[Weights, Weights]:
+    """(along the rows, down the columns): how much of its own chroma sample a pixel takes, the rest coming
+    from the nearest other sample (see `_neighbours`), as swscale weighs them."""
+    across = _ON_EVEN if picture.cosited[0] else _BETWEEN
+    down = _FIELDS if picture.interlaced else _ON_EVEN if picture.cosited[1] else _BETWEEN
+    return across, down
+
+
+def _upsampled(chroma: torch.Tensor, across: Weights, down: Weights) -> torch.Tensor:
+    """Chroma codes at each pixel, bilinear between samples (edges repeated) with `_siting_weights`:
+    swscale's interpolation. Repeating a sample over its 2x2 block, as this did, left colour edges in
+    steps of two pixels. The weights are multiples of 1/8 and the codes whole numbers, so every step is
+    exact and the order of the sums does not matter."""
     height, width = chroma.shape
     near_rows, far_rows, row_weights = _neighbours(height, down, chroma.device)
     near_cols, far_cols, col_weights = _neighbours(width, across, chroma.device)
@@ -105,15 +114,18 @@ def _upsampled(chroma: torch.Tensor, across: tuple[float, float], down: tuple[fl
         (1 - row_weights) * (col_weights * far[:, near_cols] + (1 - col_weights) * far[:, far_cols])
 
 
-def _neighbours(samples: int, own: tuple[float, float], device: torch.device
+def _neighbours(samples: int, weights: Weights, device: torch.device
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For each of the 2 * `samples` pixels along a side: its own chroma sample, the nearest other one (before
-    it at even places, after it at odd ones) and the weight of its own."""
+    """For each of the 2 * `samples` pixels along a side: its own chroma sample, the nearest other one of its
+    field (before it at even lines, after it at odd ones) and the weight of its own."""
+    fields = len(weights)
     pixel = torch.arange(2 * samples, device=device)
-    near = pixel // 2
-    odd = pixel % 2
-    weights = torch.where(odd == 1, own[1], own[0])
-    return near, (near + odd * 2 - 1).clamp_(0, samples - 1), weights
+    field, line = pixel % fields, pixel // fields
+    near, odd = line // 2, line % 2
+    top, bottom = weights[0], weights[-1]  # Python numbers, not a tensor copied in: a CUDA graph holds this
+    own = torch.where(odd == 1, torch.where(field == 1, bottom[1], top[1]), torch.where(field == 1, bottom[0], top[0]))
+    far = (near + odd * 2 - 1).clamp_(0, samples // fields - 1)
+    return near * fields + field, far * fields + field, own
 
 
 @lru_cache(maxsize=8)

@@ -54,18 +54,26 @@ def _upsampled(plane_ptr, near_row, far_row, near_col, far_col, row_weight, col_
 @triton.jit
 def _yuv420_to_rgb_kernel(planes_ptr, out_ptr, height, width, offset, luma_span, chroma_span,
                           r_from_v, g_from_u, g_from_v, b_from_u, even_col_weight, odd_col_weight,
-                          even_row_weight, odd_row_weight, BLOCK: tl.constexpr):
+                          top_even_weight, top_odd_weight, bottom_even_weight, bottom_odd_weight, fields,
+                          BLOCK: tl.constexpr):
     pixel = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = pixel < height * width
     row = pixel // width
     col = pixel % width
-    # The pixel's own chroma sample, the nearest other one along each side and the own one's weights.
+    # The pixel's own chroma sample, the nearest other one (of its field: `fields` is 2 in an interlaced
+    # picture) along each side and the own one's weights (see `colour._neighbours`).
     half_width = width // 2
-    near_row = row // 2
+    field = row % fields
+    line = row // fields
+    near_line = line // 2
+    far_line = tl.minimum(tl.maximum(near_line + (line % 2) * 2 - 1, 0), height // 2 // fields - 1)
+    near_row = near_line * fields + field
+    far_row = far_line * fields + field
     near_col = col // 2
-    far_row = tl.minimum(tl.maximum(near_row + (row % 2) * 2 - 1, 0), height // 2 - 1)
     far_col = tl.minimum(tl.maximum(near_col + (col % 2) * 2 - 1, 0), half_width - 1)
-    row_weight = tl.where(row % 2 == 1, odd_row_weight, even_row_weight)
+    odd_line = line % 2 == 1
+    row_weight = tl.where(field == 1, tl.where(odd_line, bottom_odd_weight, bottom_even_weight),
+                          tl.where(odd_line, top_odd_weight, top_even_weight))
     col_weight = tl.where(col % 2 == 1, odd_col_weight, even_col_weight)
     luma_size = height * width
     y = tl.load(planes_ptr + pixel, mask=inside, other=0).to(tl.float32)
@@ -87,13 +95,15 @@ def _yuv420_to_rgb_kernel(planes_ptr, out_ptr, height, width, offset, luma_span,
 
 
 def yuv420_to_rgb(planes: torch.Tensor, height: int, width: int, rows: tuple, offset: float, luma_span: float,
-                  chroma_span: float, across: tuple[float, float], down: tuple[float, float]) -> torch.Tensor:
+                  chroma_span: float, across: tuple[float, float], down: tuple[tuple[float, float], ...]
+                  ) -> torch.Tensor:
     """Packed (H * 3 / 2, W) yuv420p planes -> HxWx3 uint8 RGB; `rows` as `colour._rgb_from_yuv_matrix` gives
-    them, `across` and `down` as `colour._own_weights`."""
+    them, `across` (one field's) and `down` (per field) as `colour._siting_weights`."""
     out = torch.empty(height, width, 3, dtype=torch.uint8, device=planes.device)
     grid = (triton.cdiv(height * width, BLOCK),)
     _yuv420_to_rgb_kernel[grid](planes.contiguous(), out, height, width, offset, luma_span, chroma_span,
-                                rows[0][2], rows[1][1], rows[1][2], rows[2][1], *across, *down, BLOCK=BLOCK, **_EXACT)
+                                rows[0][2], rows[1][1], rows[1][2], rows[2][1], *across, *down[0], *down[-1],
+                                len(down), BLOCK=BLOCK, **_EXACT)
     return out
 
 
@@ -225,4 +235,4 @@ def smoke_test(device: torch.device) -> None:
     """
     planes = torch.zeros(24, 16, dtype=torch.uint8, device=device)
     yuv420_to_rgb(planes, 16, 16, ((1.0, 0.0, 1.0), (1.0, -0.5, -0.5), (1.0, 1.0, 0.0)), 16.0, 219.0, 224.0,
-                  (0.75, 0.75), (0.75, 0.75))
+                  (0.75, 0.75), ((0.75, 0.75),))

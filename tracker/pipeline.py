@@ -228,7 +228,7 @@ class FramePrep:
         picture = frame.yuv
         return ((lambda planes: colour.yuv420_to_rgb(replace(picture, planes=planes))),
                 (picture.width, picture.height, picture.matrix, picture.full_range, picture.rotation,
-                 picture.cosited),
+                 picture.cosited, picture.interlaced),
                 upload(picture.planes, self.device))
 
     def resize(self, image: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,7 @@ class YuvPicture:
     full_range: bool = False
     rotation: int = 0
     cosited: tuple[bool, bool] = (False, False)  # (columns, rows): between pixel pairs (JPEG, VP9) unless so
+    interlaced: bool = False  # each field has its own chroma rows
 
 
 @dataclass(frozen=True)
@@ -331,8 +332,7 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yu
             if yuv and not resized and _has_planes(frame):
                 if siting is _UNREAD or (frame.key_frame and time >= sited_at + 1):
                     siting, sited_at = chroma_siting(frame), time
-                if siting is not None:  # else swscale converts
-                    planes = _yuv_planes(frame, clockwise, siting)
+                planes = _yuv_planes(frame, clockwise, siting)
             if planes is not None:
                 yield Frame(index, None, pts, time, planes)
             else:
@@ -859,17 +859,21 @@ JPEG_RANGE = 2  # AVCOL_RANGE_JPEG
 
 
 def _has_planes(frame: av.VideoFrame) -> bool:
-    """Whether the frame's own planes can go to the device to be converted there (8-bit 4:2:0, even sides, a
-    colour matrix `tracker.colour` has), not through swscale."""
+    """Whether the frame's own planes can go to the device to be converted there (8-bit 4:2:0, even sides,
+    fields of even height, a colour matrix `tracker.colour` has), not through swscale."""
     return frame.format.name in _PLANE_FORMATS and frame.colorspace in _PLANE_MATRICES and \
-        not frame.width % 2 and not frame.height % 2
+        not frame.width % 2 and not frame.height % (4 if frame.interlaced_frame else 2)
 
 
-def _yuv_planes(frame: av.VideoFrame, clockwise: int, cosited: tuple[bool, bool]) -> YuvPicture:
-    """The frame's own planes with how to turn them (`clockwise`) into RGB."""
+def _yuv_planes(frame: av.VideoFrame, clockwise: int, cosited: tuple[bool, bool] | None) -> YuvPicture | None:
+    """The frame's own planes with how to turn them (`clockwise`) into RGB; None for a chroma siting that only
+    swscale converts (see `chroma_siting`; an interlaced picture's chroma on its rows)."""
+    if cosited is None or frame.interlaced_frame and cosited[1]:
+        return None
     matrix = "bt709" if _untagged_hd(frame) else _PLANE_MATRICES[frame.colorspace]
     full_range = _PLANE_FORMATS[frame.format.name] or frame.color_range == JPEG_RANGE
-    return YuvPicture(frame.to_ndarray(), frame.width, frame.height, matrix, full_range, clockwise, cosited)
+    return YuvPicture(frame.to_ndarray(), frame.width, frame.height, matrix, full_range, clockwise, cosited,
+                      frame.interlaced_frame)
 
 
 _UNREAD = object()
@@ -893,10 +897,14 @@ def chroma_siting(frame: av.VideoFrame) -> tuple[bool, bool] | None:
         plane.update(padded.tobytes())
     probe.colorspace, probe.color_range = 1, 1
     red = probe.to_ndarray(format="rgb24", interpolation=SWS_TO_RGB)[:, :, 0].astype(int)
-    own, right, below = red[8, 8], red[8, 9], red[9, 8]  # the sample's block is rows and columns 8 and 9
+    red -= red[0, 0]  # the grey around the impulse
+    # The sample's block is rows and columns 8 and 9. Below: the next line of its field, which an interlaced
+    # picture's sample reaches 5/7 as much as its own line where a progressive one's reaches both alike;
+    # a sample on a line reaches the next one half as much.
+    own, right, below = red[8, 8], red[8, 9], red[10 if frame.interlaced_frame else 9, 8]
     if below > own + 2:
         return None
-    return bool(own > right + 2), bool(own > below + 2)
+    return bool(own > right + 2), bool(below < 0.6 * own)
 
 
 @dataclass(frozen=True)
