@@ -272,6 +272,34 @@ def test_the_gpu_colour_path_tracks_like_the_cpu_path(cpu_tracker, tmp_path, mon
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_an_interlaced_video_is_tracked_into_an_interlaced_one(untrained_checkpoints, cpu_tracker, tmp_path,
+                                                              monkeypatch, device):
+    """Planes read field by field, drawn, converted back field by field (on a GPU in the frame graphs; on the
+    CPU, the torch code that runs there) and coded as fields in the input's order, as bright as the input."""
+    import tracker.colour as colour
+    from media import make_clip
+    from tracker.options import TrackOptions
+    from tracker.prompts import ObjectPrompt
+    from tracker.session import Tracker
+    from tracker.video import iter_frames, probe
+
+    clip = make_clip(tmp_path / "interlaced.mp4", frames=6, x264_params="bff=1", audio=False)
+    if device == "cpu":
+        monkeypatch.setattr(colour, "colour_on_device", lambda device: True)
+        tracker = cpu_tracker
+    else:
+        tracker = Tracker(untrained_checkpoints["sam"], untrained_checkpoints["xmem"], device="cuda", download=False)
+    result = tracker.track(clip, [ObjectPrompt(1, 0, [(80, 60)], [1])], output=tmp_path / "out.mp4",
+                           options=TrackOptions(alpha=0.0, outline=0))
+    written = probe(tmp_path / "out.mp4")
+    assert result.frames == written.frame_count == 6 and written.field_order == "bff"
+    for a, b in zip(iter_frames(clip), iter_frames(tmp_path / "out.mp4")):
+        assert abs(a.image.astype(float).mean() - b.image.mean()) < 1
+        assert np.abs(a.image.astype(int) - b.image).mean() < 4
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 def test_a_recording_that_changes_size_midway_is_tracked_at_its_first_size(untrained_checkpoints, cpu_tracker,
                                                                            tmp_path, monkeypatch, device):
     """Joined segments: the planes of the first size and the scaled RGB frames of the second pass through the

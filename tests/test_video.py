@@ -782,6 +782,32 @@ def test_interlaced_video_is_written_interlaced_in_its_field_order(tmp_path, cap
         assert "written as progressive frames (VP9" in caplog.text
 
 
+def test_interlaced_pictures_keep_each_fields_colours(tmp_path, monkeypatch):
+    """Where something moves, an interlaced picture's two fields differ (here red rows over blue ones): its
+    chroma is made field by field, on the CPU (swscale) and on the device (`encoder_picture`), so that
+    players read each field's colours back; made from the frame's rows, both came back purple (63.8 levels
+    off on average)."""
+    import torch
+
+    from tracker import colour
+    from tracker.render import encoder_picture
+
+    info = probe(make_clip(tmp_path / "in.mp4", frames=3, x264_params="tff=1", audio=False))
+    picture = np.full((HEIGHT, WIDTH, 3), 128, np.uint8)
+    picture[40:80:2], picture[41:80:2] = (220, 40, 40), (40, 40, 220)
+    monkeypatch.setattr(colour, "colour_on_device", lambda device: True)
+    on_device = encoder_picture(torch.from_numpy(picture), interlaced=True).result()
+    assert on_device.interlaced
+    for name, image in (("cpu.mp4", picture), ("device.mp4", on_device)):
+        with VideoWriter(tmp_path / name, info, crf=0) as writer:
+            writer.write(image, None, 0.0)
+        back = next(iter_frames(tmp_path / name)).image.astype(int)
+        assert probe(tmp_path / name).field_order == "tff"
+        assert np.abs(back[44:76] - picture[44:76]).mean() < 1.5, name
+    with VideoWriter(tmp_path / "wrong.mp4", info) as writer, pytest.raises(ValueError, match="interlaced"):
+        writer.write(encoder_picture(torch.from_numpy(picture)).result(), 0, 0.0)
+
+
 def test_interlaced_video_that_h264_cannot_code_so_is_written_progressive(tmp_path, caplog):
     """libx264 codes interlaced 4:2:0 pictures in 4-row units: 118 rows (NTSC's 486 alike) are written as
     progressive frames, with a warning, not refused."""

@@ -48,9 +48,10 @@ def _scales(full_range: bool) -> tuple[float, float, float]:
     return (0.0, 255.0, 255.0) if full_range else (16.0, 219.0, 224.0)
 
 
-def packed_yuv420(planes: np.ndarray | torch.Tensor, matrix: str = "bt709", full_range: bool = False) -> YuvPicture:
+def packed_yuv420(planes: np.ndarray | torch.Tensor, matrix: str = "bt709", full_range: bool = False,
+                  interlaced: bool = False) -> YuvPicture:
     """A picture around packed (H * 3 / 2, W) yuv420p planes."""
-    return YuvPicture(planes, planes.shape[1], planes.shape[0] * 2 // 3, matrix, full_range)
+    return YuvPicture(planes, planes.shape[1], planes.shape[0] * 2 // 3, matrix, full_range, interlaced=interlaced)
 
 
 def split_planes(planes: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -128,6 +129,17 @@ def _neighbours(samples: int, weights: Weights, device: torch.device
     return near * fields + field, far * fields + field, own
 
 
+def _by_fields(image: torch.Tensor, matrix: str, full_range: bool) -> YuvPicture:
+    """`rgb_to_yuv420` of each field (every other row), the planes' rows woven back together: each field's
+    chroma from its own rows."""
+    height = image.shape[0]
+    fields = [rgb_to_yuv420(image[first::2], matrix, full_range) for first in (0, 1)]
+    width = fields[0].width
+    planes = [split_planes(field.planes, height // 2, width) for field in fields]
+    woven = [torch.stack(pair, dim=1).reshape(-1) for pair in zip(*planes)]  # Y, U, V: a row of each field in turn
+    return packed_yuv420(torch.cat(woven).view(-1, width), matrix, full_range, interlaced=True)
+
+
 @lru_cache(maxsize=8)
 def _encoding_constants(device: torch.device, matrix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Luma weights, the chroma row filter and the chroma scales, made on the device once: a tensor made
@@ -138,13 +150,17 @@ def _encoding_constants(device: torch.device, matrix: str) -> tuple[torch.Tensor
             torch.tensor([[2 * (1 - kb)], [2 * (1 - kr)]], device=device))
 
 
-def rgb_to_yuv420(image: torch.Tensor, matrix: str = "bt709", full_range: bool = False) -> YuvPicture:
+def rgb_to_yuv420(image: torch.Tensor, matrix: str = "bt709", full_range: bool = False,
+                  interlaced: bool = False) -> YuvPicture:
     """HxWx3 uint8 RGB -> a YuvPicture on the same device, odd sides padded with a copy of the last row/column.
 
     Chroma is subsampled as swscale does it (the mean of each horizontal pair,
     then a [1, 3, 3, 1] / 8 filter down the rows), so GPU-converted frames
-    encode like CPU-converted ones.
+    encode like CPU-converted ones. An `interlaced` picture (H a multiple of
+    4) is converted field by field, as the writer converts one on the CPU.
     """
+    if interlaced:
+        return _by_fields(image, matrix, full_range)
     offset, luma_span, chroma_span = _scales(full_range)
     kernels = pixel_kernels(image.device)
     if kernels is not None:

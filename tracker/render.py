@@ -10,7 +10,7 @@ import io
 import os
 import threading
 import zipfile
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -105,11 +105,12 @@ def overlay(image: torch.Tensor, labels: torch.Tensor, *, alpha: float = 0.5, ou
 
 
 def encoder_picture(image: torch.Tensor, labels: torch.Tensor | None = None, *, alpha: float = 0.5, outline: int = 2,
-                    graphs: GraphCache | None = None) -> Download:
+                    interlaced: bool = False, graphs: GraphCache | None = None) -> Download:
     """A frame on its way to the video writer, with its objects drawn when `labels` are given.
 
     On a GPU the drawing and the conversion to the encoder's 4:2:0 planes run
-    there (as one CUDA graph replay with `graphs`) and the planes come back;
+    there (as one CUDA graph replay with `graphs`) and the planes come back,
+    converted field by field where the writer codes fields (`interlaced`);
     elsewhere the RGB image does.
     """
     def draw(image: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
@@ -118,9 +119,9 @@ def encoder_picture(image: torch.Tensor, labels: torch.Tensor | None = None, *, 
     if not colour.colour_on_device(image.device):
         return Download(draw(image, labels))
     graphs = GraphCache(enabled=False) if graphs is None else graphs
-    planes = graphs.run("encoder_picture", (alpha, outline),
-                        lambda *both: colour.rgb_to_yuv420(draw(*both)).planes, [image, labels])
-    return Download(planes, colour.packed_yuv420)
+    planes = graphs.run("encoder_picture", (alpha, outline, interlaced),
+                        lambda *both: colour.rgb_to_yuv420(draw(*both), interlaced=interlaced).planes, [image, labels])
+    return Download(planes, partial(colour.packed_yuv420, interlaced=interlaced))
 
 
 def encoder_picture_bytes(device: torch.device, width: int, height: int) -> int:

@@ -35,7 +35,7 @@ from .render import MaskZipReader, MaskZipWriter, encoder_picture, encoder_pictu
 from .sam import ImageEmbedding, SamBackend, load_sam, ready_backends, resolve_device, segment
 from .transfer import Download
 from .video import (H264_CONTAINERS, MASKS_ENDING, TRACKED_ENDING, VideoInfo, VideoWriter, check_writable_folder,
-                    colour_note, make_clip, output_file, probe, read_frame, truncation_note)
+                    coded_fields, colour_note, make_clip, output_file, probe, read_frame, truncation_note)
 
 log = logging.getLogger(__name__)
 
@@ -384,11 +384,12 @@ class Tracker:
             video_sink, zip_sink = sinks
             frames = 0
             graphs = frame_graphs(self.device, options)
+            interlaced = coded_fields(info, "libx264") is not None  # `_open_sinks`' writer codes fields
             for tracked in track_frames(self.xmem, info, keyframes, options, self.device, cancel=cancel,
                                         progress=progress, earlier=earlier, graphs=graphs):
                 if video_sink is not None:
                     picture = encoder_picture(tracked.image, tracked.labels, alpha=options.alpha,
-                                              outline=options.outline, graphs=graphs)
+                                              outline=options.outline, interlaced=interlaced, graphs=graphs)
                     video_sink.put(picture, tracked.pts, tracked.time)
                 if zip_sink is not None:
                     zip_sink.put(tracked.index, Download(tracked.labels))

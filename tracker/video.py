@@ -956,6 +956,32 @@ def _encoder_options(codec: str, crf: int, preset: str, field_order: str | None)
     return {"crf": str(crf), "preset": preset, **sited, **fields}
 
 
+def _to_yuv(rgb: av.VideoFrame, pix_fmt: str) -> av.VideoFrame:
+    """An RGB frame in the encoder's format: BT.709, limited range."""
+    return rgb.reformat(format=pix_fmt, dst_colorspace="itu709", dst_color_range="MPEG", interpolation=SWS_TO_YUV)
+
+
+def _yuv420_by_fields(image: np.ndarray) -> np.ndarray:
+    """HxWx3 RGB (H a multiple of 4, W even) as packed yuv420p planes of an interlaced picture: each field
+    converted on its own, so that its chroma comes from its own rows (a frame's would mix the two fields'
+    moments: colour bleeding between them wherever something moves)."""
+    height, width = image.shape[:2]
+    fields = [_to_yuv(av.VideoFrame.from_ndarray(np.ascontiguousarray(image[first::2]), format="rgb24"),
+                      "yuv420p").to_ndarray().reshape(-1) for first in (0, 1)]
+    woven = []
+    for start, end, rows in ((0, 4, height), (4, 5, height // 2), (5, 6, height // 2)):  # Y, U, V in 1/4 frames
+        top, bottom = (field[start * field.size // 6:end * field.size // 6].reshape(rows // 2, -1) for field in fields)
+        woven.append(np.stack([top, bottom], axis=1).reshape(rows, -1))
+    return np.concatenate([plane.reshape(-1) for plane in woven]).reshape(-1, width)
+
+
+def coded_fields(info: VideoInfo, codec: str) -> str | None:
+    """The field order in which a written video codes the input's interlaced pictures, or None for
+    progressive frames: VP9 codes no fields, and libx264's interlaced 4:2:0 pictures (each field's chroma
+    made from its own rows) come in 4-row units."""
+    return info.field_order if codec == "libx264" and info.height % 4 == 0 else None
+
+
 def output_pix_fmt(codec: str) -> str:
     """The pixel format a writer uses: 4:2:0 H.264 that every browser plays; VP9 carries alpha."""
     return "yuva420p" if codec == "libvpx-vp9" else "yuv420p"
@@ -1026,7 +1052,12 @@ class VideoWriter(AtomicWriter):
         try:
             options = {"movflags": "+faststart"} if target.format in ("mp4", "mov") else {}
             self._container = av.open(str(self._temp), "w", format=target.format, options=options)
-            self._video = self._add_video(codec, _encoder_options(codec, crf, preset, self._field_order(codec)))
+            self._fields = coded_fields(info, codec)
+            if info.field_order and not self._fields:
+                log.warning("%s: the interlaced video is written as progressive frames (%s); deinterlace it where "
+                            "it is used", self.path.name, "VP9 codes no fields" if codec == "libvpx-vp9" else
+                            f"H.264 codes fields here in pictures of 4-row units, not {info.height} rows")
+            self._video = self._add_video(codec, _encoder_options(codec, crf, preset, self._fields))
             self._audio = _AudioTrack.all_of(Path(audio_from), self._container, target, info.joins) \
                 if audio_from else []
             self._container.start_encoding()
@@ -1035,20 +1066,6 @@ class VideoWriter(AtomicWriter):
             if isinstance(exc, (av.FFmpegError, OSError, ValueError)):
                 raise VideoError(f"cannot start writing {self.path.name}: {exc}") from exc
             raise
-
-    def _field_order(self, codec: str) -> str | None:
-        """The order in which an interlaced input's fields are coded, or None for progressive frames (said so
-        where the input was interlaced): VP9 codes no fields, libx264 interlaced 4:2:0 only in 4-row units."""
-        order = self.info.field_order
-        if order is None:
-            return None
-        if codec == "libx264" and coded_size(codec, self.info.width, self.info.height)[1] % 4 == 0:
-            return order
-        why = "VP9 codes no fields" if codec == "libvpx-vp9" else \
-            f"H.264 codes interlaced pictures {self.info.height} rows high as progressive ones only"
-        log.warning("%s: the interlaced video is written as progressive frames (%s); deinterlace it where it "
-                    "is used", self.path.name, why)
-        return None
 
     def _add_video(self, codec: str, options: dict[str, str]) -> av.VideoStream:
         rate = self.info.rounded_rate or self.info.fps.limit_denominator(1_000_000)
@@ -1100,11 +1117,13 @@ class VideoWriter(AtomicWriter):
     def _video_frame(self, image: np.ndarray | YuvPicture) -> av.VideoFrame:
         """The encoder's frame for a picture, checked against the output's size and format."""
         if isinstance(image, YuvPicture):
-            expected = (self._video.width, self._video.height, "bt709", False, 0, self._video.pix_fmt)
-            got = (image.width, image.height, image.matrix, image.full_range, image.rotation, "yuv420p")
+            expected = (self._video.width, self._video.height, "bt709", False, 0, self._video.pix_fmt,
+                        self._fields is not None)
+            got = (image.width, image.height, image.matrix, image.full_range, image.rotation, "yuv420p",
+                   image.interlaced)
             if got != expected:
                 raise ValueError(f"expected a {expected[0]}x{expected[1]} BT.709 limited-range {expected[5]} "
-                                 f"picture, got {got}")
+                                 f"picture, interlaced {expected[6]}, got {got}")
             planes = np.ascontiguousarray(image.planes)
             if image.height % 4 == 0:  # PyAV takes the height as rows // 6 * 4, right only then
                 return av.VideoFrame.from_numpy_buffer(planes, format="yuv420p")  # no copy under the GIL
@@ -1116,9 +1135,9 @@ class VideoWriter(AtomicWriter):
         extra_rows, extra_cols = self._video.height - image.shape[0], self._video.width - image.shape[1]
         if extra_rows or extra_cols:
             image = np.pad(image, ((0, extra_rows), (0, extra_cols), (0, 0)), mode="edge")
-        rgb = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format=layout)
-        return rgb.reformat(format=self._video.pix_fmt, dst_colorspace="itu709", dst_color_range="MPEG",
-                            interpolation=SWS_TO_YUV)
+        if self._fields:
+            return av.VideoFrame.from_ndarray(_yuv420_by_fields(image), format="yuv420p")
+        return _to_yuv(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format=layout), self._video.pix_fmt)
 
     def _mux_video(self, packets: list[av.Packet]) -> None:
         """Mux encoded packets, holding the latest back for `close` to give its duration.
