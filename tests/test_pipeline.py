@@ -270,27 +270,31 @@ def test_the_gpu_colour_path_tracks_like_the_cpu_path(cpu_tracker, tmp_path, mon
     assert agreement > 0.9
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
-def test_an_interlaced_video_is_tracked_into_an_interlaced_one(untrained_checkpoints, cpu_tracker, tmp_path,
-                                                              monkeypatch, device):
-    """Planes read field by field, drawn, converted back field by field (on a GPU in the frame graphs; on the
-    CPU, the torch code that runs there) and coded as fields in the input's order, as bright as the input."""
+def colour_path_tracker(request, untrained_checkpoints, cpu_tracker, monkeypatch):
+    """A tracker whose frames take the device's colour path: a GPU's own, or on the CPU the torch code that
+    runs there."""
     import tracker.colour as colour
+    from tracker.session import Tracker
+
+    if request.param == "cpu":
+        monkeypatch.setattr(colour, "colour_on_device", lambda device: True)
+        return cpu_tracker
+    return Tracker(untrained_checkpoints["sam"], untrained_checkpoints["xmem"], device="cuda", download=False)
+
+
+def test_an_interlaced_video_is_tracked_into_an_interlaced_one(colour_path_tracker, tmp_path):
+    """Planes read field by field, drawn, converted back field by field (on a GPU in the frame graphs) and
+    coded as fields in the input's order, as bright as the input."""
     from media import make_clip
     from tracker.options import TrackOptions
     from tracker.prompts import ObjectPrompt
-    from tracker.session import Tracker
     from tracker.video import iter_frames, probe
 
     clip = make_clip(tmp_path / "interlaced.mp4", frames=6, x264_params="bff=1", audio=False)
-    if device == "cpu":
-        monkeypatch.setattr(colour, "colour_on_device", lambda device: True)
-        tracker = cpu_tracker
-    else:
-        tracker = Tracker(untrained_checkpoints["sam"], untrained_checkpoints["xmem"], device="cuda", download=False)
-    result = tracker.track(clip, [ObjectPrompt(1, 0, [(80, 60)], [1])], output=tmp_path / "out.mp4",
-                           options=TrackOptions(alpha=0.0, outline=0))
+    result = colour_path_tracker.track(clip, [ObjectPrompt(1, 0, [(80, 60)], [1])], output=tmp_path / "out.mp4",
+                                       options=TrackOptions(alpha=0.0, outline=0))
     written = probe(tmp_path / "out.mp4")
     assert result.frames == written.frame_count == 6 and written.field_order == "bff"
     for a, b in zip(iter_frames(clip), iter_frames(tmp_path / "out.mp4")):
@@ -298,27 +302,17 @@ def test_an_interlaced_video_is_tracked_into_an_interlaced_one(untrained_checkpo
         assert np.abs(a.image.astype(int) - b.image).mean() < 4
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
-def test_a_recording_that_changes_size_midway_is_tracked_at_its_first_size(untrained_checkpoints, cpu_tracker,
-                                                                           tmp_path, monkeypatch, device):
+def test_a_recording_that_changes_size_midway_is_tracked_at_its_first_size(colour_path_tracker, tmp_path):
     """Joined segments: the planes of the first size and the scaled RGB frames of the second pass through the
-    device's colour path in one run (on the CPU, the torch code that runs on a GPU)."""
-    import tracker.colour as colour
+    device's colour path in one run."""
     from media import make_joined_recording
     from tracker.prompts import ObjectPrompt
     from tracker.render import MaskZipReader
-    from tracker.session import Tracker
     from tracker.video import probe
 
     joined = make_joined_recording(tmp_path / "joined.ts", ((176, 144), (128, 96)), frames=6)
-    if device == "cpu":
-        monkeypatch.setattr(colour, "colour_on_device", lambda device: True)
-        tracker = cpu_tracker
-    else:
-        tracker = Tracker(untrained_checkpoints["sam"], untrained_checkpoints["xmem"], device="cuda", download=False)
-    result = tracker.track(joined, [ObjectPrompt(1, 0, [(88, 72)], [1])], output=tmp_path / "out.mp4",
-                           masks=tmp_path / "masks.zip")
+    result = colour_path_tracker.track(joined, [ObjectPrompt(1, 0, [(88, 72)], [1])], output=tmp_path / "out.mp4",
+                                       masks=tmp_path / "masks.zip")
     assert result.frames == 12
     written = probe(tmp_path / "out.mp4")
     assert (written.frame_count, written.width, written.height) == (12, 176, 144)
