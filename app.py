@@ -585,8 +585,11 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             path = session.export_cutout(objects, kind,
                                          progress=lambda fraction, text: progress(fraction, desc=text))
             kept = ", ".join(map(str, sorted(objects)))
-            return (f"Cut-out ready in the downloads: {path.name} (object{'s' * (len(objects) > 1)} {kept}).",
-                    session.result_files())
+            notes = session.cutout_notes(kind)
+            for note in notes:
+                toast(f"{path.name}: {note}")
+            return (f"Cut-out ready in the downloads: {path.name} (object{'s' * (len(objects) > 1)} {kept})."
+                    + "".join(f"\n⚠ {note}" for note in notes), session.result_files())
 
         cutout_button.click(on_cutout, [cutout_objects, cutout_kind], [status, result_files],
                             show_progress_on=status, concurrency_limit=1, concurrency_id="export")

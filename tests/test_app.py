@@ -292,7 +292,7 @@ def test_page_shows_every_control_and_refuses_what_it_cannot_take(app, browser, 
 
 def test_click_track_correct_and_download(app, browser, clips, tmp_path):
     tab = AppPage(browser.new_page(), app.url)
-    assert tab.upload(clips / "clip.mp4") == "Loaded 160x120, 12 frames, 0.5 s. Click the object to track."
+    assert tab.upload(clips / "clip.mp4") == "Loaded 160x120, 12 frames, 0.5 s, 25 fps. Click the object to track."
     assert tab.page.locator("#frame-info").inner_text() == "Frame 0 / 11 · 0:00.000"
     assert tab.track().startswith("Error: click an object first")
 

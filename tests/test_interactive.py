@@ -607,6 +607,17 @@ def test_no_upload_while_tracking_and_no_track_without_clicks(session, clip):
     session.end_job()
 
 
+def test_a_cutout_says_what_its_format_cannot_keep(tmp_path, disc_tracker):
+    """The transparent WebM has square pixels and progressive frames: the page says so beside the file (it was
+    only logged), with the size to stretch it to; the green-screen MP4 keeps both."""
+    edit = EditSession(tmp_path / "session", disc_tracker)
+    edit.open_video(make_clip(tmp_path / "pal.mp4", frames=4, width=96, height=64, pixel_aspect=Fraction(64, 45),
+                              x264_params="tff=1", audio=False), Limits())
+    notes = edit.cutout_notes("transparent")
+    assert len(notes) == 2 and "stretch it to 137x64" in notes[0] and "progressive frames" in notes[1]
+    assert edit.cutout_notes("green") == []
+
+
 def test_cutouts_keep_only_the_chosen_objects(session):
     with pytest.raises(TrackerError, match="track the video first"):
         session.export_cutout([1], "green")
@@ -844,8 +855,19 @@ def test_a_truncated_upload_says_so_and_refuses_its_missing_frames(tmp_path, dis
     info = session.open_video(truncated_copy(whole, tmp_path / "cut.mp4", keep=0.5), Limits())
     assert info.frame_count == 20 and 0 < info.present_frames < 20
     assert f"truncated: only its first {info.present_frames} of 20 frames" in upload_message(info)
+    assert f", {info.present_frames} frames," in upload_message(info)  # the headline counts what is there
     assert "truncated" not in upload_message(probe(whole))
     one = make_clip(tmp_path / "one.mp4", frames=1, width=W, height=H, audio=False)
-    assert upload_message(probe(one)).startswith(f"Loaded {W}x{H}, 1 frame, 0.04 s.")
+    assert upload_message(probe(one)).startswith(f"Loaded {W}x{H}, 1 frame, 0.04 s, 25 fps.")
     with pytest.raises(PromptError, match="missing from this truncated file"):
         click(session, info.present_frames, 45, 60)
+
+
+def test_the_upload_message_gives_the_frame_rate_and_the_fields(tmp_path):
+    """What an editor checks before tracking: NTSC's rates as such (29.97 as Matroska rounds it, too) and an
+    interlaced video's field order."""
+    obs = probe(make_clip(tmp_path / "obs.mkv", frames=20, fps=Fraction(30000, 1001), audio=False))
+    assert ", 29.97 fps." in upload_message(obs)
+    interlaced = probe(make_clip(tmp_path / "interlaced.mp4", frames=4, x264_params="bff=1", audio=False))
+    assert ", 25 fps, interlaced (bottom field first)." in upload_message(interlaced)
+

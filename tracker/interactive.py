@@ -38,7 +38,7 @@ from .render import MaskZipReader, encode_mask, mask_name, overlay, overlay_colo
 from .sam import IMAGE_SIZE, LOW_RES_SIZE, ImageEmbedding, SamBackend, resized_shape
 from .session import LOSSLESS_WARNING, PreviousRun, Tracker, TrackResult, fps_text
 from .video import (MASKS_ENDING, TRACKED_ENDING, Frame, VideoInfo, colour_note, probe, read_frame,
-                    truncation_note)
+                    truncation_note, written_notes)
 
 # What cameras, phones and editors write; all decode through FFmpeg (the result is always an H.264 MP4).
 VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".webm", ".mkv", ".avi", ".3gp", ".mts", ".m2ts", ".ts", ".mpg", ".mpeg",
@@ -248,10 +248,13 @@ def format_seconds(seconds: float) -> str:
 
 def upload_message(info: VideoInfo, trimmed: bool = False) -> str:
     """What the page says about a video it took (`trimmed`: the trim made in the page's video widget)."""
-    frames = "1 frame" if info.frame_count == 1 else f"{info.frame_count} frames"
+    count = info.present_frames  # a truncated file's note gives the count its index promised
+    frames = "1 frame" if count == 1 else f"{count} frames"
     seconds = f"{info.duration:.2f}" if info.duration < 0.1 else f"{info.duration:.1f}"  # a frame or two
+    rate = f"{float(info.rounded_rate or info.fps):.4g} fps"  # 23.98, 29.97, 59.94
+    fields = {"tff": ", interlaced (top field first)", "bff": ", interlaced (bottom field first)"}
     text = (f"Loaded {'the trimmed video, ' if trimmed else ''}"
-            f"{info.width}x{info.height}, {frames}, {seconds} s. "
+            f"{info.width}x{info.height}, {frames}, {seconds} s, {rate}{fields.get(info.field_order, '')}. "
             "Click the object to track.")
     notes = [note for note in (truncation_note(info), colour_note(info)) if note]
     return "".join([text, *(f"\n⚠ {note}." for note in notes)])
@@ -951,6 +954,13 @@ class EditSession:
                 return []
             return [str(path) for path in (self.result.overlay, self.result.masks, *self.cutouts.values())]
 
+    def cutout_notes(self, kind: str) -> list[str]:
+        """What a cut-out of this kind cannot keep of the video (the transparent WebM: its pixel aspect, its
+        fields)."""
+        with self.lock:
+            info = self.info
+        return [] if info is None or kind not in CUTOUT_KINDS else written_notes(info, CUTOUT_KINDS[kind].codec)
+
     def cutout_choices(self) -> list[int]:
         """The objects a cut-out can keep: those of the last run that have not been removed since."""
         with self.lock:
@@ -958,7 +968,8 @@ class EditSession:
 
     def export_cutout(self, object_ids: Sequence[int], kind: str,
                       progress: ProgressReport | None = None) -> Path:
-        """A cut-out video of the chosen objects of the last run (see tracker.exports)."""
+        """A cut-out video of the chosen objects of the last run (see tracker.exports); `cutout_notes` says
+        what it could not keep."""
         with self.lock:
             record = self.result
             if record is None:

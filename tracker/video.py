@@ -975,6 +975,21 @@ def _yuv420_by_fields(image: np.ndarray) -> np.ndarray:
     return np.concatenate([plane.reshape(-1) for plane in woven]).reshape(-1, width)
 
 
+def written_notes(info: VideoInfo, codec: str) -> list[str]:
+    """What a video written with `codec` cannot keep of the input's, with what to do, for the user to read
+    (the writer logs them too)."""
+    notes = []
+    if info.pixel_aspect != 1 and codec == "libvpx-vp9":
+        notes.append(f"written with square pixels; the video's are {info.pixel_aspect} wide to 1 high: stretch it "
+                     f"to {round(info.width * info.pixel_aspect)}x{info.height} where it is used")
+    if info.field_order and coded_fields(info, codec) is None:
+        why = "VP9 codes no fields" if codec == "libvpx-vp9" else \
+            f"H.264 codes fields here in pictures of 4-row units, not {info.height} rows"
+        notes.append(f"the interlaced video is written as progressive frames ({why}); deinterlace it where it is "
+                     "used")
+    return notes
+
+
 def coded_fields(info: VideoInfo, codec: str) -> str | None:
     """The field order in which a written video codes the input's interlaced pictures, or None for
     progressive frames: VP9 codes no fields, and libx264's interlaced 4:2:0 pictures (each field's chroma
@@ -1053,10 +1068,8 @@ class VideoWriter(AtomicWriter):
             options = {"movflags": "+faststart"} if target.format in ("mp4", "mov") else {}
             self._container = av.open(str(self._temp), "w", format=target.format, options=options)
             self._fields = coded_fields(info, codec)
-            if info.field_order and not self._fields:
-                log.warning("%s: the interlaced video is written as progressive frames (%s); deinterlace it where "
-                            "it is used", self.path.name, "VP9 codes no fields" if codec == "libvpx-vp9" else
-                            f"H.264 codes fields here in pictures of 4-row units, not {info.height} rows")
+            for note in written_notes(info, codec):
+                log.warning("%s: %s", self.path.name, note)
             self._video = self._add_video(codec, _encoder_options(codec, crf, preset, self._fields))
             self._audio = _AudioTrack.all_of(Path(audio_from), self._container, target, info.joins) \
                 if audio_from else []
@@ -1080,10 +1093,6 @@ class VideoWriter(AtomicWriter):
             stream.metadata["timecode"] = self.info.timecode
         if self.info.pixel_aspect != 1:  # H.264 carries it (and MP4/MOV a box of their own); VP9 WebM cannot here
             stream.codec_context.sample_aspect_ratio = self.info.pixel_aspect
-            if codec == "libvpx-vp9":
-                log.warning("%s: written with square pixels; the video's are %s wide to 1 high: stretch it to "
-                            "%dx%d where it is used", self.path.name, self.info.pixel_aspect,
-                            round(self.info.width * self.info.pixel_aspect), self.info.height)
         # Every core: FFmpeg's default of one encoder thread halves libx264's rate on a 16-core machine.
         stream.codec_context.thread_count = os.cpu_count() or 1
         return stream
