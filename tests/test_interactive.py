@@ -870,4 +870,3 @@ def test_the_upload_message_gives_the_frame_rate_and_the_fields(tmp_path):
     assert ", 29.97 fps." in upload_message(obs)
     interlaced = probe(make_clip(tmp_path / "interlaced.mp4", frames=4, x264_params="bff=1", audio=False))
     assert ", 25 fps, interlaced (bottom field first)." in upload_message(interlaced)
-
