@@ -222,14 +222,13 @@ class FramePrep:
         return to_rgb(pixels)
 
     def _source(self, frame: Frame) -> tuple[Callable[[torch.Tensor], torch.Tensor], tuple, torch.Tensor]:
-        """(how the uploaded pixels become RGB, what that depends on besides them, the pixels on the device)."""
+        """(how the uploaded pixels become RGB, what that depends on besides them: the picture's every other
+        field, the pixels on the device)."""
         if frame.yuv is None:
             return (lambda image: image), (), upload(frame.image, self.device)
         picture = frame.yuv
         return ((lambda planes: colour.yuv420_to_rgb(replace(picture, planes=planes))),
-                (picture.width, picture.height, picture.matrix, picture.full_range, picture.rotation,
-                 picture.cosited, picture.interlaced),
-                upload(picture.planes, self.device))
+                (replace(picture, planes=None),), upload(picture.planes, self.device))
 
     def resize(self, image: torch.Tensor) -> torch.Tensor:
         """HxWx3 uint8 -> hxwx3 uint8 at the working size."""
