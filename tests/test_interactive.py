@@ -864,9 +864,13 @@ def test_a_truncated_upload_says_so_and_refuses_its_missing_frames(tmp_path, dis
 
 
 def test_the_upload_message_gives_the_frame_rate_and_the_fields(tmp_path):
-    """What an editor checks before tracking: NTSC's rates as such (29.97 as Matroska rounds it, too) and an
-    interlaced video's field order."""
+    """What an editor checks before tracking: NTSC's rates as such (29.97 as Matroska rounds it, too), whether
+    the rate varies, and an interlaced video's field order."""
     obs = probe(make_clip(tmp_path / "obs.mkv", frames=20, fps=Fraction(30000, 1001), audio=False))
     assert ", 29.97 fps." in upload_message(obs)
     interlaced = probe(make_clip(tmp_path / "interlaced.mp4", frames=4, x264_params="bff=1", audio=False))
     assert ", 25 fps, interlaced (bottom field first)." in upload_message(interlaced)
+    varying = probe(make_clip(tmp_path / "vfr.mp4", frames=20, vfr=True, audio=False))
+    assert varying.variable_rate and ", a variable frame rate (" in upload_message(varying)
+    assert " fps on average)." in upload_message(varying)
+    assert not obs.variable_rate and not interlaced.variable_rate

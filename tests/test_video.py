@@ -761,8 +761,10 @@ def test_a_frame_rate_that_a_millisecond_clock_rounds_is_written_exactly(tmp_pat
     # Clocks that hold the rate, where a short file would fit its NTSC neighbour too (29.97 read as 30).
     avi = recorded_as("ntsc.avi", "mpeg4", Fraction(1001, 30000), np.arange(60) * 1001 / 30000)
     iphone = recorded_as("iphone.mov", "libx264", Fraction(1, 600), np.arange(45) / 30, video_track_timescale="600")
+    assert not info.variable_rate and probe(phone).variable_rate
     for path in (phone, pal, avi, iphone):
         assert probe(path).rounded_rate is None, path.name
+        assert probe(path).variable_rate == (path is phone), path.name
         assert steps(encode_copy(path, tmp_path / f"{path.stem}.mp4")) == steps(path), path.name
 
 

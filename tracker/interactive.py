@@ -252,6 +252,8 @@ def upload_message(info: VideoInfo, trimmed: bool = False) -> str:
     frames = "1 frame" if count == 1 else f"{count} frames"
     seconds = f"{info.duration:.2f}" if info.duration < 0.1 else f"{info.duration:.1f}"  # a frame or two
     rate = f"{float(info.rounded_rate or info.fps):.4g} fps"  # 23.98, 29.97, 59.94
+    if info.variable_rate:
+        rate = f"a variable frame rate ({rate} on average)"
     fields = {"tff": ", interlaced (top field first)", "bff": ", interlaced (bottom field first)"}
     text = (f"Loaded {'the trimmed video, ' if trimmed else ''}"
             f"{info.width}x{info.height}, {frames}, {seconds} s, {rate}{fields.get(info.field_order, '')}. "

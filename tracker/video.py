@@ -113,7 +113,9 @@ class VideoInfo:
     frames): written H.264 is coded interlaced in that order. `rounded_rate`
     is the standard frame rate that a coarse clock rounds the frames' times
     of (29.97 in Matroska's milliseconds, as OBS records it): written videos
-    are timed on that rate's exact grid.
+    are timed on that rate's exact grid. `variable_rate`: the frames' intervals
+    differ by more than the clock's rounding (a phone in low light, a screen
+    recording), so `fps` is their average; written videos keep each frame's time.
     """
 
     path: Path
@@ -136,6 +138,7 @@ class VideoInfo:
     timecode: str | None = None
     field_order: str | None = None
     rounded_rate: Fraction | None = None
+    variable_rate: bool = False
 
     @property
     def size(self) -> tuple[int, int]:
@@ -180,6 +183,7 @@ class _Timeline:
     decoding_order: bool = False
     open_keyframes: frozenset[int] = frozenset()  # keyframes (pts) not to count from (see `_counting_points`)
     rounded_rate: Fraction | None = None  # see `_rounded_rate`
+    variable_rate: bool = False  # see `VideoInfo.variable_rate`
 
 
 def probe(path: str | Path) -> VideoInfo:
@@ -233,7 +237,8 @@ def probe(path: str | Path) -> VideoInfo:
                      cut_short=cut_short, joins=timeline.joins,
                      start=float(timeline.pts[0] * time_base) if len(timeline.pts) else 0.0,
                      pixel_aspect=1 / stored_aspect if rotation in (90, 270) else stored_aspect, hdr=hdr,
-                     timecode=timecode, field_order=field_order, rounded_rate=timeline.rounded_rate)
+                     timecode=timecode, field_order=field_order, rounded_rate=timeline.rounded_rate,
+                     variable_rate=timeline.variable_rate)
     if hdr:
         log.warning("%s: %s", path.name, colour_note(info))
     return info
@@ -723,11 +728,14 @@ def _scan(container: av.container.InputContainer, stream: av.VideoStream) -> _Ti
     if counted < declared and stream.duration:
         length = max(length, stream.duration * time_base)
     rounded_rate = None if joins.found else _rounded_rate(ordered, time_base, 1 / nominal)
+    steps = np.diff(ordered)
+    # One tick of difference is the clock's rounding (or, on a clock of one tick a frame, a dropped frame).
+    variable_rate = rounded_rate is None and len(steps) > 1 and int(steps.max()) - int(steps.min()) > 1
     return _Timeline(pts=ordered, keyframes=np.asarray(sorted(keyframes), dtype=np.int64).reshape(-1, 2),
                      counted=counted, complete=counted if complete is None else complete, declared=declared,
                      length=Fraction(length), leading=leading or 0, joins=tuple(joins.found),
                      decoding_order=decoding_order, open_keyframes=frozenset(open_keyframes),
-                     rounded_rate=rounded_rate)
+                     rounded_rate=rounded_rate, variable_rate=variable_rate)
 
 
 # The frame rates of cameras, screen recorders and broadcast, NTSC's beside their whole-number ones.
