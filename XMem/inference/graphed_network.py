@@ -20,15 +20,15 @@ from .memory_manager import MemoryReadWorkspace
 
 
 class GraphedXMem:
-    """An XMem network on CUDA whose encode_key, encode_value and segment replay CUDA graphs.
+    """An XMem network on CUDA whose encode_frame, encode_value and segment replay CUDA graphs.
 
     A drop-in for the network in `InferenceCore`, for one video at a time.
     Graphs share one memory pool and live as long as this object, so a run of
     videos of one size captures them once; the memory reads' graphs live in
-    `memory_workspace`, which each video's memory takes over. The image
-    features that encode_key returns are its graph's own buffers, which
-    segment and encode_value read in place (two copies of about 46 MB per
-    frame at 480p saved); they are valid until the next frame.
+    `memory_workspace`, which each video's memory takes over. The padded
+    frame and image features that encode_frame returns are its graph's own
+    buffers, which segment and encode_value read in place (two copies of
+    about 46 MB per frame at 480p saved); they are valid until the next frame.
     """
 
     def __init__(self, network: XMem):
@@ -45,13 +45,17 @@ class GraphedXMem:
     def graph_count(self) -> int:
         return self._graphs.captured
 
-    def encode_key(self, frame: torch.Tensor, need_sk: bool = True, need_ek: bool = True):
+    def encode_frame(self, image: torch.Tensor, pad: tuple[int, int, int, int], need_sk: bool = True,
+                     need_ek: bool = True):
         # One graph for every frame: shrinkage and selection cost two small convolutions, and a single
-        # graph keeps the features in the same buffers, where the other graphs read them.
-        key, shrinkage, selection, *features = self._graphs.run(
-            "encode_key", (), lambda f: self.network.encode_key(f, need_sk=True, need_ek=True), [frame],
-            transient=True)
-        return key.clone(), shrinkage.clone() if need_sk else None, selection.clone() if need_ek else None, *features
+        # graph keeps the features in the same buffers, where the other graphs read them. The padding is
+        # in it too: done eagerly, its two kernels kept the GPU waiting at the start of each step (0.1 ms of
+        # a synchronised 2.6 ms step on an H100).
+        frame, key, shrinkage, selection, *features = self._graphs.run(
+            "encode_frame", (pad,), lambda i: self.network.encode_frame(i, pad, need_sk=True, need_ek=True),
+            [image], transient=True)
+        return (frame, key.clone(), shrinkage.clone() if need_sk else None, selection.clone() if need_ek else None,
+                *features)
 
     def encode_value(self, frame: torch.Tensor, image_feat_f16: torch.Tensor, h16: torch.Tensor,
                      masks: torch.Tensor, is_deep_update: bool = True):

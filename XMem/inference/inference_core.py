@@ -9,7 +9,7 @@ from ..model.aggregate import aggregate
 from ..model.network import XMem
 from .graphed_network import GraphedXMem
 from .memory_manager import MemoryManager
-from .padding import pad_to_multiple, unpad
+from .padding import pad_to_multiple, padding_to_multiple, unpad
 
 # The reference implementation's evaluation defaults.
 DEFAULT_CONFIG: dict = {
@@ -81,8 +81,7 @@ class InferenceCore:
             raise ValueError("call set_all_labels before the first step")
 
         self.curr_ti += 1
-        image, self.pad = pad_to_multiple(image, _STRIDE)
-        image = image.unsqueeze(0)
+        self.pad = padding_to_multiple(image, _STRIDE)
 
         is_mem_frame = (self.curr_ti - self.last_mem_ti >= self.mem_every or mask is not None) and not end
         need_segment = self.curr_ti > 0 and (valid_labels is None or len(self.all_labels) != len(valid_labels))
@@ -93,8 +92,8 @@ class InferenceCore:
         # In sync mode a memory frame's hidden state comes from the deep update alone.
         is_normal_update = (not self.deep_update_sync or not is_deep_update) and not end
 
-        key, shrinkage, selection, f16, f8, f4 = self.network.encode_key(
-            image, need_ek=self.enable_long_term or need_segment, need_sk=is_mem_frame)
+        image, key, shrinkage, selection, f16, f8, f4 = self.network.encode_frame(
+            image, self.pad, need_ek=self.enable_long_term or need_segment, need_sk=is_mem_frame)
 
         prob = None
         if need_segment:

@@ -12,11 +12,16 @@ def pad_to_multiple(image: torch.Tensor, divisor: int) -> tuple[torch.Tensor, Pa
 
     Returns the padded tensor and (left, right, top, bottom) for `unpad`.
     """
+    pad = padding_to_multiple(image, divisor)
+    return F.pad(image, pad), pad
+
+
+def padding_to_multiple(image: torch.Tensor, divisor: int) -> Pad:
+    """The (left, right, top, bottom) padding that `pad_to_multiple` adds."""
     height, width = image.shape[-2:]
     extra_h = -height % divisor
     extra_w = -width % divisor
-    pad = (extra_w // 2, extra_w - extra_w // 2, extra_h // 2, extra_h - extra_h // 2)
-    return F.pad(image, pad), pad
+    return extra_w // 2, extra_w - extra_w // 2, extra_h // 2, extra_h - extra_h // 2
 
 
 def unpad(image: torch.Tensor, pad: Pad) -> torch.Tensor:

@@ -5,6 +5,7 @@ import os
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .aggregate import aggregate
@@ -89,6 +90,13 @@ class XMem(nn.Module):
             key, shrinkage, selection = map(channels_first, (key, shrinkage, selection))
             f16, f8, f4 = (f.view(*clip_shape, *f.shape[-3:]) for f in (f16, f8, f4))
         return key, shrinkage, selection, f16, f8, f4
+
+    def encode_frame(self, image: torch.Tensor, pad: tuple[int, int, int, int], need_sk: bool = True,
+                     need_ek: bool = True):
+        """`encode_key` of one (3, H, W) image zero-padded by `pad` (left, right, top, bottom), with the padded
+        (1, 3, H', W') frame first: the value encoder reads it too."""
+        frame = F.pad(image, pad).unsqueeze(0)
+        return frame, *self.encode_key(frame, need_sk, need_ek)
 
     def encode_value(self, frame: torch.Tensor, image_feat_f16: torch.Tensor, h16: torch.Tensor,
                      masks: torch.Tensor, is_deep_update: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
