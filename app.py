@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import gradio as gr
-import numpy as np
 from gradio.route_utils import delete_files_created_by_app
 from gradio.utils import get_upload_folder
 
@@ -206,9 +205,9 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
 
     def shown(session: EditSession, frame: int, alpha: float, outline: float):
         image, time_s = session.render(int(frame), Style(alpha=float(alpha), outline=int(outline)))
-        return image, frame_caption(int(frame), session.require_video(), time_s)
+        return session.preview_file(image), frame_caption(int(frame), session.require_video(), time_s)
 
-    def shown_again(session: EditSession, alpha_value, outline_value) -> np.ndarray:
+    def shown_again(session: EditSession, alpha_value, outline_value) -> Path | None:
         """The frame the page shows, drawn again after an edit: the user may have moved on from the frame edited
         while SAM worked (the caption and the clicks follow the slider, so must the picture)."""
         return shown(session, session.shown_frame, *held_style(alpha_value, outline_value))[0]
@@ -269,7 +268,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                 status = gr.Textbox("Upload a video to start.", label="Status", interactive=False, lines=2,
                                     elem_id="status")
                 frame_image = gr.Image(label="Click the object", interactive=False, elem_id="frame-image",
-                                       type="numpy", format="webp", buttons=[])
+                                       type="filepath", buttons=[])
                 frame_slider = gr.Slider(0, 1, value=0, step=1, label="Frame", elem_id="frame-slider",
                                          interactive=False)
                 frame_info = gr.Markdown("No video yet", elem_id="frame-info")

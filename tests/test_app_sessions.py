@@ -151,16 +151,24 @@ def test_a_job_waiting_behind_another_users_job_cancels_at_once(app, browser, cl
 
 
 def test_a_closed_page_leaves_no_files(app, browser, clips):
+    """The session's folder goes, and with it the frame pictures the page showed (the user's frames, with their
+    clicks: none is left in the framework's cache, where its URL would serve it for hours)."""
     others = set(app.session_dirs())
     user = AppPage(browser.new_context().new_page(), app.url)
     user.upload(clips / "a.mp4")
+    user.go_to_frame(3)
+    user.click_frame(40, 60, expect="object 1 on frame 3: 1 point")
     mine = [folder for folder in app.session_dirs() if folder not in others and (folder / "video" / "a.mp4").exists()]
     assert len(mine) == 1
+    previews = list(mine[0].glob("previews/*.webp"))
+    assert len(previews) >= 3  # the upload's, the frame moved to, the click's
     user.page.context.close()
     deadline = time.monotonic() + 30
     while mine[0].exists():
         assert time.monotonic() < deadline, "the session folder outlived its page"
         time.sleep(0.5)
+    cached = [path for path in app.temp.glob("gradio/**/*.webp") if "tracker-app-" not in str(path)]
+    assert not cached, "frame pictures were left in the framework's cache"
 
 
 def test_closing_the_tab_mid_run_stops_the_job_within_2_s(app, browser, clips):

@@ -19,12 +19,13 @@ import av
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from media import make_clip, truncated_copy
 from tracker.errors import Cancelled, ClickDropped, PromptError, TrackerError, VideoError
-from tracker.interactive import (WAITING_FOR_DEVICE, Clicks, EditSession, Limits, ProgressClock, RunRecord,
-                                 SessionStore, Style, display_scale, format_seconds, frame_caption, mask_to_logits,
-                                 plan_passes, retracks_backward, upload_message)
+from tracker.interactive import (PREVIEWS_KEPT, WAITING_FOR_DEVICE, Clicks, EditSession, Limits, ProgressClock,
+                                 RunRecord, SessionStore, Style, display_scale, format_seconds, frame_caption,
+                                 mask_to_logits, plan_passes, retracks_backward, upload_message)
 from tracker.options import TrackOptions
 from tracker.session import LOSSLESS_WARNING
 from tracker.prompts import ObjectPrompt
@@ -252,6 +253,8 @@ def test_clicks_update_the_mask_from_one_embedding_per_frame(session, disc_track
     click(session, 0, 40, 60)
     assert np.array_equal(session.labels(0) == 1, disc(40, 60))
     assert session.click_wait(0) == "Segmenting…"
+    with disc_tracker.lock:  # a job holds the device: on a CPU the click shares its cores
+        assert session.click_wait(0).startswith("Segmenting… A tracking job (this page's or another's) is running")
     click(session, 0, 60, 60)
     assert np.array_equal(session.labels(0) == 1, disc(40, 60) | disc(60, 60))
     message = click(session, 0, 50, 60, "negative")
@@ -874,3 +877,17 @@ def test_the_upload_message_gives_the_frame_rate_and_the_fields(tmp_path):
     assert varying.variable_rate and ", a variable frame rate (" in upload_message(varying)
     assert " fps on average)." in upload_message(varying)
     assert not obs.variable_rate and not interlaced.variable_rate
+
+
+def test_frame_pictures_are_written_into_the_session_and_go_with_it(session):
+    """The page's frame pictures (the user's frames with their clicks) live in the session's folder, the last
+    few kept while the page may still fetch them; a handler finishing after the session closed writes none."""
+    image, _ = session.render(0)
+    paths = [session.preview_file(image) for _ in range(PREVIEWS_KEPT + 3)]
+    assert all(path.parent == session.directory / "previews" for path in paths)
+    assert len(set(paths)) == len(paths)  # a new name each time: the browser fetches the new picture
+    assert sorted(session.directory.glob("previews/*.webp")) == sorted(paths[-PREVIEWS_KEPT:])
+    with Image.open(paths[-1]) as written:
+        assert written.format == "WEBP" and written.size == (image.shape[1], image.shape[0])
+    session.close()
+    assert session.preview_file(image) is None and not session.directory.exists()

@@ -47,6 +47,7 @@ POINT_MODES = ("positive", "negative", "box")
 MAX_OBJECT_ID = 255
 DISPLAY_LONG_SIDE = (640, 1280)  # frames are shown with their longer side in this range; clicks map back
 EMBEDDING_CACHE_SIZE = 3  # SAM embeddings kept per session (about 4 MB each)
+PREVIEWS_KEPT = 8  # the latest frame pictures written for the page, which may still be fetching them
 MASK_INPUT_LOGIT = 10.0  # |logit| SAM gets for "surely object" / "surely background" in a prior mask
 # A click said on the page whose SAM work has not come this long after is taken as lost (the tab went away).
 CLICK_LOST_SECONDS = 180.0
@@ -349,6 +350,7 @@ class EditSession:
         self.sam = tracker.sam  # this session's SAM backend
         self._decoded: Frame | None = None
         self._runs = 0
+        self._previews = 0  # frame pictures written for the page
         self._uploads: dict[Path, tuple[int, int]] = {}  # files taken from `upload_folder` -> (device, inode)
         directory.mkdir(parents=True, exist_ok=True)
 
@@ -620,10 +622,13 @@ class EditSession:
         """
         with self._clicks_settled:
             self._announced.append(time.monotonic())
+        # A job's tracking takes the CPU's cores too (on a GPU the click runs beside it in milliseconds).
+        shared = (" A tracking job (this page's or another's) is running on this machine's CPU: the click shares "
+                  "it and takes longer.") if self.tracker.device.type == "cpu" and self.tracker.lock.locked() else ""
         if frame in self._embeddings:
-            return "Segmenting…"
+            return "Segmenting…" + shared
         return (f"Segmenting: SAM's image encoder reads frame {frame} first (a moment on a GPU, seconds on a "
-                "CPU; further clicks on this frame only run its mask decoder)…")
+                f"CPU; further clicks on this frame only run its mask decoder)…{shared}")
 
     def clicks_waiting(self) -> bool:
         """Whether a click said on the page still waits for its mask (SAM may take seconds more on a CPU)."""
@@ -729,6 +734,25 @@ class EditSession:
         small = np.array(Image.fromarray(labels).resize(size, Image.NEAREST))
         drawn = overlay(torch.from_numpy(image), torch.from_numpy(small), alpha=style.alpha, outline=style.outline)
         return draw_clicks(drawn.numpy(), clicks, display_scale(info)), decoded.time
+
+    def preview_file(self, image: np.ndarray) -> Path | None:
+        """`image` written as the page's next frame picture, into this session's folder, so that it goes with the
+        session (handed to the framework as pixels, each picture stayed in its cache, fetchable by its URL,
+        for hours after the page closed). None once the session is closed."""
+        with self.lock:
+            self._previews += 1
+            number = self._previews
+        folder = self.directory / "previews"
+        try:
+            folder.mkdir(exist_ok=True)  # not the session's folder: a handler finishing after the page closed
+            path = folder / f"{number}.webp"
+            Image.fromarray(image).save(path, format="WEBP")
+        except FileNotFoundError:
+            return None
+        for old in folder.glob("*.webp"):
+            if old.stem.isdigit() and int(old.stem) <= number - PREVIEWS_KEPT:
+                old.unlink(missing_ok=True)
+        return path
 
     def look_note(self, style: Style) -> str | None:
         """What to say when the opacity or outline moves away from (or back to) the tracked video's: the frame
