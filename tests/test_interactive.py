@@ -858,7 +858,8 @@ def test_a_truncated_upload_says_so_and_refuses_its_missing_frames(tmp_path, dis
     info = session.open_video(truncated_copy(whole, tmp_path / "cut.mp4", keep=0.5), Limits())
     assert info.frame_count == 20 and 0 < info.present_frames < 20
     assert f"truncated: only its first {info.present_frames} of 20 frames" in upload_message(info)
-    assert f", {info.present_frames} frames," in upload_message(info)  # the headline counts what is there
+    # The headline counts what is there, and times it.
+    assert f", {info.present_frames} frames, {info.present_frames / 25:.1f} s," in upload_message(info)
     assert "truncated" not in upload_message(probe(whole))
     one = make_clip(tmp_path / "one.mp4", frames=1, width=W, height=H, audio=False)
     assert upload_message(probe(one)).startswith(f"Loaded {W}x{H}, 1 frame, 0.04 s, 25 fps.")

@@ -249,9 +249,10 @@ def format_seconds(seconds: float) -> str:
 
 def upload_message(info: VideoInfo, trimmed: bool = False) -> str:
     """What the page says about a video it took (`trimmed`: the trim made in the page's video widget)."""
-    count = info.present_frames  # a truncated file's note gives the count its index promised
+    count = info.present_frames  # a truncated file's note gives the count (and length) its index promised
     frames = "1 frame" if count == 1 else f"{count} frames"
-    seconds = f"{info.duration:.2f}" if info.duration < 0.1 else f"{info.duration:.1f}"  # a frame or two
+    length = info.duration if info.truncated_to is None else float(count / info.fps)
+    seconds = f"{length:.2f}" if length < 0.1 else f"{length:.1f}"  # a frame or two
     rate = f"{float(info.rounded_rate or info.fps):.4g} fps"  # 23.98, 29.97, 59.94
     if info.variable_rate:
         rate = f"a variable frame rate ({rate} on average)"

@@ -1308,6 +1308,10 @@ class _AudioTrack:
                     break
                 if packet.pts is None:  # the end marker, or a packet that cannot be placed in time
                     continue
+                if packet.is_corrupt:  # cut short (a truncated file's last) or damaged: decoders fail on it
+                    log.warning("%s: an audio packet at %.2f s is damaged and left out", self._input.name,
+                                float(packet.pts * packet.time_base) - start)
+                    continue
                 begins = float(packet.pts * packet.time_base) - start
                 if begins >= seconds:
                     self._pending = packet
