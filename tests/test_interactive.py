@@ -665,6 +665,10 @@ def test_session_store_isolates_and_removes_sessions(tmp_path, disc_tracker, cli
     assert two.info is None
     store.close("browser-1")
     assert not one.directory.exists() and len(store) == 1
+    folders = set((tmp_path / "root").iterdir())
+    with pytest.raises(TrackerError, match="this page was closed; reload it"):
+        store.get("browser-1")  # an event still in flight from the closed page starts no session
+    assert set((tmp_path / "root").iterdir()) == folders and len(store) == 1
     store.close("never-seen")
     two.last_used -= 7200
     store.close_idle()

@@ -47,6 +47,7 @@ POINT_MODES = ("positive", "negative", "box")
 MAX_OBJECT_ID = 255
 DISPLAY_LONG_SIDE = (640, 1280)  # frames are shown with their longer side in this range; clicks map back
 EMBEDDING_CACHE_SIZE = 3  # SAM embeddings kept per session (about 4 MB each)
+CLOSED_KEYS_KEPT = 10_000  # closed pages' session keys remembered (see SessionStore)
 PREVIEWS_KEPT = 8  # the latest frame pictures written for the page, which may still be fetching them
 MASK_INPUT_LOGIT = 10.0  # |logit| SAM gets for "surely object" / "surely background" in a prior mask
 # A click said on the page whose SAM work has not come this long after is taken as lost (the tab went away).
@@ -1108,6 +1109,9 @@ class SessionStore:
         self.tracker = tracker
         self.idle_seconds = idle_seconds
         self._sessions: dict[str, EditSession] = {}
+        # Keys of closed pages (the latest): an event of theirs still in flight must not start a new session,
+        # whose folder nothing would remove until it idled out.
+        self._closed: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
         root.mkdir(parents=True, exist_ok=True)
 
@@ -1119,6 +1123,8 @@ class SessionStore:
         with self._lock:
             session = self._sessions.get(key)
             if session is None:
+                if key in self._closed:
+                    raise TrackerError("this page was closed; reload it")
                 session = EditSession(self.root / secrets.token_hex(8), self.tracker, self.upload_folder)
                 self._sessions[key] = session
             session.last_used = time.monotonic()
@@ -1127,6 +1133,10 @@ class SessionStore:
     def close(self, key: str | None) -> None:
         with self._lock:
             session = self._sessions.pop(key, None) if key else None
+            if key:
+                self._closed[key] = None
+                while len(self._closed) > CLOSED_KEYS_KEPT:
+                    self._closed.popitem(last=False)
         if session is not None:
             session.close()
 
