@@ -67,13 +67,28 @@ h1 { margin-bottom: 0 !important; }
 #result-video video { max-height: min(75vh, 720px); }  /* a portrait video fits the window */
 #video-input .no-preview { position: absolute; inset: 35% 8% auto 8%; text-align: center; font-size: 0.95em;
                            color: var(--body-text-color-subdued); pointer-events: none; }
+#video-input .refused-file { padding: 4px 10px 8px; font-size: 0.95em; color: var(--error-text-color, #b91c1c); }
 """
 
 # Browsers play MP4/WebM, not AVI, WMV, FLV or MPEG-PS: the app reads those anyway, so the player's failure is a
 # note under it, not Gradio's red "Video not playable" error (its handler on the element never sees the event);
-# other failures (the network, say) still reach it.
+# other failures (the network, say) still reach it. A file the browser does not type as a video (an audio file, a
+# picture, MPEG-TS that Chromium takes for text) the widget drops without a word: a note names it.
 NO_PREVIEW_JS = """
 () => {
+  document.addEventListener("change", (event) => {
+    const input = event.target;
+    const box = input instanceof HTMLInputElement && input.type === "file" ? input.closest("#video-input") : null;
+    if (!box) return;
+    box.querySelector(".refused-file")?.remove();
+    const file = input.files?.[0];
+    if (!file || file.type.startsWith("video/")) return;
+    const line = document.createElement("div");
+    line.className = "refused-file";
+    line.textContent = `${file.name} was not taken: the browser reads it as ${file.type || "an unknown type"}, ` +
+      "not as a video. Choose a video file (an MPEG-TS .ts file goes in renamed .m2ts).";
+    box.append(line);
+  }, true);
   const note = "This browser cannot preview this file; the app reads it all the same: click the object in the frame.";
   document.addEventListener("error", (event) => {
     const player = event.target;

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from media import make_clip, make_text_file
+from media import make_audio_only, make_clip, make_text_file
 from tracker.video import probe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,6 +244,7 @@ def clips(tmp_path_factory) -> Path:
     make_clip(folder / "long.mp4", frames=25, width=W, height=H)
     make_clip(folder / "camera.avi", frames=12, width=W, height=H, codec="mjpeg", pix_fmt="yuvj420p", audio=False)
     make_text_file(folder / "notes.mp4")
+    make_audio_only(folder / "sound.m4a")
     (folder / "big.mp4").write_bytes(os.urandom(1_300_000))
     return folder
 
@@ -270,6 +271,12 @@ def test_page_shows_every_control_and_refuses_what_it_cannot_take(app, browser, 
     assert page.locator("#video-input button[aria-label='Clear']").count() == 0
     assert tab.upload(clips / "notes.mp4").startswith("Error: notes.mp4 is not a video FFmpeg can read")
     assert "Traceback" not in tab.status()
+    # A file the browser does not type as a video never reaches the app: the widget drops it, and a note says so.
+    page.locator("#video-input input[type=file]").set_input_files(str(clips / "sound.m4a"))
+    page.locator("#video-input .refused-file").filter(has_text="sound.m4a was not taken: the browser reads it as "
+                                                               "audio/").wait_for()
+    page.wait_for_timeout(500)
+    assert tab.status().startswith("Error: notes.mp4")
 
     page.locator("#video-input input[type=file]").wait_for(state="attached")
     page.locator("#video-input input[type=file]").set_input_files(str(clips / "big.mp4"))
@@ -279,6 +286,7 @@ def test_page_shows_every_control_and_refuses_what_it_cannot_take(app, browser, 
 
     # The browser cannot play an AVI: a note says so, not an error over a video the app took.
     assert tab.upload(clips / "camera.avi").startswith("Loaded 160x120, 12 frames")
+    assert page.locator("#video-input .refused-file").count() == 0  # the next file took its note away
     page.locator("#video-input .no-preview").wait_for()
     page.wait_for_timeout(500)
     assert page.locator(".toast-body").filter(has_text="not playable").count() == 0
