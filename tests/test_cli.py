@@ -133,7 +133,7 @@ def test_prompts_file_on_later_frames(untrained_checkpoints, cpu_tracker, tmp_pa
     ("deep update", ["--point", "5,5", "--deep-update-every", "-5"],
      "--deep-update-every must be -1 (with every memory update) or a number of frames, 1 or more, not -5"),
     ("unwritable folder", ["--point", "5,5", "--masks", "/proc/m.zip"],
-     "cannot write to /proc/m.zip: the folder /proc is not writable"),
+     "cannot write to /proc/m.zip: no file can be made in the folder /proc"),
     ("sam fp16", ["--point", "5,5", "--sam-precision", "fp16", "--device", "cpu"],
      "SAM precision fp16 runs on CUDA GPUs only"),
     ("masks over the input", ["--point", "5,5", "--masks", "{clip}"], "is the input video"),

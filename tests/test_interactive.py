@@ -254,7 +254,7 @@ def test_clicks_update_the_mask_from_one_embedding_per_frame(session, disc_track
     assert np.array_equal(session.labels(0) == 1, disc(40, 60))
     assert session.click_wait(0) == "Segmenting…"
     with disc_tracker.lock:  # a job holds the device: on a CPU the click shares its cores
-        assert session.click_wait(0).startswith("Segmenting… A tracking job (this page's or another's) is running")
+        assert session.click_wait(0).startswith("Segmenting… A tracking job (this page's or another's) is under way")
     click(session, 0, 60, 60)
     assert np.array_equal(session.labels(0) == 1, disc(40, 60) | disc(60, 60))
     message = click(session, 0, 50, 60, "negative")
@@ -896,3 +896,38 @@ def test_frame_pictures_are_written_into_the_session_and_go_with_it(session):
         assert written.format == "WEBP" and written.size == (image.shape[1], image.shape[0])
     session.close()
     assert session.preview_file(image) is None and not session.directory.exists()
+
+
+def test_a_cpu_job_pauses_between_frames_while_a_click_runs_sam(disc_tracker, clip, tmp_path):
+    """A click and a job share a CPU's cores: the job waits after its current frame until the click's SAM work
+    is done (beside a job a click took 32 s, alone 5), and a cancel still ends it at once."""
+    prompts = [ObjectPrompt(1, 0, [(40, 60)], [1])]
+    done: list[int] = []
+    outcome: list[object] = []
+    cancel = threading.Event()
+
+    def job() -> None:
+        try:
+            outcome.append(disc_tracker.track(clip, prompts, masks=tmp_path / "masks.zip", cancel=cancel,
+                                              progress=lambda count, total: done.append(count)))
+        except Cancelled as exc:
+            outcome.append(exc)
+
+    for cancelled in (False, True):
+        done.clear()
+        with disc_tracker.click_work():
+            worker = threading.Thread(target=job)
+            worker.start()
+            deadline = time.monotonic() + 120
+            while not done:
+                assert time.monotonic() < deadline and worker.is_alive()
+                time.sleep(0.02)
+            time.sleep(1.0)
+            assert done == [1]  # held after its first frame while the click works
+            if cancelled:
+                cancel.set()
+                worker.join(5)
+                assert not worker.is_alive() and isinstance(outcome[-1], Cancelled)
+        worker.join(120)
+        if not cancelled:
+            assert done[-1] == FRAMES and outcome[-1].frames == FRAMES

@@ -23,11 +23,12 @@ import pytest
 import torch
 
 from tests.media import make_audio_only, make_clip, make_empty_file, make_text_file, noisy_copy, truncated_copy
-from tracker import pipeline
+from tracker import pipeline, weights
 from tracker.errors import Cancelled, PromptError, TrackerError, VideoError, WeightsError
 from tracker.prompts import ObjectPrompt, load_prompts
 from tracker.options import TrackOptions
 from tracker.session import Tracker, TrackResult, load_xmem
+from tracker.weights import MODELS_DIR_ENV
 from tracker.video import VideoWriter, iter_frames, probe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -288,6 +289,17 @@ def test_track_video_checks_the_job_before_loading_the_weights(clip, tmp_path):
     with pytest.raises(VideoError, match="an output path is empty"):  # not the current folder
         track_video(clip, CLICK, masks="", **absent)
     assert leftovers(tmp_path) == []
+
+
+def test_track_video_can_refuse_to_download(clip, tmp_path, monkeypatch):
+    """A script's `download=False` is the CLI's --no-download: a missing official checkpoint is an error."""
+    from tracker import track_video
+
+    monkeypatch.setenv(MODELS_DIR_ENV, str(tmp_path / "models"))
+    monkeypatch.setattr(weights, "_download", lambda *args, **kwargs: pytest.fail("it downloaded"))
+    with pytest.raises(WeightsError, match="sam_vit_b_01ec64.pth"):
+        track_video(clip, CLICK, output=tmp_path / "o.mp4", device="cpu", download=False)
+    assert not (tmp_path / "o.mp4").exists()
 
 
 def test_a_file_cut_short_warns_that_only_its_frames_present_were_tracked(tracker, tmp_path):

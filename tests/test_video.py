@@ -309,9 +309,9 @@ def test_unusable_output_folder_is_a_clear_error(clip, tmp_path):
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
 def test_a_folder_that_refuses_files_is_refused_before_work_even_for_root():
     """/proc takes no new files, for root neither (whom os.access always answers yes)."""
-    with pytest.raises(VideoError, match=r"cannot write to /proc/out.mp4: the folder /proc is not writable \("):
+    with pytest.raises(VideoError, match=r"cannot write to /proc/out.mp4: no file can be made in the folder /proc \("):
         check_writable_folder(Path("/proc/out.mp4"))
-    with pytest.raises(VideoError, match="the folder /proc is not writable"):
+    with pytest.raises(VideoError, match="no file can be made in the folder /proc"):
         check_writable_folder(Path("/proc/new/folder/out.mp4"))
 
 
@@ -930,3 +930,21 @@ def test_a_file_cut_inside_an_audio_packet_is_written_without_it(tmp_path):
         audio = container.streams.audio[0]
         decoded = [frame for packet in container.demux(audio) for frame in packet.decode()]  # raises on damage
         assert len(decoded) >= len(packets) // 2 - 2
+
+
+def test_folders_made_for_outputs_go_when_nothing_lands_there(clip, tmp_path):
+    """A failed or cancelled run leaves no empty folders it made for its files (nor removes one that was there),
+    and a finished file keeps its folder."""
+    info = probe(clip)
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    for folder in (tmp_path / "new" / "deeper", existing):
+        video, masks = VideoWriter(folder / "out.mp4", info), MaskZipWriter(folder / "out.zip")
+        video.abort()
+        assert folder.is_dir()  # the zip's temporary is still there
+        masks.abort()
+    assert not (tmp_path / "new").exists() and existing.is_dir() and not list(existing.iterdir())
+    with MaskZipWriter(tmp_path / "kept" / "out.zip") as masks:
+        masks.write(0, np.zeros((4, 4), np.uint8))
+    VideoWriter(tmp_path / "kept" / "more" / "out.mp4", info).abort()
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["out.zip"]

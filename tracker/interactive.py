@@ -533,9 +533,10 @@ class EditSession:
                 image = self._frame(frame).image if embedding is None and clicks.selects else None
             # SAM's image encoder takes seconds on a CPU (more beside a running job): outside the session's
             # lock, so that Cancel, Undo and the page's redraws are not held up behind it.
-            if image is not None:
-                embedding = self.sam.embed(image)
-            mask = self._segment(frame, key[1], clicks, prior, embedding) if clicks.selects else None
+            with self.tracker.click_work():
+                if image is not None:
+                    embedding = self.sam.embed(image)
+                mask = self._segment(frame, key[1], clicks, prior, embedding) if clicks.selects else None
             with self.lock:
                 if self.video_loads != loads:
                     raise ClickDropped("the video was replaced while SAM worked on the click")
@@ -624,9 +625,10 @@ class EditSession:
         """
         with self._clicks_settled:
             self._announced.append(time.monotonic())
-        # A job's tracking takes the CPU's cores too (on a GPU the click runs beside it in milliseconds).
-        shared = (" A tracking job (this page's or another's) is running on this machine's CPU: the click shares "
-                  "it and takes longer.") if self.tracker.device.type == "cpu" and self.tracker.lock.locked() else ""
+        # On a CPU a job under way pauses between its frames for the click (`Tracker.click_work`); on a GPU the
+        # click runs beside it in milliseconds.
+        shared = (" A tracking job (this page's or another's) is under way on this machine's CPU: it pauses for "
+                  "the click.") if self.tracker.device.type == "cpu" and self.tracker.lock.locked() else ""
         if frame in self._embeddings:
             return "Segmenting…" + shared
         return (f"Segmenting: SAM's image encoder reads frame {frame} first (a moment on a GPU, seconds on a "

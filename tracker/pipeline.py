@@ -391,6 +391,7 @@ def track_frames(
     progress: ProgressFn | None = None,
     earlier: Callable[[int], np.ndarray] | None = None,
     graphs: GraphCache | None = None,
+    between_frames: Callable[[], None] | None = None,
 ) -> Iterator[TrackedFrame]:
     """Yield every frame of the video, in order, with its tracked label map.
 
@@ -400,6 +401,7 @@ def track_frames(
     With `earlier` (frame index -> label map of a previous run), frames before
     the first keyframe keep those labels instead of being tracked backwards.
     `graphs` (see `frame_graphs`) may be shared with whatever draws the frames.
+    `between_frames` runs after each frame (it may wait: see `Tracker.click_work`).
     """
     cancel = cancel or threading.Event()
     full_size = (info.height, info.width)
@@ -421,6 +423,8 @@ def track_frames(
         done += 1
         if progress is not None:
             progress(done, total)
+        if between_frames is not None:
+            between_frames()
 
     with tempfile.TemporaryDirectory(prefix="tracker-") as tmp, torch.inference_mode(), \
             autocast_for(device, options.precision), stepping_network(network, device, options, work_size) as network:

@@ -224,6 +224,8 @@ class Tracker:
         self.xmem = load_xmem(xmem_path, self.device)
         self.lock = threading.Lock()  # the device's: one job at a time
         self._lock_holder: int | None = None  # the thread whose job holds it
+        self._clicks = threading.Condition()  # clicks' SAM work under way (see `click_work`)
+        self._clicks_running = 0
         if self.untrained:  # scripts see it too, not only the CLI's and the app's users
             warnings.warn(weights.UNTRAINED_WARNING, UntrainedWeightsWarning, stacklevel=2)
 
@@ -298,7 +300,36 @@ class Tracker:
         with user_facing_resource_errors(options), self._device_turn(cancel):
             keyframes = self.prompt_masks(info, prompts)
             yield from track_frames(self.xmem, info, keyframes, options, self.device,
-                                    cancel=cancel, progress=progress)
+                                    cancel=cancel, progress=progress, between_frames=self._clicks_first(cancel))
+
+    @contextmanager
+    def click_work(self) -> Iterator[None]:
+        """Mark a click's SAM work: on a CPU a job pauses between its frames until the click is done.
+
+        The click and the job share the cores (a click beside a job took 32 s where it takes 5 s alone), and
+        the person clicking waits on the page, where a job's frames go unseen until it ends.
+        """
+        with self._clicks:
+            self._clicks_running += 1
+        try:
+            yield
+        finally:
+            with self._clicks:
+                self._clicks_running -= 1
+                self._clicks.notify_all()
+
+    def _clicks_first(self, cancel: threading.Event | None) -> Callable[[], None] | None:
+        """What a job runs between its frames: on a CPU, wait while clicks' SAM work runs (a cancel ends the
+        wait). On a GPU clicks take milliseconds beside a job."""
+        if self.device.type != "cpu":
+            return None
+
+        def wait() -> None:
+            with self._clicks:
+                while self._clicks_running and not (cancel is not None and cancel.is_set()):
+                    self._clicks.wait(0.05)
+
+        return wait
 
     @contextmanager
     def _device_turn(self, cancel: threading.Event | None) -> Iterator[None]:
@@ -386,7 +417,8 @@ class Tracker:
             graphs = frame_graphs(self.device, options)
             interlaced = coded_fields(info, "libx264") is not None  # `_open_sinks`' writer codes fields
             for tracked in track_frames(self.xmem, info, keyframes, options, self.device, cancel=cancel,
-                                        progress=progress, earlier=earlier, graphs=graphs):
+                                        progress=progress, earlier=earlier, graphs=graphs,
+                                        between_frames=self._clicks_first(cancel)):
                 if video_sink is not None:
                     picture = encoder_picture(tracked.image, tracked.labels, alpha=options.alpha,
                                               outline=options.outline, interlaced=interlaced, graphs=graphs)
@@ -463,11 +495,12 @@ def _appear_before(masks: MaskZipReader, start: int, objects: set[int]) -> bool:
 def track_video(video: str | Path, prompts: Sequence[ObjectPrompt], *, output: str | Path | None = None,
                 masks: str | Path | None = None, options: TrackOptions | None = None, device: str = "auto",
                 sam_checkpoint: str | Path | None = None, xmem_checkpoint: str | Path | None = None,
-                sam_backend: str = "auto") -> TrackResult:
+                sam_backend: str = "auto", download: bool = True) -> TrackResult:
     """One call from a script: load the models, track, write the files.
 
     The video, prompts and output paths are checked first: a mistake there is not worth loading the weights.
+    `download=False` fails on a missing checkpoint instead of fetching it (as the CLI's `--no-download`).
     """
     check_job(video, prompts, output, masks, options)
-    tracker = Tracker(sam_checkpoint, xmem_checkpoint, device=device, sam_backend=sam_backend)
+    tracker = Tracker(sam_checkpoint, xmem_checkpoint, device=device, sam_backend=sam_backend, download=download)
     return tracker.track(video, prompts, output=output, masks=masks, options=options)

@@ -1421,12 +1421,14 @@ def check_writable_folder(path: Path) -> None:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as exc:
-        raise _unwritable(path, f"the folder {existing} is not writable ({exc.strerror or exc})") from None
+        raise _unwritable(path, f"no file can be made in the folder {existing} ({exc.strerror or exc})") from None
 
 
 # Temporaries not yet moved into place or removed: an interrupt can land between a writer making its file and
 # whoever would abort it taking hold of it, so the command line sweeps what is left here when it stops.
 _unfinished: set[Path] = set()
+# Folders writers made for their files, none of which has landed there yet: they go with the last temporary.
+_made_folders: set[Path] = set()
 
 
 def temporary_path_beside(path: Path) -> Path:
@@ -1434,10 +1436,12 @@ def temporary_path_beside(path: Path) -> Path:
 
     Its owner calls `release_temporary` once the file is renamed into place or deleted.
     """
+    _made_folders.update(folder for folder in path.absolute().parents if not folder.exists())
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     except OSError as exc:
+        _remove_made_folders(path)
         blocker = next((folder for folder in path.parents if folder.is_file()), None)
         raise _unwritable(path, f"{blocker} is a file, not a folder" if blocker else exc.strerror or exc) from exc
     temp = Path(name)
@@ -1448,9 +1452,25 @@ def temporary_path_beside(path: Path) -> Path:
 
 def release_temporary(temp: Path, *, moved: bool = False) -> None:
     """Stop tracking `temp`, deleting it unless it was `moved` into place (its name may be reused since)."""
-    if not moved:
+    if moved:
+        _made_folders.difference_update(temp.absolute().parents)  # they hold a finished file now
+    else:
         temp.unlink(missing_ok=True)
+        _remove_made_folders(temp)
     _unfinished.discard(temp)
+
+
+def _remove_made_folders(path: Path) -> None:
+    """Remove the folders above `path` that a writer made, deepest first, while they are empty (another
+    writer's file may still be in one: the last to go takes it)."""
+    for folder in path.absolute().parents:
+        if folder not in _made_folders:
+            return
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        _made_folders.discard(folder)
 
 
 def remove_unfinished_temporaries() -> None:
