@@ -76,18 +76,23 @@ h1 { margin-bottom: 0 !important; }
 # picture, MPEG-TS that Chromium takes for text) the widget drops without a word: a note names it.
 NO_PREVIEW_JS = """
 () => {
-  document.addEventListener("change", (event) => {
-    const input = event.target;
-    const box = input instanceof HTMLInputElement && input.type === "file" ? input.closest("#video-input") : null;
-    if (!box) return;
+  const noteRefused = (box, file) => {
     box.querySelector(".refused-file")?.remove();
-    const file = input.files?.[0];
     if (!file || file.type.startsWith("video/")) return;
     const line = document.createElement("div");
     line.className = "refused-file";
     line.textContent = `${file.name} was not taken: the browser reads it as ${file.type || "an unknown type"}, ` +
       "not as a video. Choose a video file (an MPEG-TS .ts file goes in renamed .m2ts).";
     box.append(line);
+  };
+  document.addEventListener("change", (event) => {
+    const input = event.target;
+    const box = input instanceof HTMLInputElement && input.type === "file" ? input.closest("#video-input") : null;
+    if (box) noteRefused(box, input.files?.[0]);
+  }, true);
+  document.addEventListener("drop", (event) => {
+    const box = event.target instanceof Element ? event.target.closest("#video-input") : null;
+    if (box) noteRefused(box, event.dataTransfer?.files?.[0]);
   }, true);
   const note = "This browser cannot preview this file; the app reads it all the same: click the object in the frame.";
   document.addEventListener("error", (event) => {
@@ -107,6 +112,7 @@ NO_PREVIEW_JS = """
   document.addEventListener("loadstart", (event) => {
     const box = event.target instanceof HTMLVideoElement ? event.target.closest("#video-input") : null;
     box?.querySelector(".no-preview")?.remove();
+    box?.querySelector(".refused-file")?.remove();
   }, true);
 }
 """
@@ -440,6 +446,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
         # are not re-entrant.
         clicked_at = gr.State(None)
 
+        @show_errors(outputs=2)
         def on_click_begin(frame: int, event: gr.SelectData, request: gr.Request):
             session = session_of(request)
             return ((session.click_wait(int(frame)) if session.info is not None else gr.skip()),
@@ -588,7 +595,10 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
         def on_cancel(request: gr.Request):
             """Greys the button out and leaves the status to the job: its "Cancelled" comes through the queue,
             and a status sent from here could arrive after it (or after its "Done") and stay."""
-            session_of(request).request_cancel()
+            try:
+                session_of(request).request_cancel()
+            except TrackerError as exc:  # a closed page's: nothing of it runs
+                toast(str(exc))
             return gr.update(interactive=False)
 
         cancel_button.click(on_cancel, None, cancel_button, queue=False)
@@ -622,7 +632,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             if video is None:
                 raise gr.Error("send a video file", print_exception=False)
             try:
-                record = session_of(request).track_prompts(
+                record = store.get(request.session_hash, reopen=True).track_prompts(
                     video, prompts or "", limits,
                     TrackOptions(size=defaults.size if size_value is None else size_value, precision=precision),
                     progress=lambda fraction, text: progress(fraction, desc=text))

@@ -275,6 +275,13 @@ def test_page_shows_every_control_and_refuses_what_it_cannot_take(app, browser, 
     page.locator("#video-input input[type=file]").set_input_files(str(clips / "sound.m4a"))
     page.locator("#video-input .refused-file").filter(has_text="sound.m4a was not taken: the browser reads it as "
                                                                "audio/").wait_for()
+    page.evaluate("""() => {  // the same, dragged in
+      const files = new DataTransfer();
+      files.items.add(new File(["not a video"], "tune.mp3", {type: "audio/mpeg"}));
+      const box = document.querySelector("#video-input input[type=file]").parentElement;
+      box.dispatchEvent(new DragEvent("drop", {dataTransfer: files, bubbles: true, cancelable: true}));
+    }""")
+    page.locator("#video-input .refused-file").filter(has_text="tune.mp3 was not taken").wait_for()
     page.wait_for_timeout(500)
     assert tab.status().startswith("Error: notes.mp4")
 

@@ -669,6 +669,9 @@ def test_session_store_isolates_and_removes_sessions(tmp_path, disc_tracker, cli
     with pytest.raises(TrackerError, match="this page was closed; reload it"):
         store.get("browser-1")  # an event still in flight from the closed page starts no session
     assert set((tmp_path / "root").iterdir()) == folders and len(store) == 1
+    again = store.get("browser-1", reopen=True)  # a script's client, its connection lost and back
+    assert again is not one and again.info is None and len(store) == 2
+    store.close("browser-1")
     store.close("never-seen")
     two.last_used -= 7200
     store.close_idle()
@@ -878,8 +881,19 @@ def test_the_upload_message_gives_the_frame_rate_and_the_fields(tmp_path):
     assert ", 29.97 fps." in upload_message(obs)
     interlaced = probe(make_clip(tmp_path / "interlaced.mp4", frames=4, x264_params="bff=1", audio=False))
     assert ", 25 fps, interlaced (bottom field first)." in upload_message(interlaced)
-    varying = probe(make_clip(tmp_path / "vfr.mp4", frames=20, vfr=True, audio=False))
+    with av.open(str(tmp_path / "vfr.mp4"), "w") as container:  # frames 30 to 60 ms apart, as a phone's
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for pts in np.cumsum([0, 30, 45, 60, 35, 50, 40, 55, 30, 45]):
+            frame = av.VideoFrame.from_ndarray(np.zeros((H, W, 3), np.uint8), format="rgb24")
+            frame.pts, frame.time_base = int(pts), Fraction(1, 1000)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    varying = probe(tmp_path / "vfr.mp4")
     assert varying.variable_rate and ", a variable frame rate (" in upload_message(varying)
+    dropped = probe(make_clip(tmp_path / "dropped.mp4", frames=20, vfr=True, audio=False))  # 25 fps, frames missing
+    assert not dropped.variable_rate
     assert " fps on average)." in upload_message(varying)
     assert not obs.variable_rate and not interlaced.variable_rate
 

@@ -766,6 +766,11 @@ def test_a_frame_rate_that_a_millisecond_clock_rounds_is_written_exactly(tmp_pat
         assert probe(path).rounded_rate is None, path.name
         assert probe(path).variable_rate == (path is phone), path.name
         assert steps(encode_copy(path, tmp_path / f"{path.stem}.mp4")) == steps(path), path.name
+    # Constant rates all the same: a frame dropped, and OBS's 29.97 remuxed to MP4 (FFmpeg keeps the
+    # milliseconds, in 1/16000 s).
+    dropped = recorded_as("dropped.mkv", "libx264", Fraction(1, 1000), np.delete(np.arange(40), 10) / 25)
+    remuxed = recorded_as("remuxed.mp4", "libx264", Fraction(1, 16000), np.round(np.arange(45) * 1001 / 30) / 1000)
+    assert not probe(dropped).variable_rate and not probe(remuxed).variable_rate
 
 
 @pytest.mark.parametrize("suffix, params, rotation, order", [

@@ -743,19 +743,16 @@ class EditSession:
         """`image` written as the page's next frame picture, into this session's folder, so that it goes with the
         session (handed to the framework as pixels, each picture stayed in its cache, fetchable by its URL,
         for hours after the page closed). None once the session is closed."""
-        with self.lock:
-            self._previews += 1
-            number = self._previews
         folder = self.directory / "previews"
-        try:
-            folder.mkdir(exist_ok=True)  # not the session's folder: a handler finishing after the page closed
-            path = folder / f"{number}.webp"
-            Image.fromarray(image).save(path, format="WEBP")
-        except FileNotFoundError:
-            return None
-        for old in folder.glob("*.webp"):
-            if old.stem.isdigit() and int(old.stem) <= number - PREVIEWS_KEPT:
-                old.unlink(missing_ok=True)
+        with self.lock:  # `close` removes the folder under it: nothing lands there after
+            self._previews += 1
+            try:
+                folder.mkdir(exist_ok=True)  # not the session's folder: a handler finishing after the page closed
+                path = folder / f"{self._previews}.webp"
+                Image.fromarray(image).save(path, format="WEBP")
+            except FileNotFoundError:
+                return None
+            (folder / f"{self._previews - PREVIEWS_KEPT}.webp").unlink(missing_ok=True)
         return path
 
     def look_note(self, style: Style) -> str | None:
@@ -1117,15 +1114,16 @@ class SessionStore:
         self._lock = threading.Lock()
         root.mkdir(parents=True, exist_ok=True)
 
-    def get(self, key: str | None) -> EditSession:
-        """The session for a key, created on first use."""
+    def get(self, key: str | None, reopen: bool = False) -> EditSession:
+        """The session for a key, created on first use; a closed page's key is refused, unless `reopen` (a
+        script's client keeps its key across a lost connection, which ends the session)."""
         if not key:
             raise TrackerError("this request has no browser session; reload the page")
         self.close_idle()
         with self._lock:
             session = self._sessions.get(key)
             if session is None:
-                if key in self._closed:
+                if key in self._closed and not reopen:
                     raise TrackerError("this page was closed; reload it")
                 session = EditSession(self.root / secrets.token_hex(8), self.tracker, self.upload_folder)
                 self._sessions[key] = session

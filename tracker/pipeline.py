@@ -425,6 +425,8 @@ def track_frames(
             progress(done, total)
         if between_frames is not None:
             between_frames()
+            if cancel.is_set():  # while it waited
+                raise Cancelled("tracking was cancelled")
 
     with tempfile.TemporaryDirectory(prefix="tracker-") as tmp, torch.inference_mode(), \
             autocast_for(device, options.precision), stepping_network(network, device, options, work_size) as network:

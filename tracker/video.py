@@ -728,9 +728,7 @@ def _scan(container: av.container.InputContainer, stream: av.VideoStream) -> _Ti
     if counted < declared and stream.duration:
         length = max(length, stream.duration * time_base)
     rounded_rate = None if joins.found else _rounded_rate(ordered, time_base, 1 / nominal)
-    steps = np.diff(ordered)
-    # One tick of difference is the clock's rounding (or, on a clock of one tick a frame, a dropped frame).
-    variable_rate = rounded_rate is None and len(steps) > 1 and int(steps.max()) - int(steps.min()) > 1
+    variable_rate = rounded_rate is None and _varies(np.diff(ordered), time_base)
     return _Timeline(pts=ordered, keyframes=np.asarray(sorted(keyframes), dtype=np.int64).reshape(-1, 2),
                      counted=counted, complete=counted if complete is None else complete, declared=declared,
                      length=Fraction(length), leading=leading or 0, joins=tuple(joins.found),
@@ -765,6 +763,24 @@ def _rounded_rate(pts: np.ndarray, time_base: Fraction, declared: Fraction) -> F
                 np.abs(seconds - slots / float(rate)).max() <= 1.01 * float(time_base):
             return rate
     return None
+
+
+# How far a frame interval may stray from a whole number of typical ones and still be a constant rate: a
+# millisecond clock's rounding, kept by a remux into a finer one (Matroska's 33/34 ms as MP4's 528/544 of 1/16000).
+RATE_JITTER_SECONDS = 0.0015
+
+
+def _varies(steps: np.ndarray, time_base: Fraction) -> bool:
+    """Whether frame intervals (in clock ticks) vary beyond a constant rate's: a frame dropped here and there
+    (an interval of two or three typical ones) and the clock's rounding do not count."""
+    if len(steps) < 2:
+        return False
+    typical = float(np.median(steps))
+    if typical <= 0:
+        return False
+    tolerance = max(1.0, RATE_JITTER_SECONDS / float(time_base))
+    frames = np.maximum(np.round(steps / typical), 1)
+    return bool(np.abs(steps - frames * typical).max() > tolerance)
 
 
 class _JoinFinder:
@@ -1298,6 +1314,7 @@ class _AudioTrack:
         self._kept_end: int | None = None  # where the last packet written ends (moved)
         self._written = False
         self._preroll: av.Packet | None = None  # the last packet before a late first frame, written first
+        self._damaged = 0  # packets left out
     def copy_until(self, seconds: float, start: float, final: bool = False) -> None:
         """Write the audio before `seconds` of output time; with `final`, close the input."""
         try:
@@ -1309,8 +1326,10 @@ class _AudioTrack:
                 if packet.pts is None:  # the end marker, or a packet that cannot be placed in time
                     continue
                 if packet.is_corrupt:  # cut short (a truncated file's last) or damaged: decoders fail on it
-                    log.warning("%s: an audio packet at %.2f s is damaged and left out", self._input.name,
-                                float(packet.pts * packet.time_base) - start)
+                    if not self._damaged:
+                        log.warning("%s: audio track %d has a damaged packet at %.2f s: such packets are left out",
+                                    self._input.name, self._source.index, float(packet.pts * packet.time_base) - start)
+                    self._damaged += 1
                     continue
                 begins = float(packet.pts * packet.time_base) - start
                 if begins >= seconds:
@@ -1436,7 +1455,7 @@ def temporary_path_beside(path: Path) -> Path:
 
     Its owner calls `release_temporary` once the file is renamed into place or deleted.
     """
-    _made_folders.update(folder for folder in path.absolute().parents if not folder.exists())
+    _made_folders.update(folder for folder in _normalised(path).parents if not folder.exists())
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
@@ -1453,7 +1472,7 @@ def temporary_path_beside(path: Path) -> Path:
 def release_temporary(temp: Path, *, moved: bool = False) -> None:
     """Stop tracking `temp`, deleting it unless it was `moved` into place (its name may be reused since)."""
     if moved:
-        _made_folders.difference_update(temp.absolute().parents)  # they hold a finished file now
+        _made_folders.difference_update(_normalised(temp).parents)  # they hold a finished file now
     else:
         temp.unlink(missing_ok=True)
         _remove_made_folders(temp)
@@ -1463,14 +1482,21 @@ def release_temporary(temp: Path, *, moved: bool = False) -> None:
 def _remove_made_folders(path: Path) -> None:
     """Remove the folders above `path` that a writer made, deepest first, while they are empty (another
     writer's file may still be in one: the last to go takes it)."""
-    for folder in path.absolute().parents:
+    for folder in _normalised(path).parents:
         if folder not in _made_folders:
             return
         try:
             folder.rmdir()
+        except FileNotFoundError:
+            pass  # never made: its making failed further up
         except OSError:
             return
         _made_folders.discard(folder)
+
+
+def _normalised(path: Path) -> Path:
+    """The absolute path without `..` steps, as `tempfile` names its files."""
+    return Path(os.path.abspath(path))
 
 
 def remove_unfinished_temporaries() -> None:
