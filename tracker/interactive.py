@@ -531,8 +531,8 @@ class EditSession:
                 prior = self._tracked_mask(frame, self.current) if edit.refine else None
                 embedding = self._embeddings.get(frame)
                 image = self._frame(frame).image if embedding is None and clicks.selects else None
-            # SAM's image encoder takes seconds on a CPU (more beside a running job): outside the session's
-            # lock, so that Cancel, Undo and the page's redraws are not held up behind it.
+            # SAM's image encoder takes seconds on a CPU (where a job under way pauses for it): outside the
+            # session's lock, so that Cancel, Undo and the page's redraws are not held up behind it.
             with self.tracker.click_work():
                 if image is not None:
                     embedding = self.sam.embed(image)

@@ -1314,7 +1314,8 @@ class _AudioTrack:
         self._kept_end: int | None = None  # where the last packet written ends (moved)
         self._written = False
         self._preroll: av.Packet | None = None  # the last packet before a late first frame, written first
-        self._damaged = 0  # packets left out
+        self._damaged = False  # a damaged packet was left out (and said so)
+
     def copy_until(self, seconds: float, start: float, final: bool = False) -> None:
         """Write the audio before `seconds` of output time; with `final`, close the input."""
         try:
@@ -1329,7 +1330,7 @@ class _AudioTrack:
                     if not self._damaged:
                         log.warning("%s: audio track %d has a damaged packet at %.2f s: such packets are left out",
                                     self._input.name, self._source.index, float(packet.pts * packet.time_base) - start)
-                    self._damaged += 1
+                    self._damaged = True
                     continue
                 begins = float(packet.pts * packet.time_base) - start
                 if begins >= seconds:
