@@ -728,7 +728,7 @@ def _scan(container: av.container.InputContainer, stream: av.VideoStream) -> _Ti
     if counted < declared and stream.duration:
         length = max(length, stream.duration * time_base)
     rounded_rate = None if joins.found else _rounded_rate(ordered, time_base, 1 / nominal)
-    variable_rate = rounded_rate is None and _varies(np.diff(ordered), time_base)
+    variable_rate = _varies(np.diff(ordered), time_base)  # a rounded rate's jitter is within its tolerance
     return _Timeline(pts=ordered, keyframes=np.asarray(sorted(keyframes), dtype=np.int64).reshape(-1, 2),
                      counted=counted, complete=counted if complete is None else complete, declared=declared,
                      length=Fraction(length), leading=leading or 0, joins=tuple(joins.found),
