@@ -430,34 +430,35 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
         hold_to_range(crf, True, emptied=defaults.crf)  # CRF 0 is lossless: browsers cannot play it
 
         @show_errors(outputs=2)
-        def on_click(frame, mode: str, clicked: tuple[tuple[float, float], int], alpha_value, outline_value,
-                     request: gr.Request):
+        def on_click(alpha_value, outline_value, request: gr.Request):
             session = session_of(request)
-            (x, y), video_loads = clicked
             try:
-                message = session.click(held_view(session, frame, alpha_value, outline_value)[0],
-                                        (float(x), float(y)), mode, video_loads)
-            except ClickDropped:  # the page shows another video by now
+                message = session.click_next()
+            except ClickDropped:  # the page shows another video by now, or the object is gone
+                return gr.skip(), gr.skip()
+            if message is None:
                 return gr.skip(), gr.skip()
             return message, shown_again(session, alpha_value, outline_value)
 
-        # A click is said at once (the first one on a frame waits for SAM's image encoder: seconds on a CPU),
-        # then segmented in the queue, where SAM runs one request at a time: the backends (TensorRT above all)
-        # are not re-entrant.
-        clicked_at = gr.State(None)
-
-        @show_errors(outputs=2)
-        def on_click_begin(frame: int, event: gr.SelectData, request: gr.Request):
+        # A click is said and taken at once (the first one on a frame waits for SAM's image encoder: seconds on
+        # a CPU), then segmented in the queue, where SAM runs one request at a time: the backends (TensorRT above
+        # all) are not re-entrant. The session keeps each click as it was made (a gr.State would be read when
+        # the queued event runs, by then holding the latest click's place).
+        @show_errors(outputs=1)
+        def on_click_begin(frame, mode: str, alpha_value, outline_value, event: gr.SelectData,
+                           request: gr.Request):
             session = session_of(request)
-            return ((session.click_wait(int(frame)) if session.info is not None else gr.skip()),
-                    (event.index, session.video_loads))
+            x, y = event.index
+            message = session.queue_click(held_view(session, frame, alpha_value, outline_value)[0],
+                                          (float(x), float(y)), mode)
+            return message if session.info is not None else gr.skip()
 
         sam_queue = dict(concurrency_limit=1, concurrency_id="sam")
         # Every click counts, also those made while an earlier one waits for SAM (Gradio's default drops them).
-        (frame_image.select(on_click_begin, frame_slider, [status, clicked_at], queue=False, show_progress="hidden",
-                            trigger_mode="multiple")
-         .then(on_click, [frame_slider, point_mode, clicked_at, *style], [status, frame_image],
-               show_progress="minimal", trigger_mode="multiple", preprocess=False, **sam_queue))
+        (frame_image.select(on_click_begin, [frame_slider, point_mode, *style], status, queue=False,
+                            show_progress="hidden", trigger_mode="multiple")
+         .then(on_click, style, [status, frame_image], show_progress="minimal", trigger_mode="multiple",
+               preprocess=False, **sam_queue))
 
         @show_errors(outputs=2)
         def on_point_mode(mode: str, alpha_value, outline_value, request: gr.Request):
@@ -485,10 +486,12 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             return session.set_sam_backend(name)
 
         sam_backend.input(on_sam_backend, sam_backend, status, **sam_queue)
+        # Each press counts (Gradio's default drops one made while the last is pending: three quick Undos took
+        # back two clicks).
         undo.click(editing(EditSession.undo), [frame_slider, *style], [status, frame_image], preprocess=False,
-                   **sam_queue)
+                   trigger_mode="multiple", **sam_queue)
         clear.click(editing(EditSession.clear), [frame_slider, *style], [status, frame_image], preprocess=False,
-                    **sam_queue)
+                    trigger_mode="multiple", **sam_queue)
 
         @show_errors(outputs=3)
         def on_add_object(request: gr.Request):

@@ -409,13 +409,21 @@ def test_clicks_made_while_sam_reads_the_frame_all_count_and_track_waits_for_the
     first", or "nothing changed" after a correction, while the clicks were still being segmented)."""
     tab = AppPage(browser.new_page(), app.url)
     tab.upload(clips / "clip.mp4")
-    tab.click_frame(*OBJECT_1, expect="^Segmenting: SAM's image encoder reads frame 0")
-    tab.click_frame(100, 30, expect=None)
+    places = [OBJECT_1, (100, 30), (130, 95)]
+    tab.click_frame(*places[0], expect="^Segmenting: SAM's image encoder reads frame 0")
+    for place in places[1:]:
+        tab.click_frame(*place, expect=None)
     tab.page.locator("#track-button").click()
     done = tab.wait_status(r"^(Done|Error|Cancelled)", TRACK_SECONDS)
     assert done.startswith("Done: tracked the whole video. 12 frames in"), done
-    tab.page.locator("#undo-point").click()  # two clicks were made: one is left
-    tab.wait_status("^object 1 on frame 0: 1 point$")
+    # Each click is where it was made (they all took the last one's place, read when their turn came).
+    pixels = tab.frame_pixels()
+    scale = pixels.shape[1] / W
+    for x, y in places:
+        red, green, blue = pixels[round((y + 0.5) * scale), round((x + 0.5) * scale)].astype(int)
+        assert green > 160 and red < 110 and blue < 120, ((x, y), (red, green, blue))  # a positive point's dot
+    tab.page.locator("#undo-point").click()  # three clicks were made: two are left
+    tab.wait_status("^object 1 on frame 0: 2 points$")
     tab.page.close()
 
 

@@ -123,6 +123,7 @@ def test_prompts_file_on_later_frames(untrained_checkpoints, cpu_tracker, tmp_pa
     ("negative point", ["--point", "-5,20"], "point (-5, 20) is outside the 64x48 frame"),
     ("negative click", ["--point", "5,5", "--negative", "-3,4"], "point (-3, 4) is outside the 64x48 frame"),
     ("negative box", ["--box", "-1,-2,30,40"], "box (-1.0, -2.0, 30.0, 40.0) is outside the 64x48 frame"),
+    ("two boxes", ["--box", "1,1,30,30", "--box", "2,2,40,40"], "give one --box"),  # the last one was kept
     ("frame", ["--point", "5,5", "--frame", "99"], "past the end"),
     ("negative frame", ["--point", "5,5", "--frame", "-1"], "prompt frame -1 is negative; the video has frames 0..2"),
     ("prompts", ["--prompts", "{bad}"], "not valid JSON"),
@@ -313,4 +314,12 @@ def test_an_unknown_device_is_one_line_before_the_weights_load(device, tmp_path)
     clip = make_clip(tmp_path / "clip.mp4", frames=2, width=32, height=32, audio=False)
     done = run_cli("track", clip, "--point", "5,5", "--device", device, "--no-download")
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-    assert f"error: unknown device '{device}': use auto, cpu, cuda or cuda:N" in done.stderr
+    assert f"error: unknown device '{device}': use auto, cpu or cuda" in done.stderr
+
+
+def test_a_gpu_other_than_the_first_is_chosen_the_way_cuda_does_it(tmp_path):
+    """The tracker's streams, events and CUDA graphs are the current device's; the message says what works."""
+    clip = make_clip(tmp_path / "clip.mp4", frames=2, width=32, height=32, audio=False)
+    done = run_cli("track", clip, "--point", "5,5", "--device", "cuda:1", "--no-download")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "start it with CUDA_VISIBLE_DEVICES=1 and device cuda" in done.stderr

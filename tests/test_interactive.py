@@ -24,12 +24,12 @@ from PIL import Image
 from media import make_clip, truncated_copy
 from tracker.errors import Cancelled, ClickDropped, PromptError, TrackerError, VideoError
 from tracker.interactive import (PREVIEWS_KEPT, WAITING_FOR_DEVICE, Clicks, EditSession, Limits, ProgressClock,
-                                 RunRecord, SessionStore, Style, display_scale, format_seconds, frame_caption,
-                                 mask_to_logits, plan_passes, retracks_backward, upload_message)
+                                 RunRecord, SessionStore, Style, copy_masks_until, display_scale, format_seconds,
+                                 frame_caption, mask_to_logits, plan_passes, retracks_backward, upload_message)
 from tracker.options import TrackOptions
 from tracker.session import LOSSLESS_WARNING
 from tracker.prompts import ObjectPrompt
-from tracker.render import CHROMA_GREEN, MaskZipReader, overlay
+from tracker.render import CHROMA_GREEN, MaskZipReader, MaskZipWriter, overlay
 from tracker.sam import ImageEmbedding, SamBackend, SamPrediction, resized_shape, to_frame_coords, upscale_masks
 from tracker.video import VideoInfo, iter_frames, probe, read_frame
 
@@ -655,6 +655,17 @@ def test_cutouts_keep_only_the_chosen_objects(session):
         assert sum(1 for _ in container.demux(stream) if _.size) == FRAMES
 
 
+def test_idle_sessions_go_while_no_request_comes(tmp_path, disc_tracker):
+    store = SessionStore(tmp_path / "root", disc_tracker, idle_seconds=0.4)
+    session = store.get("browser-1")
+    assert session.directory.exists()
+    deadline = time.monotonic() + 10
+    while session.directory.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not session.directory.exists() and len(store) == 0
+    store.close_all()
+
+
 def test_session_store_isolates_and_removes_sessions(tmp_path, disc_tracker, clip):
     store = SessionStore(tmp_path / "root", disc_tracker, idle_seconds=3600)
     one, two = store.get("browser-1"), store.get("browser-2")
@@ -945,3 +956,47 @@ def test_a_cpu_job_pauses_between_frames_while_a_click_runs_sam(disc_tracker, cl
         worker.join(120)
         if not cancelled:
             assert done[-1] == FRAMES and outcome[-1].frames == FRAMES
+
+
+def test_another_click_on_the_first_frame_re_tracks_from_it_forward_only(session):
+    click(session, 0, 45, 60)
+    session.track(OPTIONS)
+    session.add_object()
+    click(session, 0, 120, 40)
+    again = session.track(OPTIONS)
+    assert again.passes == [0]
+    assert again.describe() == "re-tracked from frame 0"
+
+
+def test_a_correction_after_frames_the_decoding_lost_keeps_the_frames_present(tmp_path):
+    """A damaged video's masks zip has no entry for a lost frame; a correction after one copies the others."""
+    labels = np.zeros((H, W), np.uint8)
+    writer = MaskZipWriter(tmp_path / "run.zip")
+    for index in (0, 2, 3):
+        writer.write(index, labels + index)
+    writer.close()
+    copy_masks_until(tmp_path / "run.zip", 3, labels + 9, tmp_path / "corrected.zip")
+    with MaskZipReader(tmp_path / "corrected.zip") as masks:
+        assert [index in masks for index in range(4)] == [True, False, True, True]
+        assert masks[2].max() == 2 and masks[3].max() == 9
+
+
+def test_clicks_queued_while_sam_works_land_where_and_on_what_they_were_made(session):
+    """The page takes each click as it is made and segments them in turn: neither the place nor the object may
+    be read when a click's turn comes (by then the user clicked elsewhere, or picked another object)."""
+    places = [(30, 40), (60, 50), (90, 70)]
+    for x, y in places:
+        session.queue_click(0, to_display(session, x, y), "positive")
+    session.add_object()  # picked before the clicks' turn came
+    session.queue_click(0, to_display(session, 120, 30), "positive")
+    session.add_object()
+    session.queue_click(0, to_display(session, 140, 100), "positive")
+    session.remove_object(3)
+    for _ in range(4):
+        assert session.click_next() is not None
+    with pytest.raises(ClickDropped, match="object 3 was removed after the click"):
+        session.click_next()
+    assert session.click_next() is None
+    assert session.edits[(0, 1)].clicks.points == tuple(places)
+    assert session.edits[(0, 2)].clicks.points == ((120, 30),)
+    assert not session.clicks_waiting()

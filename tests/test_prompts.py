@@ -5,7 +5,7 @@ import pytest
 
 from tracker.errors import PromptError
 from tracker.prompts import (ObjectPrompt, check_prompts, load_prompts, parse_box, parse_xy, prompts_from_json,
-                             prompts_from_text, prompts_to_json)
+                             prompts_from_text)
 
 
 def test_parse_point_and_box():
@@ -16,6 +16,11 @@ def test_parse_point_and_box():
             parse_xy(bad)
     with pytest.raises(PromptError, match="X0,Y0,X1,Y1"):
         parse_box("1,2,3")
+
+
+def prompts_to_json(prompts: list[ObjectPrompt]) -> dict:
+    return {"objects": [{"id": p.object_id, "frame": p.frame, "points": [list(xy) for xy in p.points],
+                         "labels": list(p.labels), "box": list(p.box) if p.box else None} for p in prompts]}
 
 
 def test_json_round_trip_and_defaults(tmp_path):

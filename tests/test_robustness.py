@@ -102,7 +102,7 @@ def test_unusable_video_is_a_one_line_error_and_writes_nothing(tracker, tmp_path
     assert "upload.mp4" in one_line(err.value)
     assert not out.exists()
     with pytest.raises(VideoError, match=message):
-        next(tracker.iter_tracked(video, CLICK))
+        tracker.iter_tracked(video, CLICK)  # at the call, not at the first frame
 
 
 def test_cli_audio_only_exits_2_without_traceback(untrained_checkpoints, tmp_path):
@@ -415,6 +415,29 @@ def test_cancel_mid_run_writes_nothing(tracker, clip, tmp_path):
     stream = tracker.iter_tracked(clip, CLICK, cancel=cancel)
     with pytest.raises(Cancelled):
         list(stream)
+
+
+def test_cancel_stops_the_reading_of_the_frames_before_a_late_prompt(tracker, tmp_path, monkeypatch):
+    """Frames before the first prompt are read into a cache before they are tracked backward: seconds to
+    minutes of a long video, which a cancel must not wait out."""
+    video = make_clip(tmp_path / "clip.mp4", frames=60, width=160, height=120, fps=25)
+    read = []
+
+    def counted(*args, **kwargs):
+        for frame in iter_frames(*args, **kwargs):
+            read.append(frame.index)
+            yield frame
+
+    monkeypatch.setattr(pipeline, "iter_frames", counted)
+    mask = np.zeros((120, 160), bool)
+    mask[40:80, 40:80] = True
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        for _ in pipeline.track_frames(tracker.xmem, probe(video), {59: {1: mask}}, TrackOptions(size=120),
+                                       tracker.device, cancel=cancel):
+            pass
+    assert len(read) < 10
 
 
 def test_a_streamed_job_holds_the_device_until_its_iterator_ends(tracker, clip, tmp_path):

@@ -252,16 +252,43 @@ def test_variable_frame_rate_stays_variable(vfr_clip, tmp_path):
 
 @pytest.mark.parametrize("fps, vfr", [(25, True), (25, False), (60, False)])
 def test_output_ends_where_the_input_ends(media_dir, tmp_path, fps, vfr):
-    """The muxer took the last frame as 1 / the average rate long, which moved a variable-rate video's end."""
+    """The muxer took the last frame as 1 / the average rate long, which moved a variable-rate video's end.
+    (FFmpeg reads the variable-rate source itself as 0.64 s long, its B-frames' decoding times ending early:
+    its frames end at 0.72 s, where the probe puts its end.)"""
     source = make_clip(media_dir / f"end_{fps}_{vfr}.mp4", frames=12, fps=fps, vfr=vfr, audio=False)
     output = encode_copy(source, tmp_path / "end_out.mp4")
+    assert probe(source).duration == pytest.approx(0.72 if vfr else 12 / fps)
+    assert declared_ends(output) == pytest.approx((probe(source).duration,) * 2, abs=1e-3)
 
-    def end(path):
-        with av.open(str(path)) as container:
-            video = container.streams.video[0]
-            return container.duration, video.duration * video.time_base
 
-    assert end(output) == end(source)
+def declared_ends(path: Path) -> tuple[float, ...]:
+    """The container's and the video stream's durations, as FFmpeg reads them (Matroska: the container's)."""
+    with av.open(str(path)) as container:
+        video = container.streams.video[0]
+        return (container.duration / 1e6, *([float(video.duration * video.time_base)] if video.duration else []))
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+@pytest.mark.parametrize("gaps", [(40, 40, 40, 40, 40, 40, 40, 320, 400, 400), (100, 100, 200, 100, 100, 300, 100)])
+def test_frames_dropped_near_the_end_keep_the_duration(tmp_path, suffix, gaps):
+    """A slideshow, a GIF, a screen recording that paused: every interval a whole number of the typical one.
+    Each packet lasted the encoder's guess and the MP4's decoding times trailed its frames (B-frames): it
+    read 0.72 s long for 1.44 s of frames (0.9 s with its last frame at 1.0 s); the Matroska file 1.53 s."""
+    source = tmp_path / "source.mkv"
+    times = np.cumsum((0, *gaps))
+    with av.open(str(source), "w") as container:
+        stream = container.add_stream("libx264", rate=25, options={"preset": "ultrafast"})
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for index, milliseconds in enumerate(times):
+            frame = av.VideoFrame.from_ndarray(clip_frame(index, len(times), 64, 48), format="rgb24")
+            frame.pts, frame.time_base = int(milliseconds), Fraction(1, 1000)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    output = encode_copy(source, tmp_path / f"out{suffix}")
+    assert [f.time for f in iter_frames(output)] == pytest.approx(times / 1000, abs=1e-6)
+    ends = declared_ends(output)
+    assert ends == pytest.approx((probe(source).duration,) * len(ends), abs=1e-3)
 
 
 def test_odd_size_becomes_even_yuv420p_with_the_picture_intact(media_dir, tmp_path):

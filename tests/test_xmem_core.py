@@ -155,7 +155,7 @@ def test_memory_manager_consolidates_and_prunes_within_limits():
         long_sizes.append(memory.long_mem.size)
     assert long_sizes[2] == 0 and long_sizes[3] == config["num_prototypes"]
     assert max(long_sizes) == config["max_long_term_elements"]
-    assert memory.long_mem.use_count.dtype == torch.float64
+    assert memory.long_mem.use_count.dtype == torch.float32  # as the reference keeps them
 
 
 def test_memory_reads_between_writes_reuse_what_only_writes_change():
@@ -389,6 +389,24 @@ def test_occlusion_shortcut_skips_memory_only_when_asked(net32):
     assert shortcut.memory.work_mem.size == 4 * 6  # only the given first frame: every object is "too small"
 
 
+def test_occlusion_shortcut_keeps_the_sensory_memory_going_and_ends_after_the_working_memorys_span(net32):
+    """Skipped memory frames still update the hidden state (in sync mode only a deep update would have);
+    after max_mid_term_frames memory periods without one, a frame is remembered however small its objects."""
+    images, masks = _clip(8, height=60, width=90)
+    config = dict(DEFAULT_CONFIG, mem_every=2, min_mid_term_frames=1, max_mid_term_frames=3,
+                  min_memory_area=60 * 90 + 1, enable_long_term=False)
+    processor = InferenceCore(net32.double(), config)
+    processor.set_all_labels([1, 2])
+    hidden, remembered = [], []
+    for t, image in enumerate(images):
+        before = processor.memory.work_mem.size if t else 0
+        processor.step(image, masks if t == 0 else None)
+        hidden.append(processor.memory.hidden.clone())
+        remembered.append(processor.memory.work_mem.size > before)
+    assert remembered == [True, False, False, False, False, False, True, False]  # frame 6: 6 frames after 0
+    assert not torch.equal(hidden[1], hidden[2]) and not torch.equal(hidden[2], hidden[3])
+
+
 def test_float32_and_float64_agree(net32):
     images, masks = _clip(4)
     config = dict(DEFAULT_CONFIG, mem_every=2)
@@ -421,3 +439,14 @@ def test_inference_needs_a_first_mask_and_labels(net32):
     processor.set_all_labels([1])
     with pytest.raises(ValueError, match="mask"):
         processor.step(torch.zeros(3, 32, 32))
+
+
+def test_an_object_added_without_its_mask_is_named_at_the_memory_frame(net32):
+    """The reference fails there with an IndexError; ours stored an empty group and failed a frame later."""
+    images, masks = _clip(3, height=32, width=32)
+    processor = InferenceCore(net32.double(), dict(DEFAULT_CONFIG, mem_every=1))
+    processor.set_all_labels([1])
+    processor.step(images[0], masks[:1])
+    processor.set_all_labels([1, 2])
+    with pytest.raises(ValueError, match="need their mask on the frame that adds them"):
+        processor.step(images[1])

@@ -27,7 +27,7 @@ import torch
 from XMem.inference.inference_core import InferenceCore
 
 from .errors import TrackerError
-from .options import MemoryOptions, TrackOptions
+from .options import DEVICE_HELP, SAM_BACKEND_CHOICES, MemoryOptions, TrackOptions
 from .pipeline import (IDLE_GRAPHS, FramePrep, ThreadedSink, autocast_for, cpu_has_bf16, frame_graphs, prefetch,
                        stepping_network)
 from .prompts import ObjectPrompt
@@ -399,10 +399,10 @@ def _short(dtype: torch.dtype) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tracker bench", description=__doc__)
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cuda or cpu")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--frames", type=int,
                         help="frames per generated clip (default 400 on GPU, 60 on CPU, 6 with --quick)")
-    parser.add_argument("--sam-backend", default="auto", choices=["auto", "torch", "onnx", "tensorrt"])
+    parser.add_argument("--sam-backend", default="auto", choices=SAM_BACKEND_CHOICES)
     parser.add_argument("--modes", default=",".join(MODES),
                         help=f"table columns, comma-separated, of: {', '.join(MODES)} (CPU: plain, and bf16 where the "
                              "CPU has bf16 instructions)")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import TrackerError
-from .options import MAX_OUTLINE, MemoryOptions, TrackOptions
+from .options import DEVICE_HELP, MAX_OUTLINE, SAM_BACKEND_CHOICES, MemoryOptions, TrackOptions
 from .prompts import NEGATIVE, POSITIVE, ObjectPrompt, load_prompts, parse_box, parse_xy
 from .video import (DEFAULT_PRESET, MASKS_ENDING, TRACKED_ENDING, X264_MAX_CRF, X264_PRESETS, VideoInfo, output_file,
                     remove_unfinished_temporaries)
@@ -22,10 +22,10 @@ NEGATIVE_NUMBER = re.compile(r"-[\d.]")
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cuda, cuda:N or cpu")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--sam-checkpoint", type=Path, help="SAM ViT-B checkpoint (default: models/, downloaded)")
     parser.add_argument("--xmem-checkpoint", type=Path, help="XMem checkpoint (default: models/, downloaded)")
-    parser.add_argument("--sam-backend", default="auto", choices=["auto", "torch", "onnx", "tensorrt"],
+    parser.add_argument("--sam-backend", default="auto", choices=SAM_BACKEND_CHOICES,
                         help="what runs SAM (auto: TensorRT on CUDA when its engines are built, ONNX Runtime on "
                              "the CPU when the graphs are exported, else PyTorch)")
     parser.add_argument("--sam-precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     track.add_argument("video", type=Path, help="the video to track (any format FFmpeg reads)")
     track.add_argument("--point", action="append", default=[], metavar="X,Y", help="a click on the object")
     track.add_argument("--negative", action="append", default=[], metavar="X,Y", help="a click on background")
-    track.add_argument("--box", metavar="X0,Y0,X1,Y1", help="a box around the object")
+    track.add_argument("--box", action="append", default=[], metavar="X0,Y0,X1,Y1", help="a box around the object")
     track.add_argument("--frame", type=int, help="frame the clicks are on (default 0)")
     track.add_argument("--prompts", type=Path, metavar="FILE.json", help="several objects (see README)")
     track.add_argument("--out", help="overlay video: .mp4, .mov, .mkv or .m4v (default "
@@ -97,9 +97,12 @@ def prompts_from_args(args: argparse.Namespace) -> list[ObjectPrompt]:
                            '"frame" itself')
     if args.prompts:
         return load_prompts(args.prompts)
+    if len(args.box) > 1:
+        raise TrackerError("give one --box: it boxes the one object tracked; a prompts file (--prompts) boxes "
+                           "several objects")
     points = [parse_xy(p) for p in args.point] + [parse_xy(p, "negative point") for p in args.negative]
     labels = [POSITIVE] * len(args.point) + [NEGATIVE] * len(args.negative)
-    box = parse_box(args.box) if args.box else None
+    box = parse_box(args.box[0]) if args.box else None
     return [ObjectPrompt(object_id=1, frame=args.frame or 0, points=points, labels=labels, box=box)]
 
 

@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw
 from .errors import Cancelled, ClickDropped, PromptError, TrackerError, VideoError
 from .exports import CUTOUT_KINDS, export_cutout, export_overlay
 from .options import TrackOptions
-from .prompts import NEGATIVE, POSITIVE, ObjectPrompt, check_prompts, prompts_from_text
+from .prompts import NEGATIVE, POSITIVE, ObjectPrompt, check_prompts, frame_problem, prompts_from_text
 from .render import MaskZipReader, encode_mask, mask_name, overlay, overlay_colours
 from .sam import IMAGE_SIZE, LOW_RES_SIZE, ImageEmbedding, SamBackend, resized_shape
 from .session import LOSSLESS_WARNING, PreviousRun, Tracker, TrackResult, fps_text
@@ -135,6 +135,17 @@ class Clicks:
 
     def prompt(self, object_id: int, frame: int) -> ObjectPrompt:
         return ObjectPrompt(object_id, frame, list(self.points), list(self.labels), self.box)
+
+
+@dataclass(frozen=True)
+class PendingClick:
+    """A click said on the page and waiting for SAM: where it was made, and on what."""
+
+    frame: int
+    display_xy: tuple[float, float]
+    mode: str
+    video_loads: int
+    object_id: int | None
 
 
 @dataclass
@@ -330,6 +341,7 @@ class EditSession:
         self._clicking = threading.Lock()  # one click at a time; its SAM work runs outside `lock`
         # When each click said on the page (`click_wait`) and not yet segmented was said: Track waits for them.
         self._announced: deque[float] = deque()
+        self._pending: deque[PendingClick] = deque()  # clicks queued by `queue_click`, oldest first
         self._clicks_settled = threading.Condition()
         self.job_ended = threading.Condition(self.lock)
         self.cancel = threading.Event()
@@ -453,12 +465,15 @@ class EditSession:
 
     # -- objects ---------------------------------------------------------
     def add_object(self) -> int:
-        """A new object with the next free id (and so its own colour); it becomes the current one."""
+        """A new object with the next free id (and so its own colour); it becomes the current one. Past the
+        largest id, the smallest that neither an object nor the last result holds."""
         with self.lock:
             self.require_video()
             used = set(self.objects) | (set(self.result.objects) if self.result else set())
             new_id = max(used, default=0) + 1
             if new_id > MAX_OBJECT_ID:
+                new_id = min(set(range(1, MAX_OBJECT_ID + 1)) - used, default=None)
+            if new_id is None:
                 raise PromptError(f"at most {MAX_OBJECT_ID} objects can be tracked at once")
             self.objects.append(new_id)
             self.current = new_id
@@ -494,21 +509,43 @@ class EditSession:
             return f"object {object_id} removed{self._restore_hint() or '; the next Track re-runs the whole video'}"
 
     # -- clicks ----------------------------------------------------------
-    def click(self, frame: int, display_xy: tuple[float, float], mode: str, video_loads: int | None = None) -> str:
-        """A click on the displayed frame: add a point (or a box corner) to the current object, update its mask.
+    def queue_click(self, frame: int, display_xy: tuple[float, float], mode: str) -> str:
+        """Take a click as the page makes it, for `click_next` to segment in turn; says it at once (`click_wait`).
+
+        The page's events for clicks wait for SAM one after another (seconds each on a CPU): what a click was,
+        on which frame and object, is kept here when it is made, not read when its event's turn comes.
+        """
+        with self._clicks_settled:
+            self._pending.append(PendingClick(frame, display_xy, mode, self.video_loads, self.current))
+        return self.click_wait(frame)
+
+    def click_next(self) -> str | None:
+        """Segment the oldest click `queue_click` took (None when none waits): as `click`."""
+        with self._clicks_settled:
+            if not self._pending:
+                return None
+            pending = self._pending.popleft()
+        return self.click(pending.frame, pending.display_xy, pending.mode, pending.video_loads, pending.object_id)
+
+    def click(self, frame: int, display_xy: tuple[float, float], mode: str, video_loads: int | None = None,
+              object_id: int | None = None) -> str:
+        """A click on the displayed frame: add a point (or a box corner) to an object (by default the current
+        one), update its mask.
 
         `video_loads`, when given, is the count at the moment of the click: a click made on a video replaced or
-        cleared since then (it waited for SAM) raises ClickDropped instead of landing on the new one.
+        cleared since then (it waited for SAM) raises ClickDropped instead of landing on the new one; so does a
+        click for an object removed since.
         """
         try:
-            return self._click(frame, display_xy, mode, video_loads)
+            return self._click(frame, display_xy, mode, video_loads, object_id)
         finally:
             with self._clicks_settled:
                 if self._announced:
                     self._announced.popleft()
                 self._clicks_settled.notify_all()
 
-    def _click(self, frame: int, display_xy: tuple[float, float], mode: str, video_loads: int | None) -> str:
+    def _click(self, frame: int, display_xy: tuple[float, float], mode: str, video_loads: int | None,
+               object_id: int | None) -> str:
         if mode not in POINT_MODES:
             raise PromptError(f"unknown click mode {mode!r}; use one of {', '.join(POINT_MODES)}")
         with self._clicking:
@@ -519,16 +556,19 @@ class EditSession:
                 info = self._check_frame(frame)
                 if self.current is None:
                     raise PromptError("add an object first")
+                if object_id is not None and object_id not in self.objects:
+                    raise ClickDropped(f"object {object_id} was removed after the click")
+                object_id = self.current if object_id is None else object_id
                 xy = self._to_frame_xy(display_xy, info)
-                key = (frame, self.current)
+                key = (frame, object_id)
                 existed = key in self.edits
-                edit = self.edits.get(key) or Edit(refine=self._tracked_mask(frame, self.current).any())
+                edit = self.edits.get(key) or Edit(refine=self._tracked_mask(frame, object_id).any())
                 before = edit.clicks
                 if mode == "box":
                     clicks = edit.clicks.with_corner(xy)
                 else:
                     clicks = edit.clicks.with_point(xy, POSITIVE if mode == "positive" else NEGATIVE)
-                prior = self._tracked_mask(frame, self.current) if edit.refine else None
+                prior = self._tracked_mask(frame, object_id) if edit.refine else None
                 embedding = self._embeddings.get(frame)
                 image = self._frame(frame).image if embedding is None and clicks.selects else None
             # SAM's image encoder takes seconds on a CPU (where a job under way pauses for it): outside the
@@ -690,11 +730,8 @@ class EditSession:
 
     def _check_frame(self, frame: int) -> VideoInfo:
         info = self.require_video()
-        if not 0 <= frame < info.frame_count:
-            raise PromptError(f"frame {frame} does not exist; the video has frames 0..{info.frame_count - 1}")
-        if frame >= info.present_frames:
-            raise PromptError(f"frame {frame} is missing from this truncated file: only frames "
-                              f"0..{info.present_frames - 1} are present")
+        if problem := frame_problem(frame, info.frame_count, info.present_frames):
+            raise PromptError(problem)
         return info
 
     @staticmethod
@@ -875,7 +912,7 @@ class EditSession:
                 (run_dir / stale).unlink(missing_ok=True)
         record = RunRecord(overlay=results[-1].output, masks=final_masks, summary=run_summary(results),
                            warnings=list(results[-1].warnings), prompts=snapshot, objects=objects, passes=passes,
-                           backward=passes[0] is not None and results[0].kept_frames == 0, options=options,
+                           backward=bool(passes[0]) and results[0].kept_frames == 0, options=options,
                            sam_backend=sam.name, base=replace(built_on, base=None) if passes[0] is not None else None,
                            first_prompt=min(prompt_frames))
         with self.lock:  # objects added, clicked or removed during the run count
@@ -1038,10 +1075,12 @@ class EditSession:
 
 
 def copy_masks_until(source: Path, frame: int, labels: np.ndarray, destination: Path) -> None:
-    """A masks zip with `source`'s entries for the frames before `frame` (copied as they are), `labels` at `frame`."""
+    """A masks zip with `source`'s entries for the frames before `frame` (copied as they are; frames the decoding
+    lost have none), `labels` at `frame`."""
     with zipfile.ZipFile(source) as src, zipfile.ZipFile(destination, "w", zipfile.ZIP_STORED) as dst:
         for name in map(mask_name, range(frame)):
-            dst.writestr(src.getinfo(name), src.read(name))
+            if name in src.NameToInfo:
+                dst.writestr(src.getinfo(name), src.read(name))
         dst.writestr(mask_name(frame), encode_mask(labels))
 
 
@@ -1094,11 +1133,16 @@ def _link_or_copy(source: Path, destination: Path) -> None:
         shutil.copyfile(source, destination)
 
 
+IDLE_SWEEP_SECONDS = 300  # the longest an idle session outstays `idle_seconds` with no request coming
+
+
 class SessionStore:
     """Browser session key -> EditSession, each in a random directory under `root`.
 
     Sessions end when the page closes (the app calls `close`), when idle longer
-    than `idle_seconds` with no job running, or when the app stops (`close_all`).
+    than `idle_seconds` with no job running (a page whose browser died never
+    says it closed; a thread looks even while no request comes), or when the
+    app stops (`close_all`).
     """
 
     def __init__(self, root: Path, tracker: Tracker, idle_seconds: float = 4 * 3600,
@@ -1113,6 +1157,12 @@ class SessionStore:
         self._closed: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
         root.mkdir(parents=True, exist_ok=True)
+        self._stopped = threading.Event()
+        threading.Thread(target=self._sweep, name="idle-sessions", daemon=True).start()
+
+    def _sweep(self) -> None:
+        while not self._stopped.wait(min(self.idle_seconds / 4, IDLE_SWEEP_SECONDS)):
+            self.close_idle()
 
     def get(self, key: str | None, reopen: bool = False) -> EditSession:
         """The session for a key, created on first use; a closed page's key is refused, unless `reopen` (a
@@ -1150,6 +1200,7 @@ class SessionStore:
             session.close()
 
     def close_all(self) -> None:
+        self._stopped.set()
         with self._lock:
             sessions = list(self._sessions.values())
             self._sessions.clear()

@@ -12,6 +12,10 @@ from typing import TYPE_CHECKING, Callable
 from .errors import TrackerError, real_number, whole_number
 from .video import DEFAULT_PRESET, X264_MAX_CRF, X264_PRESETS
 
+# The command lines' model flags (the CLI's and the benchmark's).
+DEVICE_HELP = "auto (CUDA when present), cuda or cpu (another GPU than the first: CUDA_VISIBLE_DEVICES=N)"
+SAM_BACKEND_CHOICES = ("auto", "torch", "onnx", "tensorrt")
+
 if TYPE_CHECKING:
     import torch
 
@@ -94,7 +98,7 @@ class TrackOptions:
     outline: int = 2  # outline width in pixels, 0 for none
     crf: int = 18
     preset: str = DEFAULT_PRESET
-    precision: str = "auto"  # XMem on CUDA: "fp32", "bf16", "fp16", or "auto" (the fastest that matches fp32)
+    precision: str = "auto"  # XMem on CUDA: "fp32", "bf16", "fp16", or "auto" (fp32: see FAST_PRECISION)
     # CUDA only: XMem's fast copy (folded, fused, channels-last) replays CUDA graphs; False: the plain network, eager
     cuda_graphs: bool = True
 

@@ -33,6 +33,7 @@ from XMem.model.fusion import inference_copy
 from . import colour
 from .errors import Cancelled, TrackerError, VideoError, whole_number
 from .options import TrackOptions
+from .render import MaskZipReader, MaskZipWriter
 from .transfer import Download, pinned, upload
 from .video import Frame, VideoInfo, iter_frames
 
@@ -428,11 +429,12 @@ def track_frames(
             if cancel.is_set():  # while it waited
                 raise Cancelled("tracking was cancelled")
 
-    with tempfile.TemporaryDirectory(prefix="tracker-") as tmp, torch.inference_mode(), \
-            autocast_for(device, options.precision), stepping_network(network, device, options, work_size) as network:
+    with tempfile.TemporaryDirectory(prefix="tracker-") as tmp, contextlib.ExitStack() as opened, \
+            torch.inference_mode(), autocast_for(device, options.precision), \
+            stepping_network(network, device, options, work_size) as network:
         if earlier is None and start > 0:
-            backward = _track_backward(network, config, info, prep, start, work_masks[start], Path(tmp), tick)
-            earlier = backward.__getitem__
+            backward = _track_backward(network, config, info, prep, start, work_masks[start], Path(tmp), tick, cancel)
+            earlier = opened.enter_context(backward).__getitem__
         forward = Propagator(network, config, work_masks, order=sorted(work_masks))
         lookup = forward.lookup(device)
         last = info.frame_count - 1
@@ -508,26 +510,39 @@ def _disk_array(path: Path, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _track_backward(network: torch.nn.Module, config: dict, info: VideoInfo, prep: FramePrep, start: int,
-                    masks: Mapping[int, torch.Tensor], tmp: Path, tick: Callable[[], None]) -> np.ndarray:
-    """Label maps of frames 0..start-1, tracked from `start` towards frame 0, as a disk-backed array."""
+                    masks: Mapping[int, torch.Tensor], tmp: Path, tick: Callable[[], None],
+                    cancel: threading.Event) -> MaskZipReader:
+    """Label maps of frames 0..start-1, tracked from `start` towards frame 0, in a masks zip in `tmp`.
+
+    The frames wait at working resolution in a disk cache (read forwards, tracked backwards); the label maps
+    go into the zip as PNGs, a few KB each where full-resolution arrays would take the disk's gigabytes.
+    """
     frames = _disk_array(tmp / "frames.npy", (start + 1, prep.work_h, prep.work_w, 3))
     present: list[int] = []  # frames lost to damage leave gaps, as in the forward pass
     decoded = iter_frames(info.path, 0, start + 1, yuv=prep.planes, size=info.size)
     for frame in prefetch(decoded, depth=4, stop=threading.Event(), stage=prep.stage):
+        if cancel.is_set():
+            raise Cancelled("tracking was cancelled")
         frames[frame.index] = prep.resize(prep.upload(frame)).cpu().numpy()
         present.append(frame.index)
     if not present or present[-1] != start:
         raise TrackerError(lost_prompt_frame(start))
-    labels = _disk_array(tmp / "labels.npy", (start, info.height, info.width))
-    propagator = Propagator(network, config, {start: masks}, order=[start])
-    lookup = propagator.lookup(prep.device)
-    for index in reversed(present):
-        image = prep.normalise(torch.from_numpy(np.array(frames[index])).to(prep.device))
-        prob = propagator.step(index, image, end=index == present[0])
-        if index < start:
-            labels[index] = labels_at(prob, (info.height, info.width), lookup).cpu().numpy()
-            tick()
-    return labels
+    writer = MaskZipWriter(tmp / "backward.zip")
+    sink = ThreadedSink("backward-masks", writer.write, writer.close, writer.abort)
+    try:
+        propagator = Propagator(network, config, {start: masks}, order=[start])
+        lookup = propagator.lookup(prep.device)
+        for index in reversed(present):
+            image = prep.normalise(torch.from_numpy(np.array(frames[index])).to(prep.device))
+            prob = propagator.step(index, image, end=index == present[0])
+            if index < start:
+                sink.put(index, Download(labels_at(prob, (info.height, info.width), lookup)))
+                tick()
+        sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+    return MaskZipReader(writer.path)
 
 
 # Host memory a writer's queue may fill. libx264's frame threads take frames

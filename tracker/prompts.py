@@ -6,12 +6,24 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 from .errors import PromptError, whole_number
 
 POSITIVE, NEGATIVE = 1, 0
 T = TypeVar("T")
+
+
+def frame_problem(frame: int, frame_count: int, present_frames: int | None = None) -> str | None:
+    """Why a prompt cannot go on `frame` of a video of `frame_count` frames (of which a truncated file holds
+    only the first `present_frames`), or None."""
+    if frame < 0:
+        return f"frame {frame} is negative; the video has frames 0..{frame_count - 1}"
+    if frame >= frame_count:
+        return f"frame {frame} is past the end; the video has frames 0..{frame_count - 1}"
+    if present_frames is not None and frame >= present_frames:
+        return f"frame {frame} is missing from this truncated file: only frames 0..{present_frames - 1} are present"
+    return None
 
 
 @dataclass
@@ -62,16 +74,8 @@ class ObjectPrompt:
         who = f"object {self.object_id}"
         if not 1 <= self.object_id <= 255:
             raise PromptError(f"{who}: object ids must be between 1 and 255")
-        if self.frame < 0:
-            raise PromptError(f"{who}: prompt frame {self.frame} is negative; the video has frames "
-                              f"0..{frame_count - 1}")
-        if self.frame >= frame_count:
-            raise PromptError(
-                f"{who}: prompt frame {self.frame} is past the end; the video has frames 0..{frame_count - 1}"
-            )
-        if present_frames is not None and self.frame >= present_frames:
-            raise PromptError(f"{who}: prompt frame {self.frame} is missing from this truncated file: only frames "
-                              f"0..{present_frames - 1} are present")
+        if problem := frame_problem(self.frame, frame_count, present_frames):
+            raise PromptError(f"{who}: prompt {problem}")
         if not self.points and self.box is None:
             raise PromptError(f"{who}: give at least one point or a box")
         if len(self.labels) != len(self.points):
@@ -240,14 +244,3 @@ def prompts_from_text(text: str, source: str = "the prompts") -> list[ObjectProm
     except RecursionError:  # brackets nested thousands deep: no prompts file looks like that
         raise PromptError(f"{source} is not valid prompts JSON (nested too deep)") from None
     return prompts_from_json(data, source)
-
-
-def prompts_to_json(prompts: Iterable[ObjectPrompt]) -> dict:
-    """The inverse of prompts_from_json, for saving what the user clicked."""
-    return {
-        "objects": [
-            {"id": p.object_id, "frame": p.frame, "points": [list(xy) for xy in p.points],
-             "labels": list(p.labels), "box": list(p.box) if p.box else None}
-            for p in prompts
-        ]
-    }

@@ -318,11 +318,12 @@ def resolve_device(device: str | torch.device) -> torch.device:
     except RuntimeError:
         dev = None
     if dev is None or dev.type not in ("cuda", "cpu"):
-        raise TrackerError(f"unknown device {str(device)!r}: use auto, cpu, cuda or cuda:N")
+        raise TrackerError(f"unknown device {str(device)!r}: use auto, cpu or cuda")
+    if dev.type == "cuda" and dev.index:  # streams, events and graphs here are the current device's: GPU 0's
+        raise TrackerError(f"{dev} is not supported: this runs on the first GPU it sees; to use GPU {dev.index}, "
+                           f"start it with CUDA_VISIBLE_DEVICES={dev.index} and device cuda")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise TrackerError("CUDA was requested but PyTorch sees no CUDA GPU: use device cpu or auto")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise TrackerError(f"there is no {dev}: PyTorch sees {torch.cuda.device_count()} CUDA GPU(s)")
     return dev
 
 

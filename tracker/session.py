@@ -293,12 +293,16 @@ class Tracker:
                      progress: ProgressFn | None = None) -> Iterator[TrackedFrame]:
         """Every frame of the video with its object-id map, in order, streamed.
 
-        The device is this job's until the iteration ends (or the iterator is closed): jobs take turns on it.
+        A bad video or prompts are reported by this call, before the first frame is asked for. The device is
+        this job's until the iteration ends (or the iterator is closed): jobs take turns on it.
         """
         info = check_input(video, prompts, options)
-        options = options or TrackOptions()
+        return self._stream(info, prompts, options or TrackOptions(), cancel, progress)
+
+    def _stream(self, info: VideoInfo, prompts: Sequence[ObjectPrompt], options: TrackOptions,
+                cancel: threading.Event | None, progress: ProgressFn | None) -> Iterator[TrackedFrame]:
         with user_facing_resource_errors(options), self._device_turn(cancel):
-            keyframes = self.prompt_masks(info, prompts)
+            keyframes = self.prompt_masks(info, prompts, cancel=cancel)
             yield from track_frames(self.xmem, info, keyframes, options, self.device,
                                     cancel=cancel, progress=progress, between_frames=self._clicks_first(cancel))
 
@@ -406,11 +410,12 @@ class Tracker:
         sam = sam or self.sam
         info, output, masks = check_job(video, prompts, output, masks, options)
         options = options or TrackOptions()
-        with user_facing_resource_errors(options), self._device_turn(cancel), ExitStack() as stack:
+        with user_facing_resource_errors(options), self._device_turn(cancel), ExitStack() as stack, \
+                ExitStack() as opened:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             began = time.perf_counter()
-            keyframes, earlier = self._plan(info, prompts, previous, sam, embeddings, cancel)
+            keyframes, earlier = self._plan(info, prompts, previous, sam, embeddings, cancel, opened)
             sinks = self._open_sinks(info, output, masks, options, stack)
             video_sink, zip_sink = sinks
             frames = 0
@@ -450,22 +455,22 @@ class Tracker:
         return result
 
     def _plan(self, info: VideoInfo, prompts: Sequence[ObjectPrompt], previous: PreviousRun | None, sam: SamBackend,
-              embeddings: Mapping[int, ImageEmbedding] | None, cancel: threading.Event | None
+              embeddings: Mapping[int, ImageEmbedding] | None, cancel: threading.Event | None, opened: ExitStack
               ) -> tuple[dict[int, dict[int, np.ndarray]], Callable[[int], np.ndarray] | None]:
-        """Keyframe masks, and where frames before the first keyframe get their labels from."""
+        """Keyframe masks, and where frames before the first keyframe get their labels from (a previous
+        run's masks, open until `opened` closes)."""
         start = 0 if previous is None else previous.from_frame
         keyframes = self.prompt_masks(info, [p for p in prompts if p.frame >= start], sam, embeddings=embeddings,
                                       cancel=cancel)
         if previous is None:
             return keyframes, None
-        earlier = MaskZipReader(previous.masks)
+        earlier = opened.enter_context(MaskZipReader(previous.masks))
         base = earlier[start]
         tracked = {int(o): base == o for o in np.unique(base) if o}
         keyframes[start] = {**tracked, **keyframes.get(start, {})}
         if not keyframes[start]:
             raise TrackerError(f"frame {start} has no object to track from; add a prompt there")
         if previous.backward and not _appear_before(earlier, start, set(keyframes[start])):
-            earlier.close()
             return keyframes, None
         return keyframes, earlier.__getitem__
 

@@ -116,6 +116,7 @@ class VideoInfo:
     are timed on that rate's exact grid. `variable_rate`: the frames' intervals
     differ by more than the clock's rounding (a phone in low light, a screen
     recording), so `fps` is their average; written videos keep each frame's time.
+    `evenly_timed`: every interval is the typical one (no frame dropped either).
     """
 
     path: Path
@@ -139,6 +140,7 @@ class VideoInfo:
     field_order: str | None = None
     rounded_rate: Fraction | None = None
     variable_rate: bool = False
+    evenly_timed: bool = True
 
     @property
     def size(self) -> tuple[int, int]:
@@ -184,6 +186,7 @@ class _Timeline:
     open_keyframes: frozenset[int] = frozenset()  # keyframes (pts) not to count from (see `_counting_points`)
     rounded_rate: Fraction | None = None  # see `_rounded_rate`
     variable_rate: bool = False  # see `VideoInfo.variable_rate`
+    evenly_timed: bool = True  # see `VideoInfo.evenly_timed`
 
 
 def probe(path: str | Path) -> VideoInfo:
@@ -238,7 +241,7 @@ def probe(path: str | Path) -> VideoInfo:
                      start=float(timeline.pts[0] * time_base) if len(timeline.pts) else 0.0,
                      pixel_aspect=1 / stored_aspect if rotation in (90, 270) else stored_aspect, hdr=hdr,
                      timecode=timecode, field_order=field_order, rounded_rate=timeline.rounded_rate,
-                     variable_rate=timeline.variable_rate)
+                     variable_rate=timeline.variable_rate, evenly_timed=timeline.evenly_timed)
     if hdr:
         log.warning("%s: %s", path.name, colour_note(info))
     return info
@@ -729,11 +732,12 @@ def _scan(container: av.container.InputContainer, stream: av.VideoStream) -> _Ti
         length = max(length, stream.duration * time_base)
     rounded_rate = None if joins.found else _rounded_rate(ordered, time_base, 1 / nominal)
     variable_rate = _varies(np.diff(ordered), time_base)  # a rounded rate's jitter is within its tolerance
+    evenly_timed = not _varies(np.diff(ordered), time_base, whole_multiples=False)
     return _Timeline(pts=ordered, keyframes=np.asarray(sorted(keyframes), dtype=np.int64).reshape(-1, 2),
                      counted=counted, complete=counted if complete is None else complete, declared=declared,
                      length=Fraction(length), leading=leading or 0, joins=tuple(joins.found),
                      decoding_order=decoding_order, open_keyframes=frozenset(open_keyframes),
-                     rounded_rate=rounded_rate, variable_rate=variable_rate)
+                     rounded_rate=rounded_rate, variable_rate=variable_rate, evenly_timed=evenly_timed)
 
 
 # The frame rates of cameras, screen recorders and broadcast, NTSC's beside their whole-number ones.
@@ -770,16 +774,17 @@ def _rounded_rate(pts: np.ndarray, time_base: Fraction, declared: Fraction) -> F
 RATE_JITTER_SECONDS = 0.0015
 
 
-def _varies(steps: np.ndarray, time_base: Fraction) -> bool:
+def _varies(steps: np.ndarray, time_base: Fraction, whole_multiples: bool = True) -> bool:
     """Whether frame intervals (in clock ticks) vary beyond a constant rate's: a frame dropped here and there
-    (an interval of two or three typical ones) and the clock's rounding do not count."""
+    (an interval of two or three typical ones, unless not `whole_multiples`) and the clock's rounding do not
+    count."""
     if len(steps) < 2:
         return False
     typical = float(np.median(steps))
     if typical <= 0:
         return False
     tolerance = max(1.0, RATE_JITTER_SECONDS / float(time_base))
-    frames = np.maximum(np.round(steps / typical), 1)
+    frames = np.maximum(np.round(steps / typical), 1) if whole_multiples else 1
     return bool(np.abs(steps - frames * typical).max() > tolerance)
 
 
@@ -969,7 +974,8 @@ BT709 = 1
 LIMITED_RANGE = 1
 
 
-def _encoder_options(codec: str, crf: int, preset: str, field_order: str | None) -> dict[str, str]:
+def _encoder_options(codec: str, crf: int, preset: str, field_order: str | None,
+                     uneven: bool = False) -> dict[str, str]:
     # swscale and `colour.rgb_to_yuv420` both put chroma between pixel pairs; unsaid, H.264 is read as
     # having it on the even columns (half a pixel to the left).
     sited = {"chroma_sample_location": "center"}
@@ -977,7 +983,11 @@ def _encoder_options(codec: str, crf: int, preset: str, field_order: str | None)
         return {"crf": str(crf), "b": "0", "deadline": "realtime", "cpu-used": "8", "row-mt": "1", **sited}
     # Interlaced pictures coded as such (each field's rows apart where they move), in their field order.
     fields = {"x264-params": f"{field_order}=1"} if field_order else {}
-    return {"crf": str(crf), "preset": preset, **sited, **fields}
+    # No B-frames where the frames' intervals differ: the decoding times (the encoder's trail the frames' times
+    # by as many frames as it reorders, spaced as the first ones) then end where the video does, which is how
+    # FFmpeg reads an MP4's duration.
+    in_order = {"bf": "0"} if uneven else {}
+    return {"crf": str(crf), "preset": preset, **sited, **fields, **in_order}
 
 
 def _to_yuv(rgb: av.VideoFrame, pix_fmt: str) -> av.VideoFrame:
@@ -1084,7 +1094,11 @@ class VideoWriter(AtomicWriter):
         self._done = False
         self._container: av.container.OutputContainer | None = None
         self._audio: list[_AudioTrack] = []
-        self._held: av.Packet | None = None  # the latest encoded packet, muxed once the next one comes
+        # Encoded packets waiting for the frame shown after theirs (see `_mux_video`), in decoding order, and
+        # the output times of the frames written lately, in showing order (the encoder's reordering stays
+        # within them).
+        self._waiting: deque[av.Packet] = deque()
+        self._stamps: deque[int] = deque(maxlen=256)
         target = H264_CONTAINERS.get(self.path.suffix.lower(), _TARGETS[codec]) if codec == "libx264" \
             else _TARGETS[codec]
         self._temp = temporary_path_beside(self.path)
@@ -1094,7 +1108,8 @@ class VideoWriter(AtomicWriter):
             self._fields = coded_fields(info, codec)
             for note in written_notes(info, codec):
                 log.warning("%s: %s", self.path.name, note)
-            self._video = self._add_video(codec, _encoder_options(codec, crf, preset, self._fields))
+            self._video = self._add_video(codec, _encoder_options(codec, crf, preset, self._fields,
+                                                                     not info.evenly_timed))
             self._audio = _AudioTrack.all_of(Path(audio_from), self._container, target, info.joins) \
                 if audio_from else []
             self._container.start_encoding()
@@ -1145,6 +1160,7 @@ class VideoWriter(AtomicWriter):
             except (av.FFmpegError, OSError) as exc:
                 raise VideoError(f"writing {self.path.name} failed: {exc}; check the free disk space") from exc
             self._last_pts = stamp
+            self._stamps.append(stamp)
             self._frames += 1
 
     def _video_frame(self, image: np.ndarray | YuvPicture) -> av.VideoFrame:
@@ -1172,17 +1188,23 @@ class VideoWriter(AtomicWriter):
             return av.VideoFrame.from_ndarray(_yuv420_by_fields(image), format="yuv420p")
         return _to_yuv(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format=layout), self._video.pix_fmt)
 
-    def _mux_video(self, packets: list[av.Packet]) -> None:
-        """Mux encoded packets, holding the latest back for `close` to give its duration.
+    def _mux_video(self, packets: list[av.Packet], end: int | None = None) -> None:
+        """Mux encoded packets, each lasting until the next frame shows (`end`, the video's end in the output's
+        ticks, for the last frame; a packet waits until its next frame is written, or for `close`).
 
-        The muxer would make the last packet 1 / the stream's rate long, the
-        average rate, which ends a variable-rate video away from the input's
-        end; `close` makes it the input's last frame's (the typical interval).
+        The muxers end a stream where a packet ends last (MP4: in showing order for the edit list, in decoding
+        order for the track's length; Matroska: in showing order), so every packet must last exactly its
+        frame's time: with the encoder's guess (1 / the stream's average rate), a variable-rate video ended
+        before its last frame in an MP4, and after the input's end in a Matroska file.
         """
-        for packet in packets:
-            if self._held is not None:
-                self._container.mux(self._held)
-            self._held = packet
+        self._waiting.extend(packets)
+        while self._waiting:
+            packet = self._waiting[0]
+            later = next((stamp for stamp in self._stamps if stamp > packet.pts), end)
+            if later is None:
+                return
+            packet.duration = max(1, later - packet.pts)
+            self._container.mux(self._waiting.popleft())
 
     def _output_stamp(self, ticks: int) -> int:
         """A time after the first frame, in the input's ticks, in the output's: on a rounded rate's exact grid
@@ -1204,10 +1226,8 @@ class VideoWriter(AtomicWriter):
             if self._done:
                 return
             try:
-                self._mux_video(self._video.encode())
-                if self._held is not None:
-                    self._held.duration = max(1, round(self._end_seconds() / self._time_base) - self._last_pts)
-                    self._container.mux(self._held)
+                end = max(self._last_pts + 1, round(self._end_seconds() / self._time_base))
+                self._mux_video(self._video.encode(), end)
                 # The audio plays to its own end, as in the input (a voice-over may outlast the picture), also
                 # past frames lost to damage; in a file cut short it stops with the last frame written.
                 whole = self._frames >= self.info.frame_count or \

@@ -91,6 +91,8 @@ class InferenceCore:
             is_deep_update = self.curr_ti - self.last_deep_update_ti >= self.deep_update_every and not end
         # In sync mode a memory frame's hidden state comes from the deep update alone.
         is_normal_update = (not self.deep_update_sync or not is_deep_update) and not end
+        # A memory frame the occlusion shortcut may skip keeps its normal update for then (no deep one comes).
+        may_skip = is_mem_frame and mask is None and self.config.get("min_memory_area", 0) > 0
 
         image, key, shrinkage, selection, f16, f8, f4 = self.network.encode_frame(
             image, self.pad, need_ek=self.enable_long_term or need_segment, need_sk=is_mem_frame)
@@ -99,7 +101,7 @@ class InferenceCore:
         if need_segment:
             readout = self.memory.match_memory(key, selection).unsqueeze(0)
             hidden, _, prob = self.network.segment((f16, f8, f4), readout, self.memory.hidden,
-                                                   h_out=is_normal_update, strip_bg=False)
+                                                   h_out=is_normal_update or may_skip, strip_bg=False)
             prob = prob[0]
             if is_normal_update:
                 self.memory.hidden = hidden
@@ -107,8 +109,9 @@ class InferenceCore:
         if mask is not None:
             prob = self._merge_mask(mask, prob, valid_labels, image.dtype)
             self.memory.create_hidden_state(len(self.all_labels), key)
-        elif is_mem_frame and self._too_small_to_remember(prob):
+        elif may_skip and self._too_small_to_remember(prob):
             is_mem_frame = False  # tried again on the next frame
+            self.memory.hidden = hidden
 
         if is_mem_frame:
             value, hidden = self.network.encode_value(image, f16, self.memory.hidden, prob[1:].unsqueeze(0),
@@ -127,12 +130,13 @@ class InferenceCore:
 
         An object covering fewer pixels than that (at the working resolution) is
         probably occluded; remembering the frame would teach XMem it vanished.
+        Not for longer than the working memory's span (max_mid_term_frames memory
+        frames): an object gone for good must not freeze every object's memory.
         """
-        min_area = self.config.get("min_memory_area", 0)
-        if min_area <= 0:
+        if self.curr_ti - self.last_mem_ti >= self.mem_every * self.config["max_mid_term_frames"]:
             return False
-        areas = torch.bincount(prob.argmax(0).flatten(), minlength=prob.shape[0])[1:]
-        return bool((areas < min_area).any())
+        areas = torch.bincount(unpad(prob, self.pad).argmax(0).flatten(), minlength=prob.shape[0])[1:]
+        return bool((areas < self.config["min_memory_area"]).any())
 
     def _merge_mask(self, mask: torch.Tensor, prob: torch.Tensor | None,
                     valid_labels: Collection[int] | None, dtype: torch.dtype) -> torch.Tensor:

@@ -61,9 +61,9 @@ class KeyValueMemoryStore:
         if selection is not None:
             self.selection = _cat(self.selection, selection)
         if self.count_usage:
-            # Counters stay at least float32 even when the keys are half precision.
-            dtype = torch.promote_types(key.dtype, torch.float32)
-            fresh = key.new_zeros((key.shape[0], 1, key.shape[-1]), dtype=dtype)
+            # float32 whatever the keys' precision, as the reference keeps them: a float64 run's usage
+            # ranks prototypes and prunes exactly as the reference's, ties included.
+            fresh = key.new_zeros((key.shape[0], 1, key.shape[-1]), dtype=torch.float32)
             self.use_count = _cat(self.use_count, fresh)
             self.life_count = _cat(self.life_count, fresh + _NEWBORN_LIFE)
 
@@ -77,6 +77,9 @@ class KeyValueMemoryStore:
         if list(objects) != list(range(1, len(objects) + 1)) or len(objects) < self.num_objects:
             raise ValueError(f"object labels must be 1..n and never shrink; got {list(objects)} "
                              f"with {self.num_objects} objects already in memory")
+        if value.shape[0] != len(objects):
+            raise ValueError(f"a memory frame holds values of {value.shape[0]} objects for labels {list(objects)}: "
+                             "objects added with set_all_labels need their mask on the frame that adds them")
         self._append_keys(key, shrinkage, selection)
         for group, objects_slice in enumerate(self.group_slices):
             self.values[group] = torch.cat([self.values[group], value[objects_slice]], dim=-1)
