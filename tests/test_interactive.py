@@ -906,7 +906,10 @@ def test_the_upload_message_gives_the_frame_rate_and_the_fields(tmp_path):
     dropped = probe(make_clip(tmp_path / "dropped.mp4", frames=20, vfr=True, audio=False))  # 25 fps, frames missing
     assert not dropped.variable_rate
     assert " fps on average)." in upload_message(varying)
+    assert " fps on average (some frames last two or more intervals: dropped frames, or frames held)." \
+        in upload_message(dropped)
     assert not obs.variable_rate and not interlaced.variable_rate
+    assert all(info.evenly_timed for info in (obs, interlaced, probe(make_clip(tmp_path / "c.mp4", frames=9))))
 
 
 def test_frame_pictures_are_written_into_the_session_and_go_with_it(session):

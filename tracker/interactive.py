@@ -268,6 +268,8 @@ def upload_message(info: VideoInfo, trimmed: bool = False) -> str:
     rate = f"{float(info.rounded_rate or info.fps):.4g} fps"  # 23.98, 29.97, 59.94
     if info.variable_rate:
         rate = f"a variable frame rate ({rate} on average)"
+    elif not info.evenly_timed:
+        rate = f"{rate} on average (some frames last two or more intervals: dropped frames, or frames held)"
     fields = {"tff": ", interlaced (top field first)", "bff": ", interlaced (bottom field first)"}
     text = (f"Loaded {'the trimmed video, ' if trimmed else ''}"
             f"{info.width}x{info.height}, {frames}, {seconds} s, {rate}{fields.get(info.field_order, '')}. "

@@ -95,6 +95,8 @@ def _check_output_name(path: Path, what: str, suffixes: Sequence[str]) -> None:
     if path.exists() and not path.is_file():  # a device such as /dev/null or a pipe: the finished file replaces it
         raise TrackerError(f"the {what} {path} is not a regular file (a device or a pipe); "
                            f"give a file name ending in {endings}")
+    if not path.suffix and path.name.lower() in suffixes:  # ".mp4" is a hidden file's whole name, no ending
+        raise TrackerError(f"the {what} {path.name} has no name before its ending: name it, as in clip{path.name}")
     if not path.suffix:
         raise TrackerError(f"the {what} {path.name} has no ending: end its name in {endings}")
     if path.suffix.lower() not in suffixes:
