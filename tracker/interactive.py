@@ -578,7 +578,7 @@ class EditSession:
             with self.tracker.click_work():
                 if image is not None:
                     embedding = self.sam.embed(image)
-                mask = self._segment(frame, key[1], clicks, prior, embedding) if clicks.selects else None
+                mask = self._segment(frame, object_id, clicks, prior, embedding) if clicks.selects else None
             with self.lock:
                 if self.video_loads != loads:
                     raise ClickDropped("the video was replaced while SAM worked on the click")
@@ -595,7 +595,7 @@ class EditSession:
                     edit.history.append(before)
                 edit.clicks = clicks
                 self.edits[key] = edit
-                text = self._describe(frame, key[1], edit)
+                text = self._describe(frame, object_id, edit)
                 if clicks.corner is None:
                     return text
                 # A box is drawn on one frame for one object at a time: a first corner left elsewhere would pair

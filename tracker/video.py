@@ -7,6 +7,7 @@ duration of the output match the input, and copies the audio alongside.
 """
 from __future__ import annotations
 
+import bisect
 import functools
 import itertools
 import logging
@@ -731,8 +732,9 @@ def _scan(container: av.container.InputContainer, stream: av.VideoStream) -> _Ti
     if counted < declared and stream.duration:
         length = max(length, stream.duration * time_base)
     rounded_rate = None if joins.found else _rounded_rate(ordered, time_base, 1 / nominal)
-    variable_rate = _varies(np.diff(ordered), time_base)  # a rounded rate's jitter is within its tolerance
-    evenly_timed = not _varies(np.diff(ordered), time_base, whole_multiples=False)
+    steps = np.diff(ordered)
+    variable_rate = _varies(steps, time_base)  # a rounded rate's jitter is within its tolerance
+    evenly_timed = not _varies(steps, time_base, whole_multiples=False)
     return _Timeline(pts=ordered, keyframes=np.asarray(sorted(keyframes), dtype=np.int64).reshape(-1, 2),
                      counted=counted, complete=counted if complete is None else complete, declared=declared,
                      length=Fraction(length), leading=leading or 0, joins=tuple(joins.found),
@@ -1200,7 +1202,8 @@ class VideoWriter(AtomicWriter):
         self._waiting.extend(packets)
         while self._waiting:
             packet = self._waiting[0]
-            later = next((stamp for stamp in self._stamps if stamp > packet.pts), end)
+            after = bisect.bisect_right(self._stamps, packet.pts)  # the stamps rise
+            later = self._stamps[after] if after < len(self._stamps) else end
             if later is None:
                 return
             packet.duration = max(1, later - packet.pts)
