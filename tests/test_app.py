@@ -27,6 +27,7 @@ import pytest
 from PIL import Image
 
 from media import make_audio_only, make_clip, make_text_file
+from tracker.prompts import load_prompts
 from tracker.video import probe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -352,7 +353,11 @@ def test_click_track_correct_and_download(app, browser, clips, tmp_path):
     video.wait_for()
     tab.page.wait_for_function("() => document.querySelector('#result-video video').readyState >= 1")
     assert video.evaluate("v => v.duration") == pytest.approx(0.48, abs=0.05)
-    assert tab.download_names() == ["clip_tracked.mp4", "clip_masks.zip"]  # named after the upload
+    assert tab.download_names() == ["clip_tracked.mp4", "clip_masks.zip", "clip_prompts.json"]  # after the upload
+    clicked = load_prompts(tab.download("clip_prompts.json", tmp_path))  # in frame pixels, for the CLI's --prompts
+    assert [(p.object_id, p.frame, p.labels, p.box) for p in clicked] == [(1, 0, [1], None), (2, 0, [1], None)]
+    for prompt, place in zip(clicked, (OBJECT_1, OBJECT_2)):
+        assert prompt.points[0] == pytest.approx(place, abs=1.5)
     overlay = tab.download("clip_tracked.mp4", tmp_path)
     info = probe(overlay)
     assert (info.frame_count, info.width, info.height, info.codec, info.has_audio) == (12, W, H, "h264", True)
@@ -374,7 +379,7 @@ def test_click_track_correct_and_download(app, browser, clips, tmp_path):
     assert all(second_masks[f"{i:05d}.png"] == first_masks[f"{i:05d}.png"] for i in range(6))
     tab.page.locator("#track-button").click()  # nothing changed since: nothing runs, the result stays
     assert tab.wait_status("^Nothing changed", 60).startswith("Nothing changed since the last run")
-    assert tab.download_names() == ["clip_tracked.mp4", "clip_masks.zip"]
+    assert tab.download_names() == ["clip_tracked.mp4", "clip_masks.zip", "clip_prompts.json"]
     opacity = tab.page.locator("#overlay-opacity input[type=number]")  # the frame takes a new look at once
     for typed, said in (("0.8", "^The frame shows the new look; the tracked video below keeps the old one until "
                                 "Track draws it again"), ("0.5", "^The look is again that of the tracked video")):
@@ -388,7 +393,8 @@ def test_click_track_correct_and_download(app, browser, clips, tmp_path):
     tab.page.locator("#cutout-button").click()
     assert tab.wait_status("Cut-out ready", TRACK_SECONDS) == \
         "Cut-out ready in the downloads: clip_cutout_greenscreen.mp4 (object 1)."
-    assert tab.download_names() == ["clip_tracked.mp4", "clip_masks.zip", "clip_cutout_greenscreen.mp4"]
+    assert tab.download_names() == ["clip_tracked.mp4", "clip_masks.zip", "clip_prompts.json",
+                                    "clip_cutout_greenscreen.mp4"]
     cutout = probe(tab.download("clip_cutout_greenscreen.mp4", tmp_path))
     assert (cutout.frame_count, cutout.codec) == (12, "h264")
 
@@ -527,7 +533,7 @@ def test_a_trim_made_in_the_video_widget_is_the_video_tracked(app, browser, clip
     tab.click_frame(*OBJECT_1, expect="object 1 on frame 0: 1 point")
     done = tab.track()
     assert done.startswith(f"Done: tracked the whole video. {frames} frames in"), done
-    assert tab.download_names() == ["clip_trimmed_tracked.mp4", "clip_trimmed_masks.zip"]
+    assert tab.download_names() == ["clip_trimmed_tracked.mp4", "clip_trimmed_masks.zip", "clip_trimmed_prompts.json"]
     assert probe(tab.download("clip_trimmed_tracked.mp4", tmp_path)).frame_count == frames
     assert len(members(tab.download("clip_trimmed_masks.zip", tmp_path))) == frames
     tab.clear_video()  # the trimmed video goes as an upload does

@@ -84,7 +84,7 @@ def test_two_users_tracking_at_once_see_only_their_own_work(app, browser, clips,
 
     expected = {alice: ("a", 12, 160, 120), bob: ("b", 16, 192, 144)}
     for user, (video, frames, width, height) in expected.items():
-        assert user.download_names() == [f"{video}_tracked.mp4", f"{video}_masks.zip"]  # named after the upload
+        assert user.download_names() == [f"{video}_tracked.mp4", f"{video}_masks.zip", f"{video}_prompts.json"]
         folder = tmp_path / video
         folder.mkdir()
         overlay = probe(user.download(f"{video}_tracked.mp4", folder))

@@ -28,7 +28,7 @@ from tracker.interactive import (PREVIEWS_KEPT, WAITING_FOR_DEVICE, Clicks, Edit
                                  frame_caption, mask_to_logits, plan_passes, retracks_backward, upload_message)
 from tracker.options import TrackOptions
 from tracker.session import LOSSLESS_WARNING
-from tracker.prompts import ObjectPrompt
+from tracker.prompts import ObjectPrompt, load_prompts
 from tracker.render import CHROMA_GREEN, MaskZipReader, MaskZipWriter, overlay
 from tracker.sam import ImageEmbedding, SamBackend, SamPrediction, resized_shape, to_frame_coords, upscale_masks
 from tracker.video import VideoInfo, iter_frames, probe, read_frame
@@ -319,6 +319,12 @@ def zip_members(path: Path) -> dict[str, bytes]:
         return {name: archive.read(name) for name in archive.namelist()}
 
 
+def written_prompts(session: EditSession) -> list[ObjectPrompt]:
+    """The session's clicks as the prompts file of its run should hold them: by frame, then object."""
+    return [edit.clicks.prompt(object_id, frame) for (frame, object_id), edit in sorted(session.edits.items())
+            if edit.clicks.selects]
+
+
 def test_track_then_correct_keeps_earlier_frames_and_uses_the_correction(session):
     click(session, 0, 45, 60)
     session.add_object()
@@ -328,7 +334,9 @@ def test_track_then_correct_keeps_earlier_frames_and_uses_the_correction(session
     first = session.track(OPTIONS, progress=lambda fraction, text: reports.append(fraction))
     assert first.objects == {1, 2} and reports[-1] == pytest.approx(1.0)
     assert first.describe() == "tracked the whole video"
-    assert session.result_files() == [str(first.overlay), str(first.masks)]
+    assert session.result_files() == [str(first.overlay), str(first.masks), str(first.prompts_file)]
+    assert first.prompts_file.name == f"{session.video.stem}_prompts.json"
+    assert load_prompts(first.prompts_file) == written_prompts(session)  # the CLI's --prompts tracks them again
     assert probe(first.overlay).frame_count == FRAMES
     before = zip_members(first.masks)
     assert sorted(before) == [f"{i:05d}.png" for i in range(FRAMES)]
@@ -359,6 +367,7 @@ def test_track_then_correct_keeps_earlier_frames_and_uses_the_correction(session
         assert np.array_equal(masks[4] == 1, corrected)  # the correction is the new memory frame
     assert session.result.prompts[(4, 1)] == session.edits[(4, 1)].clicks.tracked_part
     assert np.array_equal(session.labels(4) == 1, corrected)
+    assert load_prompts(second.prompts_file) == written_prompts(session) and len(written_prompts(session)) == 3
 
     # Asked for, a full re-run tracks from the first prompts again and applies the correction on top.
     third = session.track(OPTIONS, full=True)
@@ -386,6 +395,8 @@ def test_track_then_correct_keeps_earlier_frames_and_uses_the_correction(session
                                                   "those of the last run")
     assert re.fullmatch(rf"{FRAMES} frames drawn again in [\d.]+ s, none tracked", looks.summary)
     assert zip_members(looks.masks) == masks_before and not third.masks.exists()
+    assert looks.prompts_file.parent == looks.masks.parent and load_prompts(looks.prompts_file) == \
+        written_prompts(session)
     assert LOSSLESS_WARNING in looks.warnings and probe(looks.overlay).frame_count == FRAMES
     with MaskZipReader(looks.masks) as masks:
         first_frame = next(iter_frames(looks.overlay)).image.astype(int)
@@ -630,7 +641,8 @@ def test_cutouts_keep_only_the_chosen_objects(session):
     run = session.track(OPTIONS)
     green = session.export_cutout([1], "green")
     transparent = session.export_cutout([1, 2], "transparent")
-    assert session.result_files() == [str(run.overlay), str(run.masks), str(green), str(transparent)]
+    assert session.result_files() == [str(run.overlay), str(run.masks), str(run.prompts_file), str(green),
+                                      str(transparent)]
     with pytest.raises(PromptError, match="at least one object"):
         session.export_cutout([], "green")
     assert session.cutout_choices() == [1, 2]
@@ -800,7 +812,8 @@ def test_taking_a_correction_back_brings_the_run_before_it_back_at_once(session,
     assert back.describe() == ("the prompts are again those of the run before the last change, so its masks are "
                                "back (nothing was tracked)")
     assert back.summary == f"{FRAMES} frames, none tracked"
-    assert session.result_files() == [str(first.overlay), str(first.masks)] and zip_members(back.masks) == before
+    assert session.result_files() == [str(first.overlay), str(first.masks), str(first.prompts_file)]
+    assert zip_members(back.masks) == before
     assert second.masks.exists()
     # Clicked again, the correction's run comes back too, here drawn again with another look.
     click(session, 4, 100, 30)

@@ -5,7 +5,7 @@ import pytest
 
 from tracker.errors import PromptError
 from tracker.prompts import (ObjectPrompt, check_prompts, load_prompts, parse_box, parse_xy, prompts_from_json,
-                             prompts_from_text)
+                             prompts_from_text, prompts_to_text)
 
 
 def test_parse_point_and_box():
@@ -18,11 +18,6 @@ def test_parse_point_and_box():
         parse_box("1,2,3")
 
 
-def prompts_to_json(prompts: list[ObjectPrompt]) -> dict:
-    return {"objects": [{"id": p.object_id, "frame": p.frame, "points": [list(xy) for xy in p.points],
-                         "labels": list(p.labels), "box": list(p.box) if p.box else None} for p in prompts]}
-
-
 def test_json_round_trip_and_defaults(tmp_path):
     data = {"objects": [{"id": 1, "frame": 0, "points": [[10, 20]], "labels": [1], "box": None},
                         {"id": 2, "frame": 5, "box": [1, 2, 30, 40]},
@@ -32,7 +27,16 @@ def test_json_round_trip_and_defaults(tmp_path):
     prompts = load_prompts(path)
     assert prompts[1] == ObjectPrompt(2, 5, [], [], (1.0, 2.0, 30.0, 40.0))
     assert prompts[2].labels == [1, 1] and prompts[2].frame == 0
-    assert prompts_from_json(prompts_to_json(prompts)) == prompts
+    assert prompts_from_text(prompts_to_text(prompts)) == prompts
+
+
+def test_written_prompts_read_back_exactly_with_readable_numbers():
+    prompts = [ObjectPrompt(1, 0, [(10.0, 20.5), (1 / 3, 7.0)], [1, 0], None),
+               ObjectPrompt(2, 12, [], [], (1.0, 2.25, 30.0, 40.0)), ObjectPrompt(1, 40, [(5.0, 6.0)], [1])]
+    text = prompts_to_text(prompts)
+    assert text.count("\n") == 5 and '"points": [[10, 20.5], [0.333, 7]]' in text
+    again = prompts_from_text(text)
+    assert again[1:] == prompts[1:] and again[0].points == [(10.0, 20.5), (0.333, 7.0)]
 
 
 def test_objects_without_an_id_are_new_objects_with_ids_the_file_leaves_free():
@@ -61,6 +65,7 @@ POINTS = r'"points" must be a list of \[x, y\] pairs of numbers'
     ({"objects": [{"id": 1, "box": [1, 2, 3]}]}, r'"box" must be null or \[x0, y0, x1, y1\] \(four numbers\)'),
     ({"objects": [{"id": 1, "pionts": [[1, 2]]}]}, "unknown keys"),
     ({"objects": ["x"]}, "must be a JSON object"),
+    ({"objects": [{"id": 1, "points": [[1, 2]]}], "frame": 5}, r"unknown keys \['frame'\] beside \"objects\""),
 ])
 def test_malformed_json_is_named(data, message):
     with pytest.raises(PromptError, match=message):

@@ -33,7 +33,8 @@ from PIL import Image, ImageDraw
 from .errors import Cancelled, ClickDropped, PromptError, TrackerError, VideoError
 from .exports import CUTOUT_KINDS, export_cutout, export_overlay
 from .options import TrackOptions
-from .prompts import NEGATIVE, POSITIVE, ObjectPrompt, check_prompts, frame_problem, prompts_from_text
+from .prompts import (NEGATIVE, POSITIVE, PROMPTS_ENDING, ObjectPrompt, check_prompts, frame_problem, prompts_from_text,
+                      prompts_to_text)
 from .render import MaskZipReader, encode_mask, mask_name, overlay, overlay_colours
 from .sam import IMAGE_SIZE, LOW_RES_SIZE, ImageEmbedding, SamBackend, resized_shape
 from .session import LOSSLESS_WARNING, PreviousRun, Tracker, TrackResult, fps_text
@@ -183,6 +184,7 @@ class RunRecord:
     base: RunRecord | None = None
     restored: bool = False  # this is such a base, brought back
     first_prompt: int = 0  # the earliest frame with a prompt (corrections aside): where the run began
+    prompts_file: Path | None = None  # `prompts` as a prompts file, a download to track them again from the CLI
 
     def describe(self) -> str:
         """What the run did, in the user's words."""
@@ -916,7 +918,7 @@ class EditSession:
                            warnings=list(results[-1].warnings), prompts=snapshot, objects=objects, passes=passes,
                            backward=bool(passes[0]) and results[0].kept_frames == 0, options=options,
                            sam_backend=sam.name, base=replace(built_on, base=None) if passes[0] is not None else None,
-                           first_prompt=min(prompt_frames))
+                           first_prompt=min(prompt_frames), prompts_file=self._write_prompts(snapshot, run_dir))
         with self.lock:  # objects added, clicked or removed during the run count
             clicked = {object_id for (_, object_id), edit in self.edits.items() if edit.clicks.selects}
             now = self._prompts()[2]
@@ -948,17 +950,27 @@ class EditSession:
                 lambda done, total: progress(done / total, f"Drawing frame {done}/{total} with the new look"))
             masks = run_dir / previous.masks.name
             _link_or_copy(previous.masks, masks)  # the previous run's folder goes with it
+            prompts_file = self._write_prompts(previous.prompts, run_dir)
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
         seconds = time.perf_counter() - began
         warnings = [w for w in previous.warnings if w != LOSSLESS_WARNING] + [LOSSLESS_WARNING] * (options.crf == 0)
         record = replace(previous, overlay=drawn, masks=masks, options=options, redrawn=True, restored=restored,
-                         base=base, warnings=warnings,
+                         base=base, warnings=warnings, prompts_file=prompts_file,
                          summary=f"{self.info.present_frames} frames drawn again in {seconds:.1f} s, none tracked")
         with self.lock:
             self._set_result(record)
         return record
+
+    def _write_prompts(self, prompts: Mapping[Key, tuple], run_dir: Path) -> Path:
+        """A run's clicks and boxes as a prompts file (frame pixels), named after the video: `--prompts` of the
+        CLI and the app's API take it. A correction is written as a prompt on its frame (see the README)."""
+        path = run_dir / f"{self.video.stem}{PROMPTS_ENDING}"
+        path.write_text(prompts_to_text([ObjectPrompt(object_id, frame, list(points), list(labels), box)
+                                         for (frame, object_id), (points, labels, box) in sorted(prompts.items())]),
+                        encoding="utf-8")
+        return path
 
     def _await_clicks(self, progress: ProgressReport | None) -> None:
         """Let the clicks made before Track was pressed finish: SAM may still be reading their frame (seconds on a
@@ -1014,11 +1026,13 @@ class EditSession:
 
     # -- outputs ---------------------------------------------------------
     def result_files(self) -> list[str]:
-        """What the user can download: the overlay video, the masks zip and any cut-outs of the last run."""
+        """What the user can download: the overlay video, the masks zip, the prompts file and any cut-outs of the
+        last run."""
         with self.lock:
             if self.result is None:
                 return []
-            return [str(path) for path in (self.result.overlay, self.result.masks, *self.cutouts.values())]
+            return [str(path) for path in (self.result.overlay, self.result.masks, self.result.prompts_file,
+                                           *self.cutouts.values()) if path is not None]
 
     def cutout_notes(self, kind: str) -> list[str]:
         """What a cut-out of this kind cannot keep of the video (the transparent WebM: its pixel aspect, its

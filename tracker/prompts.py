@@ -12,6 +12,7 @@ from .errors import PromptError, whole_number
 
 POSITIVE, NEGATIVE = 1, 0
 T = TypeVar("T")
+PROMPTS_ENDING = "_prompts.json"  # after the video's name: the clicks of the app's run, as a prompts file
 
 
 def frame_problem(frame: int, frame_count: int, present_frames: int | None = None) -> str | None:
@@ -144,6 +145,10 @@ def prompts_from_json(data: object, source: str = "the prompts") -> list[ObjectP
     """Read ``{"objects": [{"id": 1, "frame": 0, "points": [[x, y]], "labels": [1], "box": null}]}``."""
     if not isinstance(data, dict) or not isinstance(data.get("objects"), list):
         raise PromptError('prompts must be a JSON object with an "objects" list')
+    unknown = set(data) - {"objects"}
+    if unknown:
+        raise PromptError(f'{source} has unknown keys {sorted(unknown)} beside "objects" (a typo, or a key of '
+                          'an object put outside it?)')
     if not data["objects"]:
         raise PromptError(f'no object selected: "objects" in {source} is empty; '
                           'give each object "points" or a "box" (see the README)')
@@ -230,6 +235,17 @@ def load_prompts(path: str | Path) -> list[ObjectPrompt]:
     except UnicodeDecodeError as exc:
         raise PromptError(f"prompts file {path} is not valid JSON ({exc})") from None
     return prompts_from_text(text, f"prompts file {path}")
+
+
+def prompts_to_text(prompts: Sequence[ObjectPrompt]) -> str:
+    """The prompts file that `load_prompts` reads back as `prompts`: one object per line, for reading and diffs."""
+    def number(value: float) -> float | int:
+        return int(value) if float(value).is_integer() else round(float(value), 3)
+
+    lines = [json.dumps({"id": p.object_id, "frame": p.frame, "points": [[number(x), number(y)] for x, y in p.points],
+                         "labels": list(p.labels), "box": None if p.box is None else [number(v) for v in p.box]})
+             for p in prompts]
+    return '{"objects": [\n  ' + ",\n  ".join(lines) + "\n]}\n"
 
 
 def prompts_from_text(text: str, source: str = "the prompts") -> list[ObjectPrompt]:
