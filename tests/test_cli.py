@@ -234,6 +234,19 @@ def test_help_and_flag_checks_do_not_load_torch():
     assert run_cli("track", "--help").returncode == 0
 
 
+@pytest.mark.parametrize("args, message", [
+    (["track", "v.mp4", "--point", "1,1", "--mem-every", "1.5"],
+     "error: argument --mem-every: invalid int value: '1.5' (see python -m tracker track --help)"),
+    (["track", "v.mp4", "--pont", "1,1"], "error: unrecognized arguments: --pont 1,1 (see python -m tracker --help)"),
+    (["bench", "--modes", "turbo"], "error: --modes takes a comma-separated list of: plain, fast, bf16, fp16 "
+                                    "(see python -m tracker bench --help)"),
+])
+def test_a_malformed_flag_is_one_line_of_error(args, message):
+    """Bad input like any other: `error: ...` and exit code 2, not argparse's usage block before it."""
+    done = run_cli(*args)
+    assert (done.returncode, done.stderr) == (2, message + "\n")
+
+
 def test_missing_checkpoint_names_url_and_path(tmp_path):
     clip = make_clip(tmp_path / "clip.mp4", frames=2, width=32, height=32, audio=False)
     done = run_cli("track", clip, "--point", "5,5", "--sam-checkpoint", tmp_path / "none.pth", "--device", "cpu",

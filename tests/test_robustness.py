@@ -132,6 +132,21 @@ def test_truncated_mp4_tracks_what_decodes_and_says_what_was_lost(tracker, tmp_p
     assert probe(tmp_path / "o.mp4").frame_count == decodable
 
 
+def test_an_mp4_cut_before_its_index_is_named_cut_short(tmp_path):
+    """An MP4 whose index comes last (a camera's or a phone's, cut off mid-copy) has no frame to show: the
+    message says why, not that the format is unknown."""
+    source = make_clip(tmp_path / "src.mp4", frames=24, width=WIDTH, height=HEIGHT, audio=False)
+    data = source.read_bytes()
+    index = data.rindex(b"moov") - 4
+    for keep in (0.5, (index + len(data)) / 2 / len(data)):  # the index missing, or cut in its middle
+        with pytest.raises(VideoError, match=r"^cut.mp4 is cut short: it is an MP4/MOV whose index \(the 'moov' "
+                                             r"box, which it keeps at its end\) is missing or incomplete"):
+            probe(truncated_copy(source, tmp_path / "cut.mp4", keep=keep))
+    (tmp_path / "text.mp4").write_text("not a video " * 100)
+    with pytest.raises(VideoError, match="is not a video FFmpeg can read"):
+        probe(tmp_path / "text.mp4")
+
+
 def test_one_frame_video(tracker, tmp_path):
     video = make_clip(tmp_path / "one.mp4", frames=1, width=WIDTH, height=HEIGHT, audio=False)
     result = tracker.track(video, CLICK, output=tmp_path / "o.mp4", masks=tmp_path / "m.zip")

@@ -186,6 +186,8 @@ def test_auto_says_why_graphs_in_place_are_passed_over(checkpoint, onnx_backend,
         reason = sam_onnx.onnx_ready(other, torch.device("cpu"))
     assert "exported from other weights" in reason
     assert "SAM's ONNX graphs beside the checkpoint are not used" in caplog.text and reason in caplog.text
+    with pytest.raises(WeightsError, match=f"re-export it: python export_sam_encoder.py --checkpoint {other} "):
+        load_sam(other, "cpu", "onnx")  # the command names the checkpoint in use, ready to paste
     caplog.clear()
     (tmp_path / "sam_vit_b_decoder.onnx").unlink()  # not a whole export: nothing to explain
     assert "exported from other weights" in sam_onnx.onnx_ready(other, torch.device("cpu"))

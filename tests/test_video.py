@@ -769,6 +769,9 @@ def test_a_frame_rate_that_a_millisecond_clock_rounds_is_written_exactly(tmp_pat
     assert steps(written) == {Fraction(1001, 30000)}
     assert probe(written).duration == pytest.approx(info.duration, abs=0.002)
     assert probe(written).fps == Fraction(30000, 1001)
+    webcam = make_clip(tmp_path / "webcam.mkv", frames=20, fps=15)  # 66 and 67 ms
+    assert probe(webcam).rounded_rate == 15 and steps(encode_copy(webcam, tmp_path / "webcam.mp4")) == \
+        {Fraction(1, 15)}
 
     def recorded_as(name: str, codec: str, time_base: Fraction, times: np.ndarray, **options) -> Path:
         with av.open(str(tmp_path / name), "w", options=options) as container:

@@ -156,8 +156,9 @@ def test_present_file_with_wrong_size_or_content_is_refused(monkeypatch, tmp_pat
     monkeypatch.setattr(weights, "manifest", lambda: {"blob": entry})
     path = tmp_path / "blob.pth"
     path.write_bytes(BLOB[:-1])
-    with pytest.raises(WeightsError, match=f"has {len(BLOB) - 1} bytes .* has {len(BLOB)}: delete"):
-        weights.ensure_weights("blob", path)
+    with pytest.raises(WeightsError, match=f"has {len(BLOB) - 1} bytes .* has {len(BLOB)}: delete .* and fetch "
+                       r"it afresh: python -m tracker weights download \(or run again without --no-download\)"):
+        weights.ensure_weights("blob", path, download=False)  # a run again with --no-download would not fetch it
     path.write_bytes(BLOB[::-1])
     with pytest.raises(WeightsError) as err:
         weights.ensure_weights("blob", path)

@@ -7,7 +7,6 @@ figure is a median.
 """
 from __future__ import annotations
 
-import argparse
 import resource
 import statistics
 import subprocess
@@ -26,6 +25,7 @@ import torch
 
 from XMem.inference.inference_core import InferenceCore
 
+from .cli import Parser
 from .errors import TrackerError
 from .options import DEVICE_HELP, SAM_BACKEND_CHOICES, MemoryOptions, TrackOptions
 from .pipeline import (IDLE_GRAPHS, FramePrep, ThreadedSink, autocast_for, cpu_has_bf16, frame_graphs, prefetch,
@@ -398,7 +398,7 @@ def _short(dtype: torch.dtype) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tracker bench", description=__doc__)
+    parser = Parser(prog="python -m tracker bench", description=__doc__)
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--frames", type=int,
                         help="frames per generated clip (default 400 on GPU, 60 on CPU, 6 with --quick)")

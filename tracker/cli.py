@@ -35,8 +35,15 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-download", action="store_true", help="fail instead of downloading missing weights")
 
 
+class Parser(argparse.ArgumentParser):
+    """Malformed flags are bad input like any other: one line `error: ...` and exit code 2, not the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m tracker", description=__doc__)
+    parser = Parser(prog="python -m tracker", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     # Also after the command (`track ... --debug`); SUPPRESS keeps a --debug given before it.
     after = argparse.ArgumentParser(add_help=False)

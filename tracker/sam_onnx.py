@@ -542,14 +542,15 @@ class OnnxSam(SamBackend):
     name = "onnx"
 
     def __init__(self, encoder: str | Path, decoder: str | Path, device: str | torch.device = "cpu", *,
-                 checkpoint_sha256: str | None = None):
-        """checkpoint_sha256, when given, refuses graphs exported from other weights."""
+                 checkpoint_sha256: str | None = None, checkpoint: Path | None = None):
+        """checkpoint_sha256, when given, refuses graphs exported from other weights (`checkpoint`, their file,
+        is named in the command that exports them again)."""
         providers = onnx_providers(device)
         self.encoder = _session(encoder, providers)
         self.decoder = _session(decoder, providers)
         self.providers: list[str] = self.encoder.get_providers()
         for path, session, graph in ((encoder, self.encoder, "encoder"), (decoder, self.decoder, "decoder")):
-            _check_graph_metadata(Path(path), _metadata_of(session), graph, checkpoint_sha256)
+            _check_graph_metadata(Path(path), _metadata_of(session), graph, checkpoint_sha256, checkpoint)
 
     def _embed(self, image: np.ndarray) -> ImageEmbedding:
         x, input_size = preprocess(image)
@@ -637,7 +638,7 @@ def load_onnx_backend(checkpoint: Path, device: torch.device, dtype: torch.dtype
     for path, graph in ((encoder, "encoder"), (decoder, "decoder")):
         if not path.is_file():
             check_export(checkpoint, path, graph)  # raises, naming the export command
-    return OnnxSam(encoder, decoder, device, checkpoint_sha256=file_sha256(checkpoint))
+    return OnnxSam(encoder, decoder, device, checkpoint_sha256=file_sha256(checkpoint), checkpoint=checkpoint)
 
 
 register_backend("onnx", load_onnx_backend, available=lambda device: onnxruntime_installed(), priority=10,

@@ -478,8 +478,35 @@ def _open(path: Path) -> av.container.InputContainer:
     try:
         return av.open(str(path), "r", **_LENIENT_TAGS)
     except (av.FFmpegError, OSError) as exc:
+        if _index_cut_off(path):
+            raise VideoError(f"{path.name} is cut short: it is an MP4/MOV whose index (the 'moov' box, which it "
+                             "keeps at its end) is missing or incomplete, so none of its frames can be found. The "
+                             "recording, download or copy stopped early: copy or export the video again") from exc
         raise VideoError(f"{path.name} is not a video FFmpeg can read, or it is damaged; "
                          "use a common format such as MP4, MOV, MKV or WebM") from exc
+
+
+def _index_cut_off(path: Path) -> bool:
+    """Whether `path` is an ISO media file (MP4, MOV) with pictures ('mdat') whose index ('moov') is missing or
+    runs past the end of the file: what a recording or transfer cut short leaves when the index comes last."""
+    boxes, past_end = [], False
+    with path.open("rb") as file:
+        size = path.stat().st_size
+        offset = 0
+        while offset + 8 <= size and len(boxes) < 10_000:
+            file.seek(offset)
+            length, kind = int.from_bytes(file.read(4), "big"), file.read(4)
+            if length == 1:
+                length = int.from_bytes(file.read(8), "big")
+            elif length == 0:
+                length = size - offset  # the last box, to the end of the file
+            if length < 8 or not kind.isalnum() and kind not in (b"free", b"skip", b"wide", b"uuid"):
+                break
+            boxes.append(kind)
+            offset += length
+            past_end = offset > size
+    return bool(boxes) and boxes[0] in (b"ftyp", b"wide", b"free", b"mdat") and b"mdat" in boxes \
+        and (b"moov" not in boxes or past_end and boxes[-1] == b"moov")
 
 
 def _video_stream(container: av.container.InputContainer, path: Path, frame_threads: bool = True) -> av.VideoStream:
@@ -742,8 +769,8 @@ def _scan(container: av.container.InputContainer, stream: av.VideoStream) -> _Ti
                      rounded_rate=rounded_rate, variable_rate=variable_rate, evenly_timed=evenly_timed)
 
 
-# The frame rates of cameras, screen recorders and broadcast, NTSC's beside their whole-number ones.
-STANDARD_RATES = tuple(Fraction(rate) for rate in ("24000/1001", "24", "25", "30000/1001", "30", "48", "50",
+# The frame rates of cameras, screen recorders, webcams and broadcast, NTSC's beside their whole-number ones.
+STANDARD_RATES = tuple(Fraction(rate) for rate in ("15", "24000/1001", "24", "25", "30000/1001", "30", "48", "50",
                                                    "60000/1001", "60", "100", "120000/1001", "120"))
 
 

@@ -331,11 +331,15 @@ def _official_source(layout: str) -> str:
     return f"{entry.url} ({_facts(entry)})"
 
 
+# How a checkpoint deleted for failing its check comes back (a run with --no-download does not fetch it).
+REFETCH = "fetch it afresh: python -m tracker weights download (or run again without --no-download)"
+
+
 def _verify_present(entry: WeightsEntry, dest: Path) -> None:
     actual_size = dest.stat().st_size
     if entry.size is not None and actual_size != entry.size:
         raise WeightsError(f"{dest} has {actual_size} bytes but the official {entry.title} checkpoint has "
-                           f"{entry.size}: delete {dest} and run again to download it afresh")
+                           f"{entry.size}: delete {dest} and {REFETCH}")
     expected, origin = _expected_sha256(entry, dest)
     if expected is None:
         verify_layout(load_checkpoint(dest, entry.layout), entry.layout, source=dest)
@@ -344,7 +348,7 @@ def _verify_present(entry: WeightsEntry, dest: Path) -> None:
     if actual != expected:
         remove = dest if entry.sha256 else f"{dest} and {_record_path(dest)}"
         raise WeightsError(f"{dest} has sha256 {actual}, expected {expected} (from {origin}): "
-                           f"delete {remove} and run again to download it afresh")
+                           f"delete {remove} and {REFETCH}")
 
 
 def _expected_sha256(entry: WeightsEntry, dest: Path) -> tuple[str | None, str]:
