@@ -490,21 +490,24 @@ def _index_cut_off(path: Path) -> bool:
     """Whether `path` is an ISO media file (MP4, MOV) with pictures ('mdat') whose index ('moov') is missing or
     runs past the end of the file: what a recording or transfer cut short leaves when the index comes last."""
     boxes, past_end = [], False
-    with path.open("rb") as file:
-        size = path.stat().st_size
-        offset = 0
-        while offset + 8 <= size and len(boxes) < 10_000:
-            file.seek(offset)
-            length, kind = int.from_bytes(file.read(4), "big"), file.read(4)
-            if length == 1:
-                length = int.from_bytes(file.read(8), "big")
-            elif length == 0:
-                length = size - offset  # the last box, to the end of the file
-            if length < 8 or not kind.isalnum() and kind not in (b"free", b"skip", b"wide", b"uuid"):
-                break
-            boxes.append(kind)
-            offset += length
-            past_end = offset > size
+    try:
+        with path.open("rb") as file:
+            size = path.stat().st_size
+            offset = 0
+            while offset + 8 <= size and len(boxes) < 10_000:
+                file.seek(offset)
+                length, kind = int.from_bytes(file.read(4), "big"), file.read(4)
+                if length == 1:
+                    length = int.from_bytes(file.read(8), "big")
+                elif length == 0:
+                    length = size - offset  # the last box, to the end of the file
+                if length < 8 or not kind.isalnum():
+                    break
+                boxes.append(kind)
+                offset += length
+                past_end = offset > size
+    except OSError:
+        return False
     return bool(boxes) and boxes[0] in (b"ftyp", b"wide", b"free", b"mdat") and b"mdat" in boxes \
         and (b"moov" not in boxes or past_end and boxes[-1] == b"moov")
 
