@@ -25,6 +25,7 @@ from PIL import Image
 from tests.media import make_clip, truncated_copy
 from tracker.cli import GPU_START_NOTE, attach_negative_values
 from tracker.prompts import ObjectPrompt
+from tracker.session import LOSSLESS_WARNING
 from tracker.video import probe, read_frame
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,8 +106,11 @@ def test_prompts_file_on_later_frames(untrained_checkpoints, cpu_tracker, tmp_pa
     (tmp_path / "prompts.json").write_text(json.dumps(prompts))
     masks = tmp_path / "m.zip"
     done = run_cli("track", clip, "--prompts", tmp_path / "prompts.json", "--out", tmp_path / "o.mp4",
-                   "--masks", masks, *weights_flags(untrained_checkpoints))
+                   "--masks", masks, "--crf", "0", *weights_flags(untrained_checkpoints))
     assert done.returncode == 0, done.stderr
+    # What an option costs is said before the weights load and the run begins (it can then be stopped), once.
+    lossless = f"WARNING: {LOSSLESS_WARNING}"
+    assert done.stderr.count(lossless) == 1 and done.stderr.index(lossless) < done.stderr.index("device cpu")
     labels = zip_labels(masks)
     assert len(labels) == 10
     for frame, prompt in ((4, ObjectPrompt(1, 4, [(40, 30)], [1])), (7, ObjectPrompt(2, 7, [], [], (5, 5, 30, 40)))):

@@ -149,7 +149,7 @@ GPU_START_NOTE = ("the first frame waits for the GPU to get ready (CUDA graphs, 
 def _track(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .session import Tracker
+    from .session import Tracker, option_warnings
 
     prompts = prompts_from_args(args)
     output = output_file(args.out, args.video, TRACKED_ENDING) or OUTPUT_DIR / f"{args.video.stem}{TRACKED_ENDING}"
@@ -163,6 +163,9 @@ def _track(args: argparse.Namespace) -> int:
                            crf=args.crf, preset=args.preset, precision=args.precision,
                            cuda_graphs=args.cuda_graphs)
     info = check_before_loading(args, prompts, output, masks)
+    said = option_warnings(options, info, writes_video=True)  # said now, so that a long run can be stopped
+    for warning in said:
+        print(f"WARNING: {warning}", file=sys.stderr)
     tracker = Tracker(args.sam_checkpoint, args.xmem_checkpoint, device=args.device,
                       sam_backend=args.sam_backend, sam_precision=args.sam_precision, download=not args.no_download)
     print(f"device {tracker.device_name}, SAM backend {tracker.sam.name}", file=sys.stderr)
@@ -191,7 +194,8 @@ def _track(args: argparse.Namespace) -> int:
         if path is not None:
             print(f"wrote {path}")
     for warning in result.warnings:
-        print(f"WARNING: {warning}", file=sys.stderr)
+        if warning not in said:
+            print(f"WARNING: {warning}", file=sys.stderr)
     return 0
 
 

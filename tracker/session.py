@@ -45,6 +45,15 @@ LOSSLESS_WARNING = ("crf 0 makes lossless H.264 (High 4:4:4 Predictive profile),
 SMALL_WORKING_SIZE = 96
 
 
+def option_warnings(options: TrackOptions, info: VideoInfo, writes_video: bool) -> list[str]:
+    """What the chosen options will cost the result (known before tracking: the CLI says it at the start too)."""
+    warnings = [LOSSLESS_WARNING] if writes_video and options.crf == 0 else []
+    if 0 < options.size < min(SMALL_WORKING_SIZE, info.width, info.height):
+        warnings.append(f"the working resolution {options.size} px (shorter side) is very small: the masks are "
+                        f"coarse; {TrackOptions().size} suits most videos")
+    return warnings
+
+
 def load_xmem(checkpoint: Path, device: torch.device) -> XMem:
     """XMem with the checkpoint's weights, strictly checked against the official layout."""
     state = weights.load_checkpoint(checkpoint)
@@ -443,11 +452,7 @@ class Tracker:
                                  sam_backend=sam.name, peak_gpu_bytes=peak,
                                  kept_frames=0 if earlier is None else min(previous.from_frame, frames),
                                  output=Path(output) if output else None, masks=Path(masks) if masks else None)
-        if output is not None and options.crf == 0:
-            result.warnings.append(LOSSLESS_WARNING)
-        if 0 < options.size < min(SMALL_WORKING_SIZE, info.width, info.height):
-            result.warnings.append(f"the working resolution {options.size} px (shorter side) is very small: the "
-                                   f"masks are coarse; {TrackOptions().size} suits most videos")
+        result.warnings.extend(option_warnings(options, info, output is not None))
         if info.cut_short is not None:  # a truncated file with its index says so in the summary (lost frames)
             result.warnings.append(truncation_note(info))
         if (note := colour_note(info)) is not None:
