@@ -30,7 +30,7 @@ def test_json_round_trip_and_defaults(tmp_path):
     assert prompts_from_text(prompts_to_text(prompts)) == prompts
 
 
-def test_written_prompts_read_back_exactly_with_readable_numbers():
+def test_written_prompts_read_back_with_coordinates_to_a_thousandth():
     prompts = [ObjectPrompt(1, 0, [(10.0, 20.5), (1 / 3, 7.0)], [1, 0], None),
                ObjectPrompt(2, 12, [], [], (1.0, 2.25, 30.0, 40.0)), ObjectPrompt(1, 40, [(5.0, 6.0)], [1])]
     text = prompts_to_text(prompts)

@@ -238,7 +238,8 @@ def load_prompts(path: str | Path) -> list[ObjectPrompt]:
 
 
 def prompts_to_text(prompts: Sequence[ObjectPrompt]) -> str:
-    """The prompts file that `load_prompts` reads back as `prompts`: one object per line, for reading and diffs."""
+    """`prompts` as a prompts file for `load_prompts`: one object per line and coordinates to a thousandth of a
+    pixel (a click mapped from the page's display size has many more digits), for reading and diffs."""
     def number(value: float) -> float | int:
         return int(value) if float(value).is_integer() else round(float(value), 3)
 
