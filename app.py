@@ -23,7 +23,7 @@ import gradio as gr
 from gradio.route_utils import delete_files_created_by_app
 from gradio.utils import get_upload_folder
 
-from tracker.cli import add_model_flags as add_model_flags
+from tracker.cli import Parser, add_model_flags
 from tracker.errors import Cancelled, ClickDropped, TrackerError
 from tracker.exports import CUTOUT_KINDS
 from tracker.interactive import (TRIMMED_UPLOAD, VIDEO_SUFFIXES, EditSession, Limits, SessionStore, Style,
@@ -136,7 +136,7 @@ def pixel_count(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python app.py", description="Track anything you click: the web app.")
+    parser = Parser(prog="python app.py", description="Track anything you click: the web app.")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
     parser.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
@@ -258,6 +258,8 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                 with gr.Row():
                     undo = gr.Button("Undo last click", elem_id="undo-point")
                     clear = gr.Button("Clear object on this frame", elem_id="clear-object")
+                load_prompts = gr.UploadButton("Load clicks from a prompts file (.json)", file_types=[".json"],
+                                               elem_id="load-prompts", size="sm")
                 with gr.Accordion("Settings", open=False, elem_id="settings"):
                     defaults = TrackOptions()
                     size = gr.Slider(0, 1080, value=defaults.size, step=8, label="Processing resolution (shorter "
@@ -527,6 +529,22 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
         remove_object.click(on_remove_object, [object_select, *style, cutout_objects],
                             [status, object_select, object_legend, frame_image, cutout_objects],
                             concurrency_limit=4, preprocess=False)
+
+        @show_errors(outputs=6)
+        def on_load_prompts(path: str | None, alpha_value: float, outline_value: float, request: gr.Request,
+                            progress=gr.Progress()):
+            """A prompts file (the downloads' `<video>_prompts.json`, or one written for the CLI) in place of the
+            clicks; the page moves to its earliest prompt's frame."""
+            session = session_of(request)
+            if path is None:
+                return (gr.skip(),) * 6
+            message, frame = session.load_prompts_file(path, lambda fraction, text: progress(fraction, desc=text))
+            image, caption = shown(session, frame, *held_style(alpha_value, outline_value))
+            return message, image, frame, caption, object_choices(session), legend(session)
+
+        load_prompts.upload(on_load_prompts, [load_prompts, *style],
+                            [status, frame_image, frame_slider, frame_info, object_select, object_legend],
+                            **sam_queue)
 
         # Track runs in two steps: an immediate one marks the job (so that Cancel reaches it even while it
         # waits in the queue) and says why it may not run; the queued one tracks, or shows that reason (an

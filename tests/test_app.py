@@ -27,7 +27,7 @@ import pytest
 from PIL import Image
 
 from media import make_audio_only, make_clip, make_text_file
-from tracker.prompts import load_prompts
+from tracker.prompts import ObjectPrompt, load_prompts, prompts_to_text
 from tracker.video import probe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,6 +201,12 @@ class AppPage:
         self.wait_status("^Waiting for the tracker|^Error")
         return self.wait_status(r"^(Done|Error|Cancelled)", TRACK_SECONDS)
 
+    def load_prompts(self, path: Path) -> None:
+        """Pick a prompts file with the page's button, as a user does in the file dialog it opens."""
+        with self.page.expect_file_chooser() as chooser:
+            self.page.locator("#load-prompts").click()
+        chooser.value.set_files(str(path))
+
     def download(self, name: str, folder: Path) -> Path:
         with self.page.expect_download() as download:
             self.page.locator(f'#result-files a[download="{name}"]').click()
@@ -256,7 +262,7 @@ def test_page_shows_every_control_and_refuses_what_it_cannot_take(app, browser, 
     for elem_id in ("video-input", "frame-image", "frame-slider", "point-mode", "object-select", "add-object",
                     "remove-object", "undo-point", "clear-object", "track-button", "cancel-button", "full-rerun",
                     "result-video", "result-files", "cutout-objects", "cutout-format", "cutout-button", "settings",
-                    "status", "metrics"):
+                    "status", "metrics", "load-prompts"):
         assert page.locator(f"#{elem_id}").count() == 1, elem_id
     assert "UNTRAINED WEIGHTS" in page.locator("#untrained-banner").inner_text()
     assert "cpu" in page.locator("#device-info").inner_text()
@@ -430,6 +436,39 @@ def test_clicks_made_while_sam_reads_the_frame_all_count_and_track_waits_for_the
         assert green > 160 and red < 110 and blue < 120, ((x, y), (red, green, blue))  # a positive point's dot
     tab.page.locator("#undo-point").click()  # three clicks were made: two are left
     tab.wait_status("^object 1 on frame 0: 2 points$")
+    tab.page.close()
+
+
+def test_a_prompts_file_loaded_into_the_page_brings_its_clicks_back(app, browser, clips, tmp_path):
+    """An annotator whose tab closed loads the run's prompts file (the downloads' clip_prompts.json): its objects
+    and clicks come back on their frame, Undo takes back its points one by one, and Track tracks them."""
+    tab = AppPage(browser.new_page(), app.url)
+    tab.upload(clips / "clip.mp4")
+    other = tmp_path / "other_prompts.json"
+    other.write_text(prompts_to_text([ObjectPrompt(1, 0, [(300, 10)])]))
+    tab.load_prompts(other)
+    tab.wait_status(r"^Error: prompts file other_prompts.json does not fit clip.mp4 \(160x120, 12 frames\): "
+                    r"object 1: point \(300, 10\) is outside")
+    prompts = tmp_path / "clip_prompts.json"
+    prompts.write_text(prompts_to_text([ObjectPrompt(2, 4, [OBJECT_1, (60, 70)], [1, 0]),
+                                        ObjectPrompt(3, 4, [OBJECT_2])]))
+    tab.load_prompts(prompts)
+    tab.wait_status("^loaded prompts file clip_prompts.json: 2 prompts for objects 2, 3 on frame 4, in place of "
+                    "the clicks before; press Track$", SAM_SECONDS)
+    assert tab.page.locator("#frame-info").inner_text().startswith("Frame 4 / 11")
+    assert tab.page.locator("#object-legend span:not(.swatch)").all_inner_texts() == ["Object 2", "Object 3"]
+    pixels = tab.frame_pixels()
+    scale = pixels.shape[1] / W
+    for x, y in (OBJECT_1, OBJECT_2):
+        red, green, blue = pixels[round((y + 0.5) * scale), round((x + 0.5) * scale)].astype(int)
+        assert green > 160 and red < 110 and blue < 120, ((x, y), (red, green, blue))  # a positive point's dot
+    tab.page.locator("#undo-point").click()  # object 2 is the current one: its negative point goes
+    tab.wait_status("^object 2 on frame 4: 1 point$")
+    done = tab.track()
+    assert done.startswith("Done: tracked the whole video. 12 frames in"), done
+    (tmp_path / "downloads").mkdir()
+    assert load_prompts(tab.download("clip_prompts.json", tmp_path / "downloads")) == \
+        [ObjectPrompt(2, 4, [OBJECT_1]), ObjectPrompt(3, 4, [OBJECT_2])]
     tab.page.close()
 
 

@@ -409,6 +409,76 @@ def test_track_then_correct_keeps_earlier_frames_and_uses_the_correction(session
     assert not session.track(OPTIONS).repeated
 
 
+def test_a_prompts_file_brings_back_the_clicks_of_a_closed_tab(session, tmp_path, disc_tracker, clip):
+    click(session, 0, 45, 60)
+    click(session, 0, 52, 66, "negative")
+    session.add_object()
+    click(session, 3, 20, 100, "box")
+    click(session, 3, 140, 115, "box")
+    click(session, 3, 100, 30)
+    first = session.track(OPTIONS)
+
+    again = EditSession(tmp_path / "new tab", disc_tracker)
+    again.open_video(clip, Limits())
+    click(again, 5, 80, 80)  # clicks made before the file is loaded are replaced by it
+    encoded = len(disc_tracker.sam.embedded)
+    reports = []
+    message, frame = again.load_prompts_file(first.prompts_file, lambda fraction, text: reports.append(text))
+    assert message == ("loaded prompts file clip_prompts.json: 2 prompts for objects 1, 2 on frames 0, 3, in place "
+                       "of the clicks before; press Track")
+    assert frame == 0 and reports == ["SAM reads frame 0 (1 of 2)", "SAM reads frame 3 (2 of 2)"]
+    assert len(disc_tracker.sam.embedded) == encoded + 2, "SAM's encoder runs once a frame"
+    assert again.objects == [1, 2] and again.current == 1
+    assert written_prompts(again) == load_prompts(first.prompts_file)
+    for key, edit in session.edits.items():  # the same masks, but for the clicks' rounding to 0.001 px
+        assert not again.edits[key].refine
+        assert (again.edits[key].mask ^ edit.mask).sum() <= 4, key
+    assert np.array_equal(again.labels(0), session.labels(0))
+    # Undo takes back one point at a time, the box last, as if clicked here.
+    again.select_object(2)
+    assert again.undo(3) == "object 2 on frame 3: a box"
+    assert np.array_equal(again.edits[3, 2].mask, disc_tracker.segment(
+        again._embedding(3), ObjectPrompt(2, 3, box=(20, 100, 140, 115))))
+    assert again.undo(3) == "object 2 has no clicks on frame 3"
+    retracked = again.track(OPTIONS)
+    assert retracked.describe() == "tracked the whole video"
+    assert load_prompts(retracked.prompts_file) == [ObjectPrompt(1, 0, [(45, 60), (52, 66)], [1, 0])]
+
+
+def test_a_prompts_file_that_does_not_fit_the_video_changes_nothing(session, tmp_path):
+    click(session, 2, 45, 60)
+    kept = {key: edit.clicks for key, edit in session.edits.items()}
+
+    def load(name: str, text: str | None) -> str:
+        path = tmp_path / name
+        if text is not None:
+            path.write_text(text)
+        with pytest.raises(TrackerError) as refused:
+            session.load_prompts_file(path)
+        assert {key: edit.clicks for key, edit in session.edits.items()} == kept and session.objects == [1]
+        return str(refused.value)
+
+    assert load("wide.json", '{"objects": [{"id": 1, "points": [[300, 10]]}]}') == (
+        "prompts file wide.json does not fit clip.mp4 (160x120, 8 frames): object 1: point (300, 10) is outside "
+        "the 160x120 frame; x must be in 0..159 and y in 0..119")
+    assert "does not fit clip.mp4 (160x120, 8 frames): object 2: prompt frame 8 is past the end" in \
+        load("long.json", '{"objects": [{"id": 2, "frame": 8, "points": [[30, 10]]}]}')
+    assert load("notes.json", "points at 30,10").startswith("prompts file notes.json is not valid JSON")
+    with (tmp_path / "film.json").open("wb") as big:  # a video picked by mistake
+        big.truncate(40 * 2**20)
+    assert load("film.json", None) == ("prompts file film.json is 40 MB: not a prompts file (those are a few KB); "
+                                     "choose the *_prompts.json the app or the CLI wrote")
+    session.begin_job()
+    try:
+        assert load("good.json", '{"objects": [{"points": [[30, 10]]}]}') == \
+            "a tracking job is running: wait for it or press Cancel first"
+    finally:
+        session.end_job()
+    nothing = EditSession(tmp_path / "no video", session.tracker)
+    with pytest.raises(TrackerError, match="^upload a video first$"):
+        nothing.load_prompts_file(tmp_path / "good.json")
+
+
 def test_a_click_waiting_for_sams_encoder_leaves_the_session_usable(session, monkeypatch):
     """The encoder takes seconds on a CPU: meanwhile Cancel, redraws and Undo answer at once."""
     click(session, 0, 45, 60)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tracker import sam_onnx
-from tracker.errors import WeightsError
+from tracker.errors import TrackerError, WeightsError
 from tracker.sam import ImageEmbedding, TorchSam, load_model, load_sam, prepare_prompt, resized_shape
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,6 +213,26 @@ def test_export_cli_refuses_what_it_cannot_write_before_exporting(checkpoint, tm
     assert sam_onnx._export_path(f"{tmp_path}/new/", default) == tmp_path / "new" / default.name
     assert sam_onnx.export_command("encoder", Path("/my graphs/e.onnx"), Path("/w/sam.pth")) == \
         "python export_sam_encoder.py --checkpoint /w/sam.pth --output '/my graphs/e.onnx'"  # ready to paste
+
+
+def test_an_opset_the_exporters_cannot_write_is_one_line_of_error(checkpoint, tmp_path, monkeypatch):
+    """Not argparse's usage block, not the hundreds of lines of TorchScript IR the exporter prints as it fails,
+    and not a graph left at another opset than the one asked for."""
+    result = run_cli("export_sam_decoder.py", "--checkpoint", checkpoint, "--output", tmp_path / "d.onnx",
+                     "--opset", "6")
+    assert (result.returncode, result.stderr) == (2, "error: --opset 6: PyTorch's exporters write opset 7 and later "
+                                                     "(default 18) (see export_sam_decoder.py --help)\n")
+    result = run_cli("export_sam_decoder.py", "--checkpoint", checkpoint, "--output", tmp_path / "d.onnx",
+                     "--opset", "7")
+    assert result.returncode == 2 and result.stdout.splitlines() == [
+        f"exporting the SAM ViT-B decoder of {checkpoint} (opset 7) ..."]
+    assert result.stderr.splitlines()[-1].startswith("error: exporting at opset 7 failed (OnnxExporterError: ONNX "
+                                                     "export failed on expand_as"), result.stderr
+    monkeypatch.setattr(sam_onnx, "graph_opset", lambda path: 18)  # as the encoder's exporter does below opset 18
+    with pytest.raises(TrackerError, match=r"^the exporter cannot write the decoder at opset 16 \(its graph stayed "
+                                           r"at opset 18\); the default opset 18 works$"):
+        sam_onnx.export_checked("decoder", checkpoint, tmp_path / "d.onnx", opset=16, log=lambda line: None)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_best_mask_decoder_follows_sams_rule_and_is_refused_by_backends(checkpoint, encoder_cli, tmp_path):

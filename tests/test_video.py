@@ -413,12 +413,15 @@ def test_truncated_file_decodes_what_is_there(clip, tmp_path):
 
 
 @pytest.mark.parametrize("ending", [".webm", ".mkv"])
-def test_a_file_cut_short_with_its_index_is_said_to_be(tmp_path, ending):
+def test_a_file_cut_short_with_its_index_is_said_to_be(tmp_path, ending, caplog):
     """Matroska keeps its index at the end: a cut file looks whole but for the length its header declares."""
     whole = make_clip(tmp_path / f"whole{ending}", frames=30, codec="libvpx-vp9" if ending == ".webm" else "libx264",
                       audio_codec="libopus" if ending == ".webm" else "aac")
     cut = truncated_copy(whole, tmp_path / f"cut{ending}", keep=0.5)
+    caplog.clear()
     info = probe(cut)
+    # Said as the file is opened (before a long run) in the words the run's summary uses.
+    assert [record.getMessage() for record in caplog.records] == [f"cut{ending}: {truncation_note(info)}"]
     assert info.cut_short == pytest.approx(30 / FPS, abs=0.05) and info.truncated_to is None
     assert info.frame_count == len(list(iter_frames(cut))) < 30
     assert truncation_note(info).startswith("the file seems cut short (an unfinished download or copy?): its header "

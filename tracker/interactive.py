@@ -33,8 +33,8 @@ from PIL import Image, ImageDraw
 from .errors import Cancelled, ClickDropped, PromptError, TrackerError, VideoError
 from .exports import CUTOUT_KINDS, export_cutout, export_overlay
 from .options import TrackOptions
-from .prompts import (NEGATIVE, POSITIVE, PROMPTS_ENDING, ObjectPrompt, check_prompts, frame_problem, prompts_from_text,
-                      prompts_to_text)
+from .prompts import (NEGATIVE, POSITIVE, PROMPTS_ENDING, ObjectPrompt, check_prompts, frame_problem, load_prompts,
+                      prompts_from_text, prompts_to_text)
 from .render import MaskZipReader, encode_mask, mask_name, overlay, overlay_colours
 from .sam import IMAGE_SIZE, LOW_RES_SIZE, ImageEmbedding, SamBackend, resized_shape
 from .session import LOSSLESS_WARNING, PreviousRun, Tracker, TrackResult, fps_text
@@ -996,16 +996,76 @@ class EditSession:
         prompts = prompts_from_text(prompts_json, "the prompts text")
         check_prompts(prompts, info.width, info.height, info.frame_count, info.present_frames)
         with self.lock:
-            self.objects = sorted({prompt.object_id for prompt in prompts})
-            self.current = self.objects[0]
-            self.edits = {(p.frame, p.object_id): Edit(refine=False, clicks=Clicks(tuple(p.points), tuple(p.labels),
-                                                                                   p.box))
-                          for p in prompts}
+            self._take_prompts(prompts, {})
             self.begin_job()
         try:
             return self.track(options, progress=progress)
         finally:
             self.end_job()
+
+    def load_prompts_file(self, path: str | Path, progress: ProgressReport | None = None) -> tuple[str, int]:
+        """Take a prompts file (the app's download, or one written for the CLI) in place of every object and
+        click, as if clicked here: the clicks of a closed tab come back. Each prompt gets its mask, SAM's
+        encoder running once a frame (outside the session's lock, as for a click). Returns what was loaded and
+        the earliest prompt's frame, for the page to show.
+
+        The prompts are first prompts, as the CLI reads them; a tracked result stays, and Track re-runs what
+        they change.
+        """
+        source = f"prompts file {Path(path).name}"  # an upload keeps the user's file name
+        prompts = load_prompts(path, Path(path).name)
+        with self._clicking:  # one click at a time, and a load counts as clicks
+            with self.lock:
+                self._require_idle()
+                info = self.require_video()
+                try:
+                    check_prompts(prompts, info.width, info.height, info.frame_count, info.present_frames)
+                except PromptError as exc:
+                    raise PromptError(f"{source} does not fit {self.video.name} ({info.width}x{info.height}, "
+                                      f"{info.present_frames} frames): {exc}") from None
+                loads = self.video_loads
+            frames = sorted({prompt.frame for prompt in prompts})
+            masks: dict[Key, np.ndarray] = {}
+            for done, frame in enumerate(frames):
+                if progress is not None:
+                    progress(done / len(frames), f"SAM reads frame {frame} ({done + 1} of {len(frames)})")
+                with self.lock:
+                    if self.video_loads != loads:
+                        raise ClickDropped("the video was replaced while the prompts file was loading")
+                    embedding = self._embeddings.get(frame)
+                    image = self._frame(frame).image if embedding is None else None
+                with self.tracker.click_work():
+                    if image is not None:
+                        embedding = self.sam.embed(image)
+                    for prompt in prompts:
+                        if prompt.frame == frame:
+                            masks[frame, prompt.object_id] = self.tracker.segment(embedding, prompt, sam=self.sam)
+                with self.lock:
+                    self._remember_embedding(frame, embedding)
+            with self.lock:
+                if self.video_loads != loads:
+                    raise ClickDropped("the video was replaced while the prompts file was loading")
+                self._require_idle()
+                self._take_prompts(prompts, masks)
+        objects = sorted({prompt.object_id for prompt in prompts})
+        message = (f"loaded {source}: {len(prompts)} prompt{'s' * (len(prompts) > 1)} for "
+                   f"object{'s' * (len(objects) > 1)} {', '.join(map(str, objects))} on "
+                   f"frame{'s' * (len(frames) > 1)} {', '.join(map(str, frames))}, in place of the clicks before; "
+                   "press Track")
+        return message, frames[0]
+
+    def _take_prompts(self, prompts: Sequence[ObjectPrompt], masks: Mapping[Key, np.ndarray]) -> None:
+        """Make `prompts` the objects and clicks, each a first prompt (as clicked on a frame not tracked yet). Each
+        is taken as clicked box first, then point by point, so that Undo takes back its last point."""
+        self.objects = sorted({prompt.object_id for prompt in prompts})
+        self.current = self.objects[0]
+        self.edits = {}
+        for prompt in prompts:
+            steps = [Clicks()] + [Clicks(box=prompt.box)] * (prompt.box is not None)
+            for xy, label in zip(prompt.points, prompt.labels):
+                steps.append(steps[-1].with_point(xy, label))
+            key = (prompt.frame, prompt.object_id)
+            self.edits[key] = Edit(refine=False, clicks=steps[-1], history=steps[:-1], mask=masks.get(key))
 
     def _correct(self, masks: Path, frame: int, fixes: Mapping[int, Clicks], destination: Path,
                  sam: SamBackend) -> tuple[Path, dict[int, np.ndarray]]:

@@ -13,6 +13,7 @@ from .errors import PromptError, whole_number
 POSITIVE, NEGATIVE = 1, 0
 T = TypeVar("T")
 PROMPTS_ENDING = "_prompts.json"  # after the video's name: the clicks of the app's run, as a prompts file
+MAX_PROMPTS_BYTES = 16 * 2**20  # 255 objects prompted on hundreds of frames is a few MB
 
 
 def frame_problem(frame: int, frame_count: int, present_frames: int | None = None) -> str | None:
@@ -223,18 +224,23 @@ def _shown(value: object, limit: int = 40) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def load_prompts(path: str | Path) -> list[ObjectPrompt]:
-    """Read a prompts JSON file, with a clear error for a missing or malformed file."""
+def load_prompts(path: str | Path, name: str | None = None) -> list[ObjectPrompt]:
+    """Read a prompts JSON file, with a clear error for a missing or malformed file; messages call it `name`
+    where given (an upload's own name, not the server's copy of it)."""
     path = Path(path)
+    source = f"prompts file {name or path}"
     try:
+        if path.stat().st_size > MAX_PROMPTS_BYTES:
+            raise PromptError(f"{source} is {path.stat().st_size / 2**20:.0f} MB: not a prompts file (those are "
+                              "a few KB); choose the *_prompts.json the app or the CLI wrote")
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not JSON
     except FileNotFoundError:
-        raise PromptError(f"prompts file {path} does not exist") from None
+        raise PromptError(f"{source} does not exist") from None
     except OSError as exc:
-        raise PromptError(f"prompts file {path} cannot be read ({exc.strerror or exc})") from None
+        raise PromptError(f"{source} cannot be read ({exc.strerror or exc})") from None
     except UnicodeDecodeError as exc:
-        raise PromptError(f"prompts file {path} is not valid JSON ({exc})") from None
-    return prompts_from_text(text, f"prompts file {path}")
+        raise PromptError(f"{source} is not valid JSON ({exc})") from None
+    return prompts_from_text(text, source)
 
 
 def prompts_to_text(prompts: Sequence[ObjectPrompt]) -> str:

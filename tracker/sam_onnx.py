@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tracker.cli import Parser
 from tracker.errors import TrackerError, WeightsError
 from tracker.sam import (
     IMAGE_SIZE,
@@ -63,6 +64,7 @@ ENCODER_OUTPUTS = ("image_embeddings",)
 DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size")
 DECODER_OUTPUTS = ("masks", "iou_predictions", "low_res_masks")
 DEFAULT_OPSET = 18
+MIN_OPSET = 7  # the oldest any of PyTorch's ONNX exporters writes
 NUM_MASK_TOKENS = 4  # SAM's single-mask token, then its three multimask tokens
 
 # Pass/fail limits of the checks against PyTorch. fp16 graphs round every
@@ -189,6 +191,14 @@ def check_graph(path: str | Path) -> None:
     import onnx
 
     onnx.checker.check_model(str(path))
+
+
+def graph_opset(path: str | Path) -> int:
+    """The ONNX operator set version a written graph declares."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
 
 
 def read_graph_metadata(path: str | Path) -> dict[str, str]:
@@ -370,6 +380,10 @@ def export_checked(graph: Graph, checkpoint: str | Path, output: str | Path, *, 
             raise TrackerError(f"exporting at opset {opset} failed ({type(exc).__name__}: "
                                f"{str(exc).splitlines()[0] if str(exc) else ''}); the default opset "
                                f"{DEFAULT_OPSET} works") from None
+        written = graph_opset(partial)
+        if written != opset:  # the dynamo exporter writes opset 18 and converts it down where it can
+            raise TrackerError(f"the exporter cannot write the {graph} at opset {opset} (its graph stayed at opset "
+                               f"{written}); the default opset {DEFAULT_OPSET} works")
         check_graph(partial)
         log("onnx.checker: ok")
         log("comparing onnxruntime (CPU) with PyTorch on random inputs ...")
@@ -390,7 +404,7 @@ def export_cli(graph: Graph, argv: Sequence[str] | None = None) -> int:
     0: written and verified; 1: the graph does not match PyTorch (nothing is
     written); 2: a problem the user can fix (message on stderr).
     """
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=f"export_sam_{graph}.py",
         description=f"Export the SAM ViT-B {graph} to ONNX, check it against PyTorch and optionally build a "
                     "TensorRT engine from it.")
@@ -415,6 +429,9 @@ def export_cli(graph: Graph, argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.engine_precision is not None and not args.engine:
         parser.error("--engine-precision is the engine's: add --engine")
+    if args.opset < MIN_OPSET:
+        parser.error(f"--opset {args.opset}: PyTorch's exporters write opset {MIN_OPSET} and later "
+                     f"(default {DEFAULT_OPSET})")
     try:
         checkpoint = resolve_checkpoint("sam", args.checkpoint)
         output = _export_path(args.output, onnx_paths(checkpoint)[0 if graph == "encoder" else 1])
@@ -460,16 +477,26 @@ def _export_path(given: str | None, default: Path) -> Path:
 
 @contextlib.contextmanager
 def _quiet_export() -> Iterator[None]:
-    """Export without the exporters' chatter (tracer warnings, notes on decompositions, progress logs)."""
-    torch_onnx_log = logging.getLogger("torch.onnx")
-    level = torch_onnx_log.level
-    torch_onnx_log.setLevel(logging.ERROR)
+    """Export without the exporters' chatter: tracer warnings, notes on decompositions, progress logs, the
+    version converter's tracebacks (`export_checked` says what came of it), and the TorchScript IR that the
+    TorchScript exporter prints to the process's standard output when it fails (hundreds of lines)."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    sys.stdout.flush()
+    stdout = os.dup(1)
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with open(os.devnull, "w") as nowhere, warnings.catch_warnings(), torch.no_grad():
+            os.dup2(nowhere.fileno(), 1)
             warnings.simplefilter("ignore")
             yield
     finally:
-        torch_onnx_log.setLevel(level)
+        sys.stdout.flush()
+        os.dup2(stdout, 1)
+        os.close(stdout)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _write_metadata(path: str | Path, metadata: dict[str, str]) -> None:

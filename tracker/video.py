@@ -222,8 +222,6 @@ def probe(path: str | Path) -> VideoInfo:
             reach = _streams_end(container)
         if declared_seconds - reach > CUT_SHORT_SECONDS:
             cut_short = declared_seconds
-            log.warning("%s: its header says %.2f s, its streams end at %.2f s; the file is cut short",
-                        path.name, declared_seconds, reach)
     if timeline.joins:
         log.warning("%s: its clock starts again %d time(s) (recordings joined end to end?); the parts are timed "
                     "one after the other", path.name, len(timeline.joins))
@@ -243,8 +241,9 @@ def probe(path: str | Path) -> VideoInfo:
                      pixel_aspect=1 / stored_aspect if rotation in (90, 270) else stored_aspect, hdr=hdr,
                      timecode=timecode, field_order=field_order, rounded_rate=timeline.rounded_rate,
                      variable_rate=timeline.variable_rate, evenly_timed=timeline.evenly_timed)
-    if hdr:
-        log.warning("%s: %s", path.name, colour_note(info))
+    for note in (truncation_note(info) if cut_short is not None else None, hdr and colour_note(info)):
+        if note:
+            log.warning("%s: %s", path.name, note)  # before a long run; its summary says it again
     return info
 
 
