@@ -517,6 +517,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
         def on_remove_object(object_id: int | None, alpha_value: float, outline_value: float, ticked: list[int],
                              request: gr.Request):
             session = session_of(request)
+            session.require_video()
             if object_id is None:
                 raise TrackerError("pick the object to remove first")
             removed = session.remove_object(int(object_id))

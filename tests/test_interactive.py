@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import re
+import shutil
 import threading
 import time
 import zipfile
@@ -28,7 +29,7 @@ from tracker.interactive import (PREVIEWS_KEPT, WAITING_FOR_DEVICE, Clicks, Edit
                                  frame_caption, mask_to_logits, plan_passes, retracks_backward, upload_message)
 from tracker.options import TrackOptions
 from tracker.session import LOSSLESS_WARNING
-from tracker.prompts import ObjectPrompt, load_prompts
+from tracker.prompts import ObjectPrompt, load_prompts, prompts_to_text
 from tracker.render import CHROMA_GREEN, MaskZipReader, MaskZipWriter, overlay
 from tracker.sam import ImageEmbedding, SamBackend, SamPrediction, resized_shape, to_frame_coords, upscale_masks
 from tracker.video import VideoInfo, iter_frames, probe, read_frame
@@ -418,12 +419,17 @@ def test_a_prompts_file_brings_back_the_clicks_of_a_closed_tab(session, tmp_path
     click(session, 3, 100, 30)
     first = session.track(OPTIONS)
 
-    again = EditSession(tmp_path / "new tab", disc_tracker)
+    assert load_prompts(first.prompts_file)[0].frame_size == (W, H)  # refused on a video of another size
+    uploads = tmp_path / "uploads"  # where the page's upload of the file lands
+    uploads.mkdir()
+    upload = shutil.copy(first.prompts_file, uploads)
+    again = EditSession(tmp_path / "new tab", disc_tracker, upload_folder=uploads)
     again.open_video(clip, Limits())
     click(again, 5, 80, 80)  # clicks made before the file is loaded are replaced by it
     encoded = len(disc_tracker.sam.embedded)
     reports = []
-    message, frame = again.load_prompts_file(first.prompts_file, lambda fraction, text: reports.append(text))
+    message, frame = again.load_prompts_file(upload, lambda fraction, text: reports.append(text))
+    assert not Path(upload).exists(), "the server's copy of the upload is removed once read"
     assert message == ("loaded prompts file clip_prompts.json: 2 prompts for objects 1, 2 on frames 0, 3, in place "
                        "of the clicks before; press Track")
     assert frame == 0 and reports == ["SAM reads frame 0 (1 of 2)", "SAM reads frame 3 (2 of 2)"]
@@ -459,10 +465,13 @@ def test_a_prompts_file_that_does_not_fit_the_video_changes_nothing(session, tmp
         return str(refused.value)
 
     assert load("wide.json", '{"objects": [{"id": 1, "points": [[300, 10]]}]}') == (
-        "prompts file wide.json does not fit clip.mp4 (160x120, 8 frames): object 1: point (300, 10) is outside "
-        "the 160x120 frame; x must be in 0..159 and y in 0..119")
-    assert "does not fit clip.mp4 (160x120, 8 frames): object 2: prompt frame 8 is past the end" in \
+        "prompts file wide.json cannot be used on clip.mp4 (160x120, 8 frames): object 1: point (300, 10) is "
+        "outside the 160x120 frame; x must be in 0..159 and y in 0..119")
+    assert "cannot be used on clip.mp4 (160x120, 8 frames): object 2: prompt frame 8 is past the end" in \
         load("long.json", '{"objects": [{"id": 2, "frame": 8, "points": [[30, 10]]}]}')
+    assert load("big_prompts.json", prompts_to_text([ObjectPrompt(1, 0, [(30, 10)])], (320, 240))).endswith(
+        "object 1: the prompts were made on a 320x240 video, and this one is 160x120: the clicks would land "
+        "elsewhere (the prompts of another video?)")
     assert load("notes.json", "points at 30,10").startswith("prompts file notes.json is not valid JSON")
     with (tmp_path / "film.json").open("wb") as big:  # a video picked by mistake
         big.truncate(40 * 2**20)

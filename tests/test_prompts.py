@@ -39,6 +39,21 @@ def test_written_prompts_read_back_with_coordinates_to_a_thousandth():
     assert again[1:] == prompts[1:] and again[0].points == [(10.0, 20.5), (0.333, 7.0)]
 
 
+def test_a_recorded_frame_size_refuses_a_video_of_another_size():
+    """Clicks from a smaller video fit a larger one's frame but would land elsewhere; the size recorded with them
+    says so. A file without it is taken on any video its points fit."""
+    prompts = [ObjectPrompt(1, 0, [(10.0, 20.0)]), ObjectPrompt(2, 3, box=(1, 2, 30, 40))]
+    text = prompts_to_text(prompts, (160, 120))
+    assert text.startswith('{"frame_size": [160, 120],\n "objects": [\n')
+    again = prompts_from_text(text)
+    assert again == prompts and [p.frame_size for p in again] == [(160, 120)] * 2
+    check_prompts(again, 160, 120, 10)
+    with pytest.raises(PromptError, match=r"^object 1: the prompts were made on a 160x120 video, and this one is "
+                                          r"320x240: the clicks would land elsewhere"):
+        check_prompts(again, 320, 240, 10)
+    check_prompts(prompts_from_text(prompts_to_text(prompts)), 320, 240, 10)
+
+
 def test_objects_without_an_id_are_new_objects_with_ids_the_file_leaves_free():
     """A missing id once took the object's position (+1) even where another object had that id: two objects
     then merged into one ("object 2 has two prompts on frame 0")."""
@@ -66,6 +81,9 @@ POINTS = r'"points" must be a list of \[x, y\] pairs of numbers'
     ({"objects": [{"id": 1, "pionts": [[1, 2]]}]}, "unknown keys"),
     ({"objects": ["x"]}, "must be a JSON object"),
     ({"objects": [{"id": 1, "points": [[1, 2]]}], "frame": 5}, r"unknown keys \['frame'\] beside \"objects\""),
+    ({"objects": [{"id": 1, "points": [[1, 2]]}], "frame_size": [640]},
+     r'"frame_size" must be null or \[width, height\] \(two whole numbers\), not \[640\]'),
+    ({"objects": [{"id": 1, "points": [[1, 2]]}], "frame_size": [640, 0]}, r'"frame_size" must be'),
 ])
 def test_malformed_json_is_named(data, message):
     with pytest.raises(PromptError, match=message):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tracker.errors import TrackerError
+from tracker.errors import TrackerError, VideoError
 from tracker.render import (CHROMA_GREEN, OUTLINE_SHADE, PALETTE, MaskZipReader, MaskZipWriter, cutout, overlay,
                             overlay_colours)
 from tracker.video import remove_unfinished_temporaries
@@ -151,7 +151,12 @@ def test_an_interrupt_before_anyone_holds_a_writer_leaves_nothing(tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         MaskZipWriter(tmp_path / "interrupted.zip")
     assert {p.name for p in tmp_path.iterdir()} == {"finished.zip", orphan._temp.name}
+    monkeypatch.setattr("tracker.video._swept", False)  # given back to this process's writers after the test
     remove_unfinished_temporaries()
+    assert [p.name for p in tmp_path.iterdir()] == ["finished.zip"]
+    # A writer thread opening its file after the sweep (the process is ending) leaves nothing either.
+    with pytest.raises(VideoError, match="the run is stopping: late.zip is not started"):
+        MaskZipWriter(tmp_path / "late.zip")
     assert [p.name for p in tmp_path.iterdir()] == ["finished.zip"]
 
 

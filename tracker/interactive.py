@@ -968,8 +968,8 @@ class EditSession:
         CLI and the app's API take it. A correction is written as a prompt on its frame (see the README)."""
         path = run_dir / f"{self.video.stem}{PROMPTS_ENDING}"
         path.write_text(prompts_to_text([ObjectPrompt(object_id, frame, list(points), list(labels), box)
-                                         for (frame, object_id), (points, labels, box) in sorted(prompts.items())]),
-                        encoding="utf-8")
+                                         for (frame, object_id), (points, labels, box) in sorted(prompts.items())],
+                                        (self.info.width, self.info.height)), encoding="utf-8")
         return path
 
     def _await_clicks(self, progress: ProgressReport | None) -> None:
@@ -1012,8 +1012,13 @@ class EditSession:
         The prompts are first prompts, as the CLI reads them; a tracked result stays, and Track re-runs what
         they change.
         """
-        source = f"prompts file {Path(path).name}"  # an upload keeps the user's file name
-        prompts = load_prompts(path, Path(path).name)
+        path = Path(path)
+        source = f"prompts file {path.name}"  # an upload keeps the user's file name
+        try:
+            prompts = load_prompts(path, path.name)
+        finally:
+            if self.upload_folder is not None and path.resolve().is_relative_to(self.upload_folder):
+                path.unlink(missing_ok=True)  # read once: the server's copy of the upload has served
         with self._clicking:  # one click at a time, and a load counts as clicks
             with self.lock:
                 self._require_idle()
@@ -1021,7 +1026,7 @@ class EditSession:
                 try:
                     check_prompts(prompts, info.width, info.height, info.frame_count, info.present_frames)
                 except PromptError as exc:
-                    raise PromptError(f"{source} does not fit {self.video.name} ({info.width}x{info.height}, "
+                    raise PromptError(f"{source} cannot be used on {self.video.name} ({info.width}x{info.height}, "
                                       f"{info.present_frames} frames): {exc}") from None
                 loads = self.video_loads
             frames = sorted({prompt.frame for prompt in prompts})

@@ -42,6 +42,8 @@ class ObjectPrompt:
     points: list[tuple[float, float]] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     box: tuple[float, float, float, float] | None = None
+    # The frame size (width, height) the coordinates were given for, where a prompts file records it.
+    frame_size: tuple[int, int] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         self.object_id = whole_number(self.object_id, "an object id", PromptError)
@@ -76,6 +78,10 @@ class ObjectPrompt:
         who = f"object {self.object_id}"
         if not 1 <= self.object_id <= 255:
             raise PromptError(f"{who}: object ids must be between 1 and 255")
+        if self.frame_size is not None and tuple(self.frame_size) != (width, height):
+            raise PromptError(f"{who}: the prompts were made on a {self.frame_size[0]}x{self.frame_size[1]} video, "
+                              f"and this one is {width}x{height}: the clicks would land elsewhere (the prompts of "
+                              "another video?)")
         if problem := frame_problem(self.frame, frame_count, present_frames):
             raise PromptError(f"{who}: prompt {problem}")
         if not self.points and self.box is None:
@@ -146,10 +152,11 @@ def prompts_from_json(data: object, source: str = "the prompts") -> list[ObjectP
     """Read ``{"objects": [{"id": 1, "frame": 0, "points": [[x, y]], "labels": [1], "box": null}]}``."""
     if not isinstance(data, dict) or not isinstance(data.get("objects"), list):
         raise PromptError('prompts must be a JSON object with an "objects" list')
-    unknown = set(data) - {"objects"}
+    unknown = set(data) - {"objects", "frame_size"}
     if unknown:
         raise PromptError(f'{source} has unknown keys {sorted(unknown)} beside "objects" (a typo, or a key of '
                           'an object put outside it?)')
+    frame_size = _field(data, source, "frame_size", _frame_size, "null or [width, height] (two whole numbers)")
     if not data["objects"]:
         raise PromptError(f'no object selected: "objects" in {source} is empty; '
                           'give each object "points" or a "box" (see the README)')
@@ -170,7 +177,7 @@ def prompts_from_json(data: object, source: str = "the prompts") -> list[ObjectP
         entries.append((object_id, dict(frame=frame, points=points, labels=labels, box=box)))
     named = {object_id for object_id, _ in entries}
     free = (object_id for object_id in itertools.count(1) if object_id not in named)  # for entries without an id
-    return [ObjectPrompt(object_id=next(free) if object_id is None else object_id, **fields)
+    return [ObjectPrompt(object_id=next(free) if object_id is None else object_id, frame_size=frame_size, **fields)
             for object_id, fields in entries]
 
 
@@ -211,6 +218,15 @@ def _labels(value: object) -> list[int]:
     return [_int(v) for v in _numbers(value)]
 
 
+def _frame_size(value: object) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    width, height = (_int(v) for v in _numbers(value, 2))
+    if width < 1 or height < 1:
+        raise ValueError(f"{value!r} is not a frame size")
+    return width, height
+
+
 def _box(value: object) -> tuple[float, float, float, float] | None:
     if value is None:
         return None
@@ -243,16 +259,18 @@ def load_prompts(path: str | Path, name: str | None = None) -> list[ObjectPrompt
     return prompts_from_text(text, source)
 
 
-def prompts_to_text(prompts: Sequence[ObjectPrompt]) -> str:
+def prompts_to_text(prompts: Sequence[ObjectPrompt], frame_size: tuple[int, int] | None = None) -> str:
     """`prompts` as a prompts file for `load_prompts`: one object per line and coordinates to a thousandth of a
-    pixel (a click mapped from the page's display size has many more digits), for reading and diffs."""
+    pixel (a click mapped from the page's display size has many more digits), for reading and diffs. With
+    `frame_size` (width, height) the file records it, and prompts read from it refuse a video of another size."""
     def number(value: float) -> float | int:
         return int(value) if float(value).is_integer() else round(float(value), 3)
 
     lines = [json.dumps({"id": p.object_id, "frame": p.frame, "points": [[number(x), number(y)] for x, y in p.points],
                          "labels": list(p.labels), "box": None if p.box is None else [number(v) for v in p.box]})
              for p in prompts]
-    return '{"objects": [\n  ' + ",\n  ".join(lines) + "\n]}\n"
+    size = "" if frame_size is None else f'"frame_size": [{frame_size[0]}, {frame_size[1]}],\n '
+    return '{' + size + '"objects": [\n  ' + ",\n  ".join(lines) + "\n]}\n"
 
 
 def prompts_from_text(text: str, source: str = "the prompts") -> list[ObjectPrompt]:

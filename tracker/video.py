@@ -1501,6 +1501,9 @@ def check_writable_folder(path: Path) -> None:
 _unfinished: set[Path] = set()
 # Folders writers made for their files, none of which has landed there yet: they go with the last temporary.
 _made_folders: set[Path] = set()
+# Reentrant: an interrupt in the thread that holds it sweeps under it.
+_temporaries_lock = threading.RLock()
+_swept = False  # the sweep ran: the process is ending
 
 
 def temporary_path_beside(path: Path) -> Path:
@@ -1508,16 +1511,20 @@ def temporary_path_beside(path: Path) -> Path:
 
     Its owner calls `release_temporary` once the file is renamed into place or deleted.
     """
-    _made_folders.update(folder for folder in _normalised(path).parents if not folder.exists())
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    except OSError as exc:
-        _remove_made_folders(path)
-        blocker = next((folder for folder in path.parents if folder.is_file()), None)
-        raise _unwritable(path, f"{blocker} is a file, not a folder" if blocker else exc.strerror or exc) from exc
-    temp = Path(name)
-    _unfinished.add(temp)  # before anything else can be interrupted
+    with _temporaries_lock:
+        if _swept:  # a writer thread starting its file after an interrupt's sweep would leave it behind
+            raise VideoError(f"the run is stopping: {path.name} is not started")
+        _made_folders.update(folder for folder in _normalised(path).parents if not folder.exists())
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        except OSError as exc:
+            _remove_made_folders(path)
+            blocker = next((folder for folder in path.parents if folder.is_file()), None)
+            raise _unwritable(path, f"{blocker} is a file, not a folder" if blocker else exc.strerror or exc) \
+                from exc
+        temp = Path(name)
+        _unfinished.add(temp)  # before anything else can be interrupted
     os.close(handle)
     return temp
 
@@ -1553,9 +1560,13 @@ def _normalised(path: Path) -> Path:
 
 
 def remove_unfinished_temporaries() -> None:
-    """Delete every temporary file no writer finished or aborted (after an interrupt)."""
-    for temp in list(_unfinished):
-        release_temporary(temp)
+    """Delete every temporary file no writer finished or aborted (after an interrupt), and start no other:
+    the process is ending, and its writer threads may still be opening their files."""
+    global _swept
+    with _temporaries_lock:
+        _swept = True
+        for temp in list(_unfinished):
+            release_temporary(temp)
 
 
 def make_clip(path: Path, width: int, height: int, frames: int, fps: int = 30) -> Path:
