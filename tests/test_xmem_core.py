@@ -12,7 +12,7 @@ from XMem.inference.kv_memory_store import KeyValueMemoryStore
 from XMem.inference.memory_manager import MemoryManager, MemoryReadWorkspace, _FixedLayout
 from XMem.inference.padding import pad_to_multiple, unpad
 from XMem.model.aggregate import aggregate
-from XMem.model.memory_util import get_similarity, topk_softmax
+from XMem.model.memory_util import get_similarity, tf32_parts, topk_softmax
 from XMem.model.network import XMem
 
 
@@ -180,14 +180,15 @@ def test_memory_reads_between_writes_reuse_what_only_writes_change():
     assert memory.long_mem.num_groups == 2  # the late object's frames were consolidated too
 
 
-def _read_and_write(memories: list[MemoryManager], frames: int, device: str = "cpu", seed: int = 9):
+def _read_and_write(memories: list[MemoryManager], frames: int, device: str = "cpu", seed: int = 9,
+                    dtype: torch.dtype = torch.float64):
     """Drive managers through the same reads and writes (objects join on frames 5 and 11); yield after each read."""
     g = _generator(seed)
 
     def draw(*shape, positive=False):
         x = torch.rand(*shape, generator=g, dtype=torch.float64) if positive else torch.randn(
             *shape, generator=g, dtype=torch.float64)
-        return x.to(device)
+        return x.to(device, dtype)
 
     for frame in range(frames):
         objects = [1] if frame < 5 else [1, 2] if frame < 11 else [1, 2, 3]
@@ -200,7 +201,7 @@ def _read_and_write(memories: list[MemoryManager], frames: int, device: str = "c
             memory.add_memory(key, shrinkage, value, objects, selection=selection)
 
 
-def _same_usage(a: MemoryManager, b: MemoryManager) -> None:
+def _same_usage(a: MemoryManager, b: MemoryManager, tolerance: float = 1e-12) -> None:
     a.flush_usage()
     b.flush_usage()
     for store in ("work_mem", "long_mem"):
@@ -208,7 +209,7 @@ def _same_usage(a: MemoryManager, b: MemoryManager) -> None:
             mine, theirs = getattr(getattr(a, store), counter), getattr(getattr(b, store), counter)
             assert (mine is None) == (theirs is None)
             if mine is not None:
-                torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
+                torch.testing.assert_close(mine, theirs, rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.parametrize("top_k, count_long_usage, max_long", [(3, True, 10), (8, True, 10), (3, False, 60)])
@@ -227,6 +228,24 @@ def test_reading_in_a_fixed_layout_equals_the_plain_reading(top_k, count_long_us
             _same_usage(plain, fixed)
     assert reads == 58 and fixed.long_mem.num_groups == 3 and fixed.long_mem.size == min(max_long, 56)
     _same_usage(plain, fixed)
+
+
+def test_tf32_parts_are_exact_and_split_products_read_like_fp32():
+    """The high part holds only the bits a TF32 tensor core keeps, high + low is the number, and a fixed layout
+    read through split products (here in fp32 on the CPU, as the tensor cores add them) reads as the plain one."""
+    x = torch.randn(4096, generator=_generator(3)) * torch.logspace(-3, 3, 4096)
+    x[0] = float("-inf")
+    high, low = tf32_parts(x)
+    assert not (high.view(torch.int32) & (2**13 - 1)).any()
+    assert torch.equal(high[1:] + low[1:], x[1:]) and high[0] == float("-inf") and low[0] == 0
+    assert (low[1:].abs() <= x[1:].abs() * 2**-10).all()
+    config = _tiny_memory_config(top_k=3)
+    plain = MemoryManager(config)
+    split = MemoryManager(config, MemoryReadWorkspace(cuda_graphs=False, split_products=True))
+    for want, got in _read_and_write([plain, split], 30, dtype=torch.float32):
+        assert split._readable.split and split._readable.operand.shape[-1] == 3 * (2 * 4 + 1) + 1
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    _same_usage(plain, split, tolerance=1e-5)
 
 
 def test_fixed_layout_columns_grow_in_quanta_up_to_the_capacity():

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model.memory_util import (element_major, get_similarity, memory_operand, operand_similarity, sparse_readout,
-                                 sparse_topk_softmax, sparse_usage)
+                                 sparse_topk_softmax, sparse_usage, split_memory_operand)
 from .graph_cache import GraphCache
 from .kv_memory_store import KeyValueMemoryStore
 
@@ -38,6 +38,7 @@ class _ReadableMemory:
     scratch: torch.Tensor | None = None
     use: torch.Tensor | None = None
     life: torch.Tensor | None = None
+    split: bool = False  # the operand is `split_memory_operand`'s (a fixed layout's only)
 
 
 class _FixedLayout:
@@ -56,9 +57,10 @@ class _FixedLayout:
     # eagerly, and its similarities take only what the memory of the moment needs.
     SCRATCH_LIMIT = 512 * 2**20
 
-    def __init__(self, capacity: int, frame_elements: int):
+    def __init__(self, capacity: int, frame_elements: int, split: bool = False):
         self.capacity = capacity
         self.frame_elements = frame_elements
+        self.split = split  # hold the operand split for TF32 products (see `split_memory_operand`)
         self.quantum = max(1024, frame_elements // 2)
         self.operand: torch.Tensor | None = None  # (1, capacity, D + 1), the last column the bias
         self.values: list[torch.Tensor] = []  # per object group, (capacity, objects * C_v)
@@ -80,7 +82,7 @@ class _FixedLayout:
         return (size <= self.capacity and frame_elements == self.frame_elements
                 and self.frame_elements * self.capacity * operand.element_size() <= self.SCRATCH_LIMIT
                 and firsts[0] == 0 and firsts == sorted(firsts)
-                and (self.operand is None or self.operand.shape[-1] == width + 1
+                and (self.operand is None or self.operand.shape[-1] == width * (3 if self.split else 1) + 1
                      and self.operand.dtype == operand.dtype)
                 and all(values.shape[0] * values.shape[1] == buffer.shape[1] and values.dtype == buffer.dtype
                         for (_, values), buffer in zip(spans, self.values)))
@@ -88,6 +90,8 @@ class _FixedLayout:
     def load(self, operand: torch.Tensor, spans: list[tuple[int, torch.Tensor]], counters: list[torch.Tensor],
              with_selection: bool, long_size: int, graphs: GraphCache) -> _ReadableMemory:
         """Copy memory into the buffers; `counters` are the use and life counts of all N elements."""
+        if self.split:
+            operand = split_memory_operand(operand)
         size, width = operand.shape[1:]
         columns = self.columns(size)
         if self.operand is None:
@@ -116,7 +120,8 @@ class _FixedLayout:
         groups = [(0, self.values[g][:columns], values.shape[0]) for g, (_, values) in enumerate(spans)]
         scratch = self.scratch[:self.frame_elements * columns].view(1, self.frame_elements, columns)
         return _ReadableMemory(biased[:, :columns], with_selection, long_size, size, groups,
-                               [mask[:columns] for mask in self.masks[:len(spans) - 1]], scratch, use, life)
+                               [mask[:columns] for mask in self.masks[:len(spans) - 1]], scratch, use, life,
+                               self.split)
 
 
 class MemoryReadWorkspace:
@@ -129,8 +134,11 @@ class MemoryReadWorkspace:
     holds it (a second one, while the first lives, reads plainly).
     """
 
-    def __init__(self, cuda_graphs: bool = True):
+    def __init__(self, cuda_graphs: bool = True, split_products: bool | None = None):
         self.cuda_graphs = cuda_graphs
+        # Similarities as split TF32 products (`split_memory_operand`); by default where graphs capture the reads
+        # of fp32 keys on CUDA, since the switch to TF32 is global (see `_tf32_products`).
+        self.split_products = split_products
         self.graphs = GraphCache(enabled=cuda_graphs)
         self.layout: _FixedLayout | None = None
         self._user: weakref.ref | None = None
@@ -146,9 +154,12 @@ class MemoryReadWorkspace:
                    spans: list[tuple[int, torch.Tensor]]) -> _FixedLayout | None:
         """The layout to read this memory through, or None: read it plainly."""
         layout = self.layout
-        if (layout is None or (layout.capacity, layout.frame_elements) != (capacity, frame_elements)
+        split = self.split_products if self.split_products is not None else \
+            self.cuda_graphs and operand.is_cuda and operand.dtype == torch.float32
+        if (layout is None or (layout.capacity, layout.frame_elements, layout.split) != (capacity, frame_elements,
+                                                                                          split)
                 or not layout.fits(operand, spans, frame_elements)):
-            layout = _FixedLayout(capacity, frame_elements)
+            layout = _FixedLayout(capacity, frame_elements, split)
             if not layout.fits(operand, spans, frame_elements):
                 return None
             self.layout, self.graphs = layout, GraphCache(enabled=self.cuda_graphs)
@@ -206,8 +217,8 @@ class MemoryManager:
         else:
             objects = tuple(group[2] for group in readable.groups)
             readout, usage = self.workspace.graphs.run(
-                "read_memory", (objects, self.top_k),
-                lambda *inputs: self._read_fixed(objects, *inputs),
+                "read_memory", (objects, self.top_k, readable.split),
+                lambda *inputs: self._read_fixed(objects, readable.split, *inputs),
                 [readable.operand, query_key, selection, readable.scratch, *readable.masks,
                  *(group[1] for group in readable.groups)], transient=True)
             readable.use.add_(usage)
@@ -234,12 +245,13 @@ class MemoryManager:
             readouts.append(sparse_readout(weights, indices, per_element, objects))
         return torch.cat(readouts, 0), usage
 
-    def _read_fixed(self, objects: tuple[int, ...], operand: torch.Tensor, query_key: torch.Tensor,
+    def _read_fixed(self, objects: tuple[int, ...], split: bool, operand: torch.Tensor, query_key: torch.Tensor,
                     selection: torch.Tensor | None, scratch: torch.Tensor,
                     *masks_and_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`_read` in the fixed layout, its similarities written to `scratch`."""
         masks, values = masks_and_values[:len(objects) - 1], masks_and_values[len(objects) - 1:]
-        similarity = operand_similarity(operand, query_key, selection, query_major=True, biased=True, out=scratch)
+        similarity = operand_similarity(operand, query_key, selection, query_major=True, biased=True, out=scratch,
+                                        split=split)
         return self._read(similarity, [(0, v, o) for v, o in zip(values, objects)], list(masks))
 
     def flush_usage(self) -> None:
