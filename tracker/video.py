@@ -1561,7 +1561,7 @@ def _normalised(path: Path) -> Path:
 
 def remove_unfinished_temporaries() -> None:
     """Delete every temporary file no writer finished or aborted (after an interrupt), and start no other:
-    the process is ending, and its writer threads may still be opening their files."""
+    for a process that is ending (the command line's), whose writer threads may still be opening files."""
     global _swept
     with _temporaries_lock:
         _swept = True
