@@ -320,7 +320,7 @@ def bench_long(tracker: Tracker, clip: Path, profile: Profile, out_dir: Path, re
 
 
 def run_long(device: torch.device, frames: int) -> str:
-    profile = Profile.for_device(device, frames)
+    profile = Profile.for_device(device, frames, rounds=1)
     width, height = next(iter(profile.frame_sizes.values()))
     results = Results()
     with tempfile.TemporaryDirectory(prefix="tracker-bench-") as tmp:
@@ -343,7 +343,8 @@ def _header(device: torch.device, profile: Profile) -> str:
     options = TrackOptions()
     rounds = (f"file to file: medians of {profile.rounds} rounds, each run beside decode + encode alone of the clip "
               f"and of the run's own output, shares taken round by round; a first video starts without kept graphs, "
-              f"next videos are rounds 2-{profile.rounds}" if profile.rounds > 1 else "file to file: one round")
+              f"next videos are rounds 2-{profile.rounds}" if profile.rounds > 1
+              else "file to file: one run of each clip, a first video")
     return (f"device: {gpu}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
             f"PyAV {av.__version__}; working resolution {profile.work_size}p; {profile.clip_frames}-frame clips; "
             f"libx264 {options.preset} crf {options.crf}; untrained weights (speed only); {rounds}; "
