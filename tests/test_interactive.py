@@ -477,15 +477,68 @@ def test_a_prompts_file_that_does_not_fit_the_video_changes_nothing(session, tmp
         big.truncate(40 * 2**20)
     assert load("film.json", None) == ("prompts file film.json is 40 MB: not a prompts file (those are a few KB); "
                                      "choose the *_prompts.json the app or the CLI wrote")
-    session.begin_job()
-    try:
-        assert load("good.json", '{"objects": [{"points": [[30, 10]]}]}') == \
-            "a tracking job is running: wait for it or press Cancel first"
-    finally:
-        session.end_job()
+    (tmp_path / "good.json").write_text('{"objects": [{"points": [[30, 10]]}]}')
     nothing = EditSession(tmp_path / "no video", session.tracker)
     with pytest.raises(TrackerError, match="^upload a video first$"):
         nothing.load_prompts_file(tmp_path / "good.json")
+
+
+def test_a_track_pressed_while_a_prompts_file_loads_tracks_its_prompts(session, tmp_path, monkeypatch):
+    """The load's SAM work takes seconds on a CPU: a Track pressed meanwhile waits for it, as for a click; a load
+    while a job tracks its prompts is refused before any SAM work."""
+    click(session, 0, 45, 60)
+    loaded = [ObjectPrompt(2, 3, [(100.0, 30.0)], [1])]
+    path = tmp_path / "later_prompts.json"
+    path.write_text(prompts_to_text(loaded, (W, H)))
+    started, release = threading.Event(), threading.Event()
+    real_embed = session.sam._embed
+
+    def slow_embed(image):
+        started.set()
+        assert release.wait(10)
+        return real_embed(image)
+
+    monkeypatch.setattr(session.sam, "_embed", slow_embed)
+    outcome, said, records = [], [], []
+    loading = threading.Thread(target=lambda: outcome.append(session.load_prompts_file(path)))
+    loading.start()
+    assert started.wait(10)
+
+    def track() -> None:
+        session.begin_job()
+        try:
+            records.append(session.track(OPTIONS, progress=lambda fraction, text: said.append(text)))
+        finally:
+            session.end_job()
+
+    tracking = threading.Thread(target=track)
+    tracking.start()
+    time.sleep(0.5)
+    assert tracking.is_alive() and said == ["Waiting for the clicks still being segmented…"]
+    release.set()
+    loading.join(10)
+    tracking.join(60)
+    assert outcome and outcome[0][0].startswith("loaded prompts file later_prompts.json: 1 prompt for object 2")
+    assert records and records[0].objects == {2} and load_prompts(records[0].prompts_file) == loaded
+
+    refused = []
+
+    def load_midway(fraction: float, text: str) -> None:
+        if "frame 2 / " in text and not refused:
+            embedded = len(session.sam.embedded)
+            with pytest.raises(TrackerError) as error:
+                session.load_prompts_file(path)
+            refused.append(str(error.value))
+            assert len(session.sam.embedded) == embedded, "the refused load ran SAM"
+
+    session._embeddings.clear()
+    session.begin_job()
+    try:
+        session.track(OPTIONS, full=True, progress=load_midway)
+    finally:
+        session.end_job()
+    assert refused == ["a tracking job is running: wait for it or press Cancel first"]
+    assert written_prompts(session) == loaded
 
 
 def test_a_click_waiting_for_sams_encoder_leaves_the_session_usable(session, monkeypatch):

@@ -467,6 +467,12 @@ class EditSession:
         if self.job_running:
             raise TrackerError("a tracking job is running: wait for it or press Cancel first")
 
+    def _require_prompts_unread(self) -> None:
+        """Every object may be replaced unless a job tracks them: one that has not read its prompts yet waits for
+        announced clicks (`_await_clicks`), and so tracks what replaces them."""
+        if self.job_running and self._job_objects is not None:
+            self._require_idle()
+
     # -- objects ---------------------------------------------------------
     def add_object(self) -> int:
         """A new object with the next free id (and so its own colour); it becomes the current one. Past the
@@ -543,10 +549,19 @@ class EditSession:
         try:
             return self._click(frame, display_xy, mode, video_loads, object_id)
         finally:
-            with self._clicks_settled:
-                if self._announced:
-                    self._announced.popleft()
-                self._clicks_settled.notify_all()
+            self._settled()
+
+    def _announce(self) -> None:
+        """Clicks are on their way from now on: a Track pressed meanwhile waits for them (`_await_clicks`)."""
+        with self._clicks_settled:
+            self._announced.append(time.monotonic())
+
+    def _settled(self) -> None:
+        """The oldest announced click has its mask, or failed."""
+        with self._clicks_settled:
+            if self._announced:
+                self._announced.popleft()
+            self._clicks_settled.notify_all()
 
     def _click(self, frame: int, display_xy: tuple[float, float], mode: str, video_loads: int | None,
                object_id: int | None) -> str:
@@ -667,8 +682,7 @@ class EditSession:
         """What to show while a click on `frame` waits for its mask (said before the click runs, without the
         session's lock). The click counts as made from now on: a Track pressed before its mask comes waits for it.
         """
-        with self._clicks_settled:
-            self._announced.append(time.monotonic())
+        self._announce()
         # On a CPU a job under way pauses between its frames for the click (`Tracker.click_work`); on a GPU the
         # click runs beside it in milliseconds.
         shared = (" A tracking job (this page's or another's) is under way on this machine's CPU: it pauses for "
@@ -982,7 +996,7 @@ class EditSession:
                 if not self._announced:
                     return
                 if progress is not None:
-                    progress(0.0, "Waiting for the last click to be segmented…")
+                    progress(0.0, "Waiting for the clicks still being segmented…")
                 self._clicks_settled.wait(0.5)
         raise Cancelled("tracking was cancelled")
 
@@ -1019,9 +1033,24 @@ class EditSession:
         finally:
             if self.upload_folder is not None and path.resolve().is_relative_to(self.upload_folder):
                 path.unlink(missing_ok=True)  # read once: the server's copy of the upload has served
+        self._announce()  # a Track pressed while SAM reads the prompts' frames tracks them
+        try:
+            frames = self._load_prompts(prompts, source, progress)
+        finally:
+            self._settled()
+        objects = sorted({prompt.object_id for prompt in prompts})
+        message = (f"loaded {source}: {len(prompts)} prompt{'s' * (len(prompts) > 1)} for "
+                   f"object{'s' * (len(objects) > 1)} {', '.join(map(str, objects))} on "
+                   f"frame{'s' * (len(frames) > 1)} {', '.join(map(str, frames))}, in place of the clicks before; "
+                   "press Track")
+        return message, frames[0]
+
+    def _load_prompts(self, prompts: Sequence[ObjectPrompt], source: str,
+                      progress: ProgressReport | None) -> list[int]:
+        """`load_prompts_file`'s SAM work and taking the prompts; returns the prompts' frames, in order."""
         with self._clicking:  # one click at a time, and a load counts as clicks
             with self.lock:
-                self._require_idle()
+                self._require_prompts_unread()
                 info = self.require_video()
                 try:
                     check_prompts(prompts, info.width, info.height, info.frame_count, info.present_frames)
@@ -1050,14 +1079,9 @@ class EditSession:
             with self.lock:
                 if self.video_loads != loads:
                     raise ClickDropped("the video was replaced while the prompts file was loading")
-                self._require_idle()
+                self._require_prompts_unread()
                 self._take_prompts(prompts, masks)
-        objects = sorted({prompt.object_id for prompt in prompts})
-        message = (f"loaded {source}: {len(prompts)} prompt{'s' * (len(prompts) > 1)} for "
-                   f"object{'s' * (len(objects) > 1)} {', '.join(map(str, objects))} on "
-                   f"frame{'s' * (len(frames) > 1)} {', '.join(map(str, frames))}, in place of the clicks before; "
-                   "press Track")
-        return message, frames[0]
+        return frames
 
     def _take_prompts(self, prompts: Sequence[ObjectPrompt], masks: Mapping[Key, np.ndarray]) -> None:
         """Make `prompts` the objects and clicks, each a first prompt (as clicked on a frame not tracked yet). Each
