@@ -483,13 +483,8 @@ def test_a_prompts_file_that_does_not_fit_the_video_changes_nothing(session, tmp
         nothing.load_prompts_file(tmp_path / "good.json")
 
 
-def test_a_track_pressed_while_a_prompts_file_loads_tracks_its_prompts(session, tmp_path, monkeypatch):
-    """The load's SAM work takes seconds on a CPU: a Track pressed meanwhile waits for it, as for a click; a load
-    while a job tracks its prompts is refused before any SAM work."""
-    click(session, 0, 45, 60)
-    loaded = [ObjectPrompt(2, 3, [(100.0, 30.0)], [1])]
-    path = tmp_path / "later_prompts.json"
-    path.write_text(prompts_to_text(loaded, (W, H)))
+def held_encoder(session: EditSession, monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """SAM's encoder, as slow as a CPU's: it says when it has started, and returns once released."""
     started, release = threading.Event(), threading.Event()
     real_embed = session.sam._embed
 
@@ -499,6 +494,17 @@ def test_a_track_pressed_while_a_prompts_file_loads_tracks_its_prompts(session, 
         return real_embed(image)
 
     monkeypatch.setattr(session.sam, "_embed", slow_embed)
+    return started, release
+
+
+def test_a_track_pressed_while_a_prompts_file_loads_tracks_its_prompts(session, tmp_path, monkeypatch):
+    """The load's SAM work takes seconds on a CPU: a Track pressed meanwhile waits for it, as for a click; a load
+    while a job tracks its prompts is refused before any SAM work."""
+    click(session, 0, 45, 60)
+    loaded = [ObjectPrompt(2, 3, [(100.0, 30.0)], [1])]
+    path = tmp_path / "later_prompts.json"
+    path.write_text(prompts_to_text(loaded, (W, H)))
+    started, release = held_encoder(session, monkeypatch)
     outcome, said, records = [], [], []
     loading = threading.Thread(target=lambda: outcome.append(session.load_prompts_file(path)))
     loading.start()
@@ -514,10 +520,11 @@ def test_a_track_pressed_while_a_prompts_file_loads_tracks_its_prompts(session, 
     tracking = threading.Thread(target=track)
     tracking.start()
     time.sleep(0.5)
-    assert tracking.is_alive() and said == ["Waiting for the clicks still being segmented…"]
+    waiting = tracking.is_alive() and said and set(said) == {"Waiting for the clicks still being segmented…"}
     release.set()
     loading.join(10)
     tracking.join(60)
+    assert waiting, said
     assert outcome and outcome[0][0].startswith("loaded prompts file later_prompts.json: 1 prompt for object 2")
     assert records and records[0].objects == {2} and load_prompts(records[0].prompts_file) == loaded
 
@@ -544,15 +551,7 @@ def test_a_track_pressed_while_a_prompts_file_loads_tracks_its_prompts(session, 
 def test_a_click_waiting_for_sams_encoder_leaves_the_session_usable(session, monkeypatch):
     """The encoder takes seconds on a CPU: meanwhile Cancel, redraws and Undo answer at once."""
     click(session, 0, 45, 60)
-    started, release = threading.Event(), threading.Event()
-    real_embed = session.sam._embed
-
-    def slow_embed(image):
-        started.set()
-        assert release.wait(10)
-        return real_embed(image)
-
-    monkeypatch.setattr(session.sam, "_embed", slow_embed)
+    started, release = held_encoder(session, monkeypatch)
     outcome = []
     assert not session.clicks_waiting()
     session.click_wait(3)  # the page says the click at once; the queue then runs it
