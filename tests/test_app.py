@@ -448,7 +448,7 @@ def test_a_prompts_file_loaded_into_the_page_brings_its_clicks_back(app, browser
     other.write_text(prompts_to_text([ObjectPrompt(1, 0, [(30, 10)])], (320, 240)))
     tab.load_prompts(other)
     tab.wait_status(r"^Error: prompts file other_prompts.json cannot be used on clip.mp4 \(160x120, 12 frames\): "
-                    r"object 1: the prompts were made on a 320x240 video, and this one is 160x120")
+                    r"the prompts were made on a 320x240 video, and this one is 160x120")
     prompts = tmp_path / "clip_prompts.json"
     prompts.write_text(prompts_to_text([ObjectPrompt(2, 4, [OBJECT_1, (60, 70)], [1, 0]),
                                         ObjectPrompt(3, 4, [OBJECT_2])]))

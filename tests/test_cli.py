@@ -126,7 +126,7 @@ def test_prompts_file_on_later_frames(untrained_checkpoints, cpu_tracker, tmp_pa
     ("outside", ["--point", "500,5"], "outside"),
     ("negative point", ["--point", "-5,20"], "point (-5, 20) is outside the 64x48 frame"),
     ("negative click", ["--point", "5,5", "--negative", "-3,4"], "point (-3, 4) is outside the 64x48 frame"),
-    ("negative box", ["--box", "-1,-2,30,40"], "box (-1.0, -2.0, 30.0, 40.0) is outside the 64x48 frame"),
+    ("negative box", ["--box", "-1,-2,30,40"], "box (-1, -2, 30, 40) is outside the 64x48 frame"),
     ("two boxes", ["--box", "1,1,30,30", "--box", "2,2,40,40"], "give one --box"),  # the last one was kept
     ("frame", ["--point", "5,5", "--frame", "99"], "past the end"),
     ("negative frame", ["--point", "5,5", "--frame", "-1"], "prompt frame -1 is negative; the video has frames 0..2"),

@@ -469,9 +469,9 @@ def test_a_prompts_file_that_does_not_fit_the_video_changes_nothing(session, tmp
         "outside the 160x120 frame; x must be in 0..159 and y in 0..119")
     assert "cannot be used on clip.mp4 (160x120, 8 frames): object 2: prompt frame 8 is past the end" in \
         load("long.json", '{"objects": [{"id": 2, "frame": 8, "points": [[30, 10]]}]}')
-    assert load("big_prompts.json", prompts_to_text([ObjectPrompt(1, 0, [(30, 10)])], (320, 240))).endswith(
-        "object 1: the prompts were made on a 320x240 video, and this one is 160x120: the clicks would land "
-        "elsewhere (the prompts of another video?)")
+    assert load("big_prompts.json", prompts_to_text([ObjectPrompt(1, 0, [(30, 10)])], (320, 240))) == (
+        "prompts file big_prompts.json cannot be used on clip.mp4 (160x120, 8 frames): the prompts were made on a "
+        "320x240 video, and this one is 160x120: the clicks would land elsewhere (the prompts of another video?)")
     assert load("notes.json", "points at 30,10").startswith("prompts file notes.json is not valid JSON")
     with (tmp_path / "film.json").open("wb") as big:  # a video picked by mistake
         big.truncate(40 * 2**20)
@@ -520,7 +520,7 @@ def test_a_track_pressed_while_a_prompts_file_loads_tracks_its_prompts(session, 
     tracking = threading.Thread(target=track)
     tracking.start()
     time.sleep(0.5)
-    waiting = tracking.is_alive() and said and set(said) == {"Waiting for the clicks still being segmented…"}
+    waiting = tracking.is_alive() and said and set(said) == {"Waiting for the last click to be segmented…"}
     release.set()
     loading.join(10)
     tracking.join(60)

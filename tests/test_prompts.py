@@ -48,7 +48,7 @@ def test_a_recorded_frame_size_refuses_a_video_of_another_size():
     again = prompts_from_text(text)
     assert again == prompts and [p.frame_size for p in again] == [(160, 120)] * 2
     check_prompts(again, 160, 120, 10)
-    with pytest.raises(PromptError, match=r"^object 1: the prompts were made on a 160x120 video, and this one is "
+    with pytest.raises(PromptError, match=r"^the prompts were made on a 160x120 video, and this one is "
                                           r"320x240: the clicks would land elsewhere"):
         check_prompts(again, 320, 240, 10)
     check_prompts(prompts_from_text(prompts_to_text(prompts)), 320, 240, 10)

@@ -424,8 +424,9 @@ def test_a_file_cut_short_with_its_index_is_said_to_be(tmp_path, ending, caplog)
     assert [record.getMessage() for record in caplog.records] == [f"cut{ending}: {truncation_note(info)}"]
     assert info.cut_short == pytest.approx(30 / FPS, abs=0.05) and info.truncated_to is None
     assert info.frame_count == len(list(iter_frames(cut))) < 30
-    assert truncation_note(info).startswith("the file seems cut short (an unfinished download or copy?): its header "
-                                            f"says it lasts 1.2 s, but its frames end at {info.duration:.1f} s")
+    assert truncation_note(info).startswith(
+        "the file seems cut short or damaged (an unfinished download or copy?): its header says it lasts 1.2 s, but "
+        f"its frames end at {info.duration:.1f} s")
     assert probe(whole).cut_short is None and truncation_note(probe(whole)) is None
 
 

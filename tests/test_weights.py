@@ -163,7 +163,9 @@ def test_present_file_with_wrong_size_or_content_is_refused(monkeypatch, tmp_pat
     with pytest.raises(WeightsError) as err:
         weights.ensure_weights("blob", path)
     assert f"sha256 {hashlib.sha256(BLOB[::-1]).hexdigest()}, expected {entry.sha256}" in str(err.value)
-    assert "delete" in str(err.value)
+    assert str(err.value).endswith(f"delete {path} and run again, which fetches it afresh (or: python -m tracker "
+                                   "weights download)"), "the run did not forbid downloads: no word of --no-download"
+
 
 
 def test_offline_error_says_what_to_download_and_where(monkeypatch, tmp_path):

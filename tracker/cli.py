@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     track.add_argument("--masks", metavar="ZIP", help="also write one palettised PNG per frame, zipped (a folder: "
                        "<name>_masks.zip in it)")
     track.add_argument("--size", type=int, default=480, help="shorter side of the working resolution in pixels "
-                       "(0: original; default 480)")
+                       "(0: original; default 480; a smaller video is tracked at its own, never upscaled)")
     track.add_argument("--alpha", type=float, default=0.5, help="overlay opacity, 0 to 1 (default 0.5)")
     track.add_argument("--outline", type=int, default=2,
                        help=f"outline width in pixels, 0 (none) to {MAX_OUTLINE} (default 2)")

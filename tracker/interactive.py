@@ -996,7 +996,7 @@ class EditSession:
                 if not self._announced:
                     return
                 if progress is not None:
-                    progress(0.0, "Waiting for the clicks still being segmented…")
+                    progress(0.0, "Waiting for the last click to be segmented…")
                 self._clicks_settled.wait(0.5)
         raise Cancelled("tracking was cancelled")
 

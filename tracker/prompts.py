@@ -79,7 +79,7 @@ class ObjectPrompt:
         if not 1 <= self.object_id <= 255:
             raise PromptError(f"{who}: object ids must be between 1 and 255")
         if self.frame_size is not None and tuple(self.frame_size) != (width, height):
-            raise PromptError(f"{who}: the prompts were made on a {self.frame_size[0]}x{self.frame_size[1]} video, "
+            raise PromptError(f"the prompts were made on a {self.frame_size[0]}x{self.frame_size[1]} video, "
                               f"and this one is {width}x{height}: the clicks would land elsewhere (the prompts of "
                               "another video?)")
         if problem := frame_problem(self.frame, frame_count, present_frames):
@@ -104,10 +104,11 @@ class ObjectPrompt:
                 )
         if self.box is not None:
             x0, y0, x1, y1 = self.box
+            box = f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g})"  # as the points are written
             if not (0 <= min(x0, x1) and max(x0, x1) <= width and 0 <= min(y0, y1) and max(y0, y1) <= height):
-                raise PromptError(f"{who}: box {self.box} is outside the {width}x{height} frame")
+                raise PromptError(f"{who}: {box} is outside the {width}x{height} frame")
             if abs(x1 - x0) < 1 or abs(y1 - y0) < 1:
-                raise PromptError(f"{who}: box {self.box} has zero area; drag two distinct corners")
+                raise PromptError(f"{who}: {box} has zero area; drag two distinct corners")
 
 
 def check_prompts(prompts: Sequence[ObjectPrompt], width: int, height: int, frame_count: int,

@@ -201,7 +201,8 @@ def probe(path: str | Path) -> VideoInfo:
         first = next(_past_frame_thread_failure(path, _decoded(container, stream, []), []), None)
         if first is None:
             raise VideoError(f"{path.name}: no frame of its video stream can be decoded; "
-                             "the file is damaged or uses an unsupported codec, re-export it as H.264 MP4")
+                             "the file is damaged (a cut that kept no keyframe, say) or uses an unsupported codec, "
+                             "re-export it as H.264 MP4")
         rotation = _clockwise(first)
         height, width = (first.width, first.height) if rotation in (90, 270) else (first.height, first.width)
         codec, pix_fmt = stream.codec.canonical_name, first.format.name
@@ -250,7 +251,7 @@ def probe(path: str | Path) -> VideoInfo:
 def truncation_note(info: VideoInfo) -> str | None:
     """What to tell the user about a truncated video (None for a whole one)."""
     if info.cut_short is not None:
-        return (f"the file seems cut short (an unfinished download or copy?): its header says it lasts "
+        return (f"the file seems cut short or damaged (an unfinished download or copy?): its header says it lasts "
                 f"{info.cut_short:.1f} s, but its frames end at {info.duration:.1f} s; the {info.frame_count} "
                 "frames present are all that can be shown or tracked")
     if info.truncated_to is None:

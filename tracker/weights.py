@@ -90,7 +90,7 @@ def ensure_weights(name: str, path: str | Path | None = None, *, download: bool 
     entry = _entry(name)
     dest = _destination(entry, path)
     if dest.exists():
-        _verify_present(entry, dest)
+        _verify_present(entry, dest, download)
         return dest
     if not download:
         raise WeightsError(f"{entry.title} weights not found at {dest}: {_by_hand(entry, dest)}")
@@ -331,15 +331,18 @@ def _official_source(layout: str) -> str:
     return f"{entry.url} ({_facts(entry)})"
 
 
-# How a checkpoint deleted for failing its check comes back (a run with --no-download does not fetch it).
-REFETCH = "fetch it afresh: python -m tracker weights download (or run again without --no-download)"
+def _refetch(download: bool) -> str:
+    """How a checkpoint deleted for failing its check comes back (a run with --no-download does not fetch it)."""
+    if download:
+        return "run again, which fetches it afresh (or: python -m tracker weights download)"
+    return "fetch it afresh: python -m tracker weights download (or run again without --no-download)"
 
 
-def _verify_present(entry: WeightsEntry, dest: Path) -> None:
+def _verify_present(entry: WeightsEntry, dest: Path, download: bool) -> None:
     actual_size = dest.stat().st_size
     if entry.size is not None and actual_size != entry.size:
         raise WeightsError(f"{dest} has {actual_size} bytes but the official {entry.title} checkpoint has "
-                           f"{entry.size}: delete {dest} and {REFETCH}")
+                           f"{entry.size}: delete {dest} and {_refetch(download)}")
     expected, origin = _expected_sha256(entry, dest)
     if expected is None:
         verify_layout(load_checkpoint(dest, entry.layout), entry.layout, source=dest)
@@ -348,7 +351,7 @@ def _verify_present(entry: WeightsEntry, dest: Path) -> None:
     if actual != expected:
         remove = dest if entry.sha256 else f"{dest} and {_record_path(dest)}"
         raise WeightsError(f"{dest} has sha256 {actual}, expected {expected} (from {origin}): "
-                           f"delete {remove} and {REFETCH}")
+                           f"delete {remove} and {_refetch(download)}")
 
 
 def _expected_sha256(entry: WeightsEntry, dest: Path) -> tuple[str | None, str]:
