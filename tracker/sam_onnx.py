@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib.util
 import logging
 import os
 import shlex
@@ -621,12 +622,9 @@ def check_export(checkpoint: str | Path, path: str | Path, graph: Graph) -> None
 
 
 def onnxruntime_installed() -> bool:
-    """Whether the ONNX backend can run at all here."""
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether the ONNX backend can run at all here. Found, not imported: importing ONNX Runtime writes a `.ses`
+    file into $TMPDIR, which a run that never uses it should not leave."""
+    return importlib.util.find_spec("onnxruntime") is not None
 
 
 def onnx_ready(checkpoint: str | Path, device: torch.device) -> str | None:
