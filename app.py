@@ -543,9 +543,15 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             image, caption = shown(session, frame, *held_style(alpha_value, outline_value))
             return message, image, frame, caption, object_choices(session), legend(session)
 
-        load_prompts.upload(on_load_prompts, [load_prompts, *style],
-                            [status, frame_image, frame_slider, frame_info, object_select, object_legend],
-                            **sam_queue)
+        @show_errors(outputs=1)
+        def on_load_prompts_begin(path: str | None, request: gr.Request):
+            """Say the load at once, as a click is said: a Track pressed from now on waits for it."""
+            return gr.skip() if path is None else session_of(request).prompts_file_wait(path)
+
+        (load_prompts.upload(on_load_prompts_begin, load_prompts, status, queue=False, show_progress="hidden")
+         .then(on_load_prompts, [load_prompts, *style],
+               [status, frame_image, frame_slider, frame_info, object_select, object_legend], show_progress_on=status,
+               **sam_queue))
 
         # Track runs in two steps: an immediate one marks the job (so that Cancel reaches it even while it
         # waits in the queue) and says why it may not run; the queued one tracks, or shows that reason (an

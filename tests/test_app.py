@@ -469,6 +469,17 @@ def test_a_prompts_file_loaded_into_the_page_brings_its_clicks_back(app, browser
     (tmp_path / "downloads").mkdir()
     assert load_prompts(tab.download("clip_prompts.json", tmp_path / "downloads")) == \
         [ObjectPrompt(2, 4, [OBJECT_1]), ObjectPrompt(3, 4, [OBJECT_2])]
+    # Track pressed while a file's masks are still being made (SAM's encoder on a frame not read yet): the job
+    # waits for them and tracks the file's prompts.
+    later = tmp_path / "later_prompts.json"
+    later.write_text(prompts_to_text([ObjectPrompt(1, 9, [OBJECT_2])], (W, H)))
+    tab.load_prompts(later)
+    tab.wait_status("^Loading prompts file later_prompts.json: SAM reads the frames of its prompts")
+    tab.page.locator("#track-button").click()
+    done = tab.wait_status(r"^(Done|Error|Cancelled)", TRACK_SECONDS)
+    assert done.startswith("Done: "), done
+    (tmp_path / "again").mkdir()
+    assert load_prompts(tab.download("clip_prompts.json", tmp_path / "again")) == [ObjectPrompt(1, 9, [OBJECT_2])]
     tab.page.close()
 
 

@@ -506,6 +506,9 @@ def test_a_track_pressed_while_a_prompts_file_loads_tracks_its_prompts(session, 
     path.write_text(prompts_to_text(loaded, (W, H)))
     started, release = held_encoder(session, monkeypatch)
     outcome, said, records = [], [], []
+    # As the page does: the load is said at once, then waits its turn for SAM.
+    assert session.prompts_file_wait(path) == ("Loading prompts file later_prompts.json: SAM reads the frames of "
+                                               "its prompts (a moment on a GPU, seconds a frame on a CPU)…")
     loading = threading.Thread(target=lambda: outcome.append(session.load_prompts_file(path)))
     loading.start()
     assert started.wait(10)
@@ -520,12 +523,15 @@ def test_a_track_pressed_while_a_prompts_file_loads_tracks_its_prompts(session, 
     tracking = threading.Thread(target=track)
     tracking.start()
     time.sleep(0.5)
-    waiting = tracking.is_alive() and said and set(said) == {"Waiting for the last click to be segmented…"}
+    waiting = tracking.is_alive() and said and set(said) == {"Waiting for the masks of prompts file "
+                                                             "later_prompts.json…"}
     release.set()
     loading.join(10)
     tracking.join(60)
     assert waiting, said
-    assert outcome and outcome[0][0].startswith("loaded prompts file later_prompts.json: 1 prompt for object 2")
+    assert outcome and outcome[0][0] == ("loaded prompts file later_prompts.json: 1 prompt for object 2 on frame "
+                                         "3, in place of the clicks before; the Track pressed meanwhile tracks them")
+    assert not session.clicks_waiting(), "the load was said once and settled once"
     assert records and records[0].objects == {2} and load_prompts(records[0].prompts_file) == loaded
 
     refused = []

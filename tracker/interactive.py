@@ -346,6 +346,8 @@ class EditSession:
         # When each click said on the page (`click_wait`) and not yet segmented was said: Track waits for them.
         self._announced: deque[float] = deque()
         self._pending: deque[PendingClick] = deque()  # clicks queued by `queue_click`, oldest first
+        self._loading: str | None = None  # the prompts file whose masks SAM is making, as the page names it
+        self._files_announced: set[str] = set()  # prompts files `prompts_file_wait` said, not yet loaded
         self._clicks_settled = threading.Condition()
         self.job_ended = threading.Condition(self.lock)
         self.cancel = threading.Event()
@@ -996,7 +998,8 @@ class EditSession:
                 if not self._announced:
                     return
                 if progress is not None:
-                    progress(0.0, "Waiting for the last click to be segmented…")
+                    progress(0.0, "Waiting for the last click to be segmented…" if self._loading is None else
+                             f"Waiting for the masks of {self._loading}…")
                 self._clicks_settled.wait(0.5)
         raise Cancelled("tracking was cancelled")
 
@@ -1017,6 +1020,15 @@ class EditSession:
         finally:
             self.end_job()
 
+    def prompts_file_wait(self, path: str | Path) -> str:
+        """What to show while a prompts file waits for `load_prompts_file` (said before it runs, as `click_wait`
+        says a click): a Track pressed from now on waits for the load and tracks its prompts."""
+        with self._clicks_settled:
+            self._files_announced.add(str(Path(path)))
+            self._announce()
+        return (f"Loading prompts file {Path(path).name}: SAM reads the frames of its prompts (a moment on a GPU, "
+                "seconds a frame on a CPU)…")
+
     def load_prompts_file(self, path: str | Path, progress: ProgressReport | None = None) -> tuple[str, int]:
         """Take a prompts file (the app's download, or one written for the CLI) in place of every object and
         click, as if clicked here: the clicks of a closed tab come back. Each prompt gets its mask, SAM's
@@ -1024,30 +1036,37 @@ class EditSession:
         the earliest prompt's frame, for the page to show.
 
         The prompts are first prompts, as the CLI reads them; a tracked result stays, and Track re-runs what
-        they change.
+        they change. A Track pressed meanwhile waits for them.
         """
         path = Path(path)
         source = f"prompts file {path.name}"  # an upload keeps the user's file name
+        with self._clicks_settled:
+            if str(path) in self._files_announced:
+                self._files_announced.discard(str(path))
+            else:
+                self._announce()
         try:
-            prompts = load_prompts(path, path.name)
+            try:
+                prompts = load_prompts(path, path.name)
+            finally:
+                if self.upload_folder is not None and path.resolve().is_relative_to(self.upload_folder):
+                    path.unlink(missing_ok=True)  # read once: the server's copy of the upload has served
+            self._loading = source
+            frames, tracked_meanwhile = self._load_prompts(prompts, source, progress)
         finally:
-            if self.upload_folder is not None and path.resolve().is_relative_to(self.upload_folder):
-                path.unlink(missing_ok=True)  # read once: the server's copy of the upload has served
-        self._announce()  # a Track pressed while SAM reads the prompts' frames tracks them
-        try:
-            frames = self._load_prompts(prompts, source, progress)
-        finally:
+            self._loading = None
             self._settled()
         objects = sorted({prompt.object_id for prompt in prompts})
         message = (f"loaded {source}: {len(prompts)} prompt{'s' * (len(prompts) > 1)} for "
                    f"object{'s' * (len(objects) > 1)} {', '.join(map(str, objects))} on "
                    f"frame{'s' * (len(frames) > 1)} {', '.join(map(str, frames))}, in place of the clicks before; "
-                   "press Track")
+                   + ("the Track pressed meanwhile tracks them" if tracked_meanwhile else "press Track"))
         return message, frames[0]
 
     def _load_prompts(self, prompts: Sequence[ObjectPrompt], source: str,
-                      progress: ProgressReport | None) -> list[int]:
-        """`load_prompts_file`'s SAM work and taking the prompts; returns the prompts' frames, in order."""
+                      progress: ProgressReport | None) -> tuple[list[int], bool]:
+        """`load_prompts_file`'s SAM work and taking the prompts; returns the prompts' frames, in order, and
+        whether a job waits to track them."""
         with self._clicking:  # one click at a time, and a load counts as clicks
             with self.lock:
                 self._require_prompts_unread()
@@ -1081,7 +1100,7 @@ class EditSession:
                     raise ClickDropped("the video was replaced while the prompts file was loading")
                 self._require_prompts_unread()
                 self._take_prompts(prompts, masks)
-        return frames
+                return frames, self.job_running
 
     def _take_prompts(self, prompts: Sequence[ObjectPrompt], masks: Mapping[Key, np.ndarray]) -> None:
         """Make `prompts` the objects and clicks, each a first prompt (as clicked on a frame not tracked yet). Each
