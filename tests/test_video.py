@@ -358,6 +358,16 @@ def test_writer_runs_in_another_thread(clip, tmp_path):
     assert probe(tmp_path / "threaded.mp4").frame_count == 10
 
 
+def test_the_encoder_leaves_a_quarter_of_the_cores_to_the_rest_of_the_pipeline(clip, tmp_path, monkeypatch):
+    assert [video.encoder_threads(cores) for cores in (1, 2, 4, 16, 64)] == [1, 1, 3, 12, 48]
+    monkeypatch.setattr(video.os, "cpu_count", lambda: 8)
+    writer = VideoWriter(tmp_path / "threads.mp4", probe(clip))
+    try:
+        assert writer._video.codec_context.thread_count == 6
+    finally:
+        writer.abort()
+
+
 def test_vp9_cutout_keeps_its_alpha(clip, tmp_path):
     info = probe(clip)
     cx, cy = disc_centre(0, FRAMES, WIDTH, HEIGHT)

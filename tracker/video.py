@@ -1006,6 +1006,16 @@ BT709 = 1
 LIMITED_RANGE = 1
 
 
+def encoder_threads(cores: int | None = None) -> int:
+    """Threads for the video encoder: three quarters of the cores, the rest left to the decoder and the tracker.
+
+    FFmpeg's default of one thread halves libx264's rate on a 16-core machine, but every core is too many
+    there: beside the decoder's threads, 12 encoder threads ran 1080p file to file 6-25% faster than 16 on
+    H100 hosts (720p 2-3%).
+    """
+    return max(1, (cores or os.cpu_count() or 1) * 3 // 4)
+
+
 def _encoder_options(codec: str, crf: int, preset: str, field_order: str | None,
                      uneven: bool = False) -> dict[str, str]:
     # swscale and `colour.rgb_to_yuv420` both put chroma between pixel pairs; unsaid, H.264 is read as
@@ -1164,8 +1174,7 @@ class VideoWriter(AtomicWriter):
             stream.metadata["timecode"] = self.info.timecode
         if self.info.pixel_aspect != 1:  # H.264 carries it (and MP4/MOV a box of their own); VP9 WebM cannot here
             stream.codec_context.sample_aspect_ratio = self.info.pixel_aspect
-        # Every core: FFmpeg's default of one encoder thread halves libx264's rate on a 16-core machine.
-        stream.codec_context.thread_count = os.cpu_count() or 1
+        stream.codec_context.thread_count = encoder_threads()
         return stream
 
     def write(self, image: np.ndarray | YuvPicture, pts: int | None, time: float) -> None:
