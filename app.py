@@ -7,12 +7,14 @@ and its event wiring only; editing state and logic live in
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import html
 import logging
 import math
 import os
 import signal
+import socket
 import sys
 import tempfile
 import warnings
@@ -135,10 +137,37 @@ def pixel_count(text: str) -> int:
     return count
 
 
+def port_number(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port: use 1 to 65535")
+    return port
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """Refuse an address the server cannot listen on before the weights load: Gradio refuses it only after,
+    with a traceback that names its own settings rather than --host and --port."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise TrackerError(f"--host {host}: {exc.strerror}; give an address such as 127.0.0.1 or 0.0.0.0") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server itself binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            why = "is in use" if exc.errno == errno.EADDRINUSE else f"cannot be listened on ({exc.strerror or exc})"
+            raise TrackerError(f"port {port} on {host} {why}; pick another with --port") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python app.py", description="Track anything you click: the web app.")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
+    parser.add_argument("--port", type=port_number, default=7860, help="port to listen on (default 7860)")
     parser.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
     parser.add_argument("--max-upload-mb", type=float, default=1024, help="largest upload accepted, in MB "
                         "(default 1024)")
@@ -450,6 +479,9 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
         def on_click_begin(frame, mode: str, alpha_value, outline_value, event: gr.SelectData,
                            request: gr.Request):
             session = session_of(request)
+            if not isinstance(event.index, (list, tuple)) or None in event.index:  # Enter or Space on the picture
+                return ("Clicks need a point on the picture: click it with the mouse or tap it, or load them from "
+                        "a prompts file (Load clicks from a prompts file)")
             x, y = event.index
             message = session.queue_click(held_view(session, frame, alpha_value, outline_value)[0],
                                           (float(x), float(y)), mode)
@@ -614,20 +646,22 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                                     encoder_preset, crf, sam_backend],
                          [status, *results], show_progress_on=status, concurrency_limit=TRACK_JOBS,
                          concurrency_id="track"))
-        tracked.then(lambda: (gr.update(interactive=True), gr.update(interactive=False), gr.update(interactive=True)),
+        tracked.then(lambda: (gr.update(interactive=True), gr.update(interactive=False, value="Cancel"),
+                              gr.update(interactive=True)),
                      None, job_controls, queue=False)
         # The frame the slider is on now (the user may have moved it during the run), with the new masks.
         tracked.then(on_frame, [frame_slider, *style], [status, frame_image, frame_info], show_progress="hidden",
                      queue=False, preprocess=False)
 
         def on_cancel(request: gr.Request):
-            """Greys the button out and leaves the status to the job: its "Cancelled" comes through the queue,
-            and a status sent from here could arrive after it (or after its "Done") and stay."""
+            """Greys the button out, saying "Cancelling…" until the job ends, and leaves the status to the job:
+            its "Cancelled" comes through the queue (for a job still held there, only when its turn comes), and a
+            status sent from here could arrive after it (or after its "Done") and stay."""
             try:
                 session_of(request).request_cancel()
             except TrackerError as exc:  # a closed page's: nothing of it runs
                 toast(str(exc))
-            return gr.update(interactive=False)
+            return gr.update(interactive=False, value="Cancelling…")
 
         cancel_button.click(on_cancel, None, cancel_button, queue=False)
 
@@ -654,7 +688,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             api_outputs = [gr.File(label="tracked video"), gr.File(label="masks zip"), gr.Textbox(label="summary")]
             api_trigger = gr.Button()
 
-        def api_track(video: str | None, prompts: str, size_value: float, request: gr.Request,
+        def api_track(video: str | None, prompts: str, size: float | None, request: gr.Request,
                       progress=gr.Progress()) -> tuple[str, str, str]:
             """Track the objects the prompts pick (JSON, as the CLI's --prompts file) through the video."""
             if video is None:
@@ -662,7 +696,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             try:
                 record = store.get(request.session_hash, reopen=True).track_prompts(
                     video, prompts or "", limits,
-                    TrackOptions(size=defaults.size if size_value is None else size_value, precision=precision),
+                    TrackOptions(size=defaults.size if size is None else size, precision=precision),
                     progress=lambda fraction, text: progress(fraction, desc=text))
             except Cancelled:
                 raise gr.Error("the job was cancelled (the session ended)", print_exception=False) from None
@@ -692,6 +726,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message="UNTRAINED WEIGHTS")  # said below, and on the page
     try:
+        check_can_listen(args.host, args.port)
         tracker = Tracker(args.sam_checkpoint, args.xmem_checkpoint, device=args.device,
                           sam_backend=args.sam_backend, sam_precision=args.sam_precision,
                           download=not args.no_download)
@@ -713,6 +748,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Stopping the server (Ctrl-C or SIGTERM) removes every session's files, and the frames Gradio cached
     # for the pages (its shutdown deletes them; a SIGTERM would otherwise end the process before it runs).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    status = 0
     try:
         demo.queue(default_concurrency_limit=1).launch(
             server_name=args.host, server_port=args.port, share=args.share, allowed_paths=[],
@@ -720,6 +756,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             footer_links=[])
     except SystemExit:  # SIGTERM
         pass
+    except OSError as exc:  # the port taken while the weights loaded, say
+        print(f"error: the server could not start on {args.host}:{args.port} ({exc}); pick another with --port",
+              file=sys.stderr)
+        status = 2
     finally:
         demo.close(verbose=False)
         store.close_all()
@@ -730,7 +770,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.flush()
     # Not the interpreter's exit: a handler thread still inside a PyTorch call (a click's SAM encoder) would
     # abort it ("terminate called without an active exception"); everything worth keeping is done above.
-    os._exit(0)
+    os._exit(status)
 
 
 if __name__ == "__main__":

@@ -648,6 +648,23 @@ def test_a_precision_the_device_cannot_run_is_refused_at_start(untrained_checkpo
     assert "error: fp16 runs on CUDA GPUs only; on the CPU use bf16 or fp32" in done.stderr
 
 
+def test_a_port_the_server_cannot_take_is_one_line_of_error_before_the_weights_load(tmp_path):
+    missing = {"--sam-checkpoint": tmp_path / "no_sam.pth", "--xmem-checkpoint": tmp_path / "no_xmem.pth"}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "app.py", "--no-download", "--port", str(port),
+                               *(str(part) for item in missing.items() for part in item)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip() == f"error: port {port} on 127.0.0.1 is in use; pick another with --port"
+    for typed, message in (("99999", "99999 is not a port: use 1 to 65535"), ("http", "'http' is not a port")):
+        done = subprocess.run([sys.executable, "app.py", "--port", typed], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
 def test_the_frame_size_limit_is_typed_as_the_readme_gives_it():
     for typed, message in (("3840x", "is not a size such as 3840x2160"), ("0x1080", "must be above 0")):
         done = subprocess.run([sys.executable, "app.py", "--max-pixels", typed], cwd=ROOT, capture_output=True,

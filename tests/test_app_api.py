@@ -134,6 +134,7 @@ def test_api_errors_are_messages(untrained_checkpoints, clips, tmp_path):
             for prompts, message in (
                 ("{not json", "^the prompts text is not valid JSON"),
                 ("", "^the prompts text is empty: give JSON such as"),
+                ("clip_prompts.json", "^the prompts text 'clip_prompts.json' is a file name: send the file's JSON"),
                 (json.dumps({"objects": [{"id": 1, "points": [[500, 5]]}]}), "outside the 96x64 frame"),
                 (json.dumps({"objects": []}), "no object selected"),
                 ("[" * 100_000 + "]" * 100_000, "^the prompts text is not valid prompts JSON"),
@@ -146,6 +147,9 @@ def test_api_errors_are_messages(untrained_checkpoints, clips, tmp_path):
                 with pytest.raises(AppError, match="not a video FFmpeg can read"):
                     client.predict(handle_file(str(notes)), Job(0, 0, "client0.mp4").prompts(), size,
                                    api_name="/track")
+            with pytest.raises(AppError, match="not a video FFmpeg can read"):  # by the names the API page gives
+                client.predict(video=handle_file(str(notes)), prompts=Job(0, 0, "client0.mp4").prompts(), size=240,
+                               api_name="/track")
         finally:
             client.close()
     assert "Traceback" not in server.log.read_text()  # a client's mistakes are a line each in the log

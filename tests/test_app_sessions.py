@@ -112,6 +112,8 @@ def test_cancel_stops_the_job_and_the_app_stays_usable(app, browser, clips, tmp_
     stopped = time.monotonic() - pressed
     print(f"cancel took {stopped:.2f} s")
     assert stopped < 5  # one frame of untrained XMem on a busy 2-core CPU, plus the page round trip
+    user.page.wait_for_function(  # it said "Cancelling…" meanwhile
+        "() => document.querySelector('#cancel-button').textContent.trim() === 'Cancel'", timeout=10_000)
     assert user.download_names() == [], "no partial result is offered"
     assert user.page.locator("#result-video video").count() == 0
     user.page.wait_for_function("() => !document.querySelector('#track-button').disabled")

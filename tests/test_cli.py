@@ -183,12 +183,13 @@ def test_bad_input_exits_2_with_one_line_before_the_weights_load(case, args, mes
     assert not out.exists() and list(tmp_path.glob("out*")) == []
 
 
-def test_debug_after_the_command_shows_the_traceback(tmp_path):
+def test_debug_after_the_command_adds_the_traceback(tmp_path):
     clip = make_clip(tmp_path / "clip.mp4", frames=2, width=32, height=32, audio=False)
     done = run_cli("track", clip, "--point", "50,5", "--debug")
-    assert done.returncode == 1 and "Traceback" in done.stderr and "PromptError" in done.stderr, done.stderr
+    assert done.returncode == 2 and "Traceback" in done.stderr and "PromptError" in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1].startswith("error: "), "the same last line and exit code as without it"
     quiet = run_cli("--debug", "track", clip, "--point", "50,5")  # before the command, as before
-    assert quiet.returncode == 1 and "PromptError" in quiet.stderr
+    assert quiet.returncode == 2 and "PromptError" in quiet.stderr
 
 
 def as_from_a_terminal() -> None:

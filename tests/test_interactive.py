@@ -812,6 +812,14 @@ def test_idle_sessions_go_while_no_request_comes(tmp_path, disc_tracker):
     while session.directory.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not session.directory.exists() and len(store) == 0
+    folders = set((tmp_path / "root").iterdir())
+    for _ in range(2):  # the page left open is told, not handed an empty session as if nothing had happened
+        with pytest.raises(TrackerError, match=r"^this page's session ended after 0.4 s without use, and its files "
+                                               r"with it; reload the page \(a prompts file you downloaded brings its "
+                                               r"clicks back\)$"):
+            store.get("browser-1")
+    assert set((tmp_path / "root").iterdir()) == folders and len(store) == 0
+    assert store.get("browser-2") is not session  # a reloaded page
     store.close_all()
 
 

@@ -168,7 +168,8 @@ def test_a_box_given_by_its_other_two_corners_is_the_same_box():
     (lambda: ObjectPrompt(2.5, points=[(1, 2)]), "an object id must be a whole number, not 2.5"),
     (lambda: ObjectPrompt(1, frame=1.5, points=[(1, 2)]), "the prompt frame must be a whole number, not 1.5"),
     (lambda: ObjectPrompt(1, frame="2", points=[(1, 2)]), "the prompt frame must be a whole number, not '2'"),
-    (lambda: check_prompts(ObjectPrompt(1, points=[(1, 2)]), 10, 10, 3), "prompts must be a list of ObjectPrompt"),
+    (lambda: check_prompts(ObjectPrompt(1, points=[(1, 2)]), 10, 10, 3),
+     r"prompts must be a list of ObjectPrompt \(a prompts file's: tracker.load_prompts\(path\)\)"),
 ])
 def test_api_prompts_of_the_wrong_type_are_prompt_errors(make, message):
     """Python callers skip the JSON and argparse checks: a wrong type is named, never a TypeError later."""

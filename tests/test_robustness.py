@@ -272,7 +272,8 @@ def test_outputs_that_would_overwrite_the_input_or_each_other_are_refused(tracke
 @pytest.mark.parametrize("paths, message", [
     (dict(output="o.avi"), r"the output video o.avi would be misnamed: end its name in .mp4, .m4v, .mov or .mkv"),
     (dict(masks="m.tar"), "m.tar would be misnamed: end its name in .zip"),
-    (dict(output="results"), "the output video results has no ending: end its name in .mp4, "),
+    (dict(output="results"), "the output video results has no ending: end its name in .mp4, .* \\(or, for a new "
+                             "folder to hold it, end the name in a slash: results/\\)"),
     (dict(output=".mp4"), "the output video .mp4 has no name before its ending: name it, as in clip.mp4"),
     (dict(masks="pipe.zip"), "the masks zip .*pipe.zip is not a regular file \\(a device or a pipe\\)")])
 def test_outputs_that_are_folders_or_misnamed_are_refused(tracker, clip, tmp_path, paths, message):

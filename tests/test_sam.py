@@ -264,13 +264,15 @@ def test_backend_selection(monkeypatch, backend, untrained_checkpoints):
 
     monkeypatch.setattr(sam, "_BACKENDS", dict(sam._BACKENDS))
     loaded = []
-    sam.register_backend("absent", lambda *a: loaded.append(("absent", a)), available=lambda d: False, priority=9)
+    sam.register_backend("absent", lambda *a: loaded.append(("absent", a)), available=lambda d: False, priority=9,
+                         needs="a GPU")
     sam.register_backend("fast", lambda *a: loaded.append(("fast", a)) or "fast", available=lambda d: True,
                          priority=50)
     assert sam.available_backends("cpu")[0] == "fast"
     assert sam.load_sam("x.pth", "cpu") == "fast"
     assert loaded == [("fast", (Path("x.pth"), torch.device("cpu"), torch.float32))]
-    with pytest.raises(TrackerError, match="'absent' is not available on cpu"):
+    with pytest.raises(TrackerError, match=r"'absent' is not available on cpu \(it needs a GPU\); choose one of: "
+                                           r"auto, fast, .*torch$"):
         sam.load_sam("x.pth", "cpu", backend="absent")
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -155,6 +156,18 @@ def test_onnx_embed_matches_torch(onnx_backend, model):
     assert (got.features - want.features).abs().max() <= 1e-3 * want.features.std()
 
 
+def test_using_onnx_runtime_leaves_nothing_in_tmpdir(checkpoint, onnx_backend, tmp_path):
+    """Its import writes a `.ses` file into TMPDIR; a fresh process that runs the graphs leaves the folder empty."""
+    temp_dir = tmp_path / "tmp"
+    temp_dir.mkdir()
+    code = ("import sys, numpy as np; from tracker.sam_onnx import OnnxSam; "
+            "sam = OnnxSam(sys.argv[1], sys.argv[2]); sam.embed(np.zeros((64, 64, 3), np.uint8))")
+    done = subprocess.run([sys.executable, "-c", code, *map(str, sam_onnx.onnx_paths(checkpoint))], cwd=ROOT,
+                          capture_output=True, text=True, env={**os.environ, "TMPDIR": str(temp_dir)})
+    assert done.returncode == 0, done.stderr
+    assert list(temp_dir.iterdir()) == []
+
+
 def test_onnx_backend_is_registered_and_ready_on_cpu(checkpoint, onnx_backend):
     assert onnx_backend.name == "onnx"
     assert onnx_backend.providers == ["CPUExecutionProvider"]
@@ -222,8 +235,8 @@ def test_an_opset_the_exporters_cannot_write_is_one_line_of_error(checkpoint, tm
                      "--opset", "6")
     assert (result.returncode, result.stderr) == (2, "error: --opset 6: PyTorch's exporters write opset 7 and later "
                                                      "(default 18) (see export_sam_decoder.py --help)\n")
-    result = run_cli("export_sam_decoder.py", "--checkpoint", checkpoint, "--output", tmp_path / "d.onnx",
-                     "--opset", "7")
+    result = run_cli("export_sam_decoder.py", "--checkpoint", checkpoint, "--output", tmp_path / "new" / "d.onnx",
+                     "--opset", "7")  # and the folder it made for the graph goes again
     assert result.returncode == 2 and result.stdout.splitlines() == [
         f"exporting the SAM ViT-B decoder of {checkpoint} (opset 7) ..."]
     assert result.stderr.splitlines()[-1].startswith("error: exporting at opset 7 failed (OnnxExporterError: ONNX "
@@ -231,7 +244,19 @@ def test_an_opset_the_exporters_cannot_write_is_one_line_of_error(checkpoint, tm
     monkeypatch.setattr(sam_onnx, "graph_opset", lambda path: 18)  # as the encoder's exporter does below opset 18
     with pytest.raises(TrackerError, match=r"^the exporter cannot write the decoder at opset 16 \(its graph stayed "
                                            r"at opset 18\); the default opset 18 works$"):
-        sam_onnx.export_checked("decoder", checkpoint, tmp_path / "d.onnx", opset=16, log=lambda line: None)
+        sam_onnx.export_checked("decoder", checkpoint, tmp_path / "a" / "b" / "d.onnx", opset=16,
+                                log=lambda line: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_export_from_a_checkpoint_of_another_network_is_refused_without_a_trace(untrained_checkpoints, tmp_path):
+    """Its layout is the error, said once: no untrained-weights warning as if it were taken, no folder left."""
+    result = run_cli("export_sam_encoder.py", "--checkpoint", untrained_checkpoints["xmem"],
+                     "--output", f"{tmp_path}/graphs/")
+    assert result.returncode == 2 and "UNTRAINED" not in result.stderr, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"error: checkpoint {untrained_checkpoints['xmem']} is not in the SAM ViT-B layout")
+    assert "it looks like XMem weights given in place of SAM ViT-B weights" in line
     assert list(tmp_path.iterdir()) == []
 
 

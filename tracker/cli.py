@@ -7,6 +7,7 @@ import re
 import signal
 import sys
 import threading
+import traceback
 from pathlib import Path
 from typing import Sequence
 
@@ -224,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return {"track": _track, "weights": _weights}[args.command](args)
     except TrackerError as exc:
         if args.debug:
-            raise
+            traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:

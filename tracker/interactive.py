@@ -1010,6 +1010,9 @@ class EditSession:
         The prompts replace any clicks, as if the user had made them on the page.
         """
         info = self.open_video(upload, limits)  # first, so that the session owns (and later removes) the upload
+        if prompts_json.strip().lower().endswith(".json"):  # a client that sent a file's name for its text
+            raise PromptError(f"the prompts text {prompts_json.strip()[:80]!r} is a file name: send the file's "
+                              "JSON text itself")
         prompts = prompts_from_text(prompts_json, "the prompts text")
         check_prompts(prompts, info.width, info.height, info.frame_count, info.present_frames)
         with self.lock:
@@ -1260,6 +1263,14 @@ def _link_or_copy(source: Path, destination: Path) -> None:
 IDLE_SWEEP_SECONDS = 300  # the longest an idle session outstays `idle_seconds` with no request coming
 
 
+def _duration(seconds: float) -> str:
+    """4 h, 30 min, 20 s: an idle limit as a user reads it."""
+    for unit, name in ((3600, "h"), (60, "min")):
+        if seconds >= unit:
+            return f"{seconds / unit:.3g} {name}"
+    return f"{seconds:.3g} s"
+
+
 class SessionStore:
     """Browser session key -> EditSession, each in a random directory under `root`.
 
@@ -1276,9 +1287,10 @@ class SessionStore:
         self.tracker = tracker
         self.idle_seconds = idle_seconds
         self._sessions: dict[str, EditSession] = {}
-        # Keys of closed pages (the latest): an event of theirs still in flight must not start a new session,
-        # whose folder nothing would remove until it idled out.
-        self._closed: OrderedDict[str, None] = OrderedDict()
+        # Keys of closed pages and ended sessions (the latest), with what their events are told: an event still
+        # in flight from a closed page must not start a new session, whose folder nothing would remove until it
+        # idled out, and a page left open past its session's end must not go on as an empty one.
+        self._closed: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
         root.mkdir(parents=True, exist_ok=True)
         self._stopped = threading.Event()
@@ -1298,7 +1310,7 @@ class SessionStore:
             session = self._sessions.get(key)
             if session is None:
                 if key in self._closed and not reopen:
-                    raise TrackerError("this page was closed; reload it")
+                    raise TrackerError(self._closed[key])
                 session = EditSession(self.root / secrets.token_hex(8), self.tracker, self.upload_folder)
                 self._sessions[key] = session
             session.last_used = time.monotonic()
@@ -1308,9 +1320,7 @@ class SessionStore:
         with self._lock:
             session = self._sessions.pop(key, None) if key else None
             if key:
-                self._closed[key] = None
-                while len(self._closed) > CLOSED_KEYS_KEPT:
-                    self._closed.popitem(last=False)
+                self._remember_closed(key, "this page was closed; reload it")
         if session is not None:
             session.close()
 
@@ -1320,8 +1330,18 @@ class SessionStore:
             idle = [key for key, session in self._sessions.items()
                     if not session.job_running and now - session.last_used > self.idle_seconds]
             stale = [self._sessions.pop(key) for key in idle]
+            for key in idle:
+                self._remember_closed(key, f"this page's session ended after {_duration(self.idle_seconds)} "
+                                           "without use, and its files with it; reload the page (a prompts file "
+                                           "you downloaded brings its clicks back)")
         for session in stale:
             session.close()
+
+    def _remember_closed(self, key: str, message: str) -> None:
+        self._closed[key] = message
+        self._closed.move_to_end(key)
+        while len(self._closed) > CLOSED_KEYS_KEPT:
+            self._closed.popitem(last=False)
 
     def close_all(self) -> None:
         self._stopped.set()

@@ -115,7 +115,7 @@ def check_prompts(prompts: Sequence[ObjectPrompt], width: int, height: int, fram
                   present_frames: int | None = None) -> None:
     """Check every prompt and that no object is prompted twice on the same frame."""
     if isinstance(prompts, ObjectPrompt) or not all(isinstance(p, ObjectPrompt) for p in prompts):
-        raise PromptError("prompts must be a list of ObjectPrompt")
+        raise PromptError("prompts must be a list of ObjectPrompt (a prompts file's: tracker.load_prompts(path))")
     if not prompts:
         raise PromptError("no object selected: give at least one object prompt (clicks or a box on a frame)")
     seen: set[tuple[int, int]] = set()

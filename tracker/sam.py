@@ -261,6 +261,7 @@ class BackendEntry:
     priority: int
     # For "auto" only: None when the backend's files for this checkpoint and device are in place, else why not.
     ready: Callable[[Path, torch.device], str | None] | None = None
+    needs: str = ""  # what it needs beyond PyTorch, said where it is offered or refused
 
 
 _BACKENDS: dict[str, BackendEntry] = {}
@@ -269,9 +270,9 @@ _OPTIONAL_BACKEND_MODULES = ("tracker.sam_onnx", "tracker.sam_tensorrt")
 
 def register_backend(name: str, load: Callable[[Path, torch.device, torch.dtype], SamBackend],
                      available: Callable[[torch.device], bool], priority: int = 0,
-                     ready: Callable[[Path, torch.device], str | None] | None = None) -> None:
+                     ready: Callable[[Path, torch.device], str | None] | None = None, needs: str = "") -> None:
     """Make `name` selectable in `load_sam`; "auto" prefers the ready available backend of highest priority."""
-    _BACKENDS[name] = BackendEntry(load, available, priority, ready)
+    _BACKENDS[name] = BackendEntry(load, available, priority, ready, needs)
 
 
 def available_backends(device: str | torch.device = "auto") -> list[str]:
@@ -300,13 +301,19 @@ def load_sam(checkpoint: str | Path, device: str | torch.device = "auto", backen
     if backend == "auto":
         backend = ready_backends(checkpoint, dev)[0]
     elif backend not in usable:
-        known = "unknown" if backend not in _BACKENDS else f"not available on {dev.type}"
-        raise TrackerError(f"SAM backend {backend!r} is {known}; choose one of: auto, {', '.join(usable)}")
+        entry = _BACKENDS.get(backend)
+        what = "unknown" if entry is None else f"not available on {dev.type}" + _needs(entry)
+        choices = ", ".join(name + _needs(_BACKENDS[name]) for name in usable)
+        raise TrackerError(f"SAM backend {backend!r} is {what}; choose one of: auto, {choices}")
     dtype = encoder_dtype(precision, dev)
     if precision != "auto" and backend != "torch":
         log.warning("SAM precision %s is the PyTorch encoder's; the %s backend runs its own (%s)", precision,
                     backend, "the precision its graphs were exported in" if backend == "onnx" else "its engine's")
     return _BACKENDS[backend].load(Path(checkpoint), dev, dtype)
+
+
+def _needs(entry: BackendEntry) -> str:
+    return f" (it needs {entry.needs})" if entry.needs else ""
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

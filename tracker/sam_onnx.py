@@ -24,6 +24,8 @@ import logging
 import os
 import shlex
 import sys
+import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -364,10 +366,11 @@ def export_checked(graph: Graph, checkpoint: str | Path, output: str | Path, *, 
     failed (or half a graph).
     """
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     model = load_model(checkpoint)
     metadata = {META_CHECKPOINT_SHA256: file_sha256(checkpoint)}
     partial = output.with_name(output.name + ".partial")
+    made = [folder for folder in (output.parent, *output.parent.parents) if not folder.exists()]  # deepest first
+    output.parent.mkdir(parents=True, exist_ok=True)
     try:
         log(f"exporting the SAM ViT-B {graph} of {checkpoint} (opset {opset}) ...")
         try:
@@ -397,6 +400,10 @@ def export_checked(graph: Graph, checkpoint: str | Path, output: str | Path, *, 
         return report
     finally:
         partial.unlink(missing_ok=True)
+        if not output.exists():  # nothing written: no empty folders left either
+            for folder in made:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
 
 def export_cli(graph: Graph, argv: Sequence[str] | None = None) -> int:
@@ -510,10 +517,29 @@ def _write_metadata(path: str | Path, metadata: dict[str, str]) -> None:
     onnx.save(model, str(path))
 
 
-def _session(path: str | Path, providers: Sequence[str | tuple[str, dict]]):
-    import onnxruntime as ort
+_ONNXRUNTIME_IMPORT = threading.Lock()
 
-    return ort.InferenceSession(str(path), providers=list(providers))
+
+def onnxruntime():
+    """ONNX Runtime, imported with TMPDIR set to a folder of its own that is removed after: its import writes
+    a `.ses` file into TMPDIR, which no run should leave behind."""
+    with _ONNXRUNTIME_IMPORT:
+        if "onnxruntime" not in sys.modules:
+            saved = os.environ.get("TMPDIR")
+            with tempfile.TemporaryDirectory(prefix="onnxruntime-") as scratch:
+                os.environ["TMPDIR"] = scratch
+                try:
+                    importlib.import_module("onnxruntime")
+                finally:
+                    if saved is None:
+                        del os.environ["TMPDIR"]
+                    else:
+                        os.environ["TMPDIR"] = saved
+        return sys.modules["onnxruntime"]
+
+
+def _session(path: str | Path, providers: Sequence[str | tuple[str, dict]]):
+    return onnxruntime().InferenceSession(str(path), providers=list(providers))
 
 
 def _metadata_of(session) -> dict[str, str]:
@@ -556,10 +582,8 @@ def select_prediction(low_res: torch.Tensor, scores: torch.Tensor, emb: ImageEmb
 
 def onnx_providers(device: str | torch.device) -> list[str | tuple[str, dict]]:
     """ONNX Runtime providers for a device: CUDA when asked for and installed, else the CPU."""
-    import onnxruntime as ort
-
     device = torch.device(device)
-    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+    if device.type == "cuda" and "CUDAExecutionProvider" in onnxruntime().get_available_providers():
         return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
@@ -622,8 +646,8 @@ def check_export(checkpoint: str | Path, path: str | Path, graph: Graph) -> None
 
 
 def onnxruntime_installed() -> bool:
-    """Whether the ONNX backend can run at all here. Found, not imported: importing ONNX Runtime writes a `.ses`
-    file into $TMPDIR, which a run that never uses it should not leave."""
+    """Whether the ONNX backend can run at all here. Found, not imported: a run that never uses it should not
+    pay for the import (see `onnxruntime`)."""
     return importlib.util.find_spec("onnxruntime") is not None
 
 
@@ -667,4 +691,4 @@ def load_onnx_backend(checkpoint: Path, device: torch.device, dtype: torch.dtype
 
 
 register_backend("onnx", load_onnx_backend, available=lambda device: onnxruntime_installed(), priority=10,
-                 ready=onnx_ready)
+                 ready=onnx_ready, needs="SAM's ONNX graphs: export_sam_encoder.py and export_sam_decoder.py")

@@ -371,4 +371,4 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 register_backend("tensorrt", load_tensorrt_backend,
                  available=lambda device: device.type == "cuda" and tensorrt_installed(), priority=20,
-                 ready=engines_ready)
+                 ready=engines_ready, needs="a CUDA GPU, the tensorrt package and SAM's ONNX graphs")

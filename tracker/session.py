@@ -107,7 +107,8 @@ def _check_output_name(path: Path, what: str, suffixes: Sequence[str]) -> None:
     if not path.suffix and path.name.lower() in suffixes:  # ".mp4" is a hidden file's whole name, no ending
         raise TrackerError(f"the {what} {path.name} has no name before its ending: name it, as in clip{path.name}")
     if not path.suffix:
-        raise TrackerError(f"the {what} {path.name} has no ending: end its name in {endings}")
+        raise TrackerError(f"the {what} {path.name} has no ending: end its name in {endings} (or, for a new "
+                           f"folder to hold it, end the name in a slash: {path.name}/)")
     if path.suffix.lower() not in suffixes:
         raise TrackerError(f"the {what} {path.name} would be misnamed: end its name in {endings}")
 
@@ -507,12 +508,13 @@ def _appear_before(masks: MaskZipReader, start: int, objects: set[int]) -> bool:
 def track_video(video: str | Path, prompts: Sequence[ObjectPrompt], *, output: str | Path | None = None,
                 masks: str | Path | None = None, options: TrackOptions | None = None, device: str = "auto",
                 sam_checkpoint: str | Path | None = None, xmem_checkpoint: str | Path | None = None,
-                sam_backend: str = "auto", download: bool = True) -> TrackResult:
+                sam_backend: str = "auto", sam_precision: str = "auto", download: bool = True) -> TrackResult:
     """One call from a script: load the models, track, write the files.
 
     The video, prompts and output paths are checked first: a mistake there is not worth loading the weights.
     `download=False` fails on a missing checkpoint instead of fetching it (as the CLI's `--no-download`).
     """
     check_job(video, prompts, output, masks, options)
-    tracker = Tracker(sam_checkpoint, xmem_checkpoint, device=device, sam_backend=sam_backend, download=download)
+    tracker = Tracker(sam_checkpoint, xmem_checkpoint, device=device, sam_backend=sam_backend,
+                      sam_precision=sam_precision, download=download)
     return tracker.track(video, prompts, output=output, masks=masks, options=options)

@@ -266,7 +266,8 @@ def checkpoint_status(path: str | Path, layout: str | None = None) -> Checkpoint
         raise WeightsError(f"checkpoint not found: {path}")
     if file_sha256(path) in _trusted_sha256s(path):
         return "official"
-    if _read_sidecar(path).get("untrained") is True:
+    sidecar = _read_sidecar(path)
+    if sidecar.get("untrained") is True and layout in (None, sidecar.get("layout")):
         return "untrained"
     state = load_checkpoint(path, layout)
     if layout is not None:
