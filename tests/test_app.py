@@ -263,6 +263,7 @@ def test_page_shows_every_control_and_refuses_what_it_cannot_take(app, browser, 
                     "remove-object", "undo-point", "clear-object", "track-button", "cancel-button", "full-rerun",
                     "result-video", "result-files", "cutout-objects", "cutout-format", "cutout-button", "settings",
                     "status", "metrics", "load-prompts"):
+        page.locator(f"#{elem_id}").first.wait_for(state="attached")  # a first page may still be rendering
         assert page.locator(f"#{elem_id}").count() == 1, elem_id
     assert "UNTRAINED WEIGHTS" in page.locator("#untrained-banner").inner_text()
     assert "cpu" in page.locator("#device-info").inner_text()
