@@ -25,8 +25,9 @@ from PIL import Image
 from tests.media import make_clip, truncated_copy
 from tracker.cli import GPU_START_NOTE, attach_negative_values
 from tracker.prompts import ObjectPrompt
+from tracker.render import MaskZipWriter
 from tracker.session import LOSSLESS_WARNING
-from tracker.video import probe, read_frame
+from tracker.video import iter_frames, probe, read_frame
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,6 +97,48 @@ def test_track_writes_video_and_masks(rotated_clip, untrained_checkpoints, cpu_t
                                    ObjectPrompt(1, 0, [(60, 80)], [1]))
     assert np.array_equal(labels["00000.png"] == 1, expected)
     assert set(np.unique(np.concatenate([v.ravel() for v in labels.values()]))) <= {0, 1}
+
+
+def test_cutout_keeps_the_chosen_objects_as_a_matte_or_on_transparency(rotated_clip, tmp_path):
+    """`cutout` draws a run's masks zip over its video again: the matte white where the chosen objects are,
+    black elsewhere (sharp: it is coded finer than the overlay), upright like the video, with its audio."""
+    masks = tmp_path / "phone_masks.zip"
+    labels = np.zeros((161, 121), np.uint8)
+    labels[20:80, 10:60], labels[100:150, 60:110] = 1, 2
+    with MaskZipWriter(masks) as writer:
+        for index in range(12):
+            writer.write(index, labels)
+    done = run_cli("cutout", rotated_clip, masks, "--kind", "matte", "--objects", "2", "--out", f"{tmp_path}/")
+    assert done.returncode == 0, done.stderr
+    matte = tmp_path / "phone_matte.mp4"
+    assert done.stdout.strip() == f"wrote {matte}"
+    assert stream_facts(matte) == {"codec": "h264", "pix_fmt": "yuv420p", "frames": 12, "audio": 1}
+    expected = np.pad(labels == 2, ((0, 1), (0, 1)), mode="edge") * 255  # even sides for 4:2:0
+    for frame in iter_frames(matte):
+        assert frame.image.shape == (162, 122, 3)
+        error = np.abs(frame.image.astype(int) - expected[..., None])
+        assert error.mean() < 1 and (error > 64).mean() < 1e-3
+
+    done = run_cli("cutout", rotated_clip, masks, "--out", f"{tmp_path}/")  # all objects, on transparency
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"wrote {tmp_path / 'phone_cutout.webm'}"
+    assert stream_facts(tmp_path / "phone_cutout.webm")["frames"] == 12
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--kind", "transparent", "--out", "{tmp}/cut.mp4"], "error: the cut-out cut.mp4 would be misnamed: end its name "
+                                                    "in .webm"),
+    (["--objects", "0,x"], "error: --objects takes object ids from 1 to 255 separated by commas, as in 1,3; "
+                           "not '0,x'"),
+    (["--out", "{masks}", "--kind", "green"], "error: the cut-out {masks} is the masks zip; choose another path"),
+])
+def test_a_cutout_refused_is_one_line_and_writes_nothing(rotated_clip, tmp_path, args, message):
+    masks = tmp_path / "masks.zip"
+    with MaskZipWriter(masks) as writer:
+        writer.write(0, np.zeros((161, 121), np.uint8))
+    done = run_cli("cutout", rotated_clip, masks, *(arg.format(masks=masks, tmp=tmp_path) for arg in args))
+    assert (done.returncode, done.stderr.strip(), done.stdout) == (2, message.format(masks=masks), "")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["masks.zip"]
 
 
 def test_prompts_file_on_later_frames(untrained_checkpoints, cpu_tracker, tmp_path):

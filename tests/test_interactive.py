@@ -24,8 +24,9 @@ from PIL import Image
 
 from media import make_clip, truncated_copy
 from tracker.errors import Cancelled, ClickDropped, PromptError, TrackerError, VideoError
-from tracker.interactive import (PREVIEWS_KEPT, WAITING_FOR_DEVICE, Clicks, EditSession, Limits, ProgressClock,
-                                 RunRecord, SessionStore, Style, copy_masks_until, display_scale, format_seconds,
+from tracker.interactive import (PREVIEWS_KEPT, Clicks, EditSession, Limits, ProgressClock,
+                                 RunRecord, SessionStore, Style, copy_masks_until, device_wait_line, display_scale,
+                                 format_seconds,
                                  frame_caption, mask_to_logits, plan_passes, retracks_backward, upload_message)
 from tracker.options import TrackOptions
 from tracker.session import LOSSLESS_WARNING
@@ -739,7 +740,7 @@ def test_a_job_waiting_for_the_device_says_so_and_can_be_cancelled(session):
         deadline = time.monotonic() + 5
         while not reports and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert reports == [WAITING_FOR_DEVICE]
+        assert reports == [device_wait_line(1)] and reports[0].startswith("Waiting for the device: 1 job is ahead")
         assert session.request_cancel()
         waiting.join(timeout=2)
         assert not waiting.is_alive() and len(outcome) == 1
@@ -778,8 +779,10 @@ def test_cutouts_keep_only_the_chosen_objects(session):
     run = session.track(OPTIONS)
     green = session.export_cutout([1], "green")
     transparent = session.export_cutout([1, 2], "transparent")
+    matte = session.export_cutout([2], "matte")
     assert session.result_files() == [str(run.overlay), str(run.masks), str(run.prompts_file), str(green),
-                                      str(transparent)]
+                                      str(transparent), str(matte)]
+    assert matte.name == "clip_matte.mp4"
     with pytest.raises(PromptError, match="at least one object"):
         session.export_cutout([], "green")
     assert session.cutout_choices() == [1, 2]
@@ -802,6 +805,11 @@ def test_cutouts_keep_only_the_chosen_objects(session):
         assert container.format.name.startswith("matroska") or "webm" in container.format.name
         assert stream.codec_context.name in ("vp9", "libvpx-vp9")
         assert sum(1 for _ in container.demux(stream) if _.size) == FRAMES
+
+    with av.open(str(matte)) as container:
+        frames = [frame.to_ndarray(format="gray") for frame in container.decode(video=0)]
+    assert len(frames) == FRAMES
+    assert np.abs(frames[0].astype(int) - (MaskZipReader(run.masks)[0] == 2) * 255).mean() < 2
 
 
 def test_idle_sessions_go_while_no_request_comes(tmp_path, disc_tracker):

@@ -85,7 +85,7 @@ def test_overlay_on_cuda_matches_the_cpu(scene):
     assert torch.equal(on_gpu.cpu(), overlay(image, labels))
 
 
-def test_cutout_on_transparency_and_green(scene):
+def test_cutout_on_transparency_green_and_as_a_matte(scene):
     image, labels = scene
     rgba = cutout(image, labels, [2])
     assert rgba.shape == (H, W, 4)
@@ -95,6 +95,9 @@ def test_cutout_on_transparency_and_green(scene):
     assert green.shape == (H, W, 3)
     assert torch.equal(green[labels > 0], image[labels > 0])
     assert (green[labels == 0].numpy() == CHROMA_GREEN).all()
+    matte = cutout(image, labels, [2], background="matte")
+    assert matte.shape == (H, W, 3) and matte.dtype == torch.uint8
+    assert (matte[labels == 2] == 255).all() and (matte[labels != 2] == 0).all()
     with pytest.raises(ValueError):
         cutout(image, labels, [1], background="blue")
 

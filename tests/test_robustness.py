@@ -27,7 +27,7 @@ from tracker import pipeline, weights
 from tracker.errors import Cancelled, PromptError, TrackerError, VideoError, WeightsError
 from tracker.prompts import ObjectPrompt, load_prompts
 from tracker.options import TrackOptions
-from tracker.session import Tracker, TrackResult, load_xmem
+from tracker.session import DeviceTurns, Tracker, TrackResult, load_xmem
 from tracker.weights import MODELS_DIR_ENV
 from tracker.video import VideoWriter, iter_frames, probe
 
@@ -490,6 +490,50 @@ def test_cancel_while_waiting_for_the_device_ends_the_wait_at_once(tracker, clip
         assert not waiting.is_alive() and len(outcome) == 1
     assert leftovers(tmp_path) == []
     assert_usable(tracker, clip, tmp_path)
+
+
+def test_jobs_get_the_device_in_the_order_they_asked_and_know_their_place():
+    """Several users' jobs wait for one device: first come, first served (a plain lock wakes any waiter), each
+    told how many jobs are ahead as the line moves, and a cancelled wait leaves the line at once."""
+    turns, order, told = DeviceTurns(), [], {}
+    cancels = [threading.Event() for _ in range(5)]
+
+    def job(number: int) -> None:
+        try:
+            turns.acquire(cancels[number], lambda ahead: told.setdefault(number, []).append(ahead))
+        except Cancelled:
+            order.append(f"{number} cancelled")
+            return
+        order.append(number)
+        turns.release()
+
+    turns.acquire()  # the job ahead (the warm-up, another user's job)
+    waiting = []
+    for number in range(5):
+        waiting.append(threading.Thread(target=job, args=(number,)))
+        waiting[-1].start()
+        deadline = time.monotonic() + 5
+        while told.get(number) != [number + 1] and time.monotonic() < deadline:  # in line before the next asks
+            time.sleep(0.005)
+    assert told == {number: [number + 1] for number in range(5)}
+    cancels[2].set()
+    deadline = time.monotonic() + 5
+    while told[4] != [5, 4] and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert order == ["2 cancelled"] and told[3] == [4, 3] and told[4] == [5, 4] and told[1] == [2]
+    turns.release()
+    for thread in waiting:
+        thread.join(timeout=5)
+    assert order == ["2 cancelled", 0, 1, 3, 4] and not turns.locked()
+    assert told.pop(2) == [3]
+    for places in told.values():  # a place the line passed between two looks is not told
+        assert places[-1] == 0 and places == sorted(set(places), reverse=True)
+
+
+def test_a_job_that_finds_the_device_free_is_told_nothing(tracker, clip, tmp_path):
+    told = []
+    tracker.track(clip, CLICK, output=tmp_path / "o.mp4", waiting=told.append)
+    assert told == [] and not tracker.lock.locked()
 
 
 def test_gpu_out_of_memory_suggests_a_smaller_size(tracker, clip, tmp_path):

@@ -1,4 +1,4 @@
-"""`python -m tracker`: track a video from the command line, manage weights."""
+"""`python -m tracker`: track a video from the command line, cut its objects out, manage weights."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import TrackerError
-from .options import DEVICE_HELP, MAX_OUTLINE, SAM_BACKEND_CHOICES, MemoryOptions, TrackOptions
+from .options import CUTOUT_KINDS, DEVICE_HELP, MAX_OUTLINE, SAM_BACKEND_CHOICES, MemoryOptions, TrackOptions
 from .prompts import NEGATIVE, POSITIVE, ObjectPrompt, load_prompts, parse_box, parse_xy
 from .video import (DEFAULT_PRESET, MASKS_ENDING, TRACKED_ENDING, X264_MAX_CRF, X264_PRESETS, VideoInfo, output_file,
                     remove_unfinished_temporaries)
@@ -81,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
         track.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name),
                            help=f"XMem memory setting (default {getattr(defaults, name)})")
     add_model_flags(track)
+
+    cut = commands.add_parser("cutout", parents=[after],
+                              help="keep only chosen objects of a tracked video: on transparency, on green, or "
+                                   "as a black-and-white matte")
+    cut.add_argument("video", type=Path, help="the video that was tracked")
+    cut.add_argument("masks", type=Path, help="the masks zip its run wrote (track --masks)")
+    cut.add_argument("--objects", metavar="ID,ID", help="the object ids to keep, as in 1,3 (default: all)")
+    cut.add_argument("--kind", default="transparent", choices=list(CUTOUT_KINDS),
+                     help="; ".join(f"{key}: {kind.label}" for key, kind in CUTOUT_KINDS.items())
+                     + " (default transparent)")
+    cut.add_argument("--out", help="the cut-out video (default output/<name>_<kind's file name>, as "
+                     "output/clip_matte.mp4; a folder: that name in it)")
 
     weights = commands.add_parser("weights", parents=[after], help="download or generate checkpoints")
     actions = weights.add_subparsers(dest="action", required=True)
@@ -200,6 +212,46 @@ def _track(args: argparse.Namespace) -> int:
     return 0
 
 
+def object_ids(text: str) -> list[int]:
+    """`--objects 1,3` as ids, each 1 to 255 (a masks zip's palette indices)."""
+    try:
+        ids = [int(part) for part in text.split(",")]
+    except ValueError:
+        ids = []
+    if not ids or not all(1 <= i <= 255 for i in ids):
+        raise TrackerError(f"--objects takes object ids from 1 to 255 separated by commas, as in 1,3; not {text!r}")
+    return ids
+
+
+def _cutout(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .exports import export_cutout
+    from .video import probe, written_notes
+
+    kind = CUTOUT_KINDS[args.kind]
+    for note in written_notes(probe(args.video), kind.codec):  # said now, so that a long run can be stopped
+        print(f"WARNING: {note}", file=sys.stderr)
+    ids = object_ids(args.objects) if args.objects is not None else range(1, 256)
+    ending = f"_{kind.filename}"
+    output = output_file(args.out, args.video, ending) or OUTPUT_DIR / f"{args.video.stem}{ending}"
+    bars = []  # made at the first frame: a refusal before it is its one line
+
+    def progress(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, desc=f"{args.kind} cut-out", unit="frame", file=sys.stderr,
+                             dynamic_ncols=True))
+        bars[0].update(done - bars[0].n)
+
+    try:
+        path = export_cutout(args.video, args.masks, ids, output, args.kind, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
+    print(f"wrote {path}")
+    return 0
+
+
 def _weights(args: argparse.Namespace) -> int:
     from . import weights
 
@@ -222,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(attach_negative_values(argv))
     try:
         with _stopping_signals_interrupt():
-            return {"track": _track, "weights": _weights}[args.command](args)
+            return {"track": _track, "cutout": _cutout, "weights": _weights}[args.command](args)
     except TrackerError as exc:
         if args.debug:
             traceback.print_exc()

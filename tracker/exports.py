@@ -2,38 +2,25 @@
 
 Cut-outs keep only the chosen objects, the background removed.
 
-Two kinds: a WebM (VP9, yuva420p) whose background is transparent, for editors
-that composite it, and an H.264 MP4 on chroma-key green for those that cannot
-read alpha. Frames and masks stream one at a time, as in tracking.
+Three kinds: a WebM (VP9, yuva420p) whose background is transparent, for editors
+that composite it; an H.264 MP4 on chroma-key green for those that cannot
+read alpha; and the objects' black-and-white matte as an H.264 MP4, which
+editors use as a track matte over the original video. Frames and masks
+stream one at a time, as in tracking.
 """
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 
 from .errors import Cancelled, PromptError, TrackerError
+from .options import CUTOUT_KINDS
 from .render import MaskZipReader, cutout, overlay
+from .session import check_cutout_path
 from .video import VideoWriter, iter_frames, probe
-
-
-@dataclass(frozen=True)
-class CutoutKind:
-    """How one kind of cut-out is written."""
-
-    label: str
-    background: str  # render.cutout's background
-    codec: str  # VideoWriter's codec
-    filename: str
-
-
-CUTOUT_KINDS = {
-    "transparent": CutoutKind("Transparent WebM (VP9 with alpha)", "transparent", "libvpx-vp9", "cutout.webm"),
-    "green": CutoutKind("Green-screen MP4 (H.264)", "green", "libx264", "cutout_greenscreen.mp4"),
-}
 
 
 def export_cutout(video: str | Path, masks: str | Path, object_ids: Iterable[int], output: str | Path,
@@ -49,9 +36,10 @@ def export_cutout(video: str | Path, masks: str | Path, object_ids: Iterable[int
     if not chosen:
         raise PromptError("choose at least one object to keep in the cut-out")
     spec = CUTOUT_KINDS[kind]
+    check_cutout_path(video, masks, Path(output), spec)
     return _draw_from_masks(video, masks, output, lambda image, labels: cutout(image, labels, chosen,
                                                                               background=spec.background),
-                            "the cut-out", cancel, progress, codec=spec.codec)
+                            "the cut-out", cancel, progress, codec=spec.codec, crf=spec.crf)
 
 
 def export_overlay(video: str | Path, masks: str | Path, output: str | Path, *, alpha: float, outline: int,

@@ -287,9 +287,16 @@ def frame_caption(index: int, info: VideoInfo, time_s: float) -> str:
     return f"Frame {index} / {info.present_frames - 1} · {int(minutes)}:{secs:06.3f}"
 
 
-# Shown while the device is busy before a job starts: the start-up warm-up (on a GPU) or another job.
-WAITING_FOR_DEVICE = "Waiting for the device: it is warming up or finishing another job…"
 STARTING = "Starting: SAM turns the clicks into masks…"
+
+
+def device_wait_line(ahead: int) -> str:
+    """What a job says while jobs that asked before it (the start-up warm-up on a GPU, other users' jobs) hold
+    or wait for the device; once none is ahead, that it starts."""
+    if not ahead:
+        return STARTING
+    jobs = "1 job is" if ahead == 1 else f"{ahead} jobs are"
+    return f"Waiting for the device: {jobs} ahead of this one (one runs at a time; at start-up, the warm-up)…"
 
 
 class ProgressClock:
@@ -898,7 +905,8 @@ class EditSession:
             raise PromptError("click an object first: no object has a click or a box on any frame")
         prompts = [clicks.prompt(object_id, frame) for (frame, object_id), clicks in sorted(plain.items())]
         clock = ProgressClock(len(passes), progress or (lambda fraction, text: None), self.info.frame_count)
-        clock.report(0.0, WAITING_FOR_DEVICE if self.tracker.lock.locked() else STARTING)
+        if not self.tracker.lock.locked():  # else the wait for the device says the job's place in line
+            clock.report(0.0, STARTING)
         run_dir.mkdir(parents=True)
         results: list[TrackResult] = []
         try:
@@ -921,7 +929,8 @@ class EditSession:
                 results.append(self.tracker.track(
                     self.video, prompts, output=output, masks=run_dir / f"masks-{index}.zip", options=options,
                     cancel=self.cancel, progress=lambda done, total, i=index: clock.update(i, done, total),
-                    previous=earlier, sam=sam, embeddings=embeddings))
+                    previous=earlier, sam=sam, embeddings=embeddings,
+                    waiting=lambda ahead, i=index: clock.report(i / len(passes), device_wait_line(ahead))))
                 masks = run_dir / f"masks-{index}.zip"
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Callable
 
 from .errors import TrackerError, real_number, whole_number
-from .video import DEFAULT_PRESET, X264_MAX_CRF, X264_PRESETS
+from .video import DEFAULT_PRESET, H264_CONTAINERS, X264_MAX_CRF, X264_PRESETS
 
 # The command lines' model flags (the CLI's and the benchmark's).
 DEVICE_HELP = "auto (CUDA when present), cuda or cpu (another GPU than the first: CUDA_VISIBLE_DEVICES=N)"
@@ -82,6 +82,29 @@ class MemoryOptions:
 
 # Wider outlines would hide the objects they surround.
 MAX_OUTLINE = 64
+
+
+@dataclass(frozen=True)
+class CutoutKind:
+    """How one kind of cut-out (tracker.exports) is written."""
+
+    label: str
+    background: str  # render.cutout's background
+    codec: str  # VideoWriter's codec
+    filename: str  # after the video's name and "_"
+    endings: tuple[str, ...]  # the output names its container takes
+    crf: int = 18
+
+
+CUTOUT_KINDS = {
+    "transparent": CutoutKind("Transparent WebM (VP9 with alpha)", "transparent", "libvpx-vp9", "cutout.webm",
+                              (".webm",)),
+    "green": CutoutKind("Green-screen MP4 (H.264)", "green", "libx264", "cutout_greenscreen.mp4",
+                        tuple(H264_CONTAINERS)),
+    # A matte's edges are all it has: coded finer (a few KB a frame more), they stay sharp.
+    "matte": CutoutKind("Black-and-white matte MP4 (H.264)", "matte", "libx264", "matte.mp4",
+                        tuple(H264_CONTAINERS), crf=8),
+}
 
 
 # The TrackOptions fields that change only how a result is drawn and encoded, not its masks.

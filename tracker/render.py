@@ -153,18 +153,24 @@ def _pool(values: torch.Tensor, width: int, extreme: Callable[..., torch.Tensor]
     return values
 
 
+CUTOUT_BACKGROUNDS = ("transparent", "green", "matte")
+
+
 def cutout(image: torch.Tensor, labels: torch.Tensor, object_ids: Iterable[int], *,
            background: str = "transparent") -> torch.Tensor:
-    """Only the chosen objects: HxWx4 RGBA on transparency, or HxWx3 RGB on chroma-key green.
+    """Only the chosen objects: HxWx4 RGBA on transparency, HxWx3 RGB on chroma-key green, or their matte.
 
     Pixels outside the objects are black with alpha 0 ("transparent") or
-    CHROMA_GREEN ("green").
+    CHROMA_GREEN ("green"). A matte ("matte") is the objects white on black:
+    the track matte editors take where they read no alpha.
     """
-    if background not in ("transparent", "green"):
-        raise ValueError(f"background must be 'transparent' or 'green', got {background!r}")
+    if background not in CUTOUT_BACKGROUNDS:
+        raise ValueError(f"background must be one of {', '.join(CUTOUT_BACKGROUNDS)}, got {background!r}")
     chosen = np.zeros(256, dtype=bool)
     chosen[sorted(set(object_ids))] = True
     keep = upload(chosen, labels.device)[labels.long()].unsqueeze(-1)
+    if background == "matte":
+        return (keep.to(torch.uint8) * 255).expand(*keep.shape[:-1], 3).contiguous()
     if background == "transparent":
         opacity = keep.to(torch.uint8) * 255
         return torch.cat([image * keep, opacity], dim=-1)

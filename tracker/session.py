@@ -9,12 +9,14 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import tempfile
 import threading
 import time
 import traceback
 import warnings
+from collections import deque
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +30,7 @@ from XMem.model.network import XMem, dims_from_state_dict
 
 from . import weights
 from .errors import Cancelled, TrackerError, VideoError
-from .options import TrackOptions
+from .options import CutoutKind, TrackOptions
 from .pipeline import IDLE_GRAPHS, ProgressFn, ThreadedSink, TrackedFrame, frame_graphs, track_frames
 from .prompts import ObjectPrompt, check_prompts
 from .render import MaskZipReader, MaskZipWriter, encoder_picture, encoder_picture_bytes
@@ -52,6 +54,70 @@ def option_warnings(options: TrackOptions, info: VideoInfo, writes_video: bool) 
         warnings.append(f"the working resolution {options.size} px (shorter side) is very small: the masks are "
                         f"coarse; {TrackOptions().size} suits most videos")
     return warnings
+
+
+WaitFn = Callable[[int], None]  # told the number of jobs ahead while a job waits for the device
+
+
+class DeviceTurns:
+    """The device, one job at a time, in the order the jobs asked for it.
+
+    A plain lock wakes any of its waiters, so with several users a job that came later could go first, again
+    and again. Here each job takes a place in line and is told how many are ahead of it while it waits.
+    Used as a context manager it is a job that waits as long as it takes (tests and scripts).
+    """
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._line: deque[int] = deque()  # tickets in the order asked; the first holds the device
+        self._tickets = itertools.count()
+        self.holder: int | None = None  # the thread whose job holds the device
+
+    def locked(self) -> bool:
+        return bool(self._line)
+
+    def acquire(self, cancel: threading.Event | None = None, waiting: WaitFn | None = None) -> None:
+        """Wait for this job's turn; a cancel ends the wait at once (`Cancelled`), leaving the line.
+
+        `waiting` is told the number of jobs ahead each time it changes, and 0 when a wait ends in the turn.
+        """
+        with self._changed:
+            ticket = next(self._tickets)
+            self._line.append(ticket)
+        told = None  # the place in line last told
+        try:
+            while True:
+                with self._changed:
+                    ahead = self._line.index(ticket)
+                    if ahead and ahead == told:
+                        self._changed.wait(0.05)
+                        if cancel is not None and cancel.is_set():
+                            raise Cancelled("tracking was cancelled")
+                        continue
+                if waiting is not None and (ahead or told is not None):  # outside the line's lock: it may take time
+                    waiting(ahead)
+                if not ahead:
+                    break
+                told = ahead
+        except BaseException:
+            with self._changed:
+                self._line.remove(ticket)
+                self._changed.notify_all()
+            raise
+        self.holder = threading.get_ident()
+
+    def release(self) -> None:
+        with self._changed:
+            self.holder = None
+            self._line.popleft()
+            self._changed.notify_all()
+
+    def __enter__(self) -> DeviceTurns:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
 
 
 def load_xmem(checkpoint: Path, device: torch.device) -> XMem:
@@ -131,6 +197,16 @@ def check_output_paths(video: str | Path, output: str | Path | None, masks: str 
     if masks is not None:
         _check_output_name(Path(masks), "masks zip", (".zip",))
         check_writable_folder(Path(masks))
+
+
+def check_cutout_path(video: str | Path, masks: str | Path, output: Path, kind: CutoutKind) -> None:
+    """Refuse a cut-out's output that is the input video or its masks zip, a folder, misnamed for its kind or
+    unwritable, before any frame is drawn."""
+    for source, what in ((video, "input video"), (masks, "masks zip")):
+        if _same_file(output, Path(source)):
+            raise TrackerError(f"the cut-out {output} is the {what}; choose another path")
+    _check_output_name(output, "cut-out", kind.endings)
+    check_writable_folder(output)
 
 
 def check_job(video: str | Path, prompts: Sequence[ObjectPrompt], output: str | Path | None,
@@ -234,8 +310,7 @@ class Tracker:
         self._sam_backends: dict[str, SamBackend] = {}  # the others, loaded when a session asks for one
         self._sam_loading = threading.Lock()
         self.xmem = load_xmem(xmem_path, self.device)
-        self.lock = threading.Lock()  # the device's: one job at a time
-        self._lock_holder: int | None = None  # the thread whose job holds it
+        self.lock = DeviceTurns()  # the device's: one job at a time, first come first served
         self._clicks = threading.Condition()  # clicks' SAM work under way (see `click_work`)
         self._clicks_running = 0
         if self.untrained:  # scripts see it too, not only the CLI's and the app's users
@@ -348,24 +423,20 @@ class Tracker:
         return wait
 
     @contextmanager
-    def _device_turn(self, cancel: threading.Event | None) -> Iterator[None]:
-        """Hold the device for one job, once the job before it (or the warm-up) is done.
+    def _device_turn(self, cancel: threading.Event | None, waiting: WaitFn | None = None) -> Iterator[None]:
+        """Hold the device for one job, once the jobs that asked before it (or the warm-up) are done.
 
         A cancel while waiting ends the wait at once, so Cancel and a closed
         tab stay prompt however long the job ahead takes. A thread whose own
         earlier job still holds the device is told so rather than left waiting.
         """
-        if self._lock_holder == threading.get_ident():
+        if self.lock.holder == threading.get_ident():
             raise TrackerError("this thread's earlier job still holds the device: an iter_tracked stream that was "
                                "neither finished nor closed; finish it or call its close() first")
-        while not self.lock.acquire(timeout=0.05):
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("tracking was cancelled")
-        self._lock_holder = threading.get_ident()
+        self.lock.acquire(cancel, waiting)
         try:
             yield
         finally:
-            self._lock_holder = None
             self.lock.release()
 
     def warm_up(self, options: TrackOptions | None = None, frame_size: tuple[int, int] = (1280, 720)) -> float:
@@ -408,7 +479,7 @@ class Tracker:
               masks: str | Path | None = None, options: TrackOptions | None = None,
               cancel: threading.Event | None = None, progress: ProgressFn | None = None,
               previous: PreviousRun | None = None, sam: SamBackend | None = None,
-              embeddings: Mapping[int, ImageEmbedding] | None = None) -> TrackResult:
+              embeddings: Mapping[int, ImageEmbedding] | None = None, waiting: WaitFn | None = None) -> TrackResult:
         """Track the prompted objects through the video and write the overlay MP4 and/or the masks zip.
 
         Files appear at their paths only once complete; on any error or cancel
@@ -417,12 +488,13 @@ class Tracker:
         a new memory frame); earlier frames keep the previous masks, unless
         `previous.backward`. `sam`
         (default `self.sam`) turns the prompts into masks, from `embeddings`
-        of the prompted frames where given (see `prompt_masks`).
+        of the prompted frames where given (see `prompt_masks`). Jobs take turns on the device in the order
+        they asked; while this one waits, `waiting` is told how many jobs are ahead of it.
         """
         sam = sam or self.sam
         info, output, masks = check_job(video, prompts, output, masks, options)
         options = options or TrackOptions()
-        with user_facing_resource_errors(options), self._device_turn(cancel), ExitStack() as stack, \
+        with user_facing_resource_errors(options), self._device_turn(cancel, waiting), ExitStack() as stack, \
                 ExitStack() as opened:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
