@@ -25,7 +25,7 @@ from PIL import Image
 from tests.media import make_clip, truncated_copy
 from tracker.cli import GPU_START_NOTE, attach_negative_values
 from tracker.prompts import ObjectPrompt
-from tracker.render import MaskZipWriter
+from tracker.render import PALETTE, MaskZipWriter
 from tracker.session import LOSSLESS_WARNING
 from tracker.video import iter_frames, probe, read_frame
 
@@ -163,6 +163,24 @@ def test_prompts_file_on_later_frames(untrained_checkpoints, cpu_tracker, tmp_pa
     assert stream_facts(tmp_path / "o.mp4")["frames"] == 10
 
 
+def test_a_mask_starts_the_run_as_it_is_without_sam(untrained_checkpoints, tmp_path):
+    """`--mask` with a frame of a masks zip (object ids) goes on from there: each object's mask on that frame
+    is the picture's, exactly, and every object in it is tracked; before it, frames are tracked backward."""
+    clip = make_clip(tmp_path / "clip.mp4", frames=6, width=64, height=48, audio=False)
+    labels = np.zeros((48, 64), np.uint8)
+    labels[5:20, 4:30], labels[25:45, 35:60] = 2, 5
+    picture = Image.fromarray(labels, mode="P")
+    picture.putpalette(PALETTE.tobytes())
+    picture.save(tmp_path / "00003.png")
+    masks = tmp_path / "m.zip"
+    done = run_cli("track", clip, "--mask", tmp_path / "00003.png", "--frame", "3", "--masks", masks, "--size", "48",
+                   *weights_flags(untrained_checkpoints))
+    assert done.returncode == 0, done.stderr
+    tracked = zip_labels(masks)
+    assert len(tracked) == 6 and np.array_equal(tracked["00003.png"], labels)
+    assert set(np.unique(np.concatenate([v.ravel() for v in tracked.values()]))) <= {0, 2, 5}
+
+
 @pytest.mark.parametrize("case, args, message", [
     ("text", ["--point", "5,5"], "video"),
     ("missing", ["--point", "5,5"], "no such video file"),
@@ -195,6 +213,10 @@ def test_prompts_file_on_later_frames(untrained_checkpoints, cpu_tracker, tmp_pa
      "frames 0.."),
     ("size", ["--point", "5,5", "--size", "-5"],
      "size (the working resolution's shorter side) must be 0 (the original resolution)"),
+    ("mask and clicks", ["--mask", "{mask}", "--point", "5,5"], "give one of --prompts, --mask or --point"),
+    ("mask of another size", ["--mask", "{mask}"], "object 1: its mask on frame 0 is 32x24, and the video is 64x48"),
+    ("mask missing", ["--mask", "{missing}"], "the mask {missing} does not exist"),
+    ("mask not a picture", ["--mask", "{bad}"], "is not a picture that can be read"),
 ])
 def test_bad_input_exits_2_with_one_line_before_the_weights_load(case, args, message, tmp_path):
     """The checkpoints given do not exist: the input's error must come first, without waiting for the weights."""
@@ -214,8 +236,10 @@ def test_bad_input_exits_2_with_one_line_before_the_weights_load(case, args, mes
     prompts["{one}"].write_text('{"objects": [{"id": 1, "points": [[5, 5]]}]}')
     prompts["{inf}"].write_text('{"objects": [{"id": 1e400, "points": [[5, 5]]}]}')
     (tmp_path / "file.txt").write_text("a file where a folder should be")
-    paths = {**prompts, "{clip}": clip, "{blocked}": tmp_path / "file.txt" / "m.zip"}
-    args = [str(paths.get(a, a)) for a in args]
+    Image.fromarray(np.full((24, 32), 255, np.uint8)).save(tmp_path / "mask.png")
+    paths = {**prompts, "{clip}": clip, "{blocked}": tmp_path / "file.txt" / "m.zip", "{mask}": tmp_path / "mask.png",
+             "{missing}": tmp_path / "missing.png"}
+    args, message = [str(paths.get(a, a)) for a in args], message.format(missing=paths["{missing}"])
     out = tmp_path / "out.mp4"
     absent = {"sam": tmp_path / "absent_sam.pth", "xmem": tmp_path / "absent_xmem.pth"}
     done = run_cli("track", clip, *args, "--out", out, *weights_flags(absent))

@@ -4,8 +4,11 @@ import numpy as np
 import pytest
 
 from tracker.errors import PromptError
-from tracker.prompts import (ObjectPrompt, check_prompts, load_prompts, parse_box, parse_xy, prompts_from_json,
-                             prompts_from_text, prompts_to_text)
+from PIL import Image
+
+from tracker.prompts import (ObjectPrompt, check_prompts, load_prompts, mask_objects, parse_box, parse_xy,
+                             prompts_from_json, prompts_from_text, prompts_to_text)
+from tracker.render import PALETTE
 
 
 def test_parse_point_and_box():
@@ -101,6 +104,53 @@ def test_empty_object_list_says_so():
         prompts_from_text('{"objects": []}', "prompts file p.json")
 
 
+def test_masks_beside_a_prompts_file(tmp_path):
+    """An object's "mask" is a picture beside the prompts file: its id's pixels in a palettised PNG (a frame
+    of a masks zip) or a grayscale one of small values (ids saved from numpy), else the bright part of a matte
+    or, with transparency, its opaque part."""
+    ids = np.zeros((12, 16), np.uint8)
+    ids[2:6, 3:9], ids[7:11, 10:15] = 1, 4
+    palettised = Image.fromarray(ids, mode="P")
+    palettised.putpalette(PALETTE.tobytes())
+    palettised.save(tmp_path / "ids.png")
+    Image.fromarray(ids).save(tmp_path / "gray_ids.png")
+    Image.fromarray((ids == 4).astype(np.uint8) * 230).convert("RGB").save(tmp_path / "matte.jpg", quality=95)
+    rgba = np.zeros((12, 16, 4), np.uint8)
+    rgba[..., 3] = (ids == 1) * 255
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "alpha.png")
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "prompts.json"
+    path.write_text(json.dumps({"objects": [
+        {"id": 4, "frame": 2, "mask": "../ids.png"}, {"id": 1, "mask": str(tmp_path / "gray_ids.png")},
+        {"id": 7, "frame": 1, "mask": "../matte.jpg"}, {"frame": 3, "mask": "../alpha.png"},
+        {"id": 1, "frame": 5, "points": [[3, 4]]}]}))
+    prompts = load_prompts(path)
+    assert [(p.object_id, p.frame) for p in prompts] == [(4, 2), (1, 0), (7, 1), (2, 3), (1, 5)]
+    expected = [ids == 4, ids == 1, ids == 4, ids == 1, None]
+    for prompt, mask in zip(prompts, expected):
+        assert (prompt.mask is None) if mask is None else np.array_equal(prompt.mask, mask)
+    check_prompts(prompts, width=16, height=12, frame_count=6)
+    assert mask_objects(tmp_path / "ids.png").keys() == {1, 4}
+    assert list(mask_objects(tmp_path / "matte.jpg")) == [1]
+
+    path.write_text(json.dumps({"objects": [{"id": 2, "mask": "../ids.png"}]}))
+    with pytest.raises(PromptError, match=r"ids.png has no pixel of object 2 \(its objects: 1, 4\)"):
+        load_prompts(path)
+    path.write_text(json.dumps({"objects": [{"id": 2, "mask": "nowhere.png"}]}))
+    with pytest.raises(PromptError, match="nowhere.png does not exist"):
+        load_prompts(path)
+    path.write_text(json.dumps({"objects": [{"id": 2, "mask": "../ids.png"}]}))
+    with pytest.raises(PromptError, match=r'objects\[0\] gives a "mask": masks are pictures beside a prompts file'):
+        load_prompts(path, masks=False)  # an upload to the page comes without the pictures
+    with pytest.raises(PromptError, match='gives a "mask"'):
+        prompts_from_text(path.read_text())
+    with pytest.raises(PromptError, match='"mask" must be a picture\'s file name'):
+        prompts_from_text('{"objects": [{"id": 1, "mask": 5}]}')
+    Image.fromarray(np.zeros((12, 16), np.uint8)).save(tmp_path / "empty.png")
+    with pytest.raises(PromptError, match="holds no object: every pixel is background"):
+        mask_objects(tmp_path / "empty.png")
+
+
 def test_unreadable_prompt_files(tmp_path):
     with pytest.raises(PromptError, match="does not exist"):
         load_prompts(tmp_path / "missing.json")
@@ -129,6 +179,10 @@ def test_unreadable_prompt_files(tmp_path):
     (ObjectPrompt(1, 0, [(10, 10), (20, 20)], [1]), "2 points but 1 label$"),
     (ObjectPrompt(1, 0, [], [], (5, 5, float("nan"), 30)), "finite"),
     (ObjectPrompt(1, 0, [(float("nan"), 5)], [1]), "finite"),
+    (ObjectPrompt(1, 0, mask=np.ones((60, 80), bool)), "its mask on frame 0 is 80x60, and the video is 160x120"),
+    (ObjectPrompt(1, 0, mask=np.zeros((120, 160), bool)), "its mask on frame 0 is empty"),
+    (ObjectPrompt(1, 0, [(5, 5)], [1], mask=np.ones((120, 160), bool)), "give its mask or its clicks and box on "
+                                                                        "frame 0, not both"),
 ])
 def test_prompt_checks(prompt, message):
     with pytest.raises(PromptError, match=message):

@@ -13,7 +13,7 @@ from typing import Sequence
 
 from .errors import TrackerError
 from .options import CUTOUT_KINDS, DEVICE_HELP, MAX_OUTLINE, SAM_BACKEND_CHOICES, MemoryOptions, TrackOptions
-from .prompts import NEGATIVE, POSITIVE, ObjectPrompt, load_prompts, parse_box, parse_xy
+from .prompts import NEGATIVE, POSITIVE, ObjectPrompt, load_prompts, mask_objects, parse_box, parse_xy
 from .video import (DEFAULT_PRESET, MASKS_ENDING, TRACKED_ENDING, X264_MAX_CRF, X264_PRESETS, VideoInfo, output_file,
                     remove_unfinished_temporaries)
 
@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     track.add_argument("--point", action="append", default=[], metavar="X,Y", help="a click on the object")
     track.add_argument("--negative", action="append", default=[], metavar="X,Y", help="a click on background")
     track.add_argument("--box", action="append", default=[], metavar="X0,Y0,X1,Y1", help="a box around the object")
-    track.add_argument("--frame", type=int, help="frame the clicks are on (default 0)")
+    track.add_argument("--mask", type=Path, metavar="PICTURE", help="start from this mask instead of clicks: a "
+                       "palettised PNG of object ids (a frame of a masks zip), or one object's matte, white on black")
+    track.add_argument("--frame", type=int, help="frame the clicks or the mask are on (default 0)")
     track.add_argument("--prompts", type=Path, metavar="FILE.json", help="several objects (see README)")
     track.add_argument("--out", help="overlay video: .mp4, .mov, .mkv or .m4v (default "
                        "output/<name>_tracked.mp4; a folder: <name>_tracked.mp4 in it)")
@@ -108,15 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def prompts_from_args(args: argparse.Namespace) -> list[ObjectPrompt]:
-    """The prompts file, or one object from --point/--negative/--box/--frame."""
+    """The prompts file, the objects of a --mask picture, or one object from --point/--negative/--box; on
+    --frame."""
     clicks = args.point or args.negative or args.box
-    if args.prompts and clicks:
-        raise TrackerError("give either --prompts or --point/--negative/--box, not both")
+    if sum(map(bool, (args.prompts, clicks, args.mask))) > 1:
+        raise TrackerError("give one of --prompts, --mask or --point/--negative/--box")
     if args.prompts and args.frame is not None:
-        raise TrackerError("--frame goes with --point/--negative/--box; a prompts file gives each object's "
-                           '"frame" itself')
+        raise TrackerError("--frame goes with --point/--negative/--box or --mask; a prompts file gives each "
+                           'object\'s "frame" itself')
     if args.prompts:
         return load_prompts(args.prompts)
+    if args.mask:
+        return [ObjectPrompt(object_id, args.frame or 0, mask=mask) for object_id, mask in
+                mask_objects(args.mask).items()]
     if len(args.box) > 1:
         raise TrackerError("give one --box: it boxes the one object tracked; a prompts file (--prompts) boxes "
                            "several objects")

@@ -1059,7 +1059,7 @@ class EditSession:
                 self._announce()
         try:
             try:
-                prompts = load_prompts(path, path.name)
+                prompts = load_prompts(path, path.name, masks=False)
             finally:
                 if self.upload_folder is not None and path.resolve().is_relative_to(self.upload_folder):
                     path.unlink(missing_ok=True)  # read once: the server's copy of the upload has served

@@ -1,4 +1,4 @@
-"""What the user asked for: clicks and boxes per object and frame, checked against the video."""
+"""What the user asked for: clicks, boxes or masks per object and frame, checked against the video."""
 from __future__ import annotations
 
 import itertools
@@ -7,6 +7,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from .errors import PromptError, whole_number
 
@@ -30,11 +33,13 @@ def frame_problem(frame: int, frame_count: int, present_frames: int | None = Non
 
 @dataclass
 class ObjectPrompt:
-    """Clicks and/or a box that pick one object on one frame.
+    """Clicks and/or a box that pick one object on one frame, or its mask there.
 
     An object may have prompts on several frames: the earliest introduces it,
     later ones correct the tracked mask there. Points without labels are all
-    on the object (label 1).
+    on the object (label 1). A `mask` (HxW, true on the object, at the video's
+    size) is tracked from as it is, without SAM: a mask drawn in another tool,
+    or a frame of an earlier run's masks zip to go on from.
     """
 
     object_id: int
@@ -44,11 +49,18 @@ class ObjectPrompt:
     box: tuple[float, float, float, float] | None = None
     # The frame size (width, height) the coordinates were given for, where a prompts file records it.
     frame_size: tuple[int, int] | None = field(default=None, compare=False)
+    mask: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.object_id = whole_number(self.object_id, "an object id", PromptError)
         who = f"object {self.object_id}"
         self.frame = whole_number(self.frame, f"{who}: the prompt frame", PromptError)
+        if self.mask is not None:
+            self.mask = np.asarray(self.mask)
+            if self.mask.ndim != 2:
+                raise PromptError(f"{who}: a mask is one HxW array (true or nonzero on the object), not an array "
+                                  f"of shape {self.mask.shape}")
+            self.mask = self.mask != 0
         try:
             self.points = [(float(x), float(y)) for x, y in self.points]
         except (TypeError, ValueError):
@@ -84,8 +96,11 @@ class ObjectPrompt:
                               "another video?)")
         if problem := frame_problem(self.frame, frame_count, present_frames):
             raise PromptError(f"{who}: prompt {problem}")
+        if self.mask is not None:
+            self._check_mask(width, height)
+            return
         if not self.points and self.box is None:
-            raise PromptError(f"{who}: give at least one point or a box")
+            raise PromptError(f"{who}: give at least one point or a box (or a mask)")
         if len(self.labels) != len(self.points):
             points, labels = len(self.points), len(self.labels)
             raise PromptError(f"{who}: {points} point{'s' * (points != 1)} but {labels} label{'s' * (labels != 1)}")
@@ -109,6 +124,18 @@ class ObjectPrompt:
                 raise PromptError(f"{who}: {box} is outside the {width}x{height} frame")
             if abs(x1 - x0) < 1 or abs(y1 - y0) < 1:
                 raise PromptError(f"{who}: {box} has zero area; drag two distinct corners")
+
+
+    def _check_mask(self, width: int, height: int) -> None:
+        who = f"object {self.object_id}"
+        if self.points or self.box is not None:
+            raise PromptError(f"{who}: give its mask or its clicks and box on frame {self.frame}, not both (clicks "
+                              "on a later frame correct the tracked mask there)")
+        if self.mask.shape != (height, width):
+            raise PromptError(f"{who}: its mask on frame {self.frame} is {self.mask.shape[1]}x{self.mask.shape[0]}, "
+                              f"and the video is {width}x{height}: a mask must have the video's size")
+        if not self.mask.any():
+            raise PromptError(f"{who}: its mask on frame {self.frame} is empty (no pixel on the object)")
 
 
 def check_prompts(prompts: Sequence[ObjectPrompt], width: int, height: int, frame_count: int,
@@ -149,8 +176,12 @@ def _floats(text: str, count: int, what: str, form: str) -> list[float]:
     return values
 
 
-def prompts_from_json(data: object, source: str = "the prompts") -> list[ObjectPrompt]:
-    """Read ``{"objects": [{"id": 1, "frame": 0, "points": [[x, y]], "labels": [1], "box": null}]}``."""
+def prompts_from_json(data: object, source: str = "the prompts", folder: Path | None = None) -> list[ObjectPrompt]:
+    """Read ``{"objects": [{"id": 1, "frame": 0, "points": [[x, y]], "labels": [1], "box": null}]}``.
+
+    An object's ``"mask": "name.png"`` is a picture in `folder` (the prompts file's) read by `object_mask`;
+    without a folder (text sent to the app) masks are refused.
+    """
     if not isinstance(data, dict) or not isinstance(data.get("objects"), list):
         raise PromptError('prompts must be a JSON object with an "objects" list')
     unknown = set(data) - {"objects", "frame_size"}
@@ -166,20 +197,28 @@ def prompts_from_json(data: object, source: str = "the prompts") -> list[ObjectP
         where = f"objects[{n}]"
         if not isinstance(item, dict):
             raise PromptError(f"{where} must be a JSON object")
-        unknown = set(item) - {"id", "frame", "points", "labels", "box"}
+        unknown = set(item) - {"id", "frame", "points", "labels", "box", "mask"}
         if unknown:
             raise PromptError(f"{where} has unknown keys {sorted(unknown)}")
+        mask = _field(item, where, "mask", _file_name, "a picture's file name, beside the prompts file")
+        if mask is not None and folder is None:
+            raise PromptError(f'{where} gives a "mask": masks are pictures beside a prompts file on disk (python -m '
+                              "tracker track --prompts FILE, or load_prompts in Python); here give clicks or a box")
         object_id = _field(item, where, "id", _optional_int, "a whole number from 1 to 255")  # None: a new object
         frame = _field(item, where, "frame", _int, "a whole number (frames count from 0)", default=0)
         points = _field(item, where, "points", _points, "a list of [x, y] pairs of numbers", default=[])
         labels = _field(item, where, "labels", _labels, "a list of 1 (object) or 0 (background), one per point",
                         default=[POSITIVE] * len(points))
         box = _field(item, where, "box", _box, "null or [x0, y0, x1, y1] (four numbers)")
-        entries.append((object_id, dict(frame=frame, points=points, labels=labels, box=box)))
-    named = {object_id for object_id, _ in entries}
+        entries.append((object_id, mask, dict(frame=frame, points=points, labels=labels, box=box)))
+    named = {object_id for object_id, _, _ in entries}
     free = (object_id for object_id in itertools.count(1) if object_id not in named)  # for entries without an id
-    return [ObjectPrompt(object_id=next(free) if object_id is None else object_id, frame_size=frame_size, **fields)
-            for object_id, fields in entries]
+    prompts = []
+    for object_id, mask, fields in entries:
+        object_id = next(free) if object_id is None else object_id
+        prompts.append(ObjectPrompt(object_id=object_id, frame_size=frame_size, **fields,
+                                    mask=None if mask is None else object_mask(folder / mask, object_id)))
+    return prompts
 
 
 def _field(item: dict, where: str, name: str, read: Callable[[object], T], expected: str, default: object = None
@@ -219,6 +258,12 @@ def _labels(value: object) -> list[int]:
     return [_int(v) for v in _numbers(value)]
 
 
+def _file_name(value: object) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ValueError(f"{value!r} is not a file name")
+    return value
+
+
 def _frame_size(value: object) -> tuple[int, int] | None:
     if value is None:
         return None
@@ -241,9 +286,10 @@ def _shown(value: object, limit: int = 40) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def load_prompts(path: str | Path, name: str | None = None) -> list[ObjectPrompt]:
+def load_prompts(path: str | Path, name: str | None = None, masks: bool = True) -> list[ObjectPrompt]:
     """Read a prompts JSON file, with a clear error for a missing or malformed file; messages call it `name`
-    where given (an upload's own name, not the server's copy of it)."""
+    where given (an upload's own name, not the server's copy of it). Its objects' masks are read from the
+    pictures beside it, unless `masks` is false (an upload, which comes without them: refused)."""
     path = Path(path)
     source = f"prompts file {name or path}"
     try:
@@ -257,7 +303,7 @@ def load_prompts(path: str | Path, name: str | None = None) -> list[ObjectPrompt
         raise PromptError(f"{source} cannot be read ({exc.strerror or exc})") from None
     except UnicodeDecodeError as exc:
         raise PromptError(f"{source} is not valid JSON ({exc})") from None
-    return prompts_from_text(text, source)
+    return prompts_from_text(text, source, path.parent if masks else None)
 
 
 def prompts_to_text(prompts: Sequence[ObjectPrompt], frame_size: tuple[int, int] | None = None) -> str:
@@ -274,8 +320,9 @@ def prompts_to_text(prompts: Sequence[ObjectPrompt], frame_size: tuple[int, int]
     return '{' + size + '"objects": [\n  ' + ",\n  ".join(lines) + "\n]}\n"
 
 
-def prompts_from_text(text: str, source: str = "the prompts") -> list[ObjectPrompt]:
-    """Prompts from JSON text (a prompts file's content, or what an API client sends)."""
+def prompts_from_text(text: str, source: str = "the prompts", folder: Path | None = None) -> list[ObjectPrompt]:
+    """Prompts from JSON text (a prompts file's content, or what an API client sends); masks are read from
+    `folder` (see `prompts_from_json`)."""
     if not text.strip():
         raise PromptError(f'{source} is empty: give JSON such as {{"objects": [{{"points": [[x, y]]}}]}} '
                           "(see the README)")
@@ -285,4 +332,52 @@ def prompts_from_text(text: str, source: str = "the prompts") -> list[ObjectProm
         raise PromptError(f"{source} is not valid JSON ({exc})") from None
     except RecursionError:  # brackets nested thousands deep: no prompts file looks like that
         raise PromptError(f"{source} is not valid prompts JSON (nested too deep)") from None
-    return prompts_from_json(data, source)
+    return prompts_from_json(data, source, folder)
+
+
+def _mask_picture(path: Path) -> tuple[np.ndarray, bool]:
+    """A mask picture's pixels, and whether they are object ids (else a bool matte); see `mask_objects`."""
+    try:
+        with Image.open(path) as picture:
+            picture.load()
+            if picture.mode == "P":
+                return np.array(picture), True
+            if "A" in picture.getbands():
+                alpha = np.array(picture.getchannel("A"))
+                if alpha.min() < 255:
+                    return alpha >= 128, False
+            values = np.array(picture if picture.mode == "L" else picture.convert("L"))
+    except FileNotFoundError:
+        raise PromptError(f"the mask {path} does not exist") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise PromptError(f"the mask {path} is not a picture that can be read ({exc})") from None
+    if values.max() < 128:  # 0, 1, 2...: ids, as numpy masks are often saved; a matte's object is bright
+        return values, True
+    return values >= 128, False
+
+
+def mask_objects(path: str | Path) -> dict[int, np.ndarray]:
+    """The objects a mask picture holds, id -> HxW bool.
+
+    A palettised PNG (the DAVIS format of a masks zip), or a grayscale one whose
+    values are all under 128, holds each pixel's object id (0: background). Any
+    other picture is one object's matte, given id 1: where it is bright (half
+    grey or more), or, with an alpha channel not opaque throughout, where it is
+    opaque.
+    """
+    values, ids = _mask_picture(Path(path))
+    objects = {int(i): values == i for i in np.unique(values) if i} if ids else {1: values} if values.any() else {}
+    if not objects:
+        raise PromptError(f"the mask {path} holds no object: every pixel is background")
+    return objects
+
+
+def object_mask(path: str | Path, object_id: int) -> np.ndarray:
+    """Object `object_id`'s pixels in a mask picture of object ids, or the whole matte of any other picture."""
+    values, ids = _mask_picture(Path(path))
+    if not ids:
+        return values
+    if not (values == object_id).any():
+        held = ", ".join(str(i) for i in np.unique(values) if i) or "none"
+        raise PromptError(f"the mask {path} has no pixel of object {object_id} (its objects: {held})")
+    return values == object_id

@@ -356,7 +356,8 @@ class Tracker:
     def prompt_masks(self, info: VideoInfo, prompts: Sequence[ObjectPrompt], sam: SamBackend | None = None, *,
                      embeddings: Mapping[int, ImageEmbedding] | None = None,
                      cancel: threading.Event | None = None) -> dict[int, dict[int, np.ndarray]]:
-        """Frame -> object id -> SAM mask, one embedding per prompted frame.
+        """Frame -> object id -> mask: SAM's for clicks and boxes, one embedding per frame clicked; a prompt's
+        own mask as it is.
 
         `embeddings` (frame -> `sam`'s embedding of it) are used instead of
         embedding those frames again: on a CPU each embedding takes seconds,
@@ -366,13 +367,17 @@ class Tracker:
         embeddings = embeddings or {}
         keyframes: dict[int, dict[int, np.ndarray]] = {}
         for frame_index in sorted({p.frame for p in prompts}):
+            on_frame = [p for p in prompts if p.frame == frame_index]
+            keyframes[frame_index] = {p.object_id: p.mask for p in on_frame if p.mask is not None}
+            clicked = [p for p in on_frame if p.mask is None]
+            if not clicked:
+                continue
             if cancel is not None and cancel.is_set():
                 raise Cancelled("tracking was cancelled")
             embedding = embeddings.get(frame_index)
             if embedding is None:
                 embedding = sam.embed(read_frame(info.path, frame_index, info.size).image)
-            keyframes[frame_index] = {p.object_id: self.segment(embedding, p, sam=sam)
-                                      for p in prompts if p.frame == frame_index}
+            keyframes[frame_index].update({p.object_id: self.segment(embedding, p, sam=sam) for p in clicked})
         return keyframes
 
     def iter_tracked(self, video: str | Path, prompts: Sequence[ObjectPrompt], options: TrackOptions | None = None,
