@@ -530,6 +530,32 @@ def test_jobs_get_the_device_in_the_order_they_asked_and_know_their_place():
         assert places[-1] == 0 and places == sorted(set(places), reverse=True)
 
 
+def test_calls_in_one_held_turn_let_no_other_job_between_them(tracker, clip, tmp_path):
+    """The page's passes of one Track hold the device once: a job that asks meanwhile comes after them all."""
+    order, queued = [], threading.Event()
+
+    def other_job() -> None:
+        tracker.track(clip, CLICK, output=tmp_path / "other.mp4", waiting=lambda ahead: queued.set())
+        order.append("other")
+
+    other = threading.Thread(target=other_job)
+    with tracker.device_held():
+        other.start()
+        assert queued.wait(5)
+        for name in ("first", "second"):
+            tracker.track(clip, CLICK, output=tmp_path / f"{name}.mp4")
+            order.append(name)
+    other.join(timeout=60)
+    assert order == ["first", "second", "other"]
+    with pytest.raises(TrackerError, match="earlier job still holds the device"):  # outside a hold, as before
+        stream = tracker.iter_tracked(clip, CLICK)
+        next(stream)
+        try:
+            tracker.track(clip, CLICK, output=tmp_path / "o.mp4")
+        finally:
+            stream.close()
+
+
 def test_a_job_that_finds_the_device_free_is_told_nothing(tracker, clip, tmp_path):
     told = []
     tracker.track(clip, CLICK, output=tmp_path / "o.mp4", waiting=told.append)

@@ -910,28 +910,29 @@ class EditSession:
         run_dir.mkdir(parents=True)
         results: list[TrackResult] = []
         try:
-            masks = built_on.masks if built_on is not None else None
-            corrected: dict[Key, np.ndarray] = {}
-            for index, start in enumerate(passes):
-                if self.cancel.is_set():
-                    raise Cancelled("tracking was cancelled")
-                last = index == len(passes) - 1
-                earlier = None
-                if start is not None:
-                    fixes = {object_id: clicks for (frame, object_id), clicks in refine.items() if frame == start}
-                    base = masks
-                    if fixes:
-                        base, fixed = self._correct(masks, start, fixes, run_dir / f"corrected-{index}.zip", sam)
-                        corrected.update({(start, object_id): mask for object_id, mask in fixed.items()})
-                    earlier = PreviousRun(base, start,
-                                          backward=retracks_backward(start, prompt_frames, correction_frames))
-                output = run_dir / f"{self.video.stem}{TRACKED_ENDING}" if last else None
-                results.append(self.tracker.track(
-                    self.video, prompts, output=output, masks=run_dir / f"masks-{index}.zip", options=options,
-                    cancel=self.cancel, progress=lambda done, total, i=index: clock.update(i, done, total),
-                    previous=earlier, sam=sam, embeddings=embeddings,
-                    waiting=lambda ahead, i=index: clock.report(i / len(passes), device_wait_line(ahead))))
-                masks = run_dir / f"masks-{index}.zip"
+            # One turn on the device for all the passes: a job started meanwhile comes after them, not between.
+            with self.tracker.device_held(self.cancel, lambda ahead: clock.report(0.0, device_wait_line(ahead))):
+                masks = built_on.masks if built_on is not None else None
+                corrected: dict[Key, np.ndarray] = {}
+                for index, start in enumerate(passes):
+                    if self.cancel.is_set():
+                        raise Cancelled("tracking was cancelled")
+                    last = index == len(passes) - 1
+                    earlier = None
+                    if start is not None:
+                        fixes = {object_id: clicks for (frame, object_id), clicks in refine.items() if frame == start}
+                        base = masks
+                        if fixes:
+                            base, fixed = self._correct(masks, start, fixes, run_dir / f"corrected-{index}.zip", sam)
+                            corrected.update({(start, object_id): mask for object_id, mask in fixed.items()})
+                        earlier = PreviousRun(base, start,
+                                              backward=retracks_backward(start, prompt_frames, correction_frames))
+                    output = run_dir / f"{self.video.stem}{TRACKED_ENDING}" if last else None
+                    results.append(self.tracker.track(
+                        self.video, prompts, output=output, masks=run_dir / f"masks-{index}.zip", options=options,
+                        cancel=self.cancel, progress=lambda done, total, i=index: clock.update(i, done, total),
+                        previous=earlier, sam=sam, embeddings=embeddings))
+                    masks = run_dir / f"masks-{index}.zip"
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise

@@ -311,6 +311,7 @@ class Tracker:
         self._sam_loading = threading.Lock()
         self.xmem = load_xmem(xmem_path, self.device)
         self.lock = DeviceTurns()  # the device's: one job at a time, first come first served
+        self._held_for_calls = False  # `device_held`: the holder's calls take no turn of their own
         self._clicks = threading.Condition()  # clicks' SAM work under way (see `click_work`)
         self._clicks_running = 0
         if self.untrained:  # scripts see it too, not only the CLI's and the app's users
@@ -436,6 +437,9 @@ class Tracker:
         earlier job still holds the device is told so rather than left waiting.
         """
         if self.lock.holder == threading.get_ident():
+            if self._held_for_calls:
+                yield
+                return
             raise TrackerError("this thread's earlier job still holds the device: an iter_tracked stream that was "
                                "neither finished nor closed; finish it or call its close() first")
         self.lock.acquire(cancel, waiting)
@@ -443,6 +447,17 @@ class Tracker:
             yield
         finally:
             self.lock.release()
+
+    @contextmanager
+    def device_held(self, cancel: threading.Event | None = None, waiting: WaitFn | None = None) -> Iterator[None]:
+        """The device for one job of several `track` calls (the page's passes of one Track), which then take no
+        turn of their own: a job that asks meanwhile comes after all of them, not between two."""
+        with self._device_turn(cancel, waiting):
+            self._held_for_calls = True
+            try:
+                yield
+            finally:
+                self._held_for_calls = False
 
     def warm_up(self, options: TrackOptions | None = None, frame_size: tuple[int, int] = (1280, 720)) -> float:
         """Track a short generated clip of `frame_size` (w, h) end to end; returns the seconds it took.
