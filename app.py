@@ -111,6 +111,15 @@ NO_PREVIEW_JS = """
       frame.append(line);
     }
   }, true);
+  // A download link is named by its file's size alone: give it the file's name, for screen readers and for
+  // tests that find it by role and name.
+  const nameLinks = () => {
+    for (const link of document.querySelectorAll("#result-files a[download]")) {
+      const label = `Download ${link.getAttribute("download")}`;
+      if (link.getAttribute("aria-label") !== label) link.setAttribute("aria-label", label);
+    }
+  };
+  new MutationObserver(nameLinks).observe(document.body, {childList: true, subtree: true});
   document.addEventListener("loadstart", (event) => {
     const box = event.target instanceof HTMLVideoElement ? event.target.closest("#video-input") : null;
     box?.querySelector(".no-preview")?.remove();
@@ -295,12 +304,13 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                                      "side, px; 0 = original)", elem_id="processing-size")
                     mem_every = gr.Slider(1, 30, value=defaults.memory.mem_every, step=1,
                                           label=MEMORY_LABELS["mem_every"], elem_id="memory-interval")
+                    # No precision: a fraction typed is refused by name, not rounded behind the user's back.
                     memory_limits = [
-                        gr.Number(getattr(defaults.memory, name), precision=0, label=MEMORY_LABELS[name],
+                        gr.Number(getattr(defaults.memory, name), label=MEMORY_LABELS[name],
                                   elem_id=name.replace("_", "-"))
                         for name in ("top_k", "min_mid_term_frames", "max_mid_term_frames", "num_prototypes",
                                      "max_long_term_elements")]
-                    min_area = gr.Number(0, precision=0, elem_id="min-memory-area",
+                    min_area = gr.Number(0, elem_id="min-memory-area",
                                          label=MEMORY_LABELS["min_memory_area"])
                     alpha = gr.Slider(0, 1, value=defaults.alpha, step=0.05, label="Overlay opacity",
                                       elem_id="overlay-opacity")
@@ -320,6 +330,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                 status = gr.Textbox("Upload a video to start.", label="Status", interactive=False, lines=2,
                                     elem_id="status")
                 frame_image = gr.Image(label="Click the object", interactive=False, elem_id="frame-image",
+                                       alt_text="Click the object (frame picture)",
                                        type="filepath", buttons=[])
                 frame_slider = gr.Slider(0, 1, value=0, step=1, label="Frame", elem_id="frame-slider",
                                          interactive=False)
@@ -612,11 +623,9 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                 if None in (top_k, min_mid_term, max_mid_term, prototypes, long_term):
                     raise TrackerError("a memory setting is empty: give it a whole number (Settings)")
                 try:
-                    memory = MemoryOptions(mem_every=int(mem_value), top_k=int(top_k),
-                                           min_mid_term_frames=int(min_mid_term),
-                                           max_mid_term_frames=int(max_mid_term), num_prototypes=int(prototypes),
-                                           max_long_term_elements=int(long_term),
-                                           min_memory_area=int(min_area_value or 0))
+                    memory = MemoryOptions(mem_every=int(mem_value), top_k=top_k, min_mid_term_frames=min_mid_term,
+                                           max_mid_term_frames=max_mid_term, num_prototypes=prototypes,
+                                           max_long_term_elements=long_term, min_memory_area=min_area_value or 0)
                 except TrackerError as exc:
                     raise TrackerError(f"Settings: {settings_named(str(exc))}") from None
                 options = TrackOptions(size=int(size_value), memory=memory, alpha=float(alpha_value),

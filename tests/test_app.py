@@ -361,6 +361,9 @@ def test_click_track_correct_and_download(app, browser, clips, tmp_path):
     tab.page.wait_for_function("() => document.querySelector('#result-video video').readyState >= 1")
     assert video.evaluate("v => v.duration") == pytest.approx(0.48, abs=0.05)
     assert tab.download_names() == ["clip_tracked.mp4", "clip_masks.zip", "clip_prompts.json"]  # after the upload
+    # An outside test finds the picture to click and each download by role and name, as a screen reader does.
+    assert tab.page.get_by_role("img", name="Click the object").count() == 1
+    assert tab.page.get_by_role("link", name="Download clip_masks.zip", exact=True).count() == 1
     clicked = load_prompts(tab.download("clip_prompts.json", tmp_path))  # in frame pixels, for the CLI's --prompts
     assert [(p.object_id, p.frame, p.labels, p.box) for p in clicked] == [(1, 0, [1], None), (2, 0, [1], None)]
     for prompt, place in zip(clicked, (OBJECT_1, OBJECT_2)):
@@ -539,6 +542,12 @@ def test_numbers_typed_out_of_range_are_held_to_their_sliders_and_clicks_go_to_t
     assert page.locator(".toast-body").count() == 0, page.locator(".toast-body").all_inner_texts()
     assert not tab.status().startswith("Error")
     tab.click_frame(*OBJECT_1, expect="object 1 on frame 9: 1 point")
+    top_k = page.locator("#top-k input[type=number]")  # a whole-number setting: a fraction is refused, not rounded
+    top_k.fill("2.5")
+    top_k.press("Enter")
+    page.locator("#track-button").click()
+    assert tab.wait_status("^Error") == \
+        'Error: Settings: "Top-k memory matches per pixel" must be a whole number, not 2.5'
     assert "Traceback" not in app.log.read_text()
     page.close()
 

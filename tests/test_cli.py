@@ -181,6 +181,30 @@ def test_a_mask_starts_the_run_as_it_is_without_sam(untrained_checkpoints, tmp_p
     assert set(np.unique(np.concatenate([v.ravel() for v in tracked.values()]))) <= {0, 2, 5}
 
 
+def test_a_folder_of_frames_with_its_first_mask_as_in_davis(untrained_checkpoints, tmp_path):
+    """The semi-supervised protocol of DAVIS: a folder of JPEG frames and the first frame's annotation in; one
+    mask per frame out, named as the frames are, the first one the annotation itself."""
+    frames = tmp_path / "JPEGImages" / "bear"
+    frames.mkdir(parents=True)
+    for index in range(5):
+        picture = np.full((48, 64, 3), 60, np.uint8)
+        picture[10 + 3 * index:30 + 3 * index, 20:44] = (200, 120, 40)
+        Image.fromarray(picture).save(frames / f"{index:05d}.jpg", quality=95)
+    annotation = np.zeros((48, 64), np.uint8)
+    annotation[10:30, 20:44] = 1
+    first = Image.fromarray(annotation, mode="P")
+    first.putpalette(PALETTE.tobytes())
+    first.save(tmp_path / "00000.png")
+    done = run_cli("track", frames, "--mask", tmp_path / "00000.png", "--masks", f"{tmp_path}/", "--out",
+                   f"{tmp_path}/", "--size", "48", *weights_flags(untrained_checkpoints))
+    assert done.returncode == 0, done.stderr
+    labels = zip_labels(tmp_path / "bear_masks.zip")
+    assert sorted(labels) == [f"{index:05d}.png" for index in range(5)]
+    assert np.array_equal(labels["00000.png"], annotation)
+    assert stream_facts(tmp_path / "bear_tracked.mp4") == {"codec": "h264", "pix_fmt": "yuv420p", "frames": 5,
+                                                          "audio": 0}
+
+
 @pytest.mark.parametrize("case, args, message", [
     ("text", ["--point", "5,5"], "video"),
     ("missing", ["--point", "5,5"], "no such video file"),

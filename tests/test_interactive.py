@@ -433,6 +433,11 @@ def test_a_prompts_file_brings_back_the_clicks_of_a_closed_tab(session, tmp_path
     assert not Path(upload).exists(), "the server's copy of the upload is removed once read"
     assert message == ("loaded prompts file clip_prompts.json: 2 prompts for objects 1, 2 on frames 0, 3, in place "
                        "of the clicks before; press Track")
+    # Loaded where its run's result is shown, the file changes nothing to track, and says so.
+    message, _ = session.load_prompts_file(shutil.copy(first.prompts_file, tmp_path / "same_prompts.json"))
+    assert message.endswith("in place of the clicks before; they are the last run's clicks, so its result stands "
+                            "(Track would change nothing)")
+    assert session.track(OPTIONS).repeated
     assert frame == 0 and reports == ["SAM reads frame 0 (1 of 2)", "SAM reads frame 3 (2 of 2)"]
     assert len(disc_tracker.sam.embedded) == encoded + 2, "SAM's encoder runs once a frame"
     assert again.objects == [1, 2] and again.current == 1

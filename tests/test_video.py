@@ -12,6 +12,7 @@ from PIL import Image
 from media import (TRACK_LANGUAGES, blanked_media_copy, capture_from, clip_frame, damaged_timestamp_copy,
                    disc_centre, make_audio_only, make_clip, make_empty_file, make_joined_recording, make_text_file,
                    noisy_copy, top_level_atoms, truncated_copy)
+from tracker.colour import yuv420_to_rgb
 from tracker.errors import TrackerError, VideoError
 from tracker.exports import export_cutout
 from tracker import video
@@ -997,3 +998,102 @@ def test_folders_made_for_outputs_go_when_nothing_lands_there(clip, tmp_path):
         masks.write(0, np.zeros((4, 4), np.uint8))
     VideoWriter(tmp_path / "kept" / "more" / "out.mp4", info).abort()
     assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["out.zip"]
+
+
+def _upright(width=64, height=48):
+    """A picture whose red corner shows where its top left is."""
+    image = np.zeros((height, width, 3), np.uint8)
+    image[..., 1] = 60
+    image[: height // 3, : width // 3] = (240, 20, 20)  # a red corner at the top left
+    return image
+
+
+def _write_mirrored(path, stored, hflip, vflip=False):
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = stored.shape[1], stored.shape[0], "yuv420p"
+        stream.set_display_rotation(0, hflip=hflip, vflip=vflip)
+        for index in range(3):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(stored), format="rgb24")
+            frame.pts, frame.time_base = index, Fraction(1, 25)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.mark.parametrize("flip", ["h", "v"])
+@pytest.mark.parametrize("yuv", [False, True])
+def test_mirrored_display_matrix_comes_out_upright(tmp_path, flip, yuv):
+    """A display matrix that mirrors the picture (a selfie recording, a file flipped with FFmpeg's -display_hflip)
+    is applied as FFmpeg's autorotate applies it: upright, not turned upside down."""
+    upright = _upright()
+    stored = upright[:, ::-1] if flip == "h" else upright[::-1]
+    clip = tmp_path / "mirrored.mp4"
+    _write_mirrored(clip, stored, hflip=flip == "h", vflip=flip == "v")
+    info = probe(clip)
+    assert (info.width, info.height) == (64, 48)
+    frames = list(iter_frames(clip, yuv=yuv))
+    assert len(frames) == 3
+    for frame in frames:
+        image = frame.image if frame.image is not None else yuv420_to_rgb(frame.yuv).numpy()
+        assert np.abs(image.astype(int) - upright).mean() < 4, "the mirrored picture is not upright"
+
+
+def test_jpeg_with_exif_orientation_is_read_upright(tmp_path):
+    """FFmpeg attaches side data PyAV cannot name to a JPEG with EXIF (reading the mirror must not fail on it)."""
+    upright = _upright()
+    photo = tmp_path / "photo.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise
+    Image.fromarray(np.ascontiguousarray(np.rot90(upright, 1))).save(photo, exif=exif.tobytes(), quality=95)
+    info = probe(photo)
+    assert (info.width, info.height) == (64, 48)
+    (frame,) = list(iter_frames(photo))
+    assert np.abs(frame.image.astype(int) - upright).mean() < 4
+
+
+def test_of_several_video_streams_the_largest_picture_is_tracked(tmp_path):
+    """As FFmpeg's conversions choose: a file with a small preview stream before the main one (a camera's proxy,
+    a screen recording's webcam track) is read from its main picture."""
+    path = tmp_path / "two_pictures.mkv"
+    with av.open(str(path), "w") as container:
+        streams = [container.add_stream("libx264", rate=25) for _ in range(2)]
+        for stream, (width, height) in zip(streams, ((64, 48), (160, 120))):
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for index in range(4):
+            for stream in streams:
+                image = np.full((stream.height, stream.width, 3), 40 * index, np.uint8)
+                frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+                frame.pts, frame.time_base = index, Fraction(1, 25)
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+        for stream in streams:
+            for packet in stream.encode():
+                container.mux(packet)
+    info = probe(path)
+    assert (info.width, info.height, info.frame_count) == (160, 120, 4)
+    assert [frame.image.shape for frame in iter_frames(path)] == [(120, 160, 3)] * 4
+
+
+def test_a_folder_of_pictures_is_read_as_a_video_in_name_order(tmp_path):
+    """A dataset's frames (DAVIS's JPEGImages/480p/<name>/00000.jpg ...): one picture a frame, in name order,
+    at 25 fps, pictures of another kind beside them left out; a folder without pictures is refused by name."""
+    folder = tmp_path / "bear [take 1]"  # glob's special characters in the path are taken literally
+    folder.mkdir()
+    pictures = [np.full((30, 40, 3), (20 * index, 255 - 20 * index, 90), np.uint8) for index in range(6)]
+    for index, picture in enumerate(pictures):
+        Image.fromarray(picture).save(folder / f"{index:05d}.png")
+    (folder / "notes.txt").write_text("not a frame")
+    Image.fromarray(pictures[0]).save(folder / "cover.jpg")
+    info = probe(folder)
+    assert (info.width, info.height, info.frame_count, info.fps, info.has_audio) == (40, 30, 6, 25, False)
+    frames = list(iter_frames(folder))
+    assert [frame.index for frame in frames] == list(range(6))
+    assert all(np.array_equal(frame.image, picture) for frame, picture in zip(frames, pictures))
+    assert np.array_equal(video.read_frame(folder, 4).image, pictures[4])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(VideoError, match="empty is a folder, not a video file; give the video's own path, or a "
+                                         "folder of pictures, one a frame"):
+        probe(empty)

@@ -1065,7 +1065,7 @@ class EditSession:
                 if self.upload_folder is not None and path.resolve().is_relative_to(self.upload_folder):
                     path.unlink(missing_ok=True)  # read once: the server's copy of the upload has served
             self._loading = source
-            frames, tracked_meanwhile = self._load_prompts(prompts, source, progress)
+            frames, tracked_meanwhile, unchanged = self._load_prompts(prompts, source, progress)
         finally:
             self._loading = None
             self._settled()
@@ -1073,13 +1073,15 @@ class EditSession:
         message = (f"loaded {source}: {len(prompts)} prompt{'s' * (len(prompts) > 1)} for "
                    f"object{'s' * (len(objects) > 1)} {', '.join(map(str, objects))} on "
                    f"frame{'s' * (len(frames) > 1)} {', '.join(map(str, frames))}, in place of the clicks before; "
-                   + ("the Track pressed meanwhile tracks them" if tracked_meanwhile else "press Track"))
+                   + ("the Track pressed meanwhile tracks them" if tracked_meanwhile else
+                      "they are the last run's clicks, so its result stands (Track would change nothing)" if unchanged
+                      else "press Track"))
         return message, frames[0]
 
     def _load_prompts(self, prompts: Sequence[ObjectPrompt], source: str,
-                      progress: ProgressReport | None) -> tuple[list[int], bool]:
-        """`load_prompts_file`'s SAM work and taking the prompts; returns the prompts' frames, in order, and
-        whether a job waits to track them."""
+                      progress: ProgressReport | None) -> tuple[list[int], bool, bool]:
+        """`load_prompts_file`'s SAM work and taking the prompts; returns the prompts' frames, in order, whether
+        a job waits to track them, and whether they are the last run's (a Track would keep its result)."""
         with self._clicking:  # one click at a time, and a load counts as clicks
             with self.lock:
                 self._require_prompts_unread()
@@ -1113,7 +1115,10 @@ class EditSession:
                     raise ClickDropped("the video was replaced while the prompts file was loading")
                 self._require_prompts_unread()
                 self._take_prompts(prompts, masks)
-                return frames, self.job_running
+                snapshot, last = self._prompts()[2], self.result
+                unchanged = last is not None and (snapshot, self.sam.name) == (last.prompts, last.sam_backend) \
+                    and frozenset(object_id for _, object_id in snapshot) == last.objects
+                return frames, self.job_running, unchanged
 
     def _take_prompts(self, prompts: Sequence[ObjectPrompt], masks: Mapping[Key, np.ndarray]) -> None:
         """Make `prompts` the objects and clicks, each a first prompt (as clicked on a frame not tracked yet). Each

@@ -313,6 +313,10 @@ def prompts_to_text(prompts: Sequence[ObjectPrompt], frame_size: tuple[int, int]
     def number(value: float) -> float | int:
         return int(value) if float(value).is_integer() else round(float(value), 3)
 
+    if masked := [p for p in prompts if p.mask is not None]:  # written, they would become objects without clicks
+        raise PromptError(f"object {masked[0].object_id}'s prompt on frame {masked[0].frame} is a mask, which a "
+                          'prompts file names as a picture beside it ("mask": "name.png"), not as text')
+
     lines = [json.dumps({"id": p.object_id, "frame": p.frame, "points": [[number(x), number(y)] for x, y in p.points],
                          "labels": list(p.labels), "box": None if p.box is None else [number(v) for v in p.box]})
              for p in prompts]

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import bisect
 import functools
+import glob
 import itertools
 import logging
 import os
 import tempfile
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
@@ -351,6 +352,7 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yu
                 return
 
 
+DISPLAYMATRIX = av.sidedata.sidedata.Type.DISPLAYMATRIX  # a frame's display matrix (rotation, mirror)
 _RESIZED_TOLD: set[Path] = set()  # videos whose change of picture size was logged (once, not per frame read)
 
 
@@ -466,9 +468,32 @@ def read_frame(path: str | Path, index: int, size: tuple[int, int] | None = None
     return frame
 
 
+# A folder of pictures is read as a video, one picture a frame in name order (a dataset's frames: DAVIS's
+# JPEGImages/480p/bear/00000.jpg ...), at FFmpeg's own rate for pictures.
+PICTURE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+PICTURES_RATE = 25
+
+
+def _picture_pattern(folder: Path) -> str | None:
+    """A glob of a folder's pictures for FFmpeg's image2 reader: those of its commonest ending (as written,
+    since the match is case-sensitive); None where it holds none."""
+    endings = Counter(p.suffix for p in folder.iterdir() if p.suffix.lower() in PICTURE_SUFFIXES and p.is_file())
+    if not endings:
+        return None
+    return f"{glob.escape(str(folder))}/*{glob.escape(endings.most_common(1)[0][0])}"
+
+
 def _open(path: Path) -> av.container.InputContainer:
     if path.is_dir():
-        raise VideoError(f"{path} is a folder, not a video file; give the video's own path")
+        pattern = _picture_pattern(path)
+        if pattern is None:
+            raise VideoError(f"{path} is a folder, not a video file; give the video's own path, or a folder of "
+                             f"pictures, one a frame ({', '.join(PICTURE_SUFFIXES)})")
+        try:
+            return av.open(pattern, "r", format="image2",
+                           options={"pattern_type": "glob", "framerate": str(PICTURES_RATE)})
+        except (av.FFmpegError, OSError) as exc:
+            raise VideoError(f"the pictures in {path} cannot be read as frames ({exc})") from exc
     if path.exists() and not path.is_file():
         raise VideoError(f"{path} is not a file (a device or a pipe); give a video file")
     if not path.is_file():
@@ -517,7 +542,8 @@ def _video_stream(container: av.container.InputContainer, path: Path, frame_thre
     if not streams:
         what = "only audio" if container.streams.audio else "no video stream"
         raise VideoError(f"{path.name} has {what}; choose a file with a video track")
-    stream = streams[0]
+    # Where a file holds several, the one FFmpeg's conversions take: the largest picture, the first of equals.
+    stream = max(streams, key=lambda s: (s.codec_context.width or 0) * (s.codec_context.height or 0))
     stream.thread_type = "AUTO" if frame_threads else "SLICE"
     return stream
 
@@ -891,8 +917,37 @@ def _position(packet: av.Packet) -> int:
 
 
 def _clockwise(frame: av.VideoFrame) -> int:
-    """The display matrix's rotation as a clockwise quarter turn (PyAV reports counter-clockwise)."""
-    return int(round(-frame.rotation / 90)) % 4 * 90
+    """The display matrix's rotation as a clockwise quarter turn (PyAV reports counter-clockwise); a mirrored
+    matrix's turn is the one that `_mirrored`'s flip completes."""
+    return _orientation(frame)[0]
+
+
+def _mirrored(frame: av.VideoFrame) -> bool:
+    """Whether the display matrix also mirrors the picture: flipped left to right after `_clockwise`'s turn."""
+    return _orientation(frame)[1]
+
+
+def _orientation(frame: av.VideoFrame) -> tuple[int, bool]:
+    """(clockwise turn, then a left-right flip) that brings the stored picture to display, as FFmpeg's
+    autorotate reads the display matrix, mirrored ones (a determinant below zero) included: av_display_rotation_get
+    reads a mirror as a half turn, which would show a mirrored recording upside down."""
+    clockwise = int(round(-frame.rotation / 90)) % 4 * 90
+    try:
+        matrix = next((bytes(data) for data in frame.side_data if data.type == DISPLAYMATRIX), None)
+    except ValueError:  # PyAV cannot name some side data FFmpeg attaches (a JPEG's EXIF, say): no mirror read
+        return clockwise, False
+    if matrix is None or len(matrix) < 36:
+        return clockwise, False
+    m = np.frombuffer(matrix[:36], dtype="<i4")
+    if int(m[0]) * int(m[4]) - int(m[1]) * int(m[3]) >= 0:
+        return clockwise, False  # a plain rotation
+    # FFmpeg: 0 -> vflip; 90 -> transpose; 180 -> hflip or vflip; 270 -> anti-transpose. As a turn then a
+    # left-right flip (a vertical flip is a half turn and a left-right flip):
+    if clockwise == 0:
+        return 180, True
+    if clockwise == 180:
+        return (0, True) if m[0] < 0 else (180, True)  # hflip, or vflip
+    return clockwise, True
 
 
 def _untagged_hd(frame: av.VideoFrame) -> bool:
@@ -909,8 +964,9 @@ def _display_rgb(frame: av.VideoFrame, clockwise: int, size: tuple[int, int] | N
         options.update(width=size[0], height=size[1])
     image = frame.to_ndarray(format="rgb24", interpolation=SWS_TO_RGB if size is None else SWS_TO_RGB_SCALED,
                              **options)
-    turns = clockwise // 90
-    return np.ascontiguousarray(np.rot90(image, k=-turns)) if turns else image
+    turns, mirrored = clockwise // 90, _mirrored(frame)
+    image = np.rot90(image, k=-turns) if turns else image
+    return np.ascontiguousarray(image[:, ::-1] if mirrored else image) if turns or mirrored else image
 
 
 # Colour matrices (AVColorSpace) that the planes path converts; others go through swscale.
@@ -929,8 +985,8 @@ def _has_planes(frame: av.VideoFrame) -> bool:
 def _yuv_planes(frame: av.VideoFrame, clockwise: int, cosited: tuple[bool, bool] | None) -> YuvPicture | None:
     """The frame's own planes with how to turn them (`clockwise`) into RGB; None for a chroma siting that only
     swscale converts (see `chroma_siting`; an interlaced picture's chroma on its rows)."""
-    if cosited is None or frame.interlaced_frame and cosited[1]:
-        return None
+    if cosited is None or frame.interlaced_frame and cosited[1] or _mirrored(frame):
+        return None  # swscale's RGB (`_display_rgb`), which also mirrors
     matrix = "bt709" if _untagged_hd(frame) else _PLANE_MATRICES[frame.colorspace]
     full_range = _PLANE_FORMATS[frame.format.name] or frame.color_range == JPEG_RANGE
     return YuvPicture(frame.to_ndarray(), frame.width, frame.height, matrix, full_range, clockwise, cosited,
