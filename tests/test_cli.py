@@ -124,10 +124,26 @@ def test_cutout_keeps_the_chosen_objects_as_a_matte_or_on_transparency(rotated_c
     assert done.stdout.strip() == f"wrote {tmp_path / 'phone_cutout.webm'}"
     assert stream_facts(tmp_path / "phone_cutout.webm")["frames"] == 12
 
+    # For editing programs: ProRes 4444 in a QuickTime file, its alpha exactly the object's mask, odd size kept.
+    done = run_cli("cutout", rotated_clip, masks, "--kind", "prores", "--objects", "1", "--out", f"{tmp_path}/")
+    assert done.returncode == 0, done.stderr
+    prores = tmp_path / "phone_cutout_prores.mov"
+    assert done.stdout.strip() == f"wrote {prores}"
+    facts = stream_facts(prores)
+    assert (facts["codec"], facts["frames"], facts["audio"]) == ("prores", 12, 1)
+    with av.open(str(prores)) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.profile == "4444" and stream.codec_context.pix_fmt.startswith("yuva444p")
+        rgba = next(container.decode(stream)).to_ndarray(format="rgba")
+    assert rgba.shape == (161, 121, 4) and np.array_equal(rgba[..., 3] == 255, labels == 1)
+    assert (rgba[..., 3][labels != 1] == 0).all()
+
 
 @pytest.mark.parametrize("args, message", [
     (["--kind", "transparent", "--out", "{tmp}/cut.mp4"], "error: the cut-out cut.mp4 would be misnamed: end its name "
                                                     "in .webm"),
+    (["--kind", "prores", "--out", "{tmp}/cut.mp4"], "error: the cut-out cut.mp4 would be misnamed: end its name "
+                                                     "in .mov"),
     (["--objects", "0,x"], "error: --objects takes object ids from 1 to 255 separated by commas, as in 1,3; "
                            "not '0,x'"),
     (["--out", "{masks}", "--kind", "green"], "error: the cut-out {masks} is the masks zip; choose another path"),

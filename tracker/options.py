@@ -101,6 +101,9 @@ CUTOUT_KINDS = {
                               (".webm",)),
     "green": CutoutKind("Green-screen MP4 (H.264)", "green", "libx264", "cutout_greenscreen.mp4",
                         tuple(H264_CONTAINERS)),
+    # Editing programs (Premiere, Resolve, Final Cut, After Effects) read ProRes 4444's alpha; few read VP9's.
+    "prores": CutoutKind("Transparent ProRes 4444 MOV (for editing programs)", "transparent", "prores_ks",
+                         "cutout_prores.mov", (".mov",)),
     # A matte's edges are all it has: coded finer (a few KB a frame more), they stay sharp.
     "matte": CutoutKind("Black-and-white matte MP4 (H.264)", "matte", "libx264", "matte.mp4",
                         tuple(H264_CONTAINERS), crf=8),

@@ -1039,6 +1039,8 @@ _PCM = frozenset({"pcm_s16le", "pcm_s16be", "pcm_s24le", "pcm_s24be", "pcm_s32le
 _TARGETS = {
     "libx264": _Target("mp4", frozenset({"aac", "mp3", "alac", "ac3", "eac3"}), "aac"),
     "libvpx-vp9": _Target("webm", frozenset({"opus", "vorbis"}), "libopus"),
+    # ProRes 4444 with alpha in a QuickTime file: the transparent video editing programs read.
+    "prores_ks": _Target("mov", frozenset({"aac", "mp3", "alac", "ac3", "eac3"}) | _PCM, "aac"),
 }
 # H.264 goes in the container its file name asks for (MP4 without a known ending).
 H264_CONTAINERS = {
@@ -1079,6 +1081,8 @@ def _encoder_options(codec: str, crf: int, preset: str, field_order: str | None,
     sited = {"chroma_sample_location": "center"}
     if codec == "libvpx-vp9":  # constant quality, fast enough to keep up with tracking
         return {"crf": str(crf), "b": "0", "deadline": "realtime", "cpu-used": "8", "row-mt": "1", **sited}
+    if codec == "prores_ks":  # an intermediate codec: its own quality, near lossless, no rate control
+        return {"profile": "4444", "vendor": "apl0"}
     # Interlaced pictures coded as such (each field's rows apart where they move), in their field order.
     fields = {"x264-params": f"{field_order}=1"} if field_order else {}
     # No B-frames where the frames' intervals differ: the decoding times (the encoder's trail the frames' times
@@ -1115,8 +1119,8 @@ def written_notes(info: VideoInfo, codec: str) -> list[str]:
         notes.append(f"written with square pixels; the video's are {info.pixel_aspect} wide to 1 high: stretch it "
                      f"to {round(info.width * info.pixel_aspect)}x{info.height} where it is used")
     if info.field_order and coded_fields(info, codec) is None:
-        why = "VP9 codes no fields" if codec == "libvpx-vp9" else \
-            f"H.264 codes fields here in pictures of 4-row units, not {info.height} rows"
+        why = {"libvpx-vp9": "VP9 codes no fields", "prores_ks": "this ProRes codes no fields"}.get(
+            codec, f"H.264 codes fields here in pictures of 4-row units, not {info.height} rows")
         notes.append(f"the interlaced video is written as progressive frames ({why}); deinterlace it where it is "
                      "used")
     return notes
@@ -1130,8 +1134,8 @@ def coded_fields(info: VideoInfo, codec: str) -> str | None:
 
 
 def output_pix_fmt(codec: str) -> str:
-    """The pixel format a writer uses: 4:2:0 H.264 that every browser plays; VP9 carries alpha."""
-    return "yuva420p" if codec == "libvpx-vp9" else "yuv420p"
+    """The pixel format a writer uses: 4:2:0 H.264 that every browser plays; VP9 and ProRes 4444 carry alpha."""
+    return {"libvpx-vp9": "yuva420p", "prores_ks": "yuva444p10le"}.get(codec, "yuv420p")
 
 
 def coded_size(codec: str, width: int, height: int) -> tuple[int, int]:
@@ -1140,9 +1144,9 @@ def coded_size(codec: str, width: int, height: int) -> tuple[int, int]:
     H.264 in 4:2:0 cannot code an odd width or height (chroma and cropping work
     in 2-pixel units), so an odd side gets one more row or column, a copy of the
     last one. 4:4:4 would keep the odd size but browsers do not play it, and
-    the result must play in the page. VP9 codes any size.
+    the result must play in the page. VP9 and ProRes 4444 code any size.
     """
-    if codec == "libvpx-vp9":
+    if codec in ("libvpx-vp9", "prores_ks"):
         return width, height
     return width + width % 2, height + height % 2
 
@@ -1228,7 +1232,7 @@ class VideoWriter(AtomicWriter):
         stream.codec_context.color_range = LIMITED_RANGE
         if self.info.timecode:  # MP4 and MOV get a timecode track
             stream.metadata["timecode"] = self.info.timecode
-        if self.info.pixel_aspect != 1:  # H.264 carries it (and MP4/MOV a box of their own); VP9 WebM cannot here
+        if self.info.pixel_aspect != 1:  # H.264 and ProRes carry it (MP4/MOV a box of their own); VP9 WebM cannot
             stream.codec_context.sample_aspect_ratio = self.info.pixel_aspect
         stream.codec_context.thread_count = encoder_threads()
         return stream
