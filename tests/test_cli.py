@@ -139,6 +139,26 @@ def test_cutout_keeps_the_chosen_objects_as_a_matte_or_on_transparency(rotated_c
     assert (rgba[..., 3][labels != 1] == 0).all()
 
 
+def test_boxes_lists_each_objects_box_and_area_frame_by_frame(tmp_path):
+    masks = tmp_path / "clip_masks.zip"
+    frames = [np.zeros((48, 64), np.uint8) for _ in range(3)]
+    frames[0][5:20, 10:30], frames[0][30:31, 40:41] = 1, 7  # object 7: a single pixel
+    frames[1][0:48, 60:64] = 1  # against the edges; object 7 gone; frame 2 empty
+    with MaskZipWriter(masks) as writer:
+        for index, labels in enumerate(frames):
+            writer.write(index, labels)
+    done = run_cli("boxes", masks, "--out", f"{tmp_path}/out/")
+    assert done.returncode == 0, done.stderr
+    boxes = tmp_path / "out" / "clip_boxes.csv"
+    assert done.stdout.strip() == f"wrote {boxes}"
+    assert boxes.read_text().splitlines() == ["frame,object,x,y,width,height,area", "0,1,10,5,20,15,300",
+                                              "0,7,40,30,1,1,1", "1,1,60,0,4,48,192"]
+    done = run_cli("boxes", masks, "--out", tmp_path / "boxes.txt")
+    assert (done.returncode, done.stderr.strip()) == (2, "error: the boxes file boxes.txt would be misnamed: end "
+                                                          "its name in .csv")
+    assert not (tmp_path / "boxes.txt").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--kind", "transparent", "--out", "{tmp}/cut.mp4"], "error: the cut-out cut.mp4 would be misnamed: end its name "
                                                     "in .webm"),

@@ -1,4 +1,5 @@
-"""`python -m tracker`: track a video from the command line, cut its objects out, manage weights."""
+"""`python -m tracker`: track a video from the command line, cut its objects out, list their boxes, manage
+weights."""
 from __future__ import annotations
 
 import argparse
@@ -95,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
                      + " (default transparent)")
     cut.add_argument("--out", help="the cut-out video (default output/<name>_<kind's file name>, as "
                      "output/clip_matte.mp4; a folder: that name in it)")
+
+    boxes = commands.add_parser("boxes", parents=[after],
+                                help="each object's bounding box and area on every frame of a masks zip, as CSV")
+    boxes.add_argument("masks", type=Path, help="the masks zip a run wrote (track --masks)")
+    boxes.add_argument("--out", help="the CSV file (default output/<name>_boxes.csv, <name> the zip's without "
+                       "_masks; a folder: that name in it)")
 
     weights = commands.add_parser("weights", parents=[after], help="download or generate checkpoints")
     actions = weights.add_subparsers(dest="action", required=True)
@@ -258,6 +265,15 @@ def _cutout(args: argparse.Namespace) -> int:
     return 0
 
 
+def _boxes(args: argparse.Namespace) -> int:
+    from .exports import BOXES_ENDING, export_boxes
+
+    named = args.masks.with_name(args.masks.name.removesuffix(MASKS_ENDING) + ".zip")  # clip_masks.zip: clip
+    output = output_file(args.out, named, BOXES_ENDING) or OUTPUT_DIR / f"{named.stem}{BOXES_ENDING}"
+    print(f"wrote {export_boxes(args.masks, output)}")
+    return 0
+
+
 def _weights(args: argparse.Namespace) -> int:
     from . import weights
 
@@ -280,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(attach_negative_values(argv))
     try:
         with _stopping_signals_interrupt():
-            return {"track": _track, "cutout": _cutout, "weights": _weights}[args.command](args)
+            return {"track": _track, "cutout": _cutout, "boxes": _boxes, "weights": _weights}[args.command](args)
     except TrackerError as exc:
         if args.debug:
             traceback.print_exc()

@@ -1,4 +1,5 @@
-"""Videos drawn again from a finished run's masks: cut-outs, and the overlay with another look.
+"""What is made from a finished run's masks: cut-out videos, the overlay with another look, and the objects'
+bounding boxes.
 
 Cut-outs keep only the chosen objects, the background removed.
 
@@ -10,17 +11,23 @@ stream one at a time, as in tracking.
 """
 from __future__ import annotations
 
+import csv
+import os
 import threading
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 
 from .errors import Cancelled, PromptError, TrackerError
 from .options import CUTOUT_KINDS
 from .render import MaskZipReader, cutout, overlay
-from .session import check_cutout_path
-from .video import VideoWriter, iter_frames, probe
+from .session import check_cutout_path, check_file_output
+from .video import VideoWriter, iter_frames, probe, release_temporary, temporary_path_beside
+
+BOXES_ENDING = "_boxes.csv"
+BOXES_HEADER = ("frame", "object", "x", "y", "width", "height", "area")
 
 
 def export_cutout(video: str | Path, masks: str | Path, object_ids: Iterable[int], output: str | Path,
@@ -40,6 +47,32 @@ def export_cutout(video: str | Path, masks: str | Path, object_ids: Iterable[int
     return _draw_from_masks(video, masks, output, lambda image, labels: cutout(image, labels, chosen,
                                                                               background=spec.background),
                             "the cut-out", cancel, progress, codec=spec.codec, crf=spec.crf)
+
+
+def export_boxes(masks: str | Path, output: str | Path) -> Path:
+    """Each object's bounding box and area on every frame of a run's masks zip, as CSV (BOXES_HEADER): frames
+    counted from 0, (x, y) the box's top-left pixel, width and height in pixels, the area the mask's pixel
+    count. A frame where an object is absent has no row for it. The file appears only once complete."""
+    output = Path(output)
+    check_file_output(output, "boxes file", (".csv",), sources={"masks zip": masks})
+    temp = temporary_path_beside(output)
+    moved = False
+    try:
+        with MaskZipReader(masks) as reader, temp.open("w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(BOXES_HEADER)
+            for index in reader.frames():
+                labels = reader[index]
+                for object_id in np.unique(labels[labels > 0]):
+                    mask = labels == object_id
+                    rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+                    writer.writerow((index, int(object_id), columns[0], rows[0], columns[-1] - columns[0] + 1,
+                                     rows[-1] - rows[0] + 1, int(mask.sum())))
+        os.replace(temp, output)
+        moved = True
+    finally:
+        release_temporary(temp, moved=moved)
+    return output
 
 
 def export_overlay(video: str | Path, masks: str | Path, output: str | Path, *, alpha: float, outline: int,

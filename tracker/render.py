@@ -277,6 +277,10 @@ class MaskZipReader:
     def __contains__(self, index: int) -> bool:
         return mask_name(index) in self._zip.NameToInfo
 
+    def frames(self) -> list[int]:
+        """The indices of the frames it holds masks for, in order (a damaged video's lost frames have none)."""
+        return sorted(int(name[:-4]) for name in self._zip.namelist() if name.endswith(".png") and name[:-4].isdigit())
+
     def __getitem__(self, index: int) -> np.ndarray:
         try:
             with self._lock:

@@ -199,14 +199,19 @@ def check_output_paths(video: str | Path, output: str | Path | None, masks: str 
         check_writable_folder(Path(masks))
 
 
-def check_cutout_path(video: str | Path, masks: str | Path, output: Path, kind: CutoutKind) -> None:
-    """Refuse a cut-out's output that is the input video or its masks zip, a folder, misnamed for its kind or
-    unwritable, before any frame is drawn."""
-    for source, what in ((video, "input video"), (masks, "masks zip")):
+def check_file_output(output: Path, what: str, endings: Sequence[str], sources: Mapping[str, str | Path]) -> None:
+    """Refuse an output that is one of its `sources` (name -> path), a folder, misnamed or unwritable, before any
+    work."""
+    for name, source in sources.items():
         if _same_file(output, Path(source)):
-            raise TrackerError(f"the cut-out {output} is the {what}; choose another path")
-    _check_output_name(output, "cut-out", kind.endings)
+            raise TrackerError(f"the {what} {output} is the {name}; choose another path")
+    _check_output_name(output, what, endings)
     check_writable_folder(output)
+
+
+def check_cutout_path(video: str | Path, masks: str | Path, output: Path, kind: CutoutKind) -> None:
+    """`check_file_output` for a cut-out of `video` from `masks`, in the container of its kind."""
+    check_file_output(output, "cut-out", kind.endings, {"input video": video, "masks zip": masks})
 
 
 def check_job(video: str | Path, prompts: Sequence[ObjectPrompt], output: str | Path | None,
