@@ -3,11 +3,12 @@ bounding boxes.
 
 Cut-outs keep only the chosen objects, the background removed.
 
-Three kinds: a WebM (VP9, yuva420p) whose background is transparent, for editors
-that composite it; an H.264 MP4 on chroma-key green for those that cannot
-read alpha; and the objects' black-and-white matte as an H.264 MP4, which
-editors use as a track matte over the original video. Frames and masks
-stream one at a time, as in tracking.
+Four kinds (options.CUTOUT_KINDS): on transparency, a WebM (VP9, yuva420p)
+that browsers and FFmpeg read, and a ProRes 4444 MOV that editing programs
+read; an H.264 MP4 on chroma-key green for those that read no alpha; and the
+objects' black-and-white matte as an H.264 MP4, which editors use as a track
+matte over the original video. Frames and masks stream one at a time, as in
+tracking.
 """
 from __future__ import annotations
 

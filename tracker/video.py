@@ -352,7 +352,6 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yu
                 return
 
 
-DISPLAYMATRIX = av.sidedata.sidedata.Type.DISPLAYMATRIX  # a frame's display matrix (rotation, mirror)
 _RESIZED_TOLD: set[Path] = set()  # videos whose change of picture size was logged (once, not per frame read)
 
 
@@ -927,6 +926,9 @@ def _mirrored(frame: av.VideoFrame) -> bool:
     return _orientation(frame)[1]
 
 
+DISPLAYMATRIX = av.sidedata.sidedata.Type.DISPLAYMATRIX  # a frame's display matrix (rotation, mirror)
+
+
 def _orientation(frame: av.VideoFrame) -> tuple[int, bool]:
     """(clockwise turn, then a left-right flip) that brings the stored picture to display, as FFmpeg's
     autorotate reads the display matrix, mirrored ones (a determinant below zero) included: av_display_rotation_get
@@ -1036,17 +1038,17 @@ class _Target:
 # Uncompressed audio that MOV and Matroska carry as it is (MP4 players do not take it).
 _PCM = frozenset({"pcm_s16le", "pcm_s16be", "pcm_s24le", "pcm_s24be", "pcm_s32le", "pcm_s32be", "pcm_f32le", "pcm_u8"})
 # Opus and FLAC are legal in MP4, but editors (Premiere, Final Cut) and older Safari refuse them there.
+_MOV = _Target("mov", frozenset({"aac", "mp3", "alac", "ac3", "eac3"}) | _PCM, "aac")
 _TARGETS = {
     "libx264": _Target("mp4", frozenset({"aac", "mp3", "alac", "ac3", "eac3"}), "aac"),
     "libvpx-vp9": _Target("webm", frozenset({"opus", "vorbis"}), "libopus"),
-    # ProRes 4444 with alpha in a QuickTime file: the transparent video editing programs read.
-    "prores_ks": _Target("mov", frozenset({"aac", "mp3", "alac", "ac3", "eac3"}) | _PCM, "aac"),
+    "prores_ks": _MOV,  # ProRes 4444 with alpha in a QuickTime file: the transparent editing programs read
 }
 # H.264 goes in the container its file name asks for (MP4 without a known ending).
 H264_CONTAINERS = {
     ".mp4": _TARGETS["libx264"],
     ".m4v": _TARGETS["libx264"],
-    ".mov": _Target("mov", frozenset({"aac", "mp3", "alac", "ac3", "eac3"}) | _PCM, "aac"),
+    ".mov": _MOV,
     ".mkv": _Target("matroska", _TARGETS["libx264"].audio_copy | {"opus", "flac", "vorbis"} | _PCM, "aac"),
 }
 
