@@ -469,3 +469,32 @@ def test_a_gpu_other_than_the_first_is_chosen_the_way_cuda_does_it(tmp_path):
     done = run_cli("track", clip, "--point", "5,5", "--device", "cuda:1", "--no-download")
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert "start it with CUDA_VISIBLE_DEVICES=1 and device cuda" in done.stderr
+
+
+def test_a_cutout_of_objects_the_masks_never_hold_is_refused_and_not_written(rotated_clip, tmp_path):
+    """--objects naming ids that are on no frame (a typo, the masks of another run) would give an empty
+    cut-out after the whole render: refused with the objects the zip holds, nothing left behind."""
+    masks = tmp_path / "masks.zip"
+    labels = np.zeros((161, 121), np.uint8)
+    labels[20:80, 10:60], labels[100:150, 60:110] = 1, 3
+    with MaskZipWriter(masks) as writer:
+        for index in range(12):
+            writer.write(index, labels)
+    done = run_cli("cutout", rotated_clip, masks, "--kind", "matte", "--objects", "2,9", "--out", f"{tmp_path}/")
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.strip().splitlines()[-1] == ("error: masks.zip has no pixel of objects 2, 9 on any frame "
+                                                    "(its objects: 1, 3): the cut-out would be empty; choose "
+                                                    "objects it holds")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["masks.zip"]
+    done = run_cli("cutout", rotated_clip, masks, "--kind", "matte", "--objects", "3,9", "--out", f"{tmp_path}/")
+    assert done.returncode == 0, done.stderr  # one of them is there: its matte
+
+
+def test_outputs_for_a_folder_of_pictures_are_named_after_the_whole_folder(tmp_path, monkeypatch):
+    from tracker.video import TRACKED_ENDING, output_file
+    shot = tmp_path / "shot.010"
+    shot.mkdir()
+    assert output_file(f"{tmp_path}/out/", shot, TRACKED_ENDING) == tmp_path / "out" / "shot.010_tracked.mp4"
+    monkeypatch.chdir(shot)
+    assert output_file(f"{tmp_path}/out/", ".", TRACKED_ENDING) == tmp_path / "out" / "shot.010_tracked.mp4"
+    assert output_file(f"{tmp_path}/out/", tmp_path / "clip.v2.mp4", TRACKED_ENDING).name == "clip.v2_tracked.mp4"

@@ -245,3 +245,37 @@ def test_infinite_numbers_in_a_prompts_file_are_named(tmp_path):
         path.write_text('{"objects": [{%s, "points": [[5, 5]]}]}' % text)
         with pytest.raises(PromptError, match=f'objects.0. is malformed: "{field}" must be'):
             load_prompts(path)
+
+
+def test_a_colour_or_jpeg_or_16_bit_matte_is_a_matte_not_object_ids(tmp_path):
+    """Only a lossless grayscale picture holds ids: a colour matte's grey level (red is 76) or a JPEG's ringing
+    is not a crowd of objects; a 16-bit matte is bright from half of 16 bits, not from 128 of 65535."""
+    matte = np.zeros((12, 16), bool)
+    matte[2:8, 3:9] = True
+    red = np.zeros((12, 16, 3), np.uint8)
+    red[matte] = (255, 0, 0)
+    Image.fromarray(red).save(tmp_path / "red.jpg", quality=90)
+    Image.fromarray(red).save(tmp_path / "red.png")
+    for name in ("red.jpg", "red.png"):  # nothing half grey or brighter
+        with pytest.raises(PromptError, match="holds no object.*half grey or more"):
+            mask_objects(tmp_path / name)
+    dim = (matte * 100).astype(np.uint8)  # a dim grayscale JPEG: still a matte, and dark
+    Image.fromarray(dim).save(tmp_path / "dim.jpg", quality=75)
+    with pytest.raises(PromptError, match="holds no object"):
+        mask_objects(tmp_path / "dim.jpg")
+    for background in (600, 20000):  # 1% and 31% grey in 16 bits: background
+        Image.fromarray(np.where(matte, 65535, background).astype(np.uint16)).save(tmp_path / "m16.png")
+        objects = mask_objects(tmp_path / "m16.png")
+        assert list(objects) == [1] and np.array_equal(objects[1], matte)
+    Image.fromarray((matte * 3).astype(np.uint16)).save(tmp_path / "ids16.png")  # 16-bit ids stay ids
+    assert list(mask_objects(tmp_path / "ids16.png")) == [3]
+
+
+def test_ids_saved_as_grey_colour_or_with_opaque_alpha_stay_ids(tmp_path):
+    ids = np.zeros((12, 16), np.uint8)
+    ids[2:5, 2:5], ids[7:10, 9:14] = 2, 5
+    Image.fromarray(np.dstack([ids] * 3)).save(tmp_path / "rgb.png")
+    Image.fromarray(np.dstack([ids, np.full_like(ids, 255)]), "LA").save(tmp_path / "la.png")
+    for name in ("rgb.png", "la.png"):
+        objects = mask_objects(tmp_path / name)
+        assert objects.keys() == {2, 5} and np.array_equal(objects[5], ids == 5)

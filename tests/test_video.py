@@ -1097,3 +1097,30 @@ def test_a_folder_of_pictures_is_read_as_a_video_in_name_order(tmp_path):
     with pytest.raises(VideoError, match="empty is a folder, not a video file; give the video's own path, or a "
                                          "folder of pictures, one a frame"):
         probe(empty)
+
+
+def test_a_folder_of_pictures_says_what_it_leaves_out_or_takes_out_of_number_order(tmp_path, caplog):
+    """Frames are the pictures of the commonest ending in name order: pictures of another ending (a camera's
+    .JPG beside renamed .jpg) and unpadded numbers (1, 10, 2) are said, not silently dropped or shuffled; a
+    tie between endings goes by name, not by the folder's order on disk."""
+    picture = Image.fromarray(np.zeros((30, 40, 3), np.uint8))
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for index in range(5):
+        picture.save(mixed / f"{index:05d}.{'JPG' if index % 2 else 'jpg'}")
+    with caplog.at_level("WARNING"):
+        assert probe(mixed).frame_count == 3
+    assert "2 picture(s) not ending in .jpg left out of its frames (00001.JPG, 00003.JPG)" in caplog.text
+    numbered = tmp_path / "numbered"
+    numbered.mkdir()
+    for index in (1, 2, 10):
+        picture.save(numbered / f"{index}.png")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert probe(numbered).frame_count == 3
+    assert "numbered without leading zeros, and frames go in name order (1, 10, 2)" in caplog.text
+    tie = tmp_path / "tie"
+    tie.mkdir()
+    for name in ("a.png", "b.png", "c.jpg", "d.jpg"):
+        picture.save(tie / name)
+    assert video._picture_pattern(tie).endswith("/*.jpg")

@@ -16,7 +16,7 @@ from .errors import TrackerError
 from .options import CUTOUT_KINDS, DEVICE_HELP, MAX_OUTLINE, SAM_BACKEND_CHOICES, MemoryOptions, TrackOptions
 from .prompts import NEGATIVE, POSITIVE, ObjectPrompt, load_prompts, mask_objects, parse_box, parse_xy
 from .video import (DEFAULT_PRESET, MASKS_ENDING, TRACKED_ENDING, X264_MAX_CRF, X264_PRESETS, VideoInfo, output_file,
-                    remove_unfinished_temporaries)
+                    remove_unfinished_temporaries, video_name)
 
 OUTPUT_DIR = Path("output")
 COORDINATE_FLAGS = ("--point", "--negative", "--box")
@@ -178,7 +178,8 @@ def _track(args: argparse.Namespace) -> int:
     from .session import Tracker, option_warnings
 
     prompts = prompts_from_args(args)
-    output = output_file(args.out, args.video, TRACKED_ENDING) or OUTPUT_DIR / f"{args.video.stem}{TRACKED_ENDING}"
+    output = (output_file(args.out, args.video, TRACKED_ENDING)
+              or OUTPUT_DIR / f"{video_name(args.video)}{TRACKED_ENDING}")
     masks = output_file(args.masks, args.video, MASKS_ENDING)
     try:
         memory = MemoryOptions(**{name: getattr(args, name) for name in vars(MemoryOptions())
@@ -247,7 +248,7 @@ def _cutout(args: argparse.Namespace) -> int:
         print(f"WARNING: {note}", file=sys.stderr)
     ids = object_ids(args.objects) if args.objects is not None else range(1, 256)
     ending = f"_{kind.filename}"
-    output = output_file(args.out, args.video, ending) or OUTPUT_DIR / f"{args.video.stem}{ending}"
+    output = output_file(args.out, args.video, ending) or OUTPUT_DIR / f"{video_name(args.video)}{ending}"
     bars = []  # made at the first frame: a refusal before it is its one line
 
     def progress(done: int, total: int) -> None:

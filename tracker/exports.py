@@ -45,9 +45,21 @@ def export_cutout(video: str | Path, masks: str | Path, object_ids: Iterable[int
         raise PromptError("choose at least one object to keep in the cut-out")
     spec = CUTOUT_KINDS[kind]
     check_cutout_path(video, masks, Path(output), spec)
-    return _draw_from_masks(video, masks, output, lambda image, labels: cutout(image, labels, chosen,
-                                                                              background=spec.background),
-                            "the cut-out", cancel, progress, codec=spec.codec, crf=spec.crf)
+    present = np.zeros(256, dtype=bool)  # the objects seen on some frame
+
+    def draw(image: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        present[torch.unique(labels).numpy()] = True
+        return cutout(image, labels, chosen, background=spec.background)
+
+    def check_chosen() -> None:  # before the file is kept: a cut-out of nothing is a wrong --objects
+        if not present[chosen].any():
+            held = ", ".join(str(i) for i in np.flatnonzero(present[1:]) + 1) or "none"
+            raise PromptError(f"{Path(masks).name} has no pixel of object{'s' * (len(chosen) > 1)} "
+                              f"{', '.join(map(str, chosen))} on any frame (its objects: {held}): the cut-out "
+                              "would be empty; choose objects it holds")
+
+    return _draw_from_masks(video, masks, output, draw, "the cut-out", cancel, progress, codec=spec.codec,
+                            crf=spec.crf, before_keeping=check_chosen)
 
 
 def export_boxes(masks: str | Path, output: str | Path) -> Path:
@@ -88,7 +100,7 @@ def export_overlay(video: str | Path, masks: str | Path, output: str | Path, *, 
 def _draw_from_masks(video: str | Path, masks: str | Path, output: str | Path,
                      draw: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], what: str,
                      cancel: threading.Event | None, progress: Callable[[int, int], None] | None,
-                     **writer_options) -> Path:
+                     before_keeping: Callable[[], None] | None = None, **writer_options) -> Path:
     """Each frame of `video` drawn with its labels from the masks zip, written to `output` with the audio."""
     info = probe(video)
     output = Path(output)
@@ -106,4 +118,6 @@ def _draw_from_masks(video: str | Path, masks: str | Path, output: str | Path,
             writer.write(picture.numpy(), frame.pts, frame.time)
             if progress is not None:
                 progress(frame.index + 1, info.frame_count)
+        if before_keeping is not None:  # raised here, the writer removes its unfinished file
+            before_keeping()
     return output

@@ -350,14 +350,24 @@ def _mask_picture(path: Path) -> tuple[np.ndarray, bool]:
                 alpha = np.array(picture.getchannel("A"))
                 if alpha.min() < 255:
                     return alpha >= 128, False
-            values = np.array(picture if picture.mode == "L" else picture.convert("L"))
+            # Ids only in a lossless grey picture: a colour picture or a JPEG is a matte (a dim colour's grey
+            # level, or a JPEG's ringing around it, is not an object id).
+            ids_possible = picture.format != "JPEG"
+            if picture.mode in ("I", "I;16", "I;16B", "I;16L"):
+                values, half = np.array(picture).astype(np.int64), 32768  # half of 16 bits (PNG's open as I)
+            elif picture.mode in ("L", "LA"):
+                values, half = np.array(picture.getchannel("L")), 128
+            else:
+                bands = np.array(picture.convert("RGB"))
+                ids_possible &= bool((bands == bands[..., :1]).all())  # grey levels written as colour
+                values, half = np.array(picture.convert("L")), 128
     except FileNotFoundError:
         raise PromptError(f"the mask {path} does not exist") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise PromptError(f"the mask {path} is not a picture that can be read ({exc})") from None
-    if values.max() < 128:  # 0, 1, 2...: ids, as numpy masks are often saved; a matte's object is bright
-        return values, True
-    return values >= 128, False
+    if ids_possible and values.max() < 128:  # 0, 1, 2...: ids, as numpy masks are often saved
+        return values.astype(np.uint8), True
+    return values >= half, False
 
 
 def mask_objects(path: str | Path) -> dict[int, np.ndarray]:
@@ -372,7 +382,8 @@ def mask_objects(path: str | Path) -> dict[int, np.ndarray]:
     values, ids = _mask_picture(Path(path))
     objects = {int(i): values == i for i in np.unique(values) if i} if ids else {1: values} if values.any() else {}
     if not objects:
-        raise PromptError(f"the mask {path} holds no object: every pixel is background")
+        raise PromptError(f"the mask {path} holds no object: every pixel is background" + ("" if ids else
+                          " (a matte's object is its bright part, half grey or more, or its opaque part)"))
     return objects
 
 

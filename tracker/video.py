@@ -476,10 +476,30 @@ PICTURES_RATE = 25
 def _picture_pattern(folder: Path) -> str | None:
     """A glob of a folder's pictures for FFmpeg's image2 reader: those of its commonest ending (as written,
     since the match is case-sensitive); None where it holds none."""
-    endings = Counter(p.suffix for p in folder.iterdir() if p.suffix.lower() in PICTURE_SUFFIXES and p.is_file())
+    pictures = [p.name for p in folder.iterdir() if p.suffix.lower() in PICTURE_SUFFIXES and p.is_file()]
+    endings = Counter(Path(name).suffix for name in pictures)
     if not endings:
         return None
-    return f"{glob.escape(str(folder))}/*{glob.escape(endings.most_common(1)[0][0])}"
+    ending = max(sorted(endings), key=endings.__getitem__)  # a tie goes by name, not by the folder's order
+    if left_out := sorted(name for name in pictures if not name.endswith(ending)):
+        _say_once(folder, f"{folder}: {len(left_out)} picture(s) not ending in {ending} left out of its frames "
+                          f"({', '.join(left_out[:3])}{', ...' * (len(left_out) > 3)}): a folder's frames are the "
+                          "pictures of its commonest ending, case included; rename them to have them all")
+    stems = sorted(name[:-len(ending)] for name in pictures if name.endswith(ending))
+    if all(stem.isdigit() for stem in stems) and stems != sorted(stems, key=int):
+        _say_once(folder, f"{folder}: its pictures are numbered without leading zeros, and frames go in name "
+                          f"order ({', '.join(stems[:4])}{', ...' * (len(stems) > 4)}), not in number order; "
+                          "pad the numbers with zeros (00001, 00002, ...) for that")
+    return f"{glob.escape(str(folder))}/*{glob.escape(ending)}"
+
+
+_said_folders: set[tuple[Path, str]] = set()  # a folder is opened several times in a run: each note said once
+
+
+def _say_once(folder: Path, note: str) -> None:
+    if (folder, note) not in _said_folders:
+        _said_folders.add((folder, note))
+        log.warning("%s", note)
 
 
 def _open(path: Path) -> av.container.InputContainer:
@@ -542,7 +562,12 @@ def _video_stream(container: av.container.InputContainer, path: Path, frame_thre
         what = "only audio" if container.streams.audio else "no video stream"
         raise VideoError(f"{path.name} has {what}; choose a file with a video track")
     # Where a file holds several, the one FFmpeg's conversions take: the largest picture, the first of equals.
-    stream = max(streams, key=lambda s: (s.codec_context.width or 0) * (s.codec_context.height or 0))
+    # A damaged header can leave a stream without a codec (no context): it comes last, and is refused below.
+    stream = max(streams, key=lambda s: -1 if s.codec_context is None else
+                 (s.codec_context.width or 0) * (s.codec_context.height or 0))
+    if stream.codec_context is None:
+        raise VideoError(f"{path.name} is damaged: its video stream's codec cannot be identified; "
+                         "copy or export the video again")
     stream.thread_type = "AUTO" if frame_threads else "SLICE"
     return stream
 
@@ -1537,6 +1562,13 @@ def _audio_streams(container: av.container.InputContainer) -> list[av.AudioStrea
 TRACKED_ENDING, MASKS_ENDING = "_tracked.mp4", "_masks.zip"  # after the video's name, for outputs in a folder
 
 
+def video_name(video: str | Path) -> str:
+    """The name outputs are named after: a video file's name without its ending, or a folder of pictures' whole
+    name (`shot.010`, not `shot`; `.` is the current folder's own name)."""
+    path = Path(video)
+    return path.resolve().name if path.is_dir() else path.stem
+
+
 def output_file(given: str | Path | None, video: str | Path, ending: str) -> Path | None:
     """An output path as given, or for a folder (one that exists, or a name ending in a slash) the file
     `<video name><ending>` in it."""
@@ -1546,7 +1578,7 @@ def output_file(given: str | Path | None, video: str | Path, ending: str) -> Pat
         raise VideoError(f"an output path is empty: give a file name (such as video{ending}) or a folder")
     path = Path(given)
     if str(given).endswith(("/", os.sep)) or path.is_dir():
-        return path / f"{Path(video).stem}{ending}"
+        return path / f"{video_name(video)}{ending}"
     return path
 
 
