@@ -130,6 +130,7 @@ def test_masks_beside_a_prompts_file(tmp_path):
     for prompt, mask in zip(prompts, expected):
         assert (prompt.mask is None) if mask is None else np.array_equal(prompt.mask, mask)
     check_prompts(prompts, width=16, height=12, frame_count=6)
+    assert np.array_equal(ObjectPrompt(4, 2, mask=tmp_path / "ids.png").mask, ids == 4)  # a picture's path
     with pytest.raises(PromptError, match="object 4's prompt on frame 2 is a mask"):
         prompts_to_text(prompts)
     assert mask_objects(tmp_path / "ids.png").keys() == {1, 4}

@@ -38,8 +38,9 @@ class ObjectPrompt:
     An object may have prompts on several frames: the earliest introduces it,
     later ones correct the tracked mask there. Points without labels are all
     on the object (label 1). A `mask` (HxW, true on the object, at the video's
-    size) is tracked from as it is, without SAM: a mask drawn in another tool,
-    or a frame of an earlier run's masks zip to go on from.
+    size; or a picture's path, read by `object_mask`) is tracked from as it is,
+    without SAM: a mask drawn in another tool, or a frame of an earlier run's
+    masks zip to go on from.
     """
 
     object_id: int
@@ -49,12 +50,14 @@ class ObjectPrompt:
     box: tuple[float, float, float, float] | None = None
     # The frame size (width, height) the coordinates were given for, where a prompts file records it.
     frame_size: tuple[int, int] | None = field(default=None, compare=False)
-    mask: np.ndarray | None = field(default=None, compare=False, repr=False)
+    mask: np.ndarray | str | Path | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.object_id = whole_number(self.object_id, "an object id", PromptError)
         who = f"object {self.object_id}"
         self.frame = whole_number(self.frame, f"{who}: the prompt frame", PromptError)
+        if isinstance(self.mask, (str, Path)):
+            self.mask = object_mask(self.mask, self.object_id)
         if self.mask is not None:
             self.mask = np.asarray(self.mask)
             if self.mask.ndim != 2:
