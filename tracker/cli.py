@@ -86,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(track)
 
     cut = commands.add_parser("cutout", parents=[after],
-                              help="keep only chosen objects of a tracked video: on transparency, on green, or "
-                                   "as a black-and-white matte")
+                              help="keep only chosen objects of a tracked video: on transparency (WebM or ProRes), "
+                                   "on green, or as a black-and-white matte")
     cut.add_argument("video", type=Path, help="the video that was tracked")
     cut.add_argument("masks", type=Path, help="the masks zip its run wrote (track --masks)")
     cut.add_argument("--objects", metavar="ID,ID", help="the object ids to keep, as in 1,3 (default: all)")

@@ -128,8 +128,8 @@ class ObjectPrompt:
             if abs(x1 - x0) < 1 or abs(y1 - y0) < 1:
                 raise PromptError(f"{who}: {box} has zero area; drag two distinct corners")
 
-
     def _check_mask(self, width: int, height: int) -> None:
+        """A mask prompt takes no clicks, has the video's size and holds the object."""
         who = f"object {self.object_id}"
         if self.points or self.box is not None:
             raise PromptError(f"{who}: give its mask or its clicks and box on frame {self.frame}, not both (clicks "
