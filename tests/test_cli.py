@@ -99,15 +99,21 @@ def test_track_writes_video_and_masks(rotated_clip, untrained_checkpoints, cpu_t
     assert set(np.unique(np.concatenate([v.ravel() for v in labels.values()]))) <= {0, 1}
 
 
+def write_still_objects(masks: Path, second: int) -> np.ndarray:
+    """A masks zip for the 12 frames of `rotated_clip`: object 1 and object `second`, still; returns their labels."""
+    labels = np.zeros((161, 121), np.uint8)
+    labels[20:80, 10:60], labels[100:150, 60:110] = 1, second
+    with MaskZipWriter(masks) as writer:
+        for index in range(12):
+            writer.write(index, labels)
+    return labels
+
+
 def test_cutout_keeps_the_chosen_objects_as_a_matte_or_on_transparency(rotated_clip, tmp_path):
     """`cutout` draws a run's masks zip over its video again: the matte white where the chosen objects are,
     black elsewhere (sharp: it is coded finer than the overlay), upright like the video, with its audio."""
     masks = tmp_path / "phone_masks.zip"
-    labels = np.zeros((161, 121), np.uint8)
-    labels[20:80, 10:60], labels[100:150, 60:110] = 1, 2
-    with MaskZipWriter(masks) as writer:
-        for index in range(12):
-            writer.write(index, labels)
+    labels = write_still_objects(masks, second=2)
     done = run_cli("cutout", rotated_clip, masks, "--kind", "matte", "--objects", "2", "--out", f"{tmp_path}/")
     assert done.returncode == 0, done.stderr
     matte = tmp_path / "phone_matte.mp4"
@@ -475,11 +481,7 @@ def test_a_cutout_of_objects_the_masks_never_hold_is_refused_and_not_written(rot
     """--objects naming ids that are on no frame (a typo, the masks of another run) would give an empty
     cut-out after the whole render: refused with the objects the zip holds, nothing left behind."""
     masks = tmp_path / "masks.zip"
-    labels = np.zeros((161, 121), np.uint8)
-    labels[20:80, 10:60], labels[100:150, 60:110] = 1, 3
-    with MaskZipWriter(masks) as writer:
-        for index in range(12):
-            writer.write(index, labels)
+    write_still_objects(masks, second=3)
     done = run_cli("cutout", rotated_clip, masks, "--kind", "matte", "--objects", "2,9", "--out", f"{tmp_path}/")
     assert (done.returncode, done.stdout) == (2, "")
     assert done.stderr.strip().splitlines()[-1] == ("error: masks.zip has no pixel of objects 2, 9 on any frame "
