@@ -492,6 +492,18 @@ def test_a_cutout_of_objects_the_masks_never_hold_is_refused_and_not_written(rot
     assert done.returncode == 0, done.stderr  # one of them is there: its matte
 
 
+def test_a_cutout_from_the_masks_of_a_longer_video_is_refused_before_drawing(rotated_clip, tmp_path):
+    masks = tmp_path / "other_masks.zip"
+    with MaskZipWriter(masks) as writer:  # the same size, 20 frames: another video's run
+        for index in range(20):
+            writer.write(index, np.ones((161, 121), np.uint8))
+    done = run_cli("cutout", rotated_clip, masks, "--out", f"{tmp_path}/")
+    assert (done.returncode, done.stderr.strip().splitlines()[-1]) == (
+        2, "error: other_masks.zip holds masks for 20 frames, and phone.mp4 has 12: use the masks zip tracked from "
+           "this video")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["other_masks.zip"]
+
+
 def test_outputs_for_a_folder_of_pictures_are_named_after_the_whole_folder(tmp_path, monkeypatch):
     from tracker.video import TRACKED_ENDING, output_file
     shot = tmp_path / "shot.010"

@@ -25,7 +25,7 @@ from .errors import Cancelled, PromptError, TrackerError
 from .options import CUTOUT_KINDS
 from .render import MaskZipReader, cutout, overlay
 from .session import check_cutout_path, check_file_output
-from .video import VideoWriter, iter_frames, probe, release_temporary, temporary_path_beside
+from .video import VideoInfo, VideoWriter, iter_frames, probe, release_temporary, temporary_path_beside
 
 BOXES_ENDING = "_boxes.csv"
 BOXES_HEADER = ("frame", "object", "x", "y", "width", "height", "area")
@@ -104,20 +104,31 @@ def _draw_from_masks(video: str | Path, masks: str | Path, output: str | Path,
     """Each frame of `video` drawn with its labels from the masks zip, written to `output` with the audio."""
     info = probe(video)
     output = Path(output)
-    with MaskZipReader(masks) as reader, \
-            VideoWriter(output, info, audio_from=info.path if info.has_audio else None, **writer_options) as writer:
-        for frame in iter_frames(info.path, size=info.size):
-            if cancel is not None and cancel.is_set():
-                raise Cancelled(f"{what} was cancelled")
-            labels = reader[frame.index]
-            if labels.shape != frame.image.shape[:2]:
-                raise TrackerError(f"{reader.path.name} holds {labels.shape[1]}x{labels.shape[0]} masks, and "
-                                   f"{info.path.name} is {info.width}x{info.height}: use the masks zip tracked "
-                                   "from this video")
-            picture = draw(torch.from_numpy(frame.image), torch.from_numpy(labels))
-            writer.write(picture.numpy(), frame.pts, frame.time)
-            if progress is not None:
-                progress(frame.index + 1, info.frame_count)
-        if before_keeping is not None:  # raised here, the writer removes its unfinished file
-            before_keeping()
+    with MaskZipReader(masks) as reader:
+        held = reader.frames()
+        if held and held[-1] >= info.frame_count:  # another video's (a shorter one's would stop at its end)
+            raise TrackerError(f"{reader.path.name} holds masks for {held[-1] + 1} frames, and {info.path.name} "
+                               f"has {info.frame_count}: use the masks zip tracked from this video")
+        with VideoWriter(output, info, audio_from=info.path if info.has_audio else None, **writer_options) as writer:
+            _draw_frames(info, reader, writer, draw, what, cancel, progress)
+            if before_keeping is not None:  # raised here, the writer removes its unfinished file
+                before_keeping()
     return output
+
+
+def _draw_frames(info: VideoInfo, reader: MaskZipReader, writer: VideoWriter,
+                 draw: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], what: str,
+                 cancel: threading.Event | None, progress: Callable[[int, int], None] | None) -> None:
+    """Each frame drawn with its labels into `writer`; a cancel is seen between frames."""
+    for frame in iter_frames(info.path, size=info.size):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"{what} was cancelled")
+        labels = reader[frame.index]
+        if labels.shape != frame.image.shape[:2]:
+            raise TrackerError(f"{reader.path.name} holds {labels.shape[1]}x{labels.shape[0]} masks, and "
+                               f"{info.path.name} is {info.width}x{info.height}: use the masks zip tracked "
+                               "from this video")
+        picture = draw(torch.from_numpy(frame.image), torch.from_numpy(labels))
+        writer.write(picture.numpy(), frame.pts, frame.time)
+        if progress is not None:
+            progress(frame.index + 1, info.frame_count)
