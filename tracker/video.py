@@ -315,6 +315,9 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yu
         # later (recordings joined end to end can differ; every frame of all-intra video would cost 1 ms).
         siting: tuple[bool, bool] | None | object = _UNREAD
         sited_at = 0.0
+        # The display matrix, read again only where the rotation changes: reading a frame's side data ties
+        # the frame into a reference cycle, which only Python's cycle collector frees (GBs of frames pile up).
+        rotation, (clockwise, mirrored) = None, (0, False)
         index = last = start - 1
         for frame in frames:
             index += 1
@@ -329,7 +332,8 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yu
             last = index
             pts = int(timeline.pts[index]) if in_decoding_order and index < len(timeline.pts) else frame.pts
             time = float(pts * time_base) if pts is not None and time_base else float(index / fallback_rate)
-            clockwise = _clockwise(frame)
+            if frame.rotation != rotation:
+                rotation, (clockwise, mirrored) = frame.rotation, _orientation(frame)
             turned = clockwise in (90, 270)
             shown = (frame.height, frame.width) if turned else (frame.width, frame.height)
             size = size or shown
@@ -342,12 +346,12 @@ def iter_frames(path: str | Path, start: int = 0, stop: int | None = None, *, yu
             if yuv and not resized and _has_planes(frame):
                 if siting is _UNREAD or (frame.key_frame and time >= sited_at + 1):
                     siting, sited_at = chroma_siting(frame), time
-                planes = _yuv_planes(frame, clockwise, siting)
+                planes = _yuv_planes(frame, clockwise, siting, mirrored)
             if planes is not None:
                 yield Frame(index, None, pts, time, planes)
             else:
                 stored = (size[1], size[0]) if turned else size
-                yield Frame(index, _display_rgb(frame, clockwise, stored if resized else None), pts, time)
+                yield Frame(index, _display_rgb(frame, clockwise, stored if resized else None, mirrored), pts, time)
             if stop is not None and index + 1 >= stop:
                 return
 
@@ -942,13 +946,8 @@ def _position(packet: av.Packet) -> int:
 
 def _clockwise(frame: av.VideoFrame) -> int:
     """The display matrix's rotation as a clockwise quarter turn (PyAV reports counter-clockwise); a mirrored
-    matrix's turn is the one that `_mirrored`'s flip completes."""
+    matrix's turn is the one that a left-right flip completes (see `_orientation`)."""
     return _orientation(frame)[0]
-
-
-def _mirrored(frame: av.VideoFrame) -> bool:
-    """Whether the display matrix also mirrors the picture: flipped left to right after `_clockwise`'s turn."""
-    return _orientation(frame)[1]
 
 
 DISPLAYMATRIX = av.sidedata.sidedata.Type.DISPLAYMATRIX  # a frame's display matrix (rotation, mirror)
@@ -983,15 +982,16 @@ def _untagged_hd(frame: av.VideoFrame) -> bool:
     return frame.colorspace == UNSPECIFIED_COLORSPACE and (frame.width >= 1280 or frame.height > 576)
 
 
-def _display_rgb(frame: av.VideoFrame, clockwise: int, size: tuple[int, int] | None = None) -> np.ndarray:
-    """8-bit RGB turned `clockwise` into display orientation, whatever the stored pixel format and bit depth
-    (scaled to the stored `size` where given)."""
+def _display_rgb(frame: av.VideoFrame, clockwise: int, size: tuple[int, int] | None = None,
+                 mirrored: bool = False) -> np.ndarray:
+    """8-bit RGB turned `clockwise` (then flipped left to right where `mirrored`) into display orientation,
+    whatever the stored pixel format and bit depth (scaled to the stored `size` where given)."""
     options = {"src_colorspace": "itu709"} if _untagged_hd(frame) else {}
     if size is not None:
         options.update(width=size[0], height=size[1])
     image = frame.to_ndarray(format="rgb24", interpolation=SWS_TO_RGB if size is None else SWS_TO_RGB_SCALED,
                              **options)
-    turns, mirrored = clockwise // 90, _mirrored(frame)
+    turns = clockwise // 90
     image = np.rot90(image, k=-turns) if turns else image
     return np.ascontiguousarray(image[:, ::-1] if mirrored else image) if turns or mirrored else image
 
@@ -1009,10 +1009,12 @@ def _has_planes(frame: av.VideoFrame) -> bool:
         not frame.width % 2 and not frame.height % (4 if frame.interlaced_frame else 2)
 
 
-def _yuv_planes(frame: av.VideoFrame, clockwise: int, cosited: tuple[bool, bool] | None) -> YuvPicture | None:
+def _yuv_planes(frame: av.VideoFrame, clockwise: int, cosited: tuple[bool, bool] | None,
+                mirrored: bool = False) -> YuvPicture | None:
     """The frame's own planes with how to turn them (`clockwise`) into RGB; None for a chroma siting that only
-    swscale converts (see `chroma_siting`; an interlaced picture's chroma on its rows)."""
-    if cosited is None or frame.interlaced_frame and cosited[1] or _mirrored(frame):
+    swscale converts (see `chroma_siting`; an interlaced picture's chroma on its rows), and for a `mirrored`
+    picture, which `_display_rgb` flips."""
+    if cosited is None or frame.interlaced_frame and cosited[1] or mirrored:
         return None  # swscale's RGB (`_display_rgb`), which also mirrors
     matrix = "bt709" if _untagged_hd(frame) else _PLANE_MATRICES[frame.colorspace]
     full_range = _PLANE_FORMATS[frame.format.name] or frame.color_range == JPEG_RANGE
