@@ -658,10 +658,15 @@ class EditSession:
         refine = {key: edit.clicks for key, edit in self.edits.items() if edit.refine and edit.clicks.selects}
         return plain, refine, {key: clicks.tracked_part for key, clicks in {**plain, **refine}.items()}
 
+    def _tracked_from(self, record: RunRecord | None, snapshot: Mapping[Key, tuple]) -> bool:
+        """Whether `record` was tracked from these prompts (`_prompts`' third part, which also names its
+        objects) with this session's SAM backend: a Track would keep it, or bring it back."""
+        return record is not None and (snapshot, self.sam.name) == (record.prompts, record.sam_backend)
+
     def _restore_hint(self) -> str:
         """After an Undo or a Clear that takes the prompts back to those of the kept run (see RunRecord.base)."""
         base = self.result.base if self.result is not None else None
-        if base is None or (self._prompts()[2], self.sam.name) != (base.prompts, base.sam_backend):
+        if not self._tracked_from(base, self._prompts()[2]):
             return ""
         return "; Track brings back the run from before the change at once (nothing to track)"
 
@@ -876,13 +881,11 @@ class EditSession:
             sam = self.sam
             prompt_frames, correction_frames = [frame for frame, _ in plain], [frame for frame, _ in refine]
             previous = self.result
-            same_prompts = previous is not None and not full and (snapshot, objects, sam.name) == \
-                (previous.prompts, previous.objects, previous.sam_backend)
+            same_prompts = not full and self._tracked_from(previous, snapshot)
             if same_prompts and options == previous.options:
                 return replace(previous, repeated=True)
             base = previous.base if previous is not None and not full else None
-            back_to_base = base is not None and (snapshot, objects, sam.name) == \
-                (base.prompts, base.objects, base.sam_backend)
+            back_to_base = self._tracked_from(base, snapshot)
             if back_to_base and options == base.options:
                 record = replace(base, base=replace(previous, base=None), restored=True, redrawn=False,
                                  summary=f"{self.info.present_frames} frames, none tracked")
@@ -1115,10 +1118,7 @@ class EditSession:
                     raise ClickDropped("the video was replaced while the prompts file was loading")
                 self._require_prompts_unread()
                 self._take_prompts(prompts, masks)
-                snapshot, last = self._prompts()[2], self.result
-                unchanged = last is not None and (snapshot, self.sam.name) == (last.prompts, last.sam_backend) \
-                    and frozenset(object_id for _, object_id in snapshot) == last.objects
-                return frames, self.job_running, unchanged
+                return frames, self.job_running, self._tracked_from(self.result, self._prompts()[2])
 
     def _take_prompts(self, prompts: Sequence[ObjectPrompt], masks: Mapping[Key, np.ndarray]) -> None:
         """Make `prompts` the objects and clicks, each a first prompt (as clicked on a frame not tracked yet). Each
