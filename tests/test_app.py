@@ -127,11 +127,13 @@ class AppPage:
     def wait_status(self, pattern: str, timeout: float = 60, unlike: str | None = None) -> str:
         """Wait until the status box matches `pattern` (a regular expression) and differs from `unlike`."""
         deadline = time.monotonic() + timeout
-        while not re.search(pattern, self.status()) or self.status() == unlike:
+        while True:  # one read a round: the status may change between two reads
+            status = self.status()
+            if re.search(pattern, status) and status != unlike:
+                return status
             if time.monotonic() > deadline:
-                raise AssertionError(f"status {self.status()!r} never matched {pattern!r}")
+                raise AssertionError(f"status {status!r} never matched {pattern!r}")
             time.sleep(0.2)
-        return self.status()
 
     def upload(self, path: Path) -> str:
         before = self.status()
