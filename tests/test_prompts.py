@@ -154,6 +154,25 @@ def test_masks_beside_a_prompts_file(tmp_path):
         mask_objects(tmp_path / "empty.png")
 
 
+def test_void_of_a_palettised_mask_is_no_object(tmp_path):
+    """255 in a palettised annotation is void (DAVIS and VOC mark unlabelled borders so), not object 255."""
+    ids = np.zeros((12, 16), np.uint8)
+    ids[2:6, 3:9], ids[7:11, 10:15] = 1, 2
+    ids[1, 2:10] = ids[6, 9:16] = 255
+    picture = Image.fromarray(ids, mode="P")
+    picture.putpalette(PALETTE.tobytes())
+    picture.save(tmp_path / "voc.png")
+    objects = mask_objects(tmp_path / "voc.png")
+    assert objects.keys() == {1, 2}
+    assert np.array_equal(objects[1], ids == 1) and np.array_equal(objects[2], ids == 2)
+    with pytest.raises(PromptError, match=r"no pixel of object 255 \(its objects: 1, 2\)"):
+        ObjectPrompt(255, 0, mask=tmp_path / "voc.png")
+    picture.putdata(np.where(ids == 255, 255, 0).astype(np.uint8).ravel())
+    picture.save(tmp_path / "void.png")
+    with pytest.raises(PromptError, match="holds no object"):
+        mask_objects(tmp_path / "void.png")
+
+
 def test_unreadable_prompt_files(tmp_path):
     with pytest.raises(PromptError, match="does not exist"):
         load_prompts(tmp_path / "missing.json")

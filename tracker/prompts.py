@@ -342,13 +342,17 @@ def prompts_from_text(text: str, source: str = "the prompts", folder: Path | Non
     return prompts_from_json(data, source, folder)
 
 
+VOID = 255  # a palettised mask's "not labelled" index
+
+
 def _mask_picture(path: Path) -> tuple[np.ndarray, bool]:
     """A mask picture's pixels, and whether they are object ids (else a bool matte); see `mask_objects`."""
     try:
         with Image.open(path) as picture:
             picture.load()
-            if picture.mode == "P":
-                return np.array(picture), True
+            if picture.mode == "P":  # 255 is DAVIS's and VOC's void (unlabelled borders): not an object
+                values = np.array(picture)
+                return np.where(values == VOID, 0, values).astype(np.uint8), True
             if "A" in picture.getbands():
                 alpha = np.array(picture.getchannel("A"))
                 if alpha.min() < 255:
@@ -377,7 +381,8 @@ def mask_objects(path: str | Path) -> dict[int, np.ndarray]:
     """The objects a mask picture holds, id -> HxW bool.
 
     A palettised PNG (the DAVIS format of a masks zip), or a grayscale one whose
-    values are all under 128, holds each pixel's object id (0: background). Any
+    values are all under 128, holds each pixel's object id (0: background; 255 in
+    a palettised one is void, as DAVIS and VOC mark unlabelled borders). Any
     other picture is one object's matte, given id 1: where it is bright (half
     grey or more), or, with an alpha channel not opaque throughout, where it is
     opaque.
