@@ -237,9 +237,12 @@ def test_a_folder_of_frames_with_its_first_mask_as_in_davis(untrained_checkpoint
     first = Image.fromarray(annotation, mode="P")
     first.putpalette(PALETTE.tobytes())
     first.save(tmp_path / "00000.png")
+    first.save(frames / "thumbnail.png")  # left out, and said once, as the command's own warnings are
     done = run_cli("track", frames, "--mask", tmp_path / "00000.png", "--masks", f"{tmp_path}/", "--out",
                    f"{tmp_path}/", "--size", "48", *weights_flags(untrained_checkpoints))
     assert done.returncode == 0, done.stderr
+    assert done.stderr.count("picture(s) not ending in .jpg left out") == 1
+    assert f"WARNING: {frames}: 1 picture(s) not ending in .jpg left out of its frames (thumbnail.png)" in done.stderr
     labels = zip_labels(tmp_path / "bear_masks.zip")
     assert sorted(labels) == [f"{index:05d}.png" for index in range(5)]
     assert np.array_equal(labels["00000.png"], annotation)

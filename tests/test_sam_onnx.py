@@ -210,7 +210,11 @@ def test_auto_says_why_graphs_in_place_are_passed_over(checkpoint, onnx_backend,
 def test_a_sam_precision_the_onnx_backend_cannot_follow_is_said(checkpoint, onnx_backend, caplog):
     with caplog.at_level(logging.WARNING, logger="tracker.sam"):
         assert load_sam(checkpoint, "cpu", "onnx", precision="bf16").name == "onnx"
+        assert load_sam(checkpoint, "cpu", "onnx", precision="fp16").name == "onnx"  # the torch encoder's refusal
     assert "SAM precision bf16 is the PyTorch encoder's; the onnx backend runs its own" in caplog.text
+    assert "SAM precision fp16 is the PyTorch encoder's; the onnx backend runs its own" in caplog.text
+    with pytest.raises(TrackerError, match="unknown SAM precision 'fp8'"):
+        load_sam(checkpoint, "cpu", "onnx", precision="fp8")
 
 
 def test_export_cli_refuses_what_it_cannot_write_before_exporting(checkpoint, tmp_path):

@@ -1,3 +1,4 @@
+import os
 import shutil
 import subprocess
 import threading
@@ -14,7 +15,7 @@ from media import (TRACK_LANGUAGES, blanked_media_copy, capture_from, clip_frame
                    noisy_copy, top_level_atoms, truncated_copy)
 from tracker.colour import yuv420_to_rgb
 from tracker.errors import TrackerError, VideoError
-from tracker.exports import export_cutout
+from tracker.exports import export_boxes, export_cutout
 from tracker import video
 from tracker.render import MaskZipWriter
 from tracker.video import (VideoWriter, check_writable_folder, chroma_siting, colour_note, iter_frames, probe,
@@ -395,6 +396,24 @@ def test_a_cutout_from_another_videos_masks_is_refused_and_leaves_nothing(clip, 
                                            f"{WIDTH}x{HEIGHT}: use the masks zip tracked from this video"):
         export_cutout(clip, tmp_path / "other_masks.zip", [1], tmp_path / "cut.webm")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other_masks.zip"]
+
+
+def test_exports_through_the_api_take_a_folder_as_the_cli_does(clip, tmp_path):
+    """A folder (a name ending in a slash, or one that exists) gets the file named as the CLI names it."""
+    masks = tmp_path / "clip_masks.zip"
+    labels = np.zeros((HEIGHT, WIDTH), np.uint8)
+    labels[10:30, 20:50] = 1
+    with MaskZipWriter(masks) as writer:
+        for index in range(FRAMES):
+            writer.write(index, labels)
+    assert export_cutout(clip, masks, [1], f"{tmp_path}/cuts/", "green") == tmp_path / "cuts" / \
+        "clip_cutout_greenscreen.mp4"
+    assert probe(tmp_path / "cuts" / "clip_cutout_greenscreen.mp4").frame_count == FRAMES
+    assert export_boxes(masks, tmp_path / "cuts") == tmp_path / "cuts" / "clip_boxes.csv"
+    other = tmp_path / "run.zip"
+    shutil.copy(masks, other)
+    assert export_boxes(other, f"{tmp_path}/boxes/") == tmp_path / "boxes" / "run_boxes.csv"
+    assert (tmp_path / "boxes" / "run_boxes.csv").read_text().splitlines()[1] == "0,1,20,10,30,20,600"
 
 
 @pytest.mark.parametrize("make, message", [
@@ -1135,6 +1154,11 @@ def test_a_folder_of_pictures_says_what_it_leaves_out_or_takes_out_of_number_ord
     with caplog.at_level("WARNING"):
         assert probe(numbered).frame_count == 3
     assert "numbered without leading zeros, and frames go in name order (1, 10, 2)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # a run opens the folder again, resolved: the note is not said twice
+        probe(numbered.resolve())
+        probe(Path(os.path.relpath(numbered)))
+    assert "numbered without leading zeros" not in caplog.text
     tie = tmp_path / "tie"
     tie.mkdir()
     for name in ("a.png", "b.png", "c.jpg", "d.jpg"):

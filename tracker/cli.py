@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import re
 import signal
 import sys
@@ -156,13 +157,13 @@ def check_before_loading(args: argparse.Namespace, prompts: list[ObjectPrompt], 
     """Refuse a bad video, prompt, output path or precision at once, not after the weights have loaded (10 s
     or more); the video's facts when all is well."""
     from .pipeline import resolve_precision
-    from .sam import encoder_dtype, resolve_device
+    from .sam import backend_dtype, resolve_device
     from .session import check_job
 
     info, _, _ = check_job(args.video, prompts, output, masks)
     device = resolve_device(args.device)
     resolve_precision(device, args.precision)
-    encoder_dtype(args.sam_precision, device)
+    backend_dtype(args.sam_precision, device, args.sam_backend)
     return info
 
 
@@ -247,8 +248,7 @@ def _cutout(args: argparse.Namespace) -> int:
     for note in written_notes(probe(args.video), kind.codec):  # said now, so that a long run can be stopped
         print(f"WARNING: {note}", file=sys.stderr)
     ids = object_ids(args.objects) if args.objects is not None else range(1, 256)
-    ending = f"_{kind.filename}"
-    output = output_file(args.out, args.video, ending) or OUTPUT_DIR / f"{video_name(args.video)}{ending}"
+    output = args.out if args.out is not None else OUTPUT_DIR / f"{video_name(args.video)}_{kind.filename}"
     bars = []  # made at the first frame: a refusal before it is its one line
 
     def progress(done: int, total: int) -> None:
@@ -267,10 +267,9 @@ def _cutout(args: argparse.Namespace) -> int:
 
 
 def _boxes(args: argparse.Namespace) -> int:
-    from .exports import BOXES_ENDING, export_boxes
+    from .exports import BOXES_ENDING, boxes_named_after, export_boxes
 
-    named = args.masks.with_name(args.masks.name.removesuffix(MASKS_ENDING) + ".zip")  # clip_masks.zip: clip
-    output = output_file(args.out, named, BOXES_ENDING) or OUTPUT_DIR / f"{named.stem}{BOXES_ENDING}"
+    output = args.out if args.out is not None else OUTPUT_DIR / f"{boxes_named_after(args.masks).stem}{BOXES_ENDING}"
     print(f"wrote {export_boxes(args.masks, output)}")
     return 0
 
@@ -295,6 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return bench_main(argv[command + 1:])
     args = build_parser().parse_args(attach_negative_values(argv))
+    # The library's warnings printed as the command's own are ("WARNING: ..."), not bare; a program that
+    # configured logging itself keeps its own.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         with _stopping_signals_interrupt():
             return {"track": _track, "cutout": _cutout, "boxes": _boxes, "weights": _weights}[args.command](args)

@@ -25,7 +25,8 @@ from .errors import Cancelled, PromptError, TrackerError
 from .options import CUTOUT_KINDS
 from .render import MaskZipReader, cutout, overlay
 from .session import check_cutout_path, check_file_output
-from .video import VideoInfo, VideoWriter, iter_frames, probe, release_temporary, temporary_path_beside
+from .video import (MASKS_ENDING, VideoInfo, VideoWriter, iter_frames, output_file, probe, release_temporary,
+                    temporary_path_beside)
 
 BOXES_ENDING = "_boxes.csv"
 BOXES_HEADER = ("frame", "object", "x", "y", "width", "height", "area")
@@ -44,7 +45,8 @@ def export_cutout(video: str | Path, masks: str | Path, object_ids: Iterable[int
     if not chosen:
         raise PromptError("choose at least one object to keep in the cut-out")
     spec = CUTOUT_KINDS[kind]
-    check_cutout_path(video, masks, Path(output), spec)
+    output = output_file(output, video, f"_{spec.filename}")  # a folder: `<video name>_<kind's name>` in it
+    check_cutout_path(video, masks, output, spec)
     present = np.zeros(256, dtype=bool)  # the objects seen on some frame
 
     def draw(image: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -62,11 +64,17 @@ def export_cutout(video: str | Path, masks: str | Path, object_ids: Iterable[int
                             crf=spec.crf, before_keeping=check_chosen)
 
 
+def boxes_named_after(masks: str | Path) -> Path:
+    """What a boxes file is named after: the masks zip's name without `_masks` (clip_masks.zip: clip)."""
+    masks = Path(masks)
+    return masks.with_name(masks.name.removesuffix(MASKS_ENDING).removesuffix(".zip") + ".zip")
+
+
 def export_boxes(masks: str | Path, output: str | Path) -> Path:
     """Each object's bounding box and area on every frame of a run's masks zip, as CSV (BOXES_HEADER): frames
     counted from 0, (x, y) the box's top-left pixel, width and height in pixels, the area the mask's pixel
     count. A frame where an object is absent has no row for it. The file appears only once complete."""
-    output = Path(output)
+    output = output_file(output, boxes_named_after(masks), BOXES_ENDING)  # a folder: `<name>_boxes.csv` in it
     check_file_output(output, "boxes file", (".csv",), sources={"masks zip": masks})
     temp = temporary_path_beside(output)
     moved = False

@@ -305,11 +305,21 @@ def load_sam(checkpoint: str | Path, device: str | torch.device = "auto", backen
         what = "unknown" if entry is None else f"not available on {dev.type}" + _needs(entry)
         choices = ", ".join(name + _needs(_BACKENDS[name]) for name in usable)
         raise TrackerError(f"SAM backend {backend!r} is {what}; choose one of: auto, {choices}")
-    dtype = encoder_dtype(precision, dev)
+    dtype = backend_dtype(precision, dev, backend)
     if precision != "auto" and backend != "torch":
         log.warning("SAM precision %s is the PyTorch encoder's; the %s backend runs its own (%s)", precision,
                     backend, "the precision its graphs were exported in" if backend == "onnx" else "its engine's")
     return _BACKENDS[backend].load(Path(checkpoint), dev, dtype)
+
+
+def backend_dtype(precision: str, device: torch.device, backend: str) -> torch.dtype:
+    """`encoder_dtype` for the PyTorch backend ("auto" may become it); the others run their graphs' own
+    precision, so any known one is taken for them (fp16 included on a CPU)."""
+    if backend in ("auto", "torch"):
+        return encoder_dtype(precision, device)
+    if precision != "auto" and precision not in SAM_PRECISIONS:
+        raise TrackerError(f"unknown SAM precision {precision!r}; use auto, {', '.join(SAM_PRECISIONS)}")
+    return encoder_dtype("auto", device)
 
 
 def _needs(entry: BackendEntry) -> str:

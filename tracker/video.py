@@ -501,8 +501,11 @@ _said_folders: set[tuple[Path, str]] = set()  # a folder is opened several times
 
 
 def _say_once(folder: Path, note: str) -> None:
-    if (folder, note) not in _said_folders:
-        _said_folders.add((folder, note))
+    # One folder reaches here spelled several ways in a run (as the user gave it, then resolved): the note is
+    # keyed by the resolved folder and the note without its folder's spelling, so it is said once.
+    key = (folder.resolve(), note.removeprefix(f"{folder}: "))
+    if key not in _said_folders:
+        _said_folders.add(key)
         log.warning("%s", note)
 
 
