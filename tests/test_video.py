@@ -436,10 +436,23 @@ def test_truncated_file_decodes_what_is_there(clip, tmp_path):
     assert info.frame_count == FRAMES  # what the index promises
     assert probe(clip).truncated_to is None and 0 < info.truncated_to < FRAMES
     frames = list(iter_frames(damaged))
-    assert 0 < len(frames) <= info.present_frames < FRAMES
+    assert 0 < info.present_frames <= len(frames) < FRAMES
     assert all(close_to(f.image, clip_frame(f.index, FRAMES, WIDTH, HEIGHT)) for f in frames)
     with pytest.raises(VideoError, match="cannot be decoded"):
         read_frame(damaged, FRAMES - 1)
+
+
+def test_the_frames_a_truncated_file_is_said_to_hold_all_decode(tmp_path):
+    """With B-frames, decoding order runs ahead of display order: the frames counted present are those before
+    the first one that the cut-off packet or the missing ones may be, not as many as the packets read whole."""
+    whole = make_clip(tmp_path / "whole.mp4", frames=64, width=64, height=48, audio=False, faststart=True,
+                      bframes=3)
+    for keep in np.arange(0.32, 0.95, 0.03):
+        cut = truncated_copy(whole, tmp_path / "cut.mp4", keep=keep)
+        info = probe(cut)
+        decoded = [frame.index for frame in iter_frames(cut)]
+        assert 0 < info.present_frames < 64 and decoded[:info.present_frames] == list(range(info.present_frames))
+        assert info.present_frames >= len(decoded) - 3  # at most the reordering is given up
 
 
 @pytest.mark.parametrize("ending", [".webm", ".mkv"])

@@ -96,8 +96,9 @@ class VideoInfo:
     (then the file is damaged and decoding stops early). `duration` runs from
     the first frame's timestamp to the last one's plus the typical frame
     interval; `fps` is frame_count / duration, exact for a constant rate.
-    `truncated_to` is set for a truncated file: the frames whose data it
-    still holds (the first ones; the index lists `frame_count`). Where the
+    `truncated_to` is set for a truncated file: the frames from the start
+    that it surely still holds (with B-frames one or two more may decode
+    after them; the index lists `frame_count`). Where the
     index went with the cut (Matroska and WebM keep it at the end),
     `cut_short` is the length in seconds the header still declares, when
     every stream ends well before it: the frames present are all there is.
@@ -762,6 +763,23 @@ def _counted_from_keyframe(container: av.container.InputContainer, stream: av.Vi
         return
 
 
+def _whole_prefix(pts: list[int], complete: int) -> int:
+    """How many frames from the start, in display order, a damaged or truncated stream holds whole.
+
+    `pts` are the packets read, in decoding order, the first `complete` of them whole. With B-frames
+    decoding order runs ahead of display order, so the damaged packet, and those missing after the last
+    read, may fall before frames that were read whole: the run ends at the first display position one of
+    them can take. A packet missing after the last one read is displayed at most the reordering seen
+    (packets decoded after frames they are shown before) ahead of its place in decoding order.
+    """
+    order = np.argsort(np.asarray(pts, dtype=np.int64), kind="stable")
+    rank = np.empty(len(pts), dtype=np.int64)
+    rank[order] = np.arange(len(pts))
+    reordering = int(np.max(np.arange(len(pts)) - rank, initial=0))
+    damaged = rank[complete:]  # read after the first damaged packet, it included: not whole
+    return int(min(np.min(damaged, initial=len(pts)), max(len(pts) - reordering, 0)))
+
+
 def _scan(container: av.container.InputContainer, stream: av.VideoStream) -> _Timeline:
     """Count the video packets and collect their timestamps: one demux pass, no decoding.
 
@@ -807,6 +825,8 @@ def _scan(container: av.container.InputContainer, stream: av.VideoStream) -> _Ti
         pts, seen, counted, declared = pts[leading:], seen[leading:], counted - leading, max(declared - leading, 0)
         complete = None if complete is None else max(complete - leading, 0)
     pts = [value + shift for value, shift in zip(pts, joins.shifts(seen)) if value is not None]
+    if complete is not None or counted < declared:
+        complete = _whole_prefix(pts, counted if complete is None else complete)
     stamped = np.asarray(pts, dtype=np.int64)
     decoding_order = maybe_in_decoding_order and len(stamped) == counted > 1 and not joins.found and \
         bool(np.all(np.diff(stamped) > 0))
