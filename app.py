@@ -693,7 +693,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
         # --prompts format) in; the tracked video, the masks zip and the summary out.
         with gr.Group(visible=False):
             api_inputs = [gr.File(label="video"), gr.Textbox(label="prompts"),
-                          gr.Number(defaults.size, precision=0, label="size")]
+                          gr.Number(defaults.size, label="size")]  # a fraction refused, not rounded
             api_outputs = [gr.File(label="tracked video"), gr.File(label="masks zip"), gr.Textbox(label="summary")]
             api_trigger = gr.Button()
 

@@ -141,6 +141,9 @@ def test_api_errors_are_messages(untrained_checkpoints, clips, tmp_path):
             ):
                 with pytest.raises(AppError, match=message):
                     client.predict(handle_file(str(clips / "client0.mp4")), prompts, 480, api_name="/track")
+            with pytest.raises(AppError, match=r"^size must be a whole number, not 2.5"):  # not tracked at 2 px
+                client.predict(handle_file(str(clips / "client0.mp4")), Job(0, 0, "client0.mp4").prompts(), 2.5,
+                               api_name="/track")
             notes = tmp_path / "notes.mp4"
             notes.write_text("not a video")
             for size in (480, None):  # a size left out is the default one

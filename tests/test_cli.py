@@ -238,16 +238,17 @@ def test_a_folder_of_frames_with_its_first_mask_as_in_davis(untrained_checkpoint
     first.putpalette(PALETTE.tobytes())
     first.save(tmp_path / "00000.png")
     first.save(frames / "thumbnail.png")  # left out, and said once, as the command's own warnings are
-    done = run_cli("track", frames, "--mask", tmp_path / "00000.png", "--masks", f"{tmp_path}/", "--out",
-                   f"{tmp_path}/", "--size", "48", *weights_flags(untrained_checkpoints))
+    done = run_cli("track", frames, "--mask", tmp_path / "00000.png", "--masks", f"{tmp_path}/", "--no-video",
+                   "--size", "48", *weights_flags(untrained_checkpoints))
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("picture(s) not ending in .jpg left out") == 1
     assert f"WARNING: {frames}: 1 picture(s) not ending in .jpg left out of its frames (thumbnail.png)" in done.stderr
+    assert done.stderr.count("UNTRAINED WEIGHTS") == 1
     labels = zip_labels(tmp_path / "bear_masks.zip")
     assert sorted(labels) == [f"{index:05d}.png" for index in range(5)]
     assert np.array_equal(labels["00000.png"], annotation)
-    assert stream_facts(tmp_path / "bear_tracked.mp4") == {"codec": "h264", "pix_fmt": "yuv420p", "frames": 5,
-                                                          "audio": 0}
+    assert done.stdout.splitlines()[-1] == f"wrote {tmp_path / 'bear_masks.zip'}"  # and no video
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.png", "JPEGImages", "bear_masks.zip"]
 
 
 @pytest.mark.parametrize("case, args, message", [
@@ -271,6 +272,9 @@ def test_a_folder_of_frames_with_its_first_mask_as_in_davis(untrained_checkpoint
      "cannot write to /proc/m.zip: no file can be made in the folder /proc"),
     ("sam fp16", ["--point", "5,5", "--sam-precision", "fp16", "--device", "cpu"],
      "SAM precision fp16 runs on CUDA GPUs only"),
+    ("no video without masks", ["--point", "5,5", "--no-video"], "--no-video writes only the masks zip: give --masks"),
+    ("unknown flag", ["--point", "5,5", "--sizes", "3"],
+     "unrecognized arguments: --sizes 3 (see python -m tracker track --help)"),
     ("masks over the input", ["--point", "5,5", "--masks", "{clip}"], "is the input video"),
     ("masks misnamed", ["--point", "5,5", "--masks", "masks.mkv"], "masks.mkv would be misnamed: end its name in .zip"),
     ("folder", ["--point", "5,5"], "clip.mp4 is a folder, not a video file"),

@@ -482,7 +482,7 @@ def test_a_prompts_file_that_does_not_fit_the_video_changes_nothing(session, tmp
     with (tmp_path / "film.json").open("wb") as big:  # a video picked by mistake
         big.truncate(40 * 2**20)
     assert load("film.json", None) == ("prompts file film.json is 40 MB: not a prompts file (those are a few KB); "
-                                     "choose the *_prompts.json the app or the CLI wrote")
+                                     "choose the *_prompts.json the app wrote")
     (tmp_path / "good.json").write_text('{"objects": [{"points": [[30, 10]]}]}')
     nothing = EditSession(tmp_path / "no video", session.tracker)
     with pytest.raises(TrackerError, match="^upload a video first$"):

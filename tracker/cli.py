@@ -41,8 +41,16 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 class Parser(argparse.ArgumentParser):
     """Malformed flags are bad input like any other: one line `error: ...` and exit code 2, not the usage block."""
 
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+    def error(self, message: str, prog: str | None = None):
+        self.exit(2, f"error: {message} (see {prog or self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but an unknown flag after a command points to that command's help, not the top's."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(parsed, "command", None)
+            self.error(f"unrecognized arguments: {' '.join(extras)}", f"{self.prog} {command}" if command else None)
+        return parsed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "output/<name>_tracked.mp4; a folder: <name>_tracked.mp4 in it)")
     track.add_argument("--masks", metavar="ZIP", help="also write one palettised PNG per frame, zipped (a folder: "
                        "<name>_masks.zip in it)")
+    track.add_argument("--no-video", action="store_true", help="write only the masks zip (--masks), no overlay "
+                       "video: a dataset's evaluation, say")
     track.add_argument("--size", type=int, default=480, help="shorter side of the working resolution in pixels "
                        "(0: original; default 480; a smaller video is tracked at its own, never upscaled)")
     track.add_argument("--alpha", type=float, default=0.5, help="overlay opacity, 0 to 1 (default 0.5)")
@@ -107,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     weights = commands.add_parser("weights", parents=[after], help="download or generate checkpoints")
     actions = weights.add_subparsers(dest="action", required=True)
     actions.add_parser("download", parents=[after],
-                       help="fetch the official SAM ViT-B and XMem checkpoints into models/")
+                       help="fetch the official SAM ViT-B and XMem checkpoints into models/ (or "
+                            "TRACKER_MODELS_DIR)")
     untrained = actions.add_parser("untrained", parents=[after],
                                    help="write untrained checkpoints in the official layouts")
     untrained.add_argument("directory", help="folder to write them to (created if missing)")
@@ -152,7 +163,7 @@ def attach_negative_values(argv: Sequence[str]) -> list[str]:
     return attached
 
 
-def check_before_loading(args: argparse.Namespace, prompts: list[ObjectPrompt], output: Path,
+def check_before_loading(args: argparse.Namespace, prompts: list[ObjectPrompt], output: Path | None,
                          masks: Path | None) -> VideoInfo:
     """Refuse a bad video, prompt, output path or precision at once, not after the weights have loaded (10 s
     or more); the video's facts when all is well."""
@@ -179,8 +190,10 @@ def _track(args: argparse.Namespace) -> int:
     from .session import Tracker, option_warnings
 
     prompts = prompts_from_args(args)
-    output = (output_file(args.out, args.video, TRACKED_ENDING)
-              or OUTPUT_DIR / f"{video_name(args.video)}{TRACKED_ENDING}")
+    if args.no_video and (args.masks is None or args.out is not None):
+        raise TrackerError("--no-video writes only the masks zip: give --masks, and no --out")
+    output = None if args.no_video else (output_file(args.out, args.video, TRACKED_ENDING)
+                                         or OUTPUT_DIR / f"{video_name(args.video)}{TRACKED_ENDING}")
     masks = output_file(args.masks, args.video, MASKS_ENDING)
     try:
         memory = MemoryOptions(**{name: getattr(args, name) for name in vars(MemoryOptions())
@@ -191,7 +204,7 @@ def _track(args: argparse.Namespace) -> int:
                            crf=args.crf, preset=args.preset, precision=args.precision,
                            cuda_graphs=args.cuda_graphs)
     info = check_before_loading(args, prompts, output, masks)
-    said = option_warnings(options, info, writes_video=True)  # said now, so that a long run can be stopped
+    said = option_warnings(options, info, writes_video=output is not None)  # said now: a long run can be stopped
     for warning in said:
         print(f"WARNING: {warning}", file=sys.stderr)
     tracker = Tracker(args.sam_checkpoint, args.xmem_checkpoint, device=args.device,
@@ -202,9 +215,10 @@ def _track(args: argparse.Namespace) -> int:
     if tracker.untrained:
         from .weights import UNTRAINED_WARNING
         print(f"WARNING: {UNTRAINED_WARNING}", file=sys.stderr)
+        said.append(UNTRAINED_WARNING)  # not again at the end
     start = min(prompt.frame for prompt in prompts)
     # Frames before the first prompt are tracked backward first, then written with the rest.
-    passes = f"backward {start} + forward {info.frame_count} frames" if start else None
+    passes = f"backward {start}, then writing {info.frame_count} frames" if start else None
     bar = tqdm(total=start + info.frame_count, desc=passes, unit="frame", file=sys.stderr, dynamic_ncols=True)
 
     def progress(done: int, total: int) -> None:

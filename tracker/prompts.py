@@ -298,7 +298,7 @@ def load_prompts(path: str | Path, name: str | None = None, masks: bool = True) 
     try:
         if path.stat().st_size > MAX_PROMPTS_BYTES:
             raise PromptError(f"{source} is {path.stat().st_size / 2**20:.0f} MB: not a prompts file (those are "
-                              "a few KB); choose the *_prompts.json the app or the CLI wrote")
+                              "a few KB); choose the *_prompts.json the app wrote")
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not JSON
     except FileNotFoundError:
         raise PromptError(f"{source} does not exist") from None
