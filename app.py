@@ -146,6 +146,21 @@ def pixel_count(text: str) -> int:
     return count
 
 
+def limit(kind: type, least: float = 0, least_said: str = "") -> Callable[[str], float]:
+    """An argument type for an upload limit: a finite number above 0 (`least` at least). A negative, zero or
+    nan upload size crashed Gradio's launch after the weights had loaded; --max-frames -1 refused every video."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value <= 0 or value < least:
+            raise argparse.ArgumentTypeError(f"{text!r}: the limit must be a finite number above 0"
+                                             + (f" ({least_said} at least)" if least_said else ""))
+        return value
+    return parse
+
+
 def port_number(text: str) -> int:
     try:
         port = int(text)
@@ -178,11 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=port_number, default=7860, help="port to listen on (default 7860)")
     parser.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
-    parser.add_argument("--max-upload-mb", type=float, default=1024, help="largest upload accepted, in MB "
-                        "(default 1024)")
-    parser.add_argument("--max-frames", type=int, default=18000, help="longest video accepted, in frames "
+    parser.add_argument("--max-upload-mb", type=limit(float, 1 / 1024, "1 KB"), default=1024,
+                        help="largest upload accepted, in MB (default 1024)")
+    parser.add_argument("--max-frames", type=limit(int), default=18000, help="longest video accepted, in frames "
                         "(default 18000)")
-    parser.add_argument("--max-seconds", type=float, default=600, help="longest video accepted, in seconds "
+    parser.add_argument("--max-seconds", type=limit(float), default=600, help="longest video accepted, in seconds "
                         "(default 600)")
     parser.add_argument("--max-pixels", type=pixel_count, default=3840 * 2160, metavar="WxH|PIXELS",
                         help="largest frame accepted, as a size or a pixel count (default 3840x2160)")

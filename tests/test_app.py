@@ -686,3 +686,19 @@ def test_the_frame_size_limit_is_typed_as_the_readme_gives_it():
     assert app.build_parser().parse_args(["--max-pixels", "1920x1080"]).max_pixels == 1920 * 1080
     assert app.build_parser().parse_args(["--max-pixels", "2073600"]).max_pixels == 2073600
     assert app.build_parser().parse_args([]).max_pixels == 3840 * 2160
+
+
+def test_a_limit_that_would_refuse_everything_or_crash_the_launch_is_refused_at_once():
+    """A negative, zero or nan upload size crashed Gradio's launch after the weights loaded; a negative frame
+    limit refused every video."""
+    for flag, typed, message in (("--max-upload-mb", "-1", "the limit must be a finite number above 0 (1 KB at least)"),
+                                 ("--max-upload-mb", "nan", "above 0"), ("--max-upload-mb", "0.0001", "1 KB at least"),
+                                 ("--max-frames", "-3", "above 0"), ("--max-frames", "2.5", "'2.5' is not a number"),
+                                 ("--max-seconds", "inf", "a finite number above 0")):
+        done = subprocess.run([sys.executable, "app.py", flag, typed], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 2 and done.stderr.startswith(f"error: argument {flag}: ") and \
+            message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    app = importlib.import_module("app")
+    parsed = app.build_parser().parse_args(["--max-upload-mb", "0.5", "--max-frames", "900", "--max-seconds", "30.5"])
+    assert (parsed.max_upload_mb, parsed.max_frames, parsed.max_seconds) == (0.5, 900, 30.5)

@@ -602,6 +602,28 @@ def test_a_click_waiting_for_sams_encoder_leaves_the_session_usable(session, mon
     assert errors and "changed while SAM worked on the click; click again" in errors[0]
     assert (3, 1) not in session.edits
 
+    # An object removed while SAM works on its click stays removed: the click must not bring it back, hidden.
+    started.clear()
+    release.clear()
+    session._embeddings.clear()
+    session.add_object()
+    dropped = []
+
+    def click_on_removed():
+        try:
+            click(session, 3, 80, 60)
+        except ClickDropped as exc:
+            dropped.append(str(exc))
+
+    clicking = threading.Thread(target=click_on_removed)
+    clicking.start()
+    assert started.wait(10)
+    assert session.remove_object(2) == "object 2 removed"
+    release.set()
+    clicking.join(10)
+    assert dropped == ["object 2 was removed while SAM worked on the click"]
+    assert session.objects == [1] and (3, 2) not in session.edits
+
 
 def test_cancel_keeps_the_previous_result_and_leaves_nothing(session):
     click(session, 0, 45, 60)

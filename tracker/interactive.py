@@ -608,6 +608,8 @@ class EditSession:
             with self.lock:
                 if self.video_loads != loads:
                     raise ClickDropped("the video was replaced while SAM worked on the click")
+                if object_id not in self.objects:  # removed while SAM worked: its click must not bring it back
+                    raise ClickDropped(f"object {object_id} was removed while SAM worked on the click")
                 unchanged = (self.edits.get(key) is edit) if existed else key not in self.edits
                 if not unchanged or edit.clicks is not before:
                     raise PromptError("the video or this object's clicks changed while SAM worked on the click; "
