@@ -15,6 +15,7 @@ import zipfile
 from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
+from typing import Callable
 
 import av
 import numpy as np
@@ -581,47 +582,35 @@ def test_a_click_waiting_for_sams_encoder_leaves_the_session_usable(session, mon
     assert outcome == ["object 1 on frame 3: 1 point"] and (3, 1) in session.edits
     assert not session.clicks_waiting()
 
+    def refused_during_sam(meanwhile: Callable[[], object]) -> list[str]:
+        """A click on frame 3 (SAM's encoder held), `meanwhile` done while it waits; what the click raised."""
+        started.clear()
+        release.clear()
+        session._embeddings.clear()
+        errors = []
+
+        def late_click():
+            try:
+                click(session, 3, 80, 60)
+            except TrackerError as exc:
+                errors.append(str(exc))
+
+        clicking = threading.Thread(target=late_click)
+        clicking.start()
+        assert started.wait(10)
+        meanwhile()
+        release.set()
+        clicking.join(10)
+        return errors
+
     # Clicks on the object's frame that change while SAM works: the late click is refused, not mixed in.
-    started.clear()
-    release.clear()
-    session._embeddings.clear()
-    errors = []
-
-    def late_click():
-        try:
-            click(session, 3, 80, 60)
-        except PromptError as exc:
-            errors.append(str(exc))
-
-    clicking = threading.Thread(target=late_click)
-    clicking.start()
-    assert started.wait(10)
-    assert session.clear(3) == "cleared object 1 on frame 3"
-    release.set()
-    clicking.join(10)
+    errors = refused_during_sam(lambda: session.clear(3))
     assert errors and "changed while SAM worked on the click; click again" in errors[0]
     assert (3, 1) not in session.edits
-
     # An object removed while SAM works on its click stays removed: the click must not bring it back, hidden.
-    started.clear()
-    release.clear()
-    session._embeddings.clear()
     session.add_object()
-    dropped = []
-
-    def click_on_removed():
-        try:
-            click(session, 3, 80, 60)
-        except ClickDropped as exc:
-            dropped.append(str(exc))
-
-    clicking = threading.Thread(target=click_on_removed)
-    clicking.start()
-    assert started.wait(10)
-    assert session.remove_object(2) == "object 2 removed"
-    release.set()
-    clicking.join(10)
-    assert dropped == ["object 2 was removed while SAM worked on the click"]
+    assert refused_during_sam(lambda: session.remove_object(2)) == [
+        "object 2 was removed while SAM worked on the click"]
     assert session.objects == [1] and (3, 2) not in session.edits
 
 
