@@ -259,6 +259,13 @@ def cutout_list(session: EditSession) -> dict:
     return gr.update(choices=choices, value=[i for _, i in choices])
 
 
+def cutout_list_kept(session: EditSession, ticked: Sequence[int] | None) -> dict:
+    """The cut-out's object list after objects changed (removed, or a prompts file loaded): those still
+    offered, ticked as they were."""
+    choices = cutout_choices(session)
+    return gr.update(choices=choices, value=[i for i in ticked or [] if i in {offered for _, offered in choices}])
+
+
 def legend(session: EditSession) -> str:
     items = []
     colours = overlay_colours()
@@ -579,27 +586,26 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             if object_id is None:
                 raise TrackerError("pick the object to remove first")
             removed = session.remove_object(int(object_id))
-            choices = cutout_choices(session)
-            ticked = [i for i in ticked or [] if i in {offered for _, offered in choices}]
             return (removed, object_choices(session),
                     legend(session), shown_again(session, alpha_value, outline_value),
-                    gr.update(choices=choices, value=ticked))
+                    cutout_list_kept(session, ticked))
 
         remove_object.click(on_remove_object, [object_select, *style, cutout_objects],
                             [status, object_select, object_legend, frame_image, cutout_objects],
                             concurrency_limit=4, preprocess=False)
 
-        @show_errors(outputs=6)
-        def on_load_prompts(path: str | None, alpha_value: float, outline_value: float, request: gr.Request,
-                            progress=gr.Progress()):
+        @show_errors(outputs=7)
+        def on_load_prompts(path: str | None, alpha_value: float, outline_value: float, ticked: list[int],
+                            request: gr.Request, progress=gr.Progress()):
             """A prompts file (the downloads' `<video>_prompts.json`, or one written for the CLI) in place of the
-            clicks; the page moves to its earliest prompt's frame."""
+            clicks; the page moves to its earliest prompt's frame. Objects it leaves out leave the cut-out list."""
             session = session_of(request)
             if path is None:
-                return (gr.skip(),) * 6
+                return (gr.skip(),) * 7
             message, frame = session.load_prompts_file(path, lambda fraction, text: progress(fraction, desc=text))
             image, caption = shown(session, frame, *held_style(alpha_value, outline_value))
-            return message, image, frame, caption, object_choices(session), legend(session)
+            return (message, image, frame, caption, object_choices(session), legend(session),
+                    cutout_list_kept(session, ticked))
 
         @show_errors(outputs=1)
         def on_load_prompts_begin(path: str | None, request: gr.Request):
@@ -607,9 +613,9 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             return gr.skip() if path is None else session_of(request).prompts_file_wait(path)
 
         (load_prompts.upload(on_load_prompts_begin, load_prompts, status, queue=False, show_progress="hidden")
-         .then(on_load_prompts, [load_prompts, *style],
-               [status, frame_image, frame_slider, frame_info, object_select, object_legend], show_progress_on=status,
-               **sam_queue))
+         .then(on_load_prompts, [load_prompts, *style, cutout_objects],
+               [status, frame_image, frame_slider, frame_info, object_select, object_legend, cutout_objects],
+               show_progress_on=status, **sam_queue))
 
         # Track runs in two steps: an immediate one marks the job (so that Cancel reaches it even while it
         # waits in the queue) and says why it may not run; the queued one tracks, or shows that reason (an

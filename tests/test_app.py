@@ -475,6 +475,12 @@ def test_a_prompts_file_loaded_into_the_page_brings_its_clicks_back(app, browser
     (tmp_path / "downloads").mkdir()
     assert load_prompts(tab.download("clip_prompts.json", tmp_path / "downloads")) == \
         [ObjectPrompt(2, 4, [OBJECT_1]), ObjectPrompt(3, 4, [OBJECT_2])]
+    assert [t.strip() for t in tab.page.locator("#cutout-objects label").all_inner_texts()] == ["Object 2", "Object 3"]
+    keep = tmp_path / "keep_prompts.json"  # object 3 left out: it leaves the cut-out list, as a removed one does
+    keep.write_text(prompts_to_text([ObjectPrompt(2, 4, [OBJECT_1])], (W, H)))
+    tab.load_prompts(keep)
+    tab.wait_status("^loaded prompts file keep_prompts.json: ", SAM_SECONDS)
+    assert [t.strip() for t in tab.page.locator("#cutout-objects label").all_inner_texts()] == ["Object 2"]
     # Track pressed while a file's masks are still being made (SAM's encoder on a frame not read yet): the job
     # waits for them and tracks the file's prompts.
     later = tmp_path / "later_prompts.json"

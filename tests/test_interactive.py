@@ -1052,6 +1052,26 @@ def test_an_object_without_clicks_is_named_in_the_results_warnings(session):
                                    "is without the change, the next Track takes it in"]
 
 
+def test_a_correction_changed_during_its_run_keeps_the_mask_of_its_new_clicks(session):
+    """The run's corrected mask is without the click made meanwhile: the preview keeps the click's mask."""
+    click(session, 0, 45, 60)
+    session.track(OPTIONS)
+    click(session, 4, 100, 30)  # a correction of the tracked mask
+    midway = []
+
+    def progress(fraction: float, text: str) -> None:
+        if not midway and text.startswith("Tracking"):
+            midway.append(click(session, 4, 20, 100))
+
+    session.begin_job()
+    try:
+        record = session.track(OPTIONS, progress=progress)
+    finally:
+        session.end_job()
+    assert midway and "object 1's clicks on frame 4 changed during the run" in record.warnings[0]
+    assert session.edits[(4, 1)].mask[100, 20] and session.edits[(4, 1)].mask[30, 100]
+
+
 def test_a_truncated_upload_says_so_and_refuses_its_missing_frames(tmp_path, disc_tracker):
     whole = make_clip(tmp_path / "whole.mp4", frames=20, width=W, height=H, audio=False, faststart=True)
     session = EditSession(tmp_path / "s", disc_tracker)

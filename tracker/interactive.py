@@ -963,7 +963,7 @@ class EditSession:
                 "is without the change, the next Track takes it in" for frame, object_id in changed]
             self._set_result(record)
             for key, mask in corrected.items():
-                if key in self.edits:
+                if key in self.edits and key not in changed:  # a changed one keeps the mask of its new clicks
                     self.edits[key].mask = mask
         return record
 
