@@ -1052,6 +1052,26 @@ def test_an_object_without_clicks_is_named_in_the_results_warnings(session):
                                    "is without the change, the next Track takes it in"]
 
 
+def test_a_click_taken_back_from_a_tracked_correction_is_taken_back_from_its_mask(session):
+    """Undo of one click of a correction a run applied: the preview and the next run apply the clicks left on the
+    mask from before the correction, not on the run's mask that holds the click taken back."""
+    click(session, 0, 45, 60)
+    session.track(OPTIONS)
+    for x, y, mode in ((100, 30, "positive"), (20, 100, "positive"), (45, 60, "negative")):
+        click(session, 5, x, y, mode)
+    with MaskZipReader(session.track(OPTIONS).masks) as masks:
+        assert masks[5][30, 100] == masks[5][100, 20] == 1 and masks[5][60, 45] == 0
+    assert session.undo(5) == "correcting object 1 on frame 5: 2 points"  # the negative click
+    assert session.undo(5) == "correcting object 1 on frame 5: 1 point"  # the second positive one
+    preview = session.edits[(5, 1)].mask
+    assert preview[30, 100] and not preview[100, 20]
+    record = session.track(OPTIONS)
+    assert record.passes == [5]
+    with MaskZipReader(record.masks) as masks:
+        assert masks[5][30, 100] == 1 and masks[5][100, 20] == 0
+        assert masks[5][60, 45] == session._refine_base(5, 1)[60, 45]  # the negative click's spot as tracked
+
+
 def test_a_correction_changed_during_its_run_keeps_the_mask_of_its_new_clicks(session):
     """The run's corrected mask is without the click made meanwhile: the preview keeps the click's mask."""
     click(session, 0, 45, 60)

@@ -185,6 +185,9 @@ class RunRecord:
     restored: bool = False  # this is such a base, brought back
     first_prompt: int = 0  # the earliest frame with a prompt (corrections aside): where the run began
     prompts_file: Path | None = None  # `prompts` as a prompts file, a download to track them again from the CLI
+    # Each correction's object mask from before it was applied on its frame (key -> HxW bool): a correction
+    # changed later (a click taken back) is applied again on this, not on the mask that holds the old one.
+    corrected_from: dict[Key, np.ndarray] = field(default_factory=dict)
 
     def describe(self) -> str:
         """What the run did, in the user's words."""
@@ -596,7 +599,7 @@ class EditSession:
                     clicks = edit.clicks.with_corner(xy)
                 else:
                     clicks = edit.clicks.with_point(xy, POSITIVE if mode == "positive" else NEGATIVE)
-                prior = self._tracked_mask(frame, object_id) if edit.refine else None
+                prior = self._refine_base(frame, object_id) if edit.refine else None
                 embedding = self._embeddings.get(frame)
                 image = self._frame(frame).image if embedding is None and clicks.selects else None
             # SAM's image encoder takes seconds on a CPU (where a job under way pauses for it): outside the
@@ -717,7 +720,7 @@ class EditSession:
         """SAM's mask for the clicks (None while they select nothing), refining the tracked mask when asked."""
         if not clicks.selects:
             return None
-        return self._segment(frame, object_id, clicks, self._tracked_mask(frame, object_id) if refine else None)
+        return self._segment(frame, object_id, clicks, self._refine_base(frame, object_id) if refine else None)
 
     def _segment(self, frame: int, object_id: int, clicks: Clicks, prior: np.ndarray | None,
                  embedding: ImageEmbedding | None = None, sam: SamBackend | None = None) -> np.ndarray:
@@ -777,6 +780,11 @@ class EditSession:
 
     def _tracked_mask(self, frame: int, object_id: int) -> np.ndarray:
         return self._tracked_labels(frame) == object_id
+
+    def _refine_base(self, frame: int, object_id: int) -> np.ndarray:
+        """The tracked mask a correction's clicks apply on: the result's, from before its own correction there."""
+        base = self.result.corrected_from.get((frame, object_id)) if self.result is not None else None
+        return base if base is not None else self._tracked_mask(frame, object_id)
 
     def _tracked_labels(self, frame: int) -> np.ndarray:
         info = self.require_video()
@@ -919,6 +927,9 @@ class EditSession:
             with self.tracker.device_held(self.cancel, lambda ahead: clock.report(0.0, device_wait_line(ahead))):
                 masks = built_on.masks if built_on is not None else None
                 corrected: dict[Key, np.ndarray] = {}
+                # Corrections kept from the run built on (before its first pass), and the bases of those applied now.
+                corrected_from = {key: base for key, base in built_on.corrected_from.items() if key[0] < passes[0]} \
+                    if passes[0] is not None else {}
                 for index, start in enumerate(passes):
                     if self.cancel.is_set():
                         raise Cancelled("tracking was cancelled")
@@ -928,8 +939,12 @@ class EditSession:
                         fixes = {object_id: clicks for (frame, object_id), clicks in refine.items() if frame == start}
                         base = masks
                         if fixes:
-                            base, fixed = self._correct(masks, start, fixes, run_dir / f"corrected-{index}.zip", sam)
+                            # The first pass's frame holds the run built on's corrections there, if any.
+                            applied = built_on.corrected_from if index == 0 else {}
+                            base, fixed, bases = self._correct(masks, start, fixes, run_dir / f"corrected-{index}.zip",
+                                                               sam, applied)
                             corrected.update({(start, object_id): mask for object_id, mask in fixed.items()})
+                            corrected_from.update({(start, object_id): mask for object_id, mask in bases.items()})
                         earlier = PreviousRun(base, start,
                                               backward=retracks_backward(start, prompt_frames, correction_frames))
                     output = run_dir / f"{self.video.stem}{TRACKED_ENDING}" if last else None
@@ -949,7 +964,8 @@ class EditSession:
                            warnings=list(results[-1].warnings), prompts=snapshot, objects=objects, passes=passes,
                            backward=bool(passes[0]) and results[0].kept_frames == 0, options=options,
                            sam_backend=sam.name, base=replace(built_on, base=None) if passes[0] is not None else None,
-                           first_prompt=min(prompt_frames), prompts_file=self._write_prompts(snapshot, run_dir))
+                           first_prompt=min(prompt_frames), prompts_file=self._write_prompts(snapshot, run_dir),
+                           corrected_from=corrected_from)
         with self.lock:  # objects added, clicked or removed during the run count
             clicked = {object_id for (_, object_id), edit in self.edits.items() if edit.clicks.selects}
             now = self._prompts()[2]
@@ -1135,22 +1151,25 @@ class EditSession:
             key = (prompt.frame, prompt.object_id)
             self.edits[key] = Edit(refine=False, clicks=steps[-1], history=steps[:-1], mask=masks.get(key))
 
-    def _correct(self, masks: Path, frame: int, fixes: Mapping[int, Clicks], destination: Path,
-                 sam: SamBackend) -> tuple[Path, dict[int, np.ndarray]]:
+    def _correct(self, masks: Path, frame: int, fixes: Mapping[int, Clicks], destination: Path, sam: SamBackend,
+                 applied: Mapping[Key, np.ndarray]) -> tuple[Path, dict[int, np.ndarray], dict[int, np.ndarray]]:
         """A masks zip for frames 0..frame whose `frame` has the corrections applied on the tracked masks there,
-        by the job's SAM backend (the session's may have changed since the job began)."""
+        by the job's SAM backend (the session's may have changed since the job began); the corrected masks, and
+        the masks they were applied on. `applied`: corrections `masks` already holds (key -> the mask before)."""
         with MaskZipReader(masks) as reader:
             labels = np.array(reader[frame], dtype=np.uint8)
-        fixed = {}
+        fixed, bases = {}, {}
         with self.lock:  # shares the embedding cache with clicks
             embedding = self._embedding(frame) if sam is self.sam else sam.embed(self._frame(frame).image)
             for object_id, clicks in fixes.items():
-                mask = self._segment(frame, object_id, clicks, labels == object_id, embedding, sam)
+                base = applied.get((frame, object_id))
+                bases[object_id] = labels == object_id if base is None else base
+                mask = self._segment(frame, object_id, clicks, bases[object_id], embedding, sam)
                 labels[labels == object_id] = 0
                 labels[mask] = object_id
                 fixed[object_id] = mask
         copy_masks_until(masks, frame, labels, destination)
-        return destination, fixed
+        return destination, fixed, bases
 
     # -- outputs ---------------------------------------------------------
     def result_files(self) -> list[str]:
