@@ -273,8 +273,6 @@ def test_a_folder_of_frames_with_its_first_mask_as_in_davis(untrained_checkpoint
     ("sam fp16", ["--point", "5,5", "--sam-precision", "fp16", "--device", "cpu"],
      "SAM precision fp16 runs on CUDA GPUs only"),
     ("no video without masks", ["--point", "5,5", "--no-video"], "--no-video writes only the masks zip: give --masks"),
-    ("unknown flag", ["--point", "5,5", "--sizes", "3"],
-     "unrecognized arguments: --sizes 3 (see python -m tracker track --help)"),
     ("masks over the input", ["--point", "5,5", "--masks", "{clip}"], "is the input video"),
     ("masks misnamed", ["--point", "5,5", "--masks", "masks.mkv"], "masks.mkv would be misnamed: end its name in .zip"),
     ("folder", ["--point", "5,5"], "clip.mp4 is a folder, not a video file"),
@@ -382,7 +380,8 @@ def test_help_and_flag_checks_do_not_load_torch():
 @pytest.mark.parametrize("args, message", [
     (["track", "v.mp4", "--point", "1,1", "--mem-every", "1.5"],
      "error: argument --mem-every: invalid int value: '1.5' (see python -m tracker track --help)"),
-    (["track", "v.mp4", "--pont", "1,1"], "error: unrecognized arguments: --pont 1,1 (see python -m tracker --help)"),
+    (["track", "v.mp4", "--pont", "1,1"],
+     "error: unrecognized arguments: --pont 1,1 (see python -m tracker track --help)"),
     (["bench", "--modes", "turbo"], "error: --modes takes a comma-separated list of: plain, fast, bf16, fp16 "
                                     "(see python -m tracker bench --help)"),
 ])
