@@ -487,12 +487,12 @@ def _picture_pattern(folder: Path) -> str | None:
         return None
     ending = max(sorted(endings), key=endings.__getitem__)  # a tie goes by name, not by the folder's order
     if left_out := sorted(name for name in pictures if not name.endswith(ending)):
-        _say_once(folder, f"{folder}: {len(left_out)} picture(s) not ending in {ending} left out of its frames "
+        _say_once(folder, f"{len(left_out)} picture(s) not ending in {ending} left out of its frames "
                           f"({', '.join(left_out[:3])}{', ...' * (len(left_out) > 3)}): a folder's frames are the "
                           "pictures of its commonest ending, case included; rename them to have them all")
     stems = sorted(name[:-len(ending)] for name in pictures if name.endswith(ending))
     if all(stem.isdigit() for stem in stems) and stems != sorted(stems, key=int):
-        _say_once(folder, f"{folder}: its pictures are numbered without leading zeros, and frames go in name "
+        _say_once(folder, f"its pictures are numbered without leading zeros, and frames go in name "
                           f"order ({', '.join(stems[:4])}{', ...' * (len(stems) > 4)}), not in number order; "
                           "pad the numbers with zeros (00001, 00002, ...) for that")
     return f"{glob.escape(str(folder))}/*{glob.escape(ending)}"
@@ -502,12 +502,10 @@ _said_folders: set[tuple[Path, str]] = set()  # a folder is opened several times
 
 
 def _say_once(folder: Path, note: str) -> None:
-    # One folder reaches here spelled several ways in a run (as the user gave it, then resolved): the note is
-    # keyed by the resolved folder and the note without its folder's spelling, so it is said once.
-    key = (folder.resolve(), note.removeprefix(f"{folder}: "))
-    if key not in _said_folders:
-        _said_folders.add(key)
-        log.warning("%s", note)
+    # One folder reaches here spelled several ways in a run (as the user gave it, then resolved).
+    if (folder.resolve(), note) not in _said_folders:
+        _said_folders.add((folder.resolve(), note))
+        log.warning("%s: %s", folder, note)
 
 
 def _open(path: Path) -> av.container.InputContainer:
