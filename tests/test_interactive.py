@@ -25,15 +25,15 @@ from PIL import Image
 
 from media import make_clip, truncated_copy
 from tracker.errors import Cancelled, ClickDropped, PromptError, TrackerError, VideoError
-from tracker.interactive import (PREVIEWS_KEPT, Clicks, EditSession, Limits, ProgressClock,
-                                 RunRecord, SessionStore, Style, copy_masks_until, device_wait_line, display_scale,
-                                 format_seconds,
-                                 frame_caption, mask_to_logits, plan_passes, retracks_backward, upload_message)
+from tracker.interactive import (PREVIEWS_KEPT, Clicks, EditSession, Limits, ProgressClock, RunRecord, SessionStore,
+                                 Style, device_wait_line, display_scale, format_seconds, frame_caption, plan_passes,
+                                 upload_message)
 from tracker.options import TrackOptions
-from tracker.session import LOSSLESS_WARNING
+from tracker.session import LOSSLESS_WARNING, retracks_backward
 from tracker.prompts import ObjectPrompt, load_prompts, prompts_to_text
-from tracker.render import CHROMA_GREEN, MaskZipReader, MaskZipWriter, overlay
-from tracker.sam import ImageEmbedding, SamBackend, SamPrediction, resized_shape, to_frame_coords, upscale_masks
+from tracker.render import CHROMA_GREEN, MaskZipReader, MaskZipWriter, copy_masks_until, overlay
+from tracker.sam import (ImageEmbedding, SamBackend, SamPrediction, mask_to_logits, resized_shape, to_frame_coords,
+                         upscale_masks)
 from tracker.video import VideoInfo, iter_frames, probe, read_frame
 
 W, H, FRAMES = 160, 120, 8
@@ -324,8 +324,8 @@ def zip_members(path: Path) -> dict[str, bytes]:
 
 def written_prompts(session: EditSession) -> list[ObjectPrompt]:
     """The session's clicks as the prompts file of its run should hold them: by frame, then object."""
-    return [edit.clicks.prompt(object_id, frame) for (frame, object_id), edit in sorted(session.edits.items())
-            if edit.clicks.selects]
+    return [replace(edit.clicks.prompt(object_id, frame), correct=edit.refine)
+            for (frame, object_id), edit in sorted(session.edits.items()) if edit.clicks.selects]
 
 
 def test_track_then_correct_keeps_earlier_frames_and_uses_the_correction(session):
@@ -375,11 +375,16 @@ def test_track_then_correct_keeps_earlier_frames_and_uses_the_correction(session
     # Asked for, a full re-run tracks from the first prompts again and applies the correction on top.
     third = session.track(OPTIONS, full=True)
     assert third.describe() == "tracked the whole video; corrections on frame 4 applied on top"
-    assert re.match(rf"{FRAMES} frames in 2 passes \({2 * FRAMES - 4} frames tracked in [\d.]+ s, [\d.]+ FPS\), "
-                    "device cpu", third.summary), third.summary
+    assert re.match(rf"{FRAMES} frames in 2 passes \({2 * FRAMES - 4} tracked in [\d.]+ s, [\d.]+ FPS: the frames "
+                    r"from a correction on are tracked again\), device cpu", third.summary), third.summary
     with MaskZipReader(third.masks) as masks:
         assert np.array_equal(masks[0] == 1, disc(45, 60))
         assert (masks[4] == 1)[disc(100, 30)].all()
+    # The run's prompts file, the correction marked as one, tracks the same masks from the CLI or a script.
+    assert [p.correct for p in load_prompts(third.prompts_file)] == [False, False, True]
+    again = session.tracker.track(session.video, load_prompts(third.prompts_file), options=OPTIONS,
+                                  masks=session.directory / "from-file.zip")
+    assert again.passes == 2 and zip_members(again.masks) == zip_members(third.masks)
 
     # Track again with nothing changed: the result is current, nothing runs (Full re-run would).
     again = session.track(OPTIONS)
@@ -956,7 +961,7 @@ def test_an_object_added_on_a_later_frame_joins_from_there(session):
     assert session.remove_object(3) == "object 3 removed; the clicks are those of the last run again, which Track keeps"
     # Removed again, the run before it comes back (the message says so, as Undo's does).
     assert session.remove_object(2) == ("object 2 removed; Track brings back the run from before the change at "
-                                        "once (nothing to track)")
+                                        "once (nothing to track, unless the tracking settings changed since)")
     assert session.track(OPTIONS).describe().startswith("the prompts are again those of the run before")
     assert zip_members(session.result.masks) == before
 
@@ -971,7 +976,7 @@ def test_taking_a_correction_back_brings_the_run_before_it_back_at_once(session,
     corrected = zip_members(second.masks)
     assert first.masks.exists() and first.overlay.exists(), "the run a partial one is built on is kept"
     assert session.undo(4) == ("object 1 has no clicks on frame 4; Track brings back the run from before the change "
-                               "at once (nothing to track)")
+                               "at once (nothing to track, unless the tracking settings changed since)")
 
     def no_tracking(*args, **kwargs):
         raise AssertionError("tracked again")
@@ -1070,6 +1075,34 @@ def test_a_click_taken_back_from_a_tracked_correction_is_taken_back_from_its_mas
     with MaskZipReader(record.masks) as masks:
         assert masks[5][30, 100] == 1 and masks[5][100, 20] == 0
         assert masks[5][60, 45] == session._refine_base(5, 1)[60, 45]  # the negative click's spot as tracked
+
+
+def test_a_negative_correction_comes_back_from_the_prompts_file_as_a_correction(session, tmp_path, disc_tracker,
+                                                                               clip):
+    """A negative click alone on a tracked mask takes part of it away. The run's prompts file keeps it a
+    correction: loaded in a new tab it is one again, and tracks to the same masks."""
+    click(session, 0, 45, 60)
+    session.track(OPTIONS)
+    ys, xs = np.nonzero(session.labels(3) == 1)
+    assert len(xs), "the test needs object 1 tracked on frame 3"
+    x, y = int(xs[len(xs) // 2]), int(ys[len(ys) // 2])
+    click(session, 3, x, y, "negative")
+    assert session.edits[(3, 1)].refine and not session.labels(3)[y, x]
+    record = session.track(OPTIONS)
+    assert [(p.frame, p.labels, p.correct) for p in load_prompts(record.prompts_file)] == \
+        [(0, [1], False), (3, [0], True)]
+
+    message, _ = session.load_prompts_file(shutil.copy(record.prompts_file, tmp_path / "same_prompts.json"))
+    assert message.endswith("they are the last run's clicks, so its result stands (Track would change nothing)")
+    assert session.edits[(3, 1)].refine and not session.labels(3)[y, x]
+
+    again = EditSession(tmp_path / "new tab", disc_tracker)
+    again.open_video(clip, Limits())
+    again.load_prompts_file(shutil.copy(record.prompts_file, tmp_path / "clip_prompts.json"))
+    assert again.edits[(3, 1)].refine and again.edits[(3, 1)].mask is None  # nothing tracked to apply it on yet
+    retracked = again.track(OPTIONS)
+    assert retracked.describe() == "tracked the whole video; corrections on frame 3 applied on top"
+    assert zip_members(retracked.masks) == zip_members(record.masks)
 
 
 def test_a_correction_changed_during_its_run_keeps_the_mask_of_its_new_clicks(session):

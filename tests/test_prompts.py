@@ -42,6 +42,27 @@ def test_written_prompts_read_back_with_coordinates_to_a_thousandth():
     assert again[1:] == prompts[1:] and again[0].points == [(10.0, 20.5), (0.333, 7.0)]
 
 
+def test_corrections_are_marked_and_need_a_prompt_that_selects_their_object():
+    """A correction applies on the tracked mask: negative points alone take part of it away, and it needs a
+    first prompt of its object to be tracked from."""
+    prompts = [ObjectPrompt(1, 0, [(10.0, 20.0)]), ObjectPrompt(1, 4, [(12.0, 22.0)], [0], correct=True)]
+    text = prompts_to_text(prompts)
+    assert text.count('"correct": true') == 1
+    again = prompts_from_text(text)
+    assert again == prompts and [p.correct for p in again] == [False, True]
+    check_prompts(again, 160, 120, 10)
+    with pytest.raises(PromptError, match="negative points alone select nothing; add a positive point or a box "
+                                          r"\(or make the prompt a correction of the tracked mask\)"):
+        check_prompts([prompts[0], ObjectPrompt(1, 4, [(12.0, 22.0)], [0])], 160, 120, 10)
+    with pytest.raises(PromptError, match=r"^object 2 has only corrections \(frame 3\): a correction applies on "
+                                          "the object's tracked mask, so give it a prompt that selects it first"):
+        check_prompts([prompts[0], ObjectPrompt(2, 3, [(5.0, 5.0)], correct=True)], 160, 120, 10)
+    mask = np.zeros((120, 160), bool)
+    mask[10:20, 10:20] = True
+    with pytest.raises(PromptError, match="its mask on frame 4 is marked as a correction"):
+        check_prompts([prompts[0], ObjectPrompt(1, 4, mask=mask, correct=True)], 160, 120, 10)
+
+
 def test_a_recorded_frame_size_refuses_a_video_of_another_size():
     """Clicks from a smaller video fit a larger one's frame but would land elsewhere; the size recorded with them
     says so. A file without it is taken on any video its points fit."""
@@ -87,6 +108,8 @@ POINTS = r'"points" must be a list of \[x, y\] pairs of numbers'
     ({"objects": [{"id": 1, "points": [[1, 2]]}], "frame_size": [640]},
      r'"frame_size" must be null or \[width, height\] \(two whole numbers\), not \[640\]'),
     ({"objects": [{"id": 1, "points": [[1, 2]]}], "frame_size": [640, 0]}, r'"frame_size" must be'),
+    ({"objects": [{"id": 1, "points": [[1, 2]], "correct": 1}]}, r'"correct" must be true or false, not 1'),
+    ({"objects": [{"points": [[1, 2]], "correct": True}]}, r'objects\[0\] is a correction without an "id"'),
 ])
 def test_malformed_json_is_named(data, message):
     with pytest.raises(PromptError, match=message):

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+import pytest
 import psutil
 
 from tests.media import make_clip
@@ -88,3 +89,23 @@ def test_a_backward_re_track_keeps_the_earlier_frames_where_an_object_absent_fro
     assert retracked.kept_frames == 0
     with MaskZipReader(tmp_path / "again.zip") as masks:  # from the same prompt: what the first run tracked
         assert all(np.array_equal(masks[i], labels[i]) for i in range(8) if i != 1)
+
+
+def test_a_re_track_from_a_frame_a_correction_left_without_objects_keeps_its_objects_empty(cpu_tracker, tmp_path):
+    """A correction that erases the only object on frame 3 leaves a frame to track from with no object on it: the
+    frames before keep their masks, and the object stays one of XMem's, empty there (no error)."""
+    from tracker.render import MaskZipReader, copy_masks_until
+    from tracker.session import PreviousRun
+
+    clip = make_clip(tmp_path / "clip.mp4", frames=8, width=64, height=48, audio=False)
+    prompt = [ObjectPrompt(1, 0, [(30.0, 24.0)], [1])]
+    cpu_tracker.track(clip, prompt, masks=tmp_path / "first.zip", options=TrackOptions(size=0))
+    copy_masks_until(tmp_path / "first.zip", 3, np.zeros((48, 64), np.uint8), tmp_path / "erased.zip")
+    again = cpu_tracker.track(clip, prompt, masks=tmp_path / "again.zip", options=TrackOptions(size=0),
+                              previous=PreviousRun(tmp_path / "erased.zip", 3))
+    assert again.frames == 8 and again.kept_frames == 3
+    with MaskZipReader(tmp_path / "first.zip") as first, MaskZipReader(tmp_path / "again.zip") as masks:
+        assert all(np.array_equal(masks[i], first[i]) for i in range(3))
+        assert not masks[3].any()
+    with pytest.raises(TrackerError, match="iter_tracked streams one pass, so track"):
+        cpu_tracker.iter_tracked(clip, [*prompt, ObjectPrompt(1, 3, [(30.0, 24.0)], [0], correct=True)])

@@ -216,10 +216,16 @@ def _track(args: argparse.Namespace) -> int:
         from .weights import UNTRAINED_WARNING
         print(f"WARNING: {UNTRAINED_WARNING}", file=sys.stderr)
         said.append(UNTRAINED_WARNING)  # not again at the end
-    start = min(prompt.frame for prompt in prompts)
-    # Frames before the first prompt are tracked backward first, then written with the rest.
-    passes = f"backward {start}, then writing {info.frame_count} frames" if start else None
-    bar = tqdm(total=start + info.frame_count, desc=passes, unit="frame", file=sys.stderr, dynamic_ncols=True)
+    start = min(prompt.frame for prompt in prompts if not prompt.correct)
+    corrected = sorted({prompt.frame for prompt in prompts if prompt.correct})
+    # Frames before the first prompt are tracked backward first, then written with the rest; each corrected frame
+    # is tracked again from on.
+    passes = f"backward {start}, then writing {info.frame_count} frames" if start else \
+        f"{info.frame_count} frames" if corrected else None
+    if corrected:
+        passes += f", then again from frame{'s' * (len(corrected) > 1)} {', '.join(map(str, corrected))} on"
+    bar = tqdm(total=start + info.frame_count * (1 + len(corrected)), desc=passes, unit="frame", file=sys.stderr,
+               dynamic_ncols=True)
 
     def progress(done: int, total: int) -> None:
         bar.total = total

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import filecmp
-import math
 import secrets
 import shutil
 import threading
 import time
-import zipfile
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,9 +33,9 @@ from .exports import CUTOUT_KINDS, export_cutout, export_overlay
 from .options import TrackOptions
 from .prompts import (NEGATIVE, POSITIVE, PROMPTS_ENDING, ObjectPrompt, check_prompts, frame_problem, load_prompts,
                       prompts_from_text, prompts_to_text)
-from .render import MaskZipReader, encode_mask, mask_name, overlay, overlay_colours
-from .sam import IMAGE_SIZE, LOW_RES_SIZE, ImageEmbedding, SamBackend, resized_shape
-from .session import LOSSLESS_WARNING, PreviousRun, Tracker, TrackResult, fps_text
+from .render import MaskZipReader, copy_masks_until, overlay, overlay_colours
+from .sam import ImageEmbedding, SamBackend
+from .session import LOSSLESS_WARNING, PreviousRun, Tracker, TrackResult, combined, retracks_backward
 from .video import (MASKS_ENDING, TRACKED_ENDING, Frame, VideoInfo, colour_note, probe, read_frame,
                     truncation_note, written_notes)
 
@@ -50,7 +48,6 @@ DISPLAY_LONG_SIDE = (640, 1280)  # frames are shown with their longer side in th
 EMBEDDING_CACHE_SIZE = 3  # SAM embeddings kept per session (about 4 MB each)
 CLOSED_KEYS_KEPT = 10_000  # closed pages' session keys remembered (see SessionStore)
 PREVIEWS_KEPT = 8  # the latest frame pictures written for the page, which may still be fetching them
-MASK_INPUT_LOGIT = 10.0  # |logit| SAM gets for "surely object" / "surely background" in a prior mask
 # A click said on the page whose SAM work has not come this long after is taken as lost (the tab went away).
 CLICK_LOST_SECONDS = 180.0
 
@@ -79,27 +76,6 @@ class Limits:
             raise VideoError(f"the video is {info.width}x{info.height} ({info.width * info.height} pixels); "
                              f"this app accepts at most {self.max_pixels} pixels per frame (--max-pixels): "
                              "scale it down and upload again")
-
-
-def mask_to_logits(mask: np.ndarray, magnitude: float = MASK_INPUT_LOGIT) -> np.ndarray:
-    """An HxW bool mask -> SAM's (1, 256, 256) `mask_input` logits.
-
-    SAM's low-resolution grid covers the 1024x1024 padded input at a quarter of
-    its resolution, with the resized frame in the top-left corner. The mask is
-    resized onto that grid; each cell's object fraction maps linearly to
-    [-magnitude, +magnitude], and the padding is surely background.
-    """
-    height, width = mask.shape
-    resized_h, resized_w = resized_shape(height, width)
-    scale = IMAGE_SIZE // LOW_RES_SIZE
-    grid_h, grid_w = math.ceil(resized_h / scale), math.ceil(resized_w / scale)
-    resized = Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255).resize((resized_w, resized_h), Image.BILINEAR)
-    padded = np.zeros((grid_h * scale, grid_w * scale), dtype=np.float32)
-    padded[:resized_h, :resized_w] = np.asarray(resized, dtype=np.float32) / 255
-    fraction = padded.reshape(grid_h, scale, grid_w, scale).mean(axis=(1, 3))
-    logits = np.full((1, LOW_RES_SIZE, LOW_RES_SIZE), -magnitude, dtype=np.float32)
-    logits[0, :grid_h, :grid_w] = (2 * fraction - 1) * magnitude
-    return logits
 
 
 @dataclass(frozen=True)
@@ -188,6 +164,7 @@ class RunRecord:
     # Each correction's object mask from before it was applied on its frame (key -> HxW bool): a correction
     # changed later (a click taken back) is applied again on this, not on the mask that holds the old one.
     corrected_from: dict[Key, np.ndarray] = field(default_factory=dict)
+    corrections: frozenset[Key] = frozenset()  # the keys of `prompts` that are corrections
 
     def describe(self) -> str:
         """What the run did, in the user's words."""
@@ -231,29 +208,6 @@ def plan_passes(prompts: Mapping[Key, tuple], refine_frames: Sequence[int], obje
     if objects != last.objects and start < last.first_prompt:
         return whole  # the whole video starts at the new object's prompt: earlier than the last run's first frame
     return [start, *sorted({frame for frame in refine_frames if frame > start})]
-
-
-def retracks_backward(start: int | None, prompt_frames: Sequence[int], correction_frames: Sequence[int]) -> bool:
-    """Whether a pass from `start` re-tracks the frames before it too: when no prompt comes before it, the run
-    or pass before tracked those frames backward through it (from it, or from a later first prompt), so a
-    change there reaches them; a correction before it is kept as it is, as in any pass."""
-    return bool(start and prompt_frames and start <= min(prompt_frames)
-                and all(frame >= start for frame in correction_frames))
-
-
-def run_summary(results: Sequence[TrackResult]) -> str:
-    """The metrics line of a Track press: one pass as the tracker reports it; several as the frames of the
-    video, and how many the passes tracked (a later pass re-tracks part of what an earlier one did)."""
-    last = results[-1]
-    if len(results) == 1:
-        return last.summary()
-    tracked = sum(r.frames - r.kept_frames for r in results)
-    seconds = sum(r.seconds for r in results)
-    peaks = [r.peak_gpu_bytes for r in results if r.peak_gpu_bytes is not None]
-    rate = fps_text(tracked / seconds if seconds > 0 else 0.0)
-    details = replace(last, peak_gpu_bytes=max(peaks) if peaks else None).details()
-    return ", ".join([f"{last.frames} frames in {len(results)} passes ({tracked} frames tracked in {seconds:.1f} s, "
-                      f"{rate})", *details])
 
 
 def format_seconds(seconds: float) -> str:
@@ -673,7 +627,8 @@ class EditSession:
         base = self.result.base if self.result is not None else None
         if not self._tracked_from(base, self._prompts()[2]):
             return ""
-        return "; Track brings back the run from before the change at once (nothing to track)"
+        return ("; Track brings back the run from before the change at once (nothing to track, unless the "
+                "tracking settings changed since)")
 
     def drop_corners(self) -> str | None:
         """Take back boxes' first corners left pending (the user switched to points): each is drawn and would
@@ -724,11 +679,9 @@ class EditSession:
 
     def _segment(self, frame: int, object_id: int, clicks: Clicks, prior: np.ndarray | None,
                  embedding: ImageEmbedding | None = None, sam: SamBackend | None = None) -> np.ndarray:
-        mask_input = mask_to_logits(prior) if prior is not None and prior.any() else None
         if embedding is None:
             embedding = self._embedding(frame)
-        return self.tracker.segment(embedding, clicks.prompt(object_id, frame), mask_input=mask_input,
-                                    sam=sam or self.sam)
+        return self.tracker.segment(embedding, clicks.prompt(object_id, frame), sam=sam or self.sam, prior=prior)
 
     def _embedding(self, frame: int) -> ImageEmbedding:
         """SAM's embedding of a frame, cached so that further clicks there only run the decoder."""
@@ -936,7 +889,8 @@ class EditSession:
                     last = index == len(passes) - 1
                     earlier = None
                     if start is not None:
-                        fixes = {object_id: clicks for (frame, object_id), clicks in refine.items() if frame == start}
+                        fixes = {object_id: clicks for (frame, object_id), clicks in sorted(refine.items())
+                                 if frame == start}  # in a prompts file's order: a later one wins an overlap
                         base = masks
                         if fixes:
                             # The first pass's frame holds the run built on's corrections there, if any.
@@ -960,11 +914,12 @@ class EditSession:
         for index in range(len(passes)):
             for stale in (f"masks-{index}.zip", f"corrected-{index}.zip"):
                 (run_dir / stale).unlink(missing_ok=True)
-        record = RunRecord(overlay=results[-1].output, masks=final_masks, summary=run_summary(results),
+        record = RunRecord(overlay=results[-1].output, masks=final_masks, summary=combined(results).summary(),
                            warnings=list(results[-1].warnings), prompts=snapshot, objects=objects, passes=passes,
                            backward=bool(passes[0]) and results[0].kept_frames == 0, options=options,
                            sam_backend=sam.name, base=replace(built_on, base=None) if passes[0] is not None else None,
-                           first_prompt=min(prompt_frames), prompts_file=self._write_prompts(snapshot, run_dir),
+                           first_prompt=min(prompt_frames), corrections=frozenset(refine),
+                           prompts_file=self._write_prompts(snapshot, frozenset(refine), run_dir),
                            corrected_from=corrected_from)
         with self.lock:  # objects added, clicked or removed during the run count
             clicked = {object_id for (_, object_id), edit in self.edits.items() if edit.clicks.selects}
@@ -997,7 +952,7 @@ class EditSession:
                 lambda done, total: progress(done / total, f"Drawing frame {done}/{total} with the new look"))
             masks = run_dir / previous.masks.name
             _link_or_copy(previous.masks, masks)  # the previous run's folder goes with it
-            prompts_file = self._write_prompts(previous.prompts, run_dir)
+            prompts_file = self._write_prompts(previous.prompts, previous.corrections, run_dir)
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
@@ -1010,11 +965,12 @@ class EditSession:
             self._set_result(record)
         return record
 
-    def _write_prompts(self, prompts: Mapping[Key, tuple], run_dir: Path) -> Path:
+    def _write_prompts(self, prompts: Mapping[Key, tuple], corrections: frozenset[Key], run_dir: Path) -> Path:
         """A run's clicks and boxes as a prompts file (frame pixels), named after the video: `--prompts` of the
-        CLI and the app's API take it. A correction is written as a prompt on its frame (see the README)."""
+        CLI and the app's API take it, and track it as this page did, corrections as corrections."""
         path = run_dir / f"{self.video.stem}{PROMPTS_ENDING}"
-        path.write_text(prompts_to_text([ObjectPrompt(object_id, frame, list(points), list(labels), box)
+        path.write_text(prompts_to_text([ObjectPrompt(object_id, frame, list(points), list(labels), box,
+                                                      correct=(frame, object_id) in corrections)
                                          for (frame, object_id), (points, labels, box) in sorted(prompts.items())],
                                         (self.info.width, self.info.height)), encoding="utf-8")
         return path
@@ -1069,8 +1025,9 @@ class EditSession:
         encoder running once a frame (outside the session's lock, as for a click). Returns what was loaded and
         the earliest prompt's frame, for the page to show.
 
-        The prompts are first prompts, as the CLI reads them; a tracked result stays, and Track re-runs what
-        they change. A Track pressed meanwhile waits for them.
+        The prompts are taken as the CLI reads them: first prompts, and corrections of the tracked masks (shown
+        applied on the result of the moment, if any). A tracked result stays, and Track re-runs what they change.
+        A Track pressed meanwhile waits for them.
         """
         path = Path(path)
         source = f"prompts file {path.name}"  # an upload keeps the user's file name
@@ -1123,12 +1080,16 @@ class EditSession:
                         raise ClickDropped("the video was replaced while the prompts file was loading")
                     embedding = self._embeddings.get(frame)
                     image = self._frame(frame).image if embedding is None else None
+                    # A correction's preview applies on the result shown; without one, Track makes its mask.
+                    priors = {p.object_id: self._refine_base(frame, p.object_id) for p in prompts
+                              if p.frame == frame and p.correct and self.result is not None}
                 with self.tracker.click_work():
                     if image is not None:
                         embedding = self.sam.embed(image)
                     for prompt in prompts:
-                        if prompt.frame == frame:
-                            masks[frame, prompt.object_id] = self.tracker.segment(embedding, prompt, sam=self.sam)
+                        if prompt.frame == frame and (not prompt.correct or prompt.object_id in priors):
+                            masks[frame, prompt.object_id] = self.tracker.segment(
+                                embedding, prompt, sam=self.sam, prior=priors.get(prompt.object_id))
                 with self.lock:
                     self._remember_embedding(frame, embedding)
             with self.lock:
@@ -1139,8 +1100,9 @@ class EditSession:
                 return frames, self.job_running, self._tracked_from(self.result, self._prompts()[2])
 
     def _take_prompts(self, prompts: Sequence[ObjectPrompt], masks: Mapping[Key, np.ndarray]) -> None:
-        """Make `prompts` the objects and clicks, each a first prompt (as clicked on a frame not tracked yet). Each
-        is taken as clicked box first, then point by point, so that Undo takes back its last point."""
+        """Make `prompts` the objects and clicks: a first prompt as clicked on a frame not tracked yet, a correction
+        as clicked on a tracked mask. Each is taken as clicked box first, then point by point, so that Undo takes
+        back its last point."""
         self.objects = sorted({prompt.object_id for prompt in prompts})
         self.current = self.objects[0]
         self.edits = {}
@@ -1149,7 +1111,7 @@ class EditSession:
             for xy, label in zip(prompt.points, prompt.labels):
                 steps.append(steps[-1].with_point(xy, label))
             key = (prompt.frame, prompt.object_id)
-            self.edits[key] = Edit(refine=False, clicks=steps[-1], history=steps[:-1], mask=masks.get(key))
+            self.edits[key] = Edit(refine=prompt.correct, clicks=steps[-1], history=steps[:-1], mask=masks.get(key))
 
     def _correct(self, masks: Path, frame: int, fixes: Mapping[int, Clicks], destination: Path, sam: SamBackend,
                  applied: Mapping[Key, np.ndarray]) -> tuple[Path, dict[int, np.ndarray], dict[int, np.ndarray]]:
@@ -1158,16 +1120,11 @@ class EditSession:
         the masks they were applied on. `applied`: corrections `masks` already holds (key -> the mask before)."""
         with MaskZipReader(masks) as reader:
             labels = np.array(reader[frame], dtype=np.uint8)
-        fixed, bases = {}, {}
         with self.lock:  # shares the embedding cache with clicks
             embedding = self._embedding(frame) if sam is self.sam else sam.embed(self._frame(frame).image)
-            for object_id, clicks in fixes.items():
-                base = applied.get((frame, object_id))
-                bases[object_id] = labels == object_id if base is None else base
-                mask = self._segment(frame, object_id, clicks, bases[object_id], embedding, sam)
-                labels[labels == object_id] = 0
-                labels[mask] = object_id
-                fixed[object_id] = mask
+            fixed, bases = self.tracker.correct(
+                labels, embedding, [clicks.prompt(object_id, frame) for object_id, clicks in fixes.items()], sam,
+                {object_id: mask for (at, object_id), mask in applied.items() if at == frame})
         copy_masks_until(masks, frame, labels, destination)
         return destination, fixed, bases
 
@@ -1235,16 +1192,6 @@ class EditSession:
                         upload.unlink()
                         upload.parent.rmdir()
             self._uploads.clear()
-
-
-def copy_masks_until(source: Path, frame: int, labels: np.ndarray, destination: Path) -> None:
-    """A masks zip with `source`'s entries for the frames before `frame` (copied as they are; frames the decoding
-    lost have none), `labels` at `frame`."""
-    with zipfile.ZipFile(source) as src, zipfile.ZipFile(destination, "w", zipfile.ZIP_STORED) as dst:
-        for name in map(mask_name, range(frame)):
-            if name in src.NameToInfo:
-                dst.writestr(src.getinfo(name), src.read(name))
-        dst.writestr(mask_name(frame), encode_mask(labels))
 
 
 def corners_named(keys: Sequence[Key]) -> str:

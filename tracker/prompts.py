@@ -40,7 +40,11 @@ class ObjectPrompt:
     on the object (label 1). A `mask` (HxW, true on the object, at the video's
     size; or a picture's path, read by `object_mask`) is tracked from as it is,
     without SAM: a mask drawn in another tool, or a frame of an earlier run's
-    masks zip to go on from.
+    masks zip to go on from. A `correct` prompt's clicks apply on the object's
+    tracked mask there (SAM is given that mask too), as clicks on a tracked
+    frame of the page do: negative points alone then take part of it away. The
+    tracking from the object's other prompts comes first, and the video is
+    tracked again from each corrected frame on.
     """
 
     object_id: int
@@ -51,6 +55,7 @@ class ObjectPrompt:
     # The frame size (width, height) the coordinates were given for, where a prompts file records it.
     frame_size: tuple[int, int] | None = field(default=None, compare=False)
     mask: np.ndarray | str | Path | None = field(default=None, compare=False, repr=False)
+    correct: bool = False
 
     def __post_init__(self) -> None:
         self.object_id = whole_number(self.object_id, "an object id", PromptError)
@@ -112,8 +117,9 @@ class ObjectPrompt:
             raise PromptError(f"{who}: coordinates must be finite numbers")
         if any(v not in (POSITIVE, NEGATIVE) for v in self.labels):
             raise PromptError(f"{who}: point labels must be 1 (object) or 0 (background)")
-        if self.box is None and POSITIVE not in self.labels:
-            raise PromptError(f"{who}: negative points alone select nothing; add a positive point or a box")
+        if self.box is None and POSITIVE not in self.labels and not self.correct:
+            raise PromptError(f"{who}: negative points alone select nothing; add a positive point or a box (or "
+                              "make the prompt a correction of the tracked mask)")
         for x, y in self.points:
             if not (0 <= x < width and 0 <= y < height):
                 raise PromptError(
@@ -134,6 +140,9 @@ class ObjectPrompt:
         if self.points or self.box is not None:
             raise PromptError(f"{who}: give its mask or its clicks and box on frame {self.frame}, not both (clicks "
                               "on a later frame correct the tracked mask there)")
+        if self.correct:
+            raise PromptError(f"{who}: its mask on frame {self.frame} is marked as a correction: a correction is "
+                              "clicks on the tracked mask, and a mask replaces it (drop \"correct\")")
         if self.mask.shape != (height, width):
             raise PromptError(f"{who}: its mask on frame {self.frame} is {self.mask.shape[1]}x{self.mask.shape[0]}, "
                               f"and the video is {width}x{height}: a mask must have the video's size")
@@ -143,7 +152,8 @@ class ObjectPrompt:
 
 def check_prompts(prompts: Sequence[ObjectPrompt], width: int, height: int, frame_count: int,
                   present_frames: int | None = None) -> None:
-    """Check every prompt and that no object is prompted twice on the same frame."""
+    """Check every prompt, that no object is prompted twice on the same frame, and that a corrected object has a
+    prompt that selects it (a correction applies on what that prompt's tracking gives)."""
     if isinstance(prompts, ObjectPrompt) or not all(isinstance(p, ObjectPrompt) for p in prompts):
         raise PromptError("prompts must be a list of ObjectPrompt (a prompts file's: tracker.load_prompts(path))")
     if not prompts:
@@ -155,6 +165,11 @@ def check_prompts(prompts: Sequence[ObjectPrompt], width: int, height: int, fram
         if key in seen:
             raise PromptError(f"object {prompt.object_id} has two prompts on frame {prompt.frame}; merge them")
         seen.add(key)
+    selected = {prompt.object_id for prompt in prompts if not prompt.correct}
+    for prompt in prompts:
+        if prompt.correct and prompt.object_id not in selected:
+            raise PromptError(f"object {prompt.object_id} has only corrections (frame {prompt.frame}): a correction "
+                              "applies on the object's tracked mask, so give it a prompt that selects it first")
 
 
 def parse_xy(text: str, what: str = "point") -> tuple[float, float]:
@@ -182,6 +197,7 @@ def _floats(text: str, count: int, what: str, form: str) -> list[float]:
 def prompts_from_json(data: object, source: str = "the prompts", folder: Path | None = None) -> list[ObjectPrompt]:
     """Read ``{"objects": [{"id": 1, "frame": 0, "points": [[x, y]], "labels": [1], "box": null}]}``.
 
+    ``"correct": true`` makes an object's entry a correction of its tracked mask (see `ObjectPrompt`).
     An object's ``"mask": "name.png"`` is a picture in `folder` (the prompts file's) read by `object_mask`;
     without a folder (text sent to the app) masks are refused.
     """
@@ -200,7 +216,7 @@ def prompts_from_json(data: object, source: str = "the prompts", folder: Path | 
         where = f"objects[{n}]"
         if not isinstance(item, dict):
             raise PromptError(f"{where} must be a JSON object")
-        unknown = set(item) - {"id", "frame", "points", "labels", "box", "mask"}
+        unknown = set(item) - {"id", "frame", "points", "labels", "box", "mask", "correct"}
         if unknown:
             raise PromptError(f"{where} has unknown keys {sorted(unknown)}")
         mask = _field(item, where, "mask", _file_name, "a picture's file name, beside the prompts file")
@@ -213,7 +229,10 @@ def prompts_from_json(data: object, source: str = "the prompts", folder: Path | 
         labels = _field(item, where, "labels", _labels, "a list of 1 (object) or 0 (background), one per point",
                         default=[POSITIVE] * len(points))
         box = _field(item, where, "box", _box, "null or [x0, y0, x1, y1] (four numbers)")
-        entries.append((object_id, mask, dict(frame=frame, points=points, labels=labels, box=box)))
+        correct = _field(item, where, "correct", _bool, "true or false", default=False)
+        if correct and object_id is None:
+            raise PromptError(f'{where} is a correction without an "id": name the object it corrects')
+        entries.append((object_id, mask, dict(frame=frame, points=points, labels=labels, box=box, correct=correct)))
     named = {object_id for object_id, _, _ in entries}
     free = (object_id for object_id in itertools.count(1) if object_id not in named)  # for entries without an id
     prompts = []
@@ -237,6 +256,12 @@ def _field(item: dict, where: str, name: str, read: Callable[[object], T], expec
 
 def _int(value: object) -> int:
     return whole_number(value, "a number", PromptError)
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{value!r} is not true or false")
+    return value
 
 
 def _optional_int(value: object) -> int | None:
@@ -321,7 +346,8 @@ def prompts_to_text(prompts: Sequence[ObjectPrompt], frame_size: tuple[int, int]
                           'prompts file names as a picture beside it ("mask": "name.png"), not as text')
 
     lines = [json.dumps({"id": p.object_id, "frame": p.frame, "points": [[number(x), number(y)] for x, y in p.points],
-                         "labels": list(p.labels), "box": None if p.box is None else [number(v) for v in p.box]})
+                         "labels": list(p.labels), "box": None if p.box is None else [number(v) for v in p.box],
+                         **({"correct": True} if p.correct else {})})
              for p in prompts]
     size = "" if frame_size is None else f'"frame_size": [{frame_size[0]}, {frame_size[1]}],\n '
     return '{' + size + '"objects": [\n  ' + ",\n  ".join(lines) + "\n]}\n"

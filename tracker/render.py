@@ -295,3 +295,13 @@ class MaskZipReader:
 
     def close(self) -> None:
         self._zip.close()
+
+
+def copy_masks_until(source: Path, frame: int, labels: np.ndarray, destination: Path) -> None:
+    """A masks zip with `source`'s entries for the frames before `frame` (copied as they are; frames the decoding
+    lost have none), `labels` at `frame`."""
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(destination, "w", zipfile.ZIP_STORED) as dst:
+        for name in map(mask_name, range(frame)):
+            if name in src.NameToInfo:
+                dst.writestr(src.getinfo(name), src.read(name))
+        dst.writestr(mask_name(frame), encode_mask(labels))

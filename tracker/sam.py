@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_SIZE = 1024  # the encoder's square input
 LOW_RES_SIZE = 256  # the decoder's mask logits (and mask_input) side
+MASK_INPUT_LOGIT = 10.0  # |logit| SAM gets for "surely object" / "surely background" in a prior mask
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 MASK_THRESHOLD = 0.0  # Sam.mask_threshold: logits above it are the object
@@ -393,6 +395,27 @@ def to_model_coords(xy: ArrayLike, original_size: tuple[int, int]) -> np.ndarray
 def to_frame_coords(xy: ArrayLike, original_size: tuple[int, int]) -> np.ndarray:
     """Inverse of `to_model_coords`."""
     return _scale_xy(xy, original_size, inverse=True)
+
+
+def mask_to_logits(mask: np.ndarray, magnitude: float = MASK_INPUT_LOGIT) -> np.ndarray:
+    """An HxW bool mask -> SAM's (1, 256, 256) `mask_input` logits.
+
+    SAM's low-resolution grid covers the 1024x1024 padded input at a quarter of
+    its resolution, with the resized frame in the top-left corner. The mask is
+    resized onto that grid; each cell's object fraction maps linearly to
+    [-magnitude, +magnitude], and the padding is surely background.
+    """
+    height, width = mask.shape
+    resized_h, resized_w = resized_shape(height, width)
+    scale = IMAGE_SIZE // LOW_RES_SIZE
+    grid_h, grid_w = math.ceil(resized_h / scale), math.ceil(resized_w / scale)
+    resized = Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255).resize((resized_w, resized_h), Image.BILINEAR)
+    padded = np.zeros((grid_h * scale, grid_w * scale), dtype=np.float32)
+    padded[:resized_h, :resized_w] = np.asarray(resized, dtype=np.float32) / 255
+    fraction = padded.reshape(grid_h, scale, grid_w, scale).mean(axis=(1, 3))
+    logits = np.full((1, LOW_RES_SIZE, LOW_RES_SIZE), -magnitude, dtype=np.float32)
+    logits[0, :grid_h, :grid_w] = (2 * fraction - 1) * magnitude
+    return logits
 
 
 def upscale_masks(low_res: torch.Tensor, input_size: tuple[int, int],

@@ -18,7 +18,7 @@ import traceback
 import warnings
 from collections import deque
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -33,8 +33,8 @@ from .errors import Cancelled, TrackerError, VideoError
 from .options import CutoutKind, TrackOptions
 from .pipeline import IDLE_GRAPHS, ProgressFn, ThreadedSink, TrackedFrame, frame_graphs, track_frames
 from .prompts import ObjectPrompt, check_prompts
-from .render import MaskZipReader, MaskZipWriter, encoder_picture, encoder_picture_bytes
-from .sam import ImageEmbedding, SamBackend, load_sam, ready_backends, resolve_device, segment
+from .render import MaskZipReader, MaskZipWriter, copy_masks_until, encoder_picture, encoder_picture_bytes
+from .sam import ImageEmbedding, SamBackend, load_sam, mask_to_logits, ready_backends, resolve_device, segment
 from .transfer import Download
 from .video import (H264_CONTAINERS, MASKS_ENDING, TRACKED_ENDING, VideoInfo, VideoWriter, check_writable_folder,
                     coded_fields, colour_note, make_clip, output_file, probe, read_frame, truncation_note)
@@ -262,6 +262,10 @@ class TrackResult:
     output: Path | None = None
     masks: Path | None = None
     warnings: list[str] = field(default_factory=list)
+    # A run of several passes (corrections: see `combined`): the frames its passes tracked, a frame again in
+    # each pass that re-tracks it.
+    passes: int = 1
+    tracked_frames: int | None = None
 
     @property
     def fps(self) -> float:
@@ -272,6 +276,13 @@ class TrackResult:
         return max(0, self.expected_frames - self.frames)
 
     def summary(self) -> str:
+        if self.passes > 1:
+            tracked = self.tracked_frames
+            kept = f"{self.kept_frames} kept as they were, " if self.kept_frames else ""
+            rate = fps_text(tracked / self.seconds if self.seconds > 0 else 0.0)
+            return ", ".join([f"{self.frames} frames in {self.passes} passes ({kept}{tracked} tracked in "
+                              f"{self.seconds:.1f} s, {rate}: the frames from a correction on are tracked again)",
+                              *self.details()])
         if self.kept_frames:  # the rate of the frames tracked: the kept ones only cost their writing
             tracked = self.frames - self.kept_frames
             done = (f"{tracked} tracked again at {fps_text(tracked / self.seconds if self.seconds > 0 else 0.0)}, "
@@ -289,6 +300,18 @@ class TrackResult:
         if self.lost_frames:
             parts.append(f"{self.lost_frames} of {self.expected_frames} frames could not be decoded (damaged file)")
         return parts
+
+
+def combined(results: Sequence[TrackResult]) -> TrackResult:
+    """One result for the passes of a run: the last pass's files and warnings; the frames no pass tracked (the
+    first pass kept them from a run before), the frames tracked and the time over all the passes."""
+    if len(results) == 1:
+        return results[0]
+    first, last = results[0], results[-1]
+    peaks = [r.peak_gpu_bytes for r in results if r.peak_gpu_bytes is not None]
+    return replace(last, seconds=sum(r.seconds for r in results), peak_gpu_bytes=max(peaks) if peaks else None,
+                   kept_frames=first.kept_frames, passes=len(results),
+                   tracked_frames=sum(r.frames - r.kept_frames for r in results))
 
 
 def fps_text(fps: float) -> str:
@@ -350,14 +373,32 @@ class Tracker:
                                                     precision=self._sam_precision)
             return self._sam_backends[name]
 
-    def segment(self, embedding: ImageEmbedding, prompt: ObjectPrompt, mask_input: np.ndarray | None = None,
-                sam: SamBackend | None = None) -> np.ndarray:
-        """The HxW bool mask SAM (`sam`, default `self.sam`) gives for one object's clicks/box on an embedded frame."""
+    def segment(self, embedding: ImageEmbedding, prompt: ObjectPrompt, sam: SamBackend | None = None,
+                prior: np.ndarray | None = None) -> np.ndarray:
+        """The HxW bool mask SAM (`sam`, default `self.sam`) gives for one object's clicks/box on an embedded frame;
+        with `prior` (a correction's tracked mask), the clicks correct that mask."""
         points = np.asarray(prompt.points, dtype=np.float32).reshape(-1, 2)
         labels = np.asarray(prompt.labels, dtype=np.int64)
         box = np.asarray(prompt.box, dtype=np.float32) if prompt.box is not None else None
+        mask_input = mask_to_logits(prior) if prior is not None and prior.any() else None
         mask, _ = segment(sam or self.sam, embedding, points, labels, box=box, mask_input=mask_input)
         return mask
+
+    def correct(self, labels: np.ndarray, embedding: ImageEmbedding, corrections: Sequence[ObjectPrompt],
+                sam: SamBackend | None = None, applied: Mapping[int, np.ndarray] | None = None
+                ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+        """Apply one frame's corrections on its tracked `labels`, in place; returns each object's corrected mask
+        and the mask its correction applied on: the tracked one, or where given `applied`'s (object id -> the
+        mask from before a correction that `labels` already holds)."""
+        fixed, bases = {}, {}
+        for prompt in corrections:
+            object_id = prompt.object_id
+            base = (applied or {}).get(object_id)
+            bases[object_id] = labels == object_id if base is None else base
+            fixed[object_id] = self.segment(embedding, prompt, sam=sam, prior=bases[object_id])
+            labels[labels == object_id] = 0
+            labels[fixed[object_id]] = object_id
+        return fixed, bases
 
     def prompt_masks(self, info: VideoInfo, prompts: Sequence[ObjectPrompt], sam: SamBackend | None = None, *,
                      embeddings: Mapping[int, ImageEmbedding] | None = None,
@@ -392,9 +433,14 @@ class Tracker:
         """Every frame of the video with its object-id map, in order, streamed.
 
         A bad video or prompts are reported by this call, before the first frame is asked for. The device is
-        this job's until the iteration ends (or the iterator is closed): jobs take turns on it.
+        this job's until the iteration ends (or the iterator is closed): jobs take turns on it. Corrections
+        need the tracking before them, so they are `track`'s only.
         """
         info = check_input(video, prompts, options)
+        if corrected := [p for p in prompts if p.correct]:
+            raise TrackerError(f"object {corrected[0].object_id}'s prompt on frame {corrected[0].frame} is a "
+                               "correction, which applies on the tracked mask: iter_tracked streams one pass, so "
+                               "track() (which writes files) takes corrections")
         return self._stream(info, prompts, options or TrackOptions(), cancel, progress)
 
     def _stream(self, info: VideoInfo, prompts: Sequence[ObjectPrompt], options: TrackOptions,
@@ -511,7 +557,9 @@ class Tracker:
         nothing is left behind. With `previous`, only frames from
         `previous.from_frame` on are tracked again (a correction there becomes
         a new memory frame); earlier frames keep the previous masks, unless
-        `previous.backward`. `sam`
+        `previous.backward`. Corrections (prompts with `correct`) are
+        applied as the page applies them: the other prompts are tracked, then
+        the video again from each corrected frame on, one pass each. `sam`
         (default `self.sam`) turns the prompts into masks, from `embeddings`
         of the prompted frames where given (see `prompt_masks`). Jobs take turns on the device in the order
         they asked; while this one waits, `waiting` is told how many jobs are ahead of it.
@@ -519,6 +567,9 @@ class Tracker:
         sam = sam or self.sam
         info, output, masks = check_job(video, prompts, output, masks, options)
         options = options or TrackOptions()
+        if any(p.correct for p in prompts):
+            return self._track_corrected(info, prompts, output, masks, options, cancel, progress, previous, sam,
+                                         embeddings, waiting)
         with user_facing_resource_errors(options), self._device_turn(cancel, waiting), ExitStack() as stack, \
                 ExitStack() as opened:
             if self.device.type == "cuda":
@@ -559,6 +610,51 @@ class Tracker:
             result.warnings.append(weights.UNTRAINED_WARNING)
         return result
 
+    def _track_corrected(self, info: VideoInfo, prompts: Sequence[ObjectPrompt], output: Path | None,
+                         masks: Path | None, options: TrackOptions, cancel: threading.Event | None,
+                         progress: ProgressFn | None, previous: PreviousRun | None, sam: SamBackend,
+                         embeddings: Mapping[int, ImageEmbedding] | None, waiting: WaitFn | None) -> TrackResult:
+        """`track` with corrections: a pass for the other prompts, then one from each corrected frame on, the
+        frames before it kept (or tracked backward again from it: see `retracks_backward`)."""
+        plain = [p for p in prompts if not p.correct]
+        frames = sorted({p.frame for p in prompts if p.correct})
+        prompt_frames = [p.frame for p in plain]
+        first_total: list[int] = []  # the first pass's frames (more when it tracks backward first)
+
+        def report(index: int) -> ProgressFn | None:
+            def passed(done: int, total: int) -> None:
+                if index == 0:
+                    first_total[:] = [total]
+                done_before = (first_total[0] + (index - 1) * info.frame_count) if index else 0
+                progress(done_before + done, (first_total or [total])[0] + len(frames) * info.frame_count)
+
+            return None if progress is None else passed
+
+        results = []
+        with user_facing_resource_errors(options), self.device_held(cancel, waiting), \
+                tempfile.TemporaryDirectory(prefix="tracker-passes-") as tmp:
+            tracked = Path(tmp) / "pass-0.zip"
+            results.append(self.track(info.path, plain, masks=tracked, options=options, cancel=cancel,
+                                      progress=report(0), previous=previous, sam=sam, embeddings=embeddings))
+            for index, frame in enumerate(frames, 1):
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("tracking was cancelled")
+                with MaskZipReader(tracked) as reader:
+                    labels = np.array(reader[frame], dtype=np.uint8)
+                embedding = (embeddings or {}).get(frame)
+                if embedding is None:
+                    embedding = sam.embed(read_frame(info.path, frame, info.size).image)
+                self.correct(labels, embedding, [p for p in prompts if p.correct and p.frame == frame], sam)
+                corrected = Path(tmp) / f"corrected-{index}.zip"
+                copy_masks_until(tracked, frame, labels, corrected)
+                final = index == len(frames)
+                tracked = masks if final else Path(tmp) / f"pass-{index}.zip"
+                results.append(self.track(
+                    info.path, plain, output=output if final else None, masks=tracked, options=options,
+                    cancel=cancel, progress=report(index), sam=sam, embeddings=embeddings,
+                    previous=PreviousRun(corrected, frame, retracks_backward(frame, prompt_frames, frames))))
+        return combined(results)
+
     def _plan(self, info: VideoInfo, prompts: Sequence[ObjectPrompt], previous: PreviousRun | None, sam: SamBackend,
               embeddings: Mapping[int, ImageEmbedding] | None, cancel: threading.Event | None, opened: ExitStack
               ) -> tuple[dict[int, dict[int, np.ndarray]], Callable[[int], np.ndarray] | None]:
@@ -571,7 +667,10 @@ class Tracker:
             return keyframes, None
         earlier = opened.enter_context(MaskZipReader(previous.masks))
         base = earlier[start]
-        tracked = {int(o): base == o for o in np.unique(base) if o}
+        # An object prompted before `start` and absent there (a correction erased it, say) stays one of the
+        # objects, empty: it is not lost for good, and a frame left without any object is no error.
+        tracked = {o: np.zeros(base.shape, bool) for o in sorted({p.object_id for p in prompts if p.frame < start})}
+        tracked.update({int(o): base == o for o in np.unique(base) if o})
         keyframes[start] = {**tracked, **keyframes.get(start, {})}
         if not keyframes[start]:
             raise TrackerError(f"frame {start} has no object to track from; add a prompt there")
@@ -595,6 +694,14 @@ class Tracker:
                                     item_bytes=info.width * info.height)
             stack.callback(zip_sink.abort)
         return [video_sink, zip_sink]
+
+
+def retracks_backward(start: int | None, prompt_frames: Sequence[int], correction_frames: Sequence[int]) -> bool:
+    """Whether a pass from `start` re-tracks the frames before it too: when no prompt comes before it, the run
+    or pass before tracked those frames backward through it (from it, or from a later first prompt), so a
+    change there reaches them; a correction before it is kept as it is, as in any pass."""
+    return bool(start and prompt_frames and start <= min(prompt_frames)
+                and all(frame >= start for frame in correction_frames))
 
 
 def _appear_before(masks: MaskZipReader, start: int, objects: set[int]) -> bool:
