@@ -10,6 +10,7 @@ import argparse
 import errno
 import functools
 import html
+import json
 import logging
 import math
 import os
@@ -29,7 +30,7 @@ from tracker.cli import Parser, add_model_flags
 from tracker.errors import Cancelled, ClickDropped, TrackerError
 from tracker.exports import CUTOUT_KINDS
 from tracker.interactive import (TRIMMED_UPLOAD, VIDEO_SUFFIXES, EditSession, Limits, SessionStore, Style,
-                                 frame_caption, upload_message)
+                                 frame_caption, oversize_message, upload_message)
 from tracker.options import MemoryOptions, TrackOptions
 from tracker.pipeline import resolve_precision
 from tracker.render import overlay_colours
@@ -87,14 +88,32 @@ NO_PREVIEW_JS = """
       "not as a video. Choose a video file (an MPEG-TS .ts file goes in renamed .m2ts).";
     box.append(line);
   };
+  // A video over the upload limit (--max-upload-mb) is kept from the widget, whose refusal is a toast in Kb that
+  // leaves the status line as it was: the server is told its name and size, and says what to do in the status.
+  const overLimit = (event, file) => {
+    const limit = window.gradio_config?.max_file_size;
+    if (!file?.type.startsWith("video/") || !limit || file.size <= limit) return false;
+    event.stopPropagation();
+    event.preventDefault();
+    const refused = document.querySelector("#upload-refused textarea");
+    refused.value = JSON.stringify({name: file.name, size: file.size, at: Date.now()});
+    refused.dispatchEvent(new Event("input", {bubbles: true}));
+    return true;
+  };
   document.addEventListener("change", (event) => {
     const input = event.target;
     const box = input instanceof HTMLInputElement && input.type === "file" ? input.closest("#video-input") : null;
-    if (box) noteRefused(box, input.files?.[0]);
+    if (!box) return;
+    const file = input.files?.[0];
+    if (overLimit(event, file)) input.value = "";  // the same file chosen again is refused again
+    noteRefused(box, file);
   }, true);
   document.addEventListener("drop", (event) => {
     const box = event.target instanceof Element ? event.target.closest("#video-input") : null;
-    if (box) noteRefused(box, event.dataTransfer?.files?.[0]);
+    const file = event.dataTransfer?.files?.[0];
+    if (!box) return;
+    overLimit(event, file);
+    noteRefused(box, file);
   }, true);
   const note = "This browser cannot preview this file; the app reads it all the same: click the object in the frame.";
   document.addEventListener("error", (event) => {
@@ -375,6 +394,9 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                                        value=next(iter(CUTOUT_KINDS)), label="Cut-out format", elem_id="cutout-format")
                 cutout_button = gr.Button("Make cut-out video", elem_id="cutout-button")
 
+        # The page's script writes here the name and size of a video it kept back for the upload limit.
+        upload_refused = gr.Textbox(visible="hidden", elem_id="upload-refused")
+
         style = [alpha, outline]
         results = [result_video, result_files, metrics, cutout_objects]
 
@@ -418,6 +440,19 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
         upload_outputs = [status, frame_image, frame_slider, frame_info, object_select, object_legend, *results,
                           video_input]
         video_input.change(on_video, [video_input, *style], upload_outputs, concurrency_limit=4)
+
+        def on_upload_refused(refused: str):
+            """Say in the status line and a toast what the limit is and how it is raised: Gradio's refusal is a
+            toast in Kb alone."""
+            try:
+                file = json.loads(refused)
+                message = oversize_message(str(file["name"]), int(file["size"]), max_upload_mb)
+            except (ValueError, TypeError, KeyError):
+                return gr.skip()
+            toast(message)
+            return f"Error: {message}"
+
+        upload_refused.change(on_upload_refused, upload_refused, status, concurrency_limit=4)
 
         def held_style(alpha_value, outline_value) -> tuple[float, int]:
             """The look as the sliders' number boxes hold it, unchecked (Gradio's own check refuses what a user

@@ -296,9 +296,20 @@ def test_page_shows_every_control_and_refuses_what_it_cannot_take(app, browser, 
     assert tab.status().startswith("Error: notes.mp4")
 
     page.locator("#video-input input[type=file]").wait_for(state="attached")
+    # An oversized file is kept back by the page, which says the limit in MB and the option that raises it.
     page.locator("#video-input input[type=file]").set_input_files(str(clips / "big.mp4"))
-    page.locator(".toast-body").filter(has_text="exceed the maximum allowed size of 1.0 Mb").wait_for()
-    assert tab.status().startswith("Error: notes.mp4")  # the oversized file never reached the app
+    over = ("big.mp4 is 1.3 MB, over this server's upload limit of 1 MB: choose a smaller video, or ask the "
+            "server's operator to raise the limit (python app.py --max-upload-mb)")
+    assert tab.wait_status("^Error: big.mp4") == f"Error: {over}"
+    page.locator(".toast-body").filter(has_text=over).wait_for()
+    assert page.locator(".toast-body").filter(has_text="maximum allowed size").count() == 0  # Gradio's, in Kb
+    page.evaluate("""() => {  // the same, dragged in
+      const files = new DataTransfer();
+      files.items.add(new File([new Uint8Array(1_200_000)], "dropped.mp4", {type: "video/mp4"}));
+      const box = document.querySelector("#video-input input[type=file]").parentElement;
+      box.dispatchEvent(new DragEvent("drop", {dataTransfer: files, bubbles: true, cancelable: true}));
+    }""")
+    tab.wait_status("^Error: dropped.mp4 is 1.2 MB, over this server's upload limit of 1 MB")
     assert not [path for folder in app.session_dirs() for path in folder.iterdir()], "refused uploads leave nothing"
 
     # The browser cannot play an AVI: a note says so, not an error over a video the app took.

@@ -237,6 +237,13 @@ def upload_message(info: VideoInfo, trimmed: bool = False) -> str:
     return "".join([text, *(f"\n⚠ {note}." for note in notes)])
 
 
+def oversize_message(name: str, size: int, limit_mb: float) -> str:
+    """What the page says of a file over the server's upload limit, which the browser keeps back unsent."""
+    return (f"{name} is {math.ceil(size / 2**20 * 10) / 10:.1f} MB, over this server's upload limit of "
+            f"{limit_mb:g} MB: choose a smaller video, or ask the server's operator to raise the limit "
+            "(python app.py --max-upload-mb)")
+
+
 def frame_caption(index: int, info: VideoInfo, time_s: float) -> str:
     """'Frame 12 / 299 · 0:00.480' (frames counted from 0; the time from the first frame's, where the
     tracked video has it)."""
