@@ -815,10 +815,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     status = 0
     try:
+        # Without --share, Gradio's start lines end with how to publish a link in its own terms (share=True in
+        # launch()): this app's are said instead.
         demo.queue(default_concurrency_limit=1).launch(
             server_name=args.host, server_port=args.port, share=args.share, allowed_paths=[],
             max_file_size=f"{int(args.max_upload_mb * 1024)}kb", ssr_mode=False, css=CSS, js=NO_PREVIEW_JS,
-            footer_links=[])
+            footer_links=[], quiet=not args.share, prevent_thread_lock=True)
+        if not args.share:
+            print(f"* Running on local URL:  {demo.local_url.rstrip('/')}")
+            print("* To create a public link, start the app with --share.")
+        demo.block_thread()
     except SystemExit:  # SIGTERM
         pass
     except OSError as exc:  # the port taken while the weights loaded, say

@@ -668,6 +668,16 @@ def _large_files(root: Path) -> list[Path]:
     return found
 
 
+def test_the_start_lines_give_the_address_and_name_the_share_flag(app):
+    """Gradio's own hint names its launch() argument (share=True), which a user of app.py cannot set."""
+    deadline = time.monotonic() + 30
+    while "public link" not in (started := app.log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the lines come just after the server answers
+    assert f"* Running on local URL:  {app.url.rstrip('/')}\n" in started
+    assert "* To create a public link, start the app with --share.\n" in started
+    assert "share=True" not in started
+
+
 def test_a_precision_the_device_cannot_run_is_refused_at_start(untrained_checkpoints):
     command = [sys.executable, "app.py", "--device", "cpu", "--no-download", "--precision", "fp16",
                "--sam-checkpoint", str(untrained_checkpoints["sam"]),
