@@ -139,6 +139,11 @@ NO_PREVIEW_JS = """
     }
   };
   new MutationObserver(nameLinks).observe(document.body, {childList: true, subtree: true});
+  // Closing or reloading the page ends its session: while it holds work (the server ticks #unsaved-work), the
+  // browser asks first.
+  window.addEventListener("beforeunload", (event) => {
+    if (document.querySelector("#unsaved-work input")?.checked) event.preventDefault();
+  });
   document.addEventListener("loadstart", (event) => {
     const box = event.target instanceof HTMLVideoElement ? event.target.closest("#video-input") : null;
     box?.querySelector(".no-preview")?.remove();
@@ -396,6 +401,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
 
         # The page's script writes here the name and size of a video it kept back for the upload limit.
         upload_refused = gr.Textbox(visible="hidden", elem_id="upload-refused")
+        unsaved_work = gr.Checkbox(False, visible="hidden", interactive=False, elem_id="unsaved-work")
 
         style = [alpha, outline]
         results = [result_video, result_files, metrics, cutout_objects]
@@ -453,6 +459,15 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             return f"Error: {message}"
 
         upload_refused.change(on_upload_refused, upload_refused, status, concurrency_limit=4)
+
+        def on_status(request: gr.Request):
+            """Every change of the page's work (a click, an undo, a run, a new video) says itself in the status."""
+            try:
+                return session_of(request).has_work()
+            except TrackerError:  # a closed page's
+                return gr.skip()
+
+        status.change(on_status, None, unsaved_work, queue=False, show_progress="hidden")
 
         def held_style(alpha_value, outline_value) -> tuple[float, int]:
             """The look as the sliders' number boxes hold it, unchecked (Gradio's own check refuses what a user

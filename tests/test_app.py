@@ -522,6 +522,38 @@ def test_the_picture_stays_on_the_frame_the_slider_shows_while_a_click_is_segmen
     tab.page.close()
 
 
+def test_leaving_the_page_asks_first_while_it_holds_clicks(app, browser, clips):
+    """A closed or reloaded page's session ends with its clicks and results: the browser asks before, but not
+    for a page with nothing to lose (Chromium asks only once the user has used the page: each step clicks)."""
+    tab = AppPage(browser.new_page(), app.url)
+    page = tab.page
+    asked = []
+    page.on("dialog", lambda dialog: (asked.append(dialog.type), dialog.accept()))
+    armed = "armed => document.querySelector('#unsaved-work input').checked === armed"
+    page.locator("#add-object").click()
+    tab.wait_status("^Error: upload a video first$")
+    page.reload()
+    tab.upload(clips / "clip.mp4")
+    page.locator("#add-object").click()  # an object without clicks is nothing to lose
+    tab.wait_status("^object 2 added")
+    page.reload()
+    assert asked == []
+
+    tab.upload(clips / "clip.mp4")
+    tab.click_frame(*OBJECT_1, expect="^object 1 on frame 0: 1 point$")
+    page.wait_for_function(armed, arg=True)
+    page.locator("#undo-point").click()
+    tab.wait_status("^object 1 has no clicks on frame 0$")
+    page.wait_for_function(armed, arg=False)
+    tab.click_frame(*OBJECT_1, expect="^object 1 on frame 0: 1 point$")
+    page.wait_for_function(armed, arg=True)
+    page.reload()
+    assert asked == ["beforeunload"]
+    page.wait_for_selector("#status textarea")
+    assert tab.status() == "Upload a video to start."  # left: a new session
+    page.close()
+
+
 def test_numbers_typed_out_of_range_are_held_to_their_sliders_and_clicks_go_to_the_frame_shown(app, browser, clips):
     tab = AppPage(browser.new_page(), app.url)
     page = tab.page

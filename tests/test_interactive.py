@@ -1258,3 +1258,18 @@ def test_clicks_queued_while_sam_works_land_where_and_on_what_they_were_made(ses
     assert session.edits[(0, 1)].clicks.points == tuple(places)
     assert session.edits[(0, 2)].clicks.points == ((120, 30),)
     assert not session.clicks_waiting()
+
+
+def test_the_page_holds_work_while_it_has_clicks_or_a_job(session):
+    """What arms the page's leave warning: a video with objects but no clicks has nothing to lose."""
+    session.add_object()
+    assert not session.has_work()
+    session.begin_job()
+    assert session.has_work()
+    session.end_job()
+    session.queue_click(0, to_display(session, 40, 60), "positive")
+    assert session.has_work()  # said on the page, not segmented yet
+    session.click_next()
+    assert session.has_work()
+    session.undo(0)
+    assert not session.has_work()

@@ -431,6 +431,11 @@ class EditSession:
             self._require_idle()
             self._forget_video()
 
+    def has_work(self) -> bool:
+        """Whether closing the page would lose something the user made: clicks (also those waiting for SAM), a
+        result, or a job under way. Read without the lock, which an edit holds through seconds of SAM work."""
+        return self.job_running or self.result is not None or bool(self.edits) or self.clicks_waiting()
+
     def require_video(self) -> VideoInfo:
         if self.info is None:
             raise TrackerError("upload a video first")
