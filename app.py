@@ -138,7 +138,16 @@ NO_PREVIEW_JS = """
       if (link.getAttribute("aria-label") !== label) link.setAttribute("aria-label", label);
     }
   };
-  new MutationObserver(nameLinks).observe(document.body, {childList: true, subtree: true});
+  // Radio and checkbox groups are fieldsets without a legend: name each after its label, and make a radio one a
+  // radiogroup, for screen readers and for tests that find them by role and name.
+  const nameGroups = () => {
+    for (const group of document.querySelectorAll("fieldset")) {
+      const label = group.querySelector(":scope > [data-testid=block-info]")?.textContent.trim();
+      if (label && group.getAttribute("aria-label") !== label) group.setAttribute("aria-label", label);
+      if (group.querySelector("input[type=radio]")) group.setAttribute("role", "radiogroup");
+    }
+  };
+  new MutationObserver(() => { nameLinks(); nameGroups(); }).observe(document.body, {childList: true, subtree: true});
   // Closing or reloading the page ends its session: while it holds work (the server ticks #unsaved-work), the
   // browser asks first.
   window.addEventListener("beforeunload", (event) => {

@@ -27,6 +27,7 @@ import pytest
 from PIL import Image
 
 from media import make_audio_only, make_clip, make_text_file
+from tracker.exports import CUTOUT_KINDS
 from tracker.prompts import ObjectPrompt, load_prompts, prompts_to_text
 from tracker.video import probe
 
@@ -323,6 +324,19 @@ def test_page_shows_every_control_and_refuses_what_it_cannot_take(app, browser, 
     tab.upload(clips / "clip.mp4")
     page.locator("#video-input video").wait_for()
     assert page.locator("#video-input .no-preview").count() == 0
+    page.close()
+
+
+def test_the_radio_and_checkbox_groups_have_names(app, browser):
+    """A screen reader (and an outside test) finds each group of options by its label."""
+    tab = AppPage(browser.new_page(), app.url)
+    page = tab.page
+    for name, options in (("Click adds", 3), ("Cut-out format", len(CUTOUT_KINDS))):
+        group = page.get_by_role("radiogroup", name=name, exact=True)
+        group.wait_for(state="attached")
+        assert group.get_by_role("radio").count() == options
+    page.get_by_role("radiogroup", name="Click adds").get_by_role("radio", name="Box (click two corners)").check()
+    assert page.get_by_role("group", name="Cut-out: objects to keep", exact=True).count() == 1
     page.close()
 
 
