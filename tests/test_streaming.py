@@ -9,6 +9,7 @@ import pytest
 import psutil
 
 from tests.media import make_clip
+from tracker.errors import TrackerError
 from tracker.options import TrackOptions
 from tracker.prompts import ObjectPrompt
 from tracker.video import iter_frames

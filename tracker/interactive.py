@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import filecmp
+import math
 import secrets
 import shutil
 import threading
