@@ -29,8 +29,8 @@ from gradio.utils import get_upload_folder
 from tracker.cli import Parser, add_model_flags
 from tracker.errors import Cancelled, ClickDropped, TrackerError
 from tracker.exports import CUTOUT_KINDS
-from tracker.interactive import (TRIMMED_UPLOAD, VIDEO_SUFFIXES, EditSession, Limits, SessionStore, Style,
-                                 frame_caption, oversize_message, upload_message)
+from tracker.interactive import (LIVE_SECONDS, TRIMMED_UPLOAD, VIDEO_SUFFIXES, EditSession, Limits, SessionStore,
+                                 Style, frame_caption, oversize_message, upload_message)
 from tracker.options import MemoryOptions, TrackOptions
 from tracker.pipeline import resolve_precision
 from tracker.render import overlay_colours
@@ -398,6 +398,8 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                                              elem_id="full-rerun", scale=2)
         with gr.Row():
             with gr.Column(scale=3):
+                # While a job runs: its latest frame with its masks, once a second.
+                live_frame = gr.Image(label="Tracking", visible=False, interactive=False, elem_id="live-frame")
                 result_video = gr.Video(label="Tracked video", interactive=False, elem_id="result-video")
             with gr.Column(scale=2):
                 metrics = gr.Markdown("", elem_id="metrics")
@@ -685,10 +687,10 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             try:
                 session_of(request).begin_job()
             except TrackerError as exc:
-                return f"Error: {exc}", str(exc), gr.skip(), gr.skip(), gr.skip()
+                return f"Error: {exc}", str(exc), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return ("Waiting for the tracker (one job runs at a time; another user's may be ahead)…", "",
                     gr.update(interactive=False), gr.update(interactive=True),
-                    gr.update(interactive=False))
+                    gr.update(interactive=False), gr.Timer(active=True))
 
         @show_errors(outputs=5)
         def on_track(refused: str, full: bool, size_value: float, mem_value: float, top_k: float,
@@ -730,14 +732,28 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                     cutout_list(session))
 
         job_controls = [track_button, cancel_button, video_input]
-        tracked = (track_button.click(on_begin, None, [status, job_refused, *job_controls], queue=False)
+        live_timer = gr.Timer(LIVE_SECONDS, active=False)
+
+        def on_live(request: gr.Request):
+            try:
+                live = session_of(request).live_frame()
+            except TrackerError:  # a closed page's
+                return gr.skip()
+            if live is None:
+                return gr.skip()
+            index, picture = live
+            return gr.update(value=str(picture), label=f"Tracking: frame {index}", visible=True)
+
+        live_timer.tick(on_live, None, live_frame, queue=False, show_progress="hidden")
+        tracked = (track_button.click(on_begin, None, [status, job_refused, *job_controls, live_timer], queue=False)
                    .then(on_track, [job_refused, full_rerun, size, mem_every, *memory_limits, min_area, *style,
                                     encoder_preset, crf, sam_backend],
                          [status, *results], show_progress_on=status, concurrency_limit=TRACK_JOBS,
                          concurrency_id="track"))
         tracked.then(lambda: (gr.update(interactive=True), gr.update(interactive=False, value="Cancel"),
-                              gr.update(interactive=True)),
-                     None, job_controls, queue=False)
+                              gr.update(interactive=True), gr.Timer(active=False),
+                              gr.update(visible=False, value=None)),
+                     None, [*job_controls, live_timer, live_frame], queue=False)
         # The frame the slider is on now (the user may have moved it during the run), with the new masks.
         tracked.then(on_frame, [frame_slider, *style], [status, frame_image, frame_info], show_progress="hidden",
                      queue=False, preprocess=False)

@@ -536,6 +536,24 @@ def test_the_picture_stays_on_the_frame_the_slider_shows_while_a_click_is_segmen
     tab.page.close()
 
 
+def test_a_running_job_shows_its_latest_frame_with_its_masks(app, browser, tmp_path):
+    """While Track runs, the page shows the frame the job is at with its masks, once a second; the picture goes
+    when the job ends (here cancelled)."""
+    clip = make_clip(tmp_path / "large.mp4", frames=20, width=640, height=480, audio=False)
+    tab = AppPage(browser.new_page(), app.url)
+    tab.upload(clip)
+    tab.click_frame(320, 240, expect="^object 1 on frame 0: 1 point$", width=640, height=480)
+    tab.page.locator("#track-button").click()
+    live = tab.page.locator("#live-frame")
+    live.locator("img").wait_for(timeout=TRACK_SECONDS * 1000)
+    live.get_by_text(re.compile(r"^Tracking: frame \d+$")).wait_for()
+    assert not tab.status().startswith("Done")
+    tab.page.locator("#cancel-button").click()
+    tab.wait_status("^Cancelled", TRACK_SECONDS)
+    live.wait_for(state="hidden")
+    tab.page.close()
+
+
 def test_leaving_the_page_asks_first_while_it_holds_clicks(app, browser, clips):
     """A closed or reloaded page's session ends with its clicks and results: the browser asks before, but not
     for a page with nothing to lose (Chromium asks only once the user has used the page: each step clicks)."""

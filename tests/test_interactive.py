@@ -26,8 +26,8 @@ from PIL import Image
 from media import make_clip, truncated_copy
 from tracker.errors import Cancelled, ClickDropped, PromptError, TrackerError, VideoError
 from tracker.interactive import (PREVIEWS_KEPT, Clicks, EditSession, Limits, ProgressClock, RunRecord, SessionStore,
-                                 Style, device_wait_line, display_scale, format_seconds, frame_caption, plan_passes,
-                                 upload_message)
+                                 Style, device_wait_line, display_scale, display_size, format_seconds, frame_caption,
+                                 plan_passes, upload_message)
 from tracker.options import TrackOptions
 from tracker.session import LOSSLESS_WARNING, retracks_backward
 from tracker.prompts import ObjectPrompt, load_prompts, prompts_to_text
@@ -1100,9 +1100,29 @@ def test_a_negative_correction_comes_back_from_the_prompts_file_as_a_correction(
     again.open_video(clip, Limits())
     again.load_prompts_file(shutil.copy(record.prompts_file, tmp_path / "clip_prompts.json"))
     assert again.edits[(3, 1)].refine and again.edits[(3, 1)].mask is None  # nothing tracked to apply it on yet
+    click(again, 3, 5, 5, "negative")
+    assert again.undo(3) == "correcting object 1 on frame 3: 1 point" and again.edits[(3, 1)].mask is None
     retracked = again.track(OPTIONS)
     assert retracked.describe() == "tracked the whole video; corrections on frame 3 applied on top"
     assert zip_members(retracked.masks) == zip_members(record.masks)
+
+
+def test_a_running_job_draws_a_frame_a_second_for_the_page(session, monkeypatch):
+    """The page shows a running job's latest frame with its masks: drawn at display size once a second, taken
+    once."""
+    click(session, 0, 45, 60)
+    assert session.live_frame() is None
+    monkeypatch.setattr("tracker.interactive.LIVE_SECONDS", 3600)  # the run is over before a second frame is due
+    session.track(OPTIONS)
+    index, picture = session.live_frame()
+    assert index == 0 and Image.open(picture).size == display_size(session.info)
+    assert session.live_frame() is None
+    monkeypatch.setattr("tracker.interactive.LIVE_SECONDS", 0)
+    session.track(OPTIONS, full=True)
+    assert session.live_frame()[0] == FRAMES - 1
+    session.begin_job()
+    session.end_job()
+    assert session.live_frame() is None
 
 
 def test_a_correction_changed_during_its_run_keeps_the_mask_of_its_new_clicks(session):

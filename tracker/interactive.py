@@ -32,6 +32,7 @@ from PIL import Image, ImageDraw
 from .errors import Cancelled, ClickDropped, PromptError, TrackerError, VideoError
 from .exports import CUTOUT_KINDS, export_cutout, export_overlay
 from .options import TrackOptions
+from .pipeline import TrackedFrame
 from .prompts import (NEGATIVE, POSITIVE, PROMPTS_ENDING, ObjectPrompt, check_prompts, frame_problem, load_prompts,
                       prompts_from_text, prompts_to_text)
 from .render import MaskZipReader, copy_masks_until, overlay, overlay_colours
@@ -49,6 +50,7 @@ DISPLAY_LONG_SIDE = (640, 1280)  # frames are shown with their longer side in th
 EMBEDDING_CACHE_SIZE = 3  # SAM embeddings kept per session (about 4 MB each)
 CLOSED_KEYS_KEPT = 10_000  # closed pages' session keys remembered (see SessionStore)
 PREVIEWS_KEPT = 8  # the latest frame pictures written for the page, which may still be fetching them
+LIVE_SECONDS = 1.0  # a running job's latest frame is drawn for the page this often
 # A click said on the page whose SAM work has not come this long after is taken as lost (the tab went away).
 CLICK_LOST_SECONDS = 180.0
 
@@ -343,6 +345,7 @@ class EditSession:
         self._decoded: Frame | None = None
         self._runs = 0
         self._previews = 0  # frame pictures written for the page
+        self._live: tuple[int, Path] | None = None  # a running job's latest frame drawn, until the page takes it
         self._uploads: dict[Path, tuple[int, int]] = {}  # files taken from `upload_folder` -> (device, inode)
         directory.mkdir(parents=True, exist_ok=True)
 
@@ -685,8 +688,9 @@ class EditSession:
             return any(time.monotonic() - said <= CLICK_LOST_SECONDS for said in self._announced)
 
     def _mask(self, frame: int, object_id: int, clicks: Clicks, refine: bool) -> np.ndarray | None:
-        """SAM's mask for the clicks (None while they select nothing), refining the tracked mask when asked."""
-        if not clicks.selects:
+        """SAM's mask for the clicks (None while they select nothing), refining the tracked mask when asked (None
+        before any run: a correction loaded from a prompts file then gets its mask from Track)."""
+        if not clicks.selects or (refine and self.result is None):
             return None
         return self._segment(frame, object_id, clicks, self._refine_base(frame, object_id) if refine else None)
 
@@ -778,27 +782,55 @@ class EditSession:
             decoded = self._frame(frame)
             labels = self.labels(frame)
             clicks = {object_id: edit.clicks for (f, object_id), edit in self.edits.items() if f == frame}
-        size = display_size(info)
-        image = np.array(Image.fromarray(decoded.image).resize(size, Image.BILINEAR))
-        small = np.array(Image.fromarray(labels).resize(size, Image.NEAREST))
-        drawn = overlay(torch.from_numpy(image), torch.from_numpy(small), alpha=style.alpha, outline=style.outline)
-        return draw_clicks(drawn.numpy(), clicks, display_scale(info)), decoded.time
+        drawn = drawn_at_display_size(decoded.image, labels, info, style)
+        return draw_clicks(drawn, clicks, display_scale(info)), decoded.time
 
     def preview_file(self, image: np.ndarray) -> Path | None:
         """`image` written as the page's next frame picture, into this session's folder, so that it goes with the
         session (handed to the framework as pixels, each picture stayed in its cache, fetchable by its URL,
         for hours after the page closed). None once the session is closed."""
-        folder = self.directory / "previews"
         with self.lock:  # `close` removes the folder under it: nothing lands there after
-            self._previews += 1
-            try:
-                folder.mkdir(exist_ok=True)  # not the session's folder: a handler finishing after the page closed
-                path = folder / f"{self._previews}.webp"
-                Image.fromarray(image).save(path, format="WEBP")
-            except FileNotFoundError:
-                return None
-            (folder / f"{self._previews - PREVIEWS_KEPT}.webp").unlink(missing_ok=True)
+            return self._write_preview(image)
+
+    def _write_preview(self, image: np.ndarray) -> Path | None:
+        folder = self.directory / "previews"
+        self._previews += 1
+        try:
+            folder.mkdir(exist_ok=True)  # not the session's folder: a handler finishing after the page closed
+            path = folder / f"{self._previews}.webp"
+            Image.fromarray(image).save(path, format="WEBP")
+        except FileNotFoundError:
+            return None
+        (folder / f"{self._previews - PREVIEWS_KEPT}.webp").unlink(missing_ok=True)
         return path
+
+    def _live_drawer(self, style: Style) -> Callable[[TrackedFrame], None]:
+        """What a job calls with each frame it writes: once a second the frame is drawn with its masks, for the
+        page to show while the job runs (`live_frame`). Skipped while a click holds the session (SAM work):
+        the job does not wait on it."""
+        info, drawn_at = self.info, -math.inf
+
+        def show(tracked: TrackedFrame) -> None:
+            nonlocal drawn_at
+            if time.monotonic() - drawn_at < LIVE_SECONDS:
+                return
+            drawn_at = time.monotonic()
+            picture = drawn_at_display_size(tracked.image.cpu().numpy(), tracked.labels.cpu().numpy(), info, style)
+            if self.lock.acquire(blocking=False):
+                try:
+                    path = self._write_preview(picture)
+                    if path is not None:
+                        self._live = (tracked.index, path)
+                finally:
+                    self.lock.release()
+
+        return show
+
+    def live_frame(self) -> tuple[int, Path] | None:
+        """The latest frame a running job drew (its index and picture), once: None until it draws another."""
+        with self.lock:
+            live, self._live = self._live, None
+            return live
 
     def look_note(self, style: Style) -> str | None:
         """What to say when the opacity or outline moves away from (or back to) the tracked video's: the frame
@@ -827,6 +859,7 @@ class EditSession:
 
     def end_job(self) -> None:
         with self.lock:
+            self._live = None
             self.job_running = False
             self._job_objects = frozenset()
             self.cancel.clear()
@@ -892,6 +925,7 @@ class EditSession:
             # One turn on the device for all the passes: a job started meanwhile comes after them, not between.
             with self.tracker.device_held(self.cancel, lambda ahead: clock.report(0.0, device_wait_line(ahead))):
                 masks = built_on.masks if built_on is not None else None
+                shown = self._live_drawer(Style(options.alpha, options.outline))
                 corrected: dict[Key, np.ndarray] = {}
                 # Corrections kept from the run built on (before its first pass), and the bases of those applied now.
                 corrected_from = {key: base for key, base in built_on.corrected_from.items() if key[0] < passes[0]} \
@@ -918,7 +952,7 @@ class EditSession:
                     results.append(self.tracker.track(
                         self.video, prompts, output=output, masks=run_dir / f"masks-{index}.zip", options=options,
                         cancel=self.cancel, progress=lambda done, total, i=index: clock.update(i, done, total),
-                        previous=earlier, sam=sam, embeddings=embeddings))
+                        previous=earlier, sam=sam, embeddings=embeddings, shown=shown))
                     masks = run_dir / f"masks-{index}.zip"
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -1210,6 +1244,14 @@ class EditSession:
 def corners_named(keys: Sequence[Key]) -> str:
     """'object 1 on frame 3, object 2 on frame 5'."""
     return ", ".join(f"object {object_id} on frame {frame}" for frame, object_id in keys)
+
+
+def drawn_at_display_size(image: np.ndarray, labels: np.ndarray, info: VideoInfo, style: Style) -> np.ndarray:
+    """A frame with its masks drawn, at the size the page shows it."""
+    size = display_size(info)
+    image = np.array(Image.fromarray(image).resize(size, Image.BILINEAR))
+    small = np.array(Image.fromarray(labels).resize(size, Image.NEAREST))
+    return overlay(torch.from_numpy(image), torch.from_numpy(small), alpha=style.alpha, outline=style.outline).numpy()
 
 
 def display_scale(info: VideoInfo) -> float:

@@ -550,7 +550,8 @@ class Tracker:
               masks: str | Path | None = None, options: TrackOptions | None = None,
               cancel: threading.Event | None = None, progress: ProgressFn | None = None,
               previous: PreviousRun | None = None, sam: SamBackend | None = None,
-              embeddings: Mapping[int, ImageEmbedding] | None = None, waiting: WaitFn | None = None) -> TrackResult:
+              embeddings: Mapping[int, ImageEmbedding] | None = None, waiting: WaitFn | None = None,
+              shown: Callable[[TrackedFrame], None] | None = None) -> TrackResult:
         """Track the prompted objects through the video and write the overlay MP4 and/or the masks zip.
 
         Files appear at their paths only once complete; on any error or cancel
@@ -562,14 +563,15 @@ class Tracker:
         the video again from each corrected frame on, one pass each. `sam`
         (default `self.sam`) turns the prompts into masks, from `embeddings`
         of the prompted frames where given (see `prompt_masks`). Jobs take turns on the device in the order
-        they asked; while this one waits, `waiting` is told how many jobs are ahead of it.
+        they asked; while this one waits, `waiting` is told how many jobs are ahead of it. `shown` is called
+        with each frame as it is written (the page draws one a second while the job runs).
         """
         sam = sam or self.sam
         info, output, masks = check_job(video, prompts, output, masks, options)
         options = options or TrackOptions()
         if any(p.correct for p in prompts):
             return self._track_corrected(info, prompts, output, masks, options, cancel, progress, previous, sam,
-                                         embeddings, waiting)
+                                         embeddings, waiting, shown)
         with user_facing_resource_errors(options), self._device_turn(cancel, waiting), ExitStack() as stack, \
                 ExitStack() as opened:
             if self.device.type == "cuda":
@@ -590,6 +592,8 @@ class Tracker:
                     video_sink.put(picture, tracked.pts, tracked.time)
                 if zip_sink is not None:
                     zip_sink.put(tracked.index, Download(tracked.labels))
+                if shown is not None:
+                    shown(tracked)
                 frames += 1
             for sink in sinks:
                 if sink is not None:
@@ -613,7 +617,8 @@ class Tracker:
     def _track_corrected(self, info: VideoInfo, prompts: Sequence[ObjectPrompt], output: Path | None,
                          masks: Path | None, options: TrackOptions, cancel: threading.Event | None,
                          progress: ProgressFn | None, previous: PreviousRun | None, sam: SamBackend,
-                         embeddings: Mapping[int, ImageEmbedding] | None, waiting: WaitFn | None) -> TrackResult:
+                         embeddings: Mapping[int, ImageEmbedding] | None, waiting: WaitFn | None,
+                         shown: Callable[[TrackedFrame], None] | None) -> TrackResult:
         """`track` with corrections: a pass for the other prompts, then one from each corrected frame on, the
         frames before it kept (or tracked backward again from it: see `retracks_backward`)."""
         plain = [p for p in prompts if not p.correct]
@@ -635,7 +640,8 @@ class Tracker:
                 tempfile.TemporaryDirectory(prefix="tracker-passes-") as tmp:
             tracked = Path(tmp) / "pass-0.zip"
             results.append(self.track(info.path, plain, masks=tracked, options=options, cancel=cancel,
-                                      progress=report(0), previous=previous, sam=sam, embeddings=embeddings))
+                                      progress=report(0), previous=previous, sam=sam, embeddings=embeddings,
+                                      shown=shown))
             for index, frame in enumerate(frames, 1):
                 if cancel is not None and cancel.is_set():
                     raise Cancelled("tracking was cancelled")
@@ -651,7 +657,7 @@ class Tracker:
                 tracked = masks if final else Path(tmp) / f"pass-{index}.zip"
                 results.append(self.track(
                     info.path, plain, output=output if final else None, masks=tracked, options=options,
-                    cancel=cancel, progress=report(index), sam=sam, embeddings=embeddings,
+                    cancel=cancel, progress=report(index), sam=sam, embeddings=embeddings, shown=shown,
                     previous=PreviousRun(corrected, frame, retracks_backward(frame, prompt_frames, frames))))
         return combined(results)
 
