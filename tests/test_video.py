@@ -293,7 +293,7 @@ def test_frames_dropped_near_the_end_keep_the_duration(tmp_path, suffix, gaps):
     assert ends == pytest.approx((probe(source).duration,) * len(ends), abs=1e-3)
 
 
-def test_odd_size_becomes_even_yuv420p_with_the_picture_intact(media_dir, tmp_path):
+def test_odd_size_becomes_even_yuv420p_with_the_picture_intact(media_dir, tmp_path, caplog):
     source = make_clip(media_dir / "odd.mp4", frames=4, width=161, height=121, pix_fmt="yuv444p", audio=False)
     output = encode_copy(source, tmp_path / "odd_out.mp4")
     info = probe(output)
@@ -301,6 +301,31 @@ def test_odd_size_becomes_even_yuv420p_with_the_picture_intact(media_dir, tmp_pa
     image = next(iter_frames(output)).image
     assert close_to(image[:121, :161], clip_frame(0, 4, 161, 121))
     assert close_to(image[121:, :161], image[120:121, :161])  # the added row repeats the last one
+    assert "written at 162x122, the video's 161x121 with its last column and row repeated" in caplog.text
+
+
+@pytest.mark.parametrize("kind, pix_fmt", [("transparent", "yuv420p"), ("prores", "yuva444p12le"),
+                                           ("green", "yuv444p"), ("matte", "yuv444p")])
+@pytest.mark.parametrize("field_order", [None, "tff"])
+def test_an_odd_sized_videos_cutouts_keep_its_exact_size(tmp_path, caplog, kind, pix_fmt, field_order):
+    """A cut-out lies over its source in an editor: the green-screen and matte MP4s came out a row and a column
+    larger (4:2:0 H.264's even sides); they are 4:4:4 there, and say so."""
+    source = make_clip(tmp_path / "odd.mp4", frames=4, width=161, height=120, pix_fmt="yuv444p", audio=False,
+                       x264_params=field_order and f"{field_order}=1")
+    labels = np.zeros((120, 161), np.uint8)
+    labels[10:60, 30:161] = 1
+    with MaskZipWriter(tmp_path / "masks.zip") as writer:
+        for index in range(4):
+            writer.write(index, labels)
+    output = export_cutout(source, tmp_path / "masks.zip", [1], f"{tmp_path}/", kind)
+    info = probe(output)
+    assert (info.width, info.height, info.frame_count, info.pix_fmt) == (161, 120, 4, pix_fmt)
+    if kind == "matte":
+        image = next(iter_frames(output)).image
+        assert np.abs(image[..., 1].astype(int) - labels * 255).mean() < 1
+    assert ("written as 4:4:4 H.264" in caplog.text) == (pix_fmt == "yuv444p")
+    if kind in ("green", "matte"):
+        assert info.field_order == field_order
 
 
 def test_index_is_written_before_the_media_data(clip, tmp_path):

@@ -262,13 +262,16 @@ def _cutout(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .exports import export_cutout
+    from .session import check_cutout_path
     from .video import probe, written_notes
 
     kind = CUTOUT_KINDS[args.kind]
-    for note in written_notes(probe(args.video), kind.codec):  # said now, so that a long run can be stopped
-        print(f"WARNING: {note}", file=sys.stderr)
     ids = object_ids(args.objects) if args.objects is not None else range(1, 256)
-    output = args.out if args.out is not None else OUTPUT_DIR / f"{video_name(args.video)}_{kind.filename}"
+    output = output_file(args.out, args.video, f"_{kind.filename}") if args.out is not None \
+        else OUTPUT_DIR / f"{video_name(args.video)}_{kind.filename}"
+    check_cutout_path(args.video, args.masks, output, kind)  # a refused path is the one line said
+    for note in written_notes(probe(args.video), kind.codec, exact_size=True):  # said now: a long run can be stopped
+        print(f"WARNING: {note}", file=sys.stderr)
     bars = []  # made at the first frame: a refusal before it is its one line
 
     def progress(done: int, total: int) -> None:

@@ -7,7 +7,8 @@ Four kinds (options.CUTOUT_KINDS): on transparency, a WebM (VP9, yuva420p)
 that browsers and FFmpeg read, and a ProRes 4444 MOV that editing programs
 read; an H.264 MP4 on chroma-key green for those that read no alpha; and the
 objects' black-and-white matte as an H.264 MP4, which editors use as a track
-matte over the original video. Frames and masks stream one at a time, as in
+matte over the original video. Each keeps the source's size, odd sides
+included (H.264 then in 4:4:4). Frames and masks stream one at a time, as in
 tracking.
 """
 from __future__ import annotations
@@ -61,7 +62,7 @@ def export_cutout(video: str | Path, masks: str | Path, object_ids: Iterable[int
                               "would be empty; choose objects it holds")
 
     return _draw_from_masks(video, masks, output, draw, "the cut-out", cancel, progress, codec=spec.codec,
-                            crf=spec.crf, before_keeping=check_chosen)
+                            crf=spec.crf, exact_size=True, before_keeping=check_chosen)
 
 
 def boxes_named_after(masks: str | Path) -> Path:

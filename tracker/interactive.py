@@ -1187,10 +1187,12 @@ class EditSession:
 
     def cutout_notes(self, kind: str) -> list[str]:
         """What a cut-out of this kind cannot keep of the video (the transparent WebM: its pixel aspect, its
-        fields)."""
+        fields), or which players it loses to keep it (H.264 in 4:4:4 for an odd size)."""
         with self.lock:
             info = self.info
-        return [] if info is None or kind not in CUTOUT_KINDS else written_notes(info, CUTOUT_KINDS[kind].codec)
+        if info is None or kind not in CUTOUT_KINDS:
+            return []
+        return written_notes(info, CUTOUT_KINDS[kind].codec, exact_size=True)
 
     def cutout_choices(self) -> list[int]:
         """The objects a cut-out can keep: those of the last run that have not been removed since."""

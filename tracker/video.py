@@ -1161,10 +1161,21 @@ def _yuv420_by_fields(image: np.ndarray) -> np.ndarray:
     return np.concatenate([plane.reshape(-1) for plane in woven]).reshape(-1, width)
 
 
-def written_notes(info: VideoInfo, codec: str) -> list[str]:
-    """What a video written with `codec` cannot keep of the input's, with what to do, for the user to read
-    (the writer logs them too)."""
+def written_notes(info: VideoInfo, codec: str, exact_size: bool = False) -> list[str]:
+    """What a video written with `codec` (`exact_size` as `VideoWriter`'s) cannot keep of the input's, with what
+    to do, for the user to read (the writer logs them too)."""
     notes = []
+    width, height = coded_size(codec, info.width, info.height, exact_size)
+    if (width, height) != (info.width, info.height):
+        sides = " and ".join(side for side, grown in (("column", width != info.width), ("row", height != info.height))
+                             if grown)
+        notes.append(f"written at {width}x{height}, the video's {info.width}x{info.height} with its last {sides} "
+                     "repeated: 4:2:0 H.264, which browsers play, codes only even sides; crop it where the exact "
+                     "size matters (the masks zip keeps it)")
+    elif output_pix_fmt(codec, info.width, info.height, exact_size) == "yuv444p":
+        notes.append(f"written as 4:4:4 H.264 (High 4:4:4 Predictive) to keep the video's odd size, "
+                     f"{info.width}x{info.height} (4:2:0 codes only even sides): FFmpeg-based programs read it, "
+                     "browsers and some editing programs do not")
     if info.pixel_aspect != 1 and codec == "libvpx-vp9":
         notes.append(f"written with square pixels; the video's are {info.pixel_aspect} wide to 1 high: stretch it "
                      f"to {round(info.width * info.pixel_aspect)}x{info.height} where it is used")
@@ -1183,20 +1194,24 @@ def coded_fields(info: VideoInfo, codec: str) -> str | None:
     return info.field_order if codec == "libx264" and info.height % 4 == 0 else None
 
 
-def output_pix_fmt(codec: str) -> str:
-    """The pixel format a writer uses: 4:2:0 H.264 that every browser plays; VP9 and ProRes 4444 carry alpha."""
-    return {"libvpx-vp9": "yuva420p", "prores_ks": "yuva444p10le"}.get(codec, "yuv420p")
+def output_pix_fmt(codec: str, width: int, height: int, exact_size: bool = False) -> str:
+    """The pixel format a writer uses: 4:2:0 H.264 that every browser plays, or with `exact_size` 4:4:4 H.264
+    where a side is odd (4:2:0 codes only even sides); VP9 and ProRes 4444 carry alpha."""
+    if codec == "libx264":
+        return "yuv444p" if exact_size and (width % 2 or height % 2) else "yuv420p"
+    return {"libvpx-vp9": "yuva420p", "prores_ks": "yuva444p10le"}[codec]
 
 
-def coded_size(codec: str, width: int, height: int) -> tuple[int, int]:
+def coded_size(codec: str, width: int, height: int, exact_size: bool = False) -> tuple[int, int]:
     """The encoded (width, height).
 
     H.264 in 4:2:0 cannot code an odd width or height (chroma and cropping work
     in 2-pixel units), so an odd side gets one more row or column, a copy of the
-    last one. 4:4:4 would keep the odd size but browsers do not play it, and
-    the result must play in the page. VP9 and ProRes 4444 code any size.
+    last one: the tracked video must play in the page, and browsers do not play
+    4:4:4. With `exact_size` (cut-outs, laid over the source in editing programs)
+    4:4:4 keeps the odd size. VP9 and ProRes 4444 code any size.
     """
-    if codec in ("libvpx-vp9", "prores_ks"):
+    if output_pix_fmt(codec, width, height, exact_size) != "yuv420p":
         return width, height
     return width + width % 2, height + height % 2
 
@@ -1224,7 +1239,8 @@ class VideoWriter(AtomicWriter):
     Every audio track of `audio_from` (language and title kept) is copied
     packet by packet when the container takes its codec, otherwise re-encoded
     (AAC in MP4, Opus in WebM), to its own end (or, when frames are missing,
-    cut where the video ends). `libvpx-vp9`
+    cut where the video ends). `exact_size` keeps an odd width or height in
+    H.264 (as 4:4:4, see `coded_size`). `libvpx-vp9`
     writes WebM with an alpha channel and takes RGBA images (cut-outs on a
     transparent background).
 
@@ -1232,11 +1248,12 @@ class VideoWriter(AtomicWriter):
     """
 
     def __init__(self, path: str | Path, info: VideoInfo, *, audio_from: str | Path | None = None, crf: int = 18,
-                 preset: str = DEFAULT_PRESET, codec: str = "libx264"):
+                 preset: str = DEFAULT_PRESET, codec: str = "libx264", exact_size: bool = False):
         if codec not in _TARGETS:
             raise ValueError(f"unsupported codec {codec!r}; use one of {sorted(_TARGETS)}")
         self.path = Path(path)
         self.info = info
+        self._exact_size = exact_size
         self._lock = threading.Lock()
         self._first_pts: int | None = None  # in the input's time base
         self._last_pts = -1  # in the output's
@@ -1258,7 +1275,7 @@ class VideoWriter(AtomicWriter):
             options = {"movflags": "+faststart"} if target.format in ("mp4", "mov") else {}
             self._container = av.open(str(self._temp), "w", format=target.format, options=options)
             self._fields = coded_fields(info, codec)
-            for note in written_notes(info, codec):
+            for note in written_notes(info, codec, exact_size):
                 log.warning("%s: %s", self.path.name, note)
             self._video = self._add_video(codec, _encoder_options(codec, crf, preset, self._fields,
                                                                      not info.evenly_timed))
@@ -1274,8 +1291,8 @@ class VideoWriter(AtomicWriter):
     def _add_video(self, codec: str, options: dict[str, str]) -> av.VideoStream:
         rate = self.info.rounded_rate or self.info.fps.limit_denominator(1_000_000)
         stream = self._container.add_stream(codec, rate=rate, options=options)
-        stream.width, stream.height = coded_size(codec, self.info.width, self.info.height)
-        stream.pix_fmt = output_pix_fmt(codec)
+        stream.width, stream.height = coded_size(codec, self.info.width, self.info.height, self._exact_size)
+        stream.pix_fmt = output_pix_fmt(codec, self.info.width, self.info.height, self._exact_size)
         stream.codec_context.time_base = self._time_base
         stream.codec_context.colorspace = stream.codec_context.color_primaries = BT709
         stream.codec_context.color_trc = BT709
@@ -1335,7 +1352,7 @@ class VideoWriter(AtomicWriter):
         extra_rows, extra_cols = self._video.height - image.shape[0], self._video.width - image.shape[1]
         if extra_rows or extra_cols:
             image = np.pad(image, ((0, extra_rows), (0, extra_cols), (0, 0)), mode="edge")
-        if self._fields:
+        if self._fields and self._video.pix_fmt == "yuv420p":  # 4:4:4 has no chroma rows shared by two fields
             return av.VideoFrame.from_ndarray(_yuv420_by_fields(image), format="yuv420p")
         return _to_yuv(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format=layout), self._video.pix_fmt)
 
