@@ -15,7 +15,7 @@ from media import (TRACK_LANGUAGES, blanked_media_copy, capture_from, clip_frame
                    noisy_copy, top_level_atoms, truncated_copy)
 from tracker.colour import yuv420_to_rgb
 from tracker.errors import TrackerError, VideoError
-from tracker.exports import export_boxes, export_cutout
+from tracker.exports import export_boxes, export_cutout, export_overlay
 from tracker import video
 from tracker.render import MaskZipWriter
 from tracker.video import (VideoWriter, check_writable_folder, chroma_siting, colour_note, iter_frames, probe,
@@ -421,6 +421,28 @@ def test_a_cutout_from_another_videos_masks_is_refused_and_leaves_nothing(clip, 
                                            f"{WIDTH}x{HEIGHT}: use the masks zip tracked from this video"):
         export_cutout(clip, tmp_path / "other_masks.zip", [1], tmp_path / "cut.webm")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other_masks.zip"]
+
+
+@pytest.mark.parametrize("kind", [None, "matte"])
+def test_frames_a_masks_zip_lacks_are_drawn_with_no_object_and_said(clip, tmp_path, caplog, kind):
+    """A masks zip that ends early (or skips frames) stopped the drawing at its first missing frame: the
+    video is drawn whole, those frames without objects, and the warning says which."""
+    labels = np.zeros((HEIGHT, WIDTH), np.uint8)
+    labels[10:30, 20:50] = 1
+    with MaskZipWriter(tmp_path / "short_masks.zip") as writer:
+        for index in [*range(10), 12]:
+            writer.write(index, labels)
+    if kind is None:
+        output = export_overlay(clip, tmp_path / "short_masks.zip", tmp_path / "redrawn.mp4", alpha=1.0,
+                                outline=0, crf=18, preset="ultrafast")
+    else:
+        output = export_cutout(clip, tmp_path / "short_masks.zip", [1], tmp_path / "matte.mp4", kind)
+    frames = list(iter_frames(output))
+    assert len(frames) == FRAMES
+    if kind == "matte":
+        assert [frame.image[20, 30, 1] > 128 for frame in frames] == [i < 10 or i == 12 for i in range(FRAMES)]
+    assert f"short_masks.zip holds no masks for {FRAMES - 11} of the {FRAMES} frames of clip.mp4 (frames 10 to " \
+           f"11, 13 to {FRAMES - 1}): {output.name} shows them with no object" in caplog.text
 
 
 def test_exports_through_the_api_take_a_folder_as_the_cli_does(clip, tmp_path):

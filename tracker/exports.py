@@ -14,6 +14,7 @@ tracking.
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import threading
 from pathlib import Path
@@ -28,6 +29,8 @@ from .render import MaskZipReader, cutout, overlay
 from .session import check_cutout_path, check_file_output
 from .video import (MASKS_ENDING, VideoInfo, VideoWriter, iter_frames, output_file, probe, release_temporary,
                     temporary_path_beside)
+
+log = logging.getLogger(__name__)
 
 BOXES_ENDING = "_boxes.csv"
 BOXES_HEADER = ("frame", "object", "x", "y", "width", "height", "area")
@@ -115,24 +118,45 @@ def _draw_from_masks(video: str | Path, masks: str | Path, output: str | Path,
     output = Path(output)
     with MaskZipReader(masks) as reader:
         held = reader.frames()
-        if held and held[-1] >= info.frame_count:  # another video's (a shorter one's would stop at its end)
+        if held and held[-1] >= info.frame_count:  # a longer video's
             raise TrackerError(f"{reader.path.name} holds masks for {held[-1] + 1} frames, and {info.path.name} "
                                f"has {info.frame_count}: use the masks zip tracked from this video")
         with VideoWriter(output, info, audio_from=info.path if info.has_audio else None, **writer_options) as writer:
-            _draw_frames(info, reader, writer, draw, what, cancel, progress)
+            unmasked = _draw_frames(info, reader, writer, draw, what, cancel, progress)
             if before_keeping is not None:  # raised here, the writer removes its unfinished file
                 before_keeping()
+    if unmasked:
+        log.warning("%s holds no masks for %d of the %d frames of %s (%s): %s shows them with no object; a "
+                    "run that tracks them gives them masks", reader.path.name, len(unmasked), info.frame_count,
+                    info.path.name, _frame_spans(unmasked), output.name)
     return output
+
+
+def _frame_spans(indices: list[int]) -> str:
+    """Rising frame indices as runs: `frames 3, 7 to 9`."""
+    spans, start = [], indices[0]
+    for previous, index in zip(indices, indices[1:] + [None]):
+        if index != previous + 1:
+            spans.append(str(start) if start == previous else f"{start} to {previous}")
+            start = index
+    return f"frame{'s' * (len(indices) > 1)} {', '.join(spans)}"
 
 
 def _draw_frames(info: VideoInfo, reader: MaskZipReader, writer: VideoWriter,
                  draw: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], what: str,
-                 cancel: threading.Event | None, progress: Callable[[int, int], None] | None) -> None:
-    """Each frame drawn with its labels into `writer`; a cancel is seen between frames."""
+                 cancel: threading.Event | None, progress: Callable[[int, int], None] | None) -> list[int]:
+    """Each frame drawn with its labels into `writer`, a frame the zip has no mask for with none (a run's zip
+    skips only frames the video lost, which do not decode here either); a cancel is seen between frames.
+    Returns the frames drawn without a mask."""
+    unmasked = []
     for frame in iter_frames(info.path, size=info.size):
         if cancel is not None and cancel.is_set():
             raise Cancelled(f"{what} was cancelled")
-        labels = reader[frame.index]
+        if frame.index in reader:
+            labels = reader[frame.index]
+        else:
+            labels = np.zeros(frame.image.shape[:2], np.uint8)
+            unmasked.append(frame.index)
         if labels.shape != frame.image.shape[:2]:
             raise TrackerError(f"{reader.path.name} holds {labels.shape[1]}x{labels.shape[0]} masks, and "
                                f"{info.path.name} is {info.width}x{info.height}: use the masks zip tracked "
@@ -141,3 +165,4 @@ def _draw_frames(info: VideoInfo, reader: MaskZipReader, writer: VideoWriter,
         writer.write(picture.numpy(), frame.pts, frame.time)
         if progress is not None:
             progress(frame.index + 1, info.frame_count)
+    return unmasked
