@@ -239,7 +239,7 @@ def test_a_mask_starts_the_run_as_it_is_without_sam(untrained_checkpoints, tmp_p
     picture.save(tmp_path / "00003.png")
     masks = tmp_path / "m.zip"
     done = run_cli("track", clip, "--mask", tmp_path / "00003.png", "--frame", "3", "--masks", masks, "--size", "48",
-                   *weights_flags(untrained_checkpoints))
+                   "--out", tmp_path, *weights_flags(untrained_checkpoints))
     assert done.returncode == 0, done.stderr
     tracked = zip_labels(masks)
     assert len(tracked) == 6 and np.array_equal(tracked["00003.png"], labels)
@@ -417,7 +417,7 @@ def test_a_malformed_flag_is_one_line_of_error(args, message):
 def test_missing_checkpoint_names_url_and_path(tmp_path):
     clip = make_clip(tmp_path / "clip.mp4", frames=2, width=32, height=32, audio=False)
     done = run_cli("track", clip, "--point", "5,5", "--sam-checkpoint", tmp_path / "none.pth", "--device", "cpu",
-                   "--no-download")
+                   "--no-download", "--out", tmp_path)
     assert done.returncode == 2
     assert "https://dl.fbaipublicfiles.com/segment_anything/" in done.stderr
     assert f"save it as {tmp_path / 'none.pth'}" in done.stderr  # where the flag looks, not models/
