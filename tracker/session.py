@@ -673,14 +673,15 @@ class Tracker:
             return keyframes, None
         earlier = opened.enter_context(MaskZipReader(previous.masks))
         base = earlier[start]
-        # An object prompted before `start` and absent there (a correction erased it, say) stays one of the
-        # objects, empty: it is not lost for good, and a frame left without any object is no error.
+        # An object prompted before `start` and absent there (a correction erased it, say) starts empty: a frame
+        # left without any object is then no error.
         tracked = {o: np.zeros(base.shape, bool) for o in sorted({p.object_id for p in prompts if p.frame < start})}
         tracked.update({int(o): base == o for o in np.unique(base) if o})
         keyframes[start] = {**tracked, **keyframes.get(start, {})}
         if not keyframes[start]:
             raise TrackerError(f"frame {start} has no object to track from; add a prompt there")
-        if previous.backward and not _appear_before(earlier, start, set(keyframes[start])):
+        present = {object_id for object_id, mask in keyframes[start].items() if mask.any()}
+        if previous.backward and not _appear_before(earlier, start, present):
             return keyframes, None
         return keyframes, earlier.__getitem__
 
