@@ -110,3 +110,23 @@ def test_a_re_track_from_a_frame_a_correction_left_without_objects_keeps_its_obj
         assert not masks[3].any()
     with pytest.raises(TrackerError, match="iter_tracked streams one pass, so track"):
         cpu_tracker.iter_tracked(clip, [*prompt, ObjectPrompt(1, 3, [(30.0, 24.0)], [0], correct=True)])
+
+
+def test_a_run_with_corrections_counts_the_time_spent_applying_them(cpu_tracker, tmp_path, monkeypatch):
+    """The summary's seconds and rate cover the whole run: the corrections' SAM work between the passes too."""
+    import time
+
+    clip = make_clip(tmp_path / "clip.mp4", frames=6, width=64, height=48, audio=False)
+    prompts = [ObjectPrompt(1, 0, [(30.0, 24.0)], [1]), ObjectPrompt(1, 3, [(10.0, 10.0)], [0], correct=True)]
+    correct = cpu_tracker.correct
+
+    def slow_correct(*args, **kwargs):
+        time.sleep(1.5)
+        return correct(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_tracker, "correct", slow_correct)
+    began = time.perf_counter()
+    result = cpu_tracker.track(clip, prompts, masks=tmp_path / "masks.zip", options=TrackOptions(size=0))
+    elapsed = time.perf_counter() - began
+    assert result.passes == 2
+    assert elapsed - 1.0 <= result.seconds <= elapsed

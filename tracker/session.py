@@ -638,6 +638,7 @@ class Tracker:
         results = []
         with user_facing_resource_errors(options), self.device_held(cancel, waiting), \
                 tempfile.TemporaryDirectory(prefix="tracker-passes-") as tmp:
+            began = time.perf_counter()  # the corrections' SAM work between the passes counts too
             tracked = Path(tmp) / "pass-0.zip"
             results.append(self.track(info.path, plain, masks=tracked, options=options, cancel=cancel,
                                       progress=report(0), previous=previous, sam=sam, embeddings=embeddings,
@@ -659,7 +660,8 @@ class Tracker:
                     info.path, plain, output=output if final else None, masks=tracked, options=options,
                     cancel=cancel, progress=report(index), sam=sam, embeddings=embeddings, shown=shown,
                     previous=PreviousRun(corrected, frame, retracks_backward(frame, prompt_frames, frames))))
-        return combined(results)
+            seconds = time.perf_counter() - began
+        return replace(combined(results), seconds=seconds)
 
     def _plan(self, info: VideoInfo, prompts: Sequence[ObjectPrompt], previous: PreviousRun | None, sam: SamBackend,
               embeddings: Mapping[int, ImageEmbedding] | None, cancel: threading.Event | None, opened: ExitStack
