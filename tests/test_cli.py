@@ -121,6 +121,7 @@ def test_cutout_keeps_the_chosen_objects_as_a_matte_or_on_transparency(rotated_c
     assert done.stdout.strip() == f"wrote {matte}"
     # The odd size kept for the editor that lays it over the video: 4:4:4, said so before the work.
     assert "WARNING: written as 4:4:4 H.264" in done.stderr.splitlines()[0]
+    assert done.stderr.count("4:4:4 H.264") == 1, done.stderr  # said once, not again as the file is written
     assert stream_facts(matte) == {"codec": "h264", "pix_fmt": "yuv444p", "frames": 12, "audio": 1}
     expected = (labels == 2) * 255
     for frame in iter_frames(matte):

@@ -270,8 +270,16 @@ def _cutout(args: argparse.Namespace) -> int:
     output = output_file(args.out, args.video, f"_{kind.filename}") if args.out is not None \
         else OUTPUT_DIR / f"{video_name(args.video)}_{kind.filename}"
     check_cutout_path(args.video, args.masks, output, kind)  # a refused path is the one line said
-    for note in written_notes(probe(args.video), kind.codec, exact_size=True):  # said now: a long run can be stopped
+    said = written_notes(probe(args.video), kind.codec, exact_size=True)
+    for note in said:  # said now: a long run can be stopped
         print(f"WARNING: {note}", file=sys.stderr)
+    # The writer says them again as it opens the file: once is enough.
+    writer_log = logging.getLogger("tracker.video")
+
+    def said_again(record: logging.LogRecord) -> bool:
+        return not any(record.getMessage().endswith(f": {note}") for note in said)
+
+    writer_log.addFilter(said_again)
     bars = []  # made at the first frame: a refusal before it is its one line
 
     def progress(done: int, total: int) -> None:
@@ -283,6 +291,7 @@ def _cutout(args: argparse.Namespace) -> int:
     try:
         path = export_cutout(args.video, args.masks, ids, output, args.kind, progress=progress)
     finally:
+        writer_log.removeFilter(said_again)
         for bar in bars:
             bar.close()
     print(f"wrote {path}")
