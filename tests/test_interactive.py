@@ -1293,3 +1293,23 @@ def test_the_page_holds_work_while_it_has_clicks_or_a_job(session):
     assert session.has_work()
     session.undo(0)
     assert not session.has_work()
+
+
+def test_a_re_track_with_a_correction_counts_the_time_spent_applying_it(session, monkeypatch):
+    """The metrics' seconds and rate cover the whole run: the correction's SAM work before its pass too."""
+    click(session, 0, 45, 60)
+    session.track(OPTIONS)
+    click(session, 4, 45, 60, "negative")
+    assert session.edits[(4, 1)].refine
+    correct = session._correct
+
+    def slow_correct(*args, **kwargs):
+        time.sleep(1.5)
+        return correct(*args, **kwargs)
+
+    monkeypatch.setattr(session, "_correct", slow_correct)
+    began = time.perf_counter()
+    record = session.track(OPTIONS, full=True)
+    elapsed = time.perf_counter() - began
+    seconds = float(re.search(r"tracked in ([\d.]+) s", record.summary).group(1))
+    assert elapsed - 1.0 <= seconds <= elapsed + 0.1, record.summary

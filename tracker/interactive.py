@@ -924,6 +924,7 @@ class EditSession:
         try:
             # One turn on the device for all the passes: a job started meanwhile comes after them, not between.
             with self.tracker.device_held(self.cancel, lambda ahead: clock.report(0.0, device_wait_line(ahead))):
+                began = time.perf_counter()  # the corrections' SAM work between the passes counts too
                 masks = built_on.masks if built_on is not None else None
                 shown = self._live_drawer(Style(options.alpha, options.outline))
                 corrected: dict[Key, np.ndarray] = {}
@@ -954,6 +955,7 @@ class EditSession:
                         cancel=self.cancel, progress=lambda done, total, i=index: clock.update(i, done, total),
                         previous=earlier, sam=sam, embeddings=embeddings, shown=shown))
                     masks = run_dir / f"masks-{index}.zip"
+                seconds = time.perf_counter() - began
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
@@ -961,7 +963,7 @@ class EditSession:
         for index in range(len(passes)):
             for stale in (f"masks-{index}.zip", f"corrected-{index}.zip"):
                 (run_dir / stale).unlink(missing_ok=True)
-        record = RunRecord(overlay=results[-1].output, masks=final_masks, summary=combined(results).summary(),
+        record = RunRecord(overlay=results[-1].output, masks=final_masks, summary=replace(combined(results), seconds=seconds).summary(),
                            warnings=list(results[-1].warnings), prompts=snapshot, objects=objects, passes=passes,
                            backward=bool(passes[0]) and results[0].kept_frames == 0, options=options,
                            sam_backend=sam.name, base=replace(built_on, base=None) if passes[0] is not None else None,
