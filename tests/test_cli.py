@@ -507,6 +507,19 @@ def test_a_gpu_other_than_the_first_is_chosen_the_way_cuda_does_it(tmp_path):
     assert "start it with CUDA_VISIBLE_DEVICES=1 and device cuda" in done.stderr
 
 
+def test_a_cutout_of_a_masks_zip_without_objects_says_so_without_listing_every_id(rotated_clip, tmp_path):
+    """Every object kept (no --objects) of a zip whose frames hold none: one short line, not 255 ids."""
+    masks = tmp_path / "masks.zip"
+    with MaskZipWriter(masks) as writer:
+        for index in range(12):
+            writer.write(index, np.zeros((161, 121), np.uint8))
+    done = run_cli("cutout", rotated_clip, masks, "--kind", "matte", "--out", f"{tmp_path}/")
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.strip().splitlines()[-1] == ("error: masks.zip holds no object on any frame: the cut-out "
+                                                    "would be empty (a run whose objects were all lost?)")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["masks.zip"]
+
+
 def test_a_cutout_of_objects_the_masks_never_hold_is_refused_and_not_written(rotated_clip, tmp_path):
     """--objects naming ids that are on no frame (a typo, the masks of another run) would give an empty
     cut-out after the whole render: refused with the objects the zip holds, nothing left behind."""

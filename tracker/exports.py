@@ -59,7 +59,10 @@ def export_cutout(video: str | Path, masks: str | Path, object_ids: Iterable[int
 
     def check_chosen() -> None:  # before the file is kept: a cut-out of nothing is a wrong --objects
         if not present[chosen].any():
-            held = ", ".join(str(i) for i in np.flatnonzero(present[1:]) + 1) or "none"
+            if not present[1:].any():
+                raise PromptError(f"{Path(masks).name} holds no object on any frame: the cut-out would be empty (a "
+                                  "run whose objects were all lost?)")
+            held = ", ".join(str(i) for i in np.flatnonzero(present[1:]) + 1)
             raise PromptError(f"{Path(masks).name} has no pixel of object{'s' * (len(chosen) > 1)} "
                               f"{', '.join(map(str, chosen))} on any frame (its objects: {held}): the cut-out "
                               "would be empty; choose objects it holds")
