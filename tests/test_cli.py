@@ -507,6 +507,21 @@ def test_a_gpu_other_than_the_first_is_chosen_the_way_cuda_does_it(tmp_path):
     assert "start it with CUDA_VISIBLE_DEVICES=1 and device cuda" in done.stderr
 
 
+def test_a_warning_said_during_a_cutout_is_a_line_of_its_own_beside_the_progress_bar(rotated_clip, tmp_path):
+    """A warning logged while the bar is drawn starts its own line, not glued to the bar's end."""
+    masks = tmp_path / "short_masks.zip"
+    labels = np.zeros((161, 121), np.uint8)
+    labels[20:80, 10:60] = 1
+    with MaskZipWriter(masks) as writer:
+        for index in range(6):
+            writer.write(index, labels)
+    done = run_cli("cutout", rotated_clip, masks, "--kind", "matte", "--out", f"{tmp_path}/")
+    assert done.returncode == 0, done.stderr
+    pieces = [piece.strip() for piece in re.split(r"[\r\n]", done.stderr)]
+    assert any(piece.startswith("WARNING: short_masks.zip holds no masks for 6 of the 12 frames") for piece in pieces), \
+        done.stderr
+
+
 def test_a_cutout_of_a_masks_zip_without_objects_says_so_without_listing_every_id(rotated_clip, tmp_path):
     """Every object kept (no --objects) of a zip whose frames hold none: one short line, not 255 ids."""
     masks = tmp_path / "masks.zip"

@@ -329,8 +329,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The library's warnings printed as the command's own are ("WARNING: ..."), not bare; a program that
     # configured logging itself keeps its own.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     try:
-        with _stopping_signals_interrupt():
+        # A warning said while a progress bar is drawn goes on a line of its own above it.
+        with _stopping_signals_interrupt(), logging_redirect_tqdm():
             return {"track": _track, "cutout": _cutout, "boxes": _boxes, "weights": _weights}[args.command](args)
     except TrackerError as exc:
         if args.debug:
