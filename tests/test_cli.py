@@ -120,7 +120,7 @@ def test_cutout_keeps_the_chosen_objects_as_a_matte_or_on_transparency(rotated_c
     matte = tmp_path / "phone_matte.mp4"
     assert done.stdout.strip() == f"wrote {matte}"
     # The odd size kept for the editor that lays it over the video: 4:4:4, said so before the work.
-    assert "WARNING: written as 4:4:4 H.264" in done.stderr.splitlines()[0]
+    assert f"WARNING: {matte.name}: written as 4:4:4 H.264" in done.stderr.splitlines()[0]
     assert done.stderr.count("4:4:4 H.264") == 1, done.stderr  # said once, not again as the file is written
     assert stream_facts(matte) == {"codec": "h264", "pix_fmt": "yuv444p", "frames": 12, "audio": 1}
     expected = (labels == 2) * 255
@@ -518,8 +518,8 @@ def test_a_warning_said_during_a_cutout_is_a_line_of_its_own_beside_the_progress
     done = run_cli("cutout", rotated_clip, masks, "--kind", "matte", "--out", f"{tmp_path}/")
     assert done.returncode == 0, done.stderr
     pieces = [piece.strip() for piece in re.split(r"[\r\n]", done.stderr)]
-    assert any(piece.startswith("WARNING: short_masks.zip holds no masks for 6 of the 12 frames") for piece in pieces), \
-        done.stderr
+    said = "WARNING: short_masks.zip holds no masks for 6 of the 12 frames"
+    assert any(piece.startswith(said) for piece in pieces), done.stderr
 
 
 def test_a_cutout_of_a_masks_zip_without_objects_says_so_without_listing_every_id(rotated_clip, tmp_path):

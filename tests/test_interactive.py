@@ -6,6 +6,7 @@ with untrained weights.
 """
 from __future__ import annotations
 
+import json
 import copy
 import re
 import shutil
@@ -1105,6 +1106,23 @@ def test_a_negative_correction_comes_back_from_the_prompts_file_as_a_correction(
     retracked = again.track(OPTIONS)
     assert retracked.describe() == "tracked the whole video; corrections on frame 3 applied on top"
     assert zip_members(retracked.masks) == zip_members(record.masks)
+
+
+def test_a_hand_written_prompts_file_tracks_the_same_in_the_page_and_the_cli(session, tmp_path):
+    """Objects in any order in the file (overlapping, corrections on one frame too): the page and `track` both
+    take each frame's objects in the order of their ids, so the masks are the same."""
+    path = tmp_path / "hand_prompts.json"
+    path.write_text(json.dumps({"objects": [
+        {"id": 3, "frame": 0, "box": [30, 50, 60, 70]}, {"id": 2, "frame": 0, "points": [[45, 60]]},
+        {"id": 3, "frame": 5, "points": [[50, 62]], "correct": True},
+        {"id": 2, "frame": 5, "points": [[52, 58]], "correct": True}]}))
+    session.load_prompts_file(path)
+    record = session.track(OPTIONS)
+    direct = session.tracker.track(session.video, load_prompts(path), options=OPTIONS,
+                                   masks=tmp_path / "direct.zip")
+    assert zip_members(direct.masks) == zip_members(record.masks)
+    with MaskZipReader(record.masks) as masks:
+        assert masks[0][60, 45] == 3  # the higher id wins where the two overlap
 
 
 def test_a_running_job_draws_a_frame_a_second_for_the_page(session, monkeypatch):

@@ -52,7 +52,8 @@ def test_corrections_are_marked_and_need_a_prompt_that_selects_their_object():
     assert again == prompts and [p.correct for p in again] == [False, True]
     check_prompts(again, 160, 120, 10)
     with pytest.raises(PromptError, match="negative points alone select nothing; add a positive point or a box "
-                                          r"\(or make the prompt a correction of the tracked mask\)"):
+                                          r'\(in a prompts file, "correct": true makes them take part of the '
+                                          r"tracked mask away\)"):
         check_prompts([prompts[0], ObjectPrompt(1, 4, [(12.0, 22.0)], [0])], 160, 120, 10)
     with pytest.raises(PromptError, match=r"^object 2 has only corrections \(frame 3\): a correction applies on "
                                           "the object's tracked mask, so give it a prompt that selects it first"):

@@ -441,8 +441,8 @@ def test_frames_a_masks_zip_lacks_are_drawn_with_no_object_and_said(clip, tmp_pa
     assert len(frames) == FRAMES
     if kind == "matte":
         assert [frame.image[20, 30, 1] > 128 for frame in frames] == [i < 10 or i == 12 for i in range(FRAMES)]
-    assert f"short_masks.zip holds no masks for {FRAMES - 11} of the {FRAMES} frames of clip.mp4 (frames 10 to " \
-           f"11, 13 to {FRAMES - 1}): {output.name} shows them with no object" in caplog.text
+    assert f"short_masks.zip holds no masks for {FRAMES - 11} of the {FRAMES} frames of clip.mp4 (frames 10, 11, " \
+           f"13 to {FRAMES - 1}): {output.name} shows them with no object" in caplog.text
 
 
 def test_exports_through_the_api_take_a_folder_as_the_cli_does(clip, tmp_path):

@@ -262,24 +262,12 @@ def _cutout(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .exports import export_cutout
-    from .session import check_cutout_path
-    from .video import probe, written_notes
 
     kind = CUTOUT_KINDS[args.kind]
     ids = object_ids(args.objects) if args.objects is not None else range(1, 256)
-    output = output_file(args.out, args.video, f"_{kind.filename}") if args.out is not None \
-        else OUTPUT_DIR / f"{video_name(args.video)}_{kind.filename}"
-    check_cutout_path(args.video, args.masks, output, kind)  # a refused path is the one line said
-    said = written_notes(probe(args.video), kind.codec, exact_size=True)
-    for note in said:  # said now: a long run can be stopped
-        print(f"WARNING: {note}", file=sys.stderr)
-    # The writer says them again as it opens the file: once is enough.
-    writer_log = logging.getLogger("tracker.video")
-
-    def said_again(record: logging.LogRecord) -> bool:
-        return not any(record.getMessage().endswith(f": {note}") for note in said)
-
-    writer_log.addFilter(said_again)
+    output = args.out if args.out is not None else OUTPUT_DIR / f"{video_name(args.video)}_{kind.filename}"
+    # What the format cannot keep is said by the writer as it opens the file, before the first frame (a long
+    # run can be stopped), once the video, the masks and the path are found fit.
     bars = []  # made at the first frame: a refusal before it is its one line
 
     def progress(done: int, total: int) -> None:
@@ -291,7 +279,6 @@ def _cutout(args: argparse.Namespace) -> int:
     try:
         path = export_cutout(args.video, args.masks, ids, output, args.kind, progress=progress)
     finally:
-        writer_log.removeFilter(said_again)
         for bar in bars:
             bar.close()
     print(f"wrote {path}")

@@ -140,7 +140,8 @@ def _frame_spans(indices: list[int]) -> str:
     spans, start = [], indices[0]
     for previous, index in zip(indices, indices[1:] + [None]):
         if index != previous + 1:
-            spans.append(str(start) if start == previous else f"{start} to {previous}")
+            spans.append(str(start) if start == previous else f"{start}, {previous}" if previous == start + 1
+                         else f"{start} to {previous}")
             start = index
     return f"frame{'s' * (len(indices) > 1)} {', '.join(spans)}"
 

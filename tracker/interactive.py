@@ -963,7 +963,8 @@ class EditSession:
         for index in range(len(passes)):
             for stale in (f"masks-{index}.zip", f"corrected-{index}.zip"):
                 (run_dir / stale).unlink(missing_ok=True)
-        record = RunRecord(overlay=results[-1].output, masks=final_masks, summary=replace(combined(results), seconds=seconds).summary(),
+        summary = replace(combined(results), seconds=seconds).summary()
+        record = RunRecord(overlay=results[-1].output, masks=final_masks, summary=summary,
                            warnings=list(results[-1].warnings), prompts=snapshot, objects=objects, passes=passes,
                            backward=bool(passes[0]) and results[0].kept_frames == 0, options=options,
                            sam_backend=sam.name, base=replace(built_on, base=None) if passes[0] is not None else None,

@@ -118,8 +118,8 @@ class ObjectPrompt:
         if any(v not in (POSITIVE, NEGATIVE) for v in self.labels):
             raise PromptError(f"{who}: point labels must be 1 (object) or 0 (background)")
         if self.box is None and POSITIVE not in self.labels and not self.correct:
-            raise PromptError(f"{who}: negative points alone select nothing; add a positive point or a box (or "
-                              "make the prompt a correction of the tracked mask)")
+            raise PromptError(f"{who}: negative points alone select nothing; add a positive point or a box (in a "
+                              'prompts file, "correct": true makes them take part of the tracked mask away)')
         for x, y in self.points:
             if not (0 <= x < width and 0 <= y < height):
                 raise PromptError(

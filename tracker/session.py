@@ -404,7 +404,8 @@ class Tracker:
                      embeddings: Mapping[int, ImageEmbedding] | None = None,
                      cancel: threading.Event | None = None) -> dict[int, dict[int, np.ndarray]]:
         """Frame -> object id -> mask: SAM's for clicks and boxes, one embedding per frame clicked; a prompt's
-        own mask as it is.
+        own mask as it is. Each frame's objects are in the order of their ids, whatever the prompts' order: where
+        two masks overlap the higher id wins, as on the page.
 
         `embeddings` (frame -> `sam`'s embedding of it) are used instead of
         embedding those frames again: on a CPU each embedding takes seconds,
@@ -414,7 +415,7 @@ class Tracker:
         embeddings = embeddings or {}
         keyframes: dict[int, dict[int, np.ndarray]] = {}
         for frame_index in sorted({p.frame for p in prompts}):
-            on_frame = [p for p in prompts if p.frame == frame_index]
+            on_frame = sorted((p for p in prompts if p.frame == frame_index), key=lambda p: p.object_id)
             keyframes[frame_index] = {p.object_id: p.mask for p in on_frame if p.mask is not None}
             clicked = [p for p in on_frame if p.mask is None]
             if not clicked:
@@ -425,6 +426,7 @@ class Tracker:
             if embedding is None:
                 embedding = sam.embed(read_frame(info.path, frame_index, info.size).image)
             keyframes[frame_index].update({p.object_id: self.segment(embedding, p, sam=sam) for p in clicked})
+            keyframes[frame_index] = dict(sorted(keyframes[frame_index].items()))
         return keyframes
 
     def iter_tracked(self, video: str | Path, prompts: Sequence[ObjectPrompt], options: TrackOptions | None = None,
@@ -651,7 +653,8 @@ class Tracker:
                 embedding = (embeddings or {}).get(frame)
                 if embedding is None:
                     embedding = sam.embed(read_frame(info.path, frame, info.size).image)
-                self.correct(labels, embedding, [p for p in prompts if p.correct and p.frame == frame], sam)
+                self.correct(labels, embedding, sorted((p for p in prompts if p.correct and p.frame == frame),
+                                                       key=lambda p: p.object_id), sam)
                 corrected = Path(tmp) / f"corrected-{index}.zip"
                 copy_masks_until(tracked, frame, labels, corrected)
                 final = index == len(frames)
@@ -679,7 +682,7 @@ class Tracker:
         # left without any object is then no error.
         tracked = {o: np.zeros(base.shape, bool) for o in sorted({p.object_id for p in prompts if p.frame < start})}
         tracked.update({int(o): base == o for o in np.unique(base) if o})
-        keyframes[start] = {**tracked, **keyframes.get(start, {})}
+        keyframes[start] = dict(sorted({**tracked, **keyframes.get(start, {})}.items()))
         if not keyframes[start]:
             raise TrackerError(f"frame {start} has no object to track from; add a prompt there")
         present = {object_id for object_id, mask in keyframes[start].items() if mask.any()}
