@@ -938,7 +938,7 @@ class EditSession:
                     earlier = None
                     if start is not None:
                         fixes = {object_id: clicks for (frame, object_id), clicks in sorted(refine.items())
-                                 if frame == start}  # in a prompts file's order: a later one wins an overlap
+                                 if frame == start}  # by id, as the CLI takes them: the higher id wins an overlap
                         base = masks
                         if fixes:
                             # The first pass's frame holds the run built on's corrections there, if any.
