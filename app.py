@@ -58,7 +58,7 @@ wrong, click there and press **Track** again: earlier frames keep their result."
 # whose wait a Cancel ends at once; a job held in Gradio's queue (the ninth) could not be cancelled there.
 TRACK_JOBS = 8
 NOTHING_CHANGED = ("Nothing changed since the last run (same clicks, objects and settings): its result below is "
-                   "current. Tick *Full re-run* to track again anyway.")
+                   "current. Tick \"Full re-run\" to track again anyway.")
 CSS = """
 #frame-image img { cursor: crosshair; width: auto; max-width: 100%; max-height: max(240px, calc(100vh - 520px)); }
 h1 { margin-bottom: 0 !important; }
@@ -399,7 +399,8 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
         with gr.Row():
             with gr.Column(scale=3):
                 # While a job runs: its latest frame with its masks, once a second.
-                live_frame = gr.Image(label="Tracking", visible=False, interactive=False, elem_id="live-frame")
+                live_frame = gr.Image(label="Tracked video so far", visible=False, interactive=False,
+                                      elem_id="live-frame")
                 result_video = gr.Video(label="Tracked video", interactive=False, elem_id="result-video")
             with gr.Column(scale=2):
                 metrics = gr.Markdown("", elem_id="metrics")
@@ -742,7 +743,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             if live is None:
                 return gr.skip()
             index, picture = live
-            return gr.update(value=str(picture), label=f"Tracking: frame {index}", visible=True)
+            return gr.update(value=str(picture), label=f"Tracked video so far: frame {index}", visible=True)
 
         live_timer.tick(on_live, None, live_frame, queue=False, show_progress="hidden")
         tracked = (track_button.click(on_begin, None, [status, job_refused, *job_controls, live_timer], queue=False)

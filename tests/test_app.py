@@ -546,7 +546,8 @@ def test_a_running_job_shows_its_latest_frame_with_its_masks(app, browser, tmp_p
     tab.page.locator("#track-button").click()
     live = tab.page.locator("#live-frame")
     live.locator("img").wait_for(timeout=TRACK_SECONDS * 1000)
-    assert re.fullmatch(r"Tracking: frame \d+", live.locator("[data-testid=block-label]").inner_text().strip())
+    assert re.fullmatch(r"Tracked video so far: frame \d+",
+                        live.locator("[data-testid=block-label]").inner_text().strip())
     assert not tab.status().startswith("Done")
     tab.page.locator("#cancel-button").click()
     tab.wait_status("^Cancelled", TRACK_SECONDS)

@@ -229,6 +229,18 @@ def test_a_correction_in_a_prompts_file_tracks_again_from_its_frame(untrained_ch
                                                       for i in range(5))
 
 
+def test_an_odd_sized_videos_tracked_video_says_its_added_row_and_column_once(untrained_checkpoints, cpu_tracker,
+                                                                               tmp_path):
+    """4:2:0 H.264 codes only even sides: the result's warnings (the page's too) say so, not only the log."""
+    clip = make_clip(tmp_path / "odd.mp4", frames=3, width=65, height=49, audio=False, pix_fmt="yuv444p")
+    done = run_cli("track", clip, "--point", "30,20", "--out", tmp_path, *weights_flags(untrained_checkpoints))
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("written at 66x50, the video's 65x49 with its last column and row repeated") == 1, \
+        done.stderr
+    result = cpu_tracker.track(clip, [ObjectPrompt(1, 0, [(30.0, 20.0)])], output=tmp_path / "api.mp4")
+    assert any(warning.startswith("written at 66x50") for warning in result.warnings)
+
+
 def test_a_mask_starts_the_run_as_it_is_without_sam(untrained_checkpoints, tmp_path):
     """`--mask` with a frame of a masks zip (object ids) goes on from there: each object's mask on that frame
     is the picture's, exactly, and every object in it is tracked; before it, frames are tracked backward."""

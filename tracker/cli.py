@@ -17,7 +17,7 @@ from .errors import TrackerError
 from .options import CUTOUT_KINDS, DEVICE_HELP, MAX_OUTLINE, SAM_BACKEND_CHOICES, MemoryOptions, TrackOptions
 from .prompts import NEGATIVE, POSITIVE, ObjectPrompt, load_prompts, mask_objects, parse_box, parse_xy
 from .video import (DEFAULT_PRESET, MASKS_ENDING, TRACKED_ENDING, X264_MAX_CRF, X264_PRESETS, VideoInfo, output_file,
-                    remove_unfinished_temporaries, video_name)
+                    remove_unfinished_temporaries, video_name, written_notes)
 
 OUTPUT_DIR = Path("output")
 COORDINATE_FLAGS = ("--point", "--negative", "--box")
@@ -207,6 +207,8 @@ def _track(args: argparse.Namespace) -> int:
     said = option_warnings(options, info, writes_video=output is not None)  # said now: a long run can be stopped
     for warning in said:
         print(f"WARNING: {warning}", file=sys.stderr)
+    if output is not None:  # the writer says these as it opens the file
+        said.extend(written_notes(info, "libx264"))
     tracker = Tracker(args.sam_checkpoint, args.xmem_checkpoint, device=args.device,
                       sam_backend=args.sam_backend, sam_precision=args.sam_precision, download=not args.no_download)
     print(f"device {tracker.device_name}, SAM backend {tracker.sam.name}", file=sys.stderr)

@@ -37,7 +37,8 @@ from .render import MaskZipReader, MaskZipWriter, copy_masks_until, encoder_pict
 from .sam import ImageEmbedding, SamBackend, load_sam, mask_to_logits, ready_backends, resolve_device, segment
 from .transfer import Download
 from .video import (H264_CONTAINERS, MASKS_ENDING, TRACKED_ENDING, VideoInfo, VideoWriter, check_writable_folder,
-                    coded_fields, colour_note, make_clip, output_file, probe, read_frame, truncation_note)
+                    coded_fields, colour_note, make_clip, output_file, probe, read_frame, truncation_note,
+                    written_notes)
 
 log = logging.getLogger(__name__)
 
@@ -608,6 +609,8 @@ class Tracker:
                                  kept_frames=0 if earlier is None else min(previous.from_frame, frames),
                                  output=Path(output) if output else None, masks=Path(masks) if masks else None)
         result.warnings.extend(option_warnings(options, info, output is not None))
+        if output is not None:  # what the tracked video could not keep (an odd size, say), not only in the log
+            result.warnings.extend(written_notes(info, "libx264"))
         if info.cut_short is not None:  # a truncated file with its index says so in the summary (lost frames)
             result.warnings.append(truncation_note(info))
         if (note := colour_note(info)) is not None:
