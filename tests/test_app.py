@@ -200,8 +200,12 @@ class AppPage:
             "text => document.querySelector('#frame-info').innerText.startsWith(text)", arg=f"Frame {index} /")
 
     def track(self) -> str:
+        before = self.status()  # an error said before is not this Track's answer
         self.page.locator("#track-button").click()
-        self.wait_status("^Waiting for the tracker|^Error")
+        try:
+            self.wait_status("^Waiting for the tracker|^Error", 20, unlike=before)
+        except AssertionError:  # the same error said again
+            pass
         return self.wait_status(r"^(Done|Error|Cancelled)", TRACK_SECONDS)
 
     def load_prompts(self, path: Path) -> None:
