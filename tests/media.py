@@ -8,6 +8,7 @@ compression), in display orientation, for comparisons.
 from __future__ import annotations
 
 import itertools
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -282,3 +283,12 @@ def blanked_media_copy(source: str | Path, path: str | Path) -> Path:
     path = Path(path)
     path.write_bytes(bytes(data))
     return path
+
+
+def slowed(call, seconds: float):
+    """`call`, taking `seconds` longer: slow work whose time a run must count."""
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return call(*args, **kwargs)
+
+    return slow

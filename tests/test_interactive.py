@@ -24,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
-from media import make_clip, truncated_copy
+from media import make_clip, slowed, truncated_copy
 from tracker.errors import Cancelled, ClickDropped, PromptError, TrackerError, VideoError
 from tracker.interactive import (PREVIEWS_KEPT, Clicks, EditSession, Limits, ProgressClock, RunRecord, SessionStore,
                                  Style, device_wait_line, display_scale, display_size, format_seconds, frame_caption,
@@ -1319,13 +1319,7 @@ def test_a_re_track_with_a_correction_counts_the_time_spent_applying_it(session,
     session.track(OPTIONS)
     click(session, 4, 45, 60, "negative")
     assert session.edits[(4, 1)].refine
-    correct = session._correct
-
-    def slow_correct(*args, **kwargs):
-        time.sleep(1.5)
-        return correct(*args, **kwargs)
-
-    monkeypatch.setattr(session, "_correct", slow_correct)
+    monkeypatch.setattr(session, "_correct", slowed(session._correct, 1.5))
     began = time.perf_counter()
     record = session.track(OPTIONS, full=True)
     elapsed = time.perf_counter() - began

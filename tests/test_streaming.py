@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import psutil
 
-from tests.media import make_clip
+from tests.media import make_clip, slowed
 from tracker.errors import TrackerError
 from tracker.options import TrackOptions
 from tracker.prompts import ObjectPrompt
@@ -118,13 +118,7 @@ def test_a_run_with_corrections_counts_the_time_spent_applying_them(cpu_tracker,
 
     clip = make_clip(tmp_path / "clip.mp4", frames=6, width=64, height=48, audio=False)
     prompts = [ObjectPrompt(1, 0, [(30.0, 24.0)], [1]), ObjectPrompt(1, 3, [(10.0, 10.0)], [0], correct=True)]
-    correct = cpu_tracker.correct
-
-    def slow_correct(*args, **kwargs):
-        time.sleep(1.5)
-        return correct(*args, **kwargs)
-
-    monkeypatch.setattr(cpu_tracker, "correct", slow_correct)
+    monkeypatch.setattr(cpu_tracker, "correct", slowed(cpu_tracker.correct, 1.5))
     began = time.perf_counter()
     result = cpu_tracker.track(clip, prompts, masks=tmp_path / "masks.zip", options=TrackOptions(size=0))
     elapsed = time.perf_counter() - began
