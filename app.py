@@ -726,8 +726,9 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                 session.end_job()
             warnings = "".join(f"\n⚠ {w}" for w in record.warnings)
             files = session.result_files()
+            ended = "Done" if record.stopped_at is None else "Cancelled"
             done = (NOTHING_CHANGED if record.repeated else
-                    f"Done: {record.describe()}. {record.summary}.{warnings}")
+                    f"{ended}: {record.describe()}. {record.summary}.{warnings}")
             return (done, str(record.overlay), files,
                     f"**{record.summary}**",
                     cutout_list(session))

@@ -108,22 +108,28 @@ def test_cancel_stops_the_job_and_the_app_stays_usable(app, browser, clips, tmp_
     assert user.page.locator("#video-input button[aria-label='Clear']").count() == 0
     pressed = time.monotonic()
     user.page.locator("#cancel-button").click()
-    user.wait_status("^Cancelled: nothing of that run was kept", 30)
+    said = user.wait_status(r"^Cancelled: stopped after frame \d+, the frames up to it kept", 30)
     stopped = time.monotonic() - pressed
     print(f"cancel took {stopped:.2f} s")
     assert stopped < 5  # one frame of untrained XMem on a busy 2-core CPU, plus the page round trip
     user.page.wait_for_function(  # it said "Cancelling…" meanwhile
         "() => document.querySelector('#cancel-button').textContent.trim() === 'Cancel'", timeout=10_000)
-    assert user.download_names() == [], "no partial result is offered"
-    assert user.page.locator("#result-video video").count() == 0
+    # The frames tracked are kept, in the tracked video and the masks zip, up to where it stopped.
+    last = int(re.match(r"Cancelled: stopped after frame (\d+)", said).group(1))
+    assert last < 59 and f"Track goes on from frame {last}" in said
+    assert sorted(user.download_names()) == ["long_masks.zip", "long_prompts.json", "long_tracked.mp4"]
+    assert probe(user.download("long_tracked.mp4", tmp_path)).frame_count == last + 1
+    with zipfile.ZipFile(user.download("long_masks.zip", tmp_path)) as archive:
+        assert len(archive.namelist()) == last + 1
+    assert user.page.locator("#result-video video").count() == 1
     user.page.wait_for_function("() => !document.querySelector('#track-button').disabled")
     user.page.locator("#video-input button[aria-label='Clear']").wait_for()
     user.page.screenshot(path="/tmp/app_cancelled.png", full_page=True)
 
-    # Still usable: edit and track again.
+    # Still usable: edit, and Track goes on from where the job stopped.
     user.page.locator("#add-object").click()
     user.wait_status("object 2 added")
-    assert user.track().startswith("Done: tracked the whole video. 60 frames")
+    assert user.track().startswith(f"Done: re-tracked from frame {last}; frames before it kept their masks. 60 frames")
     assert probe(user.download("long_tracked.mp4", tmp_path)).frame_count == 60
     user.page.context.close()
 

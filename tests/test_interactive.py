@@ -620,28 +620,112 @@ def test_a_click_waiting_for_sams_encoder_leaves_the_session_usable(session, mon
     assert session.objects == [1] and (3, 2) not in session.edits
 
 
-def test_cancel_keeps_the_previous_result_and_leaves_nothing(session):
+def cancel_at(session: EditSession, line: str) -> Callable[[float, str], None]:
+    """A progress report that presses Cancel when the job's line holds `line` ("frame 4 / ", say)."""
+    def report(fraction: float, text: str) -> None:
+        if line in text:
+            assert session.request_cancel()
+
+    return report
+
+
+def cancelled_run(session: EditSession, line: str) -> RunRecord:
+    session.begin_job()
+    try:
+        return session.track(OPTIONS, progress=cancel_at(session, line))
+    finally:
+        session.end_job()
+
+
+def test_a_cancel_before_the_run_tracks_a_frame_of_its_own_keeps_the_previous_result(session):
+    """A re-track from frame 5 writes frames 0 to 4 as the last run had them: cancelled there, it leaves
+    nothing, and the last result stands."""
     click(session, 0, 45, 60)
     first = session.track(OPTIONS)
     session.add_object()
-    click(session, 0, 120, 40)
-    session.begin_job()
-    stop_after = threading.Event()
-
-    def cancel_on_third_frame(fraction: float, text: str) -> None:
-        if "frame 2 / " in text:
-            assert session.request_cancel()
-            stop_after.set()
-
+    click(session, 5, 120, 40)
     with pytest.raises(Cancelled):
-        session.track(OPTIONS, progress=cancel_on_third_frame)
-    session.end_job()
-    assert stop_after.is_set()
+        cancelled_run(session, "frame 2 / ")
     assert session.result is first and first.masks.exists() and first.overlay.exists()
     assert sorted(p.name for p in (session.directory / "runs").iterdir()) == [first.masks.parent.name]
     assert session.request_cancel() is False  # nothing runs now: a stray Cancel changes nothing
     second = session.track(OPTIONS)
-    assert second.objects == {1, 2}
+    assert second.objects == {1, 2} and second.passes == [5]
+
+
+def test_a_cancel_keeps_the_frames_tracked_and_the_next_track_goes_on_from_there(session):
+    click(session, 0, 45, 60)
+    session.track(OPTIONS)
+    session.add_object()
+    click(session, 0, 120, 40)
+    stopped = cancelled_run(session, "frame 4 / ")
+    last = stopped.stopped_at
+    assert last in (3, 4) and session.result is stopped
+    with MaskZipReader(stopped.masks) as masks:
+        assert masks.frames() == list(range(last + 1))
+        kept = [np.array(masks[index]) for index in range(last + 1)]
+    assert probe(stopped.overlay).frame_count == last + 1
+    assert stopped.describe() == (f"stopped after frame {last}, the frames up to it kept with their masks "
+                                  f"(re-tracked from frame 0); Track goes on from frame {last}")
+    assert f"cancelled after frame {last}: the frames after it are not tracked" in stopped.summary
+    assert stopped.objects == {1, 2} and set(stopped.prompts) == {(0, 1), (0, 2)}
+    assert (session.labels(last) > 0).any() and not session.labels(last + 1).any()  # not tracked yet
+
+    again = session.track(OPTIONS)  # nothing changed, yet the video is not all tracked
+    assert not again.repeated and again.passes == [last] and again.stopped_at is None
+    assert again.describe() == f"re-tracked from frame {last}; frames before it kept their masks"
+    with MaskZipReader(again.masks) as masks:
+        assert masks.frames() == list(range(FRAMES))
+        for index in range(last + 1):
+            np.testing.assert_array_equal(masks[index], kept[index])
+    assert probe(again.overlay).frame_count == FRAMES
+    assert session.track(OPTIONS).repeated
+
+
+def test_a_cancel_in_a_correction_pass_keeps_its_frames_and_the_corrections_not_reached_wait(session):
+    """Corrections on frames 3 and 5 make two passes; a cancel in the second, after frame 5, keeps the frames up to
+    where it stopped: the correction on frame 3 is in them, the one on frame 5 is not (its pass had not begun), so
+    the next Track goes on from frame 5 with it. The tracked video of a pass before the last is drawn from its
+    masks."""
+    click(session, 0, 45, 60)
+    session.track(OPTIONS)
+    click(session, 3, 100, 30)
+    click(session, 5, 20, 100)
+    assert session.edits[(3, 1)].refine and session.edits[(5, 1)].refine
+    stopped = cancelled_run(session, "pass 1/2: frame 7 / ")
+    last = stopped.stopped_at
+    assert last in (6, 7) and stopped.passes == [3]
+    assert set(stopped.prompts) == {(0, 1), (3, 1)} and stopped.corrections == {(3, 1)}
+    assert probe(stopped.overlay).frame_count == last + 1
+    with MaskZipReader(stopped.masks) as masks:
+        assert masks.frames() == list(range(last + 1)) and masks[3][30, 100] == 1
+    assert [(p.frame, p.correct) for p in load_prompts(stopped.prompts_file)] == [(0, False), (3, True)]
+
+    again = session.track(OPTIONS)
+    assert again.passes == [5] and again.stopped_at is None and again.corrections == {(3, 1), (5, 1)}
+    with MaskZipReader(again.masks) as masks:
+        assert masks.frames() == list(range(FRAMES)) and masks[3][30, 100] == masks[5][100, 20] == 1
+
+
+def test_a_closed_page_keeps_nothing_of_its_cancelled_job(session):
+    click(session, 0, 45, 60)
+    session.begin_job()
+    closing = []
+
+    def close_page(fraction: float, text: str) -> None:
+        if "frame 4 / " in text and not closing:
+            closing.append(threading.Thread(target=session.close))
+            closing[0].start()
+            while not session.cancel.is_set():
+                time.sleep(0.01)
+
+    try:
+        with pytest.raises(Cancelled):
+            session.track(OPTIONS, progress=close_page)
+    finally:
+        session.end_job()
+    closing[0].join(30)
+    assert session.result is None and not session.directory.exists()
 
 
 def test_an_object_the_running_job_does_not_track_can_be_removed(session):

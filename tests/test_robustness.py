@@ -27,6 +27,7 @@ from tracker import pipeline, weights
 from tracker.errors import Cancelled, PromptError, TrackerError, VideoError, WeightsError
 from tracker.prompts import ObjectPrompt, load_prompts
 from tracker.options import TrackOptions
+from tracker.render import MaskZipReader
 from tracker.session import DeviceTurns, Tracker, TrackResult, load_xmem
 from tracker.weights import MODELS_DIR_ENV
 from tracker.video import VideoWriter, iter_frames, probe
@@ -432,6 +433,40 @@ def test_cancel_mid_run_writes_nothing(tracker, clip, tmp_path):
     stream = tracker.iter_tracked(clip, CLICK, cancel=cancel)
     with pytest.raises(Cancelled):
         list(stream)
+
+
+def test_a_cancel_can_keep_the_frames_done_with_the_sound_cut_there(tracker, tmp_path):
+    """`keep_on_cancel` (the page's Cancel): the files end at the last frame written, and the sound with them; a
+    cancel before the first prompted frame keeps nothing (those frames are tracked backward from it)."""
+    video = make_clip(tmp_path / "voiced.mp4", frames=12, width=WIDTH, height=HEIGHT, audio_seconds=1.0)
+    cancel = threading.Event()
+
+    def cancel_at(count: int):
+        def progress(done: int, total: int) -> None:
+            if done == count:
+                cancel.set()
+        return progress
+
+    result = tracker.track(video, CLICK, output=tmp_path / "o.mp4", masks=tmp_path / "m.zip", cancel=cancel,
+                           progress=cancel_at(5), keep_on_cancel=True)
+    stopped = result.stopped_at
+    assert stopped in (3, 4) and result.frames == stopped + 1 and result.lost_frames == 0
+    assert f"cancelled after frame {stopped}: the frames after it are not tracked" in result.summary()
+    assert decoded_count(tmp_path / "o.mp4") == stopped + 1
+    with MaskZipReader(tmp_path / "m.zip") as masks:
+        assert masks.frames() == list(range(stopped + 1))
+    with av.open(str(tmp_path / "o.mp4")) as container:
+        audio = container.streams.audio[0]
+        ends = [float((p.pts + p.duration) * p.time_base) for p in container.demux(audio) if p.pts is not None]
+    video_end = (stopped + 1) / 25
+    assert video_end - 0.05 < max(ends) < video_end + 0.05  # the clip's sound lasts 1 s
+
+    cancel.clear()
+    late = [ObjectPrompt(1, 5, [(32, 24)], [1])]
+    with pytest.raises(Cancelled):  # frames before frame 5 written (tracked backward from it), not frame 5
+        tracker.track(video, late, output=tmp_path / "late.mp4", cancel=cancel, progress=cancel_at(5 + 4),
+                      keep_on_cancel=True)
+    assert leftovers(tmp_path) == ["m.zip", "o.mp4", "voiced.mp4"]
 
 
 def test_cancel_stops_the_reading_of_the_frames_before_a_late_prompt(tracker, tmp_path, monkeypatch):

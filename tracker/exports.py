@@ -38,10 +38,11 @@ BOXES_HEADER = ("frame", "object", "x", "y", "width", "height", "area")
 
 def export_cutout(video: str | Path, masks: str | Path, object_ids: Iterable[int], output: str | Path,
                   kind: str = "transparent", *, cancel: threading.Event | None = None,
-                  progress: Callable[[int, int], None] | None = None) -> Path:
+                  progress: Callable[[int, int], None] | None = None, until: int | None = None) -> Path:
     """Write the chosen objects of `video` (their masks from a run's masks zip) to `output`; audio kept.
 
-    The file appears only once complete; on an error or cancel nothing is left.
+    The file appears only once complete; on an error or cancel nothing is left. `until`: the video ends after
+    that frame, its sound too (a run stopped there).
     """
     if kind not in CUTOUT_KINDS:
         raise TrackerError(f"unknown cut-out kind {kind!r}; use one of {', '.join(CUTOUT_KINDS)}")
@@ -68,7 +69,7 @@ def export_cutout(video: str | Path, masks: str | Path, object_ids: Iterable[int
                               "would be empty; choose objects it holds")
 
     return _draw_from_masks(video, masks, output, draw, "the cut-out", cancel, progress, codec=spec.codec,
-                            crf=spec.crf, exact_size=True, before_keeping=check_chosen)
+                            crf=spec.crf, exact_size=True, before_keeping=check_chosen, until=until)
 
 
 def boxes_named_after(masks: str | Path) -> Path:
@@ -105,17 +106,19 @@ def export_boxes(masks: str | Path, output: str | Path) -> Path:
 
 def export_overlay(video: str | Path, masks: str | Path, output: str | Path, *, alpha: float, outline: int,
                    crf: int, preset: str, cancel: threading.Event | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> Path:
-    """The tracked video drawn again from a run's masks with another look or encoding: no tracking needed."""
+                   progress: Callable[[int, int], None] | None = None, until: int | None = None) -> Path:
+    """The tracked video drawn again from a run's masks with another look or encoding: no tracking needed.
+    `until`: the video ends after that frame, its sound too (a run stopped there)."""
     return _draw_from_masks(video, masks, output, lambda image, labels: overlay(image, labels, alpha=alpha,
                                                                                outline=outline),
-                            "the redrawing", cancel, progress, codec="libx264", crf=crf, preset=preset)
+                            "the redrawing", cancel, progress, until=until, codec="libx264", crf=crf, preset=preset)
 
 
 def _draw_from_masks(video: str | Path, masks: str | Path, output: str | Path,
                      draw: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], what: str,
                      cancel: threading.Event | None, progress: Callable[[int, int], None] | None,
-                     before_keeping: Callable[[], None] | None = None, **writer_options) -> Path:
+                     before_keeping: Callable[[], None] | None = None, until: int | None = None,
+                     **writer_options) -> Path:
     """Each frame of `video` drawn with its labels from the masks zip, written to `output` with the audio."""
     info = probe(video)
     output = Path(output)
@@ -125,9 +128,10 @@ def _draw_from_masks(video: str | Path, masks: str | Path, output: str | Path,
             raise TrackerError(f"{reader.path.name} holds masks for {held[-1] + 1} frames, and {info.path.name} "
                                f"has {info.frame_count}: use the masks zip tracked from this video")
         with VideoWriter(output, info, audio_from=info.path if info.has_audio else None, **writer_options) as writer:
-            unmasked = _draw_frames(info, reader, writer, draw, what, cancel, progress)
+            unmasked = _draw_frames(info, reader, writer, draw, what, cancel, progress, until)
             if before_keeping is not None:  # raised here, the writer removes its unfinished file
                 before_keeping()
+            writer.close(stopped=until is not None)
     if unmasked:
         log.warning("%s holds no masks for %d of the %d frames of %s (%s): %s shows them with no object; a "
                     "run that tracks them gives them masks", reader.path.name, len(unmasked), info.frame_count,
@@ -148,12 +152,16 @@ def _frame_spans(indices: list[int]) -> str:
 
 def _draw_frames(info: VideoInfo, reader: MaskZipReader, writer: VideoWriter,
                  draw: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], what: str,
-                 cancel: threading.Event | None, progress: Callable[[int, int], None] | None) -> list[int]:
-    """Each frame drawn with its labels into `writer`, a frame the zip has no mask for with none (a run's zip
-    skips only frames the video lost, which do not decode here either); a cancel is seen between frames.
-    Returns the frames drawn without a mask."""
+                 cancel: threading.Event | None, progress: Callable[[int, int], None] | None,
+                 until: int | None = None) -> list[int]:
+    """Each frame drawn with its labels into `writer` (up to frame `until` where given), a frame the zip has no
+    mask for with none (a run's zip skips only frames the video lost, which do not decode here either); a cancel
+    is seen between frames. Returns the frames drawn without a mask."""
     unmasked = []
+    total = info.frame_count if until is None else min(until + 1, info.frame_count)
     for frame in iter_frames(info.path, size=info.size):
+        if until is not None and frame.index > until:
+            break
         if cancel is not None and cancel.is_set():
             raise Cancelled(f"{what} was cancelled")
         if frame.index in reader:
@@ -168,5 +176,5 @@ def _draw_frames(info: VideoInfo, reader: MaskZipReader, writer: VideoWriter,
         picture = draw(torch.from_numpy(frame.image), torch.from_numpy(labels))
         writer.write(picture.numpy(), frame.pts, frame.time)
         if progress is not None:
-            progress(frame.index + 1, info.frame_count)
+            progress(frame.index + 1, total)
     return unmasked

@@ -168,6 +168,9 @@ class RunRecord:
     # changed later (a click taken back) is applied again on this, not on the mask that holds the old one.
     corrected_from: dict[Key, np.ndarray] = field(default_factory=dict)
     corrections: frozenset[Key] = frozenset()  # the keys of `prompts` that are corrections
+    # A cancel kept the frames done: the last frame with masks (the files end there). `prompts` then holds only the
+    # prompts those frames took in; the next Track goes on from this frame (see plan_passes).
+    stopped_at: int | None = None
 
     def describe(self) -> str:
         """What the run did, in the user's words."""
@@ -185,6 +188,9 @@ class RunRecord:
             text = f"re-tracked from frame {first}" + ("; frames before it kept their masks" if first > 0 else "")
         if later:
             text += f"; corrections on frame{'s' * (len(later) > 1)} {', '.join(map(str, later))} applied on top"
+        if self.stopped_at is not None:
+            return (f"stopped after frame {self.stopped_at}, the frames up to it kept with their masks ({text}); "
+                    f"Track goes on from frame {self.stopped_at}")
         return text
 
 
@@ -193,7 +199,8 @@ def plan_passes(prompts: Mapping[Key, tuple], refine_frames: Sequence[int], obje
     """The tracking passes for a Track press: None = the whole video, n = from frame n on a previous result.
 
     A partial re-run starts at the earliest frame whose prompts changed since
-    `last`; each later frame with corrections gets its own pass so that those
+    `last`, or where `last` stopped (a cancel kept its frames up to there), if
+    earlier; each later frame with corrections gets its own pass so that those
     corrections refine the new tracking. An object added joins there too (the
     frames before its prompts never held it), unless the run would then start
     earlier than the last one did. A removed object (the last run's masks
@@ -205,12 +212,27 @@ def plan_passes(prompts: Mapping[Key, tuple], refine_frames: Sequence[int], obje
             or last.prompts.keys() - prompts.keys():
         return whole
     changed = {key for key in prompts.keys() | last.prompts.keys() if prompts.get(key) != last.prompts.get(key)}
-    if not changed:
+    starts = [frame for frame, _ in changed] + ([last.stopped_at] if last.stopped_at is not None else [])
+    if not starts:
         return whole
-    start = min(frame for frame, _ in changed)
+    start = min(starts)
     if objects != last.objects and start < last.first_prompt:
         return whole  # the whole video starts at the new object's prompt: earlier than the last run's first frame
     return [start, *sorted({frame for frame in refine_frames if frame > start})]
+
+
+def applied_prompts(prompts: Mapping[Key, tuple], corrections: frozenset[Key], passes: Sequence[int | None],
+                    stopped_at: int | None) -> dict[Key, tuple]:
+    """The prompts a run's masks took in, of those it read (`prompts`, `corrections` among them) for `passes`,
+    the passes it ran: all of them, unless a cancel stopped it after frame `stopped_at`. Then a prompt on a later
+    frame is not in, nor a correction whose pass did not start (one before the first pass is in: the run
+    kept it from the run it was built on)."""
+    if stopped_at is None:
+        return dict(prompts)
+    first = passes[0] if passes[0] is not None else 0
+    started = {start for start in passes if start is not None}
+    return {key: value for key, value in prompts.items() if key[0] <= stopped_at
+            and not (key in corrections and key[0] >= first and key[0] not in started)}
 
 
 def format_seconds(seconds: float) -> str:
@@ -325,6 +347,7 @@ class EditSession:
         self._clicks_settled = threading.Condition()
         self.job_ended = threading.Condition(self.lock)
         self.cancel = threading.Event()
+        self._closing = False  # the page went: a cancelled job keeps nothing
         self.job_running = False
         self._job_objects: frozenset[int] | None = frozenset()  # what the running job tracks; None: not read yet
         self.last_used = time.monotonic()
@@ -877,7 +900,9 @@ class EditSession:
         """Track every object through the video (or re-track from the earliest change) and keep the result.
 
         `sam_backend`: the backend chosen on the page, taken first (its own switch may still be on its way).
-        On cancel or error nothing of this run stays; the previous result is kept.
+        On an error nothing of this run stays, the previous result kept; so on a cancel before the run tracked a
+        frame of its own. A later cancel keeps the frames done as the result (see RunRecord.stopped_at), as the
+        XMem, Cutie and SAM 2 tools keep what their propagation reached.
         """
         if sam_backend is not None:
             self.set_sam_backend(sam_backend)
@@ -890,14 +915,14 @@ class EditSession:
             sam = self.sam
             prompt_frames, correction_frames = [frame for frame, _ in plain], [frame for frame, _ in refine]
             previous = self.result
-            same_prompts = not full and self._tracked_from(previous, snapshot)
+            same_prompts = not full and self._tracked_from(previous, snapshot) and previous.stopped_at is None
             if same_prompts and options == previous.options:
                 return replace(previous, repeated=True)
             base = previous.base if previous is not None and not full else None
             back_to_base = self._tracked_from(base, snapshot)
             if back_to_base and options == base.options:
                 record = replace(base, base=replace(previous, base=None), restored=True, redrawn=False,
-                                 summary=f"{self.info.present_frames} frames, none tracked")
+                                 summary=f"{self._frames_of(base)} frames, none tracked")
                 self._set_result(record)
                 return record
             passes = plan_passes(snapshot, correction_frames, objects, previous, full, sam.name)
@@ -953,9 +978,22 @@ class EditSession:
                     results.append(self.tracker.track(
                         self.video, prompts, output=output, masks=run_dir / f"masks-{index}.zip", options=options,
                         cancel=self.cancel, progress=lambda done, total, i=index: clock.update(i, done, total),
-                        previous=earlier, sam=sam, embeddings=embeddings, shown=shown))
+                        previous=earlier, sam=sam, embeddings=embeddings, shown=shown, keep_on_cancel=True))
                     masks = run_dir / f"masks-{index}.zip"
+                    if results[-1].stopped_at is not None:
+                        break
                 seconds = time.perf_counter() - began
+            stopped_at = results[-1].stopped_at
+            if stopped_at is not None and self._closing:  # the page went: nobody to keep the frames for
+                raise Cancelled("tracking was cancelled")
+            overlay = results[-1].output
+            if overlay is None:  # a pass before the last stopped: the tracked video of its frames, drawn now
+                overlay = export_overlay(
+                    self.video, masks, run_dir / f"{self.video.stem}{TRACKED_ENDING}", alpha=options.alpha,
+                    outline=options.outline, crf=options.crf, preset=options.preset, until=stopped_at,
+                    progress=lambda done, total: clock.report(
+                        done / total, f"Cancelled: drawing the tracked video of frames 0 to {stopped_at} "
+                                      f"({done}/{total})"))
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
@@ -964,13 +1002,17 @@ class EditSession:
             for stale in (f"masks-{index}.zip", f"corrected-{index}.zip"):
                 (run_dir / stale).unlink(missing_ok=True)
         summary = replace(combined(results), seconds=seconds).summary()
-        record = RunRecord(overlay=results[-1].output, masks=final_masks, summary=summary,
-                           warnings=list(results[-1].warnings), prompts=snapshot, objects=objects, passes=passes,
+        done = passes[:len(results)]
+        applied = applied_prompts(snapshot, frozenset(refine), done, stopped_at)
+        corrections = frozenset(refine) & applied.keys()
+        record = RunRecord(overlay=overlay, masks=final_masks, summary=summary,
+                           warnings=list(results[-1].warnings), prompts=applied,
+                           objects=frozenset(object_id for _, object_id in applied), passes=done,
                            backward=bool(passes[0]) and results[0].kept_frames == 0, options=options,
                            sam_backend=sam.name, base=replace(built_on, base=None) if passes[0] is not None else None,
-                           first_prompt=min(prompt_frames), corrections=frozenset(refine),
-                           prompts_file=self._write_prompts(snapshot, frozenset(refine), run_dir),
-                           corrected_from=corrected_from)
+                           first_prompt=min(prompt_frames), corrections=corrections,
+                           prompts_file=self._write_prompts(applied, corrections, run_dir),
+                           corrected_from=corrected_from, stopped_at=stopped_at)
         with self.lock:  # objects added, clicked or removed during the run count
             clicked = {object_id for (_, object_id), edit in self.edits.items() if edit.clicks.selects}
             now = self._prompts()[2]
@@ -998,7 +1040,7 @@ class EditSession:
             drawn = export_overlay(
                 self.video, previous.masks, run_dir / previous.overlay.name, alpha=options.alpha,
                 outline=options.outline, crf=options.crf, preset=options.preset, cancel=self.cancel,
-                progress=None if progress is None else
+                until=previous.stopped_at, progress=None if progress is None else
                 lambda done, total: progress(done / total, f"Drawing frame {done}/{total} with the new look"))
             masks = run_dir / previous.masks.name
             _link_or_copy(previous.masks, masks)  # the previous run's folder goes with it
@@ -1010,10 +1052,14 @@ class EditSession:
         warnings = [w for w in previous.warnings if w != LOSSLESS_WARNING] + [LOSSLESS_WARNING] * (options.crf == 0)
         record = replace(previous, overlay=drawn, masks=masks, options=options, redrawn=True, restored=restored,
                          base=base, warnings=warnings, prompts_file=prompts_file,
-                         summary=f"{self.info.present_frames} frames drawn again in {seconds:.1f} s, none tracked")
+                         summary=f"{self._frames_of(previous)} frames drawn again in {seconds:.1f} s, none tracked")
         with self.lock:
             self._set_result(record)
         return record
+
+    def _frames_of(self, record: RunRecord) -> int:
+        """The frames a run's files hold: a stopped run's end where it stopped."""
+        return self.info.present_frames if record.stopped_at is None else record.stopped_at + 1
 
     def _write_prompts(self, prompts: Mapping[Key, tuple], corrections: frozenset[Key], run_dir: Path) -> Path:
         """A run's clicks and boxes as a prompts file (frame pixels), named after the video: `--prompts` of the
@@ -1221,7 +1267,7 @@ class EditSession:
             video = self.video
         report = progress or (lambda fraction, text: None)
         path = export_cutout(video, record.masks, object_ids, folder / f"{video.stem}_{CUTOUT_KINDS[kind].filename}",
-                             kind, cancel=self.cancel,
+                             kind, cancel=self.cancel, until=record.stopped_at,
                              progress=lambda done, total: report(done / total, f"Cut-out: frame {done}/{total}"))
         with self.lock:
             if self.result is record:
@@ -1230,6 +1276,7 @@ class EditSession:
 
     def close(self, wait: float = 30) -> None:
         """Stop any job (waiting up to `wait` s for it to let go) and remove everything the session wrote or took in."""
+        self._closing = True
         self.cancel.set()
         with self.lock:
             self.job_ended.wait_for(lambda: not self.job_running, timeout=wait)

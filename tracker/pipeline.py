@@ -566,10 +566,11 @@ class ThreadedSink:
     holds) the queue is as deep as `writer_queue_depth` allows, else 8 deep.
     """
 
-    def __init__(self, name: str, consume: Callable, finish: Callable[[], None], discard: Callable[[], None],
+    def __init__(self, name: str, consume: Callable, finish: Callable[..., None], discard: Callable[[], None],
                  item_bytes: int | None = None):
         self._queue: queue.Queue = queue.Queue(maxsize=8 if item_bytes is None else writer_queue_depth(item_bytes))
         self._consume, self._finish, self._discard = consume, finish, discard
+        self._finish_args: tuple = ()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -588,7 +589,7 @@ class ThreadedSink:
                     self._error = exc
         if self._error is None:
             try:
-                self._finish()
+                self._finish(*self._finish_args)
             except BaseException as exc:
                 self._error = exc
 
@@ -597,8 +598,10 @@ class ThreadedSink:
             raise self._error
         self._queue.put(item)
 
-    def close(self) -> None:
-        """Wait for every item to be written and the file finished; re-raise a writer error."""
+    def close(self, *finish_args) -> None:
+        """Wait for every item to be written and the file finished (`finish(*finish_args)`); re-raise a writer
+        error."""
+        self._finish_args = finish_args
         self._queue.put(self._END)
         self._thread.join()
         if self._error is not None:

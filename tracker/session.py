@@ -267,6 +267,8 @@ class TrackResult:
     # each pass that re-tracks it.
     passes: int = 1
     tracked_frames: int | None = None
+    # A cancel that kept the frames done (`Tracker.track`'s `keep_on_cancel`): the last frame written.
+    stopped_at: int | None = None
 
     @property
     def fps(self) -> float:
@@ -274,7 +276,7 @@ class TrackResult:
 
     @property
     def lost_frames(self) -> int:
-        return max(0, self.expected_frames - self.frames)
+        return 0 if self.stopped_at is not None else max(0, self.expected_frames - self.frames)
 
     def summary(self) -> str:
         if self.passes > 1:
@@ -296,6 +298,8 @@ class TrackResult:
     def details(self) -> list[str]:
         """The summary's parts after the rate: where it ran, and what the file lost."""
         parts = [f"device {self.device}", f"SAM backend {self.sam_backend}"]
+        if self.stopped_at is not None:
+            parts.insert(0, f"cancelled after frame {self.stopped_at}: the frames after it are not tracked")
         if self.peak_gpu_bytes is not None:
             parts.append(f"peak GPU memory {self.peak_gpu_bytes / 2**30:.2f} GiB")
         if self.lost_frames:
@@ -554,11 +558,14 @@ class Tracker:
               cancel: threading.Event | None = None, progress: ProgressFn | None = None,
               previous: PreviousRun | None = None, sam: SamBackend | None = None,
               embeddings: Mapping[int, ImageEmbedding] | None = None, waiting: WaitFn | None = None,
-              shown: Callable[[TrackedFrame], None] | None = None) -> TrackResult:
+              shown: Callable[[TrackedFrame], None] | None = None, keep_on_cancel: bool = False) -> TrackResult:
         """Track the prompted objects through the video and write the overlay MP4 and/or the masks zip.
 
         Files appear at their paths only once complete; on any error or cancel
-        nothing is left behind. With `previous`, only frames from
+        nothing is left behind, except that with `keep_on_cancel` a cancel once
+        tracking has passed the first prompted frame finishes the files with the
+        frames written so far (the video and its sound end there) and returns
+        their result, `stopped_at` naming the last. With `previous`, only frames from
         `previous.from_frame` on are tracked again (a correction there becomes
         a new memory frame); earlier frames keep the previous masks, unless
         `previous.backward`. Corrections (prompts with `correct`) are
@@ -583,31 +590,40 @@ class Tracker:
             keyframes, earlier = self._plan(info, prompts, previous, sam, embeddings, cancel, opened)
             sinks = self._open_sinks(info, output, masks, options, stack)
             video_sink, zip_sink = sinks
-            frames = 0
+            frames, last_written, stopped_at = 0, -1, None
             graphs = frame_graphs(self.device, options)
             interlaced = coded_fields(info, "libx264") is not None  # `_open_sinks`' writer codes fields
-            for tracked in track_frames(self.xmem, info, keyframes, options, self.device, cancel=cancel,
-                                        progress=progress, earlier=earlier, graphs=graphs,
-                                        between_frames=self._clicks_first(cancel)):
-                if video_sink is not None:
-                    picture = encoder_picture(tracked.image, tracked.labels, alpha=options.alpha,
-                                              outline=options.outline, interlaced=interlaced, graphs=graphs)
-                    video_sink.put(picture, tracked.pts, tracked.time)
-                if zip_sink is not None:
-                    zip_sink.put(tracked.index, Download(tracked.labels))
-                if shown is not None:
-                    shown(tracked)
-                frames += 1
-            for sink in sinks:
-                if sink is not None:
-                    sink.close()
+            try:
+                for tracked in track_frames(self.xmem, info, keyframes, options, self.device, cancel=cancel,
+                                            progress=progress, earlier=earlier, graphs=graphs,
+                                            between_frames=self._clicks_first(cancel)):
+                    if video_sink is not None:
+                        picture = encoder_picture(tracked.image, tracked.labels, alpha=options.alpha,
+                                                  outline=options.outline, interlaced=interlaced, graphs=graphs)
+                        video_sink.put(picture, tracked.pts, tracked.time)
+                    if zip_sink is not None:
+                        zip_sink.put(tracked.index, Download(tracked.labels))
+                    if shown is not None:
+                        shown(tracked)
+                    frames, last_written = frames + 1, tracked.index
+            except Cancelled:
+                # Frames before the first prompted one are a previous run's, or tracked backward from it: only
+                # frames tracked forward from it are worth keeping.
+                if not keep_on_cancel or last_written < min(keyframes):
+                    raise
+                stopped_at = last_written
+            if video_sink is not None:
+                video_sink.close(stopped_at is not None)
+            if zip_sink is not None:
+                zip_sink.close()
             stack.pop_all()
             peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
             result = TrackResult(frames=frames, expected_frames=info.frame_count,
                                  seconds=time.perf_counter() - began, device=self.device_name,
                                  sam_backend=sam.name, peak_gpu_bytes=peak,
                                  kept_frames=0 if earlier is None else min(previous.from_frame, frames),
-                                 output=Path(output) if output else None, masks=Path(masks) if masks else None)
+                                 output=Path(output) if output else None, masks=Path(masks) if masks else None,
+                                 stopped_at=stopped_at)
         result.warnings.extend(option_warnings(options, info, output is not None))
         if output is not None:  # what the tracked video could not keep (an odd size, say), not only in the log
             result.warnings.extend(written_notes(info, "libx264"))

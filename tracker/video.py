@@ -1389,8 +1389,11 @@ class VideoWriter(AtomicWriter):
         """The first frame's time in the input, where the sound written with it begins."""
         return float((self._first_pts or 0) * self.info.time_base)
 
-    def close(self) -> None:
-        """Flush the encoder, finish the audio, move the index to the front and rename into place."""
+    def close(self, stopped: bool = False) -> None:
+        """Flush the encoder, finish the audio, move the index to the front and rename into place.
+
+        `stopped`: the video ends early on purpose (a cancelled job keeping the frames it did), its audio with it.
+        """
         with self._lock:
             if self._done:
                 return
@@ -1400,7 +1403,7 @@ class VideoWriter(AtomicWriter):
                 # The audio plays to its own end, as in the input (a voice-over may outlast the picture), also
                 # past frames lost to damage; in a file cut short it stops with the last frame written.
                 whole = self._frames >= self.info.frame_count or \
-                    (self.info.truncated_to is None and self.info.cut_short is None)
+                    (not stopped and self.info.truncated_to is None and self.info.cut_short is None)
                 audio_end = float("inf") if whole else self._end_seconds()
                 for track in self._audio:
                     track.copy_until(audio_end, self._start_seconds(), final=True)
