@@ -245,6 +245,19 @@ def test_valid_prompts_pass_and_duplicates_fail():
         check_prompts([], 160, 120, 30)
 
 
+@pytest.mark.parametrize("first", [0, 1])
+def test_a_prompt_and_a_correction_on_one_frame_say_to_keep_one_not_to_merge(first):
+    """Merging them, as the message for two prompts said, makes no sense: the correction applies on the mask the
+    prompt gives."""
+    entries = [{"id": 1, "points": [[10, 10]]}, {"id": 1, "points": [[12, 12]], "labels": [0], "correct": True}]
+    prompts = prompts_from_json({"objects": entries[first:] + entries[:first]})
+    with pytest.raises(PromptError, match=r"^object 1 has a prompt and a correction on frame 0: .* keep one"):
+        check_prompts(prompts, 160, 120, 30)
+    corrections = [ObjectPrompt(1, 0, [(5, 5)], [1]), *[ObjectPrompt(1, 4, [(5, 5)], [0], correct=True)] * 2]
+    with pytest.raises(PromptError, match="two prompts on frame 4; merge them"):
+        check_prompts(corrections, 160, 120, 30)
+
+
 def test_points_without_labels_are_on_the_object_and_a_bom_is_no_error(tmp_path):
     assert ObjectPrompt(1, points=[(10, 10), (20, 30)]).labels == [1, 1]
     path = tmp_path / "notepad.json"  # Windows editors start UTF-8 files with a byte-order mark

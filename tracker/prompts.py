@@ -158,13 +158,17 @@ def check_prompts(prompts: Sequence[ObjectPrompt], width: int, height: int, fram
         raise PromptError("prompts must be a list of ObjectPrompt (a prompts file's: tracker.load_prompts(path))")
     if not prompts:
         raise PromptError("no object selected: give at least one object prompt (clicks or a box on a frame)")
-    seen: set[tuple[int, int]] = set()
+    corrects: dict[tuple[int, int], bool] = {}  # (object, frame) -> whether its prompt there is a correction
     for prompt in prompts:
         prompt.check(width, height, frame_count, present_frames)
         key = (prompt.object_id, prompt.frame)
-        if key in seen:
+        if key in corrects and corrects[key] != prompt.correct:
+            raise PromptError(f"object {prompt.object_id} has a prompt and a correction on frame {prompt.frame}: a "
+                              "correction applies on the mask tracked from a prompt, so it cannot share the prompt's "
+                              'frame; keep one (the correction\'s clicks can join the prompt\'s, without "correct")')
+        if key in corrects:
             raise PromptError(f"object {prompt.object_id} has two prompts on frame {prompt.frame}; merge them")
-        seen.add(key)
+        corrects[key] = prompt.correct
     selected = {prompt.object_id for prompt in prompts if not prompt.correct}
     for prompt in prompts:
         if prompt.correct and prompt.object_id not in selected:
