@@ -450,6 +450,27 @@ def test_untrained_weights_command(tmp_path):
     assert done.returncode == 2 and "the folder for the untrained checkpoints is empty" in done.stderr, done.stderr
 
 
+def test_untrained_weights_command_says_which_files_it_replaced(tmp_path, monkeypatch, capsys):
+    from tracker import weights
+    from tracker.cli import main
+
+    monkeypatch.setattr(weights, "untrained_state_dict", lambda layout, seed=0: {"w": torch.zeros(1)})
+    assert main(["weights", "untrained", str(tmp_path)]) == 0
+    sam, xmem = weights.untrained_paths(tmp_path).values()
+    xmem.unlink()
+    assert main(["weights", "untrained", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines()[2:] == [f"replaced {sam} (UNTRAINED: for tests and offline demos "
+                                                        f"only)", f"wrote {xmem} (UNTRAINED: for tests and offline "
+                                                        "demos only)"]
+    sam.with_suffix(".pth.json").unlink()
+    sam.write_bytes(b"a file of the user's")
+    assert main(["weights", "untrained", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"error: {sam} is not a checkpoint, not an untrained one; move it elsewhere "
+                                       "first, or pass --force (force=True) to replace it\n")
+    assert main(["weights", "untrained", str(tmp_path), "--force"]) == 0
+    assert f"replaced {sam}" in capsys.readouterr().out
+
+
 def test_bench_smoke_run_prints_every_row():
     """`python -m tracker bench --device cpu --quick` runs every stage once (CI's smoke test; no timing is checked)."""
     done = run_cli("bench", "--device", "cpu", "--quick", "--rounds", "2")

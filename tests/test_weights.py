@@ -250,6 +250,27 @@ def test_untrained_checkpoints_load_strictly_into_the_real_models(untrained_chec
         assert weights.checkpoint_warning(path).startswith(weights.UNTRAINED_WARNING)
 
 
+def test_untrained_weights_replace_only_untrained_files_unless_forced(tmp_path, monkeypatch):
+    """An official checkpoint saved under an untrained one's name was replaced without a word: a download lost."""
+    monkeypatch.setattr(weights, "untrained_state_dict", lambda layout, seed=0: {"w": torch.zeros(1)})
+    paths = weights.write_untrained(tmp_path)
+    assert weights.write_untrained(tmp_path) == paths  # a rerun replaces its own files
+    official = b"the official XMem checkpoint"
+    entries = {**weights.manifest(), "xmem": replace(weights.manifest()["xmem"],
+                                                     sha256=hashlib.sha256(official).hexdigest())}
+    monkeypatch.setattr(weights, "manifest", lambda: entries)
+    paths["xmem"].with_suffix(".pth.json").unlink()  # a user's file has no sidecar
+    for content, what in ((official, "an official checkpoint"), (b"a user's file", "not a checkpoint")):
+        paths["xmem"].write_bytes(content)
+        sam_file = paths["sam"].stat().st_ino
+        with pytest.raises(WeightsError, match=rf"^{re.escape(str(paths['xmem']))} is {what}[^,]*, not an untrained "
+                                               r"one; move it elsewhere first, or pass --force"):
+            weights.write_untrained(tmp_path)
+        assert paths["xmem"].read_bytes() == content and paths["sam"].stat().st_ino == sam_file  # nothing written
+    weights.write_untrained(tmp_path, force=True)
+    assert weights.checkpoint_status(paths["xmem"]) == "untrained"
+
+
 def test_untrained_weights_are_deterministic_and_leave_the_global_rng_alone():
     rng_state = torch.random.get_rng_state()
     first, again = weights.untrained_state_dict("xmem", 0), weights.untrained_state_dict("xmem", 0)

@@ -35,7 +35,7 @@ from .render import encoder_picture, encoder_picture_bytes
 from .sam import TorchSam, resolve_device
 from .session import Tracker
 from .video import VideoInfo, VideoWriter, iter_frames, make_clip, probe
-from .weights import UNTRAINED_FILENAMES
+from .weights import untrained_paths
 
 
 @dataclass(frozen=True)
@@ -335,7 +335,7 @@ def _untrained_checkpoints(directory: Path) -> dict[str, Path]:
     """Write them in a child process, so that building them does not count in this process's peak RSS."""
     subprocess.run([sys.executable, "-m", "tracker", "weights", "untrained", str(directory)], check=True,
                    stdout=subprocess.DEVNULL)
-    return {name: directory / filename for name, filename in UNTRAINED_FILENAMES.items()}
+    return untrained_paths(directory)
 
 
 def _header(device: torch.device, profile: Profile) -> str:

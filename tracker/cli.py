@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     untrained = actions.add_parser("untrained", parents=[after],
                                    help="write untrained checkpoints in the official layouts")
     untrained.add_argument("directory", help="folder to write them to (created if missing)")
+    untrained.add_argument("--force", action="store_true", help="replace files of their names there even where "
+                           "they are not untrained checkpoints (an official or trained one, say)")
 
     # Listed for --help; main() hands its arguments to tracker.bench unparsed.
     commands.add_parser("bench", add_help=False, help="print the speed table (python -m tracker bench -h)")
@@ -302,8 +304,9 @@ def _weights(args: argparse.Namespace) -> int:
         for path in weights.download_all(progress=True).values():
             print(f"ok {path}")
     else:
-        for path in weights.write_untrained(args.directory).values():
-            print(f"wrote {path} (UNTRAINED: for tests and offline demos only)")
+        there = {path for path in weights.untrained_paths(args.directory).values() if path.exists()}
+        for path in weights.write_untrained(args.directory, force=args.force).values():
+            print(f"{'replaced' if path in there else 'wrote'} {path} (UNTRAINED: for tests and offline demos only)")
     return 0
 
 

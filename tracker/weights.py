@@ -227,10 +227,17 @@ def untrained_state_dict(layout: str, seed: int = 0) -> dict[str, torch.Tensor]:
         return build_model(layout).state_dict()
 
 
-def write_untrained(directory: str | Path, seed: int = 0) -> dict[str, Path]:
+def untrained_paths(directory: str | Path) -> dict[str, Path]:
+    """Where `write_untrained(directory)` writes each checkpoint: {"sam": path, "xmem": path}."""
+    return {name: Path(directory) / filename for name, filename in UNTRAINED_FILENAMES.items()}
+
+
+def write_untrained(directory: str | Path, seed: int = 0, force: bool = False) -> dict[str, Path]:
     """Write untrained SAM ViT-B and XMem checkpoints (official layouts) with `.json` sidecars.
 
     They exercise the whole pipeline without downloads; their masks are meaningless.
+    A file already there is replaced only if it is untrained too, or with `force`: a real checkpoint saved under
+    that name (official or trained) would take a download or a training to get back.
     Returns {"sam": path, "xmem": path}.
     """
     if not str(directory).strip():  # an unset shell variable, say: not the current folder
@@ -241,16 +248,32 @@ def write_untrained(directory: str | Path, seed: int = 0) -> dict[str, Path]:
     except OSError as exc:
         reason = "it is a file" if directory.is_file() else exc.strerror or exc
         raise WeightsError(f"cannot write checkpoints into {directory}: {reason}; give a folder") from exc
-    paths = {}
-    for name, filename in UNTRAINED_FILENAMES.items():
+    paths = untrained_paths(directory)
+    if not force:
+        for path in paths.values():
+            _check_untrained_or_absent(path)
+    for name, path in paths.items():
         layout = _entry(name).layout
-        path = directory / filename
         with _atomic_path(path) as tmp:
             torch.save(untrained_state_dict(layout, seed), tmp)
         with _atomic_path(_sidecar_path(path)) as tmp:
             tmp.write_text(json.dumps({"untrained": True, "layout": layout, "seed": seed}, indent=2) + "\n")
-        paths[name] = path
     return paths
+
+
+def _check_untrained_or_absent(path: Path) -> None:
+    """Refuse to replace `path` unless it is missing or an untrained checkpoint (a rerun)."""
+    if not path.exists():
+        return
+    try:
+        status = checkpoint_status(path)
+    except WeightsError:
+        status = None
+    if status != "untrained":
+        what = {"official": "an official checkpoint (its SHA-256 is the official one's)",
+                "unverified": "a trained checkpoint"}.get(status, "not a checkpoint")
+        raise WeightsError(f"{path} is {what}, not an untrained one; move it elsewhere first, or pass --force "
+                           "(force=True) to replace it")
 
 
 def checkpoint_status(path: str | Path, layout: str | None = None) -> CheckpointStatus:
