@@ -753,3 +753,11 @@ def test_a_slow_run_states_its_rate_not_zero():
     slow = TrackResult(frames=1, expected_frames=1, seconds=25.0, device="cpu", sam_backend="torch")
     assert "1 frame in 25.0 s (0.04 FPS)" in slow.summary()
     assert "(12.0 FPS)" in TrackResult(12, 12, 1.0, "cpu", "torch").summary()
+
+
+def test_the_summary_names_the_working_resolution(tracker, clip, tmp_path):
+    """Quality and speed hang on it, and a --size larger than the video's own does not say what it was."""
+    for size, working in ((24, "32x24"), (480, "64x48")):
+        result = tracker.track(clip, CLICK, masks=tmp_path / "m.zip", options=TrackOptions(size=size))
+        assert f"SAM backend torch, XMem at {working}" in result.summary()
+    assert "XMem at" not in TrackResult(12, 12, 1.0, "cpu", "torch").summary()  # a result built without it

@@ -31,7 +31,7 @@ from XMem.model.network import XMem, dims_from_state_dict
 from . import weights
 from .errors import Cancelled, TrackerError, VideoError
 from .options import CutoutKind, TrackOptions
-from .pipeline import IDLE_GRAPHS, ProgressFn, ThreadedSink, TrackedFrame, frame_graphs, track_frames
+from .pipeline import IDLE_GRAPHS, ProgressFn, ThreadedSink, TrackedFrame, frame_graphs, track_frames, working_size
 from .prompts import ObjectPrompt, check_prompts
 from .render import MaskZipReader, MaskZipWriter, copy_masks_until, encoder_picture, encoder_picture_bytes
 from .sam import ImageEmbedding, SamBackend, load_sam, mask_to_logits, ready_backends, resolve_device, segment
@@ -269,6 +269,7 @@ class TrackResult:
     tracked_frames: int | None = None
     # A cancel that kept the frames done (`Tracker.track`'s `keep_on_cancel`): the last frame written.
     stopped_at: int | None = None
+    working_size: tuple[int, int] | None = None  # (width, height) XMem tracked at
 
     @property
     def fps(self) -> float:
@@ -296,10 +297,12 @@ class TrackResult:
         return ", ".join([rate, *self.details()])
 
     def details(self) -> list[str]:
-        """The summary's parts after the rate: where it ran, and what the file lost."""
+        """The summary's parts after the rate: where and at what resolution it ran, and what the file lost."""
         parts = [f"device {self.device}", f"SAM backend {self.sam_backend}"]
         if self.stopped_at is not None:
             parts.insert(0, f"cancelled after frame {self.stopped_at}: the frames after it are not tracked")
+        if self.working_size is not None:
+            parts.append("XMem at {}x{}".format(*self.working_size))
         if self.peak_gpu_bytes is not None:
             parts.append(f"peak GPU memory {self.peak_gpu_bytes / 2**30:.2f} GiB")
         if self.lost_frames:
@@ -623,7 +626,8 @@ class Tracker:
                                  sam_backend=sam.name, peak_gpu_bytes=peak,
                                  kept_frames=0 if earlier is None else min(previous.from_frame, frames),
                                  output=Path(output) if output else None, masks=Path(masks) if masks else None,
-                                 stopped_at=stopped_at)
+                                 stopped_at=stopped_at,
+                                 working_size=working_size(info.width, info.height, options.size))
         result.warnings.extend(option_warnings(options, info, output is not None))
         if output is not None:  # what the tracked video could not keep (an odd size, say), not only in the log
             result.warnings.extend(written_notes(info, "libx264"))
