@@ -16,6 +16,7 @@ from PIL import Image
 
 from media import make_clip
 from test_app import CHROMIUM, SAM_SECONDS, TRACK_SECONDS, AppPage, headless_chromium, serve_app
+from tracker.prompts import ObjectPrompt, prompts_to_text
 from tracker.video import probe
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="the browser tests need Debian's chromium package")
@@ -131,6 +132,29 @@ def test_cancel_stops_the_job_and_the_app_stays_usable(app, browser, clips, tmp_
     user.wait_status("object 2 added")
     assert user.track().startswith(f"Done: re-tracked from frame {last}; frames before it kept their masks. 60 frames")
     assert probe(user.download("long_tracked.mp4", tmp_path)).frame_count == 60
+    user.page.context.close()
+
+
+def test_what_the_running_job_tracks_cannot_be_removed_or_replaced_and_the_page_says_why(app, browser, clips,
+                                                                                          tmp_path):
+    """Remove object and Load clicks stay usable during a job (an object added meanwhile can go; a job still
+    waiting for its turn tracks a file loaded then); what the job tracks is refused in the status and a toast, a
+    prompts file at once, not after saying that it loads."""
+    user = AppPage(browser.new_context().new_page(), app.url)
+    start_long_job(user, clips)
+    user.page.locator("#remove-object").click()
+    in_the_job = "object 1 is in the tracking job under way: remove it once the job is done, or press Cancel first"
+    user.wait_status(f"^Error: {in_the_job}$")
+    user.page.locator(".toast-body").filter(has_text=in_the_job).wait_for()
+    prompts = tmp_path / "other_prompts.json"
+    prompts.write_text(prompts_to_text([ObjectPrompt(1, 0, [(20.0, 20.0)], [1])], (160, 120)))
+    user.load_prompts(prompts)
+    taken = ("the tracking job under way has taken the clicks it tracks: load the prompts file once it is done, "
+             "or press Cancel first")
+    user.wait_status(f"^Error: {taken}$", unlike=f"Error: {in_the_job}")
+    user.page.locator(".toast-body").filter(has_text=taken).wait_for()
+    user.page.locator("#cancel-button").click()
+    user.wait_status("^Cancelled: nothing of that run was kept", 30)
     user.page.context.close()
 
 

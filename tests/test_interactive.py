@@ -306,7 +306,7 @@ def test_objects_have_their_own_ids_and_clicks(session):
     session.add_object()
     session.begin_job()  # the job tracks object 2: removing it now would not reach the result
     try:
-        with pytest.raises(TrackerError, match="a tracking job is running"):
+        with pytest.raises(TrackerError, match="object 2 is in the tracking job under way"):
             session.remove_object(2)
     finally:
         session.end_job()
@@ -552,9 +552,11 @@ def test_a_track_pressed_while_a_prompts_file_loads_tracks_its_prompts(session, 
     def load_midway(fraction: float, text: str) -> None:
         if "frame 2 / " in text and not refused:
             embedded = len(session.sam.embedded)
+            with pytest.raises(TrackerError) as said_at_once:  # the page's first word on the file
+                session.prompts_file_wait(path)
             with pytest.raises(TrackerError) as error:
                 session.load_prompts_file(path)
-            refused.append(str(error.value))
+            refused.extend((str(said_at_once.value), str(error.value)))
             assert len(session.sam.embedded) == embedded, "the refused load ran SAM"
 
     session._embeddings.clear()
@@ -563,7 +565,9 @@ def test_a_track_pressed_while_a_prompts_file_loads_tracks_its_prompts(session, 
         session.track(OPTIONS, full=True, progress=load_midway)
     finally:
         session.end_job()
-    assert refused == ["a tracking job is running: wait for it or press Cancel first"]
+    assert refused == ["the tracking job under way has taken the clicks it tracks: load the prompts file once it "
+                       "is done, or press Cancel first"] * 2
+    assert not session.clicks_waiting(), "a refused load is not waited for"
     assert written_prompts(session) == loaded
 
 
@@ -732,15 +736,17 @@ def test_an_object_the_running_job_does_not_track_can_be_removed(session):
     click(session, 0, 45, 60)
     session.add_object()  # object 2, never clicked
     session.begin_job()
-    with pytest.raises(TrackerError, match="tracking job is running"):
+    in_the_job = "object 2 is in the tracking job under way: remove it once the job is done, or press Cancel first"
+    with pytest.raises(TrackerError, match=f"^{in_the_job}$"):
         session.remove_object(2)  # the job has not read its prompts yet
     during = []
 
     def edit_objects() -> None:  # as the page does, from another thread while the job runs
         during.append(session.add_object())
-        session.remove_object(during[0])
+        # Said of the job under way: the last run's result, which it replaces, says nothing of the next Track.
+        assert session.remove_object(during[0]) == "object 3 removed (the tracking job under way does not track it)"
         session.remove_object(2)
-        with pytest.raises(TrackerError, match="tracking job is running"):
+        with pytest.raises(TrackerError, match="^object 1 is in the tracking job under way"):
             session.remove_object(1)
 
     def midway(fraction: float, text: str) -> None:

@@ -476,7 +476,8 @@ class EditSession:
         """Every object may be replaced unless a job tracks them: one that has not read its prompts yet waits for
         announced clicks (`_await_clicks`), and so tracks what replaces them."""
         if self.job_running and self._job_objects is not None:
-            self._require_idle()
+            raise TrackerError("the tracking job under way has taken the clicks it tracks: load the prompts file "
+                               "once it is done, or press Cancel first")
 
     # -- objects ---------------------------------------------------------
     def add_object(self) -> int:
@@ -507,8 +508,9 @@ class EditSession:
         Not while a job that tracks it runs: its result would bring it back.
         """
         with self.lock:
-            if self._job_objects is None or object_id in self._job_objects:
-                self._require_idle()
+            if self.job_running and (self._job_objects is None or object_id in self._job_objects):
+                raise TrackerError(f"object {object_id} is in the tracking job under way: remove it once the job "
+                                   "is done, or press Cancel first")
             if object_id not in self.objects:
                 raise PromptError(f"object {object_id} does not exist")
             if len(self.objects) == 1:
@@ -517,6 +519,8 @@ class EditSession:
             self.edits = {key: edit for key, edit in self.edits.items() if key[1] != object_id}
             if self.current == object_id:
                 self.current = self.objects[-1]
+            if self.job_running:  # the next Track's work depends on the running job's result, not the last one
+                return f"object {object_id} removed (the tracking job under way does not track it)"
             if self.result is None:
                 return f"object {object_id} removed"
             if (self._prompts()[2], self.sam.name) == (self.result.prompts, self.result.sam_backend):
@@ -1108,7 +1112,9 @@ class EditSession:
 
     def prompts_file_wait(self, path: str | Path) -> str:
         """What to show while a prompts file waits for `load_prompts_file` (said before it runs, as `click_wait`
-        says a click): a Track pressed from now on waits for the load and tracks its prompts."""
+        says a click): a Track pressed from now on waits for the load and tracks its prompts. Refused at once
+        while a job tracks the clicks it has taken (read without the lock, as `has_work` reads)."""
+        self._require_prompts_unread()
         with self._clicks_settled:
             self._files_announced.add(str(Path(path)))
             self._announce()
