@@ -27,12 +27,13 @@ from PIL import Image
 from media import make_clip, slowed, truncated_copy
 from tracker.errors import Cancelled, ClickDropped, PromptError, TrackerError, VideoError
 from tracker.interactive import (PREVIEWS_KEPT, Clicks, EditSession, Limits, ProgressClock, RunRecord, SessionStore,
-                                 Style, device_wait_line, display_scale, display_size, format_seconds, frame_caption,
-                                 plan_passes, upload_message)
+                                 Style, device_wait_line, display_scale, display_size, draw_clicks, format_seconds,
+                                 frame_caption, plan_passes, upload_message)
 from tracker.options import TrackOptions
 from tracker.session import LOSSLESS_WARNING, retracks_backward
 from tracker.prompts import ObjectPrompt, load_prompts, prompts_to_text
-from tracker.render import CHROMA_GREEN, MaskZipReader, MaskZipWriter, copy_masks_until, overlay
+from tracker.render import (CHROMA_GREEN, MaskZipReader, MaskZipWriter, copy_masks_until, overlay,
+                           overlay_colours)
 from tracker.sam import (ImageEmbedding, SamBackend, SamPrediction, mask_to_logits, resized_shape, to_frame_coords,
                          upscale_masks)
 from tracker.video import VideoInfo, iter_frames, probe, read_frame
@@ -182,6 +183,29 @@ def test_a_first_pass_at_or_before_every_prompt_re_tracks_backward_unless_a_corr
     assert not retracks_backward(6, [5, 7], [6])  # frames before 6 were tracked forward from 5
     assert not retracks_backward(5, [5], [3])  # the correction on frame 3 stays
     assert not retracks_backward(0, [0], []) and not retracks_backward(None, [4], [])
+
+
+def test_a_points_kind_is_its_glyph_and_its_object_its_colour():
+    """A negative point of object 2 must not look like a positive point of object 1 (red) or of object 2 (green)."""
+    grey = np.full((800, 1000, 3), 128, np.uint8)
+    radius = 10  # a hundredth of the picture's longer side
+    clicks = {1: Clicks(points=((100, 100),), labels=(1,)), 2: Clicks(points=((300, 100),), labels=(0,))}
+    drawn = draw_clicks(grey, clicks, scale=2.0)
+    red, green = (tuple(int(c) for c in overlay_colours()[i]) for i in (1, 2))
+    white, black = (255, 255, 255), (0, 0, 0)
+
+    def at(x: int, y: int) -> tuple:
+        return tuple(int(c) for c in drawn[y, x])
+
+    # Object 1's positive point at (200, 200): its colour, a white plus, a white ring.
+    assert at(200 + radius // 2, 200 - radius // 2) == red
+    assert at(200, 200 - radius // 2) == white and at(200 - radius // 2, 200) == white
+    assert at(200, 200 - radius + 1) == white
+    # Object 2's negative point at (600, 200): black, ringed in its colour, a white minus and no upright stroke.
+    assert at(600, 200 - radius + 1) == green and at(600 - radius + 1, 200 + 1) == green
+    assert at(600, 200) == white and at(600 - radius // 2, 200) == white
+    assert at(600, 200 - radius // 2) == black and at(600 + radius // 2, 200 + radius // 2) == black
+    assert red not in {at(x, y) for x in range(590, 611) for y in range(190, 211)}
 
 
 def test_limits_name_the_flag_that_refuses():

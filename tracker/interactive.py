@@ -1325,10 +1325,13 @@ def display_size(info: VideoInfo) -> tuple[int, int]:
 
 
 def draw_clicks(image: np.ndarray, clicks: Mapping[int, Clicks], scale: float) -> np.ndarray:
-    """Points (green object, red background), boxes and a pending box corner drawn in display pixels."""
+    """Points, boxes and a pending box corner drawn in display pixels, in their object's colour. A positive point
+    is a disc of that colour with a white plus, a negative one a black disc ringed in it with a white minus: the
+    kind of a point is never a colour, which an object may have (object 1 is red, object 2 green)."""
     picture = Image.fromarray(image)
     draw = ImageDraw.Draw(picture)
     radius = max(4, round(max(image.shape[:2]) / 100))
+    ring, arm, stroke = max(2, radius // 3), radius // 2, max(2, radius // 4)
     colours = overlay_colours()
     for object_id, object_clicks in clicks.items():
         colour = tuple(int(c) for c in colours[object_id])
@@ -1337,9 +1340,14 @@ def draw_clicks(image: np.ndarray, clicks: Mapping[int, Clicks], scale: float) -
             draw.rectangle((x0, y0, x1, y1), outline=colour, width=max(2, radius // 2))
             draw.rectangle((x0 + 1, y0 + 1, x1 - 1, y1 - 1), outline=(255, 255, 255), width=1)
         for (x, y), label in zip(object_clicks.points, object_clicks.labels):
-            fill = (40, 220, 60) if label == POSITIVE else (235, 40, 40)
-            draw.ellipse((x * scale - radius, y * scale - radius, x * scale + radius, y * scale + radius),
-                         fill=fill, outline=(255, 255, 255), width=max(1, radius // 3))
+            x, y = x * scale, y * scale
+            disc = (x - radius, y - radius, x + radius, y + radius)
+            if label == POSITIVE:
+                draw.ellipse(disc, fill=colour, outline=(255, 255, 255), width=ring)
+                draw.line((x, y - arm, x, y + arm), fill=(255, 255, 255), width=stroke)
+            else:
+                draw.ellipse(disc, fill=(0, 0, 0), outline=colour, width=ring)
+            draw.line((x - arm, y, x + arm, y), fill=(255, 255, 255), width=stroke)
         if object_clicks.corner is not None:
             x, y = (v * scale for v in object_clicks.corner)
             draw.line((x - 2 * radius, y, x + 2 * radius, y), fill=(255, 255, 255), width=2)
