@@ -485,6 +485,20 @@ def test_clicks_made_while_sam_reads_the_frame_all_count_and_track_waits_for_the
     tab.page.close()
 
 
+def test_a_click_on_the_top_row_of_the_picture_counts(app, browser, clips):
+    """The picture's first row (and its first column) takes a click as any other."""
+    tab = AppPage(browser.new_page(), app.url)
+    tab.upload(clips / "clip.mp4")
+    image = tab.page.locator("#frame-image img")
+    tab.page.wait_for_function("() => document.querySelector('#frame-image img')?.naturalWidth > 0")
+    box = image.bounding_box()
+    image.click(position={"x": box["width"] / 2, "y": 0.1})
+    tab.wait_status("^object 1 on frame 0: 1 point$", SAM_SECONDS)
+    image.click(position={"x": 0.1, "y": box["height"] / 2})
+    tab.wait_status("^object 1 on frame 0: 2 points$", SAM_SECONDS)
+    tab.page.close()
+
+
 def test_a_prompts_file_loaded_into_the_page_brings_its_clicks_back(app, browser, clips, tmp_path):
     """An annotator whose tab closed loads the run's prompts file (the downloads' clip_prompts.json): its objects
     and clicks come back on their frame, Undo takes back its points one by one, and Track tracks them."""
