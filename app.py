@@ -88,31 +88,38 @@ NO_PREVIEW_JS = """
       "not as a video. Choose a video file (an MPEG-TS .ts file goes in renamed .m2ts).";
     box.append(line);
   };
-  // A video over the upload limit (--max-upload-mb) is kept from the widget, whose refusal is a toast in Kb that
-  // leaves the status line as it was: the server is told its name and size, and says what to do in the status.
-  const overLimit = (event, file) => {
+  // A video or a prompts file over the upload limit (--max-upload-mb) is kept from its widget, whose refusal is a
+  // toast in Kb that leaves the status line as it was: the server is told its name and size, and says what to do
+  // in the status.
+  const overLimit = (event, file, kind) => {
     const limit = window.gradio_config?.max_file_size;
-    if (!file?.type.startsWith("video/") || !limit || file.size <= limit) return false;
+    if (!file || !limit || file.size <= limit) return false;
     event.stopPropagation();
     event.preventDefault();
     const refused = document.querySelector("#upload-refused textarea");
-    refused.value = JSON.stringify({name: file.name, size: file.size, at: Date.now()});
+    refused.value = JSON.stringify({name: file.name, size: file.size, kind, at: Date.now()});
     refused.dispatchEvent(new Event("input", {bubbles: true}));
     return true;
   };
   document.addEventListener("change", (event) => {
     const input = event.target;
-    const box = input instanceof HTMLInputElement && input.type === "file" ? input.closest("#video-input") : null;
-    if (!box) return;
+    if (!(input instanceof HTMLInputElement) || input.type !== "file") return;
     const file = input.files?.[0];
-    if (overLimit(event, file)) input.value = "";  // the same file chosen again is refused again
+    // The prompts file's button has its file input beside it, not inside.
+    if (input.parentElement?.querySelector(":scope > #load-prompts")) {
+      if (overLimit(event, file, "prompts file")) input.value = "";  // the same file chosen again is refused again
+      return;
+    }
+    const box = input.closest("#video-input");
+    if (!box) return;
+    if (file?.type.startsWith("video/") && overLimit(event, file, "video")) input.value = "";
     noteRefused(box, file);
   }, true);
   document.addEventListener("drop", (event) => {
     const box = event.target instanceof Element ? event.target.closest("#video-input") : null;
     const file = event.dataTransfer?.files?.[0];
     if (!box) return;
-    overLimit(event, file);
+    if (file?.type.startsWith("video/")) overLimit(event, file, "video");
     noteRefused(box, file);
   }, true);
   const note = "This browser cannot preview this file; the app reads it all the same: click the object in the frame.";
@@ -411,7 +418,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                                        value=next(iter(CUTOUT_KINDS)), label="Cut-out format", elem_id="cutout-format")
                 cutout_button = gr.Button("Make cut-out video", elem_id="cutout-button")
 
-        # The page's script writes here the name and size of a video it kept back for the upload limit.
+        # The page's script writes here the name, size and kind of a file it kept back for the upload limit.
         upload_refused = gr.Textbox(visible="hidden", elem_id="upload-refused")
         unsaved_work = gr.Checkbox(False, visible="hidden", interactive=False, elem_id="unsaved-work")
 
@@ -464,7 +471,8 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             toast in Kb alone."""
             try:
                 file = json.loads(refused)
-                message = oversize_message(str(file["name"]), int(file["size"]), max_upload_mb)
+                message = oversize_message(str(file["name"]), int(file["size"]), max_upload_mb,
+                                           str(file["kind"]))
             except (ValueError, TypeError, KeyError):
                 return gr.skip()
             toast(message)

@@ -344,6 +344,23 @@ def test_page_shows_every_control_and_refuses_what_it_cannot_take(app, browser, 
     page.close()
 
 
+def test_a_prompts_file_over_the_upload_limit_is_refused_in_the_status(app, browser, tmp_path):
+    """As an oversized video: the limit in MB and how it is raised, in the status and a toast, not Gradio's Kb."""
+    tab = AppPage(browser.new_page(), app.url)
+    big = tmp_path / "huge_prompts.json"
+    big.write_text(" " * 1_300_000 + "[]")
+    tab.load_prompts(big)
+    over = ("huge_prompts.json is 1.3 MB, over this server's upload limit of 1 MB: choose a smaller prompts file, "
+            "or ask the server's operator to raise the limit (python app.py --max-upload-mb)")
+    assert tab.wait_status("^Error: huge_prompts.json") == f"Error: {over}"
+    tab.page.locator(".toast-body").filter(has_text=over).wait_for()
+    assert tab.page.locator(".toast-body").filter(has_text="maximum allowed size").count() == 0  # Gradio's, in Kb
+    tab.page.locator(".toast-body").filter(has_text=over).first.wait_for(state="detached", timeout=30_000)
+    tab.load_prompts(big)  # chosen again, refused again
+    tab.page.locator(".toast-body").filter(has_text=over).wait_for()
+    tab.page.close()
+
+
 def test_the_radio_and_checkbox_groups_have_names(app, browser):
     """A screen reader (and an outside test) finds each group of options by its label."""
     tab = AppPage(browser.new_page(), app.url)

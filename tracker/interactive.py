@@ -262,10 +262,13 @@ def upload_message(info: VideoInfo, trimmed: bool = False) -> str:
     return "".join([text, *(f"\n⚠ {note}." for note in notes)])
 
 
-def oversize_message(name: str, size: int, limit_mb: float) -> str:
-    """What the page says of a file over the server's upload limit, which the browser keeps back unsent."""
+def oversize_message(name: str, size: int, limit_mb: float, kind: str) -> str:
+    """What the page says of a file over the server's upload limit, which the browser keeps back unsent; `kind`:
+    what it was chosen as ("video" or "prompts file")."""
+    if kind not in ("video", "prompts file"):
+        raise ValueError(f"unknown kind of upload {kind!r}")
     return (f"{name} is {math.ceil(size / 2**20 * 10) / 10:.1f} MB, over this server's upload limit of "
-            f"{limit_mb:g} MB: choose a smaller video, or ask the server's operator to raise the limit "
+            f"{limit_mb:g} MB: choose a smaller {kind}, or ask the server's operator to raise the limit "
             "(python app.py --max-upload-mb)")
 
 
