@@ -423,6 +423,37 @@ def test_warm_up_leaves_xmems_graphs_to_the_next_videos_of_its_size(untrained_ch
     assert len(IDLE_GRAPHS) == 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_cancel_that_keeps_the_frames_done_finishes_the_files_on_a_gpu(untrained_checkpoints, tmp_path):
+    """On a GPU the labels and pictures come back to the writers asynchronously: a cancel that keeps the frames
+    done (the page's) still finishes both files with exactly the frames written, and the next job runs whole."""
+    from media import make_clip
+    from tracker.options import TrackOptions
+    from tracker.prompts import ObjectPrompt
+    from tracker.render import MaskZipReader
+    from tracker.session import Tracker
+    from tracker.video import probe
+
+    tracker = Tracker(untrained_checkpoints["sam"], untrained_checkpoints["xmem"], device="cuda", download=False)
+    clip = make_clip(tmp_path / "clip.mp4", frames=24, width=176, height=144)
+    prompt, options = [ObjectPrompt(1, 0, [(88, 72)], [1])], TrackOptions(size=144)
+    cancel = threading.Event()
+
+    def progress(done: int, total: int) -> None:
+        if done == 10:
+            cancel.set()
+
+    result = tracker.track(clip, prompt, output=tmp_path / "out.mp4", masks=tmp_path / "out.zip", options=options,
+                           cancel=cancel, progress=progress, keep_on_cancel=True)
+    last = result.stopped_at
+    assert last in (8, 9) and result.frames == last + 1
+    assert probe(tmp_path / "out.mp4").frame_count == last + 1
+    with MaskZipReader(tmp_path / "out.zip") as masks:
+        assert masks.frames() == list(range(last + 1))
+    again = tracker.track(clip, prompt, output=tmp_path / "again.mp4", options=options)
+    assert again.frames == 24 and again.stopped_at is None
+
+
 def test_warming_up_on_a_cpu_does_nothing(cpu_tracker):
     assert cpu_tracker.warm_up() == 0.0
 

@@ -1350,7 +1350,7 @@ def draw_clicks(image: np.ndarray, clicks: Mapping[int, Clicks], scale: float) -
                 draw.line((x, y - arm, x, y + arm), fill=(255, 255, 255), width=stroke)
             else:
                 draw.ellipse(disc, fill=(0, 0, 0), outline=colour, width=ring)
-            draw.line((x - arm, y, x + arm, y), fill=(255, 255, 255), width=stroke)
+            draw.line((x - arm, y, x + arm, y), fill=(255, 255, 255), width=stroke)  # the plus's bar, or the minus
         if object_clicks.corner is not None:
             x, y = (v * scale for v in object_clicks.corner)
             draw.line((x - 2 * radius, y, x + 2 * radius, y), fill=(255, 255, 255), width=2)
