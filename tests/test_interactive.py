@@ -681,7 +681,7 @@ def test_a_cancel_before_the_run_tracks_a_frame_of_its_own_keeps_the_previous_re
     assert second.objects == {1, 2} and second.passes == [5]
 
 
-def test_a_cancel_keeps_the_frames_tracked_and_the_next_track_goes_on_from_there(session):
+def test_a_cancel_keeps_the_frames_tracked_and_the_next_track_goes_on_from_there(session, tmp_path):
     click(session, 0, 45, 60)
     session.track(OPTIONS)
     session.add_object()
@@ -698,6 +698,8 @@ def test_a_cancel_keeps_the_frames_tracked_and_the_next_track_goes_on_from_there
     assert f"cancelled after frame {last}: the frames after it are not tracked" in stopped.summary
     assert stopped.objects == {1, 2} and set(stopped.prompts) == {(0, 1), (0, 2)}
     assert (session.labels(last) > 0).any() and not session.labels(last + 1).any()  # not tracked yet
+    message, _ = session.load_prompts_file(shutil.copy(stopped.prompts_file, tmp_path / "same_prompts.json"))
+    assert message.endswith("in place of the clicks before; press Track")  # not "its result stands"
 
     again = session.track(OPTIONS)  # nothing changed, yet the video is not all tracked
     assert not again.repeated and again.passes == [last] and again.stopped_at is None

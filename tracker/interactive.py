@@ -526,7 +526,7 @@ class EditSession:
                 return f"object {object_id} removed (the tracking job under way does not track it)"
             if self.result is None:
                 return f"object {object_id} removed"
-            if (self._prompts()[2], self.sam.name) == (self.result.prompts, self.result.sam_backend):
+            if self._tracked_from(self.result, self._prompts()[2]):
                 return f"object {object_id} removed; the clicks are those of the last run again, which Track keeps"
             return f"object {object_id} removed{self._restore_hint() or '; the next Track re-runs the whole video'}"
 
@@ -665,8 +665,10 @@ class EditSession:
 
     def _tracked_from(self, record: RunRecord | None, snapshot: Mapping[Key, tuple]) -> bool:
         """Whether `record` was tracked from these prompts (`_prompts`' third part, which also names its
-        objects) with this session's SAM backend: a Track would keep it, or bring it back."""
-        return record is not None and (snapshot, self.sam.name) == (record.prompts, record.sam_backend)
+        objects) with this session's SAM backend, to the end: a Track would keep it, or bring it back (a run a
+        cancel stopped, it goes on with)."""
+        return record is not None and record.stopped_at is None and \
+            (snapshot, self.sam.name) == (record.prompts, record.sam_backend)
 
     def _restore_hint(self) -> str:
         """After an Undo or a Clear that takes the prompts back to those of the kept run (see RunRecord.base)."""
@@ -922,7 +924,7 @@ class EditSession:
             sam = self.sam
             prompt_frames, correction_frames = [frame for frame, _ in plain], [frame for frame, _ in refine]
             previous = self.result
-            same_prompts = not full and self._tracked_from(previous, snapshot) and previous.stopped_at is None
+            same_prompts = not full and self._tracked_from(previous, snapshot)
             if same_prompts and options == previous.options:
                 return replace(previous, repeated=True)
             base = previous.base if previous is not None and not full else None
