@@ -35,7 +35,7 @@ from .options import TrackOptions
 from .pipeline import TrackedFrame
 from .prompts import (NEGATIVE, POSITIVE, PROMPTS_ENDING, ObjectPrompt, check_prompts, frame_problem, load_prompts,
                       prompts_from_text, prompts_to_text)
-from .render import MaskZipReader, copy_masks_until, overlay, overlay_colours
+from .render import MaskZipReader, overlay, overlay_colours
 from .sam import ImageEmbedding, SamBackend
 from .session import LOSSLESS_WARNING, PreviousRun, Tracker, TrackResult, combined, retracks_backward
 from .video import (MASKS_ENDING, TRACKED_ENDING, Frame, VideoInfo, colour_note, probe, read_frame,
@@ -1225,14 +1225,11 @@ class EditSession:
         """A masks zip for frames 0..frame whose `frame` has the corrections applied on the tracked masks there,
         by the job's SAM backend (the session's may have changed since the job began); the corrected masks, and
         the masks they were applied on. `applied`: corrections `masks` already holds (key -> the mask before)."""
-        with MaskZipReader(masks) as reader:
-            labels = np.array(reader[frame], dtype=np.uint8)
         with self.lock:  # shares the embedding cache with clicks
             embedding = self._embedding(frame) if sam is self.sam else sam.embed(self._frame(frame).image)
-            fixed, bases = self.tracker.correct(
-                labels, embedding, [clicks.prompt(object_id, frame) for object_id, clicks in fixes.items()], sam,
-                {object_id: mask for (at, object_id), mask in applied.items() if at == frame})
-        copy_masks_until(masks, frame, labels, destination)
+        fixed, bases = self.tracker.correct_masks(
+            masks, frame, embedding, [clicks.prompt(object_id, frame) for object_id, clicks in fixes.items()],
+            destination, sam, {object_id: mask for (at, object_id), mask in applied.items() if at == frame})
         return destination, fixed, bases
 
     # -- outputs ---------------------------------------------------------

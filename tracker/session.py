@@ -408,6 +408,17 @@ class Tracker:
             labels[fixed[object_id]] = object_id
         return fixed, bases
 
+    def correct_masks(self, masks: Path, frame: int, embedding: ImageEmbedding, corrections: Sequence[ObjectPrompt],
+                      destination: Path, sam: SamBackend, applied: Mapping[int, np.ndarray] | None = None
+                      ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+        """`correct` on `frame`'s labels in the masks zip `masks`, written to `destination` after the frames before
+        it (the zip a pass from `frame` goes on from); the page and `track` share it, so that both correct alike."""
+        with MaskZipReader(masks) as reader:
+            labels = np.array(reader[frame], dtype=np.uint8)
+        fixed, bases = self.correct(labels, embedding, corrections, sam, applied)
+        copy_masks_until(masks, frame, labels, destination)
+        return fixed, bases
+
     def prompt_masks(self, info: VideoInfo, prompts: Sequence[ObjectPrompt], sam: SamBackend | None = None, *,
                      embeddings: Mapping[int, ImageEmbedding] | None = None,
                      cancel: threading.Event | None = None) -> dict[int, dict[int, np.ndarray]]:
@@ -671,15 +682,12 @@ class Tracker:
             for index, frame in enumerate(frames, 1):
                 if cancel is not None and cancel.is_set():
                     raise Cancelled("tracking was cancelled")
-                with MaskZipReader(tracked) as reader:
-                    labels = np.array(reader[frame], dtype=np.uint8)
                 embedding = (embeddings or {}).get(frame)
                 if embedding is None:
                     embedding = sam.embed(read_frame(info.path, frame, info.size).image)
-                self.correct(labels, embedding, sorted((p for p in prompts if p.correct and p.frame == frame),
-                                                       key=lambda p: p.object_id), sam)
+                corrections = sorted((p for p in prompts if p.correct and p.frame == frame), key=lambda p: p.object_id)
                 corrected = Path(tmp) / f"corrected-{index}.zip"
-                copy_masks_until(tracked, frame, labels, corrected)
+                self.correct_masks(tracked, frame, embedding, corrections, corrected, sam)
                 final = index == len(frames)
                 tracked = masks if final else Path(tmp) / f"pass-{index}.zip"
                 results.append(self.track(
