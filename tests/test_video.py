@@ -1,4 +1,5 @@
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -346,6 +347,23 @@ def test_abort_and_errors_leave_no_file(clip, tmp_path):
             raise RuntimeError("tracking failed")
     assert list(tmp_path.iterdir()) == []
 
+
+def test_a_folder_removed_while_writing_is_said_not_taken_for_a_full_disk(clip, tmp_path):
+    """The page's session folder goes when the session closes or the server's temporary folder is cleaned."""
+    folder = tmp_path / "session"
+    folder.mkdir()
+    frame = next(iter_frames(clip))
+    video_writer = VideoWriter(folder / "tracked.mp4", probe(clip))
+    video_writer.write(frame.image, frame.pts, frame.time)
+    zip_writer = MaskZipWriter(folder / "masks.zip")
+    zip_writer.write(0, np.zeros((HEIGHT, WIDTH), np.uint8))
+    shutil.rmtree(folder)
+    for writer in (video_writer, zip_writer):
+        with pytest.raises(VideoError, match=re.escape(
+                f"finishing {writer.path.name} failed: its folder {folder} was removed while writing")) as err:
+            writer.close()
+        assert "disk" not in str(err.value)
+    assert not folder.exists()
 
 def test_missing_output_folders_are_created(clip, tmp_path):
     output = encode_copy(clip, tmp_path / "a" / "b" / "out.mp4")

@@ -23,7 +23,7 @@ from XMem.inference.graph_cache import GraphCache
 from . import colour
 from .errors import TrackerError
 from .transfer import Download, upload
-from .video import AtomicWriter, release_temporary, temporary_path_beside
+from .video import AtomicWriter, release_temporary, temporary_path_beside, write_failed
 
 
 def davis_palette() -> np.ndarray:
@@ -249,6 +249,8 @@ class MaskZipWriter(AtomicWriter):
                     self._temp.chmod(0o644)
                     os.replace(self._temp, self.path)
                     moved = True
+            except FileNotFoundError as exc:  # other OSErrors (a full disk) get the job's advice as they are
+                raise write_failed("finishing", self.path, exc) from exc
             finally:
                 release_temporary(self._temp, moved=moved)
 

@@ -8,6 +8,7 @@ duration of the output match the input, and copies the audio alongside.
 from __future__ import annotations
 
 import bisect
+import errno
 import functools
 import glob
 import itertools
@@ -1326,7 +1327,7 @@ class VideoWriter(AtomicWriter):
                 for track in self._audio:
                     track.copy_until(self._seconds(stamp), self._start_seconds())
             except (av.FFmpegError, OSError) as exc:
-                raise VideoError(f"writing {self.path.name} failed: {exc}; check the free disk space") from exc
+                raise write_failed("writing", self.path, exc) from exc
             self._last_pts = stamp
             self._stamps.append(stamp)
             self._frames += 1
@@ -1413,7 +1414,7 @@ class VideoWriter(AtomicWriter):
                 release_temporary(self._temp, moved=True)
             except (av.FFmpegError, OSError) as exc:
                 self._discard()
-                raise VideoError(f"finishing {self.path.name} failed: {exc}; check the free disk space") from exc
+                raise write_failed("finishing", self.path, exc) from exc
             except BaseException:
                 self._discard()
                 raise
@@ -1623,6 +1624,14 @@ def output_file(given: str | Path | None, video: str | Path, ending: str) -> Pat
     if str(given).endswith(("/", os.sep)) or path.is_dir():
         return path / f"{video_name(video)}{ending}"
     return path
+
+
+def write_failed(doing: str, path: Path, exc: av.FFmpegError | OSError) -> VideoError:
+    """The error for a failed write of `path`: a folder removed under the job (the page's session closed, the
+    temporary folder cleaned) is no full disk, and is said as such."""
+    if exc.errno == errno.ENOENT:
+        return VideoError(f"{doing} {path.name} failed: its folder {path.parent} was removed while writing")
+    return VideoError(f"{doing} {path.name} failed: {exc}; check the free disk space")
 
 
 def _unwritable(path: Path, reason: object) -> VideoError:
