@@ -362,6 +362,8 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                 with gr.Row():
                     undo = gr.Button("Undo last click", elem_id="undo-point")
                     clear = gr.Button("Clear object on this frame", elem_id="clear-object")
+                load_mask = gr.UploadButton("Load a mask picture for this object on this frame", file_types=["image"],
+                                            elem_id="load-mask", size="sm")
                 load_prompts = gr.UploadButton("Load clicks from a prompts file (.json)", file_types=[".json"],
                                                elem_id="load-prompts", size="sm")
                 with gr.Accordion("Settings", open=False, elem_id="settings"):
@@ -633,6 +635,17 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                    trigger_mode="multiple", **sam_queue)
         clear.click(editing(EditSession.clear), [frame_slider, *style], [status, frame_image], preprocess=False,
                     trigger_mode="multiple", **sam_queue)
+
+        @show_errors(outputs=2)
+        def on_load_mask(path: str | None, alpha_value: float, outline_value: float, request: gr.Request):
+            """A mask from another tool as the chosen object's prompt on the frame shown, in place of its clicks."""
+            session = session_of(request)
+            if path is None:
+                return gr.skip(), gr.skip()
+            message = session.load_mask(session.shown_frame, path)
+            return message, shown_again(session, alpha_value, outline_value)
+
+        load_mask.upload(on_load_mask, [load_mask, *style], [status, frame_image], **sam_queue)
 
         @show_errors(outputs=3)
         def on_add_object(request: gr.Request):

@@ -216,6 +216,12 @@ class AppPage:
             self.page.locator("#load-prompts").click()
         chooser.value.set_files(str(path))
 
+    def load_mask(self, path: Path) -> None:
+        """Pick a mask picture with the page's button."""
+        with self.page.expect_file_chooser() as chooser:
+            self.page.locator("#load-mask").click()
+        chooser.value.set_files(str(path))
+
     def download(self, name: str, folder: Path) -> Path:
         with self.page.expect_download() as download:
             self.page.locator(f'#result-files a[download="{name}"]').click()
@@ -283,7 +289,7 @@ def test_page_shows_every_control_and_refuses_what_it_cannot_take(app, browser, 
     for elem_id in ("video-input", "frame-image", "frame-slider", "point-mode", "object-select", "add-object",
                     "remove-object", "undo-point", "clear-object", "track-button", "cancel-button", "full-rerun",
                     "result-video", "result-files", "cutout-objects", "cutout-format", "cutout-button", "settings",
-                    "status", "metrics", "load-prompts"):
+                    "status", "metrics", "load-prompts", "load-mask"):
         page.locator(f"#{elem_id}").first.wait_for(state="attached")  # a first page may still be rendering
         assert page.locator(f"#{elem_id}").count() == 1, elem_id
     assert "UNTRAINED WEIGHTS" in page.locator("#untrained-banner").inner_text()
@@ -564,6 +570,40 @@ def test_a_prompts_file_loaded_into_the_page_brings_its_clicks_back(app, browser
     assert done.startswith("Done: "), done
     (tmp_path / "again").mkdir()
     assert load_prompts(tab.download("clip_prompts.json", tmp_path / "again")) == [ObjectPrompt(1, 9, [OBJECT_2])]
+    tab.page.close()
+
+
+def test_a_mask_picture_loaded_on_a_frame_is_tracked_and_downloaded_beside_the_prompts_file(app, browser, clips,
+                                                                                             tmp_path):
+    """An annotator's mask from another tool goes on the frame shown for the chosen object: it shows at once, a
+    picture of another size is refused in the status, and the run's prompts file names it as a picture beside it."""
+    tab = AppPage(browser.new_page(), app.url)
+    tab.upload(clips / "clip.mp4")
+    tab.go_to_frame(3)
+    small = tmp_path / "small.png"
+    Image.fromarray(np.full((H // 2, W // 2), 255, np.uint8)).save(small)
+    tab.load_mask(small)
+    tab.wait_status("^Error: the mask small.png cannot be used: object 1: its mask on frame 3 is 80x60, and the "
+                    "video is 160x120: a mask must have the video's size$")
+    matte = np.zeros((H, W), bool)
+    matte[30:90, 40:100] = True
+    picture = tmp_path / "matte.png"
+    Image.fromarray(matte.astype(np.uint8) * 255).save(picture)
+    before, shown = tab.frame_pixels(), tab.frame_src()
+    tab.load_mask(picture)
+    tab.wait_status("^loaded matte.png as object 1's mask on frame 3; clicks on it refine it, and Track tracks it$")
+    tab.page.wait_for_function("src => document.querySelector('#frame-image img').getAttribute('src') !== src",
+                               arg=shown)
+    changed = np.abs(tab.frame_pixels().astype(int) - before.astype(int)).sum(axis=2) > 40
+    scale = changed.shape[1] / W
+    inside, outside = changed[round(60 * scale), round(70 * scale)], changed[round(10 * scale), round(10 * scale)]
+    assert inside and not outside  # the mask is drawn over the frame at once
+    done = tab.track()
+    assert done.startswith("Done: tracked the whole video."), done
+    assert "clip_prompts_object1_frame3.png" in tab.download_names()
+    tab.download("clip_prompts_object1_frame3.png", tmp_path)
+    [prompt] = load_prompts(tab.download("clip_prompts.json", tmp_path))
+    assert prompt.frame == 3 and np.array_equal(prompt.mask, matte)
     tab.page.close()
 
 

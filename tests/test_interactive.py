@@ -1441,3 +1441,111 @@ def test_a_re_track_with_a_correction_counts_the_time_spent_applying_it(session,
     elapsed = time.perf_counter() - began
     seconds = float(re.search(r"tracked in ([\d.]+) s", record.summary).group(1))
     assert elapsed - 1.0 <= seconds <= elapsed + 0.1, record.summary
+
+
+def rectangle(x0: int, y0: int, x1: int, y1: int, shape=(H, W)) -> np.ndarray:
+    mask = np.zeros(shape, bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def refined(prior: np.ndarray) -> np.ndarray:
+    """What DiscSam starts from when given `prior` as SAM's mask_input (its logits, upscaled again)."""
+    logits = torch.from_numpy(mask_to_logits(prior))[None]
+    return upscale_masks(logits, resized_shape(H, W), (H, W))[0, 0].numpy() > 0
+
+
+def test_a_loaded_mask_is_a_prompt_tracked_as_it_is(session, tmp_path):
+    """A mask from another tool replaces the object's clicks on the frame shown, shows at once, is tracked as it
+    is, and the run's prompts file names it as a picture beside it, so the CLI tracks the same masks."""
+    matte = rectangle(30, 40, 70, 90)
+    Image.fromarray(matte.astype(np.uint8) * 255).save(tmp_path / "matte.png")
+    click(session, 0, 120, 30)
+    assert session.load_mask(0, tmp_path / "matte.png") == (
+        "loaded matte.png as object 1's mask on frame 0 in place of its clicks there (Undo brings them back); "
+        "clicks on it refine it, and Track tracks it")
+    assert np.array_equal(session.labels(0) == 1, matte)  # the preview shows it before any Track
+    first = session.track(OPTIONS)
+    with MaskZipReader(first.masks) as masks:
+        assert np.array_equal(masks[0] == 1, matte)  # as it is: SAM does not redraw it
+    picture = first.prompts_file.with_name("clip_prompts_object1_frame0.png")
+    assert first.mask_pictures == (picture,)
+    assert session.result_files() == [str(first.overlay), str(first.masks), str(first.prompts_file), str(picture)]
+    assert json.loads(first.prompts_file.read_text())["objects"] == [
+        {"id": 1, "frame": 0, "mask": "clip_prompts_object1_frame0.png"}]
+    [prompt] = load_prompts(first.prompts_file)
+    assert np.array_equal(prompt.mask, matte)
+    cli = session.tracker.track(session.video, load_prompts(first.prompts_file), options=OPTIONS,
+                                masks=tmp_path / "cli.zip")
+    assert zip_members(cli.masks) == zip_members(first.masks)
+
+    # The same mask loaded again, from another file (RGBA, the object opaque): nothing changed.
+    rgba = np.zeros((H, W, 4), np.uint8)
+    rgba[..., 3] = matte * 255
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "same.png")
+    session.load_mask(0, tmp_path / "same.png")
+    assert session.track(OPTIONS).repeated
+
+    # Another mask on a later frame re-tracks from there; a redraw keeps the pictures beside the prompts file.
+    Image.fromarray(rectangle(80, 20, 120, 60).astype(np.uint8) * 255).save(tmp_path / "later.png")
+    session.load_mask(4, tmp_path / "later.png")
+    later = session.track(OPTIONS)
+    assert later.describe() == "re-tracked from frame 4; frames before it kept their masks"
+    assert [p.frame for p in load_prompts(later.prompts_file)] == [0, 4]
+    looks = session.track(replace(OPTIONS, alpha=0.9))
+    assert looks.redrawn and [p.name for p in looks.mask_pictures] == [p.name for p in later.mask_pictures]
+    assert all(p.parent == looks.prompts_file.parent for p in looks.mask_pictures)
+    assert [p.frame for p in load_prompts(looks.prompts_file)] == [0, 4]
+
+    # Undo takes the loads back one by one, then the clicks they replaced come back; Clear removes the prompt.
+    assert session.undo(4) == ("object 1 has no clicks on frame 4; Track brings back the run from before the "
+                               "change at once (nothing to track, unless the tracking settings changed since)")
+    assert session.undo(0).startswith("the loaded mask is taken back; object 1 on frame 0: a loaded mask; Track "
+                                      "brings back the run from before the change")  # the same mask, loaded twice
+    assert session.undo(0) == "the loaded mask is taken back; object 1 on frame 0: 1 point"
+    assert np.array_equal(session.labels(0) == 1, disc(120, 30))
+    assert session.clear(0) == "cleared object 1 on frame 0"
+    assert not session.edits
+
+
+def test_clicks_on_a_loaded_mask_refine_it(session, tmp_path):
+    """A click on a loaded mask gives SAM the mask as its prior, as a correction's click gives it the tracked
+    mask: a negative point takes a part away. Track tracks the mask shown, which the prompts file keeps."""
+    matte = rectangle(30, 40, 70, 90)
+    Image.fromarray(matte).save(tmp_path / "matte.png")
+    session.load_mask(0, tmp_path / "matte.png")
+    assert click(session, 0, 40, 50, "negative") == "object 1 on frame 0: a loaded mask, 1 point"
+    shown = refined(matte) & ~disc(40, 50)
+    assert np.array_equal(session.labels(0) == 1, shown)
+    record = session.track(OPTIONS)
+    with MaskZipReader(record.masks) as masks:
+        assert np.array_equal(masks[0] == 1, shown)
+    [prompt] = load_prompts(record.prompts_file)
+    assert np.array_equal(prompt.mask, shown)
+    assert session.undo(0) == "object 1 on frame 0: a loaded mask"
+    assert np.array_equal(session.labels(0) == 1, matte)
+    assert session.track(OPTIONS).describe() == "re-tracked from frame 0"
+
+
+def test_a_mask_picture_that_cannot_be_used_is_refused_with_why(session, tmp_path):
+    click(session, 0, 45, 60)
+    Image.fromarray(np.full((60, 80), 255, np.uint8)).save(tmp_path / "small.png")
+    (tmp_path / "notes.png").write_text("not a picture")
+    Image.fromarray(np.zeros((H, W), np.uint8)).save(tmp_path / "black.jpg")
+    ids = np.zeros((H, W), np.uint8)
+    ids[10:20, 10:20] = 2
+    Image.fromarray(ids).save(tmp_path / "ids.png")
+    session.upload_folder = tmp_path.resolve()  # as the page's uploads: named by their own name, then removed
+    for name, message in [
+            ("small.png", "the mask small.png cannot be used: object 1: its mask on frame 0 is 80x60, and the video "
+                          "is 160x120: a mask must have the video's size"),
+            ("notes.png", "the mask notes.png is not a picture that can be read (cannot identify image file "
+                          "'notes.png')"),
+            ("black.jpg", "the mask black.jpg cannot be used: object 1: its mask on frame 0 is empty (no pixel on "
+                          "the object)"),
+            ("ids.png", r"the mask ids.png has no pixel of object 1 (its objects: 2)")]:
+        with pytest.raises(PromptError) as refused:
+            session.load_mask(0, tmp_path / name)
+        assert str(refused.value) == message
+        assert not (tmp_path / name).exists()
+    assert session.edits[(0, 1)].clicks.points == ((45, 60),) and session.edits[(0, 1)].clicks.mask is None

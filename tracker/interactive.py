@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import filecmp
+import hashlib
 import math
 import secrets
 import shutil
@@ -34,7 +35,7 @@ from .exports import CUTOUT_KINDS, export_cutout, export_overlay
 from .options import TrackOptions
 from .pipeline import TrackedFrame
 from .prompts import (NEGATIVE, POSITIVE, PROMPTS_ENDING, ObjectPrompt, check_prompts, frame_problem, load_prompts,
-                      prompts_from_text, prompts_to_text)
+                      object_mask, prompts_from_text, write_prompts)
 from .render import MaskZipReader, overlay, overlay_colours
 from .sam import ImageEmbedding, SamBackend
 from .session import LOSSLESS_WARNING, PreviousRun, Tracker, TrackResult, combined, retracks_backward
@@ -82,13 +83,29 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class MaskPicture:
+    """A mask loaded from a picture, compared by a digest of its pixels: runs compare their prompts cheaply,
+    and the same mask loaded again changes nothing."""
+
+    pixels: np.ndarray = field(compare=False, repr=False)  # HxW bool, at the video's size
+    digest: str
+
+    @classmethod
+    def of(cls, pixels: np.ndarray) -> MaskPicture:
+        shape = np.asarray(pixels.shape, dtype=np.int64).tobytes()
+        return cls(pixels, hashlib.sha256(shape + np.packbits(pixels).tobytes()).hexdigest())
+
+
+@dataclass(frozen=True)
 class Clicks:
-    """One object's clicks and box on one frame, plus the first corner of a box being drawn."""
+    """One object's clicks and box on one frame, plus the first corner of a box being drawn; or a loaded mask,
+    which clicks then refine (SAM is given it as the prior, as a correction is given the tracked mask)."""
 
     points: tuple[tuple[float, float], ...] = ()
     labels: tuple[int, ...] = ()
     box: tuple[float, float, float, float] | None = None
     corner: tuple[float, float] | None = None
+    mask: MaskPicture | None = None
 
     def with_point(self, xy: tuple[float, float], label: int) -> Clicks:
         """A point; a box left half drawn (the user switched to points) is dropped."""
@@ -104,14 +121,19 @@ class Clicks:
         return replace(self, box=(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)), corner=None)
 
     @property
-    def selects(self) -> bool:
-        """Whether SAM can make a mask from these clicks (a pending corner alone cannot)."""
+    def clicked(self) -> bool:
+        """Whether there are points or a box for SAM (a pending corner alone is not one)."""
         return bool(self.points) or self.box is not None
+
+    @property
+    def selects(self) -> bool:
+        """Whether these give a mask: SAM's from clicks, or a loaded one."""
+        return self.clicked or self.mask is not None
 
     @property
     def tracked_part(self) -> tuple:
         """What tracking sees; a pending corner is not part of it."""
-        return self.points, self.labels, self.box
+        return self.points, self.labels, self.box, self.mask
 
     def prompt(self, object_id: int, frame: int) -> ObjectPrompt:
         return ObjectPrompt(object_id, frame, list(self.points), list(self.labels), self.box)
@@ -134,13 +156,15 @@ class Edit:
 
     `refine` is set when the object already had a tracked mask on the frame when
     the first click came: the clicks then correct that mask instead of making
-    one from nothing.
+    one from nothing. A loaded mask starts an edit of its own, never a
+    correction, which keeps the one it `replaced` for Undo to bring back.
     """
 
     refine: bool
     clicks: Clicks = field(default_factory=Clicks)
     history: list[Clicks] = field(default_factory=list)
     mask: np.ndarray | None = None
+    replaced: Edit | None = None
 
 
 @dataclass
@@ -164,6 +188,7 @@ class RunRecord:
     restored: bool = False  # this is such a base, brought back
     first_prompt: int = 0  # the earliest frame with a prompt (corrections aside): where the run began
     prompts_file: Path | None = None  # `prompts` as a prompts file, a download to track them again from the CLI
+    mask_pictures: tuple[Path, ...] = ()  # the masks the prompts file names, beside it (downloads too)
     # Each correction's object mask from before it was applied on its frame (key -> HxW bool): a correction
     # changed later (a click taken back) is applied again on this, not on the mask that holds the old one.
     corrected_from: dict[Key, np.ndarray] = field(default_factory=dict)
@@ -599,15 +624,16 @@ class EditSession:
                     clicks = edit.clicks.with_corner(xy)
                 else:
                     clicks = edit.clicks.with_point(xy, POSITIVE if mode == "positive" else NEGATIVE)
-                prior = self._refine_base(frame, object_id) if edit.refine else None
+                prior = self._prior(frame, object_id, clicks, edit.refine)
                 embedding = self._embeddings.get(frame)
-                image = self._frame(frame).image if embedding is None and clicks.selects else None
+                image = self._frame(frame).image if embedding is None and clicks.clicked else None
             # SAM's image encoder takes seconds on a CPU (where a job under way pauses for it): outside the
             # session's lock, so that Cancel, Undo and the page's redraws are not held up behind it.
             with self.tracker.click_work():
                 if image is not None:
                     embedding = self.sam.embed(image)
-                mask = self._segment(frame, object_id, clicks, prior, embedding) if clicks.selects else None
+                mask = self._segment(frame, object_id, clicks, prior, embedding) if clicks.clicked else \
+                    self._mask(frame, object_id, clicks, edit.refine)  # a loaded mask's own, or none: no SAM
             with self.lock:
                 if self.video_loads != loads:
                     raise ClickDropped("the video was replaced while SAM worked on the click")
@@ -643,11 +669,42 @@ class EditSession:
             if edit is None:
                 return f"nothing to undo for object {self.current} on frame {frame}"
             if len(edit.history) == 1:
-                del self.edits[key]
-                return f"object {self.current} has no clicks on frame {frame}{self._restore_hint()}"
+                if edit.replaced is None:
+                    del self.edits[key]
+                    return f"object {self.current} has no clicks on frame {frame}{self._restore_hint()}"
+                # A loaded mask taken back: the clicks it replaced come back, their mask made on today's result.
+                edit = self.edits[key] = edit.replaced
+                edit.mask = self._mask(frame, self.current, edit.clicks, edit.refine)
+                return f"the loaded mask is taken back; {self._describe(frame, self.current, edit)}" + \
+                    self._restore_hint()
             edit.mask = self._mask(frame, self.current, edit.history[-1], edit.refine)
             edit.clicks = edit.history.pop()
             return self._describe(frame, self.current, edit) + self._restore_hint()
+
+    def load_mask(self, frame: int, path: str | Path) -> str:
+        """A mask picture, read as a prompts file's "mask" is, as the current object's prompt on `frame`, in place
+        of its clicks there (Undo brings them back). Track tracks it as it is; clicks on it refine it."""
+        path = Path(path)
+        try:
+            with self.lock:
+                info = self._check_frame(frame)
+                if self.current is None:
+                    raise PromptError("add an object first")
+                object_id, key = self.current, (frame, self.current)
+                prompt = ObjectPrompt(object_id, frame, mask=object_mask(path, object_id, path.name))
+                try:
+                    prompt.check(info.width, info.height, info.frame_count, info.present_frames)
+                except PromptError as exc:
+                    raise PromptError(f"the mask {path.name} cannot be used: {exc}") from None
+                replaced = self.edits.get(key)
+                self.edits[key] = Edit(refine=False, clicks=Clicks(mask=MaskPicture.of(prompt.mask)),
+                                       history=[Clicks()], mask=prompt.mask, replaced=replaced)
+        finally:
+            if self.upload_folder is not None and path.resolve().is_relative_to(self.upload_folder):
+                path.unlink(missing_ok=True)  # read once: the server's copy of the upload has served
+        return (f"loaded {path.name} as object {object_id}'s mask on frame {frame}"
+                + (" in place of its clicks there (Undo brings them back)" if replaced is not None else "")
+                + "; clicks on it refine it, and Track tracks it")
 
     def clear(self, frame: int) -> str:
         """Remove all of the current object's clicks on this frame."""
@@ -720,11 +777,20 @@ class EditSession:
             return any(time.monotonic() - said <= CLICK_LOST_SECONDS for said in self._announced)
 
     def _mask(self, frame: int, object_id: int, clicks: Clicks, refine: bool) -> np.ndarray | None:
-        """SAM's mask for the clicks (None while they select nothing), refining the tracked mask when asked (None
-        before any run: a correction loaded from a prompts file then gets its mask from Track)."""
-        if not clicks.selects or (refine and self.result is None):
+        """The mask the clicks give: a loaded mask as it is, or SAM's, refining a loaded mask or (when asked) the
+        tracked one; None while they select nothing, and for a correction before any run (one loaded from a
+        prompts file then gets its mask from Track)."""
+        if not clicks.clicked:
+            return None if clicks.mask is None else clicks.mask.pixels
+        if refine and self.result is None:
             return None
-        return self._segment(frame, object_id, clicks, self._refine_base(frame, object_id) if refine else None)
+        return self._segment(frame, object_id, clicks, self._prior(frame, object_id, clicks, refine))
+
+    def _prior(self, frame: int, object_id: int, clicks: Clicks, refine: bool) -> np.ndarray | None:
+        """The mask SAM refines with the clicks: a loaded one, or for a correction the tracked one."""
+        if clicks.mask is not None:
+            return clicks.mask.pixels
+        return self._refine_base(frame, object_id) if refine else None
 
     def _segment(self, frame: int, object_id: int, clicks: Clicks, prior: np.ndarray | None,
                  embedding: ImageEmbedding | None = None, sam: SamBackend | None = None) -> np.ndarray:
@@ -757,13 +823,14 @@ class EditSession:
         clicks = edit.clicks
         what = "correcting object" if edit.refine else "object"
         count = len(clicks.points)
-        parts = ([f"{count} point{'s' * (count != 1)}"] if count or (clicks.corner is None and not clicks.box)
-                 else []) + \
+        parts = (["a loaded mask"] if clicks.mask is not None else []) + \
+            ([f"{count} point{'s' * (count != 1)}"]
+             if count or (clicks.corner is None and not clicks.box and clicks.mask is None) else []) + \
             (["a box"] if clicks.box else []) + (["a box's first corner"] if clicks.corner is not None else [])
         text = f"{what} {object_id} on frame {frame}: {', '.join(parts)}"
         if clicks.corner is not None:
             return text + "; click the opposite corner of the box"
-        if not edit.refine and clicks.box is None and POSITIVE not in clicks.labels:
+        if not edit.refine and clicks.mask is None and clicks.box is None and POSITIVE not in clicks.labels:
             return text + "; negative points alone select nothing: add a positive point or a box"
         return text
 
@@ -919,6 +986,8 @@ class EditSession:
         with self.lock:
             self.require_video()
             plain, refine, snapshot = self._prompts()
+            # A loaded mask is tracked as the preview shows it: refined by any clicks on it.
+            given = {key: self.edits[key].mask for key, clicks in plain.items() if clicks.mask is not None}
             objects = frozenset(object_id for _, object_id in snapshot)
             self._job_objects = objects
             sam = self.sam
@@ -949,7 +1018,8 @@ class EditSession:
             return self._redraw(base, options, run_dir, progress, replace(previous, base=None), restored=True)
         if not plain:
             raise PromptError("click an object first: no object has a click or a box on any frame")
-        prompts = [clicks.prompt(object_id, frame) for (frame, object_id), clicks in sorted(plain.items())]
+        prompts = [ObjectPrompt(object_id, frame, mask=given[frame, object_id]) if (frame, object_id) in given
+                   else clicks.prompt(object_id, frame) for (frame, object_id), clicks in sorted(plain.items())]
         clock = ProgressClock(len(passes), progress or (lambda fraction, text: None), self.info.frame_count)
         if not self.tracker.lock.locked():  # else the wait for the device says the job's place in line
             clock.report(0.0, STARTING)
@@ -1014,13 +1084,14 @@ class EditSession:
         done = passes[:len(results)]
         applied = applied_prompts(snapshot, frozenset(refine), done, stopped_at)
         corrections = frozenset(refine) & applied.keys()
+        prompts_file, *mask_pictures = self._write_prompts(applied, corrections, given, run_dir)
         record = RunRecord(overlay=overlay, masks=final_masks, summary=summary,
                            warnings=list(results[-1].warnings), prompts=applied,
                            objects=frozenset(object_id for _, object_id in applied), passes=done,
                            backward=bool(passes[0]) and results[0].kept_frames == 0, options=options,
                            sam_backend=sam.name, base=replace(built_on, base=None) if passes[0] is not None else None,
                            first_prompt=min(prompt_frames), corrections=corrections,
-                           prompts_file=self._write_prompts(applied, corrections, run_dir),
+                           prompts_file=prompts_file, mask_pictures=tuple(mask_pictures),
                            corrected_from=corrected_from, stopped_at=stopped_at)
         with self.lock:  # objects added, clicked or removed during the run count
             clicked = {object_id for (_, object_id), edit in self.edits.items() if edit.clicks.selects}
@@ -1051,16 +1122,17 @@ class EditSession:
                 outline=options.outline, crf=options.crf, preset=options.preset, cancel=self.cancel,
                 until=previous.stopped_at, progress=None if progress is None else
                 lambda done, total: progress(done / total, f"Drawing frame {done}/{total} with the new look"))
-            masks = run_dir / previous.masks.name
-            _link_or_copy(previous.masks, masks)  # the previous run's folder goes with it
-            prompts_file = self._write_prompts(previous.prompts, previous.corrections, run_dir)
+            for kept in (previous.masks, previous.prompts_file, *previous.mask_pictures):
+                _link_or_copy(kept, run_dir / kept.name)  # the previous run's folder goes with it
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
         seconds = time.perf_counter() - began
         warnings = [w for w in previous.warnings if w != LOSSLESS_WARNING] + [LOSSLESS_WARNING] * (options.crf == 0)
-        record = replace(previous, overlay=drawn, masks=masks, options=options, redrawn=True, restored=restored,
-                         base=base, warnings=warnings, prompts_file=prompts_file,
+        record = replace(previous, overlay=drawn, masks=run_dir / previous.masks.name, options=options, redrawn=True,
+                         restored=restored, base=base, warnings=warnings,
+                         prompts_file=run_dir / previous.prompts_file.name,
+                         mask_pictures=tuple(run_dir / picture.name for picture in previous.mask_pictures),
                          summary=f"{self._frames_of(previous)} frames drawn again in {seconds:.1f} s, none tracked")
         with self.lock:
             self._set_result(record)
@@ -1070,15 +1142,16 @@ class EditSession:
         """The frames a run's files hold: a stopped run's end where it stopped."""
         return self.info.present_frames if record.stopped_at is None else record.stopped_at + 1
 
-    def _write_prompts(self, prompts: Mapping[Key, tuple], corrections: frozenset[Key], run_dir: Path) -> Path:
-        """A run's clicks and boxes as a prompts file (frame pixels), named after the video: `--prompts` of the
-        CLI and the app's API take it, and track it as this page did, corrections as corrections."""
-        path = run_dir / f"{self.video.stem}{PROMPTS_ENDING}"
-        path.write_text(prompts_to_text([ObjectPrompt(object_id, frame, list(points), list(labels), box,
-                                                      correct=(frame, object_id) in corrections)
-                                         for (frame, object_id), (points, labels, box) in sorted(prompts.items())],
-                                        (self.info.width, self.info.height)), encoding="utf-8")
-        return path
+    def _write_prompts(self, prompts: Mapping[Key, tuple], corrections: frozenset[Key],
+                       masks: Mapping[Key, np.ndarray], run_dir: Path) -> list[Path]:
+        """A run's clicks and boxes as a prompts file (frame pixels), named after the video, and its loaded masks
+        (`masks`, as tracked) as pictures beside it: `--prompts` of the CLI and the app's API (the file alone,
+        without masks) take it, and track it as this page did, corrections as corrections."""
+        return write_prompts(run_dir / f"{self.video.stem}{PROMPTS_ENDING}", [
+            ObjectPrompt(object_id, frame, mask=masks[frame, object_id]) if (frame, object_id) in masks else
+            ObjectPrompt(object_id, frame, list(points), list(labels), box, correct=(frame, object_id) in corrections)
+            for (frame, object_id), (points, labels, box, _) in sorted(prompts.items())],
+            (self.info.width, self.info.height))
 
     def _await_clicks(self, progress: ProgressReport | None) -> None:
         """Let the clicks made before Track was pressed finish: SAM may still be reading their frame (seconds on a
@@ -1240,7 +1313,7 @@ class EditSession:
             if self.result is None:
                 return []
             return [str(path) for path in (self.result.overlay, self.result.masks, self.result.prompts_file,
-                                           *self.cutouts.values()) if path is not None]
+                                           *self.result.mask_pictures, *self.cutouts.values()) if path is not None]
 
     def cutout_notes(self, kind: str) -> list[str]:
         """What a cut-out of this kind cannot keep of the video (the transparent WebM: its pixel aspect, its

@@ -6,7 +6,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -338,23 +338,43 @@ def load_prompts(path: str | Path, name: str | None = None, masks: bool = True) 
     return prompts_from_text(text, source, path.parent if masks else None)
 
 
-def prompts_to_text(prompts: Sequence[ObjectPrompt], frame_size: tuple[int, int] | None = None) -> str:
+def prompts_to_text(prompts: Sequence[ObjectPrompt], frame_size: tuple[int, int] | None = None,
+                    mask_names: Mapping[tuple[int, int], str] | None = None) -> str:
     """`prompts` as a prompts file for `load_prompts`: one object per line and coordinates to a thousandth of a
     pixel (a click mapped from the page's display size has many more digits), for reading and diffs. With
-    `frame_size` (width, height) the file records it, and prompts read from it refuse a video of another size."""
+    `frame_size` (width, height) the file records it, and prompts read from it refuse a video of another size.
+    A mask prompt is written as the name `mask_names` gives its (object id, frame): a picture beside the file."""
     def number(value: float) -> float | int:
         return int(value) if float(value).is_integer() else round(float(value), 3)
 
-    if masked := [p for p in prompts if p.mask is not None]:  # written, they would become objects without clicks
-        raise PromptError(f"object {masked[0].object_id}'s prompt on frame {masked[0].frame} is a mask, which a "
+    mask_names = mask_names or {}
+    if unnamed := [p for p in prompts if p.mask is not None and (p.object_id, p.frame) not in mask_names]:
+        raise PromptError(f"object {unnamed[0].object_id}'s prompt on frame {unnamed[0].frame} is a mask, which a "
                           'prompts file names as a picture beside it ("mask": "name.png"), not as text')
 
-    lines = [json.dumps({"id": p.object_id, "frame": p.frame, "points": [[number(x), number(y)] for x, y in p.points],
+    lines = [json.dumps({"id": p.object_id, "frame": p.frame, "mask": mask_names[p.object_id, p.frame]})
+             if p.mask is not None else
+             json.dumps({"id": p.object_id, "frame": p.frame, "points": [[number(x), number(y)] for x, y in p.points],
                          "labels": list(p.labels), "box": None if p.box is None else [number(v) for v in p.box],
                          **({"correct": True} if p.correct else {})})
              for p in prompts]
     size = "" if frame_size is None else f'"frame_size": [{frame_size[0]}, {frame_size[1]}],\n '
     return '{' + size + '"objects": [\n  ' + ",\n  ".join(lines) + "\n]}\n"
+
+
+def write_prompts(path: Path, prompts: Sequence[ObjectPrompt], frame_size: tuple[int, int] | None = None
+                  ) -> list[Path]:
+    """`prompts` as a prompts file at `path`, each mask a black-and-white PNG beside it that the file names
+    (`clip_prompts_object1_frame0.png`): what `load_prompts` reads back. Returns the file and the pictures."""
+    pictures = {}
+    for prompt in prompts:
+        if prompt.mask is not None:
+            picture = path.with_name(f"{path.stem}_object{prompt.object_id}_frame{prompt.frame}.png")
+            Image.fromarray(prompt.mask.astype(bool)).save(picture)
+            pictures[prompt.object_id, prompt.frame] = picture
+    path.write_text(prompts_to_text(prompts, frame_size, {key: picture.name for key, picture in pictures.items()}),
+                    encoding="utf-8")
+    return [path, *pictures.values()]
 
 
 def prompts_from_text(text: str, source: str = "the prompts", folder: Path | None = None) -> list[ObjectPrompt]:
@@ -375,8 +395,10 @@ def prompts_from_text(text: str, source: str = "the prompts", folder: Path | Non
 VOID = 255  # a palettised mask's "not labelled" index
 
 
-def _mask_picture(path: Path) -> tuple[np.ndarray, bool]:
-    """A mask picture's pixels, and whether they are object ids (else a bool matte); see `mask_objects`."""
+def _mask_picture(path: Path, name: str | None = None) -> tuple[np.ndarray, bool]:
+    """A mask picture's pixels, and whether they are object ids (else a bool matte); see `mask_objects`. Messages
+    call it `name` where given (an upload's own name, not the server's copy of it)."""
+    shown = name or str(path)
     try:
         with Image.open(path) as picture:
             picture.load()
@@ -399,9 +421,10 @@ def _mask_picture(path: Path) -> tuple[np.ndarray, bool]:
                 ids_possible &= bool((bands == bands[..., :1]).all())  # grey levels written as colour
                 values, half = np.array(picture.convert("L")), 128
     except FileNotFoundError:
-        raise PromptError(f"the mask {path} does not exist") from None
+        raise PromptError(f"the mask {shown} does not exist") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise PromptError(f"the mask {path} is not a picture that can be read ({exc})") from None
+        detail = str(exc).replace(str(path), shown)
+        raise PromptError(f"the mask {shown} is not a picture that can be read ({detail})") from None
     if ids_possible and values.max() < 128:  # 0, 1, 2...: ids, as numpy masks are often saved
         return values.astype(np.uint8), True
     return values >= half, False
@@ -425,12 +448,13 @@ def mask_objects(path: str | Path) -> dict[int, np.ndarray]:
     return objects
 
 
-def object_mask(path: str | Path, object_id: int) -> np.ndarray:
-    """Object `object_id`'s pixels in a mask picture of object ids, or the whole matte of any other picture."""
-    values, ids = _mask_picture(Path(path))
+def object_mask(path: str | Path, object_id: int, name: str | None = None) -> np.ndarray:
+    """Object `object_id`'s pixels in a mask picture of object ids, or the whole matte of any other picture;
+    messages call it `name` where given."""
+    values, ids = _mask_picture(Path(path), name)
     if not ids:
         return values
     if not (values == object_id).any():
         held = ", ".join(str(i) for i in np.unique(values) if i) or "none"
-        raise PromptError(f"the mask {path} has no pixel of object {object_id} (its objects: {held})")
+        raise PromptError(f"the mask {name or path} has no pixel of object {object_id} (its objects: {held})")
     return values == object_id
