@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import gradio as gr
-from gradio.helpers import log_message
 from gradio.route_utils import delete_files_created_by_app
 from gradio.utils import get_upload_folder
 
@@ -246,12 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def toast(message: str, *, error: bool = False) -> None:
-    """A toast beside the status line, an error one where the status says "Error:". Gradio 6 titles a toast by its
-    kind alone, and its public error toast is a raised gr.Error, which would end the event before the status line
-    shows: `log_message` is what gr.Warning calls, with the kind a raised error gets. The page shows the text as
-    HTML, and messages quote file names."""
-    log_message(html.escape(message), title="Error" if error else "Warning", level="error" if error else "warning")
+def toast(message: str) -> None:
+    """A warning toast; the page shows its text as HTML, and messages quote file names."""
+    gr.Warning(html.escape(message))
 
 
 def show_errors(outputs: int) -> Callable:
@@ -269,7 +265,7 @@ def show_errors(outputs: int) -> Callable:
             except Exception as exc:  # a bug: keep the page alive and the details in the server log
                 log.exception("handler %s failed", handler.__name__)
                 message = f"internal error ({type(exc).__name__}); the server log has the details"
-            toast(message, error=True)
+            toast(message)
             status = f"Error: {message}"
             return status if outputs == 1 else (status, *[gr.skip()] * (outputs - 1))
         return guarded
@@ -452,7 +448,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             try:
                 info = session.open_trimmed_video(path, limits) if trimmed else session.open_video(path, limits)
             except TrackerError as exc:
-                toast(str(exc), error=True)
+                toast(str(exc))
                 if session.info is not None:  # refused before the old video was let go: the widget shows it again
                     return f"Error: {exc}", *(gr.skip(),) * 9, str(session.uploaded_from)
                 return f"Error: {exc}", *no_video[1:-1], None  # the refused file leaves the widget too
@@ -481,7 +477,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                                            str(file["kind"]))
             except (ValueError, TypeError, KeyError):
                 return gr.skip()
-            toast(message, error=True)
+            toast(message)
             return f"Error: {message}"
 
         upload_refused.change(on_upload_refused, upload_refused, status, concurrency_limit=4)
@@ -723,8 +719,8 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                      min_mid_term: float, max_mid_term: float, prototypes: float, long_term: float,
                      min_area_value: float, alpha_value: float, outline_value: float, preset_value: str,
                      crf_value: float, backend: str | None, request: gr.Request, progress=gr.Progress()):
-            if refused:  # `on_begin` said it as an error in the status
-                toast(refused, error=True)
+            if refused:
+                toast(refused)
                 return (gr.skip(),) * 5
             session = session_of(request)
             try:
@@ -792,7 +788,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             try:
                 session_of(request).request_cancel()
             except TrackerError as exc:  # a closed page's: nothing of it runs
-                toast(str(exc), error=True)
+                toast(str(exc))
             return gr.update(interactive=False, value="Cancelling…")
 
         cancel_button.click(on_cancel, None, cancel_button, queue=False)
