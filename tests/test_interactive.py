@@ -1549,3 +1549,15 @@ def test_a_mask_picture_that_cannot_be_used_is_refused_with_why(session, tmp_pat
         assert str(refused.value) == message
         assert not (tmp_path / name).exists()
     assert session.edits[(0, 1)].clicks.points == ((45, 60),) and session.edits[(0, 1)].clicks.mask is None
+
+
+def test_look_note_after_a_cancel_does_not_say_nothing_is_tracked(tmp_path):
+    """A run a cancel stopped is gone on with by the next Track: a look changed since is not "nothing tracked"."""
+    from types import SimpleNamespace
+
+    session = EditSession(tmp_path / "s", SimpleNamespace(sam=None))
+    session.result = RunRecord(overlay=tmp_path / "v.mp4", masks=tmp_path / "m.zip", summary="", warnings=[],
+                               prompts={}, objects=frozenset({1}), options=OPTIONS, stopped_at=9)
+    note = session.look_note(Style(alpha=0.9, outline=OPTIONS.outline))
+    assert "nothing is tracked" not in note
+    assert "goes on from frame 9" in note

@@ -943,6 +943,10 @@ class EditSession:
             said_it_differs, self._look_moved = self._look_moved, differs
             if not differs:
                 return "The look is again that of the tracked video below." if said_it_differs else None
+            if record.stopped_at is not None:  # a cancel kept part of the video: Track goes on tracking
+                return ("The frame shows the new look; the tracked video below keeps the old one until Track, which "
+                        f"goes on from frame {record.stopped_at}, draws it again (the frames up to it keep their "
+                        "masks).")
             return ("The frame shows the new look; the tracked video below keeps the old one until Track draws it "
                     "again (its masks are kept: nothing is tracked).")
 
