@@ -1532,6 +1532,7 @@ def test_a_mask_picture_that_cannot_be_used_is_refused_with_why(session, tmp_pat
     Image.fromarray(np.full((60, 80), 255, np.uint8)).save(tmp_path / "small.png")
     (tmp_path / "notes.png").write_text("not a picture")
     Image.fromarray(np.zeros((H, W), np.uint8)).save(tmp_path / "black.jpg")
+    Image.fromarray(np.zeros((H, W), np.uint8)).save(tmp_path / "black.png")
     ids = np.zeros((H, W), np.uint8)
     ids[10:20, 10:20] = 2
     Image.fromarray(ids).save(tmp_path / "ids.png")
@@ -1543,6 +1544,7 @@ def test_a_mask_picture_that_cannot_be_used_is_refused_with_why(session, tmp_pat
                           "'notes.png')"),
             ("black.jpg", "the mask black.jpg cannot be used: object 1: its mask on frame 0 is empty (no pixel on "
                           "the object)"),
+            ("black.png", "the mask black.png is empty: every pixel of it is 0 (black)"),  # not "its objects: none"
             ("ids.png", r"the mask ids.png has no pixel of object 1 (its objects: 2)")]:
         with pytest.raises(PromptError) as refused:
             session.load_mask(0, tmp_path / name)

@@ -454,6 +454,8 @@ def object_mask(path: str | Path, object_id: int, name: str | None = None) -> np
     values, ids = _mask_picture(Path(path), name)
     if not ids:
         return values
+    if not values.any():  # an empty matte, not a picture of object ids that lacks this one
+        raise PromptError(f"the mask {name or path} is empty: every pixel of it is 0 (black)")
     if not (values == object_id).any():
         held = ", ".join(str(i) for i in np.unique(values) if i) or "none"
         raise PromptError(f"the mask {name or path} has no pixel of object {object_id} (its objects: {held})")
