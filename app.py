@@ -326,7 +326,8 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
 
     def shown(session: EditSession, frame: int, alpha: float, outline: float):
         image, time_s = session.render(int(frame), Style(alpha=float(alpha), outline=int(outline)))
-        return session.preview_file(image), frame_caption(int(frame), session.require_video(), time_s)
+        return session.preview_file(image), \
+            frame_caption(int(frame), session.require_video(), time_s) + session.frame_note(int(frame))
 
     def shown_again(session: EditSession, alpha_value, outline_value) -> Path | None:
         """The frame the page shows, drawn again after an edit: the user may have moved on from the frame edited

@@ -123,6 +123,9 @@ def test_cancel_stops_the_job_and_the_app_stays_usable(app, browser, clips, tmp_
     with zipfile.ZipFile(user.download("long_masks.zip", tmp_path)) as archive:
         assert len(archive.namelist()) == last + 1
     assert user.page.locator("#result-video video").count() == 1
+    user.go_to_frame(last + 1)
+    assert user.page.locator("#frame-info").inner_text().endswith(
+        f"not tracked yet: the last run stopped after frame {last}")
     user.page.wait_for_function("() => !document.querySelector('#track-button').disabled")
     user.page.locator("#video-input button[aria-label='Clear']").wait_for()
     user.page.screenshot(path="/tmp/app_cancelled.png", full_page=True)
@@ -131,7 +134,7 @@ def test_cancel_stops_the_job_and_the_app_stays_usable(app, browser, clips, tmp_
     user.page.locator("#add-object").click()
     user.wait_status("object 2 added")
     kept = "; frames before it kept their masks" if last else ""
-    assert user.track().startswith(f"Done: re-tracked from frame {last}{kept}. 60 frames")
+    assert user.track().startswith(f"Done: went on from frame {last}, where the cancelled run stopped{kept}. 60 frames")
     assert probe(user.download("long_tracked.mp4", tmp_path)).frame_count == 60
     user.page.context.close()
 

@@ -698,12 +698,16 @@ def test_a_cancel_keeps_the_frames_tracked_and_the_next_track_goes_on_from_there
     assert f"cancelled after frame {last}: the frames after it are not tracked" in stopped.summary
     assert stopped.objects == {1, 2} and set(stopped.prompts) == {(0, 1), (0, 2)}
     assert (session.labels(last) > 0).any() and not session.labels(last + 1).any()  # not tracked yet
+    assert session.frame_note(last) == "" and \
+        session.frame_note(last + 1) == f" · not tracked yet: the last run stopped after frame {last}"
     message, _ = session.load_prompts_file(shutil.copy(stopped.prompts_file, tmp_path / "same_prompts.json"))
     assert message.endswith("in place of the clicks before; press Track")  # not "its result stands"
 
     again = session.track(OPTIONS)  # nothing changed, yet the video is not all tracked
     assert not again.repeated and again.passes == [last] and again.stopped_at is None
-    assert again.describe() == f"re-tracked from frame {last}; frames before it kept their masks"
+    assert again.describe() == f"went on from frame {last}, where the cancelled run stopped; frames before it kept " \
+                               "their masks"
+    assert session.frame_note(last + 1) == ""
     with MaskZipReader(again.masks) as masks:
         assert masks.frames() == list(range(FRAMES))
         for index in range(last + 1):

@@ -196,6 +196,7 @@ class RunRecord:
     # A cancel kept the frames done: the last frame with masks (the files end there). `prompts` then holds only the
     # prompts those frames took in; the next Track goes on from this frame (see plan_passes).
     stopped_at: int | None = None
+    went_on: bool = False  # the first pass started where the run built on had stopped
 
     def describe(self) -> str:
         """What the run did, in the user's words."""
@@ -207,6 +208,9 @@ class RunRecord:
         first, *later = self.passes
         if first is None:
             text = "tracked the whole video"
+        elif self.went_on:
+            text = f"went on from frame {first}, where the cancelled run stopped" + \
+                ("; frames before it kept their masks" if first > 0 else "")
         elif self.backward:
             text = f"re-tracked from frame {first}, forward and backward (no prompt comes before it)"
         else:
@@ -1096,7 +1100,8 @@ class EditSession:
                            sam_backend=sam.name, base=replace(built_on, base=None) if passes[0] is not None else None,
                            first_prompt=min(prompt_frames), corrections=corrections,
                            prompts_file=prompts_file, mask_pictures=tuple(mask_pictures),
-                           corrected_from=corrected_from, stopped_at=stopped_at)
+                           corrected_from=corrected_from, stopped_at=stopped_at,
+                           went_on=passes[0] is not None and built_on is not None and built_on.stopped_at == passes[0])
         with self.lock:  # objects added, clicked or removed during the run count
             clicked = {object_id for (_, object_id), edit in self.edits.items() if edit.clicks.selects}
             now = self._prompts()[2]
@@ -1141,6 +1146,14 @@ class EditSession:
         with self.lock:
             self._set_result(record)
         return record
+
+    def frame_note(self, frame: int) -> str:
+        """What the frame view adds for a frame after where a cancelled run stopped: it has no masks yet."""
+        with self.lock:
+            stopped = self.result.stopped_at if self.result is not None else None
+        if stopped is None or frame <= stopped:
+            return ""
+        return f" · not tracked yet: the last run stopped after frame {stopped}"
 
     def _frames_of(self, record: RunRecord) -> int:
         """The frames a run's files hold: a stopped run's end where it stopped."""
