@@ -469,6 +469,32 @@ def test_a_cancel_can_keep_the_frames_done_with_the_sound_cut_there(tracker, tmp
     assert leftovers(tmp_path) == ["m.zip", "o.mp4", "voiced.mp4"]
 
 
+def test_a_kept_cancel_of_a_run_with_corrections_keeps_the_last_pass_frames(tracker, tmp_path):
+    """With corrections, the passes before the last write no video: a cancel there keeps nothing, one in the last
+    pass after its corrected frame keeps the frames written."""
+    video = make_clip(tmp_path / "clip.mp4", frames=12, width=WIDTH, height=HEIGHT, audio=False)
+    prompts = [*CLICK, ObjectPrompt(1, 3, [(20, 20)], [1], correct=True)]
+    cancel = threading.Event()
+
+    def cancel_at(count: int):
+        def progress(done: int, total: int) -> None:
+            if done == count:
+                cancel.set()
+        return progress
+
+    with pytest.raises(Cancelled):
+        tracker.track(video, prompts, output=tmp_path / "o.mp4", cancel=cancel, progress=cancel_at(6),
+                      keep_on_cancel=True)
+    assert leftovers(tmp_path) == ["clip.mp4"]
+    cancel.clear()
+    result = tracker.track(video, prompts, output=tmp_path / "o.mp4", masks=tmp_path / "m.zip", cancel=cancel,
+                           progress=cancel_at(12 + 9), keep_on_cancel=True)  # the second pass's frame 8
+    assert result.stopped_at in (7, 8) and result.passes == 2
+    assert decoded_count(tmp_path / "o.mp4") == result.stopped_at + 1
+    with MaskZipReader(tmp_path / "m.zip") as masks:
+        assert masks.frames() == list(range(result.stopped_at + 1))
+
+
 def test_cancel_stops_the_reading_of_the_frames_before_a_late_prompt(tracker, tmp_path, monkeypatch):
     """Frames before the first prompt are read into a cache before they are tracked backward: seconds to
     minutes of a long video, which a cancel must not wait out."""

@@ -595,7 +595,7 @@ class Tracker:
         options = options or TrackOptions()
         if any(p.correct for p in prompts):
             return self._track_corrected(info, prompts, output, masks, options, cancel, progress, previous, sam,
-                                         embeddings, waiting, shown)
+                                         embeddings, waiting, shown, keep_on_cancel)
         with user_facing_resource_errors(options), self._device_turn(cancel, waiting), ExitStack() as stack, \
                 ExitStack() as opened:
             if self.device.type == "cuda":
@@ -654,7 +654,7 @@ class Tracker:
                          masks: Path | None, options: TrackOptions, cancel: threading.Event | None,
                          progress: ProgressFn | None, previous: PreviousRun | None, sam: SamBackend,
                          embeddings: Mapping[int, ImageEmbedding] | None, waiting: WaitFn | None,
-                         shown: Callable[[TrackedFrame], None] | None) -> TrackResult:
+                         shown: Callable[[TrackedFrame], None] | None, keep_on_cancel: bool) -> TrackResult:
         """`track` with corrections: a pass for the other prompts, then one from each corrected frame on, the
         frames before it kept (or tracked backward again from it: see `retracks_backward`)."""
         plain = [p for p in prompts if not p.correct]
@@ -693,7 +693,8 @@ class Tracker:
                 results.append(self.track(
                     info.path, plain, output=output if final else None, masks=tracked, options=options,
                     cancel=cancel, progress=report(index), sam=sam, embeddings=embeddings, shown=shown,
-                    previous=PreviousRun(corrected, frame, retracks_backward(frame, prompt_frames, frames))))
+                    previous=PreviousRun(corrected, frame, retracks_backward(frame, prompt_frames, frames)),
+                    keep_on_cancel=keep_on_cancel and final))  # the passes before write no video to keep
             seconds = time.perf_counter() - began
         return replace(combined(results), seconds=seconds)
 
