@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from io import BytesIO
@@ -395,6 +396,37 @@ def test_a_stopped_run_leaves_nothing_behind(stop, untrained_checkpoints, tmp_pa
     assert run.returncode == 128 + stop, stderr
     assert f"interrupted ({stop.name}): nothing was written" in stderr
     assert list(out_dir.iterdir()) == [] and list(temp_dir.glob("tracker-*")) == []
+
+
+def test_keep_on_interrupt_keeps_the_frames_tracked(untrained_checkpoints, tmp_path):
+    """`--keep-on-interrupt`: Ctrl-C finishes the files with the frames tracked so far, and says so."""
+    clip = make_clip(tmp_path / "clip.mp4", frames=400, width=64, height=48, audio=True)
+    run = subprocess.Popen([sys.executable, "-m", "tracker", "track", str(clip), "--point", "20,20",
+                            "--out", str(tmp_path / "o.mp4"), "--masks", str(tmp_path / "m.zip"),
+                            "--keep-on-interrupt", *map(str, weights_flags(untrained_checkpoints))],
+                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=as_from_a_terminal)
+    said: list[str] = []
+    reader = threading.Thread(target=lambda: said.extend(iter(lambda: run.stderr.read(1), "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 300
+        while not re.search(r"\b([2-9]\d|1\d\d)/400\b", "".join(said)) and time.monotonic() < deadline:
+            assert run.poll() is None, "".join(said)
+            time.sleep(0.05)  # until some frames are tracked
+        run.send_signal(signal.SIGINT)
+        stdout = run.communicate(timeout=120)[0]
+    finally:
+        run.kill()
+    reader.join(10)
+    stderr = "".join(said)
+    kept = re.search(r"interrupted \(SIGINT\): frames 0 to (\d+) were kept$", stderr.strip())
+    assert run.returncode == 128 + signal.SIGINT and kept, stderr
+    last = int(kept.group(1))
+    assert 19 <= last < 399 and f"cancelled after frame {last}" in stdout
+    assert probe(tmp_path / "o.mp4").frame_count == last + 1
+    with zipfile.ZipFile(tmp_path / "m.zip") as archive:
+        assert len(archive.namelist()) == last + 1
 
 
 def test_negative_coordinates_reach_the_prompt_checks():

@@ -11,9 +11,9 @@ import sys
 import threading
 import traceback
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
-from .errors import TrackerError
+from .errors import Cancelled, TrackerError
 from .options import CUTOUT_KINDS, DEVICE_HELP, MAX_OUTLINE, SAM_BACKEND_CHOICES, MemoryOptions, TrackOptions
 from .prompts import NEGATIVE, POSITIVE, ObjectPrompt, load_prompts, mask_objects, parse_box, parse_xy
 from .video import (DEFAULT_PRESET, MASKS_ENDING, TRACKED_ENDING, X264_MAX_CRF, X264_PRESETS, VideoInfo, output_file,
@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "output/<name>_tracked.mp4; a folder: <name>_tracked.mp4 in it)")
     track.add_argument("--masks", metavar="ZIP", help="also write one palettised PNG per frame, zipped (a folder: "
                        "<name>_masks.zip in it)")
+    track.add_argument("--keep-on-interrupt", action="store_true",
+                       help="Ctrl-C (or SIGTERM, SIGHUP) stops at the next frame and keeps the frames tracked so far "
+                            "in the outputs, as the app's Cancel does; a second one stops at once, writing nothing")
     track.add_argument("--no-video", action="store_true", help="write only the masks zip (--masks), no overlay "
                        "video: a dataset's evaluation, say")
     track.add_argument("--size", type=int, default=480, help="shorter side of the working resolution in pixels "
@@ -236,11 +239,16 @@ def _track(args: argparse.Namespace) -> int:
         bar.update(done - bar.n)
 
     cancel = threading.Event()
-    try:
-        result = tracker.track(args.video, prompts, output=output, masks=masks, options=options,
-                               cancel=cancel, progress=progress)
-    finally:
-        bar.close()
+    with _signals_cancel(cancel, bar) if args.keep_on_interrupt else contextlib.nullcontext() as stopping:
+        try:
+            result = tracker.track(args.video, prompts, output=output, masks=masks, options=options,
+                                   cancel=cancel, progress=progress, keep_on_cancel=args.keep_on_interrupt)
+        except Cancelled:
+            if stopping:  # stopped before a frame of its own: as without the flag
+                raise Stopped(stopping[0]) from None
+            raise
+        finally:
+            bar.close()
     print(result.summary())
     for path in (result.output, result.masks):
         if path is not None:
@@ -248,7 +256,40 @@ def _track(args: argparse.Namespace) -> int:
     for warning in result.warnings:
         if warning not in said:
             print(f"WARNING: {warning}", file=sys.stderr)
-    return 0
+    if result.stopped_at is None:
+        return 0
+    signum = stopping[0]
+    print(f"interrupted ({signal.Signals(signum).name}): frames 0 to {result.stopped_at} were kept",
+          file=sys.stderr)
+    return 128 + signum
+
+
+@contextlib.contextmanager
+def _signals_cancel(cancel: threading.Event, bar) -> Iterator[list[int]]:
+    """`--keep-on-interrupt`: the first Ctrl-C, SIGTERM or SIGHUP sets `cancel` (the run keeps the frames done), a
+    second one stops at once as without the flag. Yields the signals received. A SIGINT that the shell ignores
+    (a background `&` job) stays ignored."""
+    received: list[int] = []
+
+    def stop(signum, _frame):
+        if received:
+            raise Stopped(signum)
+        received.append(signum)
+        cancel.set()
+        bar.write(f"{signal.Signals(signum).name}: stopping at the next frame, keeping the frames tracked "
+                  "(again to stop at once, writing nothing)", file=sys.stderr)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield received  # signal handlers can only be set from the main thread
+        return
+    names = [name for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+             and signal.getsignal(getattr(signal, name)) is not signal.SIG_IGN]
+    previous = {name: signal.signal(getattr(signal, name), stop) for name in names}
+    try:
+        yield received
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
 
 
 def object_ids(text: str) -> list[int]:
