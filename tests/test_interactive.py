@@ -741,6 +741,23 @@ def test_a_cancel_in_a_correction_pass_keeps_its_frames_and_the_corrections_not_
         assert masks.frames() == list(range(FRAMES)) and masks[3][30, 100] == masks[5][100, 20] == 1
 
 
+def test_a_cancel_before_a_later_pass_reaches_its_correction_keeps_the_frames_written(session):
+    """The second pass (from frame 5) writes frames 0 to 4 as the first pass tracked them, the correction on frame 3
+    in them: cancelled there, those frames are kept, and the next Track goes on with the correction on frame 5."""
+    click(session, 0, 45, 60)
+    session.track(OPTIONS)
+    click(session, 3, 100, 30)
+    click(session, 5, 20, 100)
+    stopped = cancelled_run(session, "pass 2/2: frame 4 / ")
+    last = stopped.stopped_at
+    assert last in (3, 4) and stopped.passes == [3, 5] and stopped.corrections == {(3, 1)}
+    assert probe(stopped.overlay).frame_count == last + 1
+    again = session.track(OPTIONS)
+    assert again.passes == [last, 5] and again.corrections == {(3, 1), (5, 1)}
+    with MaskZipReader(again.masks) as masks:
+        assert masks.frames() == list(range(FRAMES)) and masks[3][30, 100] == masks[5][100, 20] == 1
+
+
 def test_a_closed_page_keeps_nothing_of_its_cancelled_job(session):
     click(session, 0, 45, 60)
     session.begin_job()

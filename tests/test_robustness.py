@@ -435,20 +435,22 @@ def test_cancel_mid_run_writes_nothing(tracker, clip, tmp_path):
         list(stream)
 
 
+def cancel_at(cancel: threading.Event, count: int):
+    """A progress report that sets `cancel` at the `count`th frame done."""
+    def progress(done: int, total: int) -> None:
+        if done == count:
+            cancel.set()
+    return progress
+
+
 def test_a_cancel_can_keep_the_frames_done_with_the_sound_cut_there(tracker, tmp_path):
     """`keep_on_cancel` (the page's Cancel): the files end at the last frame written, and the sound with them; a
-    cancel before the first prompted frame keeps nothing (those frames are tracked backward from it)."""
+    cancel before the first frame is written keeps nothing."""
     video = make_clip(tmp_path / "voiced.mp4", frames=12, width=WIDTH, height=HEIGHT, audio_seconds=1.0)
     cancel = threading.Event()
 
-    def cancel_at(count: int):
-        def progress(done: int, total: int) -> None:
-            if done == count:
-                cancel.set()
-        return progress
-
     result = tracker.track(video, CLICK, output=tmp_path / "o.mp4", masks=tmp_path / "m.zip", cancel=cancel,
-                           progress=cancel_at(5), keep_on_cancel=True)
+                           progress=cancel_at(cancel, 5), keep_on_cancel=True)
     stopped = result.stopped_at
     assert stopped in (3, 4) and result.frames == stopped + 1 and result.lost_frames == 0
     assert f"cancelled after frame {stopped}: the frames after it are not tracked" in result.summary()
@@ -461,34 +463,32 @@ def test_a_cancel_can_keep_the_frames_done_with_the_sound_cut_there(tracker, tmp
     video_end = (stopped + 1) / 25
     assert video_end - 0.05 < max(ends) < video_end + 0.05  # the clip's sound lasts 1 s
 
-    cancel.clear()
     late = [ObjectPrompt(1, 5, [(32, 24)], [1])]
-    with pytest.raises(Cancelled):  # frames before frame 5 written (tracked backward from it), not frame 5
-        tracker.track(video, late, output=tmp_path / "late.mp4", cancel=cancel, progress=cancel_at(5 + 4),
+    cancel.clear()
+    with pytest.raises(Cancelled):  # while frames 4 to 0 are tracked backward from frame 5: none written yet
+        tracker.track(video, late, output=tmp_path / "late.mp4", cancel=cancel, progress=cancel_at(cancel, 3),
                       keep_on_cancel=True)
     assert leftovers(tmp_path) == ["m.zip", "o.mp4", "voiced.mp4"]
+    cancel.clear()
+    early = tracker.track(video, late, output=tmp_path / "late.mp4", cancel=cancel, progress=cancel_at(cancel, 5 + 4),
+                          keep_on_cancel=True)  # frames before frame 5, tracked backward from it, are kept too
+    assert early.stopped_at in (2, 3) and decoded_count(tmp_path / "late.mp4") == early.stopped_at + 1
 
 
 def test_a_kept_cancel_of_a_run_with_corrections_keeps_the_last_pass_frames(tracker, tmp_path):
     """With corrections, the passes before the last write no video: a cancel there keeps nothing, one in the last
-    pass after its corrected frame keeps the frames written."""
+    pass keeps the frames written."""
     video = make_clip(tmp_path / "clip.mp4", frames=12, width=WIDTH, height=HEIGHT, audio=False)
     prompts = [*CLICK, ObjectPrompt(1, 3, [(20, 20)], [1], correct=True)]
     cancel = threading.Event()
 
-    def cancel_at(count: int):
-        def progress(done: int, total: int) -> None:
-            if done == count:
-                cancel.set()
-        return progress
-
     with pytest.raises(Cancelled):
-        tracker.track(video, prompts, output=tmp_path / "o.mp4", cancel=cancel, progress=cancel_at(6),
+        tracker.track(video, prompts, output=tmp_path / "o.mp4", cancel=cancel, progress=cancel_at(cancel, 6),
                       keep_on_cancel=True)
     assert leftovers(tmp_path) == ["clip.mp4"]
     cancel.clear()
     result = tracker.track(video, prompts, output=tmp_path / "o.mp4", masks=tmp_path / "m.zip", cancel=cancel,
-                           progress=cancel_at(12 + 9), keep_on_cancel=True)  # the second pass's frame 8
+                           progress=cancel_at(cancel, 12 + 9), keep_on_cancel=True)  # the second pass's frame 8
     assert result.stopped_at in (7, 8) and result.passes == 2
     assert decoded_count(tmp_path / "o.mp4") == result.stopped_at + 1
     with MaskZipReader(tmp_path / "m.zip") as masks:

@@ -1071,7 +1071,10 @@ class EditSession:
                         break
                 seconds = time.perf_counter() - began
             stopped_at = results[-1].stopped_at
-            if stopped_at is not None and self._closing:  # the page went: nobody to keep the frames for
+            # The page went (nobody to keep the frames for), or the frames written are all from before the first
+            # this job changes (a previous run's, or tracked backward to the first prompt): the last result stands.
+            first_changed = passes[0] if passes[0] is not None else min(prompt_frames)
+            if stopped_at is not None and (self._closing or stopped_at < first_changed):
                 raise Cancelled("tracking was cancelled")
             overlay = results[-1].output
             if overlay is None:  # a pass before the last stopped: the tracked video of its frames, drawn now

@@ -577,9 +577,9 @@ class Tracker:
 
         Files appear at their paths only once complete; on any error or cancel
         nothing is left behind, except that with `keep_on_cancel` a cancel once
-        tracking has passed the first prompted frame finishes the files with the
-        frames written so far (the video and its sound end there) and returns
-        their result, `stopped_at` naming the last. With `previous`, only frames from
+        a frame is written finishes the files with the frames written so far
+        (the video and its sound end there) and returns their result,
+        `stopped_at` naming the last (with corrections, in the last pass only). With `previous`, only frames from
         `previous.from_frame` on are tracked again (a correction there becomes
         a new memory frame); earlier frames keep the previous masks, unless
         `previous.backward`. Corrections (prompts with `correct`) are
@@ -621,9 +621,7 @@ class Tracker:
                         shown(tracked)
                     frames, last_written = frames + 1, tracked.index
             except Cancelled:
-                # Frames before the first prompted one are a previous run's, or tracked backward from it: only
-                # frames tracked forward from it are worth keeping.
-                if not keep_on_cancel or last_written < min(keyframes):
+                if not keep_on_cancel or last_written < 0:
                     raise
                 stopped_at = last_written
             if video_sink is not None:
