@@ -88,9 +88,10 @@ NO_PREVIEW_JS = """
       "not as a video. Choose a video file (an MPEG-TS .ts file goes in renamed .m2ts).";
     box.append(line);
   };
-  // A video or a prompts file over the upload limit (--max-upload-mb) is kept from its widget, whose refusal is a
-  // toast in Kb that leaves the status line as it was: the server is told its name and size, and says what to do
-  // in the status.
+  const UPLOAD_BUTTONS = {"load-prompts": "prompts file", "load-mask": "mask picture"};  // button id: what it takes
+  // A video, a prompts file or a mask picture over the upload limit (--max-upload-mb) is kept from its widget, whose
+  // refusal is a toast in Kb that leaves the status line as it was: the server is told its name and size, and says
+  // what to do in the status.
   const overLimit = (event, file, kind) => {
     const limit = window.gradio_config?.max_file_size;
     if (!file || !limit || file.size <= limit) return false;
@@ -105,9 +106,11 @@ NO_PREVIEW_JS = """
     const input = event.target;
     if (!(input instanceof HTMLInputElement) || input.type !== "file") return;
     const file = input.files?.[0];
-    // The prompts file's button has its file input beside it, not inside.
-    if (input.parentElement?.querySelector(":scope > #load-prompts")) {
-      if (overLimit(event, file, "prompts file")) input.value = "";  // the same file chosen again is refused again
+    // An upload button has its file input next to it, not inside.
+    const button = [input.nextElementSibling, input.previousElementSibling].map((next) => next?.id)
+      .find((id) => id in UPLOAD_BUTTONS);
+    if (button) {
+      if (overLimit(event, file, UPLOAD_BUTTONS[button])) input.value = "";  // chosen again, refused again
       return;
     }
     const box = input.closest("#video-input");

@@ -351,7 +351,8 @@ def test_page_shows_every_control_and_refuses_what_it_cannot_take(app, browser, 
 
 
 def test_a_prompts_file_over_the_upload_limit_is_refused_in_the_status(app, browser, tmp_path):
-    """As an oversized video: the limit in MB and how it is raised, in the status and a toast, not Gradio's Kb."""
+    """As an oversized video: the limit in MB and how it is raised, in the status and a toast, not Gradio's Kb; a
+    mask picture too."""
     tab = AppPage(browser.new_page(), app.url)
     big = tmp_path / "huge_prompts.json"
     big.write_text(" " * 1_300_000 + "[]")
@@ -364,6 +365,12 @@ def test_a_prompts_file_over_the_upload_limit_is_refused_in_the_status(app, brow
     tab.page.locator(".toast-body").filter(has_text=over).first.wait_for(state="detached", timeout=30_000)
     tab.load_prompts(big)  # chosen again, refused again
     tab.page.locator(".toast-body").filter(has_text=over).wait_for()
+    picture = tmp_path / "huge_mask.png"
+    picture.write_bytes(b"\x89PNG" + bytes(1_300_000))
+    tab.load_mask(picture)
+    assert tab.wait_status("^Error: huge_mask.png") == (
+        "Error: huge_mask.png is 1.3 MB, over this server's upload limit of 1 MB: choose a smaller mask picture, "
+        "or ask the server's operator to raise the limit (python app.py --max-upload-mb)")
     tab.page.close()
 
 

@@ -197,6 +197,14 @@ def test_void_of_a_palettised_mask_is_no_object(tmp_path):
         mask_objects(tmp_path / "void.png")
 
 
+def test_a_mask_picture_over_pils_size_guard_is_refused_in_one_line(tmp_path, monkeypatch):
+    Image.fromarray(np.full((40, 50), 255, np.uint8)).save(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 2,000 pixels are then over twice the guard
+    with pytest.raises(PromptError, match=r"^the mask \S*huge.png is too large a picture \(Image size \(2000 pixels\) "
+                                          r"exceeds .*\); a mask has the video's size$"):
+        ObjectPrompt(1, 0, mask=tmp_path / "huge.png")
+
+
 def test_unreadable_prompt_files(tmp_path):
     with pytest.raises(PromptError, match="does not exist"):
         load_prompts(tmp_path / "missing.json")

@@ -293,8 +293,8 @@ def upload_message(info: VideoInfo, trimmed: bool = False) -> str:
 
 def oversize_message(name: str, size: int, limit_mb: float, kind: str) -> str:
     """What the page says of a file over the server's upload limit, which the browser keeps back unsent; `kind`:
-    what it was chosen as ("video" or "prompts file")."""
-    if kind not in ("video", "prompts file"):
+    what it was chosen as ("video", "prompts file" or "mask picture")."""
+    if kind not in ("video", "prompts file", "mask picture"):
         raise ValueError(f"unknown kind of upload {kind!r}")
     return (f"{name} is {math.ceil(size / 2**20 * 10) / 10:.1f} MB, over this server's upload limit of "
             f"{limit_mb:g} MB: choose a smaller {kind}, or ask the server's operator to raise the limit "

@@ -422,6 +422,8 @@ def _mask_picture(path: Path, name: str | None = None) -> tuple[np.ndarray, bool
                 values, half = np.array(picture.convert("L")), 128
     except FileNotFoundError:
         raise PromptError(f"the mask {shown} does not exist") from None
+    except Image.DecompressionBombError as exc:  # over PIL's guard (179 million pixels), far beyond any video
+        raise PromptError(f"the mask {shown} is too large a picture ({exc}); a mask has the video's size") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         detail = str(exc).replace(str(path), shown)
         raise PromptError(f"the mask {shown} is not a picture that can be read ({detail})") from None
