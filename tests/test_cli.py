@@ -415,10 +415,11 @@ def test_keep_on_interrupt_keeps_the_frames_tracked(untrained_checkpoints, tmp_p
             assert run.poll() is None, "".join(said)
             time.sleep(0.05)  # until some frames are tracked
         run.send_signal(signal.SIGINT)
-        stdout = run.communicate(timeout=120)[0]
+        run.wait(timeout=120)  # its few lines of stdout fit the pipe; stderr is the reader's alone
     finally:
         run.kill()
     reader.join(10)
+    stdout = run.stdout.read()
     stderr = "".join(said)
     kept = re.search(r"interrupted \(SIGINT\): frames 0 to (\d+) were kept$", stderr.strip())
     assert run.returncode == 128 + signal.SIGINT and kept, stderr
