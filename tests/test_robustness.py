@@ -579,7 +579,7 @@ def test_jobs_get_the_device_in_the_order_they_asked_and_know_their_place():
     assert told == {number: [number + 1] for number in range(5)}
     cancels[2].set()
     deadline = time.monotonic() + 5
-    while told[4] != [5, 4] and time.monotonic() < deadline:
+    while (told[3], told[4]) != ([4, 3], [5, 4]) and time.monotonic() < deadline:  # each told by its own thread
         time.sleep(0.005)
     assert order == ["2 cancelled"] and told[3] == [4, 3] and told[4] == [5, 4] and told[1] == [2]
     turns.release()

@@ -7,6 +7,7 @@ import av
 import numpy as np
 import pytest
 import psutil
+import torch
 
 from tests.media import make_clip, slowed
 from tracker.errors import TrackerError
@@ -124,3 +125,50 @@ def test_a_run_with_corrections_counts_the_time_spent_applying_them(cpu_tracker,
     elapsed = time.perf_counter() - began
     assert result.passes == 2
     assert elapsed - 1.0 <= result.seconds <= elapsed
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def device_tracker(request, untrained_checkpoints, cpu_tracker):
+    """The CPU tracker, and one on the GPU (XMem's fast path and its CUDA graphs) where there is one."""
+    from tracker.session import Tracker
+
+    if request.param == "cpu":
+        return cpu_tracker
+    return Tracker(untrained_checkpoints["sam"], untrained_checkpoints["xmem"], device="cuda", download=False)
+
+
+def test_a_re_track_remembers_the_prompts_frame_before_it(device_tracker, tmp_path):
+    """Going on from frame 4 of a run prompted on frame 0, XMem first takes frame 0's masks into its memory, as the
+    run did: the frames after 4 change with what frame 0 holds, and not with a tracked frame between (frame 2)."""
+    from tracker.render import MaskZipReader, MaskZipWriter
+    from tracker.session import PreviousRun
+
+
+    clip = make_clip(tmp_path / "clip.mp4", frames=8, width=64, height=48, audio=False)
+    prompt = [ObjectPrompt(1, 0, [(30.0, 24.0)], [1])]
+    options = TrackOptions(size=0)
+    device_tracker.track(clip, prompt, masks=tmp_path / "first.zip", options=options)
+    with MaskZipReader(tmp_path / "first.zip") as masks:
+        labels = [np.array(masks[i]) for i in range(8)]
+
+    def went_on(name: str, changed: int | None) -> list[np.ndarray]:
+        edited = [label_map.copy() for label_map in labels]
+        if changed is not None:
+            edited[changed] = np.where(edited[changed] == 1, 0, 1).astype(np.uint8)  # the object's complement
+        writer = MaskZipWriter(tmp_path / f"{name}.zip")
+        for index, label_map in enumerate(edited):
+            writer.write(index, label_map)
+        writer.close()
+        result = device_tracker.track(clip, prompt, masks=tmp_path / f"{name}-again.zip", options=options,
+                                   previous=PreviousRun(tmp_path / f"{name}.zip", 4))
+        assert result.kept_frames == 4
+        with MaskZipReader(result.masks) as masks:
+            return [np.array(masks[i]) for i in range(8)]
+
+    same = went_on("same", None)
+    assert all(np.array_equal(same[i], labels[i]) for i in range(5))
+    prompt_frame_changed = went_on("prompt-frame", 0)
+    tracked_frame_changed = went_on("tracked-frame", 2)
+    assert any(not np.array_equal(prompt_frame_changed[i], same[i]) for i in range(5, 8))
+    assert all(np.array_equal(tracked_frame_changed[i], same[i]) for i in range(4, 8))

@@ -19,7 +19,7 @@ import threading
 import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -391,6 +391,7 @@ def track_frames(
     cancel: threading.Event | None = None,
     progress: ProgressFn | None = None,
     earlier: Callable[[int], np.ndarray] | None = None,
+    anchors: Mapping[int, Mapping[int, np.ndarray]] | None = None,
     graphs: GraphCache | None = None,
     between_frames: Callable[[], None] | None = None,
 ) -> Iterator[TrackedFrame]:
@@ -400,7 +401,11 @@ def track_frames(
     SAM). Tracking starts at the earliest keyframe, runs backwards to frame 0
     (through a disk cache, never all frames in RAM) and then forwards to the end.
     With `earlier` (frame index -> label map of a previous run), frames before
-    the first keyframe keep those labels instead of being tracked backwards.
+    the first keyframe keep those labels instead of being tracked backwards;
+    `anchors` (frames before it -> their masks, as `keyframes`: the user's own
+    on those frames) may then go into XMem's memory first, in order, so that the
+    tracking from the first keyframe remembers what was prompted before it,
+    the first of them for good, as an uninterrupted run remembers its first.
     `graphs` (see `frame_graphs`) may be shared with whatever draws the frames.
     `between_frames` runs after each frame (it may wait: see `Tracker.click_work`).
     """
@@ -410,10 +415,20 @@ def track_frames(
     prep = FramePrep(device, working_size(info.width, info.height, options.size), graphs=graphs)
     work_size = (prep.work_h, prep.work_w)
     config = options.memory.xmem_config(network)
-    full_masks = {f: {o: torch.from_numpy(np.asarray(m, dtype=bool)).to(device) for o, m in objs.items()}
-                  for f, objs in keyframes.items()}
-    work_masks = {f: {o: shrink_mask(m, work_size) for o, m in objs.items()} for f, objs in full_masks.items()}
+
+    def on_device(masks: Mapping[int, Mapping[int, np.ndarray]]) -> dict[int, dict[int, torch.Tensor]]:
+        return {f: {o: torch.from_numpy(np.asarray(m, dtype=bool)).to(device) for o, m in objs.items()}
+                for f, objs in sorted(masks.items())}
+
+    def at_work_size(masks: Mapping[int, Mapping[int, torch.Tensor]]) -> dict[int, dict[int, torch.Tensor]]:
+        return {f: {o: shrink_mask(m, work_size) for o, m in objs.items()} for f, objs in masks.items()}
+
+    full_masks = on_device(keyframes)
+    work_masks = at_work_size(full_masks)
     start = min(keyframes)
+    if anchors and (earlier is None or max(anchors) >= start):
+        raise ValueError(f"anchors come with `earlier`, before the first keyframe ({start}); got {sorted(anchors)}")
+    anchor_masks = at_work_size(on_device(anchors or {}))
     total = (0 if earlier else start) + info.frame_count
     done = 0
 
@@ -435,7 +450,8 @@ def track_frames(
         if earlier is None and start > 0:
             backward = _track_backward(network, config, info, prep, start, work_masks[start], Path(tmp), tick, cancel)
             earlier = opened.enter_context(backward).__getitem__
-        forward = Propagator(network, config, work_masks, order=sorted(work_masks))
+        forward = Propagator(network, config, {**anchor_masks, **work_masks}, order=[*anchor_masks, *work_masks])
+        _remember(forward, prep, info, list(anchor_masks), cancel)
         lookup = forward.lookup(device)
         last = info.frame_count - 1
         pace = LaunchPacer(device)
@@ -459,6 +475,19 @@ def track_frames(
                     labels = stamp(labels, full_masks[frame.index])
             tick()
             yield TrackedFrame(frame.index, frame.pts, frame.time, image, labels)
+
+
+def _remember(propagator: Propagator, prep: FramePrep, info: VideoInfo, frames: Sequence[int],
+              cancel: threading.Event) -> None:
+    """Step `propagator` through `frames` (its keyframes, in order) for their memory alone."""
+    for index in frames:
+        if cancel.is_set():
+            raise Cancelled("tracking was cancelled")
+        frame = next(iter_frames(info.path, index, index + 1, yuv=prep.planes, size=info.size), None)
+        if frame is None:
+            raise TrackerError(lost_prompt_frame(index))
+        _, net_input = prep.prepare(prep.stage(frame))
+        propagator.step(index, net_input, end=False)
 
 
 class LaunchPacer:

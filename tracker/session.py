@@ -242,11 +242,15 @@ class PreviousRun:
     With `backward`, frames before `from_frame` are tracked again too, backward from it: for a frame at or
     before the first prompt, whose earlier frames that run tracked backward through it. They are kept after
     all when an object absent on `from_frame` shows on one of them (tracking back from there would lose it).
+    Otherwise XMem first remembers the kept masks of the prompts' frames before `from_frame` and of
+    `corrected`, the frames before it whose masks in `masks` are corrections: the user's masks, as a run
+    from the start remembers them (the earliest for good).
     """
 
     masks: Path  # its masks zip
     from_frame: int
     backward: bool = False
+    corrected: tuple[int, ...] = ()
 
 
 @dataclass
@@ -601,7 +605,7 @@ class Tracker:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             began = time.perf_counter()
-            keyframes, earlier = self._plan(info, prompts, previous, sam, embeddings, cancel, opened)
+            keyframes, earlier, anchors = self._plan(info, prompts, previous, sam, embeddings, cancel, opened)
             sinks = self._open_sinks(info, output, masks, options, stack)
             video_sink, zip_sink = sinks
             frames, last_written, stopped_at = 0, -1, None
@@ -609,7 +613,7 @@ class Tracker:
             interlaced = coded_fields(info, "libx264") is not None  # `_open_sinks`' writer codes fields
             try:
                 for tracked in track_frames(self.xmem, info, keyframes, options, self.device, cancel=cancel,
-                                            progress=progress, earlier=earlier, graphs=graphs,
+                                            progress=progress, earlier=earlier, anchors=anchors, graphs=graphs,
                                             between_frames=self._clicks_first(cancel)):
                     if video_sink is not None:
                         picture = encoder_picture(tracked.image, tracked.labels, alpha=options.alpha,
@@ -691,34 +695,41 @@ class Tracker:
                 results.append(self.track(
                     info.path, plain, output=output if final else None, masks=tracked, options=options,
                     cancel=cancel, progress=report(index), sam=sam, embeddings=embeddings, shown=shown,
-                    previous=PreviousRun(corrected, frame, retracks_backward(frame, prompt_frames, frames)),
+                    previous=PreviousRun(corrected, frame, retracks_backward(frame, prompt_frames, frames),
+                                         corrected=(*(previous.corrected if previous else ()), *frames[:index - 1])),
                     keep_on_cancel=keep_on_cancel and final))  # the passes before write no video to keep
             seconds = time.perf_counter() - began
         return replace(combined(results), seconds=seconds)
 
     def _plan(self, info: VideoInfo, prompts: Sequence[ObjectPrompt], previous: PreviousRun | None, sam: SamBackend,
               embeddings: Mapping[int, ImageEmbedding] | None, cancel: threading.Event | None, opened: ExitStack
-              ) -> tuple[dict[int, dict[int, np.ndarray]], Callable[[int], np.ndarray] | None]:
-        """Keyframe masks, and where frames before the first keyframe get their labels from (a previous
-        run's masks, open until `opened` closes)."""
+              ) -> tuple[dict[int, dict[int, np.ndarray]], Callable[[int], np.ndarray] | None,
+                         dict[int, dict[int, np.ndarray]]]:
+        """Keyframe masks; where frames before the first keyframe get their labels from (a previous
+        run's masks, open until `opened` closes); the masks XMem remembers before it (see PreviousRun)."""
         start = 0 if previous is None else previous.from_frame
         keyframes = self.prompt_masks(info, [p for p in prompts if p.frame >= start], sam, embeddings=embeddings,
                                       cancel=cancel)
         if previous is None:
-            return keyframes, None
+            return keyframes, None, {}
         earlier = opened.enter_context(MaskZipReader(previous.masks))
-        base = earlier[start]
-        # An object prompted before `start` and absent there (a correction erased it, say) starts empty: a frame
-        # left without any object is then no error.
-        tracked = {o: np.zeros(base.shape, bool) for o in sorted({p.object_id for p in prompts if p.frame < start})}
-        tracked.update({int(o): base == o for o in np.unique(base) if o})
-        keyframes[start] = dict(sorted({**tracked, **keyframes.get(start, {})}.items()))
+
+        def kept_masks(frame: int) -> dict[int, np.ndarray]:
+            """The previous run's masks on `frame`, of each object present there or prompted before it (an
+            object absent there, erased by a correction say, is given as empty: a frame without any object
+            is then no error)."""
+            labels = earlier[frame]
+            objects = {p.object_id for p in prompts if p.frame < frame} | {int(o) for o in np.unique(labels) if o}
+            return {o: labels == o for o in sorted(objects)}
+
+        keyframes[start] = dict(sorted({**kept_masks(start), **keyframes.get(start, {})}.items()))
         if not keyframes[start]:
             raise TrackerError(f"frame {start} has no object to track from; add a prompt there")
         present = {object_id for object_id, mask in keyframes[start].items() if mask.any()}
         if previous.backward and not _appear_before(earlier, start, present):
-            return keyframes, None
-        return keyframes, earlier.__getitem__
+            return keyframes, None, {}
+        remembered = {p.frame for p in prompts if p.frame < start} | {f for f in previous.corrected if f < start}
+        return keyframes, earlier.__getitem__, {frame: kept_masks(frame) for frame in sorted(remembered)}
 
     def _open_sinks(self, info: VideoInfo, output: str | Path | None, masks: str | Path | None,
                     options: TrackOptions, stack: ExitStack) -> list[ThreadedSink | None]:
