@@ -88,7 +88,7 @@ NO_PREVIEW_JS = """
       "not as a video. Choose a video file (an MPEG-TS .ts file goes in renamed .m2ts).";
     box.append(line);
   };
-  const UPLOAD_BUTTONS = {"load-prompts": "prompts file", "load-mask": "mask picture"};  // button id: what it takes
+  const UPLOAD_BUTTONS = ["load-prompts", "load-mask"];  // the prompts file's takes its mask pictures with it
   // A video, a prompts file or a mask picture over the upload limit (--max-upload-mb) is kept from its widget, whose
   // refusal is a toast in Kb that leaves the status line as it was: the server is told its name and size, and says
   // what to do in the status.
@@ -108,9 +108,12 @@ NO_PREVIEW_JS = """
     const file = input.files?.[0];
     // An upload button has its file input next to it, not inside.
     const button = [input.nextElementSibling, input.previousElementSibling].map((next) => next?.id)
-      .find((id) => id in UPLOAD_BUTTONS);
+      .find((id) => UPLOAD_BUTTONS.includes(id));
     if (button) {
-      if (overLimit(event, file, UPLOAD_BUTTONS[button])) input.value = "";  // chosen again, refused again
+      const kind = (chosen) =>
+        button === "load-prompts" && chosen.name.toLowerCase().endsWith(".json") ? "prompts file" : "mask picture";
+      // The first file over the limit is said; chosen again, they are refused again.
+      if ([...input.files].some((chosen) => overLimit(event, chosen, kind(chosen)))) input.value = "";
       return;
     }
     const box = input.closest("#video-input");
@@ -364,8 +367,9 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                     clear = gr.Button("Clear object on this frame", elem_id="clear-object")
                 load_mask = gr.UploadButton("Load a mask picture for this object on this frame", file_types=["image"],
                                             elem_id="load-mask", size="sm")
-                load_prompts = gr.UploadButton("Load clicks from a prompts file (.json)", file_types=[".json"],
-                                               elem_id="load-prompts", size="sm")
+                load_prompts = gr.UploadButton("Load clicks from a prompts file (.json, with the mask pictures it "
+                                               "names, if any)", file_types=[".json", "image"],
+                                               file_count="multiple", elem_id="load-prompts", size="sm")
                 with gr.Accordion("Settings", open=False, elem_id="settings"):
                     defaults = TrackOptions()
                     size = gr.Slider(0, 1080, value=defaults.size, step=8, label="Processing resolution (shorter "
@@ -682,22 +686,23 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                             concurrency_limit=4, preprocess=False)
 
         @show_errors(outputs=7)
-        def on_load_prompts(path: str | None, alpha_value: float, outline_value: float, ticked: list[int],
+        def on_load_prompts(files: list[str] | None, alpha_value: float, outline_value: float, ticked: list[int],
                             request: gr.Request, progress=gr.Progress()):
-            """A prompts file (the downloads' `<video>_prompts.json`, or one written for the CLI) in place of the
-            clicks; the page moves to its earliest prompt's frame. Objects it leaves out leave the cut-out list."""
+            """A prompts file (the downloads' `<video>_prompts.json`, or one written for the CLI), with the mask
+            pictures it names, in place of the clicks; the page moves to its earliest prompt's frame. Objects it
+            leaves out leave the cut-out list."""
             session = session_of(request)
-            if path is None:
+            if not files:
                 return (gr.skip(),) * 7
-            message, frame = session.load_prompts_file(path, lambda fraction, text: progress(fraction, desc=text))
+            message, frame = session.load_prompts_file(files, lambda fraction, text: progress(fraction, desc=text))
             image, caption = shown(session, frame, *held_style(alpha_value, outline_value))
             return (message, image, frame, caption, object_choices(session), legend(session),
                     cutout_list_kept(session, ticked))
 
         @show_errors(outputs=1)
-        def on_load_prompts_begin(path: str | None, request: gr.Request):
+        def on_load_prompts_begin(files: list[str] | None, request: gr.Request):
             """Say the load at once, as a click is said: a Track pressed from now on waits for it."""
-            return gr.skip() if path is None else session_of(request).prompts_file_wait(path)
+            return gr.skip() if not files else session_of(request).prompts_file_wait(files)
 
         (load_prompts.upload(on_load_prompts_begin, load_prompts, status, queue=False, show_progress="hidden")
          .then(on_load_prompts, [load_prompts, *style, cutout_objects],

@@ -209,11 +209,12 @@ class AppPage:
             pass
         return self.wait_status(r"^(Done|Error|Cancelled)", TRACK_SECONDS)
 
-    def load_prompts(self, path: Path) -> None:
-        """Pick a prompts file with the page's button, as a user does in the file dialog it opens."""
+    def load_prompts(self, *paths: Path) -> None:
+        """Pick a prompts file (and the mask pictures it names) with the page's button, as a user does in the file
+        dialog it opens."""
         with self.page.expect_file_chooser() as chooser:
             self.page.locator("#load-prompts").click()
-        chooser.value.set_files(str(path))
+        chooser.value.set_files([str(path) for path in paths])
 
     def load_mask(self, path: Path) -> None:
         """Pick a mask picture with the page's button."""
@@ -605,10 +606,27 @@ def test_a_mask_picture_loaded_on_a_frame_is_tracked_and_downloaded_beside_the_p
     done = tab.track()
     assert done.startswith("Done: tracked the whole video."), done
     assert "clip_prompts_object1_frame3.png" in tab.download_names()
-    tab.download("clip_prompts_object1_frame3.png", tmp_path)
-    [prompt] = load_prompts(tab.download("clip_prompts.json", tmp_path))
+    picture = tab.download("clip_prompts_object1_frame3.png", tmp_path)
+    prompts_file = tab.download("clip_prompts.json", tmp_path)
+    [prompt] = load_prompts(prompts_file)
     assert prompt.frame == 3 and np.array_equal(prompt.mask, matte)
+    masks = members(tab.download("clip_masks.zip", tmp_path))
     tab.page.close()
+
+    # A new tab takes the prompts file back with its picture, chosen together; the file alone says what it lacks.
+    again = AppPage(browser.new_page(), app.url)
+    again.upload(clips / "clip.mp4")
+    again.load_prompts(prompts_file)
+    again.wait_status(r"^Error: prompts file clip_prompts.json names the mask picture clip_prompts_object1_frame3.png "
+                      r"\(object 1, frame 3\), which is not beside it: choose the prompts file and the mask pictures "
+                      r"it names together")
+    again.load_prompts(prompts_file, picture)
+    again.wait_status(r"^loaded prompts file clip_prompts.json: 1 prompt for object 1 on frame 3, in place of the "
+                      r"clicks before; press Track$", SAM_SECONDS)
+    assert again.track().startswith("Done: tracked the whole video.")
+    (tmp_path / "again").mkdir()
+    assert members(again.download("clip_masks.zip", tmp_path / "again")) == masks
+    again.page.close()
 
 
 def test_the_picture_stays_on_the_frame_the_slider_shows_while_a_click_is_segmented(app, browser, clips):

@@ -1529,6 +1529,42 @@ def test_a_loaded_mask_is_a_prompt_tracked_as_it_is(session, tmp_path):
     assert not session.edits
 
 
+def test_a_prompts_file_comes_back_with_the_mask_pictures_it_names(session, tmp_path, disc_tracker, clip):
+    """The run's prompts file and its mask picture, chosen together, bring a loaded mask back to a new tab as a
+    loaded mask (clicks on it refine it; Track gives the same masks); chosen alone, the file says what it lacks."""
+    matte = rectangle(30, 40, 70, 90)
+    Image.fromarray(matte.astype(np.uint8) * 255).save(tmp_path / "matte.png")
+    session.load_mask(0, tmp_path / "matte.png")
+    click(session, 4, 120, 30)
+    first = session.track(OPTIONS)
+    uploads = tmp_path / "uploads"  # as the page's uploads: a folder each, named by their own name, then removed
+    chosen = []
+    for index, path in enumerate([first.prompts_file, *first.mask_pictures]):
+        (uploads / str(index)).mkdir(parents=True)
+        chosen.append(shutil.copy(path, uploads / str(index) / path.name))
+    again = EditSession(tmp_path / "again", disc_tracker, upload_folder=uploads)
+    again.open_video(clip, Limits())
+    with pytest.raises(PromptError, match=r"^prompts file clip_prompts.json names the mask picture "
+                                          r"clip_prompts_object1_frame0.png \(object 1, frame 0\), which is not "
+                                          r"beside it: choose the prompts file and the mask pictures it names "
+                                          r"together \(select them all in the file dialog\)$"):
+        again.load_prompts_file(shutil.copy(first.prompts_file, uploads / "clip_prompts.json"))
+    assert not (uploads / "clip_prompts.json").exists() and not again.edits
+    with pytest.raises(PromptError, match=r"^choose one prompts file at a time"):
+        again.load_prompts_file([first.prompts_file, first.prompts_file.with_name("other.json")])
+    with pytest.raises(PromptError, match=r"^no prompts file \(.json\) among the files chosen "
+                                          r"\(clip_prompts_object1_frame0.png\)"):
+        again.load_prompts_file(first.mask_pictures)
+    assert again.prompts_file_wait(chosen).startswith("Loading prompts file clip_prompts.json: ")
+    message, frame = again.load_prompts_file(chosen)
+    assert message == ("loaded prompts file clip_prompts.json: 2 prompts for object 1 on frames 0, 4, in place of "
+                       "the clicks before; press Track") and frame == 0
+    assert not any(path.exists() for path in chosen)  # the server's copies have served
+    assert again.edits[(0, 1)].clicks.mask is not None and np.array_equal(again.labels(0) == 1, matte)
+    assert zip_members(again.track(OPTIONS).masks) == zip_members(first.masks)
+    assert click(again, 0, 40, 50, "negative") == "object 1 on frame 0: a loaded mask, 1 point"
+
+
 def test_clicks_on_a_loaded_mask_refine_it(session, tmp_path):
     """A click on a loaded mask gives SAM the mask as its prior, as a correction's click gives it the tracked
     mask: a negative point takes a part away. Track tracks the mask shown, which the prompts file keeps."""
@@ -1584,3 +1620,29 @@ def test_look_note_after_a_cancel_does_not_say_nothing_is_tracked(tmp_path):
     note = session.look_note(Style(alpha=0.9, outline=OPTIONS.outline))
     assert "nothing is tracked" not in note
     assert "goes on from frame 9" in note
+
+
+def test_a_pass_from_a_correction_remembers_the_prompts_and_corrections_before_it(session, tmp_path, monkeypatch):
+    """Each pass takes the earlier prompts' and corrections' frames into XMem's memory before its own frame, the
+    earliest first, in the page as in the CLI: their masks are the same."""
+    import tracker.session
+
+    remembered = []
+
+    def recording(*args, anchors=None, **kwargs):
+        remembered.append(sorted(anchors or {}))
+        return track_frames(*args, anchors=anchors, **kwargs)
+
+    track_frames = tracker.session.track_frames
+    monkeypatch.setattr(tracker.session, "track_frames", recording)
+    click(session, 0, 45, 60)
+    session.track(OPTIONS)
+    click(session, 3, 100, 30)
+    click(session, 5, 20, 100)
+    record = session.track(OPTIONS)
+    assert record.passes == [3, 5] and remembered == [[], [0], [0, 3]]
+    remembered.clear()
+    direct = session.tracker.track(session.video, load_prompts(record.prompts_file), options=OPTIONS,
+                                   masks=tmp_path / "direct.zip")
+    assert remembered == [[], [0], [0, 3]]
+    assert zip_members(direct.masks) == zip_members(record.masks)

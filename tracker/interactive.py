@@ -19,6 +19,7 @@ import hashlib
 import math
 import secrets
 import shutil
+import tempfile
 import threading
 import time
 from collections import OrderedDict, deque
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .errors import Cancelled, ClickDropped, PromptError, TrackerError, VideoError
+from .errors import Cancelled, ClickDropped, MissingMaskPicture, PromptError, TrackerError, VideoError
 from .exports import CUTOUT_KINDS, export_cutout, export_overlay
 from .options import TrackOptions
 from .pipeline import TrackedFrame
@@ -355,6 +356,26 @@ class Style:
 
     alpha: float = 0.5
     outline: int = 2
+
+
+def mask_edit(mask: np.ndarray, replaced: Edit | None = None) -> Edit:
+    """A loaded mask as an object's prompt on a frame (`replaced`: the edit it takes the place of, for Undo)."""
+    return Edit(refine=False, clicks=Clicks(mask=MaskPicture.of(mask)), history=[Clicks()], mask=mask,
+                replaced=replaced)
+
+
+def prompts_upload(files: str | Path | Sequence[str | Path]) -> tuple[Path, list[Path]]:
+    """The prompts file among files chosen together, and the others: the mask pictures it names."""
+    paths = [Path(files)] if isinstance(files, (str, Path)) else [Path(file) for file in files]
+    chosen = [path for path in paths if path.suffix.lower() == ".json"]
+    names = ", ".join(path.name for path in paths) or "nothing"
+    if not chosen:
+        raise PromptError(f"no prompts file (.json) among the files chosen ({names}): choose a prompts file, with "
+                          "the mask pictures it names if any")
+    if len(chosen) > 1:
+        raise PromptError(f"choose one prompts file at a time, with the mask pictures it names if any (chosen: "
+                          f"{names})")
+    return chosen[0], [path for path in paths if path is not chosen[0]]
 
 
 class EditSession:
@@ -701,8 +722,7 @@ class EditSession:
                 except PromptError as exc:
                     raise PromptError(f"the mask {path.name} cannot be used: {exc}") from None
                 replaced = self.edits.get(key)
-                self.edits[key] = Edit(refine=False, clicks=Clicks(mask=MaskPicture.of(prompt.mask)),
-                                       history=[Clicks()], mask=prompt.mask, replaced=replaced)
+                self.edits[key] = mask_edit(prompt.mask, replaced)
         finally:
             if self.upload_folder is not None and path.resolve().is_relative_to(self.upload_folder):
                 path.unlink(missing_ok=True)  # read once: the server's copy of the upload has served
@@ -1060,7 +1080,8 @@ class EditSession:
                             corrected.update({(start, object_id): mask for object_id, mask in fixed.items()})
                             corrected_from.update({(start, object_id): mask for object_id, mask in bases.items()})
                         earlier = PreviousRun(base, start,
-                                              backward=retracks_backward(start, prompt_frames, correction_frames))
+                                              backward=retracks_backward(start, prompt_frames, correction_frames),
+                                              corrected=tuple(sorted({f for f in correction_frames if f < start})))
                     output = run_dir / f"{self.video.stem}{TRACKED_ENDING}" if last else None
                     results.append(self.tracker.track(
                         self.video, prompts, output=output, masks=run_dir / f"masks-{index}.zip", options=options,
@@ -1208,45 +1229,59 @@ class EditSession:
         finally:
             self.end_job()
 
-    def prompts_file_wait(self, path: str | Path) -> str:
+    def prompts_file_wait(self, files: str | Path | Sequence[str | Path]) -> str:
         """What to show while a prompts file waits for `load_prompts_file` (said before it runs, as `click_wait`
         says a click): a Track pressed from now on waits for the load and tracks its prompts. Refused at once
         while a job tracks the clicks it has taken (read without the lock, as `has_work` reads)."""
         self._require_prompts_unread()
+        path, _ = prompts_upload(files)
         with self._clicks_settled:
-            self._files_announced.add(str(Path(path)))
+            self._files_announced.add(str(path))
             self._announce()
-        return (f"Loading prompts file {Path(path).name}: SAM reads the frames of its prompts (a moment on a GPU, "
+        return (f"Loading prompts file {path.name}: SAM reads the frames of its prompts (a moment on a GPU, "
                 "seconds a frame on a CPU)…")
 
-    def load_prompts_file(self, path: str | Path, progress: ProgressReport | None = None) -> tuple[str, int]:
+    def load_prompts_file(self, files: str | Path | Sequence[str | Path], progress: ProgressReport | None = None
+                          ) -> tuple[str, int]:
         """Take a prompts file (the app's download, or one written for the CLI) in place of every object and
-        click, as if clicked here: the clicks of a closed tab come back. Each prompt gets its mask, SAM's
-        encoder running once a frame (outside the session's lock, as for a click). Returns what was loaded and
-        the earliest prompt's frame, for the page to show.
+        click, as if clicked here: the clicks of a closed tab come back. `files`: the prompts file, or it and the
+        mask pictures it names, chosen together. Each prompt gets its mask, SAM's encoder running once a frame
+        (outside the session's lock, as for a click). Returns what was loaded and the earliest prompt's frame,
+        for the page to show.
 
-        The prompts are taken as the CLI reads them: first prompts, and corrections of the tracked masks (shown
-        applied on the result of the moment, if any). A tracked result stays, and Track re-runs what they change.
-        A Track pressed meanwhile waits for them.
+        The prompts are taken as the CLI reads them: first prompts, masks, and corrections of the tracked masks
+        (shown applied on the result of the moment, if any). A tracked result stays, and Track re-runs what
+        they change. A Track pressed meanwhile waits for them.
         """
-        path = Path(path)
-        source = f"prompts file {path.name}"  # an upload keeps the user's file name
-        with self._clicks_settled:
-            if str(path) in self._files_announced:
-                self._files_announced.discard(str(path))
-            else:
-                self._announce()
+        uploads = [Path(files)] if isinstance(files, (str, Path)) else [Path(file) for file in files]
         try:
+            path, pictures = prompts_upload(uploads)
+            source = f"prompts file {path.name}"  # an upload keeps the user's file name
+            with self._clicks_settled:
+                if str(path) in self._files_announced:
+                    self._files_announced.discard(str(path))
+                else:
+                    self._announce()
             try:
-                prompts = load_prompts(path, path.name, masks=False)
+                # The pictures it names are read beside it, as the CLI reads them (uploads come in folders of
+                # their own).
+                with tempfile.TemporaryDirectory(prefix="prompts-", dir=self.directory) as folder:
+                    for upload in [path, *pictures]:
+                        shutil.copyfile(upload, Path(folder) / upload.name)
+                    try:
+                        prompts = load_prompts(Path(folder) / path.name, path.name)
+                    except MissingMaskPicture as exc:
+                        raise PromptError(f"{exc}: choose the prompts file and the mask pictures it names together "
+                                          "(select them all in the file dialog)") from None
+                self._loading = source
+                frames, tracked_meanwhile, unchanged = self._load_prompts(prompts, source, progress)
             finally:
-                if self.upload_folder is not None and path.resolve().is_relative_to(self.upload_folder):
-                    path.unlink(missing_ok=True)  # read once: the server's copy of the upload has served
-            self._loading = source
-            frames, tracked_meanwhile, unchanged = self._load_prompts(prompts, source, progress)
+                self._loading = None
+                self._settled()
         finally:
-            self._loading = None
-            self._settled()
+            for upload in uploads:
+                if self.upload_folder is not None and upload.resolve().is_relative_to(self.upload_folder):
+                    upload.unlink(missing_ok=True)  # read once: the server's copy of the upload has served
         objects = sorted({prompt.object_id for prompt in prompts})
         message = (f"loaded {source}: {len(prompts)} prompt{'s' * (len(prompts) > 1)} for "
                    f"object{'s' * (len(objects) > 1)} {', '.join(map(str, objects))} on "
@@ -1287,7 +1322,9 @@ class EditSession:
                     if image is not None:
                         embedding = self.sam.embed(image)
                     for prompt in prompts:
-                        if prompt.frame == frame and (not prompt.correct or prompt.object_id in priors):
+                        if prompt.frame == frame and prompt.mask is not None:
+                            masks[frame, prompt.object_id] = prompt.mask
+                        elif prompt.frame == frame and (not prompt.correct or prompt.object_id in priors):
                             masks[frame, prompt.object_id] = self.tracker.segment(
                                 embedding, prompt, sam=self.sam, prior=priors.get(prompt.object_id))
                 with self.lock:
@@ -1307,10 +1344,13 @@ class EditSession:
         self.current = self.objects[0]
         self.edits = {}
         for prompt in prompts:
+            key = (prompt.frame, prompt.object_id)
+            if prompt.mask is not None:
+                self.edits[key] = mask_edit(prompt.mask)
+                continue
             steps = [Clicks()] + [Clicks(box=prompt.box)] * (prompt.box is not None)
             for xy, label in zip(prompt.points, prompt.labels):
                 steps.append(steps[-1].with_point(xy, label))
-            key = (prompt.frame, prompt.object_id)
             self.edits[key] = Edit(refine=prompt.correct, clicks=steps[-1], history=steps[:-1], mask=masks.get(key))
 
     def _correct(self, masks: Path, frame: int, fixes: Mapping[int, Clicks], destination: Path, sam: SamBackend,

@@ -11,7 +11,7 @@ from typing import Callable, Mapping, Sequence, TypeVar
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import PromptError, whole_number
+from .errors import MissingMaskPicture, PromptError, whole_number
 
 POSITIVE, NEGATIVE = 1, 0
 T = TypeVar("T")
@@ -242,6 +242,9 @@ def prompts_from_json(data: object, source: str = "the prompts", folder: Path | 
     prompts = []
     for object_id, mask, fields in entries:
         object_id = next(free) if object_id is None else object_id
+        if mask is not None and not (folder / mask).exists():
+            raise MissingMaskPicture(f"{source} names the mask picture {mask} (object {object_id}, frame "
+                                     f"{fields['frame']}), which is not beside it")
         prompts.append(ObjectPrompt(object_id=object_id, frame_size=frame_size, **fields,
                                     mask=None if mask is None else object_mask(folder / mask, object_id)))
     return prompts
@@ -318,10 +321,10 @@ def _shown(value: object, limit: int = 40) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def load_prompts(path: str | Path, name: str | None = None, masks: bool = True) -> list[ObjectPrompt]:
+def load_prompts(path: str | Path, name: str | None = None) -> list[ObjectPrompt]:
     """Read a prompts JSON file, with a clear error for a missing or malformed file; messages call it `name`
     where given (an upload's own name, not the server's copy of it). Its objects' masks are read from the
-    pictures beside it, unless `masks` is false (an upload, which comes without them: refused)."""
+    pictures beside it."""
     path = Path(path)
     source = f"prompts file {name or path}"
     try:
@@ -335,7 +338,7 @@ def load_prompts(path: str | Path, name: str | None = None, masks: bool = True) 
         raise PromptError(f"{source} cannot be read ({exc.strerror or exc})") from None
     except UnicodeDecodeError as exc:
         raise PromptError(f"{source} is not valid JSON ({exc})") from None
-    return prompts_from_text(text, source, path.parent if masks else None)
+    return prompts_from_text(text, source, path.parent)
 
 
 def prompts_to_text(prompts: Sequence[ObjectPrompt], frame_size: tuple[int, int] | None = None,
