@@ -787,3 +787,19 @@ def test_the_summary_names_the_working_resolution(tracker, clip, tmp_path):
         result = tracker.track(clip, CLICK, masks=tmp_path / "m.zip", options=TrackOptions(size=size))
         assert f"SAM backend torch, XMem at {working}" in result.summary()
     assert "XMem at" not in TrackResult(12, 12, 1.0, "cpu", "torch").summary()  # a result built without it
+
+
+def test_a_folder_removed_under_a_job_is_said_as_such(tmp_path):
+    """A file a job makes in a folder removed meanwhile (the page's session closed, the temporary folder cleaned)
+    fails as that, not as a folder the user cannot write to or a full disk."""
+    from tracker.session import user_facing_resource_errors
+
+    gone = tmp_path / "runs" / "2"
+    with pytest.raises(VideoError, match=rf"^writing the output failed: the folder {gone} was removed while the job "
+                                         "wrote there$"):
+        with user_facing_resource_errors(TrackOptions()):
+            zipfile.ZipFile(gone / "corrected-1.zip", "w")  # as a correction pass's zip is made
+    with pytest.raises(VideoError, match="^writing the output failed: Permission denied; choose a folder you can write "
+                                         "to and try again$"):
+        with user_facing_resource_errors(TrackOptions()):
+            raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "out.zip"))

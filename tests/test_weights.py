@@ -269,6 +269,12 @@ def test_untrained_weights_replace_only_untrained_files_unless_forced(tmp_path, 
         assert paths["xmem"].read_bytes() == content and paths["sam"].stat().st_ino == sam_file  # nothing written
     weights.write_untrained(tmp_path, force=True)
     assert weights.checkpoint_status(paths["xmem"]) == "untrained"
+    paths["sam"].unlink()
+    paths["sam"].mkdir()
+    for force in (False, True):
+        with pytest.raises(WeightsError, match=rf"^{re.escape(str(paths['sam']))} is a folder, not a checkpoint; "
+                                               r"move it elsewhere first \(--force replaces files only\)$"):
+            weights.write_untrained(tmp_path, force=force)
 
 
 def test_untrained_weights_are_deterministic_and_leave_the_global_rng_alone():

@@ -197,7 +197,11 @@ class RunRecord:
     # A cancel kept the frames done: the last frame with masks (the files end there). `prompts` then holds only the
     # prompts those frames took in; the next Track goes on from this frame (see plan_passes).
     stopped_at: int | None = None
-    went_on: bool = False  # the first pass started where the run built on had stopped
+
+    @property
+    def went_on(self) -> bool:
+        """The first pass started where the run built on had stopped."""
+        return self.passes[0] is not None and self.base is not None and self.base.stopped_at == self.passes[0]
 
     def describe(self) -> str:
         """What the run did, in the user's words."""
@@ -1124,8 +1128,7 @@ class EditSession:
                            sam_backend=sam.name, base=replace(built_on, base=None) if passes[0] is not None else None,
                            first_prompt=min(prompt_frames), corrections=corrections,
                            prompts_file=prompts_file, mask_pictures=tuple(mask_pictures),
-                           corrected_from=corrected_from, stopped_at=stopped_at,
-                           went_on=passes[0] is not None and built_on is not None and built_on.stopped_at == passes[0])
+                           corrected_from=corrected_from, stopped_at=stopped_at)
         with self.lock:  # objects added, clicked or removed during the run count
             clicked = {object_id for (_, object_id), edit in self.edits.items() if edit.clicks.selects}
             now = self._prompts()[2]

@@ -249,8 +249,11 @@ def write_untrained(directory: str | Path, seed: int = 0, force: bool = False) -
         reason = "it is a file" if directory.is_file() else exc.strerror or exc
         raise WeightsError(f"cannot write checkpoints into {directory}: {reason}; give a folder") from exc
     paths = untrained_paths(directory)
-    if not force:
-        for path in paths.values():
+    for path in paths.values():
+        if path.exists() and not path.is_file():
+            raise WeightsError(f"{path} is a folder, not a checkpoint; move it elsewhere first (--force replaces "
+                               "files only)")
+        if not force:
             _check_untrained_or_absent(path)
     for name, path in paths.items():
         layout = _entry(name).layout
