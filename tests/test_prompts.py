@@ -131,7 +131,7 @@ def test_empty_object_list_says_so():
 def test_masks_beside_a_prompts_file(tmp_path):
     """An object's "mask" is a picture beside the prompts file: its id's pixels in a palettised PNG (a frame
     of a masks zip) or a grayscale one of small values (ids saved from numpy), else the bright part of a matte
-    or, with transparency, its opaque part."""
+    or, with transparency, its opaque part (or a bool mask's 1s)."""
     ids = np.zeros((12, 16), np.uint8)
     ids[2:6, 3:9], ids[7:11, 10:15] = 1, 4
     palettised = Image.fromarray(ids, mode="P")
@@ -159,6 +159,12 @@ def test_masks_beside_a_prompts_file(tmp_path):
         prompts_to_text(prompts)
     assert mask_objects(tmp_path / "ids.png").keys() == {1, 4}
     assert list(mask_objects(tmp_path / "matte.jpg")) == [1]
+    # A grayscale picture of 0 and 1 only is a bool mask saved from numpy: the 1s, for any object; palettised, ids.
+    Image.fromarray((ids == 4).astype(np.uint8)).save(tmp_path / "bool.png")
+    assert np.array_equal(ObjectPrompt(3, 0, mask=tmp_path / "bool.png").mask, ids == 4)
+    assert list(mask_objects(tmp_path / "bool.png")) == [1]
+    with pytest.raises(PromptError, match=r"ids.png has no pixel of object 3 \(its objects: 1, 4\)"):
+        ObjectPrompt(3, 0, mask=tmp_path / "ids.png")
 
     path.write_text(json.dumps({"objects": [{"id": 2, "mask": "../ids.png"}]}))
     with pytest.raises(PromptError, match=r"ids.png has no pixel of object 2 \(its objects: 1, 4\)"):

@@ -430,6 +430,8 @@ def _mask_picture(path: Path, name: str | None = None) -> tuple[np.ndarray, bool
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         detail = str(exc).replace(str(path), shown)
         raise PromptError(f"the mask {shown} is not a picture that can be read ({detail})") from None
+    if ids_possible and values.max() == 1:  # 0 and 1: a bool mask saved from numpy, whichever object it is for
+        return values == 1, False
     if ids_possible and values.max() < 128:  # 0, 1, 2...: ids, as numpy masks are often saved
         return values.astype(np.uint8), True
     return values >= half, False
@@ -439,11 +441,12 @@ def mask_objects(path: str | Path) -> dict[int, np.ndarray]:
     """The objects a mask picture holds, id -> HxW bool.
 
     A palettised PNG (the DAVIS format of a masks zip), or a grayscale one whose
-    values are all under 128, holds each pixel's object id (0: background; 255 in
-    a palettised one is void, as DAVIS and VOC mark unlabelled borders). Any
-    other picture is one object's matte, given id 1: where it is bright (half
-    grey or more), or, with an alpha channel not opaque throughout, where it is
-    opaque.
+    values are all under 128 and not only 0 and 1, holds each pixel's object id
+    (0: background; 255 in a palettised one is void, as DAVIS and VOC mark
+    unlabelled borders). Any other picture is one object's matte, given id 1:
+    where it is bright (half grey or more), or, with an alpha channel not opaque
+    throughout, where it is opaque; a grayscale one of 0 and 1 only (a bool mask
+    saved from numpy), where it is 1.
     """
     values, ids = _mask_picture(Path(path))
     objects = {int(i): values == i for i in np.unique(values) if i} if ids else {1: values} if values.any() else {}
