@@ -636,3 +636,19 @@ def test_outputs_for_a_folder_of_pictures_are_named_after_the_whole_folder(tmp_p
     monkeypatch.chdir(shot)
     assert output_file(f"{tmp_path}/out/", ".", TRACKED_ENDING) == tmp_path / "out" / "shot.010_tracked.mp4"
     assert output_file(f"{tmp_path}/out/", tmp_path / "clip.v2.mp4", TRACKED_ENDING).name == "clip.v2_tracked.mp4"
+
+
+def test_a_run_says_which_outputs_replace_files_there_from_before(rotated_clip, untrained_checkpoints, tmp_path):
+    """The same video name run twice into one folder (another clip.mp4, say) replaces the files: said on stderr as
+    the run starts, while it can still be stopped; stdout still says what was written."""
+    flags = ["--point", "60,80", "--size", "64", "--out", tmp_path, "--masks", tmp_path,
+             *weights_flags(untrained_checkpoints)]
+    first = run_cli("track", rotated_clip, *flags)
+    assert first.returncode == 0, first.stderr
+    assert "replacing" not in first.stderr
+    again = run_cli("track", rotated_clip, *flags)
+    assert again.returncode == 0, again.stderr
+    out, masks = tmp_path / "phone_tracked.mp4", tmp_path / "phone_masks.zip"
+    assert f"replacing {out} (a file there from before)\nreplacing {masks} (a file there from before)" in again.stderr
+    assert again.stderr.index("replacing") < again.stderr.index("device ")  # before the models load
+    assert f"wrote {out}" in again.stdout and f"wrote {masks}" in again.stdout

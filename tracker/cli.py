@@ -209,6 +209,7 @@ def _track(args: argparse.Namespace) -> int:
                            crf=args.crf, preset=args.preset, precision=args.precision,
                            cuda_graphs=args.cuda_graphs)
     info = check_before_loading(args, prompts, output, masks)
+    say_replaced(output, masks)
     said = option_warnings(options, info, writes_video=output is not None)  # said now: a long run can be stopped
     for warning in said:
         print(f"WARNING: {warning}", file=sys.stderr)
@@ -301,6 +302,14 @@ def object_ids(text: str) -> list[int]:
     if not ids or not all(1 <= i <= 255 for i in ids):
         raise TrackerError(f"--objects takes object ids from 1 to 255 separated by commas, as in 1,3; not {text!r}")
     return ids
+
+
+def say_replaced(*outputs: Path | None) -> None:
+    """Say on stderr, before the tracking, which outputs replace files already there (an earlier run's, or
+    another video's of the same name): a run that should not can still be stopped."""
+    for path in outputs:
+        if path is not None and path.is_file():
+            print(f"replacing {path} (a file there from before)", file=sys.stderr)
 
 
 def _cutout(args: argparse.Namespace) -> int:
