@@ -618,8 +618,8 @@ def test_a_mask_picture_loaded_on_a_frame_is_tracked_and_downloaded_beside_the_p
     again.upload(clips / "clip.mp4")
     again.load_prompts(prompts_file)
     again.wait_status(r"^Error: prompts file clip_prompts.json names the mask picture clip_prompts_object1_frame3.png "
-                      r"\(object 1, frame 3\), which is not beside it: choose the prompts file and the mask pictures "
-                      r"it names together")
+                      r"\(object 1, frame 3\), which was not chosen with it \(pictures chosen: none\); choose the "
+                      r"prompts file and the mask pictures it names together")
     again.load_prompts(prompts_file, picture)
     again.wait_status(r"^loaded prompts file clip_prompts.json: 1 prompt for object 1 on frame 3, in place of the "
                       r"clicks before; press Track$", SAM_SECONDS)

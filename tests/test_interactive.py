@@ -1545,11 +1545,19 @@ def test_a_prompts_file_comes_back_with_the_mask_pictures_it_names(session, tmp_
     again = EditSession(tmp_path / "again", disc_tracker, upload_folder=uploads)
     again.open_video(clip, Limits())
     with pytest.raises(PromptError, match=r"^prompts file clip_prompts.json names the mask picture "
-                                          r"clip_prompts_object1_frame0.png \(object 1, frame 0\), which is not "
-                                          r"beside it: choose the prompts file and the mask pictures it names "
-                                          r"together \(select them all in the file dialog\)$"):
+                                          r"clip_prompts_object1_frame0.png \(object 1, frame 0\), which was not "
+                                          r"chosen with it \(pictures chosen: none\); choose the prompts file and "
+                                          r"the mask pictures it names together \(select them all in the file "
+                                          r"dialog\)$"):
         again.load_prompts_file(shutil.copy(first.prompts_file, uploads / "clip_prompts.json"))
     assert not (uploads / "clip_prompts.json").exists() and not again.edits
+    # A name given as a path reads no file of the server's, even one that is there: only the pictures chosen.
+    for name in (str(first.mask_pictures[0]), f"../{first.mask_pictures[0].parent.name}/{chosen[1].name}"):
+        (uploads / "path.json").write_text(json.dumps({"objects": [{"id": 1, "mask": name}]}))
+        with pytest.raises(PromptError, match=rf"names the mask picture {re.escape(name)} \(object 1, frame 0\), "
+                                              r"which was not chosen with it \(pictures chosen: "
+                                              r"clip_prompts_object1_frame0.png\)"):
+            again.load_prompts_file([uploads / "path.json", shutil.copy(chosen[1], uploads)])
     with pytest.raises(PromptError, match=r"^choose one prompts file at a time"):
         again.load_prompts_file([first.prompts_file, first.prompts_file.with_name("other.json")])
     with pytest.raises(PromptError, match=r"^no prompts file \(.json\) among the files chosen "

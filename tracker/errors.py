@@ -19,10 +19,6 @@ class PromptError(TrackerError):
     """A click, box or prompts file does not fit the video."""
 
 
-class MissingMaskPicture(PromptError):
-    """A prompts file names a mask picture that is not beside it."""
-
-
 class ClickDropped(PromptError):
     """A click that came from a video no longer loaded: the page has moved on, so nothing is said."""
 

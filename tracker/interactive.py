@@ -19,7 +19,6 @@ import hashlib
 import math
 import secrets
 import shutil
-import tempfile
 import threading
 import time
 from collections import OrderedDict, deque
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .errors import Cancelled, ClickDropped, MissingMaskPicture, PromptError, TrackerError, VideoError
+from .errors import Cancelled, ClickDropped, PromptError, TrackerError, VideoError
 from .exports import CUTOUT_KINDS, export_cutout, export_overlay
 from .options import TrackOptions
 from .pipeline import TrackedFrame
@@ -1266,16 +1265,8 @@ class EditSession:
                 else:
                     self._announce()
             try:
-                # The pictures it names are read beside it, as the CLI reads them (uploads come in folders of
-                # their own).
-                with tempfile.TemporaryDirectory(prefix="prompts-", dir=self.directory) as folder:
-                    for upload in [path, *pictures]:
-                        shutil.copyfile(upload, Path(folder) / upload.name)
-                    try:
-                        prompts = load_prompts(Path(folder) / path.name, path.name)
-                    except MissingMaskPicture as exc:
-                        raise PromptError(f"{exc}: choose the prompts file and the mask pictures it names together "
-                                          "(select them all in the file dialog)") from None
+                # Only the pictures chosen with it, by name: a name it gives as a path reads no file of the server.
+                prompts = load_prompts(path, path.name, pictures={picture.name: picture for picture in pictures})
                 self._loading = source
                 frames, tracked_meanwhile, unchanged = self._load_prompts(prompts, source, progress)
             finally:

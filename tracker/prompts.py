@@ -11,7 +11,7 @@ from typing import Callable, Mapping, Sequence, TypeVar
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import MissingMaskPicture, PromptError, whole_number
+from .errors import PromptError, whole_number
 
 POSITIVE, NEGATIVE = 1, 0
 T = TypeVar("T")
@@ -198,12 +198,14 @@ def _floats(text: str, count: int, what: str, form: str) -> list[float]:
     return values
 
 
-def prompts_from_json(data: object, source: str = "the prompts", folder: Path | None = None) -> list[ObjectPrompt]:
+def prompts_from_json(data: object, source: str = "the prompts", folder: Path | None = None,
+                      pictures: Mapping[str, Path] | None = None) -> list[ObjectPrompt]:
     """Read ``{"objects": [{"id": 1, "frame": 0, "points": [[x, y]], "labels": [1], "box": null}]}``.
 
     ``"correct": true`` makes an object's entry a correction of its tracked mask (see `ObjectPrompt`).
-    An object's ``"mask": "name.png"`` is a picture in `folder` (the prompts file's) read by `object_mask`;
-    without a folder (text sent to the app) masks are refused.
+    An object's ``"mask": "name.png"`` is a picture in `folder` (the prompts file's) read by `object_mask`,
+    or with `pictures` (name -> path: those uploaded with the file) one of those alone, by its name: an upload
+    reads no other file of the server's; without either (text sent to the app) masks are refused.
     """
     if not isinstance(data, dict) or not isinstance(data.get("objects"), list):
         raise PromptError('prompts must be a JSON object with an "objects" list')
@@ -224,7 +226,7 @@ def prompts_from_json(data: object, source: str = "the prompts", folder: Path | 
         if unknown:
             raise PromptError(f"{where} has unknown keys {sorted(unknown)}")
         mask = _field(item, where, "mask", _file_name, "a picture's file name, beside the prompts file")
-        if mask is not None and folder is None:
+        if mask is not None and folder is None and pictures is None:
             raise PromptError(f'{where} gives a "mask": masks are pictures beside a prompts file on disk (python -m '
                               "tracker track --prompts FILE, or load_prompts in Python); here give clicks or a box")
         object_id = _field(item, where, "id", _optional_int, "a whole number from 1 to 255")  # None: a new object
@@ -242,11 +244,19 @@ def prompts_from_json(data: object, source: str = "the prompts", folder: Path | 
     prompts = []
     for object_id, mask, fields in entries:
         object_id = next(free) if object_id is None else object_id
-        if mask is not None and not (folder / mask).exists():
-            raise MissingMaskPicture(f"{source} names the mask picture {mask} (object {object_id}, frame "
-                                     f"{fields['frame']}), which is not beside it")
-        prompts.append(ObjectPrompt(object_id=object_id, frame_size=frame_size, **fields,
-                                    mask=None if mask is None else object_mask(folder / mask, object_id)))
+        if mask is not None:
+            picture = f"{source} names the mask picture {mask} (object {object_id}, frame {fields['frame']}), which"
+            if pictures is not None:
+                if mask not in pictures:
+                    raise PromptError(f"{picture} was not chosen with it (pictures chosen: "
+                                      f"{', '.join(sorted(pictures)) or 'none'}); choose the prompts file and the "
+                                      "mask pictures it names together (select them all in the file dialog)")
+                mask = object_mask(pictures[mask], object_id, mask)
+            elif not (folder / mask).exists():
+                raise PromptError(f"{picture} is not beside it")
+            else:
+                mask = object_mask(folder / mask, object_id)
+        prompts.append(ObjectPrompt(object_id=object_id, frame_size=frame_size, **fields, mask=mask))
     return prompts
 
 
@@ -321,10 +331,11 @@ def _shown(value: object, limit: int = 40) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def load_prompts(path: str | Path, name: str | None = None) -> list[ObjectPrompt]:
+def load_prompts(path: str | Path, name: str | None = None, pictures: Mapping[str, Path] | None = None
+                 ) -> list[ObjectPrompt]:
     """Read a prompts JSON file, with a clear error for a missing or malformed file; messages call it `name`
     where given (an upload's own name, not the server's copy of it). Its objects' masks are read from the
-    pictures beside it."""
+    pictures beside it, or from `pictures` alone (see `prompts_from_json`)."""
     path = Path(path)
     source = f"prompts file {name or path}"
     try:
@@ -338,7 +349,7 @@ def load_prompts(path: str | Path, name: str | None = None) -> list[ObjectPrompt
         raise PromptError(f"{source} cannot be read ({exc.strerror or exc})") from None
     except UnicodeDecodeError as exc:
         raise PromptError(f"{source} is not valid JSON ({exc})") from None
-    return prompts_from_text(text, source, path.parent)
+    return prompts_from_text(text, source, path.parent, pictures)
 
 
 def prompts_to_text(prompts: Sequence[ObjectPrompt], frame_size: tuple[int, int] | None = None,
@@ -380,9 +391,10 @@ def write_prompts(path: Path, prompts: Sequence[ObjectPrompt], frame_size: tuple
     return [path, *pictures.values()]
 
 
-def prompts_from_text(text: str, source: str = "the prompts", folder: Path | None = None) -> list[ObjectPrompt]:
+def prompts_from_text(text: str, source: str = "the prompts", folder: Path | None = None,
+                      pictures: Mapping[str, Path] | None = None) -> list[ObjectPrompt]:
     """Prompts from JSON text (a prompts file's content, or what an API client sends); masks are read from
-    `folder` (see `prompts_from_json`)."""
+    `folder` or `pictures` (see `prompts_from_json`)."""
     if not text.strip():
         raise PromptError(f'{source} is empty: give JSON such as {{"objects": [{{"points": [[x, y]]}}]}} '
                           "(see the README)")
@@ -392,7 +404,7 @@ def prompts_from_text(text: str, source: str = "the prompts", folder: Path | Non
         raise PromptError(f"{source} is not valid JSON ({exc})") from None
     except RecursionError:  # brackets nested thousands deep: no prompts file looks like that
         raise PromptError(f"{source} is not valid prompts JSON (nested too deep)") from None
-    return prompts_from_json(data, source, folder)
+    return prompts_from_json(data, source, folder, pictures)
 
 
 VOID = 255  # a palettised mask's "not labelled" index
