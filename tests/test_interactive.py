@@ -384,6 +384,9 @@ def test_track_then_correct_keeps_earlier_frames_and_uses_the_correction(session
     # Another working resolution would change every tracked frame; only those from the correction on do.
     second = session.track(TrackOptions(size=64))
     assert second.describe() == "re-tracked from frame 4; frames before it kept their masks"
+    assert second.mixed_settings and second.warnings[-1] == (
+        'the frames before frame 4 keep masks that an earlier run tracked with other tracking settings; tick "Full '
+        're-run" and Track to track the whole video with these')
     assert re.match(rf"{FRAMES} frames in [\d.]+ s \({FRAMES - 4} tracked again at [\d.]+ FPS, 4 kept as they were\)",
                     second.summary), second.summary
     assert first.masks.exists(), "the run it is built on is kept, for an Undo of the correction"
@@ -400,6 +403,7 @@ def test_track_then_correct_keeps_earlier_frames_and_uses_the_correction(session
     # Asked for, a full re-run tracks from the first prompts again and applies the correction on top.
     third = session.track(OPTIONS, full=True)
     assert third.describe() == "tracked the whole video; corrections on frame 4 applied on top"
+    assert not third.mixed_settings and not any("other tracking settings" in w for w in third.warnings)
     assert re.match(rf"{FRAMES} frames in 2 passes \({2 * FRAMES - 4} tracked in [\d.]+ s, [\d.]+ FPS: the frames "
                     r"from a correction on are tracked again\), device cpu", third.summary), third.summary
     with MaskZipReader(third.masks) as masks:

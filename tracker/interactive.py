@@ -196,6 +196,8 @@ class RunRecord:
     # A cancel kept the frames done: the last frame with masks (the files end there). `prompts` then holds only the
     # prompts those frames took in; the next Track goes on from this frame (see plan_passes).
     stopped_at: int | None = None
+    # Frames kept from the runs it was built on were tracked with other tracking settings (a size, say).
+    mixed_settings: bool = False
 
     @property
     def went_on(self) -> bool:
@@ -1127,7 +1129,13 @@ class EditSession:
                            sam_backend=sam.name, base=replace(built_on, base=None) if passes[0] is not None else None,
                            first_prompt=min(prompt_frames), corrections=corrections,
                            prompts_file=prompts_file, mask_pictures=tuple(mask_pictures),
-                           corrected_from=corrected_from, stopped_at=stopped_at)
+                           corrected_from=corrected_from, stopped_at=stopped_at,
+                           mixed_settings=passes[0] is not None and (built_on.mixed_settings or
+                                                                     not options.tracks_like(built_on.options)))
+        if record.mixed_settings and passes[0] > 0:
+            record.warnings.append(f"the frames before frame {passes[0]} keep masks that an earlier run tracked with "
+                                   "other tracking settings; tick \"Full re-run\" and Track to track the whole "
+                                   "video with these")
         with self.lock:  # objects added, clicked or removed during the run count
             clicked = {object_id for (_, object_id), edit in self.edits.items() if edit.clicks.selects}
             now = self._prompts()[2]
