@@ -269,12 +269,20 @@ def test_untrained_weights_replace_only_untrained_files_unless_forced(tmp_path, 
         assert paths["xmem"].read_bytes() == content and paths["sam"].stat().st_ino == sam_file  # nothing written
     weights.write_untrained(tmp_path, force=True)
     assert weights.checkpoint_status(paths["xmem"]) == "untrained"
-    paths["sam"].unlink()
-    paths["sam"].mkdir()
-    for force in (False, True):
-        with pytest.raises(WeightsError, match=rf"^{re.escape(str(paths['sam']))} is a folder, not a checkpoint; "
-                                               r"move it elsewhere first \(--force replaces files only\)$"):
-            weights.write_untrained(tmp_path, force=force)
+    # A folder where a checkpoint, its sidecar or their temporary files go: one line, nothing written.
+    for folder in (paths["sam"], tmp_path / "sam_vit_b_untrained.pth.json", tmp_path / "XMem_untrained.pth.tmp",
+                   tmp_path / "XMem_untrained.pth.json.tmp"):
+        folder.unlink(missing_ok=True)
+        folder.mkdir()
+        before = {path: path.stat().st_mtime_ns for path in tmp_path.iterdir()}
+        for force in (False, True):
+            with pytest.raises(WeightsError, match=rf"^{re.escape(str(folder))} is a folder, where the untrained "
+                                                   r"checkpoint writes a file; move it elsewhere first \(--force "
+                                                   r"replaces files only\)$"):
+                weights.write_untrained(tmp_path, force=force)
+        assert {path: path.stat().st_mtime_ns for path in tmp_path.iterdir()} == before
+        folder.rmdir()
+        weights.write_untrained(tmp_path, force=True)
 
 
 def test_untrained_weights_are_deterministic_and_leave_the_global_rng_alone():

@@ -250,9 +250,12 @@ def write_untrained(directory: str | Path, seed: int = 0, force: bool = False) -
         raise WeightsError(f"cannot write checkpoints into {directory}: {reason}; give a folder") from exc
     paths = untrained_paths(directory)
     for path in paths.values():
-        if path.exists() and not path.is_file():
-            raise WeightsError(f"{path} is a folder, not a checkpoint; move it elsewhere first (--force replaces "
-                               "files only)")
+        # The checkpoint, its sidecar, and the temporary files they are written to first.
+        written = [path, _sidecar_path(path)]
+        for target in [*written, *(_atomic_tmp(target) for target in written)]:
+            if target.exists() and not target.is_file():
+                raise WeightsError(f"{target} is a folder, where the untrained checkpoint writes a file; move it "
+                                   "elsewhere first (--force replaces files only)")
         if not force:
             _check_untrained_or_absent(path)
     for name, path in paths.items():
@@ -541,12 +544,17 @@ def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
 @contextlib.contextmanager
 def _atomic_path(path: Path) -> Iterator[Path]:
     """A temporary sibling to write, renamed over `path` on success so readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _atomic_tmp(path)
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _atomic_tmp(path: Path) -> Path:
+    """The sibling `_atomic_path` writes first."""
+    return path.with_name(path.name + ".tmp")
 
 
 def _one_line(value: object) -> str:
