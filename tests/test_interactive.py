@@ -698,7 +698,7 @@ def test_a_cancel_keeps_the_frames_tracked_and_the_next_track_goes_on_from_there
         kept = [np.array(masks[index]) for index in range(last + 1)]
     assert probe(stopped.overlay).frame_count == last + 1
     assert stopped.describe() == (f"stopped after frame {last}, the frames up to it kept with their masks "
-                                  f"(re-tracked from frame 0); Track goes on from frame {last}")
+                                  f"(re-tracking from frame 0); Track goes on from frame {last}")
     assert f"cancelled after frame {last}: the frames after it are not tracked" in stopped.summary
     assert stopped.objects == {1, 2} and set(stopped.prompts) == {(0, 1), (0, 2)}
     assert (session.labels(last) > 0).any() and not session.labels(last + 1).any()  # not tracked yet
@@ -1523,8 +1523,9 @@ def test_a_loaded_mask_is_a_prompt_tracked_as_it_is(session, tmp_path):
     assert [p.frame for p in load_prompts(looks.prompts_file)] == [0, 4]
 
     # Undo takes the loads back one by one, then the clicks they replaced come back; Clear removes the prompt.
-    assert session.undo(4) == ("object 1 has no clicks on frame 4; Track brings back the run from before the "
-                               "change at once (nothing to track, unless the tracking settings changed since)")
+    assert session.undo(4) == ("the loaded mask is taken back; object 1 has no clicks on frame 4; Track brings back "
+                               "the run from before the change at once (nothing to track, unless the tracking settings "
+                               "changed since)")
     assert session.undo(0).startswith("the loaded mask is taken back; object 1 on frame 0: a loaded mask; Track "
                                       "brings back the run from before the change")  # the same mask, loaded twice
     assert session.undo(0) == "the loaded mask is taken back; object 1 on frame 0: 1 point"
@@ -1572,6 +1573,7 @@ def test_a_prompts_file_comes_back_with_the_mask_pictures_it_names(session, tmp_
     assert message == ("loaded prompts file clip_prompts.json: 2 prompts for object 1 on frames 0, 4, in place of "
                        "the clicks before; press Track") and frame == 0
     assert not any(path.exists() for path in chosen)  # the server's copies have served
+    assert list(again._embeddings) == [4]  # SAM read the clicked frame only: a mask needs none
     assert again.edits[(0, 1)].clicks.mask is not None and np.array_equal(again.labels(0) == 1, matte)
     assert zip_members(again.track(OPTIONS).masks) == zip_members(first.masks)
     assert click(again, 0, 40, 50, "negative") == "object 1 on frame 0: a loaded mask, 1 point"

@@ -212,15 +212,16 @@ class RunRecord:
         if self.redrawn:
             return "drew the tracked video again with the new look; the masks are those of the last run"
         first, *later = self.passes
+        stopped = self.stopped_at is not None  # then what the run was doing
         if first is None:
-            text = "tracked the whole video"
+            text = "tracking the whole video" if stopped else "tracked the whole video"
         elif self.went_on:
-            text = f"went on from frame {first}, where the cancelled run stopped" + \
+            text = f"{'going' if stopped else 'went'} on from frame {first}, where the cancelled run stopped" + \
                 ("; frames before it kept their masks" if first > 0 else "")
-        elif self.backward:
-            text = f"re-tracked from frame {first}, forward and backward (no prompt comes before it)"
         else:
-            text = f"re-tracked from frame {first}" + ("; frames before it kept their masks" if first > 0 else "")
+            text = f"{'re-tracking' if stopped else 're-tracked'} from frame {first}" + (
+                ", forward and backward (no prompt comes before it)" if self.backward else
+                "; frames before it kept their masks" if first > 0 else "")
         if later:
             text += f"; corrections on frame{'s' * (len(later) > 1)} {', '.join(map(str, later))} applied on top"
         if self.stopped_at is not None:
@@ -701,7 +702,8 @@ class EditSession:
             if len(edit.history) == 1:
                 if edit.replaced is None:
                     del self.edits[key]
-                    return f"object {self.current} has no clicks on frame {frame}{self._restore_hint()}"
+                    taken = "the loaded mask is taken back; " if edit.clicks.mask is not None else ""
+                    return f"{taken}object {self.current} has no clicks on frame {frame}{self._restore_hint()}"
                 # A loaded mask taken back: the clicks it replaced come back, their mask made on today's result.
                 edit = self.edits[key] = edit.replaced
                 edit.mask = self._mask(frame, self.current, edit.clicks, edit.refine)
@@ -1308,10 +1310,11 @@ class EditSession:
                                       f"{info.present_frames} frames): {exc}") from None
                 loads = self.video_loads
             frames = sorted({prompt.frame for prompt in prompts})
-            masks: dict[Key, np.ndarray] = {}
-            for done, frame in enumerate(frames):
+            masks: dict[Key, np.ndarray] = {(p.frame, p.object_id): p.mask for p in prompts if p.mask is not None}
+            clicked = sorted({prompt.frame for prompt in prompts if prompt.mask is None})  # a mask needs no SAM
+            for done, frame in enumerate(clicked):
                 if progress is not None:
-                    progress(done / len(frames), f"SAM reads frame {frame} ({done + 1} of {len(frames)})")
+                    progress(done / len(clicked), f"SAM reads frame {frame} ({done + 1} of {len(clicked)})")
                 with self.lock:
                     if self.video_loads != loads:
                         raise ClickDropped("the video was replaced while the prompts file was loading")
@@ -1324,9 +1327,8 @@ class EditSession:
                     if image is not None:
                         embedding = self.sam.embed(image)
                     for prompt in prompts:
-                        if prompt.frame == frame and prompt.mask is not None:
-                            masks[frame, prompt.object_id] = prompt.mask
-                        elif prompt.frame == frame and (not prompt.correct or prompt.object_id in priors):
+                        if prompt.frame == frame and prompt.mask is None and \
+                                (not prompt.correct or prompt.object_id in priors):
                             masks[frame, prompt.object_id] = self.tracker.segment(
                                 embedding, prompt, sam=self.sam, prior=priors.get(prompt.object_id))
                 with self.lock:
