@@ -244,20 +244,24 @@ def prompts_from_json(data: object, source: str = "the prompts", folder: Path | 
     prompts = []
     for object_id, mask, fields in entries:
         object_id = next(free) if object_id is None else object_id
-        if mask is not None:
-            picture = f"{source} names the mask picture {mask} (object {object_id}, frame {fields['frame']}), which"
-            if pictures is not None:
-                if mask not in pictures:
-                    raise PromptError(f"{picture} was not chosen with it (pictures chosen: "
-                                      f"{', '.join(sorted(pictures)) or 'none'}); choose the prompts file and the "
-                                      "mask pictures it names together (select them all in the file dialog)")
-                mask = object_mask(pictures[mask], object_id, mask)
-            elif not (folder / mask).exists():
-                raise PromptError(f"{picture} is not beside it")
-            else:
-                mask = object_mask(folder / mask, object_id)
-        prompts.append(ObjectPrompt(object_id=object_id, frame_size=frame_size, **fields, mask=mask))
+        prompts.append(ObjectPrompt(object_id=object_id, frame_size=frame_size, **fields, mask=None if mask is None
+                                    else _named_mask(mask, object_id, fields["frame"], source, folder, pictures)))
     return prompts
+
+
+def _named_mask(name: str, object_id: int, frame: int, source: str, folder: Path | None,
+                pictures: Mapping[str, Path] | None) -> np.ndarray:
+    """The mask of a prompts file's entry that names the picture `name` (see `prompts_from_json`)."""
+    named = f"{source} names the mask picture {name} (object {object_id}, frame {frame}), which"
+    if pictures is not None:
+        chosen = ", ".join(sorted(pictures)) or "none"
+        if name not in pictures:
+            raise PromptError(f"{named} was not chosen with it (pictures chosen: {chosen}); choose the prompts file "
+                              "and the mask pictures it names together (select them all in the file dialog)")
+        return object_mask(pictures[name], object_id, name)
+    if not (folder / name).exists():
+        raise PromptError(f"{named} is not beside it")
+    return object_mask(folder / name, object_id)
 
 
 def _field(item: dict, where: str, name: str, read: Callable[[object], T], expected: str, default: object = None
