@@ -144,7 +144,6 @@ def test_a_re_track_remembers_the_prompts_frame_before_it(device_tracker, tmp_pa
     from tracker.render import MaskZipReader, MaskZipWriter
     from tracker.session import PreviousRun
 
-
     clip = make_clip(tmp_path / "clip.mp4", frames=8, width=64, height=48, audio=False)
     prompt = [ObjectPrompt(1, 0, [(30.0, 24.0)], [1])]
     options = TrackOptions(size=0)
@@ -161,7 +160,7 @@ def test_a_re_track_remembers_the_prompts_frame_before_it(device_tracker, tmp_pa
             writer.write(index, label_map)
         writer.close()
         result = device_tracker.track(clip, prompt, masks=tmp_path / f"{name}-again.zip", options=options,
-                                   previous=PreviousRun(tmp_path / f"{name}.zip", 4))
+                                      previous=PreviousRun(tmp_path / f"{name}.zip", 4))
         assert result.kept_frames == 4
         with MaskZipReader(result.masks) as masks:
             return [np.array(masks[i]) for i in range(8)]
