@@ -803,3 +803,6 @@ def test_a_folder_removed_under_a_job_is_said_as_such(tmp_path):
                                          "to and try again$"):
         with user_facing_resource_errors(TrackOptions()):
             raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "out.zip"))
+    with pytest.raises(VideoError, match="^writing the output failed: No such file or directory; choose"):  # its folder
+        with user_facing_resource_errors(TrackOptions()):  # is there: not said as removed
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(tmp_path / "gone.zip"))

@@ -370,9 +370,13 @@ def mask_edit(mask: np.ndarray, replaced: Edit | None = None) -> Edit:
                 replaced=replaced)
 
 
-def prompts_upload(files: str | Path | Sequence[str | Path]) -> tuple[Path, list[Path]]:
+def upload_paths(files: str | Path | Sequence[str | Path]) -> list[Path]:
+    """The files of one upload: one file, or several chosen together."""
+    return [Path(files)] if isinstance(files, (str, Path)) else [Path(file) for file in files]
+
+
+def prompts_upload(paths: Sequence[Path]) -> tuple[Path, list[Path]]:
     """The prompts file among files chosen together, and the others: the mask pictures it names."""
-    paths = [Path(files)] if isinstance(files, (str, Path)) else [Path(file) for file in files]
     chosen = [path for path in paths if path.suffix.lower() == ".json"]
     names = ", ".join(path.name for path in paths) or "nothing"
     if not chosen:
@@ -1246,7 +1250,7 @@ class EditSession:
         says a click): a Track pressed from now on waits for the load and tracks its prompts. Refused at once
         while a job tracks the clicks it has taken (read without the lock, as `has_work` reads)."""
         self._require_prompts_unread()
-        path, _ = prompts_upload(files)
+        path, _ = prompts_upload(upload_paths(files))
         with self._clicks_settled:
             self._files_announced.add(str(path))
             self._announce()
@@ -1265,7 +1269,7 @@ class EditSession:
         (shown applied on the result of the moment, if any). A tracked result stays, and Track re-runs what
         they change. A Track pressed meanwhile waits for them.
         """
-        uploads = [Path(files)] if isinstance(files, (str, Path)) else [Path(file) for file in files]
+        uploads = upload_paths(files)
         try:
             path, pictures = prompts_upload(uploads)
             source = f"prompts file {path.name}"  # an upload keeps the user's file name

@@ -153,9 +153,10 @@ def user_facing_resource_errors(options: TrackOptions) -> Iterator[None]:
                            f"smaller working size, {smaller_size(options.size)} (the CLI's --size, the app's "
                            "Processing resolution) or close other GPU jobs") from None
     except OSError as exc:
-        if exc.errno == errno.ENOENT and exc.filename is not None:  # the page's session closed, say
-            raise VideoError(f"writing the output failed: the folder {Path(exc.filename).parent} was removed while "
-                             "the job wrote there") from exc
+        folder = Path(exc.filename).parent if exc.errno == errno.ENOENT and exc.filename is not None else None
+        if folder is not None and not folder.exists():  # the page's session closed, say
+            raise VideoError(f"writing the output failed: the folder {folder} was removed while the job wrote "
+                             "there") from exc
         advice = "free some disk space" if exc.errno == errno.ENOSPC else "choose a folder you can write to"
         raise VideoError(f"writing the output failed: {exc.strerror or exc}; {advice} and try again") from exc
 
