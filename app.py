@@ -30,7 +30,7 @@ from tracker.cli import Parser, add_model_flags
 from tracker.errors import Cancelled, ClickDropped, TrackerError
 from tracker.exports import CUTOUT_KINDS
 from tracker.interactive import (LIVE_SECONDS, TRIMMED_UPLOAD, VIDEO_SUFFIXES, EditSession, Limits, SessionStore,
-                                 Style, frame_caption, oversize_message, upload_message)
+                                 Style, frame_caption, oversize_message, untyped_file_message, upload_message)
 from tracker.options import MemoryOptions, TrackOptions
 from tracker.pipeline import resolve_precision
 from tracker.render import overlay_colours
@@ -57,6 +57,8 @@ wrong, click there and press **Track** again: earlier frames keep their result."
 # Track jobs that may be in their handlers at once. They take turns on the device in the tracker's own lock,
 # whose wait a Cancel ends at once; a job held in Gradio's queue (the ninth) could not be cancelled there.
 TRACK_JOBS = 8
+CLICKS_NEED_A_POINT = ("Clicks need a point on the picture: click it with the mouse or tap it, or load them from a "
+                       "prompts file (Load clicks from a prompts file)")
 NOTHING_CHANGED = ("Nothing changed since the last run (same clicks, objects and settings): its result below is "
                    "current. Tick \"Full re-run\" to track again anyway.")
 CSS = """
@@ -79,6 +81,12 @@ h1 { margin-bottom: 0 !important; }
 # picture, MPEG-TS that Chromium takes for text) the widget drops without a word: a note names it.
 NO_PREVIEW_JS = """
 () => {
+  // What happens in the browser alone goes to the server, which says it in the status line.
+  const report = (note) => {
+    const box = document.querySelector("#browser-note textarea");
+    box.value = JSON.stringify({...note, at: Date.now()});
+    box.dispatchEvent(new Event("input", {bubbles: true}));
+  };
   const noteRefused = (box, file) => {
     box.querySelector(".refused-file")?.remove();
     if (!file || file.type.startsWith("video/")) return;
@@ -87,6 +95,7 @@ NO_PREVIEW_JS = """
     line.textContent = `${file.name} was not taken: the browser reads it as ${file.type || "an unknown type"}, ` +
       "not as a video. Choose a video file (an MPEG-TS .ts file goes in renamed .m2ts).";
     box.append(line);
+    report({kind: "not a video", name: file.name, type: file.type});
   };
   const UPLOAD_BUTTONS = ["load-prompts", "load-mask"];  // the prompts file's takes its mask pictures with it
   // A video, a prompts file or a mask picture over the upload limit (--max-upload-mb) is kept from its widget, whose
@@ -97,11 +106,15 @@ NO_PREVIEW_JS = """
     if (!file || !limit || file.size <= limit) return false;
     event.stopPropagation();
     event.preventDefault();
-    const refused = document.querySelector("#upload-refused textarea");
-    refused.value = JSON.stringify({name: file.name, size: file.size, kind, at: Date.now()});
-    refused.dispatchEvent(new Event("input", {bubbles: true}));
+    report({name: file.name, size: file.size, kind});
     return true;
   };
+  // Enter or Space on the picture cannot say where the object is, and the picture's widget ignores them.
+  document.addEventListener("keydown", (event) => {
+    const target = event.target;
+    if ((event.key === "Enter" || event.key === " ") && target instanceof HTMLButtonElement &&
+        target.closest("#frame-image") && target.querySelector("img")) report({kind: "picture key"});
+  }, true);
   document.addEventListener("change", (event) => {
     const input = event.target;
     if (!(input instanceof HTMLInputElement) || input.type !== "file") return;
@@ -428,8 +441,9 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                                        value=next(iter(CUTOUT_KINDS)), label="Cut-out format", elem_id="cutout-format")
                 cutout_button = gr.Button("Make cut-out video", elem_id="cutout-button")
 
-        # The page's script writes here the name, size and kind of a file it kept back for the upload limit.
-        upload_refused = gr.Textbox(visible="hidden", elem_id="upload-refused")
+        # The page's script writes here what happened in the browser alone: a file it kept back for the upload
+        # limit or one the video widget dropped (its name, size or type, and kind), or a key pressed on the picture.
+        browser_note = gr.Textbox(visible="hidden", elem_id="browser-note")
         unsaved_work = gr.Checkbox(False, visible="hidden", interactive=False, elem_id="unsaved-work")
 
         style = [alpha, outline]
@@ -476,19 +490,26 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                           video_input]
         video_input.change(on_video, [video_input, *style], upload_outputs, concurrency_limit=4)
 
-        def on_upload_refused(refused: str):
-            """Say in the status line and a toast what the limit is and how it is raised: Gradio's refusal is a
-            toast in Kb alone."""
+        @show_errors(outputs=1)
+        def on_browser_note(note: str, request: gr.Request):
+            """Say in the status line and a toast what the browser alone saw: for a file over the upload limit,
+            the limit and how it is raised (Gradio's refusal is a toast in Kb alone)."""
             try:
-                file = json.loads(refused)
-                message = oversize_message(str(file["name"]), int(file["size"]), max_upload_mb,
-                                           str(file["kind"]))
+                note = json.loads(note)
+                if note["kind"] == "picture key":
+                    toast(CLICKS_NEED_A_POINT)
+                    return CLICKS_NEED_A_POINT
+                if note["kind"] == "not a video":
+                    message = untyped_file_message(str(note["name"]), str(note["type"]), session_of(request).info)
+                else:
+                    message = oversize_message(str(note["name"]), int(note["size"]), max_upload_mb,
+                                               str(note["kind"]))
             except (ValueError, TypeError, KeyError):
                 return gr.skip()
             toast(message)
             return f"Error: {message}"
 
-        upload_refused.change(on_upload_refused, upload_refused, status, concurrency_limit=4)
+        browser_note.change(on_browser_note, browser_note, status, concurrency_limit=4)
 
         def on_status(request: gr.Request):
             """Every change of the page's work (a click, an undo, a run, a new video) says itself in the status."""
@@ -592,9 +613,8 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
         def on_click_begin(frame, mode: str, alpha_value, outline_value, event: gr.SelectData,
                            request: gr.Request):
             session = session_of(request)
-            if not isinstance(event.index, (list, tuple)) or None in event.index:  # Enter or Space on the picture
-                return ("Clicks need a point on the picture: click it with the mouse or tap it, or load them from "
-                        "a prompts file (Load clicks from a prompts file)")
+            if not isinstance(event.index, (list, tuple)) or None in event.index:
+                return CLICKS_NEED_A_POINT
             x, y = event.index
             message = session.queue_click(held_view(session, frame, alpha_value, outline_value)[0],
                                           (float(x), float(y)), mode)

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -164,6 +165,9 @@ def test_boxes_lists_each_objects_box_and_area_frame_by_frame(tmp_path):
     assert done.stdout.strip() == f"wrote {boxes}"
     assert boxes.read_text().splitlines() == ["frame,object,x,y,width,height,area", "0,1,10,5,20,15,300",
                                               "0,7,40,30,1,1,1", "1,1,60,0,4,48,192"]
+    umask = os.umask(0o022)
+    os.umask(umask)  # the outputs get what any new file of the user's gets, as the masks zip did
+    assert stat.S_IMODE(boxes.stat().st_mode) == stat.S_IMODE(masks.stat().st_mode) == 0o666 & ~umask
     done = run_cli("boxes", masks, "--out", tmp_path / "boxes.txt")
     assert (done.returncode, done.stderr.strip()) == (2, "error: the boxes file boxes.txt would be misnamed: end "
                                                           "its name in .csv")
@@ -453,6 +457,10 @@ def test_help_and_flag_checks_do_not_load_torch():
      "error: unrecognized arguments: --pont 1,1 (see python -m tracker track --help)"),
     (["bench", "--modes", "turbo"], "error: --modes takes a comma-separated list of: plain, fast, bf16, fp16 "
                                     "(see python -m tracker bench --help)"),
+    ([], "error: the following arguments are required: {track,cutout,boxes,weights,bench} "
+         "(see python -m tracker --help)"),
+    (["weights"], "error: the following arguments are required: {download,untrained} "
+                  "(see python -m tracker weights --help)"),
 ])
 def test_a_malformed_flag_is_one_line_of_error(args, message):
     """Bad input like any other: `error: ...` and exit code 2, not argparse's usage block before it."""
@@ -499,7 +507,7 @@ def test_untrained_weights_command_says_which_files_it_replaced(tmp_path, monkey
     sam.write_bytes(b"a file of the user's")
     assert main(["weights", "untrained", str(tmp_path)]) == 2
     assert capsys.readouterr().err == (f"error: {sam} is not a checkpoint, not an untrained one; move it elsewhere "
-                                       "first, or pass --force (force=True) to replace it\n")
+                                       "first, or pass --force (force=True in Python) to replace it\n")
     assert main(["weights", "untrained", str(tmp_path), "--force"]) == 0
     assert f"replaced {sam}" in capsys.readouterr().out
 
@@ -528,9 +536,9 @@ def test_bench_smoke_run_prints_every_row():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA says")
 def test_bench_modes_a_cpu_cannot_run_are_one_error_line():
-    done = run_cli("--debug", "bench", "--device", "cpu", "--quick", "--modes", "fast")
+    done = run_cli("--debug", "bench", "--device", "cpu", "--quick", "--modes", "fp16")
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-    assert "error: --modes fast run on CUDA only; on this CPU: plain" in done.stderr
+    assert "error: --modes fp16 run on CUDA only; on this CPU: plain, fast" in done.stderr
 
 
 def test_an_interrupted_download_says_that_its_part_is_kept(monkeypatch, capsys):

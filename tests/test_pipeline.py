@@ -49,6 +49,8 @@ def test_labels_at_upsamples_and_maps_channels_to_ids():
     labels = labels_at(prob, (8, 8), lookup)
     assert labels.shape == (8, 8) and labels.dtype == torch.uint8
     assert (labels[:, :3] == 7).all() and labels[7, 7] == 9 and labels[0, 7] == 0
+    ties = torch.tensor([[0.5, 0.2, 0.4], [0.5, 0.4, 0.4], [0.1, 0.4, 0.2]]).view(3, 1, 3)
+    assert labels_at(ties, (1, 3), lookup).tolist() == [[0, 7, 0]]  # argmax's choice: the first of equal values
 
 
 def test_stamp_puts_prompt_masks_over_tracked_labels():
@@ -470,8 +472,11 @@ def test_precisions_per_device():
         resolve_precision(cpu, "fp16")
     with pytest.raises(TrackerError, match="unknown precision"):
         resolve_precision(cpu, "int8")
-    with stepping_network(network, cpu, TrackOptions(), (8, 8)) as plain:
+    with stepping_network(network, cpu, TrackOptions(cuda_graphs=False), (8, 8)) as plain:
         assert plain is network  # the plain path stays as it is
+    with stepping_network(network, cpu, TrackOptions(), (8, 8)) as fast:
+        assert fast is not network and fast.weight.is_contiguous(memory_format=torch.channels_last)
+        assert not hasattr(fast, "winograd_weight")  # 3 channels: too narrow for Winograd to pay
     with stepping_network(network, cpu, TrackOptions(precision="bf16"), (8, 8)) as fast:
         assert fast is not network and fast.weight.is_contiguous(memory_format=torch.channels_last)
 

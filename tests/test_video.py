@@ -530,6 +530,8 @@ def test_a_file_cut_short_with_its_index_is_said_to_be(tmp_path, ending, caplog)
     info = probe(cut)
     # Said as the file is opened (before a long run) in the words the run's summary uses.
     assert [record.getMessage() for record in caplog.records] == [f"cut{ending}: {truncation_note(info)}"]
+    caplog.clear()
+    assert probe(cut) == info and not caplog.records  # a job probes again: said once while the file is unchanged
     assert info.cut_short == pytest.approx(30 / FPS, abs=0.05) and info.truncated_to is None
     assert info.frame_count == len(list(iter_frames(cut))) < 30
     assert truncation_note(info).startswith(

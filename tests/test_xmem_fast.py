@@ -15,6 +15,7 @@ from XMem.model.memory_util import (element_major, get_similarity, sparse_readou
                                      top_k_last, topk_softmax)
 from XMem.model.network import XMem
 from XMem.model.resample import upsample_bilinear
+from XMem.model.winograd import suits_winograd, transform_weight, use_winograd, winograd_conv3x3
 
 
 def _generator(seed: int = 0) -> torch.Generator:
@@ -86,6 +87,85 @@ def test_a_copy_for_autocast_stores_its_weights_cast_and_tracks_exactly_as_autoc
         want, got = _track(inference_copy(net), 4, torch.float32), _track(cast, 4, torch.float32)
     for a, b in zip(want, got):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 7, 9), (2, 16, 8, 12), (3, 130, 15, 27)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_winograd_convolution_is_the_3x3_convolution(shape, channels_last):
+    """Exact maths (float64 agrees to rounding) and fp32 within a few units of 1e-5 of the float64 result."""
+    g = _generator(4)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    weight = torch.randn(11, shape[1], 3, 3, generator=g, dtype=torch.float64) / (3 * shape[1] ** 0.5)
+    bias = torch.randn(11, generator=g, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    want = F.conv2d(x, weight, bias, padding=1)
+    got = winograd_conv3x3(x, transform_weight(weight), bias)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    got32 = winograd_conv3x3(x.float(), transform_weight(weight.float()), bias.float())
+    assert got32.dtype == torch.float32
+    assert (got32.double() - want).abs().max() <= 1e-4 * want.abs().max()
+    assert winograd_conv3x3(x, transform_weight(weight)).sub(want - bias.view(-1, 1, 1)).abs().max() < 1e-12
+
+
+def test_winograd_takes_only_wide_stride_1_convolutions_and_cpu_inference():
+    assert use_winograd(nn.Conv2d(64, 8, 3, padding=1), 128) == 0
+    assert use_winograd(nn.Conv2d(128, 8, 3, stride=2, padding=1), 128) == 0
+    assert use_winograd(nn.Conv2d(128, 8, 1), 128) == 0
+    conv = nn.Conv2d(128, 8, 3, padding=1)
+    assert use_winograd(conv, 128) == 1
+    x = torch.randn(1, 128, 9, 11, generator=_generator(5))
+    assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))  # autograd: the convolution's
+    assert conv.winograd_weight is None
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), rtol=1e-4, atol=1e-4)
+    assert conv.winograd_weight is not None
+
+
+def test_the_winograd_copy_tracks_like_the_network(net64):
+    """Every wide 3x3 convolution of the inference copy as Winograd's: the same tracking, in float64."""
+    fast = inference_copy(net64)
+    count = use_winograd(fast, 128)
+    wide = [m for m in net64.modules() if isinstance(m, nn.Conv2d) and suits_winograd(m, 128)]
+    assert count >= len(wide) > 20  # the copy also splits and joins some (see fusion.fuse_blocks)
+    conv = fast.decoder.up_8_4.out_conv.conv1
+    assert type(conv).__name__ == "WinogradGConv2D" and conv.winograd_weight is None  # made on first use
+    assert use_winograd(fast, 128) == 0  # once
+    for want, got in zip(_track(net64), _track(fast)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
+    assert conv.winograd_weight.shape == (36, 256, 256)
+    with torch.enable_grad():  # a convolution that is not inference takes the convolution's own path
+        x = torch.randn(1, 256, 6, 6, dtype=torch.float64, requires_grad=True)
+        fast.decoder.up_8_4.skip_conv(x).sum().backward()
+    assert x.grad is not None
+
+
+def test_the_cpus_fp32_copy_strays_from_float64_no_further_than_the_plain_network(net64):
+    """The CPU's default fp32 network (Winograd convolutions) against plain fp32, both measured from float64.
+
+    Untrained weights amplify any rounding frame by frame, so the first frames must agree closely and
+    the whole run may stray from float64 by no more than about what plain fp32 does.
+    """
+    from tracker import pipeline
+    from tracker.options import TrackOptions
+
+    plain = XMem(dict(DEFAULT_CONFIG)).eval()
+    plain.load_state_dict({name: tensor.float() for name, tensor in net64.state_dict().items()})
+    with pipeline.stepping_network(plain, torch.device("cpu"), TrackOptions(), (64, 100)) as fast:
+        fast_probs = _track(fast, 12, torch.float32)
+    assert fast.decoder.fuser.block1.conv2.winograd_weight is not None
+    with pipeline.stepping_network(plain, torch.device("cpu"), TrackOptions(cuda_graphs=False), (64, 100)) as same:
+        assert same is plain
+    plain_probs = _track(plain, 12, torch.float32)
+    exact = _track(net64, 12)
+    early = max((a - b).abs().max().item() for a, b in zip(plain_probs[:4], fast_probs[:4]))
+    plain_error = max((a.double() - e).abs().max().item() for a, e in zip(plain_probs, exact))
+    fast_error = max((a.double() - e).abs().max().item() for a, e in zip(fast_probs, exact))
+    print(f"fp32 on the CPU: Winograd vs plain on frames 0-3 max |dp| {early:.1e}; from float64: "
+          f"plain {plain_error:.1e}, Winograd {fast_error:.1e}")
+    assert early <= 1e-4
+    assert fast_error <= 2 * plain_error + 1e-4
 
 
 def test_folding_needs_evaluation_mode():

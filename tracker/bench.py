@@ -352,10 +352,10 @@ def _header(device: torch.device, profile: Profile) -> str:
 
 
 def usable_modes(device: torch.device, names: list[str]) -> list[str]:
-    """The modes of `names` that `device` runs: a CPU runs plain, and bf16 where it has bf16 instructions."""
+    """The modes of `names` that `device` runs: a CPU runs plain and fast, and bf16 where it has bf16 instructions."""
     if device.type == "cuda":
         return names
-    cpu_modes = ["plain", "bf16"] if cpu_has_bf16() else ["plain"]
+    cpu_modes = ["plain", "fast", "bf16"] if cpu_has_bf16() else ["plain", "fast"]
     usable = [name for name in names if name in cpu_modes]
     if not usable:
         raise TrackerError(f"--modes {','.join(names)} run on CUDA only; on this CPU: {', '.join(cpu_modes)}")

@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "ultrafast encodes about twice as fast into larger ones)")
     track.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                        help="run the plain XMem network eagerly instead of its fast copy "
-                            "(folded, fused, channels-last) replaying CUDA graphs")
+                            "(folded, fused, channels-last) replaying CUDA graphs, or on the CPU in fp32 "
+                            "with Winograd convolutions")
     defaults = MemoryOptions()
     for name in ("mem_every", "top_k", "min_mid_term_frames", "max_mid_term_frames", "num_prototypes",
                  "max_long_term_elements", "deep_update_every", "min_memory_area"):
@@ -130,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Listed for --help; main() hands its arguments to tracker.bench unparsed.
     commands.add_parser("bench", add_help=False, help="print the speed table (python -m tracker bench -h)")
+    for choices in (commands, actions):  # a missing one is then named by its choices, not by its `dest`
+        choices.metavar = "{" + ",".join(choices.choices) + "}"
     return parser
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import threading
 from pathlib import Path
 from typing import Callable, Iterable
@@ -27,8 +26,8 @@ from .errors import Cancelled, PromptError, TrackerError
 from .options import CUTOUT_KINDS
 from .render import MaskZipReader, cutout, overlay
 from .session import check_cutout_path, check_file_output
-from .video import (MASKS_ENDING, VideoInfo, VideoWriter, iter_frames, output_file, probe, release_temporary,
-                    temporary_path_beside)
+from .video import (MASKS_ENDING, VideoInfo, VideoWriter, iter_frames, move_into_place, output_file, probe,
+                    release_temporary, temporary_path_beside)
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +96,7 @@ def export_boxes(masks: str | Path, output: str | Path) -> Path:
                     rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
                     writer.writerow((index, int(object_id), columns[0], rows[0], columns[-1] - columns[0] + 1,
                                      rows[-1] - rows[0] + 1, int(mask.sum())))
-        os.replace(temp, output)
+        move_into_place(temp, output)
         moved = True
     finally:
         release_temporary(temp, moved=moved)

@@ -298,6 +298,14 @@ def upload_message(info: VideoInfo, trimmed: bool = False) -> str:
     return "".join([text, *(f"\n⚠ {note}." for note in notes)])
 
 
+def untyped_file_message(name: str, mime: str, loaded: VideoInfo | None) -> str:
+    """What the page says of a file the browser does not type as a video (`mime`), which the video widget drops;
+    `loaded`: the video the page had before, which stays."""
+    return (f"{name} was not taken: the browser reads it as {mime or 'an unknown type'}, not as a video; choose a "
+            "video file (an MPEG-TS .ts file goes in renamed .m2ts)"
+            + ("; the video loaded before stays" if loaded is not None else ""))
+
+
 def oversize_message(name: str, size: int, limit_mb: float, kind: str) -> str:
     """What the page says of a file over the server's upload limit, which the browser keeps back unsent; `kind`:
     what it was chosen as ("video", "prompts file" or "mask picture")."""

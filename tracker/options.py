@@ -125,7 +125,8 @@ class TrackOptions:
     crf: int = 18
     preset: str = DEFAULT_PRESET
     precision: str = "auto"  # XMem on CUDA: "fp32", "bf16", "fp16", or "auto" (fp32: see FAST_PRECISION)
-    # CUDA only: XMem's fast copy (folded, fused, channels-last) replays CUDA graphs; False: the plain network, eager
+    # XMem's fast copy (folded, fused, channels-last) replaying CUDA graphs (on the CPU in fp32: with Winograd
+    # convolutions); False: the plain network, eager
     cuda_graphs: bool = True
 
     def __post_init__(self) -> None:

@@ -29,6 +29,7 @@ from XMem.inference.graph_cache import GraphCache
 from XMem.inference.graphed_network import GraphedXMem
 from XMem.inference.inference_core import InferenceCore
 from XMem.model.fusion import inference_copy
+from XMem.model.winograd import use_winograd
 
 from . import colour
 from .errors import Cancelled, TrackerError, VideoError, whole_number
@@ -49,6 +50,10 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # near-uniform probabilities whose argmax flips with any rounding), so fp32
 # stays the default until that is measured.
 FAST_PRECISION = "fp32"
+# On the CPU in fp32, 3x3 convolutions with this many input channels or more run as Winograd F(4x4, 3x3):
+# narrower ones gain too little from a quarter of the multiplications to pay for the transforms (64 channels:
+# no faster at 240p, see the README's Speed section).
+WINOGRAD_MIN_CHANNELS = 128
 
 
 def resolve_precision(device: torch.device, precision: str) -> torch.dtype | None:
@@ -91,9 +96,10 @@ def stepping_network(network: torch.nn.Module, device: torch.device, options: Tr
 
     Its inference copy (batch norms folded, residual blocks fused,
     channels-last, weights stored in the autocast type) on CUDA, replaying
-    CUDA graphs unless they are turned off, and on the CPU in bf16 (oneDNN's
-    bf16 convolutions want channels-last: 96 against 136 ms a step at 240p
-    with AMX). Otherwise the network as it is (the plain path).
+    CUDA graphs; on the CPU in bf16 (oneDNN's bf16 convolutions want
+    channels-last: 96 against 136 ms a step at 240p with AMX), and in fp32
+    with its wide 3x3 convolutions as Winograd's (see `WINOGRAD_MIN_CHANNELS`).
+    With `cuda_graphs` off, fp32 runs the network as it is (the plain path).
 
     A graphed network that saw its video to the end waits for the next video
     of the same working size (see `IdleGraphs`); one that stopped on an error
@@ -104,7 +110,7 @@ def stepping_network(network: torch.nn.Module, device: torch.device, options: Tr
         graphed = IDLE_GRAPHS.take(network, dtype, work_size) or GraphedXMem(_inference_copy(network, dtype))
         yield graphed
         IDLE_GRAPHS.keep(network, dtype, work_size, graphed)
-    elif device.type != "cuda" and dtype is not None:
+    elif device.type != "cuda" and (dtype is not None or options.cuda_graphs):
         yield _inference_copy(network, dtype)
     else:
         yield network
@@ -119,7 +125,10 @@ def _inference_copy(network: torch.nn.Module, autocast_dtype: torch.dtype | None
     with _INFERENCE_COPIES_LOCK:
         copies = _INFERENCE_COPIES.setdefault(network, {})
         if autocast_dtype not in copies:
-            copies[autocast_dtype] = inference_copy(network, autocast_dtype)
+            fast = inference_copy(network, autocast_dtype)
+            if autocast_dtype is None and next(network.parameters()).device.type == "cpu":
+                use_winograd(fast, WINOGRAD_MIN_CHANNELS)
+            copies[autocast_dtype] = fast
         return copies[autocast_dtype]
 
 
@@ -301,7 +310,9 @@ def labels_at(prob: torch.Tensor, size: tuple[int, int], lookup: torch.Tensor) -
     """Probabilities at working size -> HxW uint8 object ids at `size` (h, w)."""
     if tuple(prob.shape[-2:]) != size:
         prob = F.interpolate(prob.unsqueeze(0).float(), size=size, mode="bilinear", align_corners=False)[0]
-    return lookup[prob.argmax(0)]
+    # PyTorch's CPU argmax across the first dimension is a slow strided reduction (20 ms a frame at 240p, 0.4 s at
+    # 1080p, on 2 cores); max's indices are the same (the first of equal values) in well under a millisecond.
+    return lookup[prob.max(0).indices if prob.device.type == "cpu" else prob.argmax(0)]
 
 
 def stamp(labels: torch.Tensor, masks: Mapping[int, torch.Tensor]) -> torch.Tensor:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import colorsys
 import io
-import os
 import threading
 import zipfile
 from functools import lru_cache, partial
@@ -23,7 +22,7 @@ from XMem.inference.graph_cache import GraphCache
 from . import colour
 from .errors import TrackerError
 from .transfer import Download, upload
-from .video import AtomicWriter, release_temporary, temporary_path_beside, write_failed
+from .video import AtomicWriter, move_into_place, release_temporary, temporary_path_beside, write_failed
 
 
 def davis_palette() -> np.ndarray:
@@ -246,8 +245,7 @@ class MaskZipWriter(AtomicWriter):
             try:
                 self._zip.close()
                 if keep:
-                    self._temp.chmod(0o644)
-                    os.replace(self._temp, self.path)
+                    move_into_place(self._temp, self.path)
                     moved = True
             except FileNotFoundError as exc:  # other OSErrors (a full disk) get the job's advice as they are
                 raise write_failed("finishing", self.path, exc) from exc

@@ -227,14 +227,14 @@ def probe(path: str | Path) -> VideoInfo:
         if declared_seconds - reach > CUT_SHORT_SECONDS:
             cut_short = declared_seconds
     if timeline.joins:
-        log.warning("%s: its clock starts again %d time(s) (recordings joined end to end?); the parts are timed "
-                    "one after the other", path.name, len(timeline.joins))
+        _warn_once(path, f"its clock starts again {len(timeline.joins)} time(s) (recordings joined end to end?); "
+                         "the parts are timed one after the other")
     if timeline.leading:
-        log.warning("%s: %d video packets come before the first keyframe (a recording cut mid-GOP): the video "
-                    "starts at that keyframe", path.name, timeline.leading)
+        _warn_once(path, f"{timeline.leading} video packets come before the first keyframe (a recording cut "
+                         "mid-GOP): the video starts at that keyframe")
     if timeline.counted < timeline.declared:
-        log.warning("%s: only %d of the %d frames its index lists are present; the file is truncated",
-                    path.name, timeline.complete, timeline.declared)
+        _warn_once(path, f"only {timeline.complete} of the {timeline.declared} frames its index lists are present; "
+                         "the file is truncated")
     fps = frame_count / timeline.length  # the average rate, exact for a constant one
     info = VideoInfo(path=path, width=width, height=height, frame_count=frame_count, fps=fps,
                      duration=float(timeline.length), time_base=Fraction(time_base), rotation=rotation, codec=codec,
@@ -247,8 +247,23 @@ def probe(path: str | Path) -> VideoInfo:
                      variable_rate=timeline.variable_rate, evenly_timed=timeline.evenly_timed)
     for note in (truncation_note(info) if cut_short is not None else None, hdr and colour_note(info)):
         if note:
-            log.warning("%s: %s", path.name, note)  # before a long run; its summary says it again
+            _warn_once(path, note)  # before a long run; its summary says it again
     return info
+
+
+def _warn_once(path: Path, note: str) -> None:
+    """Log a note about a video once while the file is unchanged: a job probes its video more than once."""
+    try:
+        stat = path.stat()
+        version = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    except OSError:
+        version = (str(path), None, None, None)
+    _log_once(version, f"{path.name}: {note}")
+
+
+@functools.lru_cache(maxsize=256)
+def _log_once(version: tuple, message: str) -> None:
+    log.warning(message)
 
 
 def truncation_note(info: VideoInfo) -> str | None:
@@ -1409,8 +1424,7 @@ class VideoWriter(AtomicWriter):
                 for track in self._audio:
                     track.copy_until(audio_end, self._start_seconds(), final=True)
                 self._container.close()
-                self._temp.chmod(0o644)  # mkstemp makes it private; a finished video is not
-                os.replace(self._temp, self.path)
+                move_into_place(self._temp, self.path)
                 release_temporary(self._temp, moved=True)
             except (av.FFmpegError, OSError) as exc:
                 self._discard()
@@ -1683,6 +1697,22 @@ def temporary_path_beside(path: Path) -> Path:
         _unfinished.add(temp)  # before anything else can be interrupted
     os.close(handle)
     return temp
+
+
+def _file_mode() -> int:
+    """The mode `open` gives a new file under this process's umask (mkstemp's are private)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
+
+
+def move_into_place(temp: Path, path: Path) -> None:
+    """Rename a finished temporary file to `path`, with the permissions any new file of the user's gets."""
+    temp.chmod(_FILE_MODE)
+    os.replace(temp, path)
 
 
 def release_temporary(temp: Path, *, moved: bool = False) -> None:

@@ -279,7 +279,7 @@ def _check_untrained_or_absent(path: Path) -> None:
         what = {"official": "an official checkpoint (its SHA-256 is the official one's)",
                 "unverified": "a trained checkpoint"}.get(status, "not a checkpoint")
         raise WeightsError(f"{path} is {what}, not an untrained one; move it elsewhere first, or pass --force "
-                           "(force=True) to replace it")
+                           "(force=True in Python) to replace it")
 
 
 def checkpoint_status(path: str | Path, layout: str | None = None) -> CheckpointStatus:

@@ -73,8 +73,11 @@ def fold_batch_norms(module: nn.Module) -> int:
 
 
 def _conv(conv: nn.Conv2d, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`conv`'s convolution of 4-D x with another bias (or none): `conv` may be a per-object GConv2D."""
-    return F.conv2d(x, conv.weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    """`conv`'s convolution of 4-D x with another bias (or none): `conv` may be a per-object GConv2D.
+
+    It goes through the convolution's own `_conv_forward`, so a Winograd one (see winograd.py) stays one.
+    """
+    return conv._conv_forward(x, conv.weight, bias)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -82,10 +85,18 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
 
 
+def _into(out: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """out + skip, written into `out` (a fresh result) where it holds the sum's shape and type: on the CPU a new
+    feature map costs its pages' faults and zeroing as well as the pass."""
+    if out.dtype == skip.dtype and out.shape == skip.shape:
+        return out.add_(skip)
+    return out + skip
+
+
 def _conv_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """relu(conv(x)) for 4-D x; on CUDA one cuDNN kernel, the bias and the activation in its epilogue."""
     if not x.is_cuda:
-        return F.relu(_conv(conv, x, conv.bias))
+        return _conv(conv, x, conv.bias).relu_()
     dtype = _compute_dtype(x)
     return torch.cudnn_convolution_relu(x.to(dtype), conv.weight.to(dtype), conv.bias.to(dtype), conv.stride,
                                         conv.padding, conv.dilation, conv.groups)
@@ -94,7 +105,7 @@ def _conv_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 def _conv_add_relu(conv: nn.Conv2d, x: torch.Tensor, skip: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """relu(conv(x) + bias + skip), `bias` in place of the convolution's own; on CUDA one cuDNN kernel."""
     if not x.is_cuda:
-        return F.relu(_conv(conv, x, bias) + skip)
+        return _into(_conv(conv, x, bias), skip).relu_()
     dtype = _compute_dtype(x)
     return torch.cudnn_convolution_add_relu(x.to(dtype), conv.weight.to(dtype), skip.to(dtype), 1.0, bias.to(dtype),
                                             conv.stride, conv.padding, conv.dilation, conv.groups)
@@ -105,9 +116,10 @@ def _channels_last(*tensors: torch.Tensor) -> bool:
 
 
 def _add_per_image(out: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-    """out + skip, where skip may hold one image for every few of out's (shared by that image's objects)."""
+    """out + skip (into `out`, a fresh result, where it can), where skip may hold one image for every few of
+    out's (shared by that image's objects)."""
     if skip.shape[0] == out.shape[0]:
-        return out + skip
+        return _into(out, skip)
     return (out.unflatten(0, (skip.shape[0], -1)) + skip.unsqueeze(1)).flatten(0, 1)
 
 
