@@ -109,6 +109,21 @@ def test_winograd_convolution_is_the_3x3_convolution(shape, channels_last):
     assert winograd_conv3x3(x, transform_weight(weight)).sub(want - bias.view(-1, 1, 1)).abs().max() < 1e-12
 
 
+def test_winograd_runs_in_and_out_of_inference_mode_alike(monkeypatch):
+    """Its kept buffers are written by every call: one made inside inference mode must serve outside it too."""
+    from XMem.model import winograd
+
+    monkeypatch.setattr(winograd, "_idle_workspaces", [])  # buffers made afresh, inside inference mode
+    x = torch.randn(1, 8, 40, 44, generator=_generator(6), dtype=torch.float16).float()
+    weight = torch.randn(3, 8, 3, 3, generator=_generator(7))
+    transformed = transform_weight(weight)
+    with torch.inference_mode():
+        inside = winograd_conv3x3(x * 2, transformed)
+    with torch.no_grad():
+        outside = winograd_conv3x3(x * 2, transformed)
+    assert torch.equal(inside, outside)
+
+
 def test_winograd_takes_only_wide_stride_1_convolutions_and_cpu_inference():
     assert use_winograd(nn.Conv2d(64, 8, 3, padding=1), 128) == 0
     assert use_winograd(nn.Conv2d(128, 8, 3, stride=2, padding=1), 128) == 0

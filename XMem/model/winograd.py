@@ -79,7 +79,8 @@ class _Workspace:
         key = (slot, like.dtype, like.device)
         buffer = self.buffers.get(key)
         if buffer is None or buffer.numel() < numel:
-            buffer = self.buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+            with torch.inference_mode(False):  # an inference tensor could not be written outside inference mode
+                buffer = self.buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
         return buffer[:numel].view(shape)
 
 
