@@ -27,7 +27,7 @@ from PIL import Image
 
 from tests.media import make_clip, truncated_copy
 from tracker.cli import GPU_START_NOTE, attach_negative_values
-from tracker.prompts import ObjectPrompt, prompts_from_json
+from tracker.prompts import ObjectPrompt
 from tracker.render import PALETTE, MaskZipWriter
 from tracker.session import LOSSLESS_WARNING
 from tracker.video import iter_frames, probe, read_frame
@@ -214,7 +214,7 @@ def test_prompts_file_on_later_frames(untrained_checkpoints, cpu_tracker, tmp_pa
     assert stream_facts(tmp_path / "o.mp4")["frames"] == 10
 
 
-def test_a_correction_in_a_prompts_file_tracks_again_from_its_frame(untrained_checkpoints, cpu_tracker, tmp_path):
+def test_a_correction_in_a_prompts_file_tracks_again_from_its_frame(untrained_checkpoints, tmp_path):
     """A prompts file's correction (the page writes them so) is applied on the tracked mask of its frame, negative
     points alone included, and the video is tracked again from there: the frames before keep their masks."""
     clip = make_clip(tmp_path / "clip.mp4", frames=8, width=96, height=64, audio=False)
@@ -228,7 +228,10 @@ def test_a_correction_in_a_prompts_file_tracks_again_from_its_frame(untrained_ch
     assert "8 frames, then again from frame 5 on" in done.stderr
     assert re.match(r"8 frames in 2 passes \(11 tracked in [\d.]+ s, [\d.]+ FPS: the frames from a correction on "
                     r"are tracked again\)", done.stdout), done.stdout
-    cpu_tracker.track(clip, prompts_from_json({"objects": [first]}), masks=tmp_path / "plain.zip")
+    (tmp_path / "plain.json").write_text(json.dumps({"objects": [first]}))
+    done = run_cli("track", clip, "--prompts", tmp_path / "plain.json", "--no-video", "--masks", tmp_path / "plain.zip",
+                   *weights_flags(untrained_checkpoints))  # a fresh process too, as the run it is compared with
+    assert done.returncode == 0, done.stderr
     corrected, plain = zip_labels(masks), zip_labels(tmp_path / "plain.zip")
     assert sorted(corrected) == sorted(plain) and all(np.array_equal(corrected[f"{i:05d}.png"], plain[f"{i:05d}.png"])
                                                       for i in range(5))
