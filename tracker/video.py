@@ -253,17 +253,21 @@ def probe(path: str | Path) -> VideoInfo:
 
 def _warn_once(path: Path, note: str) -> None:
     """Log a note about a video once while the file is unchanged: a job probes its video more than once."""
-    try:
-        stat = path.stat()
-        version = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
-    except OSError:
-        version = (str(path), None, None, None)
-    _log_once(version, f"{path.name}: {note}")
+    _log_once(_file_version(path) or (path,), f"{path.name}: {note}")
 
 
 @functools.lru_cache(maxsize=256)
 def _log_once(version: tuple, message: str) -> None:
     log.warning(message)
+
+
+def _file_version(path: Path) -> tuple[Path, int, int, int] | None:
+    """What tells this file's content from another's without reading it (None: gone or unreadable)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return path.resolve(), stat.st_size, stat.st_mtime_ns, stat.st_ino
 
 
 def truncation_note(info: VideoInfo) -> str | None:
@@ -433,11 +437,10 @@ def _field_order(stream: av.VideoStream, first: av.VideoFrame, rotation: int) ->
 def _timeline_of(path: Path) -> _Timeline:
     """The file's `_scan`, kept while the file is unchanged: probing, every preview and the tracking
     run read the same timeline, and each pass over a large file reads all of it."""
-    try:
-        stat = path.stat()
-    except OSError:  # gone or unreadable: `_open` says so
+    version = _file_version(path)
+    if version is None:  # gone or unreadable: `_open` says so
         return _read_timeline(path)
-    return _cached_timeline(path.resolve(), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    return _cached_timeline(*version)
 
 
 def _read_timeline(path: Path) -> _Timeline:
