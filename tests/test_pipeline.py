@@ -456,8 +456,14 @@ def test_a_cancel_that_keeps_the_frames_done_finishes_the_files_on_a_gpu(untrain
     assert again.frames == 24 and again.stopped_at is None
 
 
-def test_warming_up_on_a_cpu_does_nothing(cpu_tracker):
-    assert cpu_tracker.warm_up() == 0.0
+def test_warming_up_on_a_cpu_makes_the_inference_copy_the_first_video_would_wait_for(cpu_tracker):
+    from XMem.model.winograd import _WinogradConv
+    from tracker.pipeline import _INFERENCE_COPIES
+
+    assert cpu_tracker.warm_up() > 0
+    fast = _INFERENCE_COPIES[cpu_tracker.xmem][None]
+    assert sum(isinstance(module, _WinogradConv) for module in fast.modules()) > 20
+    assert cpu_tracker.warm_up() < 1  # made once for the process
 
 
 def test_precisions_per_device():

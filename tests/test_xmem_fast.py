@@ -132,10 +132,9 @@ def test_winograd_takes_only_wide_stride_1_convolutions_and_cpu_inference():
     assert use_winograd(conv, 128) == 1
     x = torch.randn(1, 128, 9, 11, generator=_generator(5))
     assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))  # autograd: the convolution's
-    assert conv.winograd_weight is None
+    assert torch.equal(conv.winograd_weight, transform_weight(conv.weight))
     with torch.no_grad():
         torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), rtol=1e-4, atol=1e-4)
-    assert conv.winograd_weight is not None
 
 
 def test_the_winograd_copy_tracks_like_the_network(net64):
@@ -145,11 +144,10 @@ def test_the_winograd_copy_tracks_like_the_network(net64):
     wide = [m for m in net64.modules() if isinstance(m, nn.Conv2d) and suits_winograd(m, 128)]
     assert count >= len(wide) > 20  # the copy also splits and joins some (see fusion.fuse_blocks)
     conv = fast.decoder.up_8_4.out_conv.conv1
-    assert type(conv).__name__ == "WinogradGConv2D" and conv.winograd_weight is None  # made on first use
+    assert type(conv).__name__ == "WinogradGConv2D" and conv.winograd_weight.shape == (36, 256, 256)
     assert use_winograd(fast, 128) == 0  # once
     for want, got in zip(_track(net64), _track(fast)):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
-    assert conv.winograd_weight.shape == (36, 256, 256)
     with torch.enable_grad():  # a convolution that is not inference takes the convolution's own path
         x = torch.randn(1, 256, 6, 6, dtype=torch.float64, requires_grad=True)
         fast.decoder.up_8_4.skip_conv(x).sum().backward()

@@ -31,7 +31,8 @@ from XMem.model.network import XMem, dims_from_state_dict
 from . import weights
 from .errors import Cancelled, TrackerError, VideoError
 from .options import CutoutKind, TrackOptions
-from .pipeline import IDLE_GRAPHS, ProgressFn, ThreadedSink, TrackedFrame, frame_graphs, track_frames, working_size
+from .pipeline import (IDLE_GRAPHS, ProgressFn, ThreadedSink, TrackedFrame, frame_graphs, stepping_network,
+                       track_frames, working_size)
 from .prompts import ObjectPrompt, check_prompts
 from .render import MaskZipReader, MaskZipWriter, copy_masks_until, encoder_picture, encoder_picture_bytes
 from .sam import ImageEmbedding, SamBackend, load_sam, mask_to_logits, ready_backends, resolve_device, segment
@@ -548,12 +549,14 @@ class Tracker:
         warm-up itself took 21.7 s where Triton's disk cache was empty). Warmed
         up at start, the first user does not wait for that, and the first
         video of this working size takes over the graphs XMem captured here.
-        A CPU has none of that to do: nothing runs there.
+        A CPU has only XMem's inference copy to make (and in fp32 its
+        Winograd weights: a few seconds on 2 cores), so nothing is tracked there.
         """
-        if self.device.type != "cuda":
-            return 0.0
         began = time.perf_counter()
         width, height = frame_size
+        if self.device.type != "cuda":
+            with stepping_network(self.xmem, self.device, options or TrackOptions(), (height, width)):
+                return time.perf_counter() - began
         with tempfile.TemporaryDirectory(prefix="tracker-warm-up-") as tmp:
             clip = make_clip(Path(tmp) / "clip.mp4", width, height, frames=12)
             self.track(clip, [ObjectPrompt(1, 0, [(width * 0.2, height / 2)], [1])], output=Path(tmp) / "out.mp4",
@@ -569,7 +572,7 @@ class Tracker:
                 log.warning("warming up failed; the first job will pay the start-up costs", exc_info=True)
             else:
                 if seconds:
-                    log.info("warmed up (cuDNN algorithms, kernels, CUDA graphs) in %.1f s", seconds)
+                    log.info("warmed up in %.1f s", seconds)
 
         thread = threading.Thread(target=run, name="warm-up", daemon=True)
         thread.start()
