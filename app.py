@@ -478,8 +478,8 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                 return "The trim kept the whole video: nothing changed.", *(gr.skip(),) * 10
             image, caption = shown(session, 0, alpha_value, outline_value)
             for note in (truncation_note(info), colour_note(info)):
-                if note is not None:
-                    toast(note)
+                if note is not None:  # named: a toast may outlast its video
+                    toast(f"{Path(path).name}: {note}")
             return (upload_message(info, trimmed), image,
                     # A slider needs two ends: a one-frame video gets 0..1, held at 0.
                     gr.update(value=0, maximum=max(info.present_frames - 1, 1), interactive=info.present_frames > 1),
@@ -774,6 +774,8 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                         gr.skip(), gr.skip(), gr.skip(), gr.skip())
             finally:
                 session.end_job()
+            if session.closed:  # the page went as the job ended: its files go with it, and nobody is shown them
+                return (gr.skip(),) * 5
             warnings = "".join(f"\n⚠ {w}" for w in record.warnings)
             files = session.result_files()
             ended = "Done" if record.stopped_at is None else "Cancelled"
@@ -827,6 +829,8 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             session = session_of(request)
             path = session.export_cutout(objects, kind,
                                          progress=lambda fraction, text: progress(fraction, desc=text))
+            if session.closed:  # as after a job (see on_track)
+                return gr.skip(), gr.skip()
             kept = ", ".join(map(str, sorted(objects)))
             notes = session.cutout_notes(kind)
             for note in notes:

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from media import make_audio_only, make_clip, make_text_file
+from media import make_audio_only, make_clip, make_text_file, truncated_copy
 from tracker.exports import CUTOUT_KINDS
 from tracker.prompts import ObjectPrompt, load_prompts, prompts_to_text
 from tracker.render import overlay_colours
@@ -280,6 +280,8 @@ def clips(tmp_path_factory) -> Path:
     make_text_file(folder / "notes.mp4")
     make_audio_only(folder / "sound.m4a")
     (folder / "big.mp4").write_bytes(os.urandom(1_300_000))
+    truncated_copy(make_clip(folder / "whole.mp4", frames=20, width=W, height=H, faststart=True), folder / "cut.mp4",
+                   keep=0.5)
     return folder
 
 
@@ -338,9 +340,16 @@ def test_page_shows_every_control_and_refuses_what_it_cannot_take(app, browser, 
     tab.wait_status("^Error: dropped.mp4 is 1.2 MB, over this server's upload limit of 1 MB")
     assert not [path for folder in app.session_dirs() for path in folder.iterdir()], "refused uploads leave nothing"
 
+    # A truncated file: what it holds is loaded, evenly timed, and the toast about it names it (it may outlast it).
+    loaded = tab.upload(clips / "cut.mp4")
+    assert re.match(r"Loaded 160x120, \d+ frames, [\d.]+ s, 25 fps\. Click the object to track\.\n⚠ the file is "
+                    r"truncated: only its first \d+ of 20 frames are present", loaded), loaded
+    page.locator(".toast-body").filter(has_text="cut.mp4: the file is truncated").wait_for()
+    assert page.locator("#video-input .refused-file").count() == 0  # the next file took its note away
+    tab.clear_video()
+
     # The browser cannot play an AVI: a note says so, not an error over a video the app took.
     assert tab.upload(clips / "camera.avi").startswith("Loaded 160x120, 12 frames")
-    assert page.locator("#video-input .refused-file").count() == 0  # the next file took its note away
     page.locator("#video-input .no-preview").wait_for()
     page.wait_for_timeout(500)
     assert page.locator(".toast-body").filter(has_text="not playable").count() == 0

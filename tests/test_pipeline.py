@@ -493,6 +493,7 @@ def test_bf16_on_the_cpu_tracks_every_frame_and_keeps_the_prompt(cpu_tracker, tm
     Untrained weights give near-tie probabilities, so its masks are not compared with fp32's here.
     """
     from media import make_clip
+    from tracker.errors import TrackerError
     from tracker.options import TrackOptions
     from tracker.prompts import ObjectPrompt
     from tracker.video import probe
@@ -503,6 +504,8 @@ def test_bf16_on_the_cpu_tracks_every_frame_and_keeps_the_prompt(cpu_tracker, tm
     assert [f.index for f in frames] == list(range(8))
     sam_mask = cpu_tracker.prompt_masks(probe(clip), [prompt])[2][1]
     assert np.array_equal(frames[2].mask(1), sam_mask)
+    with pytest.raises(TrackerError, match=r"object 2 is not tracked in this run \(its objects: 1\)"):
+        frames[0].mask(2)  # a wrong id, not an object lost everywhere
 
 
 def test_a_tracked_frames_mask_takes_object_ids_only():
@@ -519,3 +522,7 @@ def test_a_tracked_frames_mask_takes_object_ids_only():
                          (1.5, "an object id must be a whole number, not 1.5")):
         with pytest.raises(TrackerError, match=message):
             frame.mask(bad)
+    tracked = TrackedFrame(0, 0, 0.0, frame.image, labels, frozenset({1, 3}))
+    assert tracked.mask(3).sum() == 0 and tracked.mask(0).sum() == 1  # prompted later, or the background
+    with pytest.raises(TrackerError, match=r"object 2 is not tracked in this run \(its objects: 1, 3\)"):
+        tracked.mask(2)

@@ -103,7 +103,10 @@ POINTS = r'"points" must be a list of \[x, y\] pairs of numbers'
     ({"objects": [{"id": 1, "frame": "x", "points": [[1, 2]]}]}, r'"frame" must be a whole number .*, not "x"'),
     ({"objects": [{"id": 1, "points": [[1, 2]], "labels": [True]}]}, r'"labels" must be a list of 1 \(object\) or 0'),
     ({"objects": [{"id": 1, "box": [1, 2, 3]}]}, r'"box" must be null or \[x0, y0, x1, y1\] \(four numbers\)'),
-    ({"objects": [{"id": 1, "pionts": [[1, 2]]}]}, "unknown keys"),
+    ({"objects": [{"id": 1, "pionts": [[1, 2]]}]},
+     r"""objects\[0\] in the prompts has unknown keys \['pionts'\] \(a typo\? "pionts" for "points"\); an object's """
+     "keys are id, frame, points, labels, box, mask, correct"),
+    ({"objects": [{"id": 1, "points": [[1, 2]], "colour": 3}]}, r"unknown keys \['colour'\]; an object's keys"),
     ({"objects": ["x"]}, "must be a JSON object"),
     ({"objects": [{"id": 1, "points": [[1, 2]]}], "frame": 5}, r"unknown keys \['frame'\] beside \"objects\""),
     ({"objects": [{"id": 1, "points": [[1, 2]]}], "frame_size": [640]},

@@ -306,6 +306,10 @@ def test_track_video_checks_the_job_before_loading_the_weights(clip, tmp_path):
         track_video(clip, CLICK, output=tmp_path / "o.mp4", options={"size": 100}, **absent)
     with pytest.raises(VideoError, match="an output path is empty"):  # not the current folder
         track_video(clip, CLICK, masks="", **absent)
+    with pytest.raises(TrackerError, match="fp16 runs on CUDA GPUs only"):
+        track_video(clip, CLICK, output=tmp_path / "o.mp4", options=TrackOptions(precision="fp16"), **absent)
+    with pytest.raises(TrackerError, match="unknown precision 'fp8'; use auto, fp32, bf16 or fp16"):
+        TrackOptions(precision="fp8")
     assert leftovers(tmp_path) == []
 
 

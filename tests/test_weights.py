@@ -334,6 +334,18 @@ def test_missing_user_checkpoint_says_to_save_it_where_it_was_looked_for(tmp_pat
     assert f"save it as {path} (375042383 bytes" in str(err.value)
 
 
+def test_the_official_files_own_place_given_as_the_checkpoint_is_fetched_there(server, monkeypatch, tmp_path):
+    """`--checkpoint models/sam_vit_b_01ec64.pth` (as the README's export commands say) downloads on first use."""
+    _served(server, monkeypatch, BLOB)
+    monkeypatch.setenv(weights.MODELS_DIR_ENV, str(tmp_path / "models"))
+    monkeypatch.chdir(tmp_path)
+    assert weights.resolve_checkpoint("blob", Path("models") / "blob.pth", progress=False) == tmp_path / "models" / \
+        "blob.pth"
+    assert (tmp_path / "models" / "blob.pth").read_bytes() == BLOB and len(server.requests) == 1
+    with pytest.raises(WeightsError, match="does not exist"):  # elsewhere: the user's own file, never fetched
+        weights.resolve_checkpoint("blob", tmp_path / "blob.pth", progress=False)
+
+
 def test_checkpoint_status(untrained_checkpoints, tmp_path, monkeypatch):
     for name, layout in (("xmem", "xmem"), ("sam", "sam_vit_b")):  # copied without its sidecar: its values tell
         renamed = tmp_path / f"renamed_{name}.pth"

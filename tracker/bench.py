@@ -405,8 +405,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="frames per generated clip (default 400 on GPU, 60 on CPU, 6 with --quick)")
     parser.add_argument("--sam-backend", default="auto", choices=SAM_BACKEND_CHOICES)
     parser.add_argument("--modes", default=",".join(MODES),
-                        help=f"table columns, comma-separated, of: {', '.join(MODES)} (CPU: plain, and bf16 where the "
-                             "CPU has bf16 instructions)")
+                        help=f"table columns, comma-separated, of: {', '.join(MODES)} (CPU: plain, fast, and bf16 "
+                             "where the CPU has bf16 instructions)")
     parser.add_argument("--rounds", type=int,
                         help="file-to-file runs of each clip, each beside decode + encode alone (default 3 on GPU, "
                              "1 on CPU)")

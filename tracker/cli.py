@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from .errors import Cancelled, TrackerError
-from .options import CUTOUT_KINDS, DEVICE_HELP, MAX_OUTLINE, SAM_BACKEND_CHOICES, MemoryOptions, TrackOptions
+from .options import (CUTOUT_KINDS, DEVICE_HELP, MAX_OUTLINE, PRECISION_CHOICES, SAM_BACKEND_CHOICES, MemoryOptions,
+                      TrackOptions)
 from .prompts import NEGATIVE, POSITIVE, ObjectPrompt, load_prompts, mask_objects, parse_box, parse_xy
 from .video import (DEFAULT_PRESET, MASKS_ENDING, TRACKED_ENDING, X264_MAX_CRF, X264_PRESETS, VideoInfo, output_file,
                     remove_unfinished_temporaries, video_name, written_notes)
@@ -33,7 +34,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                              "the CPU when the graphs are exported, else PyTorch)")
     parser.add_argument("--sam-precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                         help="the PyTorch SAM encoder's precision (auto: fp16 on CUDA, fp32 on the CPU)")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    parser.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
                         help="XMem's precision: mixed bf16 on CUDA or the CPU, fp16 on CUDA (auto: fp32)")
     parser.add_argument("--no-download", action="store_true", help="fail instead of downloading missing weights")
 
@@ -307,11 +308,11 @@ def object_ids(text: str) -> list[int]:
     return ids
 
 
-def say_replaced(*outputs: Path | None) -> None:
-    """Say on stderr, before the tracking, which outputs replace files already there (an earlier run's, or
+def say_replaced(*outputs: str | Path | None) -> None:
+    """Say on stderr, before the work, which outputs replace files already there (an earlier run's, or
     another video's of the same name): a run that should not can still be stopped."""
     for path in outputs:
-        if path is not None and path.is_file():
+        if path is not None and Path(path).is_file():
             print(f"replacing {path} (a file there from before)", file=sys.stderr)
 
 
@@ -333,6 +334,7 @@ def _cutout(args: argparse.Namespace) -> int:
                              dynamic_ncols=True))
         bars[0].update(done - bars[0].n)
 
+    say_replaced(output)
     try:
         path = export_cutout(args.video, args.masks, ids, output, args.kind, progress=progress)
     finally:
@@ -346,6 +348,7 @@ def _boxes(args: argparse.Namespace) -> int:
     from .exports import BOXES_ENDING, boxes_named_after, export_boxes
 
     output = args.out if args.out is not None else OUTPUT_DIR / f"{boxes_named_after(args.masks).stem}{BOXES_ENDING}"
+    say_replaced(output)
     print(f"wrote {export_boxes(args.masks, output)}")
     return 0
 

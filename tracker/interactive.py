@@ -1003,6 +1003,11 @@ class EditSession:
             self.job_running = True
             self._job_objects = None  # until the job has read its prompts
 
+    @property
+    def closed(self) -> bool:
+        """The page went: its files are being removed, so what a job made has nowhere to go."""
+        return self._closing
+
     def end_job(self) -> None:
         with self.lock:
             self._live = None

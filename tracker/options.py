@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 
 MAX_MEMORY_SETTING = 10**9
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")  # XMem's (see `pipeline.PRECISIONS`)
 
 
 @dataclass
@@ -138,6 +139,8 @@ class TrackOptions:
                                f"or a number of pixels, not {self.size}")
         if self.preset not in X264_PRESETS:
             raise TrackerError(f"unknown encoder preset {self.preset!r}; use one of {', '.join(X264_PRESETS)}")
+        if self.precision not in PRECISION_CHOICES:  # which of them the device runs is checked with the device
+            raise TrackerError(f"unknown precision {self.precision!r}; use auto, fp32, bf16 or fp16")
         if not 0 <= self.crf <= X264_MAX_CRF:
             raise TrackerError(f"crf must be 0 (lossless) to {X264_MAX_CRF}, not {self.crf}")
         if not 0 <= self.alpha <= 1:

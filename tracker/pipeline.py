@@ -333,12 +333,16 @@ class TrackedFrame:
     time: float
     image: torch.Tensor = field(repr=False)  # HxWx3 uint8
     labels: torch.Tensor = field(repr=False)  # HxW uint8, 0 = background
+    objects: frozenset[int] = field(default=frozenset(), repr=False)  # the run's object ids (empty: not known)
 
     def mask(self, object_id: int) -> np.ndarray:
-        """Boolean HxW mask of one object (ids 1..255; 0 is the background)."""
+        """Boolean HxW mask of one object (ids 1..255; 0 is the background) of those the run tracks."""
         object_id = whole_number(object_id, "an object id")
         if not 0 <= object_id <= 255:
             raise TrackerError(f"object ids are 1 to 255 (0 is the background), not {object_id}")
+        if self.objects and object_id not in self.objects and object_id != 0:  # a wrong id is no empty mask
+            raise TrackerError(f"object {object_id} is not tracked in this run "
+                               f"(its objects: {', '.join(map(str, sorted(self.objects)))})")
         return (self.labels == object_id).cpu().numpy()
 
 
@@ -464,6 +468,7 @@ def track_frames(
         forward = Propagator(network, config, {**anchor_masks, **work_masks}, order=[*anchor_masks, *work_masks])
         _remember(forward, prep, info, list(anchor_masks), cancel)
         lookup = forward.lookup(device)
+        objects = frozenset(forward.object_ids[1:])
         last = info.frame_count - 1
         pace = LaunchPacer(device)
         prompted = sorted(work_masks)
@@ -485,7 +490,7 @@ def track_frames(
                 if frame.index in full_masks:
                     labels = stamp(labels, full_masks[frame.index])
             tick()
-            yield TrackedFrame(frame.index, frame.pts, frame.time, image, labels)
+            yield TrackedFrame(frame.index, frame.pts, frame.time, image, labels, objects)
 
 
 def _remember(propagator: Propagator, prep: FramePrep, info: VideoInfo, frames: Sequence[int],

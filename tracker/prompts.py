@@ -1,6 +1,7 @@
 """What the user asked for: clicks, boxes or masks per object and frame, checked against the video."""
 from __future__ import annotations
 
+import difflib
 import itertools
 import json
 import math
@@ -198,6 +199,9 @@ def _floats(text: str, count: int, what: str, form: str) -> list[float]:
     return values
 
 
+OBJECT_KEYS = ("id", "frame", "points", "labels", "box", "mask", "correct")
+
+
 def prompts_from_json(data: object, source: str = "the prompts", folder: Path | None = None,
                       pictures: Mapping[str, Path] | None = None) -> list[ObjectPrompt]:
     """Read ``{"objects": [{"id": 1, "frame": 0, "points": [[x, y]], "labels": [1], "box": null}]}``.
@@ -222,9 +226,13 @@ def prompts_from_json(data: object, source: str = "the prompts", folder: Path | 
         where = f"objects[{n}]"
         if not isinstance(item, dict):
             raise PromptError(f"{where} must be a JSON object")
-        unknown = set(item) - {"id", "frame", "points", "labels", "box", "mask", "correct"}
+        unknown = set(item) - set(OBJECT_KEYS)
         if unknown:
-            raise PromptError(f"{where} has unknown keys {sorted(unknown)}")
+            guesses = [f'"{key}" for "{close[0]}"' for key in sorted(unknown)
+                       if (close := difflib.get_close_matches(key, OBJECT_KEYS, n=1, cutoff=0.6))]
+            raise PromptError(f"{where} in {source} has unknown keys {sorted(unknown)}"
+                              + (f" (a typo? {', '.join(guesses)})" if guesses else "")
+                              + f"; an object's keys are {', '.join(OBJECT_KEYS)}")
         mask = _field(item, where, "mask", _file_name, "a picture's file name, beside the prompts file")
         if mask is not None and folder is None and pictures is None:
             raise PromptError(f'{where} gives a "mask": masks are pictures beside a prompts file on disk (python -m '

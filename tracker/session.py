@@ -31,8 +31,8 @@ from XMem.model.network import XMem, dims_from_state_dict
 from . import weights
 from .errors import Cancelled, TrackerError, VideoError
 from .options import CutoutKind, TrackOptions
-from .pipeline import (IDLE_GRAPHS, ProgressFn, ThreadedSink, TrackedFrame, frame_graphs, stepping_network,
-                       track_frames, working_size)
+from .pipeline import (IDLE_GRAPHS, ProgressFn, ThreadedSink, TrackedFrame, frame_graphs, resolve_precision,
+                       stepping_network, track_frames, working_size)
 from .prompts import ObjectPrompt, check_prompts
 from .render import MaskZipReader, MaskZipWriter, copy_masks_until, encoder_picture, encoder_picture_bytes
 from .sam import ImageEmbedding, SamBackend, load_sam, mask_to_logits, ready_backends, resolve_device, segment
@@ -775,10 +775,11 @@ def track_video(video: str | Path, prompts: Sequence[ObjectPrompt], *, output: s
                 sam_backend: str = "auto", sam_precision: str = "auto", download: bool = True) -> TrackResult:
     """One call from a script: load the models, track, write the files.
 
-    The video, prompts and output paths are checked first: a mistake there is not worth loading the weights.
-    `download=False` fails on a missing checkpoint instead of fetching it (as the CLI's `--no-download`).
+    The video, prompts, options and output paths are checked first: a mistake there is not worth loading the
+    weights. `download=False` fails on a missing checkpoint instead of fetching it (as the CLI's `--no-download`).
     """
     check_job(video, prompts, output, masks, options)
+    resolve_precision(resolve_device(device), (options or TrackOptions()).precision)  # fp16 on a CPU, say
     tracker = Tracker(sam_checkpoint, xmem_checkpoint, device=device, sam_backend=sam_backend,
                       sam_precision=sam_precision, download=download)
     return tracker.track(video, prompts, output=output, masks=masks, options=options)

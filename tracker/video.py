@@ -855,8 +855,11 @@ def _scan(container: av.container.InputContainer, stream: av.VideoStream) -> _Ti
         length = max(counted, 1) * nominal
     if counted < declared and stream.duration:
         length = max(length, stream.duration * time_base)
-    rounded_rate = None if joins.found else _rounded_rate(ordered, time_base, 1 / nominal)
-    steps = np.diff(ordered)
+    # A truncated file's frames after its whole ones (B-frames' references, decoded but never shown) leave gaps
+    # that are not the video's timing.
+    whole = ordered if complete is None else ordered[:max(complete, 1)]
+    rounded_rate = None if joins.found else _rounded_rate(whole, time_base, 1 / nominal)
+    steps = np.diff(whole)
     variable_rate = _varies(steps, time_base)  # a rounded rate's jitter is within its tolerance
     evenly_timed = not _varies(steps, time_base, whole_multiples=False)
     return _Timeline(pts=ordered, keyframes=np.asarray(sorted(keyframes), dtype=np.int64).reshape(-1, 2),

@@ -112,6 +112,8 @@ def resolve_checkpoint(name: str, path: str | Path | None = None, *, download: b
         raise WeightsError(f"{_entry(name).title} checkpoint {path} is a folder; give the checkpoint file itself")
     if not path.is_file():
         entry = _entry(name)
+        if path.absolute() == _destination(entry, None).absolute():  # where the official file goes: fetched there
+            return ensure_weights(name, download=download, progress=progress)
         raise WeightsError(f"{entry.title} checkpoint {path} does not exist; for the official one, "
                            f"{_by_hand(entry, path)}")
     return path
