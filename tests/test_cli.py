@@ -169,7 +169,7 @@ def test_boxes_lists_each_objects_box_and_area_frame_by_frame(tmp_path):
     os.umask(umask)  # the outputs get what any new file of the user's gets, as the masks zip did
     assert stat.S_IMODE(boxes.stat().st_mode) == stat.S_IMODE(masks.stat().st_mode) == 0o666 & ~umask
     again = run_cli("boxes", masks, "--out", boxes)
-    assert (again.returncode, again.stderr.strip()) == (0, f"replacing {boxes} (a file there from before)")
+    assert (again.returncode, again.stdout.strip()) == (0, f"wrote {boxes} (replacing the file there from before)")
     done = run_cli("boxes", masks, "--out", tmp_path / "boxes.txt")
     assert (done.returncode, done.stderr.strip()) == (2, "error: the boxes file boxes.txt would be misnamed: end "
                                                           "its name in .csv")

@@ -309,7 +309,7 @@ def object_ids(text: str) -> list[int]:
 
 
 def say_replaced(*outputs: str | Path | None) -> None:
-    """Say on stderr, before the work, which outputs replace files already there (an earlier run's, or
+    """Say on stderr, before the tracking, which outputs replace files already there (an earlier run's, or
     another video's of the same name): a run that should not can still be stopped."""
     for path in outputs:
         if path is not None and Path(path).is_file():
@@ -334,13 +334,13 @@ def _cutout(args: argparse.Namespace) -> int:
                              dynamic_ncols=True))
         bars[0].update(done - bars[0].n)
 
-    say_replaced(output)
+    replacing = Path(output).is_file()
     try:
         path = export_cutout(args.video, args.masks, ids, output, args.kind, progress=progress)
     finally:
         for bar in bars:
             bar.close()
-    print(f"wrote {path}")
+    say_wrote(path, replacing)
     return 0
 
 
@@ -348,9 +348,15 @@ def _boxes(args: argparse.Namespace) -> int:
     from .exports import BOXES_ENDING, boxes_named_after, export_boxes
 
     output = args.out if args.out is not None else OUTPUT_DIR / f"{boxes_named_after(args.masks).stem}{BOXES_ENDING}"
-    say_replaced(output)
-    print(f"wrote {export_boxes(args.masks, output)}")
+    replacing = Path(output).is_file()
+    say_wrote(export_boxes(args.masks, output), replacing)
     return 0
+
+
+def say_wrote(path: Path, replacing: bool) -> None:
+    """The file an export wrote, and whether it replaced one there (said once it is done: a refused export
+    replaces nothing)."""
+    print(f"wrote {path}" + (" (replacing the file there from before)" if replacing else ""))
 
 
 def _weights(args: argparse.Namespace) -> int:
