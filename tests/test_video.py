@@ -15,9 +15,9 @@ from media import (TRACK_LANGUAGES, blanked_media_copy, capture_from, clip_frame
                    disc_centre, make_audio_only, make_clip, make_empty_file, make_joined_recording, make_text_file,
                    noisy_copy, top_level_atoms, truncated_copy)
 from tracker.colour import yuv420_to_rgb
-from tracker.interactive import upload_message
 from tracker.errors import TrackerError, VideoError
 from tracker.exports import export_boxes, export_cutout, export_overlay
+from tracker.interactive import upload_message
 from tracker import video
 from tracker.render import MaskZipWriter
 from tracker.video import (VideoWriter, check_writable_folder, chroma_siting, colour_note, iter_frames, probe,
