@@ -30,12 +30,13 @@ from tracker.interactive import (PREVIEWS_KEPT, Clicks, EditSession, Limits, Pro
                                  Style, device_wait_line, display_scale, display_size, draw_clicks, format_seconds,
                                  frame_caption, plan_passes, upload_message)
 from tracker.options import TrackOptions
+from tracker.prefetch import EmbeddingPrefetch
 from tracker.session import LOSSLESS_WARNING, retracks_backward
 from tracker.prompts import ObjectPrompt, load_prompts, prompts_to_text
 from tracker.render import (CHROMA_GREEN, MaskZipReader, MaskZipWriter, copy_masks_until, overlay,
                            overlay_colours)
-from tracker.sam import (ImageEmbedding, SamBackend, SamPrediction, mask_to_logits, resized_shape, to_frame_coords,
-                         upscale_masks)
+from tracker.sam import (ImageEmbedding, SamBackend, SamPrediction, mask_to_logits, resized_shape, stop_point,
+                         to_frame_coords, upscale_masks)
 from tracker.video import VideoInfo, iter_frames, probe, read_frame
 
 W, H, FRAMES = 160, 120, 8
@@ -1660,3 +1661,149 @@ def test_a_pass_from_a_correction_remembers_the_prompts_and_corrections_before_i
                                    masks=tmp_path / "direct.zip")
     assert remembered == [[], [0], [0, 3]]
     assert zip_members(direct.masks) == zip_members(record.masks)
+
+
+class SlowSam(DiscSam):
+    """DiscSam whose encoder takes a second, in 20 steps that can stop there as SAM's blocks can on a CPU."""
+
+    stoppable = True
+    STEPS, STEP_SECONDS = 20, 0.05
+
+    def __init__(self):
+        super().__init__()
+        self.stopped = 0
+
+    def _embed(self, image: np.ndarray) -> ImageEmbedding:
+        for _ in range(self.STEPS):
+            try:
+                stop_point()
+            except Exception:
+                self.stopped += 1
+                raise
+            time.sleep(self.STEP_SECONDS)
+        return super()._embed(image)
+
+
+@pytest.fixture
+def slow_session(tmp_path, cpu_tracker, clip):
+    """A session on the CPU tracker with SlowSam, whose shown frames are embedded 0.1 s after they settle."""
+    tracker = copy.copy(cpu_tracker)
+    tracker.sam = SlowSam()
+    prefetch = EmbeddingPrefetch(tracker.lock.locked, settle_seconds=0.1)
+    edit = EditSession(tmp_path / "session", tracker, prefetch=prefetch)
+    edit.open_video(clip, Limits())
+    yield edit
+    prefetch.close()
+    edit.close()
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_the_frame_shown_is_embedded_before_it_is_clicked(slow_session):
+    """A CPU's SAM takes seconds for a frame's first click: the frame the page shows is embedded while its user
+    looks at it, and the click only runs the decoder."""
+    sam = slow_session.sam
+    slow_session.render(2)
+    wait_for(lambda: 2 in slow_session._embeddings)
+    assert len(sam.embedded) == 1
+    assert slow_session.click_wait(2) == "Segmenting…"
+    assert click(slow_session, 2, 50, 40) == "object 1 on frame 2: 1 point"
+    slow_session.render(2)  # redrawn with its mask: embedded already
+    time.sleep(0.3)
+    assert len(sam.embedded) == 1 and sam.stopped == 0
+
+
+def test_a_click_on_the_frame_being_embedded_waits_for_that_embedding(slow_session):
+    sam = slow_session.sam
+    slow_session.render(1)
+    wait_for(lambda: sam.embedded or slow_session._prefetch._running is not None)
+    began = time.monotonic()
+    assert click(slow_session, 1, 50, 40) == "object 1 on frame 1: 1 point"
+    assert time.monotonic() - began < SlowSam.STEPS * SlowSam.STEP_SECONDS * 1.5
+    assert len(sam.embedded) == 1 and sam.stopped == 0  # the click took the one made ahead
+
+
+def test_an_embedding_made_ahead_yields_to_a_click_elsewhere_and_to_a_job(slow_session):
+    """A click on another frame (or another page's), or a job, needs the SAM and the cores now: the embedding
+    made ahead stops between two steps, and is made once the frame is shown again while nothing else runs."""
+    sam = slow_session.sam
+    slow_session.render(3)
+    wait_for(lambda: slow_session._prefetch._running is not None)
+    began = time.monotonic()
+    assert click(slow_session, 5, 50, 40) == "object 1 on frame 5: 1 point"
+    assert sam.stopped == 1 and len(sam.embedded) == 1  # frame 5's only
+    assert time.monotonic() - began < SlowSam.STEPS * SlowSam.STEP_SECONDS * 1.8
+    assert 3 not in slow_session._embeddings
+
+    slow_session.render(3)
+    wait_for(lambda: slow_session._prefetch._running is not None)
+    with slow_session.tracker.lock:  # a job holds the device: the embedding stops, and none begins until it ends
+        wait_for(lambda: sam.stopped == 2)
+        slow_session.render(4)
+        time.sleep(0.5)
+        assert len(sam.embedded) == 1 and slow_session._prefetch._running is None
+    wait_for(lambda: 4 in slow_session._embeddings)
+    assert 3 not in slow_session._embeddings and len(sam.embedded) == 2
+
+
+def test_only_the_frame_a_page_settles_on_is_embedded(slow_session):
+    """A slider dragged across frames shows each for a moment: only the frame it stops at is embedded (one that
+    began to be is stopped when the page shows another)."""
+    sam = slow_session.sam
+    for frame in range(FRAMES):
+        slow_session.render(frame)
+        time.sleep(0.02)
+    wait_for(lambda: FRAMES - 1 in slow_session._embeddings)
+    time.sleep(0.3)
+    assert list(slow_session._embeddings) == [FRAMES - 1] and len(sam.embedded) == 1
+
+
+def test_a_store_on_the_cpu_embeds_ahead_and_stops_with_its_sessions(tmp_path, cpu_tracker, clip):
+    tracker = copy.copy(cpu_tracker)
+    tracker.sam = SlowSam()
+    store = SessionStore(tmp_path / "root", tracker)
+    assert store.prefetch is not None
+    session = store.get("browser-1")
+    session.open_video(clip, Limits())
+    session.render(0)
+    wait_for(lambda: store.prefetch._running is not None, 5)
+    store.close("browser-1")  # the page closed mid-embedding: it stops, and nothing is kept
+    wait_for(lambda: store.prefetch._running is None, 2)
+    assert tracker.sam.stopped == 1 and not tracker.sam.embedded
+    store.close_all()
+
+
+def test_a_click_waiting_for_the_embedding_made_ahead_keeps_it_when_the_page_moves_on(slow_session):
+    """The user clicks the frame being embedded and moves to another before the mask comes (seconds on a CPU):
+    the embedding the click waits for goes on."""
+    sam = slow_session.sam
+    slow_session.render(1)
+    wait_for(lambda: slow_session._prefetch._running is not None)
+    clicked = threading.Thread(target=click, args=(slow_session, 1, 50, 40))
+    slow_session.click_wait(1)
+    clicked.start()
+    slow_session.render(6)
+    clicked.join()
+    assert slow_session.edits[1, 1].mask is not None
+    assert sam.stopped == 0 and len(sam.embedded) >= 1 and sam.embedded.count(sam.embedded[0]) == len(sam.embedded)
+    wait_for(lambda: 6 in slow_session._embeddings)
+    assert len(sam.embedded) == 2
+
+
+def test_an_embedding_that_fails_ahead_leaves_the_prefetch_working(slow_session, monkeypatch, caplog):
+    sam = slow_session.sam
+    monkeypatch.setattr(SlowSam, "STEPS", 1)
+    real = DiscSam._embed
+    monkeypatch.setattr(DiscSam, "_embed", lambda self, image: 1 / 0)
+    slow_session.render(2)
+    wait_for(lambda: "failed" in caplog.text)
+    assert "SAM's embedding of frame 2, made ahead, failed" in caplog.text and "ZeroDivisionError" in caplog.text
+    monkeypatch.setattr(DiscSam, "_embed", real)
+    slow_session.render(3)
+    wait_for(lambda: 3 in slow_session._embeddings)
+    assert len(sam.embedded) == 1

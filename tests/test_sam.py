@@ -355,3 +355,22 @@ def test_loading_sam_leaves_its_torchvision_parts_unimported(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": path})
     assert done.returncode == 0, done.stderr
+
+
+def test_an_embedding_stops_between_the_encoders_blocks_when_asked_and_is_unchanged_otherwise(backend, embedded):
+    """An embedding made ahead of need (`tracker.prefetch`) is asked before each of the 12 blocks whether to go
+    on; given up, it leaves the backend as it was; never stopped, it is the embedding itself, bit for bit."""
+    asked = []
+
+    def stop_at_the_fourth_block() -> bool:
+        asked.append(True)
+        return len(asked) == 4
+
+    assert backend.stoppable
+    with pytest.raises(sam.EmbeddingStopped):
+        backend.embed(_frame(FRAME_H, FRAME_W), stop=stop_at_the_fourth_block)
+    assert len(asked) == 4
+    asked.clear()
+    again = backend.embed(_frame(FRAME_H, FRAME_W), stop=lambda: asked.append(True) is not None)
+    assert len(asked) == 12
+    assert torch.equal(again.features, embedded[0].features)

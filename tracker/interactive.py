@@ -37,7 +37,8 @@ from .pipeline import TrackedFrame
 from .prompts import (NEGATIVE, POSITIVE, PROMPTS_ENDING, ObjectPrompt, check_prompts, frame_problem, load_prompts,
                       object_mask, prompts_from_text, write_prompts)
 from .render import MaskZipReader, overlay, overlay_colours
-from .sam import ImageEmbedding, SamBackend
+from .prefetch import EmbeddingPrefetch
+from .sam import EmbeddingStopped, ImageEmbedding, SamBackend
 from .session import LOSSLESS_WARNING, PreviousRun, Tracker, TrackResult, combined, retracks_backward
 from .video import (MASKS_ENDING, TRACKED_ENDING, Frame, VideoInfo, colour_note, probe, read_frame,
                     truncation_note, written_notes)
@@ -404,10 +405,12 @@ class EditSession:
     page stays usable (and Cancel reachable) while it runs.
     """
 
-    def __init__(self, directory: Path, tracker: Tracker, upload_folder: Path | None = None):
+    def __init__(self, directory: Path, tracker: Tracker, upload_folder: Path | None = None,
+                 prefetch: EmbeddingPrefetch | None = None):
         self.directory = directory
         self.tracker = tracker
         self.upload_folder = upload_folder.resolve() if upload_folder is not None else None
+        self._prefetch = prefetch  # embeds the frame shown before it is clicked (a CPU's SAM takes seconds)
         self.lock = threading.RLock()
         self._clicking = threading.Lock()  # one click at a time; its SAM work runs outside `lock`
         # When each click said on the page (`click_wait`) and not yet segmented was said: Track waits for them.
@@ -647,6 +650,7 @@ class EditSession:
                object_id: int | None) -> str:
         if mode not in POINT_MODES:
             raise PromptError(f"unknown click mode {mode!r}; use one of {', '.join(POINT_MODES)}")
+        self._sam_needed(frame)
         with self._clicking:
             with self.lock:
                 if video_loads not in (None, self.video_loads):
@@ -805,6 +809,7 @@ class EditSession:
         session's lock). The click counts as made from now on: a Track pressed before its mask comes waits for it.
         """
         self._announce()
+        self._sam_needed(frame)
         # On a CPU a job under way pauses between its frames for the click (`Tracker.click_work`); on a GPU the
         # click runs beside it in milliseconds.
         shared = (" A tracking job (this page's or another's) is under way on this machine's CPU: it pauses for "
@@ -846,9 +851,42 @@ class EditSession:
         if frame in self._embeddings:
             self._embeddings.move_to_end(frame)
             return self._embeddings[frame]
+        self._sam_needed(None)
         embedding = self.sam.embed(self._frame(frame).image)
         self._remember_embedding(frame, embedding)
         return embedding
+
+    def _sam_needed(self, frame: int | None) -> None:
+        """SAM is needed now, for a click on `frame` (None: other work): an embedding made ahead yields to it,
+        unless it is that frame's."""
+        if self._prefetch is not None:
+            self._prefetch.yield_to(self, frame)
+
+    def embed_ahead(self, frame: int, stop: Callable[[], bool]) -> bool:
+        """Make SAM's embedding of `frame` before a click asks for it (`tracker.prefetch`), unless a job runs,
+        the page shows another frame or has the embedding; given up when `stop` says so (a click meanwhile on
+        this frame waits for it instead). False while a click or a prompts file is at SAM: to be asked again."""
+        if self._closing:
+            return True
+        if self._pending or not self._clicking.acquire(blocking=False):
+            return False
+        try:
+            with self.lock:
+                if self.info is None or frame != self.shown_frame or frame in self._embeddings \
+                        or self.job_running:
+                    return True
+                sam, loads = self.sam, self.video_loads
+                image = self._frame(frame).image
+            try:
+                embedding = sam.embed(image, stop=lambda: stop() or self._closing or self.video_loads != loads)
+            except EmbeddingStopped:
+                return True
+            with self.lock:
+                if self.video_loads == loads and self.sam is sam:
+                    self._remember_embedding(frame, embedding)
+            return True
+        finally:
+            self._clicking.release()
 
     def _remember_embedding(self, frame: int, embedding: ImageEmbedding) -> None:
         self._embeddings[frame] = embedding
@@ -924,6 +962,9 @@ class EditSession:
             decoded = self._frame(frame)
             labels = self.labels(frame)
             clicks = {object_id: edit.clicks for (f, object_id), edit in self.edits.items() if f == frame}
+            if self._prefetch is not None and self.sam.stoppable and frame not in self._embeddings \
+                    and not self.job_running:
+                self._prefetch.want(self, frame)
         drawn = drawn_at_display_size(decoded.image, labels, info, style)
         return draw_clicks(drawn, clicks, display_scale(info)), decoded.time
 
@@ -1316,6 +1357,7 @@ class EditSession:
                       progress: ProgressReport | None) -> tuple[list[int], bool, bool]:
         """`load_prompts_file`'s SAM work and taking the prompts; returns the prompts' frames, in order, whether
         a job waits to track them, and whether they are the last run's (a Track would keep its result)."""
+        self._sam_needed(None)
         with self._clicking:  # one click at a time, and a load counts as clicks
             with self.lock:
                 self._require_prompts_unread()
@@ -1440,6 +1482,8 @@ class EditSession:
         """Stop any job (waiting up to `wait` s for it to let go) and remove everything the session wrote or took in."""
         self._closing = True
         self.cancel.set()
+        if self._prefetch is not None:
+            self._prefetch.drop(self)
         with self.lock:
             self.job_ended.wait_for(lambda: not self.job_running, timeout=wait)
             self._forget_video()
@@ -1552,6 +1596,8 @@ class SessionStore:
         # idled out, and a page left open past its session's end must not go on as an empty one.
         self._closed: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
+        # On a CPU the frame each page shows is embedded while its user looks at it (`tracker.prefetch`).
+        self.prefetch = EmbeddingPrefetch(tracker.lock.locked) if tracker.device.type == "cpu" else None
         root.mkdir(parents=True, exist_ok=True)
         self._stopped = threading.Event()
         threading.Thread(target=self._sweep, name="idle-sessions", daemon=True).start()
@@ -1571,7 +1617,8 @@ class SessionStore:
             if session is None:
                 if key in self._closed and not reopen:
                     raise TrackerError(self._closed[key])
-                session = EditSession(self.root / secrets.token_hex(8), self.tracker, self.upload_folder)
+                session = EditSession(self.root / secrets.token_hex(8), self.tracker, self.upload_folder,
+                                      self.prefetch)
                 self._sessions[key] = session
             session.last_used = time.monotonic()
             return session
@@ -1605,6 +1652,8 @@ class SessionStore:
 
     def close_all(self) -> None:
         self._stopped.set()
+        if self.prefetch is not None:
+            self.prefetch.close()
         with self._lock:
             sessions = list(self._sessions.values())
             self._sessions.clear()

@@ -12,6 +12,7 @@ so through `available`.
 """
 from __future__ import annotations
 
+import contextvars
 import importlib
 import logging
 import math
@@ -92,10 +93,34 @@ class Prompt:
         return coords[None], labels[None]
 
 
+class EmbeddingStopped(Exception):
+    """An embedding given up part way, because the `stop` it was made with said so."""
+
+
+# The `stop` of the embedding this thread is making (`SamBackend.embed`), asked at its encoder's `stop_point`s.
+_EMBEDDING_STOP: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar("embedding_stop",
+                                                                                          default=None)
+
+
+def stop_point() -> None:
+    """Where a `stoppable` backend's embedding can be given up: raises `EmbeddingStopped` once its `stop` says so."""
+    stop = _EMBEDDING_STOP.get()
+    if stop is not None and stop():
+        raise EmbeddingStopped
+
+
+def _stop_before(module: torch.nn.Module, args: tuple) -> None:
+    """A forward pre-hook making a `stop_point` of the encoder's blocks."""
+    stop_point()
+
+
 class SamBackend(ABC):
     """One way of running SAM. Subclasses implement `_embed` and `_decode`; checks live here."""
 
     name: ClassVar[str]
+    # Whether `embed` gives up part way when its `stop` says so (between two of the encoder's blocks); backends
+    # that cannot stop run to the end.
+    stoppable: bool = False
 
     def __new__(cls, *args, **kwargs):
         # One call at a time: the web app's clicks and a running job share the
@@ -104,11 +129,19 @@ class SamBackend(ABC):
         backend._lock = threading.Lock()
         return backend
 
-    def embed(self, image: np.ndarray) -> ImageEmbedding:
-        """Encode an HxWx3 uint8 RGB frame (the expensive step, once per frame)."""
+    def embed(self, image: np.ndarray, stop: Callable[[], bool] | None = None) -> ImageEmbedding:
+        """Encode an HxWx3 uint8 RGB frame (the expensive step, once per frame).
+
+        A `stoppable` backend asks `stop` between the encoder's blocks and gives the embedding up
+        (`EmbeddingStopped`) once it returns True: work made ahead of need yields to work needed now.
+        """
         check_image(image)
         with self._lock:
-            return self._embed(image)
+            token = _EMBEDDING_STOP.set(stop)
+            try:
+                return self._embed(image)
+            finally:
+                _EMBEDDING_STOP.reset(token)
 
     def decode(self, emb: ImageEmbedding, points: ArrayLike | None, labels: ArrayLike | None,
                box: ArrayLike | None = None, mask_input: ArrayLike | None = None,
@@ -176,6 +209,12 @@ class TorchSam(SamBackend):
         self._half_encoder = None
         if self.device.type == "cuda" and self.dtype != torch.float32 and kernel_runs(self.model.image_encoder):
             self._half_encoder = half_precision_encoder(self.model.image_encoder, self.dtype)
+        # On a CPU an embedding takes seconds, a block about a twelfth of them; on a GPU milliseconds, replayed
+        # as a graph that runs no hooks.
+        self.stoppable = self.device.type == "cpu"
+        if self.stoppable:
+            for block in self.model.image_encoder.blocks:
+                block.register_forward_pre_hook(_stop_before)
 
     @property
     def cuda_graphs(self) -> bool:
