@@ -51,17 +51,22 @@ MEMORY_LABELS = {"mem_every": "Memory interval (frames between memory updates)",
                  "max_long_term_elements": "Long-term memory size (elements)",
                  "min_memory_area": "Occlusion shortcut: no memory update while an object covers fewer pixels "
                                     "than this (0 = off, as in XMem)"}
-HELP = """**1.** Upload a video. **2.** Click the object (the mask updates after every click); use
-*Add object* for more. **3.** Press **Track**. **4.** To correct, move to a frame where a mask is
-wrong, click there and press **Track** again: earlier frames keep their result."""
+HELP = """**1.** Upload a video. **2.** Click the object (the mask updates after every click; from the
+keyboard, Tab to the picture, move its marker with the arrow keys and press Enter); use *Add object* for
+more. **3.** Press **Track**. **4.** To correct, move to a frame where a mask is wrong, click there and
+press **Track** again: earlier frames keep their result."""
 # Track jobs that may be in their handlers at once. They take turns on the device in the tracker's own lock,
 # whose wait a Cancel ends at once; a job held in Gradio's queue (the ninth) could not be cancelled there.
 TRACK_JOBS = 8
-CLICKS_NEED_A_POINT = ("Clicks need a point on the picture: click it with the mouse or tap it, or load them from a "
+CLICKS_NEED_A_POINT = ("Clicks need a point on the picture: click it with the mouse or tap it; from the keyboard, "
+                       "Tab to the picture, move its marker with the arrow keys and press Enter; or load them from a "
                        "prompts file (Load clicks from a prompts file)")
 NOTHING_CHANGED = ("Nothing changed since the last run (same clicks, objects and settings): its result below is "
                    "current. Tick \"Full re-run\" to track again anyway.")
 CSS = """
+#frame-image .key-marker { position: absolute; width: 18px; height: 18px; margin: -9px 0 0 -9px; border-radius: 50%;
+  border: 2px solid #fff; box-shadow: 0 0 0 2px #000, inset 0 0 0 2px #000; pointer-events: none;
+  color: transparent; overflow: hidden; white-space: nowrap; font-size: 1px; }
 #frame-image img { cursor: crosshair; width: auto; max-width: 100%; max-height: max(240px, calc(100vh - 520px)); }
 h1 { margin-bottom: 0 !important; }
 #untrained-banner { background: #b91c1c; color: #fff; padding: 6px 14px; border-radius: 6px; font-weight: 600; }
@@ -109,12 +114,63 @@ NO_PREVIEW_JS = """
     report({name: file.name, size: file.size, kind});
     return true;
   };
-  // Enter or Space on the picture cannot say where the object is, and the picture's widget ignores them.
+  // The picture from the keyboard: once it has the focus, the arrow keys move a marker over it (with Shift ten
+  // times as far) and Enter or Space clicks where it is, as the mouse would (the widget's own click handler reads
+  // the point, so clicks go the same way). The marker's place is said to screen readers.
+  let marked = [0.5, 0.5];  // the marker's place, as fractions of the picture's width and height
+  const pictureOf = (target) => target instanceof HTMLButtonElement && target.closest("#frame-image") ?
+    target.querySelector("img") : null;
+  const fitted = (img) => {  // where the widget draws the picture in its element (as its click handler reckons)
+    const rect = img.getBoundingClientRect();
+    const scale = Math.min(rect.width / img.naturalWidth, rect.height / img.naturalHeight, 1);
+    return {rect, scale, left: rect.left + (rect.width - img.naturalWidth * scale) / 2,
+            top: rect.top + (rect.height - img.naturalHeight * scale) / 2};
+  };
+  const markedPixel = (img) => [Math.round(marked[0] * (img.naturalWidth - 1)),
+                                Math.round(marked[1] * (img.naturalHeight - 1))];
+  const showMarker = (button, img) => {
+    const box = button.parentElement;
+    if (getComputedStyle(box).position === "static") box.style.position = "relative";
+    let marker = box.querySelector(".key-marker");
+    if (!marker) {
+      marker = document.createElement("div");
+      marker.className = "key-marker";
+      marker.setAttribute("aria-live", "polite");
+      box.append(marker);
+    }
+    const at = fitted(img), outer = box.getBoundingClientRect(), [x, y] = markedPixel(img);
+    marker.style.left = `${at.left - outer.left + (x + 0.5) * at.scale}px`;
+    marker.style.top = `${at.top - outer.top + (y + 0.5) * at.scale}px`;
+    marker.textContent = `Marker at x ${x}, y ${y} of the ${img.naturalWidth}x${img.naturalHeight} picture: ` +
+      "Enter or Space clicks there";
+    marker.hidden = false;
+  };
   document.addEventListener("keydown", (event) => {
-    const target = event.target;
-    if ((event.key === "Enter" || event.key === " ") && target instanceof HTMLButtonElement &&
-        target.closest("#frame-image") && target.querySelector("img")) report({kind: "picture key"});
+    const button = event.target, img = pictureOf(button);
+    if (!img || !img.naturalWidth || event.altKey || event.ctrlKey || event.metaKey) return;
+    const step = event.shiftKey ? 0.1 : 0.02;
+    const moves = {ArrowLeft: [-step, 0], ArrowRight: [step, 0], ArrowUp: [0, -step], ArrowDown: [0, step]};
+    if (event.key in moves) {
+      marked = marked.map((value, axis) => Math.min(1, Math.max(0, value + moves[event.key][axis])));
+      showMarker(button, img);
+    } else if (event.key === "Enter" || event.key === " ") {
+      const at = fitted(img), [x, y] = markedPixel(img);
+      button.dispatchEvent(new MouseEvent("click", {bubbles: true, clientX: at.left + (x + 0.5) * at.scale,
+                                                    clientY: at.top + (y + 0.5) * at.scale}));
+    } else return;
+    event.preventDefault();
+    event.stopPropagation();
   }, true);
+  document.addEventListener("keyup", (event) => {  // a button clicks itself on Space's release, with no point
+    if (event.key === " " && pictureOf(event.target)) event.preventDefault();
+  }, true);
+  document.addEventListener("focusin", (event) => {
+    const img = pictureOf(event.target);
+    if (img?.naturalWidth && event.target.matches(":focus-visible")) showMarker(event.target, img);
+  });
+  document.addEventListener("focusout", (event) => {
+    if (pictureOf(event.target)) event.target.parentElement.querySelector(".key-marker")?.setAttribute("hidden", "");
+  });
   document.addEventListener("change", (event) => {
     const input = event.target;
     if (!(input instanceof HTMLInputElement) || input.type !== "file") return;
@@ -442,7 +498,7 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                 cutout_button = gr.Button("Make cut-out video", elem_id="cutout-button")
 
         # The page's script writes here what happened in the browser alone: a file it kept back for the upload
-        # limit or one the video widget dropped (its name, size or type, and kind), or a key pressed on the picture.
+        # limit or one the video widget dropped (its name, size or type, and kind).
         browser_note = gr.Textbox(visible="hidden", elem_id="browser-note")
         unsaved_work = gr.Checkbox(False, visible="hidden", interactive=False, elem_id="unsaved-work")
 
@@ -496,9 +552,6 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             the limit and how it is raised (Gradio's refusal is a toast in Kb alone)."""
             try:
                 note = json.loads(note)
-                if note["kind"] == "picture key":
-                    toast(CLICKS_NEED_A_POINT)
-                    return CLICKS_NEED_A_POINT
                 if note["kind"] == "not a video":
                     message = untyped_file_message(str(note["name"]), str(note["type"]), session_of(request).info)
                 else:

@@ -537,12 +537,38 @@ def test_a_click_on_the_top_row_of_the_picture_counts(app, browser, clips):
     tab.wait_status("^object 1 on frame 0: 1 point$", SAM_SECONDS)
     image.click(position={"x": 0.1, "y": box["height"] / 2})
     tab.wait_status("^object 1 on frame 0: 2 points$", SAM_SECONDS)
-    # Enter on the picture (a keyboard's click) has no point to give: the page says how clicks are made.
+    tab.page.close()
+
+
+def test_points_are_placed_from_the_keyboard(app, browser, clips):
+    """Tab to the picture, move its marker with the arrow keys (Shift: ten times as far), and Enter or Space
+    clicks where it is: the point lands there, in the mode chosen, and the marker's place is said."""
+    tab = AppPage(browser.new_page(), app.url)
+    tab.upload(clips / "clip.mp4")
+    tab.page.wait_for_function("() => document.querySelector('#frame-image img')?.naturalWidth > 0")
     picture = tab.page.locator("#frame-image button:has(img)")
     picture.focus()
+    picture.press("Shift+ArrowRight")  # from the middle: 0.6 of the width
+    for _ in range(5):
+        picture.press("ArrowUp")  # 0.4 of the height
+    marker = tab.page.locator("#frame-image .key-marker")
+    assert marker.is_visible()
+    assert marker.inner_text() == "Marker at x 383, y 192 of the 640x480 picture: Enter or Space clicks there"
     picture.press("Enter")
-    tab.wait_status("^Clicks need a point on the picture: click it with the mouse or tap it, or load them from a "
-                    "prompts file")
+    tab.wait_status("^object 1 on frame 0: 1 point$", SAM_SECONDS)
+    for _ in range(10):
+        picture.press("ArrowLeft")  # 0.4 of the width
+    assert marker.inner_text().startswith("Marker at x 256, y 192 ")
+    tab.page.screenshot(path="/tmp/app_keyboard.png")
+    picture.press(" ")
+    tab.wait_status("^object 1 on frame 0: 2 points$", SAM_SECONDS)
+    tab.page.wait_for_timeout(1000)  # nor does the button's own click on Space's release say anything
+    assert tab.status() == "object 1 on frame 0: 2 points"
+    pixels = tab.frame_pixels()
+    assert_positive_point(pixels, 383 / 4, 192 / 4, object_id=1)
+    assert_positive_point(pixels, 256 / 4, 192 / 4, object_id=1)
+    picture.blur()
+    assert not marker.is_visible()
     tab.page.close()
 
 
