@@ -221,12 +221,17 @@ NO_PREVIEW_JS = """
     }
   };
   // Radio and checkbox groups are fieldsets without a legend: name each after its label, and make a radio one a
-  // radiogroup, for screen readers and for tests that find them by role and name.
+  // radiogroup, for screen readers and for tests that find them by role and name. Gradio names each radio button
+  // apart, which made each its own Tab stop and left the arrow keys idle: one name makes them one group, as radio
+  // buttons are meant to be (Tab reaches the chosen one, the arrow keys choose).
   const nameGroups = () => {
     for (const group of document.querySelectorAll("fieldset")) {
       const label = group.querySelector(":scope > [data-testid=block-info]")?.textContent.trim();
       if (label && group.getAttribute("aria-label") !== label) group.setAttribute("aria-label", label);
-      if (group.querySelector("input[type=radio]")) group.setAttribute("role", "radiogroup");
+      const radios = group.querySelectorAll("input[type=radio]");
+      if (!radios.length) continue;
+      group.setAttribute("role", "radiogroup");
+      for (const radio of radios) if (radio.name !== radios[0].name) radio.name = radios[0].name;
     }
   };
   new MutationObserver(() => { nameLinks(); nameGroups(); }).observe(document.body, {childList: true, subtree: true});

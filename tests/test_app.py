@@ -540,9 +540,10 @@ def test_a_click_on_the_top_row_of_the_picture_counts(app, browser, clips):
     tab.page.close()
 
 
-def test_points_are_placed_from_the_keyboard(app, browser, clips):
+def test_points_and_boxes_are_placed_from_the_keyboard(app, browser, clips):
     """Tab to the picture, move its marker with the arrow keys (Shift: ten times as far), and Enter or Space
-    clicks where it is: the point lands there, in the mode chosen, and the marker's place is said."""
+    clicks where it is: the point lands there, in the mode chosen with the arrow keys, and the marker's place is
+    said."""
     tab = AppPage(browser.new_page(), app.url)
     tab.upload(clips / "clip.mp4")
     tab.page.wait_for_function("() => document.querySelector('#frame-image img')?.naturalWidth > 0")
@@ -569,6 +570,20 @@ def test_points_are_placed_from_the_keyboard(app, browser, clips):
     assert_positive_point(pixels, 256 / 4, 192 / 4, object_id=1)
     picture.blur()
     assert not marker.is_visible()
+    # The click mode from the keyboard too: its options are one Tab stop (the chosen one), the arrow keys choose.
+    tab.page.locator("#point-mode input:checked").focus()
+    tab.page.keyboard.press("ArrowDown")
+    tab.page.keyboard.press("ArrowDown")
+    assert tab.page.locator("#point-mode input:checked").get_attribute("value") == "box"
+    tab.page.keyboard.press("Tab")
+    assert tab.page.evaluate("document.activeElement.closest('#point-mode')") is None
+    picture.focus()
+    picture.press("Enter")
+    tab.wait_status("^object 1 on frame 0: 2 points, a box's first corner; click the opposite corner", SAM_SECONDS)
+    picture.press("Shift+ArrowRight")
+    picture.press("Shift+ArrowDown")
+    picture.press("Enter")
+    tab.wait_status("^object 1 on frame 0: 2 points, a box$", SAM_SECONDS)
     tab.page.close()
 
 
