@@ -1807,3 +1807,15 @@ def test_an_embedding_that_fails_ahead_leaves_the_prefetch_working(slow_session,
     slow_session.render(3)
     wait_for(lambda: 3 in slow_session._embeddings)
     assert len(sam.embedded) == 1
+
+
+def test_frames_only_looked_at_leave_the_clicked_frames_embeddings(slow_session, monkeypatch):
+    """The page's frames are embedded as the user looks through the video; a Track reuses the clicked frames'
+    embeddings, so those stay while there is room, and a frame looked at goes first."""
+    monkeypatch.setattr(SlowSam, "STEPS", 1)
+    click(slow_session, 0, 50, 40)
+    click(slow_session, 2, 50, 40)
+    for frame in (4, 5, 6):
+        slow_session.render(frame)
+        wait_for(lambda: frame in slow_session._embeddings)
+    assert list(slow_session._embeddings) == [0, 2, 6]

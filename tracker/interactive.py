@@ -889,10 +889,14 @@ class EditSession:
             self._clicking.release()
 
     def _remember_embedding(self, frame: int, embedding: ImageEmbedding) -> None:
+        """Keep a frame's embedding; the oldest of the others goes when there are too many, one of a frame
+        without clicks first (frames only looked at must not push out those a Track will need again)."""
         self._embeddings[frame] = embedding
         self._embeddings.move_to_end(frame)
         while len(self._embeddings) > EMBEDDING_CACHE_SIZE:
-            self._embeddings.popitem(last=False)
+            clicked = {at for at, _ in self.edits}
+            others = list(self._embeddings)[:-1]
+            del self._embeddings[next((at for at in others if at not in clicked), others[0])]
 
     def _frame(self, index: int) -> Frame:
         """A decoded frame; the last one is kept, as clicks redraw the same frame again and again."""
