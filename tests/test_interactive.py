@@ -1819,3 +1819,15 @@ def test_frames_only_looked_at_leave_the_clicked_frames_embeddings(slow_session,
         slow_session.render(frame)
         wait_for(lambda: frame in slow_session._embeddings)
     assert list(slow_session._embeddings) == [0, 2, 6]
+
+
+def test_an_embedding_made_ahead_yields_to_an_undo_that_needs_sam(slow_session):
+    """Undo remakes the mask of the clicks left, with SAM's decoder: it does not wait for the frame being made
+    ahead (seconds on a CPU), which stops instead."""
+    sam = slow_session.sam
+    click(slow_session, 0, 50, 40)
+    click(slow_session, 0, 90, 40)
+    slow_session.render(3)
+    wait_for(lambda: slow_session._prefetch._running is not None)
+    assert slow_session.undo(0) == "object 1 on frame 0: 1 point"
+    assert sam.stopped == 1 and 3 not in slow_session._embeddings

@@ -374,3 +374,26 @@ def test_an_embedding_stops_between_the_encoders_blocks_when_asked_and_is_unchan
     again = backend.embed(_frame(FRAME_H, FRAME_W), stop=lambda: asked.append(True) is not None)
     assert len(asked) == 12
     assert torch.equal(again.features, embedded[0].features)
+
+
+def test_an_embedding_made_ahead_yields_to_a_call_that_needs_the_backend(backend, embedded):
+    """A click's decoder (or any call made without a `stop`) waiting for the backend stops an embedding made
+    ahead at its next block, and goes first."""
+    import threading
+
+    began = threading.Event()
+    outcome = []
+
+    def ahead():
+        try:
+            backend.embed(_frame(FRAME_H, FRAME_W), stop=lambda: began.set() or False)
+            outcome.append("finished")
+        except sam.EmbeddingStopped:
+            outcome.append("stopped")
+
+    worker = threading.Thread(target=ahead)
+    worker.start()
+    assert began.wait(60)
+    prediction = backend.decode(embedded[0], [[20, 10]], [1])
+    worker.join()
+    assert outcome == ["stopped"] and prediction.masks.shape == (1, FRAME_H, FRAME_W)

@@ -5,9 +5,10 @@ and the first click on a frame waited for all of it. A frame that stays on
 the page for a moment is the one its user is about to click, so its
 embedding is made then, by one thread for the whole app (the cores are
 shared): a click on that frame finds it made, or waits for the rest of it.
-Anything that needs SAM or the cores now (a click on another frame, another
-user's click, a job) stops it between two of the encoder's blocks, a
-fraction of a second, and nothing is kept of it.
+Anything that needs SAM or the cores now (a click on another frame, any call
+waiting for SAM such as an Undo's decoder or another user's click, a job)
+stops it between two of the encoder's blocks, a fraction of a second, and
+nothing is kept of it.
 """
 from __future__ import annotations
 

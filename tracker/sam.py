@@ -12,13 +12,14 @@ so through `available`.
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import importlib
 import logging
 import math
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -127,17 +128,37 @@ class SamBackend(ABC):
         # backend, and TensorRT execution contexts are not thread-safe.
         backend = super().__new__(cls)
         backend._lock = threading.Lock()
+        backend._needed = 0  # calls without a `stop` waiting for `_lock`: an embedding made ahead yields to them
+        backend._needed_lock = threading.Lock()
         return backend
+
+    @contextlib.contextmanager
+    def _turn(self, needed: bool) -> Iterator[None]:
+        """Hold the backend for one call; a `needed` one (not made ahead) says it waits while it does."""
+        if needed:
+            with self._needed_lock:
+                self._needed += 1
+        try:
+            self._lock.acquire()
+        finally:
+            if needed:
+                with self._needed_lock:
+                    self._needed -= 1
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     def embed(self, image: np.ndarray, stop: Callable[[], bool] | None = None) -> ImageEmbedding:
         """Encode an HxWx3 uint8 RGB frame (the expensive step, once per frame).
 
-        A `stoppable` backend asks `stop` between the encoder's blocks and gives the embedding up
-        (`EmbeddingStopped`) once it returns True: work made ahead of need yields to work needed now.
+        With a `stop`, the embedding is made ahead of need: a `stoppable` backend asks between the encoder's
+        blocks whether to go on, and gives the embedding up (`EmbeddingStopped`) once `stop` returns True or
+        another call (one without a `stop`) waits for the backend.
         """
         check_image(image)
-        with self._lock:
-            token = _EMBEDDING_STOP.set(stop)
+        with self._turn(needed=stop is None):
+            token = _EMBEDDING_STOP.set(None if stop is None else lambda: self._needed > 0 or stop())
             try:
                 return self._embed(image)
             finally:
@@ -151,7 +172,7 @@ class SamBackend(ABC):
         multimask=True returns SAM's three candidates, else one mask.
         """
         prompt = prepare_prompt(points, labels, box, mask_input, emb.original_size)
-        with self._lock:
+        with self._turn(needed=True):
             return self._decode(emb, prompt, multimask)
 
     @abstractmethod
