@@ -120,14 +120,22 @@ NO_PREVIEW_JS = """
   let marked = [0.5, 0.5];  // the marker's place, as fractions of the picture's width and height
   const pictureOf = (target) => target instanceof HTMLButtonElement && target.closest("#frame-image") ?
     target.querySelector("img") : null;
-  const fitted = (img) => {  // where the widget draws the picture in its element (as its click handler reckons)
+  // Where a click for the marker goes: a mouse event's coordinates are whole CSS pixels, which the widget's click
+  // handler takes to the nearest picture pixel (its scale and centring reckoned as it does); held inside the
+  // picture, so that its last rows and columns take clicks too. Returns the client point and that picture pixel.
+  const aim = (img) => {
     const rect = img.getBoundingClientRect();
     const scale = Math.min(rect.width / img.naturalWidth, rect.height / img.naturalHeight, 1);
-    return {rect, scale, left: rect.left + (rect.width - img.naturalWidth * scale) / 2,
-            top: rect.top + (rect.height - img.naturalHeight * scale) / 2};
+    const axis = (start, size, fraction) => {
+      const lowest = Math.ceil(start - 0.5 * scale), highest = Math.ceil(start + (size - 0.5) * scale) - 1;
+      const client = Math.min(highest, Math.max(lowest, Math.round(start + fraction * (size - 1) * scale)));
+      return [client, Math.max(0, Math.round((client - start) / scale))];
+    };
+    const [clientX, x] = axis(rect.left + (rect.width - img.naturalWidth * scale) / 2, img.naturalWidth, marked[0]);
+    const [clientY, y] = axis(rect.top + (rect.height - img.naturalHeight * scale) / 2, img.naturalHeight,
+                              marked[1]);
+    return {clientX, clientY, x, y};
   };
-  const markedPixel = (img) => [Math.round(marked[0] * (img.naturalWidth - 1)),
-                                Math.round(marked[1] * (img.naturalHeight - 1))];
   const showMarker = (button, img) => {
     const box = button.parentElement;
     if (getComputedStyle(box).position === "static") box.style.position = "relative";
@@ -138,9 +146,9 @@ NO_PREVIEW_JS = """
       marker.setAttribute("aria-live", "polite");
       box.append(marker);
     }
-    const at = fitted(img), outer = box.getBoundingClientRect(), [x, y] = markedPixel(img);
-    marker.style.left = `${at.left - outer.left + (x + 0.5) * at.scale}px`;
-    marker.style.top = `${at.top - outer.top + (y + 0.5) * at.scale}px`;
+    const {clientX, clientY, x, y} = aim(img), outer = box.getBoundingClientRect();
+    marker.style.left = `${clientX + 0.5 - outer.left}px`;
+    marker.style.top = `${clientY + 0.5 - outer.top}px`;
     marker.textContent = `Marker at x ${x}, y ${y} of the ${img.naturalWidth}x${img.naturalHeight} picture: ` +
       "Enter or Space clicks there";
     marker.hidden = false;
@@ -154,9 +162,8 @@ NO_PREVIEW_JS = """
       marked = marked.map((value, axis) => Math.min(1, Math.max(0, value + moves[event.key][axis])));
       showMarker(button, img);
     } else if (event.key === "Enter" || event.key === " ") {
-      const at = fitted(img), [x, y] = markedPixel(img);
-      button.dispatchEvent(new MouseEvent("click", {bubbles: true, clientX: at.left + (x + 0.5) * at.scale,
-                                                    clientY: at.top + (y + 0.5) * at.scale}));
+      const {clientX, clientY} = aim(img);
+      button.dispatchEvent(new MouseEvent("click", {bubbles: true, clientX, clientY}));
     } else return;
     event.preventDefault();
     event.stopPropagation();

@@ -542,32 +542,55 @@ def test_a_click_on_the_top_row_of_the_picture_counts(app, browser, clips):
 
 def test_points_and_boxes_are_placed_from_the_keyboard(app, browser, clips):
     """Tab to the picture, move its marker with the arrow keys (Shift: ten times as far), and Enter or Space
-    clicks where it is: the point lands there, in the mode chosen with the arrow keys, and the marker's place is
-    said."""
+    clicks where it is: the point lands on the pixel the marker says (whole CSS pixels: within one of the
+    fraction moved to), in the mode chosen with the arrow keys, and the picture's edges take points too."""
     tab = AppPage(browser.new_page(), app.url)
     tab.upload(clips / "clip.mp4")
     tab.page.wait_for_function("() => document.querySelector('#frame-image img')?.naturalWidth > 0")
     picture = tab.page.locator("#frame-image button:has(img)")
+    marker = tab.page.locator("#frame-image .key-marker")
+
+    def marked() -> tuple[int, int]:
+        said = re.fullmatch(r"Marker at x (\d+), y (\d+) of the 640x480 picture: Enter or Space clicks there",
+                            marker.inner_text())
+        assert said, marker.inner_text()
+        return int(said[1]), int(said[2])
+
     picture.focus()
     picture.press("Shift+ArrowRight")  # from the middle: 0.6 of the width
     for _ in range(5):
         picture.press("ArrowUp")  # 0.4 of the height
-    marker = tab.page.locator("#frame-image .key-marker")
     assert marker.is_visible()
-    assert marker.inner_text() == "Marker at x 383, y 192 of the 640x480 picture: Enter or Space clicks there"
+    first = marked()
+    assert abs(first[0] - 0.6 * 639) <= 1 and abs(first[1] - 0.4 * 479) <= 1, first
     picture.press("Enter")
     tab.wait_status("^object 1 on frame 0: 1 point$", SAM_SECONDS)
     for _ in range(10):
         picture.press("ArrowLeft")  # 0.4 of the width
-    assert marker.inner_text().startswith("Marker at x 256, y 192 ")
-    tab.page.screenshot(path="/tmp/app_keyboard.png")
+    second = marked()
+    assert abs(second[0] - 0.4 * 639) <= 1 and second[1] == first[1], second
     picture.press(" ")
     tab.wait_status("^object 1 on frame 0: 2 points$", SAM_SECONDS)
     tab.page.wait_for_timeout(1000)  # nor does the button's own click on Space's release say anything
     assert tab.status() == "object 1 on frame 0: 2 points"
     pixels = tab.frame_pixels()
-    assert_positive_point(pixels, 383 / 4, 192 / 4, object_id=1)
-    assert_positive_point(pixels, 256 / 4, 192 / 4, object_id=1)
+    for x, y in (first, second):
+        assert_positive_point(pixels, x / 4, y / 4, object_id=1)
+    for _ in range(6):  # held at the picture's edges, whose last pixels take a point too
+        picture.press("Shift+ArrowRight")
+        picture.press("Shift+ArrowDown")
+    assert marked() == (639, 479)
+    picture.press("Enter")
+    tab.wait_status("^object 1 on frame 0: 3 points$", SAM_SECONDS)
+    for _ in range(12):
+        picture.press("Shift+ArrowLeft")
+        picture.press("Shift+ArrowUp")
+    assert marked() == (0, 0)
+    picture.press("Enter")
+    tab.wait_status("^object 1 on frame 0: 4 points$", SAM_SECONDS)
+    for _ in range(5):  # to the middle, for the box
+        picture.press("Shift+ArrowRight")
+        picture.press("Shift+ArrowDown")
     picture.blur()
     assert not marker.is_visible()
     # The click mode from the keyboard too: its options are one Tab stop (the chosen one), the arrow keys choose.
@@ -579,11 +602,11 @@ def test_points_and_boxes_are_placed_from_the_keyboard(app, browser, clips):
     assert tab.page.evaluate("document.activeElement.closest('#point-mode')") is None
     picture.focus()
     picture.press("Enter")
-    tab.wait_status("^object 1 on frame 0: 2 points, a box's first corner; click the opposite corner", SAM_SECONDS)
+    tab.wait_status("^object 1 on frame 0: 4 points, a box's first corner; click the opposite corner", SAM_SECONDS)
     picture.press("Shift+ArrowRight")
     picture.press("Shift+ArrowDown")
     picture.press("Enter")
-    tab.wait_status("^object 1 on frame 0: 2 points, a box$", SAM_SECONDS)
+    tab.wait_status("^object 1 on frame 0: 4 points, a box$", SAM_SECONDS)
     tab.page.close()
 
 
