@@ -149,8 +149,11 @@ NO_PREVIEW_JS = """
     const {clientX, clientY, x, y} = aim(img), outer = box.getBoundingClientRect();
     marker.style.left = `${clientX + 0.5 - outer.left}px`;
     marker.style.top = `${clientY + 0.5 - outer.top}px`;
-    marker.textContent = `Marker at x ${x}, y ${y} of the ${img.naturalWidth}x${img.naturalHeight} picture: ` +
-      "Enter or Space clicks there";
+    // Said as shares of the picture (its pixels are the preview's, not the video's); the pixel is kept for tests.
+    const share = (at, size) => Math.round(100 * at / Math.max(size - 1, 1));
+    marker.dataset.pixel = `${x},${y}`;
+    marker.textContent = `Marker ${share(x, img.naturalWidth)}% across, ${share(y, img.naturalHeight)}% down the ` +
+      "picture: Enter or Space clicks there";
     marker.hidden = false;
   };
   document.addEventListener("keydown", (event) => {
@@ -174,6 +177,11 @@ NO_PREVIEW_JS = """
   document.addEventListener("focusin", (event) => {
     const img = pictureOf(event.target);
     if (img?.naturalWidth && event.target.matches(":focus-visible")) showMarker(event.target, img);
+  });
+  window.addEventListener("resize", () => {  // the picture moves with the page: the marker goes with it
+    const img = pictureOf(document.activeElement);
+    const marker = document.activeElement?.parentElement?.querySelector(".key-marker");
+    if (img?.naturalWidth && marker && !marker.hidden) showMarker(document.activeElement, img);
   });
   document.addEventListener("focusout", (event) => {
     if (pictureOf(event.target)) event.target.parentElement.querySelector(".key-marker")?.setAttribute("hidden", "");
@@ -229,18 +237,34 @@ NO_PREVIEW_JS = """
   };
   // Radio and checkbox groups are fieldsets without a legend: name each after its label, and make a radio one a
   // radiogroup, for screen readers and for tests that find them by role and name. Gradio names each radio button
-  // apart, which made each its own Tab stop and left the arrow keys idle: one name makes them one group, as radio
-  // buttons are meant to be (Tab reaches the chosen one, the arrow keys choose).
+  // apart (anew at each change), so the browser made each its own Tab stop and its arrow keys did nothing: only
+  // the chosen one takes the focus from Tab here, and the arrow keys choose (below), as in a radio group.
   const nameGroups = () => {
     for (const group of document.querySelectorAll("fieldset")) {
       const label = group.querySelector(":scope > [data-testid=block-info]")?.textContent.trim();
       if (label && group.getAttribute("aria-label") !== label) group.setAttribute("aria-label", label);
-      const radios = group.querySelectorAll("input[type=radio]");
+      const radios = [...group.querySelectorAll("input[type=radio]")];
       if (!radios.length) continue;
       group.setAttribute("role", "radiogroup");
-      for (const radio of radios) if (radio.name !== radios[0].name) radio.name = radios[0].name;
+      const chosen = radios.find((radio) => radio.checked) ?? radios[0];
+      for (const radio of radios) {
+        const stop = radio === chosen ? 0 : -1;
+        if (radio.tabIndex !== stop) radio.tabIndex = stop;
+      }
     }
   };
+  document.addEventListener("keydown", (event) => {
+    const radio = event.target;
+    const step = {ArrowDown: 1, ArrowRight: 1, ArrowUp: -1, ArrowLeft: -1}[event.key];
+    if (!(radio instanceof HTMLInputElement) || radio.type !== "radio" || !step || event.altKey || event.ctrlKey ||
+        event.metaKey) return;
+    const radios = [...(radio.closest("fieldset")?.querySelectorAll("input[type=radio]") ?? [])];
+    if (radios.length < 2) return;
+    event.preventDefault();
+    const next = radios[(radios.indexOf(radio) + step + radios.length) % radios.length];
+    next.focus();
+    next.click();
+  }, true);
   new MutationObserver(() => { nameLinks(); nameGroups(); }).observe(document.body, {childList: true, subtree: true});
   // Closing or reloading the page ends its session: while it holds work (the server ticks #unsaved-work), the
   // browser asks first.
@@ -804,7 +828,10 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                 session_of(request).begin_job()
             except TrackerError as exc:
                 return f"Error: {exc}", str(exc), gr.skip(), gr.skip(), gr.skip(), gr.skip()
-            return ("Waiting for the tracker (one job runs at a time; another user's may be ahead)…", "",
+            waiting = ("Waiting for the tracker: the last click is being segmented first…"
+                       if session_of(request).clicks_waiting() else
+                       "Waiting for the tracker (one job runs at a time; another user's may be ahead)…")
+            return (waiting, "",
                     gr.update(interactive=False), gr.update(interactive=True),
                     gr.update(interactive=False), gr.Timer(active=True))
 

@@ -515,6 +515,7 @@ def test_clicks_made_while_sam_reads_the_frame_all_count_and_track_waits_for_the
     for place in places[1:]:
         tab.click_frame(*place, expect=None)
     tab.page.locator("#track-button").click()
+    tab.wait_status("^Waiting for the tracker: the last click is being segmented first…$", 10)
     done = tab.wait_status(r"^(Done|Error|Cancelled)", TRACK_SECONDS)
     assert done.startswith("Done: tracked the whole video. 12 frames in"), done
     # Each click is where it was made (they all took the last one's place, read when their turn came).
@@ -551,10 +552,11 @@ def test_points_and_boxes_are_placed_from_the_keyboard(app, browser, clips):
     marker = tab.page.locator("#frame-image .key-marker")
 
     def marked() -> tuple[int, int]:
-        said = re.fullmatch(r"Marker at x (\d+), y (\d+) of the 640x480 picture: Enter or Space clicks there",
-                            marker.inner_text())
-        assert said, marker.inner_text()
-        return int(said[1]), int(said[2])
+        """The preview's pixel the marker clicks (its text says it as shares of the picture)."""
+        x, y = map(int, marker.get_attribute("data-pixel").split(","))
+        assert marker.inner_text() == (f"Marker {round(100 * x / 639)}% across, {round(100 * y / 479)}% down the "
+                                       "picture: Enter or Space clicks there")
+        return x, y
 
     picture.focus()
     picture.press("Shift+ArrowRight")  # from the middle: 0.6 of the width
@@ -569,6 +571,13 @@ def test_points_and_boxes_are_placed_from_the_keyboard(app, browser, clips):
         picture.press("ArrowLeft")  # 0.4 of the width
     second = marked()
     assert abs(second[0] - 0.4 * 639) <= 1 and second[1] == first[1], second
+    assert marker.inner_text() == "Marker 40% across, 40% down the picture: Enter or Space clicks there"
+    width = tab.page.viewport_size["width"]
+    tab.page.set_viewport_size({"width": width // 2, "height": tab.page.viewport_size["height"]})
+    tab.page.wait_for_timeout(500)  # the picture shrinks with the page: the ring stays on its pixel
+    ring, shown = marker.bounding_box(), tab.page.locator("#frame-image img").bounding_box()
+    assert abs(ring["x"] + ring["width"] / 2 - shown["x"] - second[0] * shown["width"] / 640) <= 2
+    tab.page.set_viewport_size({"width": width, "height": tab.page.viewport_size["height"]})
     picture.press(" ")
     tab.wait_status("^object 1 on frame 0: 2 points$", SAM_SECONDS)
     tab.page.wait_for_timeout(1000)  # nor does the button's own click on Space's release say anything

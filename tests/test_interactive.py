@@ -1831,3 +1831,23 @@ def test_an_embedding_made_ahead_yields_to_an_undo_that_needs_sam(slow_session):
     wait_for(lambda: slow_session._prefetch._running is not None)
     assert slow_session.undo(0) == "object 1 on frame 0: 1 point"
     assert sam.stopped == 1 and 3 not in slow_session._embeddings
+
+
+def test_an_embedding_stopped_by_other_work_is_made_again_for_the_page_still_showing_its_frame(slow_session, clip):
+    """Another user's click, or a job, stops the frame being made ahead; once that work is done the frame, still
+    on this page, is made again without the page asking (its user may be looking at it all along)."""
+    sam = slow_session.sam
+    other = EditSession(slow_session.directory.parent / "other", slow_session.tracker,
+                        prefetch=slow_session._prefetch)
+    other.open_video(clip, Limits())
+    slow_session.render(2)
+    wait_for(lambda: slow_session._prefetch._running is not None)
+    assert click(other, 0, 50, 40) == "object 1 on frame 0: 1 point"
+    assert sam.stopped == 1
+    wait_for(lambda: 2 in slow_session._embeddings)
+    slow_session.render(3)
+    wait_for(lambda: slow_session._prefetch._running is not None)
+    with slow_session.tracker.lock:
+        wait_for(lambda: sam.stopped == 2)
+    wait_for(lambda: 3 in slow_session._embeddings)
+    other.close()

@@ -865,7 +865,8 @@ class EditSession:
     def embed_ahead(self, frame: int, stop: Callable[[], bool]) -> bool:
         """Make SAM's embedding of `frame` before a click asks for it (`tracker.prefetch`), unless a job runs,
         the page shows another frame or has the embedding; given up when `stop` says so (a click meanwhile on
-        this frame waits for it instead). False while a click or a prompts file is at SAM: to be asked again."""
+        this frame waits for it instead). False when it is to be asked again: a click or a prompts file is at
+        SAM, or other work stopped it while the page still shows the frame."""
         if self._closing:
             return True
         if self._pending or not self._clicking.acquire(blocking=False):
@@ -880,7 +881,7 @@ class EditSession:
             try:
                 embedding = sam.embed(image, stop=lambda: stop() or self._closing or self.video_loads != loads)
             except EmbeddingStopped:
-                return True
+                return self._closing or self.video_loads != loads or frame != self.shown_frame
             with self.lock:
                 if self.video_loads == loads and self.sam is sam:
                     self._remember_embedding(frame, embedding)

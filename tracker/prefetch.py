@@ -27,7 +27,8 @@ class Prefetching(Protocol):
     """What the prefetch asks of a page's session (`tracker.interactive.EditSession`)."""
 
     def embed_ahead(self, frame: int, stop: Callable[[], bool]) -> bool:
-        """Embed `frame` unless `stop` says to give it up; False: not now (SAM is busy for the session), ask again."""
+        """Embed `frame` unless `stop` says to give it up; False: not now (SAM was busy, or needed by other work
+        that stopped it), ask again."""
 
 
 class EmbeddingPrefetch:
