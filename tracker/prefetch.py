@@ -7,8 +7,8 @@ embedding is made then, by one thread for the whole app (the cores are
 shared): a click on that frame finds it made, or waits for the rest of it.
 Anything that needs SAM or the cores now (a click on another frame, any call
 waiting for SAM such as an Undo's decoder or another user's click, a job)
-stops it between two of the encoder's blocks, a fraction of a second, and
-nothing is kept of it.
+stops it between two of the encoder's blocks, a fraction of a second; it
+begins again once that work is done, if the page still shows the frame.
 """
 from __future__ import annotations
 
