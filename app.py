@@ -825,11 +825,12 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
 
         def on_begin(request: gr.Request):
             try:
-                session_of(request).begin_job()
+                session = session_of(request)
+                session.begin_job()
             except TrackerError as exc:
                 return f"Error: {exc}", str(exc), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             waiting = ("Waiting for the tracker: the last click is being segmented first…"
-                       if session_of(request).clicks_waiting() else
+                       if session.clicks_waiting() else
                        "Waiting for the tracker (one job runs at a time; another user's may be ahead)…")
             return (waiting, "",
                     gr.update(interactive=False), gr.update(interactive=True),

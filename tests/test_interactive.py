@@ -1722,9 +1722,7 @@ def test_a_click_on_the_frame_being_embedded_waits_for_that_embedding(slow_sessi
     sam = slow_session.sam
     slow_session.render(1)
     wait_for(lambda: sam.embedded or slow_session._prefetch._running is not None)
-    began = time.monotonic()
     assert click(slow_session, 1, 50, 40) == "object 1 on frame 1: 1 point"
-    assert time.monotonic() - began < SlowSam.STEPS * SlowSam.STEP_SECONDS * 1.5
     assert len(sam.embedded) == 1 and sam.stopped == 0  # the click took the one made ahead
 
 
@@ -1734,10 +1732,8 @@ def test_an_embedding_made_ahead_yields_to_a_click_elsewhere_and_to_a_job(slow_s
     sam = slow_session.sam
     slow_session.render(3)
     wait_for(lambda: slow_session._prefetch._running is not None)
-    began = time.monotonic()
     assert click(slow_session, 5, 50, 40) == "object 1 on frame 5: 1 point"
     assert sam.stopped == 1 and len(sam.embedded) == 1  # frame 5's only
-    assert time.monotonic() - began < SlowSam.STEPS * SlowSam.STEP_SECONDS * 1.8
     assert 3 not in slow_session._embeddings
 
     slow_session.render(3)

@@ -851,8 +851,7 @@ class EditSession:
         if frame in self._embeddings:
             self._embeddings.move_to_end(frame)
             return self._embeddings[frame]
-        self._sam_needed(None)
-        embedding = self.sam.embed(self._frame(frame).image)
+        embedding = self.sam.embed(self._frame(frame).image)  # needed now: an embedding made ahead yields to it
         self._remember_embedding(frame, embedding)
         return embedding
 
