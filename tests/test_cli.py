@@ -407,6 +407,37 @@ def test_a_stopped_run_leaves_nothing_behind(stop, untrained_checkpoints, tmp_pa
     assert list(out_dir.iterdir()) == [] and list(temp_dir.glob("tracker-*")) == []
 
 
+def test_a_stop_whose_exception_is_lost_still_stops_the_run(untrained_checkpoints, tmp_path, monkeypatch, capsys):
+    """The handler's exception is lost where it lands in Python code whose errors C code clears: the run
+    still stops at its next frame and writes nothing."""
+    from tracker import cli, pipeline
+
+    clip = make_clip(tmp_path / "clip.mp4", frames=24, width=64, height=48)
+    steps: list[int] = []
+    step = pipeline.Propagator.step
+
+    def step_losing_a_signal(self, index, image, end):
+        steps.append(index)
+        if len(steps) == 3:
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)  # the handler runs here, in this thread
+            except cli.Stopped:
+                pass  # as C code clearing the errors of what it called
+            else:
+                pytest.fail("the handler did not run")
+        return step(self, index, image, end)
+
+    monkeypatch.setattr(pipeline.Propagator, "step", step_losing_a_signal)
+    monkeypatch.setattr("tracker.video._swept", False)  # the sweep ends this process's writing: given back after
+    out_dir = tmp_path / "out"
+    code = cli.main(["track", str(clip), "--point", "20,20", "--out", str(out_dir / "o.mp4"),
+                     "--masks", str(out_dir / "m.zip"), *map(str, weights_flags(untrained_checkpoints))])
+    assert code == 128 + signal.SIGTERM
+    assert "interrupted (SIGTERM): nothing was written" in capsys.readouterr().err
+    assert len(steps) == 3 and (not out_dir.exists() or list(out_dir.iterdir()) == [])
+
+
 def test_keep_on_interrupt_keeps_the_frames_tracked(untrained_checkpoints, tmp_path):
     """`--keep-on-interrupt`: Ctrl-C finishes the files with the frames tracked so far, and says so."""
     clip = make_clip(tmp_path / "clip.mp4", frames=400, width=64, height=48, audio=True)

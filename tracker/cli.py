@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import re
 import signal
 import sys
 import threading
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -193,7 +195,7 @@ GPU_START_NOTE = ("the first frame waits for the GPU to get ready (CUDA graphs, 
                   "a machine's first run for Triton to build its kernels (15 to 30 s more; cached for later runs)")
 
 
-def _track(args: argparse.Namespace) -> int:
+def _track(args: argparse.Namespace, stop: StopRequest) -> int:
     from tqdm import tqdm
 
     from .session import Tracker, option_warnings
@@ -243,7 +245,7 @@ def _track(args: argparse.Namespace) -> int:
         bar.total = total
         bar.update(done - bar.n)
 
-    cancel = threading.Event()
+    cancel = stop.event
     with _signals_cancel(cancel, bar) if args.keep_on_interrupt else contextlib.nullcontext() as stopping:
         try:
             result = tracker.track(args.video, prompts, output=output, masks=masks, options=options,
@@ -251,6 +253,8 @@ def _track(args: argparse.Namespace) -> int:
         except Cancelled:
             if stopping:  # stopped before a frame of its own: as without the flag
                 raise Stopped(stopping[0]) from None
+            if stop.signum is not None:  # the handler's `Stopped` was lost; its event stopped the run
+                raise Stopped(stop.signum) from None
             raise
         finally:
             bar.close()
@@ -385,10 +389,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    stop = StopRequest()
+    commands = {"track": functools.partial(_track, stop=stop), "cutout": _cutout, "boxes": _boxes,
+                "weights": _weights}
     try:
         # A warning said while a progress bar is drawn goes on a line of its own above it.
-        with _stopping_signals_interrupt(), logging_redirect_tqdm():
-            return {"track": _track, "cutout": _cutout, "boxes": _boxes, "weights": _weights}[args.command](args)
+        with _stopping_signals_interrupt(stop), logging_redirect_tqdm():
+            return commands[args.command](args)
     except TrackerError as exc:
         if args.debug:
             traceback.print_exc()
@@ -405,22 +412,39 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 class Stopped(KeyboardInterrupt):
-    """SIGTERM or SIGHUP (`kill`, `timeout`, `docker stop`, a closed terminal), handled as Ctrl-C is."""
+    """Ctrl-C, SIGTERM or SIGHUP (`kill`, `timeout`, `docker stop`, a closed terminal)."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
 
+@dataclass
+class StopRequest:
+    """A stopping signal received while a command runs.
+
+    Its handler raises `Stopped` and sets `event` too, the run's cancel: an
+    exception raised in Python code that C code called is lost where that
+    code clears errors, and the run then stops at its next frame anyway.
+    """
+
+    event: threading.Event = field(default_factory=threading.Event)
+    signum: int | None = None
+
+
 @contextlib.contextmanager
-def _stopping_signals_interrupt():
-    """While a command runs, SIGTERM and SIGHUP raise `Stopped`, so its clean-up runs as for Ctrl-C."""
+def _stopping_signals_interrupt(request: StopRequest):
+    """While a command runs, Ctrl-C, SIGTERM and SIGHUP raise `Stopped` (and set `request`), so its clean-up
+    runs. A SIGINT that the shell ignores (a background `&` job) stays ignored."""
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be set from the main thread
         return
-    names = [name for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    names = [name for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+             and signal.getsignal(getattr(signal, name)) is not signal.SIG_IGN]
 
     def stop(signum, _frame):
+        request.signum = signum
+        request.event.set()
         raise Stopped(signum)
 
     previous = {name: signal.signal(getattr(signal, name), stop) for name in names}
