@@ -837,9 +837,9 @@ def test_a_click_made_on_a_video_since_replaced_is_dropped(session, clip, monkey
 
     embed = session.sam.embed
 
-    def embed_while_the_video_is_replaced(image):
+    def embed_while_the_video_is_replaced(image, **options):
         session.open_video(clip, Limits())
-        return embed(image)
+        return embed(image, **options)
 
     monkeypatch.setattr(session.sam, "embed", embed_while_the_video_is_replaced)
     with pytest.raises(ClickDropped):
@@ -1829,21 +1829,85 @@ def test_an_embedding_made_ahead_yields_to_an_undo_that_needs_sam(slow_session):
     assert sam.stopped == 1 and 3 not in slow_session._embeddings
 
 
-def test_an_embedding_stopped_by_other_work_is_made_again_for_the_page_still_showing_its_frame(slow_session, clip):
-    """Another user's click, or a job, stops the frame being made ahead; once that work is done the frame, still
-    on this page, is made again without the page asking (its user may be looking at it all along)."""
-    sam = slow_session.sam
+@pytest.fixture
+def other_page(slow_session, clip):
+    """Another page's session, on the same tracker and prefetch as `slow_session`."""
     other = EditSession(slow_session.directory.parent / "other", slow_session.tracker,
                         prefetch=slow_session._prefetch)
     other.open_video(clip, Limits())
-    slow_session.render(2)
-    wait_for(lambda: slow_session._prefetch._running is not None)
-    assert click(other, 0, 50, 40) == "object 1 on frame 0: 1 point"
+    yield other
+    other.close()
+
+
+def embedding_ahead(session: EditSession, frame: int) -> None:
+    """Show `frame` and wait until its embedding is being made ahead."""
+    session.render(frame)
+    wait_for(lambda: session._prefetch._running is not None)
+
+
+def test_an_embedding_stopped_by_other_work_is_made_again_for_the_page_still_showing_its_frame(slow_session,
+                                                                                             other_page):
+    """Another user's click, or a job, stops the frame being made ahead; once that work is done the frame, still
+    on this page, is made again without the page asking (its user may be looking at it all along)."""
+    sam = slow_session.sam
+    embedding_ahead(slow_session, 2)
+    assert click(other_page, 0, 50, 40) == "object 1 on frame 0: 1 point"
     assert sam.stopped == 1
     wait_for(lambda: 2 in slow_session._embeddings)
-    slow_session.render(3)
-    wait_for(lambda: slow_session._prefetch._running is not None)
+    embedding_ahead(slow_session, 3)
     with slow_session.tracker.lock:
         wait_for(lambda: sam.stopped == 2)
     wait_for(lambda: 3 in slow_session._embeddings)
-    other.close()
+
+
+def test_an_embedding_a_click_waits_for_is_stopped_by_nothing_else(slow_session, other_page):
+    """Once a click waits for the frame being made ahead, that embedding is the click's: another page's click
+    and a job no longer stop it (stopped, the click would only begin it again: seconds more on a CPU)."""
+    sam = slow_session.sam
+    embedding_ahead(slow_session, 1)
+    slow_session.click_wait(1)
+    clicked = threading.Thread(target=click, args=(slow_session, 1, 50, 40))
+    clicked.start()
+    other_page.click_wait(0)  # another page's click, said at once; it waits for SAM below
+    with slow_session.tracker.lock:  # and a job meanwhile
+        time.sleep(0.3)
+    assert click(other_page, 0, 50, 40) == "object 1 on frame 0: 1 point"
+    clicked.join()
+    assert slow_session.edits[1, 1].mask is not None
+    assert sam.stopped == 0 and len(sam.embedded) == 2  # frame 1 once, and the other page's frame 0
+
+
+def test_the_embedding_for_a_click_of_a_page_that_closes_stops(slow_session):
+    """The page went while SAM read its frame for a click (seconds on a CPU): the embedding stops, and the
+    users still there get SAM at once."""
+    sam = slow_session.sam
+    dropped: list[str] = []
+
+    def clicking():
+        try:
+            click(slow_session, 4, 50, 40)
+        except ClickDropped as exc:
+            dropped.append(str(exc))
+
+    slow_session.click_wait(4)
+    clicked = threading.Thread(target=clicking)
+    clicked.start()
+    wait_for(lambda: sam._lock.locked())
+    slow_session.close()
+    clicked.join(2)
+    assert not clicked.is_alive() and dropped and "closed" in dropped[0]
+    assert sam.stopped == 1 and not sam.embedded
+
+
+def test_a_cancel_stops_a_jobs_embedding_of_its_prompted_frame(cpu_tracker, clip, tmp_path):
+    """A job embeds the prompted frames it has no embedding of (seconds each on a CPU): Cancel stops that
+    between the encoder's blocks."""
+    tracker = copy.copy(cpu_tracker)
+    tracker.sam = SlowSam()
+    cancel = threading.Event()
+    timer = threading.Timer(0.3, cancel.set)
+    timer.start()
+    with pytest.raises(Cancelled):
+        tracker.track(clip, [ObjectPrompt(1, 0, [(30, 10)])], masks=tmp_path / "m.zip", cancel=cancel)
+    timer.join()
+    assert tracker.sam.stopped == 1 and not tracker.sam.embedded and not (tmp_path / "m.zip").exists()

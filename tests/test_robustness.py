@@ -45,9 +45,9 @@ def tracker(cpu_tracker, monkeypatch) -> Tracker:
     """The session's CPU tracker with one real SAM embedding per frame shape; checks it is left unlocked."""
     real_embed = cpu_tracker.sam.embed
 
-    def embed(image: np.ndarray):
+    def embed(image: np.ndarray, **options):
         if image.shape not in _embeddings:
-            _embeddings[image.shape] = real_embed(image)
+            _embeddings[image.shape] = real_embed(image, **options)
         return _embeddings[image.shape]
 
     monkeypatch.setattr(cpu_tracker.sam, "embed", embed)
@@ -365,7 +365,8 @@ def test_unwritable_output_is_a_clear_error_and_leaves_nothing(tracker, clip, tm
 
 
 def test_nothing_to_write_is_refused_before_sam_runs(tracker, clip, monkeypatch):
-    monkeypatch.setattr(tracker.sam, "embed", lambda image: pytest.fail("SAM ran for a job that writes nothing"))
+    monkeypatch.setattr(tracker.sam, "embed",
+                        lambda image, **options: pytest.fail("SAM ran for a job that writes nothing"))
     with pytest.raises(TrackerError, match="nothing to write: give an output video path and/or a masks zip path"):
         tracker.track(clip, CLICK)
 

@@ -376,9 +376,10 @@ def test_an_embedding_stops_between_the_encoders_blocks_when_asked_and_is_unchan
     assert torch.equal(again.features, embedded[0].features)
 
 
-def test_an_embedding_made_ahead_yields_to_a_call_that_needs_the_backend(backend, embedded):
-    """A click's decoder (or any call made without a `stop`) waiting for the backend stops an embedding made
-    ahead at its next block, and goes first."""
+@pytest.mark.parametrize("still_ahead", [True, False])
+def test_an_embedding_made_ahead_yields_to_a_call_that_needs_the_backend(backend, embedded, still_ahead):
+    """A click's decoder (or any call not made ahead) waiting for the backend stops an embedding made ahead at
+    its next block, and goes first; once a click waits for that embedding (no longer `ahead`), it goes on."""
     import threading
 
     began = threading.Event()
@@ -386,7 +387,7 @@ def test_an_embedding_made_ahead_yields_to_a_call_that_needs_the_backend(backend
 
     def ahead():
         try:
-            backend.embed(_frame(FRAME_H, FRAME_W), stop=lambda: began.set() or False)
+            backend.embed(_frame(FRAME_H, FRAME_W), stop=lambda: began.set() or False, ahead=lambda: still_ahead)
             outcome.append("finished")
         except sam.EmbeddingStopped:
             outcome.append("stopped")
@@ -396,4 +397,4 @@ def test_an_embedding_made_ahead_yields_to_a_call_that_needs_the_backend(backend
     assert began.wait(60)
     prediction = backend.decode(embedded[0], [[20, 10]], [1])
     worker.join()
-    assert outcome == ["stopped"] and prediction.masks.shape == (1, FRAME_H, FRAME_W)
+    assert outcome == ["stopped" if still_ahead else "finished"] and prediction.masks.shape == (1, FRAME_H, FRAME_W)

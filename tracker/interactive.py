@@ -678,7 +678,11 @@ class EditSession:
             # session's lock, so that Cancel, Undo and the page's redraws are not held up behind it.
             with self.tracker.click_work():
                 if image is not None:
-                    embedding = self.sam.embed(image)
+                    try:  # a page closed or a video replaced meanwhile: others need SAM more
+                        embedding = self.sam.embed(image, stop=lambda: self._closing or self.video_loads != loads)
+                    except EmbeddingStopped:
+                        raise ClickDropped("the page closed, or its video was replaced, while SAM worked on the "
+                                           "click") from None
                 mask = self._segment(frame, object_id, clicks, prior, embedding) if clicks.clicked else \
                     self._mask(frame, object_id, clicks, edit.refine)  # a loaded mask's own, or none: no SAM
             with self.lock:
@@ -857,15 +861,16 @@ class EditSession:
 
     def _sam_needed(self, frame: int | None) -> None:
         """SAM is needed now, for a click on `frame` (None: other work): an embedding made ahead yields to it,
-        unless it is that frame's."""
+        unless it is that frame's or a click waits for it already."""
         if self._prefetch is not None:
             self._prefetch.yield_to(self, frame)
 
-    def embed_ahead(self, frame: int, stop: Callable[[], bool]) -> bool:
+    def embed_ahead(self, frame: int, stop: Callable[[], bool], ahead: Callable[[], bool]) -> bool:
         """Make SAM's embedding of `frame` before a click asks for it (`tracker.prefetch`), unless a job runs,
-        the page shows another frame or has the embedding; given up when `stop` says so (a click meanwhile on
-        this frame waits for it instead). False when it is to be asked again: a click or a prompts file is at
-        SAM, or other work stopped it while the page still shows the frame."""
+        the page shows another frame or has the embedding; given up when `stop` says so, or for a call that
+        needs SAM while `ahead()` (a click meanwhile on this frame waits for it instead). False when it is to
+        be asked again: a click or a prompts file is at SAM, or other work stopped it while the page still
+        shows the frame."""
         if self._closing:
             return True
         if self._pending or not self._clicking.acquire(blocking=False):
@@ -878,7 +883,8 @@ class EditSession:
                 sam, loads = self.sam, self.video_loads
                 image = self._frame(frame).image
             try:
-                embedding = sam.embed(image, stop=lambda: stop() or self._closing or self.video_loads != loads)
+                embedding = sam.embed(image, stop=lambda: stop() or self._closing or self.video_loads != loads,
+                                      ahead=ahead)
             except EmbeddingStopped:
                 return self._closing or self.video_loads != loads or frame != self.shown_frame
             with self.lock:

@@ -9,6 +9,7 @@ Anything that needs SAM or the cores now (a click on another frame, any call
 waiting for SAM such as an Undo's decoder or another user's click, a job)
 stops it between two of the encoder's blocks, a fraction of a second; it
 begins again once that work is done, if the page still shows the frame.
+Once a click waits for it, it is that click's and goes on as its own would.
 """
 from __future__ import annotations
 
@@ -26,16 +27,17 @@ SETTLE_SECONDS = 1.0  # how long a frame stays on the page before its embedding 
 class Prefetching(Protocol):
     """What the prefetch asks of a page's session (`tracker.interactive.EditSession`)."""
 
-    def embed_ahead(self, frame: int, stop: Callable[[], bool]) -> bool:
-        """Embed `frame` unless `stop` says to give it up; False: not now (SAM was busy, or needed by other work
-        that stopped it), ask again."""
+    def embed_ahead(self, frame: int, stop: Callable[[], bool], ahead: Callable[[], bool]) -> bool:
+        """Embed `frame` unless `stop` says to give it up, giving way to calls that need SAM while `ahead()`
+        (`SamBackend.embed`); False: not now (SAM was busy, or needed by other work that stopped it), ask
+        again."""
 
 
 class EmbeddingPrefetch:
     """Embeds the frames pages show once they settle, one at a time, oldest first, while no job holds the device.
 
     `device_busy` says whether a job holds (or waits for) the device: prefetching waits for it to end, and
-    stops when one begins.
+    stops when one begins (unless a click waits for the embedding).
     """
 
     def __init__(self, device_busy: Callable[[], bool], settle_seconds: float = SETTLE_SECONDS):
@@ -60,14 +62,15 @@ class EmbeddingPrefetch:
             self._changed.notify_all()
 
     def yield_to(self, session: Prefetching, frame: int | None) -> None:
-        """SAM is needed now by `session`, for a click on `frame` (None: other work): the running embedding
-        stops unless it is of that very frame (the click then waits for it), and `session` wants none."""
+        """SAM is needed now by `session`, for a click on `frame` (None: other work), and `session` wants no
+        frame. The running embedding stops, unless it is of that very frame (the click then waits for it) or
+        a click waits for it already (stopped, it would only have to begin again)."""
         with self._changed:
             self._wanted.pop(session, None)
-            if self._running is not None and self._running != (session, frame):
-                self._stop.set()
-            elif self._running is not None:
+            if self._running == (session, frame):
                 self._claimed = True
+            elif self._running is not None and not self._claimed:
+                self._stop.set()
 
     def drop(self, session: Prefetching) -> None:
         """`session` ended: nothing more is embedded for it."""
@@ -84,14 +87,18 @@ class EmbeddingPrefetch:
             self._changed.notify_all()
 
     def _stopped(self) -> bool:
-        return self._stop.is_set() or self.device_busy()
+        return self._stop.is_set() or (not self._claimed and self.device_busy())
+
+    def _ahead(self) -> bool:
+        """Whether the running embedding is still only ahead of need: no click waits for it."""
+        return not self._claimed
 
     def _run(self) -> None:
         while (job := self._next()) is not None:
             session, frame = job
             done = True
             try:
-                done = session.embed_ahead(frame, self._stopped)
+                done = session.embed_ahead(frame, self._stopped, self._ahead)
             except Exception:  # the click will meet it again, and say it: this thread goes on for the others
                 log.warning("SAM's embedding of frame %d, made ahead, failed", frame, exc_info=True)
             finally:

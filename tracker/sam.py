@@ -128,7 +128,7 @@ class SamBackend(ABC):
         # backend, and TensorRT execution contexts are not thread-safe.
         backend = super().__new__(cls)
         backend._lock = threading.Lock()
-        backend._needed = 0  # calls without a `stop` waiting for `_lock`: an embedding made ahead yields to them
+        backend._needed = 0  # calls not made ahead waiting for `_lock`: an embedding made ahead yields to them
         backend._needed_lock = threading.Lock()
         return backend
 
@@ -149,16 +149,23 @@ class SamBackend(ABC):
         finally:
             self._lock.release()
 
-    def embed(self, image: np.ndarray, stop: Callable[[], bool] | None = None) -> ImageEmbedding:
+    def embed(self, image: np.ndarray, stop: Callable[[], bool] | None = None,
+              ahead: Callable[[], bool] | None = None) -> ImageEmbedding:
         """Encode an HxWx3 uint8 RGB frame (the expensive step, once per frame).
 
-        With a `stop`, the embedding is made ahead of need: a `stoppable` backend asks between the encoder's
-        blocks whether to go on, and gives the embedding up (`EmbeddingStopped`) once `stop` returns True or
-        another call (one without a `stop`) waits for the backend.
+        A `stoppable` backend asks between the encoder's blocks whether to go
+        on, and gives the embedding up (`EmbeddingStopped`) once `stop` returns
+        True. One made ahead of need (`ahead` given) also gives way to any call
+        that needs the backend meanwhile, while `ahead()` says it is still
+        ahead (once a click waits for it, it goes on).
         """
         check_image(image)
-        with self._turn(needed=stop is None):
-            token = _EMBEDDING_STOP.set(None if stop is None else lambda: self._needed > 0 or stop())
+
+        def stops() -> bool:
+            return (stop is not None and stop()) or (ahead is not None and self._needed > 0 and ahead())
+
+        with self._turn(needed=ahead is None):
+            token = _EMBEDDING_STOP.set(None if stop is None and ahead is None else stops)
             try:
                 return self._embed(image)
             finally:

@@ -35,7 +35,8 @@ from .pipeline import (IDLE_GRAPHS, ProgressFn, ThreadedSink, TrackedFrame, fram
                        stepping_network, track_frames, working_size)
 from .prompts import ObjectPrompt, check_prompts
 from .render import MaskZipReader, MaskZipWriter, copy_masks_until, encoder_picture, encoder_picture_bytes
-from .sam import ImageEmbedding, SamBackend, load_sam, mask_to_logits, ready_backends, resolve_device, segment
+from .sam import (EmbeddingStopped, ImageEmbedding, SamBackend, load_sam, mask_to_logits, ready_backends,
+                  resolve_device, segment)
 from .transfer import Download
 from .video import (H264_CONTAINERS, MASKS_ENDING, TRACKED_ENDING, VideoInfo, VideoWriter, check_writable_folder,
                     coded_fields, colour_note, make_clip, output_file, probe, read_frame, truncation_note,
@@ -436,8 +437,7 @@ class Tracker:
         two masks overlap the higher id wins, as on the page.
 
         `embeddings` (frame -> `sam`'s embedding of it) are used instead of
-        embedding those frames again: on a CPU each embedding takes seconds,
-        and a cancel is seen only between them.
+        embedding those frames again: on a CPU each embedding takes seconds.
         """
         sam = sam or self.sam
         embeddings = embeddings or {}
@@ -448,11 +448,7 @@ class Tracker:
             clicked = [p for p in on_frame if p.mask is None]
             if not clicked:
                 continue
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("tracking was cancelled")
-            embedding = embeddings.get(frame_index)
-            if embedding is None:
-                embedding = sam.embed(read_frame(info.path, frame_index, info.size).image)
+            embedding = _frame_embedding(sam, info, frame_index, embeddings, cancel)
             keyframes[frame_index].update({p.object_id: self.segment(embedding, p, sam=sam) for p in clicked})
             keyframes[frame_index] = dict(sorted(keyframes[frame_index].items()))
         return keyframes
@@ -689,11 +685,7 @@ class Tracker:
                                       progress=report(0), previous=previous, sam=sam, embeddings=embeddings,
                                       shown=shown))
             for index, frame in enumerate(frames, 1):
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled("tracking was cancelled")
-                embedding = (embeddings or {}).get(frame)
-                if embedding is None:
-                    embedding = sam.embed(read_frame(info.path, frame, info.size).image)
+                embedding = _frame_embedding(sam, info, frame, embeddings, cancel)
                 corrections = sorted((p for p in prompts if p.correct and p.frame == frame), key=lambda p: p.object_id)
                 corrected = Path(tmp) / f"corrected-{index}.zip"
                 self.correct_masks(tracked, frame, embedding, corrections, corrected, sam)
@@ -754,6 +746,22 @@ class Tracker:
                                     item_bytes=info.width * info.height)
             stack.callback(zip_sink.abort)
         return [video_sink, zip_sink]
+
+
+def _frame_embedding(sam: SamBackend, info: VideoInfo, frame: int, embeddings: Mapping[int, ImageEmbedding] | None,
+                     cancel: threading.Event | None) -> ImageEmbedding:
+    """SAM's embedding of a prompted frame: the one in `embeddings`, else made now; a cancel stops that
+    between the encoder's blocks on a CPU, where it takes seconds."""
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("tracking was cancelled")
+    embedding = (embeddings or {}).get(frame)
+    if embedding is None:
+        try:
+            embedding = sam.embed(read_frame(info.path, frame, info.size).image,
+                                  stop=None if cancel is None else cancel.is_set)
+        except EmbeddingStopped:
+            raise Cancelled("tracking was cancelled") from None
+    return embedding
 
 
 def retracks_backward(start: int | None, prompt_frames: Sequence[int], correction_frames: Sequence[int]) -> bool:
