@@ -892,7 +892,8 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
             return gr.update(value=str(picture), label=f"Tracked video so far: frame {index}", visible=True)
 
         live_timer.tick(on_live, None, live_frame, queue=False, show_progress="hidden")
-        tracked = (track_button.click(on_begin, None, [status, job_refused, *job_controls, live_timer], queue=False)
+        tracked = (track_button.click(on_begin, None, [status, job_refused, *job_controls, live_timer], queue=False,
+                                      show_progress="hidden")  # the job's own progress follows at once
                    .then(on_track, [job_refused, full_rerun, size, mem_every, *memory_limits, min_area, *style,
                                     encoder_preset, crf, sam_backend],
                          [status, *results], show_progress_on=status, concurrency_limit=TRACK_JOBS,
@@ -900,10 +901,11 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
         tracked.then(lambda: (gr.update(interactive=True), gr.update(interactive=False, value="Cancel"),
                               gr.update(interactive=True), gr.Timer(active=False),
                               gr.update(visible=False, value=None)),
-                     None, [*job_controls, live_timer, live_frame], queue=False)
-        # The frame the slider is on now (the user may have moved it during the run), with the new masks.
+                     None, [*job_controls, live_timer, live_frame], queue=False, show_progress="hidden")
+        # The frame the slider is on now (the user may have moved it during the run), with the new masks. Its
+        # progress, hidden, stays off the status too: there it would start the status's timer again under "Done".
         tracked.then(on_frame, [frame_slider, *style], [status, frame_image, frame_info], show_progress="hidden",
-                     queue=False, preprocess=False)
+                     show_progress_on=[frame_image, frame_info], queue=False, preprocess=False)
 
         def on_cancel(request: gr.Request):
             """Greys the button out, saying "Cancelling…" until the job ends, and leaves the status to the job:

@@ -600,6 +600,27 @@ def test_a_track_pressed_while_a_prompts_file_loads_tracks_its_prompts(session, 
     assert written_prompts(session) == loaded
 
 
+def test_a_click_behind_other_pages_clicks_says_how_many_go_first(session, disc_tracker, clip, tmp_path):
+    """The page's SAM queue takes clicks one at a time, seconds each on a CPU: a click made behind other pages'
+    clicks says how many are ahead of it; a segmented one, or a closed page's, no longer counts."""
+    other = EditSession(tmp_path / "other", disc_tracker)
+    other.open_video(clip, Limits())
+    assert "segmented first" not in session.click_wait(0)
+    click(session, 0, 40, 60)  # the click said above gets its mask
+    other.queue_click(0, to_display(other, 40, 60), "positive")
+    other.queue_click(1, to_display(other, 60, 60), "positive")
+    assert disc_tracker.clicks_ahead() == 2
+    assert "2 clicks made before this one (this page's or other users') are segmented first." in \
+        session.click_wait(0)
+    assert disc_tracker.clicks_ahead() == 3  # that one too, until it has its mask
+    click(session, 0, 50, 60)
+    other.click_next()
+    assert disc_tracker.clicks_ahead() == 1
+    assert "1 click made before this one (this page's or other users') is segmented first." in session.click_wait(0)
+    other.close()
+    assert disc_tracker.clicks_ahead() == 1  # this page's, said above
+
+
 def test_a_click_waiting_for_sams_encoder_leaves_the_session_usable(session, monkeypatch):
     """The encoder takes seconds on a CPU: meanwhile Cancel, redraws and Undo answer at once."""
     click(session, 0, 45, 60)
@@ -684,6 +705,22 @@ def test_a_cancel_before_the_run_tracks_a_frame_of_its_own_keeps_the_previous_re
     assert session.request_cancel() is False  # nothing runs now: a stray Cancel changes nothing
     second = session.track(OPTIONS)
     assert second.objects == {1, 2} and second.passes == [5]
+
+
+def test_a_cancel_once_only_the_prompted_frame_is_written_keeps_nothing(session):
+    """The prompted frame's masks are SAM's: a job stopped right after writing it tracked nothing, so it keeps
+    nothing, on a first run (no result then) as on a correction's run (the last result stands)."""
+    click(session, 0, 45, 60)
+    with pytest.raises(Cancelled):
+        cancelled_run(session, "frame 1 / ")  # the cancel is seen before frame 1 is written
+    assert session.result is None and not any((session.directory / "runs").iterdir())
+    first = session.track(OPTIONS)
+    click(session, 5, 20, 100)
+    with pytest.raises(Cancelled):
+        cancelled_run(session, "frame 6 / ")
+    assert session.result is first
+    stopped = cancelled_run(session, "frame 7 / ")  # one tracked frame after it is kept
+    assert stopped.stopped_at == 6 and stopped.passes == [5]
 
 
 def test_a_cancel_keeps_the_frames_tracked_and_the_next_track_goes_on_from_there(session, tmp_path):
@@ -1629,7 +1666,7 @@ def test_look_note_after_a_cancel_does_not_say_nothing_is_tracked(tmp_path):
     """A run a cancel stopped is gone on with by the next Track: a look changed since is not "nothing tracked"."""
     from types import SimpleNamespace
 
-    session = EditSession(tmp_path / "s", SimpleNamespace(sam=None))
+    session = EditSession(tmp_path / "s", SimpleNamespace(sam=None, add_page=lambda page: None))
     session.result = RunRecord(overlay=tmp_path / "v.mp4", masks=tmp_path / "m.zip", summary="", warnings=[],
                                prompts={}, objects=frozenset({1}), options=OPTIONS, stopped_at=9)
     note = session.look_note(Style(alpha=0.9, outline=OPTIONS.outline))

@@ -439,6 +439,7 @@ class EditSession:
         self._result_reader: MaskZipReader | None = None
         self._embeddings: OrderedDict[int, ImageEmbedding] = OrderedDict()
         self.sam = tracker.sam  # this session's SAM backend
+        tracker.add_page(self)
         self._decoded: Frame | None = None
         self._runs = 0
         self._previews = 0  # frame pictures written for the page
@@ -812,12 +813,16 @@ class EditSession:
         """What to show while a click on `frame` waits for its mask (said before the click runs, without the
         session's lock). The click counts as made from now on: a Track pressed before its mask comes waits for it.
         """
+        ahead = self.tracker.clicks_ahead()  # this page's and others': the SAM queue takes them in turn
         self._announce()
         self._sam_needed(frame)
         # On a CPU a job under way pauses between its frames for the click (`Tracker.click_work`); on a GPU the
         # click runs beside it in milliseconds.
         shared = (" A tracking job (this page's or another's) is under way on this machine's CPU: it pauses for "
                   "the click.") if self.tracker.device.type == "cpu" and self.tracker.lock.locked() else ""
+        if ahead:
+            shared += (f" {ahead} click{'s' if ahead > 1 else ''} made before this one (this page's or other "
+                       f"users') {'are' if ahead > 1 else 'is'} segmented first.")
         if frame in self._embeddings:
             return "Segmenting…" + shared
         return (f"Segmenting: SAM's image encoder reads frame {frame} first (a moment on a GPU, seconds on a "
@@ -825,8 +830,14 @@ class EditSession:
 
     def clicks_waiting(self) -> bool:
         """Whether a click said on the page still waits for its mask (SAM may take seconds more on a CPU)."""
+        return self.clicks_said() > 0
+
+    def clicks_said(self) -> int:
+        """How many clicks said on the page still wait for their masks (none once the page closes)."""
         with self._clicks_settled:
-            return any(time.monotonic() - said <= CLICK_LOST_SECONDS for said in self._announced)
+            if self._closing:
+                return 0
+            return sum(time.monotonic() - said <= CLICK_LOST_SECONDS for said in self._announced)
 
     def _mask(self, frame: int, object_id: int, clicks: Clicks, refine: bool) -> np.ndarray | None:
         """The mask the clicks give: a loaded mask as it is, or SAM's, refining a loaded mask or (when asked) the
@@ -1168,9 +1179,12 @@ class EditSession:
                 seconds = time.perf_counter() - began
             stopped_at = results[-1].stopped_at
             # The page went (nobody to keep the frames for), or the frames written are all from before the first
-            # this job changes (a previous run's, or tracked backward to the first prompt): the last result stands.
+            # this job changes (a previous run's), or end at that frame, whose masks are SAM's, not tracked: the
+            # last result stands.
             first_changed = passes[0] if passes[0] is not None else min(prompt_frames)
-            if stopped_at is not None and (self._closing or stopped_at < first_changed):
+            own = results[0].frames - results[0].kept_frames  # frames the first pass wrote of its own
+            if stopped_at is not None and (self._closing or stopped_at < first_changed or (
+                    len(results) == 1 and stopped_at == first_changed and own <= 1)):
                 raise Cancelled("tracking was cancelled")
             overlay = results[-1].output
             if overlay is None:  # a pass before the last stopped: the tracked video of its frames, drawn now

@@ -16,6 +16,7 @@ import threading
 import time
 import traceback
 import warnings
+import weakref
 from collections import deque
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
@@ -360,6 +361,8 @@ class Tracker:
         self._held_for_calls = False  # `device_held`: the holder's calls take no turn of their own
         self._clicks = threading.Condition()  # clicks' SAM work under way (see `click_work`)
         self._clicks_running = 0
+        self._pages: weakref.WeakSet = weakref.WeakSet()  # the web app's edit sessions (see `clicks_ahead`)
+        self._pages_lock = threading.Lock()
         if self.untrained:  # scripts see it too, not only the CLI's and the app's users
             warnings.warn(weights.UNTRAINED_WARNING, UntrainedWeightsWarning, stacklevel=2)
 
@@ -440,7 +443,6 @@ class Tracker:
         embedding those frames again: on a CPU each embedding takes seconds.
         """
         sam = sam or self.sam
-        embeddings = embeddings or {}
         keyframes: dict[int, dict[int, np.ndarray]] = {}
         for frame_index in sorted({p.frame for p in prompts}):
             on_frame = sorted((p for p in prompts if p.frame == frame_index), key=lambda p: p.object_id)
@@ -475,6 +477,18 @@ class Tracker:
             keyframes = self.prompt_masks(info, prompts, cancel=cancel)
             yield from track_frames(self.xmem, info, keyframes, options, self.device,
                                     cancel=cancel, progress=progress, between_frames=self._clicks_first(cancel))
+
+    def add_page(self, page) -> None:
+        """Count a page's clicks in `clicks_ahead` (an object with `clicks_said()`, kept while it lives)."""
+        with self._pages_lock:
+            self._pages.add(page)
+
+    def clicks_ahead(self) -> int:
+        """The clicks said on all pages and not yet segmented: the page's SAM queue takes them one at a time
+        (seconds each on a CPU), so a new click waits for them."""
+        with self._pages_lock:
+            pages = list(self._pages)
+        return sum(page.clicks_said() for page in pages)
 
     @contextmanager
     def click_work(self) -> Iterator[None]:
