@@ -692,7 +692,10 @@ def build_app(tracker: Tracker, store: SessionStore, limits: Limits, max_upload_
                 return gr.skip(), gr.skip()
             if message is None:
                 return gr.skip(), gr.skip()
-            return message, shown_again(session, alpha_value, outline_value)
+            # Older news by now, kept off the status: a later click's "Segmenting…" stays until its own reply, and
+            # a job's status (its progress over the box, then its end) until the job ends.
+            stale = session.clicks_queued() or session.job_running
+            return gr.skip() if stale else message, shown_again(session, alpha_value, outline_value)
 
         # A click is said and taken at once (the first one on a frame waits for SAM's image encoder: seconds on
         # a CPU), then segmented in the queue, where SAM runs one request at a time: the backends (TensorRT above

@@ -507,17 +507,29 @@ def test_click_track_correct_and_download(app, browser, clips, tmp_path):
 def test_clicks_made_while_sam_reads_the_frame_all_count_and_track_waits_for_them(app, browser, clips):
     """The first click on a frame waits seconds for SAM's encoder on a CPU, and the page invites more clicks
     meanwhile: none may be dropped, and a Track pressed at once tracks with them (it said "click an object
-    first", or "nothing changed" after a correction, while the clicks were still being segmented)."""
+    first", or "nothing changed" after a correction, while the clicks were still being segmented). The clicks'
+    own replies, late by then, leave the newer status in place."""
     tab = AppPage(browser.new_page(), app.url)
     tab.upload(clips / "clip.mp4")
     places = [OBJECT_1, (100, 30), (130, 95)]
+    tab.page.evaluate("""() => {  // every status the page shows, in turn
+        window.statuses = [];
+        setInterval(() => {
+            const text = document.querySelector('#status textarea').value;
+            if (window.statuses[window.statuses.length - 1] !== text) window.statuses.push(text);
+        }, 20);
+    }""")
     tab.click_frame(*places[0], expect="^Segmenting: SAM's image encoder reads frame 0")
     for place in places[1:]:
         tab.click_frame(*place, expect=None)
+    tab.wait_status(r"2 clicks made before this one \(this page's or other users'\) are segmented first\.$", 10)
     tab.page.locator("#track-button").click()
     tab.wait_status("^Waiting for the tracker: the last click is being segmented first…$", 10)
     done = tab.wait_status(r"^(Done|Error|Cancelled)", TRACK_SECONDS)
     assert done.startswith("Done: tracked the whole video. 12 frames in"), done
+    statuses = tab.page.evaluate("window.statuses")
+    third = next(i for i, text in enumerate(statuses) if "2 clicks made before this one" in text)
+    assert not [text for text in statuses[third:] if text.startswith("object 1 on frame 0:")], statuses
     # Each click is where it was made (they all took the last one's place, read when their turn came).
     pixels = tab.frame_pixels()
     for x, y in places:

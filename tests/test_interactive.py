@@ -614,11 +614,15 @@ def test_a_click_behind_other_pages_clicks_says_how_many_go_first(session, disc_
         session.click_wait(0)
     assert disc_tracker.clicks_ahead() == 3  # that one too, until it has its mask
     click(session, 0, 50, 60)
-    other.click_next()
+    assert other.click_next() == "object 1 on frame 0: 1 point"
+    assert other.clicks_queued()  # the page shows its second click's wait message, not this older reply
     assert disc_tracker.clicks_ahead() == 1
     assert "1 click made before this one (this page's or other users') is segmented first." in session.click_wait(0)
+    assert other.click_next() == "object 1 on frame 1: 1 point" and not other.clicks_queued()
+    other.queue_click(2, to_display(other, 60, 60), "positive")
+    assert disc_tracker.clicks_ahead() == 2
     other.close()
-    assert disc_tracker.clicks_ahead() == 1  # this page's, said above
+    assert disc_tracker.clicks_ahead() == 1  # this page's, said above: a closed page's no longer count
 
 
 def test_a_click_waiting_for_sams_encoder_leaves_the_session_usable(session, monkeypatch):

@@ -613,6 +613,12 @@ class EditSession:
             self._pending.append(PendingClick(frame, display_xy, mode, self.video_loads, self.current))
         return self.click_wait(frame)
 
+    def clicks_queued(self) -> bool:
+        """Whether a click `queue_click` took waits for `click_next`: its own wait message is the page's latest
+        word, which an earlier click's late reply should not replace."""
+        with self._clicks_settled:
+            return bool(self._pending)
+
     def click_next(self) -> str | None:
         """Segment the oldest click `queue_click` took (None when none waits): as `click`."""
         with self._clicks_settled:
