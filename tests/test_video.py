@@ -876,7 +876,7 @@ def test_a_frame_rate_that_a_millisecond_clock_rounds_is_written_exactly(tmp_pat
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
             stamps = sorted(packet.pts for packet in container.demux(stream) if packet.size)
-        return {Fraction(int(step)) * stream.time_base for step in np.diff(stamps)}
+            return {Fraction(int(step)) * stream.time_base for step in np.diff(stamps)}
 
     recorded = make_clip(tmp_path / "obs.mkv", frames=40, fps=Fraction(30000, 1001))
     info = probe(recorded)
