@@ -253,7 +253,8 @@ def test_an_odd_sized_videos_tracked_video_says_its_added_row_and_column_once(un
 
 def test_a_mask_starts_the_run_as_it_is_without_sam(untrained_checkpoints, tmp_path):
     """`--mask` with a frame of a masks zip (object ids) goes on from there: each object's mask on that frame
-    is the picture's, exactly, and every object in it is tracked; before it, frames are tracked backward."""
+    is the picture's, exactly, and every object in it is tracked; before it, frames are tracked backward. The
+    run says SAM was not used (it named a SAM backend)."""
     clip = make_clip(tmp_path / "clip.mp4", frames=6, width=64, height=48, audio=False)
     labels = np.zeros((48, 64), np.uint8)
     labels[5:20, 4:30], labels[25:45, 35:60] = 2, 5
@@ -264,6 +265,8 @@ def test_a_mask_starts_the_run_as_it_is_without_sam(untrained_checkpoints, tmp_p
     done = run_cli("track", clip, "--mask", tmp_path / "00003.png", "--frame", "3", "--masks", masks, "--size", "48",
                    "--out", tmp_path, *weights_flags(untrained_checkpoints))
     assert done.returncode == 0, done.stderr
+    assert "masks given (SAM not used)" in done.stderr and "masks given (SAM not used)" in done.stdout
+    assert "SAM backend" not in done.stderr + done.stdout
     tracked = zip_labels(masks)
     assert len(tracked) == 6 and np.array_equal(tracked["00003.png"], labels)
     assert set(np.unique(np.concatenate([v.ravel() for v in tracked.values()]))) <= {0, 2, 5}

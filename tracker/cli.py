@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 from .errors import Cancelled, TrackerError
 from .options import (CUTOUT_KINDS, DEVICE_HELP, MAX_OUTLINE, PRECISION_CHOICES, SAM_BACKEND_CHOICES, MemoryOptions,
                       TrackOptions)
-from .prompts import NEGATIVE, POSITIVE, ObjectPrompt, load_prompts, mask_objects, parse_box, parse_xy
+from .prompts import NEGATIVE, POSITIVE, ObjectPrompt, load_prompts, mask_objects, needs_sam, parse_box, parse_xy
 from .video import (DEFAULT_PRESET, MASKS_ENDING, TRACKED_ENDING, X264_MAX_CRF, X264_PRESETS, VideoInfo, output_file,
                     remove_unfinished_temporaries, video_name, written_notes)
 
@@ -223,7 +223,8 @@ def _track(args: argparse.Namespace, stop: StopRequest) -> int:
         said.extend(written_notes(info, "libx264"))
     tracker = Tracker(args.sam_checkpoint, args.xmem_checkpoint, device=args.device,
                       sam_backend=args.sam_backend, sam_precision=args.sam_precision, download=not args.no_download)
-    print(f"device {tracker.device_name}, SAM backend {tracker.sam.name}", file=sys.stderr)
+    sam = f"SAM backend {tracker.sam.name}" if needs_sam(prompts) else "masks given (SAM not used)"
+    print(f"device {tracker.device_name}, {sam}", file=sys.stderr)
     if tracker.device.type == "cuda":
         print(GPU_START_NOTE, file=sys.stderr)
     if tracker.untrained:

@@ -177,6 +177,11 @@ def check_prompts(prompts: Sequence[ObjectPrompt], width: int, height: int, fram
                               "applies on the object's tracked mask, so give it a prompt that selects it first")
 
 
+def needs_sam(prompts: Sequence[ObjectPrompt]) -> bool:
+    """Whether SAM turns any of the prompts into a mask (a prompt given as a mask is taken as it is)."""
+    return any(prompt.mask is None for prompt in prompts)
+
+
 def parse_xy(text: str, what: str = "point") -> tuple[float, float]:
     """'320,180' -> (320.0, 180.0)."""
     values = _floats(text, 2, what, "X,Y")

@@ -21,7 +21,7 @@ from collections import deque
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from .errors import Cancelled, TrackerError, VideoError
 from .options import CutoutKind, TrackOptions
 from .pipeline import (IDLE_GRAPHS, ProgressFn, ThreadedSink, TrackedFrame, frame_graphs, resolve_precision,
                        stepping_network, track_frames, working_size)
-from .prompts import ObjectPrompt, check_prompts
+from .prompts import ObjectPrompt, check_prompts, needs_sam
 from .render import MaskZipReader, MaskZipWriter, copy_masks_until, encoder_picture, encoder_picture_bytes
 from .sam import (EmbeddingStopped, ImageEmbedding, SamBackend, load_sam, mask_to_logits, ready_backends,
                   resolve_device, segment)
@@ -268,7 +268,7 @@ class TrackResult:
     expected_frames: int
     seconds: float
     device: str
-    sam_backend: str
+    sam_backend: str | None  # None: every prompt was a mask, so SAM did not run
     peak_gpu_bytes: int | None = None
     kept_frames: int = 0  # written with a previous run's masks (see PreviousRun), not tracked again
     output: Path | None = None
@@ -309,7 +309,8 @@ class TrackResult:
 
     def details(self) -> list[str]:
         """The summary's parts after the rate: where and at what resolution it ran, and what the file lost."""
-        parts = [f"device {self.device}", f"SAM backend {self.sam_backend}"]
+        parts = [f"device {self.device}", f"SAM backend {self.sam_backend}" if self.sam_backend
+                 else "masks given (SAM not used)"]
         if self.stopped_at is not None:
             parts.insert(0, f"cancelled after frame {self.stopped_at}: the frames after it are not tracked")
         if self.working_size is not None:
@@ -330,6 +331,7 @@ def combined(results: Sequence[TrackResult]) -> TrackResult:
     peaks = [r.peak_gpu_bytes for r in results if r.peak_gpu_bytes is not None]
     return replace(last, seconds=sum(r.seconds for r in results), peak_gpu_bytes=max(peaks) if peaks else None,
                    kept_frames=first.kept_frames, passes=len(results),
+                   sam_backend=next((r.sam_backend for r in results if r.sam_backend), None),
                    tracked_frames=sum(r.frames - r.kept_frames for r in results))
 
 
@@ -340,6 +342,13 @@ def fps_text(fps: float) -> str:
 
 class UntrainedWeightsWarning(UserWarning):
     """The loaded checkpoints are untrained: masks are meaningless (only the plumbing can be checked)."""
+
+
+class ClickQueue(Protocol):
+    """A web page's clicks as `Tracker.clicks_ahead` counts them (`EditSession` is one)."""
+
+    def clicks_said(self) -> int:
+        """The clicks made on the page and not yet segmented."""
 
 
 class Tracker:
@@ -361,7 +370,7 @@ class Tracker:
         self._held_for_calls = False  # `device_held`: the holder's calls take no turn of their own
         self._clicks = threading.Condition()  # clicks' SAM work under way (see `click_work`)
         self._clicks_running = 0
-        self._pages: weakref.WeakSet = weakref.WeakSet()  # the web app's edit sessions (see `clicks_ahead`)
+        self._pages: weakref.WeakSet[ClickQueue] = weakref.WeakSet()  # the web app's edit sessions (see `clicks_ahead`)
         self._pages_lock = threading.Lock()
         if self.untrained:  # scripts see it too, not only the CLI's and the app's users
             warnings.warn(weights.UNTRAINED_WARNING, UntrainedWeightsWarning, stacklevel=2)
@@ -478,8 +487,8 @@ class Tracker:
             yield from track_frames(self.xmem, info, keyframes, options, self.device,
                                     cancel=cancel, progress=progress, between_frames=self._clicks_first(cancel))
 
-    def add_page(self, page) -> None:
-        """Count a page's clicks in `clicks_ahead` (an object with `clicks_said()`, kept while it lives)."""
+    def add_page(self, page: ClickQueue) -> None:
+        """Count a page's clicks in `clicks_ahead` while the page lives."""
         with self._pages_lock:
             self._pages.add(page)
 
@@ -653,7 +662,7 @@ class Tracker:
             peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
             result = TrackResult(frames=frames, expected_frames=info.frame_count,
                                  seconds=time.perf_counter() - began, device=self.device_name,
-                                 sam_backend=sam.name, peak_gpu_bytes=peak,
+                                 sam_backend=sam.name if needs_sam(prompts) else None, peak_gpu_bytes=peak,
                                  kept_frames=0 if earlier is None else min(previous.from_frame, frames),
                                  output=Path(output) if output else None, masks=Path(masks) if masks else None,
                                  stopped_at=stopped_at,
