@@ -198,7 +198,7 @@ GPU_START_NOTE = ("the first frame waits for the GPU to get ready (CUDA graphs, 
 def _track(args: argparse.Namespace, stop: StopRequest) -> int:
     from tqdm import tqdm
 
-    from .session import Tracker, option_warnings
+    from .session import SAM_NOT_USED, Tracker, option_warnings
 
     prompts = prompts_from_args(args)
     if args.no_video and (args.masks is None or args.out is not None):
@@ -223,7 +223,7 @@ def _track(args: argparse.Namespace, stop: StopRequest) -> int:
         said.extend(written_notes(info, "libx264"))
     tracker = Tracker(args.sam_checkpoint, args.xmem_checkpoint, device=args.device,
                       sam_backend=args.sam_backend, sam_precision=args.sam_precision, download=not args.no_download)
-    sam = f"SAM backend {tracker.sam.name}" if needs_sam(prompts) else "masks given (SAM not used)"
+    sam = f"SAM backend {tracker.sam.name}" if needs_sam(prompts) else SAM_NOT_USED
     print(f"device {tracker.device_name}, {sam}", file=sys.stderr)
     if tracker.device.type == "cuda":
         print(GPU_START_NOTE, file=sys.stderr)

@@ -260,6 +260,9 @@ class PreviousRun:
     corrected: tuple[int, ...] = ()
 
 
+SAM_NOT_USED = "masks given (SAM not used)"  # said of a run whose every prompt is a mask
+
+
 @dataclass
 class TrackResult:
     """What a tracking run produced and how fast."""
@@ -309,8 +312,7 @@ class TrackResult:
 
     def details(self) -> list[str]:
         """The summary's parts after the rate: where and at what resolution it ran, and what the file lost."""
-        parts = [f"device {self.device}", f"SAM backend {self.sam_backend}" if self.sam_backend
-                 else "masks given (SAM not used)"]
+        parts = [f"device {self.device}", f"SAM backend {self.sam_backend}" if self.sam_backend else SAM_NOT_USED]
         if self.stopped_at is not None:
             parts.insert(0, f"cancelled after frame {self.stopped_at}: the frames after it are not tracked")
         if self.working_size is not None:
