@@ -17,7 +17,7 @@ import os
 import tempfile
 import threading
 from collections import Counter, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
@@ -996,26 +996,16 @@ def _clockwise(frame: av.VideoFrame) -> int:
 DISPLAYMATRIX = av.sidedata.sidedata.Type.DISPLAYMATRIX  # a frame's display matrix (rotation, mirror)
 
 
-def _display_matrix(frame: av.VideoFrame) -> bytes | None:
-    """The frame's display matrix bytes, or None. PyAV 18.1.1 made a frame's side data a mapping by type (18.1.0
-    iterated its entries), so both are read."""
-    side_data = frame.side_data
-    if isinstance(side_data, Mapping):
-        data = side_data.get(DISPLAYMATRIX)
-        return None if data is None else bytes(data)
-    return next((bytes(data) for data in side_data if data.type == DISPLAYMATRIX), None)
-
-
 def _orientation(frame: av.VideoFrame) -> tuple[int, bool]:
     """(clockwise turn, then a left-right flip) that brings the stored picture to display, as FFmpeg's
     autorotate reads the display matrix, mirrored ones (a determinant below zero) included: av_display_rotation_get
     reads a mirror as a half turn, which would show a mirrored recording upside down."""
     clockwise = int(round(-frame.rotation / 90)) % 4 * 90
     try:
-        matrix = _display_matrix(frame)
+        matrix = frame.side_data.get(DISPLAYMATRIX)  # a mapping by type since PyAV 18.1.1
     except ValueError:  # PyAV cannot name some side data FFmpeg attaches (a JPEG's EXIF, say): no mirror read
         return clockwise, False
-    if matrix is None or len(matrix) < 36:
+    if matrix is None or len(matrix := bytes(matrix)) < 36:
         return clockwise, False
     m = np.frombuffer(matrix[:36], dtype="<i4")
     if int(m[0]) * int(m[4]) - int(m[1]) * int(m[3]) >= 0:
