@@ -457,14 +457,14 @@ def test_a_cancel_that_keeps_the_frames_done_finishes_the_files_on_a_gpu(untrain
 
 
 def test_warming_up_on_a_cpu_makes_the_inference_copy_the_first_video_would_wait_for(cpu_tracker):
-    from XMem.model.winograd import _WinogradConv
+    from XMem.model.winograd import WinogradConv
     from tracker.pipeline import _INFERENCE_COPIES
 
     copies = _INFERENCE_COPIES.setdefault(cpu_tracker.xmem, {})
     copies.pop(None, None)  # as in a fresh process (earlier tests' tracking made it)
     cpu_tracker.warm_up()
     fast = copies[None]
-    assert sum(isinstance(module, _WinogradConv) for module in fast.modules()) > 20
+    assert sum(isinstance(module, WinogradConv) for module in fast.modules()) > 20
     cpu_tracker.warm_up()
     assert copies[None] is fast  # made once for the process
 

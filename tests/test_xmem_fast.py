@@ -13,9 +13,9 @@ from XMem.model.fusion import fold_batch_norms, inference_copy
 from XMem.model.group_modules import cat_channels, downsample_objects, fold_objects, prepend_to_objects
 from XMem.model.memory_util import (element_major, get_similarity, sparse_readout, sparse_topk_softmax, sparse_usage,
                                      top_k_last, topk_softmax)
-from XMem.model.network import XMem
+from XMem.model.network import FINE_MODULES, XMem
 from XMem.model.resample import upsample_bilinear
-from XMem.model.winograd import suits_winograd, transform_weight, use_winograd, winograd_conv3x3
+from XMem.model.winograd import suits_winograd, transform_weight, use_winograd, winograd_conv3x3, winograd_matrices
 
 
 def _generator(seed: int = 0) -> torch.Generator:
@@ -91,7 +91,8 @@ def test_a_copy_for_autocast_stores_its_weights_cast_and_tracks_exactly_as_autoc
 
 @pytest.mark.parametrize("shape", [(1, 5, 7, 9), (2, 16, 8, 12), (3, 130, 15, 27)])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_winograd_convolution_is_the_3x3_convolution(shape, channels_last):
+@pytest.mark.parametrize("tile", [4, 6])
+def test_winograd_convolution_is_the_3x3_convolution(shape, channels_last, tile):
     """Exact maths (float64 agrees to rounding) and fp32 within a few units of 1e-5 of the float64 result."""
     g = _generator(4)
     x = torch.randn(shape, generator=g, dtype=torch.float64)
@@ -100,13 +101,28 @@ def test_winograd_convolution_is_the_3x3_convolution(shape, channels_last):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     want = F.conv2d(x, weight, bias, padding=1)
-    got = winograd_conv3x3(x, transform_weight(weight), bias)
+    transformed = transform_weight(weight, tile)
+    assert transformed.shape == ((tile + 2) ** 2, shape[1], 11)
+    got = winograd_conv3x3(x, transformed, bias)
     assert got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
-    got32 = winograd_conv3x3(x.float(), transform_weight(weight.float()), bias.float())
+    got32 = winograd_conv3x3(x.float(), transform_weight(weight.float(), tile), bias.float())
     assert got32.dtype == torch.float32
     assert (got32.double() - want).abs().max() <= 1e-4 * want.abs().max()
-    assert winograd_conv3x3(x, transform_weight(weight)).sub(want - bias.view(-1, 1, 1)).abs().max() < 1e-12
+    assert winograd_conv3x3(x, transformed).sub(want - bias.view(-1, 1, 1)).abs().max() < 1e-12
+    torch.testing.assert_close(winograd_conv3x3(x, transformed, bias, relu_input=True),
+                               F.conv2d(F.relu(x), weight, bias, padding=1), rtol=0, atol=1e-12)
+
+
+def test_winograd_matrices_are_the_published_ones():
+    """F(4x4, 3x3)'s B^T, G and A^T as Lavin & Gray print them (points 0, 1, -1, 2, -2)."""
+    input_t, weight_t, output_t = winograd_matrices(4)
+    assert input_t.tolist() == [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                                [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]]
+    torch.testing.assert_close(weight_t, torch.tensor(
+        [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
+         [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], dtype=torch.float64), rtol=0, atol=1e-15)
+    assert output_t.tolist() == [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]
 
 
 def test_winograd_runs_in_and_out_of_inference_mode_alike(monkeypatch):
@@ -133,18 +149,22 @@ def test_winograd_takes_only_wide_stride_1_convolutions_and_cpu_inference():
     x = torch.randn(1, 128, 9, 11, generator=_generator(5))
     assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))  # autograd: the convolution's
     assert torch.equal(conv.winograd_weight, transform_weight(conv.weight))
+    want_of_relu = F.conv2d(F.relu(x), conv.weight, conv.bias, padding=1)
+    assert torch.equal(conv.conv_of_relu(x, conv.bias), want_of_relu)
     with torch.no_grad():
         torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(conv.conv_of_relu(x, conv.bias), want_of_relu, rtol=1e-4, atol=1e-4)
 
 
 def test_the_winograd_copy_tracks_like_the_network(net64):
     """Every wide 3x3 convolution of the inference copy as Winograd's: the same tracking, in float64."""
     fast = inference_copy(net64)
-    count = use_winograd(fast, 128)
+    count = use_winograd(fast, 128, FINE_MODULES)
     wide = [m for m in net64.modules() if isinstance(m, nn.Conv2d) and suits_winograd(m, 128)]
     assert count >= len(wide) > 20  # the copy also splits and joins some (see fusion.fuse_blocks)
     conv = fast.decoder.up_8_4.out_conv.conv1
-    assert type(conv).__name__ == "WinogradGConv2D" and conv.winograd_weight.shape == (36, 256, 256)
+    assert type(conv).__name__ == "WinogradGConv2D" and conv.winograd_weight.shape == (64, 256, 256)
+    assert fast.decoder.fuser.block2.conv1.winograd_weight.shape == (36, 512, 512)  # at 1/16: F(4x4, 3x3)
     assert use_winograd(fast, 128) == 0  # once
     for want, got in zip(_track(net64), _track(fast)):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-9)

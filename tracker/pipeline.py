@@ -29,6 +29,7 @@ from XMem.inference.graph_cache import GraphCache
 from XMem.inference.graphed_network import GraphedXMem
 from XMem.inference.inference_core import InferenceCore
 from XMem.model.fusion import inference_copy
+from XMem.model.network import FINE_MODULES
 from XMem.model.winograd import use_winograd
 
 from . import colour
@@ -50,9 +51,9 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # near-uniform probabilities whose argmax flips with any rounding), so fp32
 # stays the default until that is measured.
 FAST_PRECISION = "fp32"
-# On the CPU in fp32, 3x3 convolutions with this many input channels or more run as Winograd F(4x4, 3x3):
-# narrower ones gain too little from a quarter of the multiplications to pay for the transforms (64 channels:
-# no faster at 240p, see the README's Speed section).
+# On the CPU in fp32, 3x3 convolutions with this many input channels or more run as Winograd's (F(4x4, 3x3),
+# F(6x6, 3x3) in the network's FINE_MODULES): narrower ones gain too little from a quarter of the
+# multiplications to pay for the transforms (64 channels: no faster at 240p, see the README's Speed section).
 WINOGRAD_MIN_CHANNELS = 128
 
 
@@ -127,7 +128,7 @@ def _inference_copy(network: torch.nn.Module, autocast_dtype: torch.dtype | None
         if autocast_dtype not in copies:
             fast = inference_copy(network, autocast_dtype)
             if autocast_dtype is None and next(network.parameters()).device.type == "cpu":
-                use_winograd(fast, WINOGRAD_MIN_CHANNELS)
+                use_winograd(fast, WINOGRAD_MIN_CHANNELS, FINE_MODULES)
             copies[autocast_dtype] = fast
         return copies[autocast_dtype]
 

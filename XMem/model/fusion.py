@@ -19,6 +19,7 @@ from .group_modules import GroupResBlock, per_object
 from .modules import FeatureFusionBlock, KeyEncoder, KeyProjection, UpsampleBlock, ValueEncoder
 from .resnet import BasicBlock, Bottleneck
 from .triton_support import triton_kernels
+from .winograd import WinogradConv
 
 # The Triton kernels that fuse the passes between convolutions on CUDA.
 FUSED_KERNELS = f"{__package__}.fused_kernels"
@@ -78,6 +79,14 @@ def _conv(conv: nn.Conv2d, x: torch.Tensor, bias: torch.Tensor | None) -> torch.
     It goes through the convolution's own `_conv_forward`, so a Winograd one (see winograd.py) stays one.
     """
     return conv._conv_forward(x, conv.weight, bias)
+
+
+def _conv_of_relu(conv: nn.Conv2d, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`conv`'s convolution of relu(x) with `bias` in place of its own: a Winograd convolution takes the ReLU as
+    it copies the map (see winograd.py), a pass over it fewer."""
+    if isinstance(conv, WinogradConv):
+        return conv.conv_of_relu(x, bias)
+    return _conv(conv, F.relu(x), bias)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -167,18 +176,23 @@ class _FusedBasicBlock(BasicBlock):
 
 
 class _FusedGroupResBlock(GroupResBlock):
-    """A pre-activation block: the first convolution with its bias and ReLU in cuDNN, the second's bias, the
-    skip (its projection's bias folded into `out_bias`) and the residual sum in one pass.
+    """A pre-activation block: on CUDA the first convolution with its bias and ReLU in cuDNN, the second's bias,
+    the skip (its projection's bias folded into `out_bias`) and the residual sum in one pass; on the CPU each
+    convolution takes its input's ReLU (`_conv_of_relu`).
 
-    `relu_g`, where the caller has it, is relu(g) already computed.
+    `relu_g`, where the caller has it on CUDA, is relu(g) already computed.
     """
 
     def forward(self, g: torch.Tensor, relu_g: torch.Tensor | None = None) -> torch.Tensor:
         batch, objects = g.shape[:2]
         flat = g.flatten(0, 1)
-        hidden = _conv_relu(self.conv1, F.relu(flat) if relu_g is None else relu_g.flatten(0, 1))
         skip = flat if self.downsample is None else _conv(self.downsample, flat, None)
-        out = _conv_bias_add(self.conv2, hidden, self.out_bias, skip)
+        if flat.is_cuda:
+            hidden = _conv_relu(self.conv1, F.relu(flat) if relu_g is None else relu_g.flatten(0, 1))
+            out = _conv_bias_add(self.conv2, hidden, self.out_bias, skip)
+        else:  # both ReLUs taken by the convolutions (`_conv_of_relu`)
+            hidden = _conv_of_relu(self.conv1, flat, self.conv1.bias)
+            out = _add_per_image(_conv_of_relu(self.conv2, hidden, self.out_bias), skip)
         return out.view(batch, objects, *out.shape[1:])
 
     def forward_shared(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -192,7 +206,7 @@ class _FusedGroupResBlock(GroupResBlock):
         """
         batch, objects = g.shape[:2]
         flat = g.flatten(0, 1)
-        image_part = _per_object(_conv(self.image_conv1, F.relu(x), None), objects)
+        image_part = _per_object(_conv_of_relu(self.image_conv1, x, None), objects)
         hidden = _conv_add_relu(self.object_conv1, F.relu(flat), image_part, self.conv1.bias)
         skip = _conv_bias_add(self.object_downsample, flat, self.downsample.bias,
                               _conv(self.image_downsample, x, None))

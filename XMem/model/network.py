@@ -38,6 +38,11 @@ def _fill_missing_batch_counters(module: nn.Module, state_dict: dict, prefix: st
             state_dict[key] = buffer
 
 
+# Submodules working at 1/8 and 1/4 of the image's size (the rest at 1/16 or coarser): on the CPU their maps are
+# large enough for Winograd's larger tile to pay (see `XMem.model.winograd.use_winograd`).
+FINE_MODULES = ("key_encoder.layer2", "value_encoder.layer2", "decoder.up_16_8", "decoder.up_8_4")
+
+
 class XMem(nn.Module):
     """Key encoder, value encoder, key projection and decoder of XMem.
 
