@@ -188,6 +188,7 @@ def test_the_cpus_fp32_copy_strays_from_float64_no_further_than_the_plain_networ
     with pipeline.stepping_network(plain, torch.device("cpu"), TrackOptions(), (64, 100)) as fast:
         fast_probs = _track(fast, 12, torch.float32)
     assert fast.decoder.fuser.block1.conv2.winograd_weight is not None
+    assert fast.decoder.up_8_4.out_conv.conv1.winograd_weight.shape[0] == 64  # F(6x6, 3x3) on the finer maps
     with pipeline.stepping_network(plain, torch.device("cpu"), TrackOptions(cuda_graphs=False), (64, 100)) as same:
         assert same is plain
     plain_probs = _track(plain, 12, torch.float32)
